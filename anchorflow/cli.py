@@ -1,0 +1,84 @@
+"""The ``anchorflow`` command line.
+
+Thin and lazy: each command lives in ``anchorflow.commands.<module>`` and imports its heavy
+libraries inside the function, so ``anchorflow --help`` is instant and works without torch.
+User errors (:class:`AnchorflowError`) print one line and exit 1; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from . import __version__
+from .errors import AnchorflowError
+
+# command name -> (module, attribute, one-line help shown by `anchorflow --help`)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("demo", "demo", "Run the bundled model end to end and write a results folder."),
+    "sample": ("sample", "sample", "Generate samples with any solver (torch-free on a bundle)."),
+    "train": ("train", "train", "Train a backbone, a SideNet or the evaluation classifier (needs [train])."),
+    "export": ("export", "export", "Export backbone and SideNet to a validated ONNX bundle (needs [export])."),
+    "inspect": ("export", "inspect", "Print a bundle's metadata."),
+    "verify": ("verify", "verify", "Parity test one bundle across backends (torch, ORT CPU/CUDA/TRT, TensorRT)."),
+    "build": ("build", "build", "Build cached TensorRT engines for a bundle (needs [trt] and a GPU)."),
+    "bench": ("bench", "bench", "Benchmark solvers: quality against a reference, NFE, timing; writes a report."),
+    "bandit": ("bandit", "bandit", "Inspect FastFlow bandit state files."),
+    "solvers": ("info", "solvers", "List the solvers the runtime knows."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose sub-commands are imported only when they run (or show their help)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(f"anchorflow.commands.{module}"), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, help_) for name, (_, _, help_) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="anchorflow")
+def cli() -> None:
+    """anchorflow: few-step sampling for flow-matching generators.
+
+    Train a small SideNet next to a frozen backbone, export both to ONNX, build TensorRT
+    engines, and sample in a few network calls with the BA-solver or FastFlow, on a GPU
+    server or a torch-free edge box. MODEL arguments accept `default` (the bundled digits
+    model), a checkpoint folder or an exported bundle folder.
+
+    Time convention: t = 1 is noise, t = 0 is data; NFE counts backbone calls.
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning user errors into one line and exit status 1."""
+    try:
+        cli.main(args=argv, prog_name="anchorflow", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except AnchorflowError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

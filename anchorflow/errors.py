@@ -1,0 +1,29 @@
+"""The one user-facing exception family.
+
+The CLI prints ``str(error)`` on one line and exits with status 1; any other exception is a bug.
+Validate user input with ``if ...: raise SomeError(...)``, never ``assert``.
+"""
+
+
+class AnchorflowError(Exception):
+    """Base class of every error a user can cause; the message says what was wrong and what to do."""
+
+
+class ConfigError(AnchorflowError):
+    """Bad arguments or options (non-positive counts, unknown names, impossible requests)."""
+
+
+class CheckpointError(AnchorflowError):
+    """A checkpoint or bundle is missing, unreadable, tampered with, or does not match its config."""
+
+
+class MissingDependencyError(AnchorflowError):
+    """An optional dependency is not installed; the message names the pip extra that provides it."""
+
+
+class BackendError(AnchorflowError):
+    """An execution backend (onnxruntime provider, TensorRT engine) could not be used as asked."""
+
+
+class StateFileError(AnchorflowError):
+    """A persisted state file (e.g. FastFlow bandit state) is corrupt, foreign or mismatched."""

@@ -1,0 +1,80 @@
+"""``solve``: the one entry point of the runtime."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import ConfigError
+from .field import GuidedField
+from .grids import GridSpec, make_grid
+from .registry import get_solver
+from .result import Result, Timing
+
+
+def solve(
+    method: str,
+    velocity: Callable,
+    noise: np.ndarray,
+    nfe: int,
+    *,
+    y: Optional[np.ndarray] = None,
+    sidenet: Optional[Callable] = None,
+    cfg_scale: float = 1.0,
+    cfg_interval: tuple[float, float] = (0.0, 1.0),
+    null_label: Optional[int] = None,
+    grid: GridSpec = None,
+    **options,
+) -> Result:
+    """Integrate ``dx/dt = v(x, t, y)`` from t = 1 (``noise``) to t = 0 with ``method``.
+
+    Args:
+        method: a name from :data:`anchorflow.runtime.SOLVERS`.
+        velocity: ``velocity(x, t, y) -> v`` (x (B, ...), t (B,), y (B,) or None).
+        noise: the start state at t = 1, shape (B, ...).
+        nfe: backbone calls to spend (for ``fastflow``: the grid size T). A budget the method
+            cannot honour exactly is refused, never rounded.
+        y: (B,) integer labels, or None for an unconditional model.
+        sidenet: ``sidenet(x, v, t, h, y) -> delta`` for the BA solvers.
+        cfg_scale, cfg_interval, null_label: classifier-free guidance, applied in one place
+            (:class:`GuidedField`); one backbone call carries the cond and uncond rows.
+        grid: None / "uniform", "shift:S", or an explicit decreasing list of times 1 -> 0.
+        options: method-specific options (e.g. ``a`` for ``ba``, ``bandit`` for ``fastflow``).
+
+    Returns:
+        :class:`Result` with ``x``, ``nfe`` (counted calls), ``sidenet_calls``, per-step records
+        and the timing split.
+    """
+    spec = get_solver(method)
+    noise = np.asarray(noise)
+    if noise.ndim < 2:
+        raise ConfigError(f"noise must have a batch axis, shape (B, ...); got shape {noise.shape}")
+    if not np.issubdtype(noise.dtype, np.floating):
+        raise ConfigError(f"noise must be floating point, got {noise.dtype}")
+    steps = spec.steps_for_nfe(nfe)
+    t_grid = make_grid(steps, grid)
+    if spec.needs_sidenet and sidenet is None:
+        raise ConfigError(f"solver {method!r} needs a SideNet (sidenet=...); train one with 'anchorflow train sidenet'")
+    dtype = noise.dtype if noise.dtype in (np.float32, np.float64) else np.float32
+    field = GuidedField(
+        velocity, noise.shape[0], y=y, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+        null_label=null_label, sidenet=sidenet, dtype=dtype,
+    )
+    start = time.perf_counter()
+    out = spec.fn(field, noise.astype(dtype, copy=True), t_grid, **options)
+    total = time.perf_counter() - start
+    expected = steps * spec.calls_per_step if spec.nfe_rule == "steps" else (nfe if spec.nfe_rule == "intervals" else None)
+    if expected is not None and field.nfe != expected:
+        raise RuntimeError(f"internal error: {method} made {field.nfe} backbone calls, expected {expected}")
+    return Result(
+        x=out.x,
+        nfe=field.nfe,
+        sidenet_calls=field.sidenet_calls,
+        steps=tuple(out.steps),
+        method=method,
+        grid=t_grid,
+        timing=Timing(total, field.backbone_s, field.sidenet_s),
+        info=out.info,
+    )
