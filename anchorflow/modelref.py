@@ -1,0 +1,184 @@
+"""What a MODEL argument names, and opening it for sampling.
+
+A MODEL is one of:
+- ``default``: the bundled digits model (``anchorflow/bundled/digits``);
+- a model root: a folder with ``bundle/`` and/or ``backbone/`` (+ ``sidenet/``, ``classifier/``);
+- an exported bundle folder (has ``bundle.json``);
+- a backbone checkpoint folder (has ``config.json`` of kind ``backbone``).
+
+Opening prefers the exported bundle (torch-free, onnxruntime/TensorRT) and falls back to the
+torch checkpoints (needs ``anchorflow[train]``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .errors import CheckpointError
+
+BUNDLED = Path(__file__).resolve().parent / "bundled"
+DEFAULT_NAME = "digits"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The parts found for a MODEL argument (any may be None)."""
+
+    spec: str
+    root: Path
+    bundle: Optional[Path] = None
+    backbone: Optional[Path] = None
+    sidenet: Optional[Path] = None
+    classifier: Optional[Path] = None
+
+
+@dataclass
+class OpenModel:
+    """A model ready for ``anchorflow.runtime.solve``: callables plus what a caller needs to know."""
+
+    velocity: Callable
+    sidenet: Optional[Callable]
+    meta: dict[str, Any]
+    files: ModelFiles
+    providers: list[str] = field(default_factory=list)
+
+    @property
+    def classifier(self) -> Optional[Path]:
+        return self.files.classifier
+
+
+def resolve(spec: str | Path) -> Path:
+    """Turn a MODEL argument into an existing folder (``default`` -> the bundled model)."""
+    if str(spec) == "default":
+        path = BUNDLED / DEFAULT_NAME
+        if not path.is_dir():
+            raise CheckpointError(f"the bundled default model is missing from {path}; reinstall anchorflow")
+        return path
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"model {spec!r} not found: give 'default', a checkpoint folder or a bundle folder")
+    if not path.is_dir():
+        raise CheckpointError(f"model {spec!r} is a file; give its folder (a checkpoint or bundle folder)")
+    return path
+
+
+def _kind(folder: Path) -> Optional[str]:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text()).get("kind")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        raise CheckpointError(f"{cfg} is not readable JSON") from None
+
+
+def _sub(root: Path, name: str, marker: str) -> Optional[Path]:
+    p = root / name
+    return p if (p / marker).is_file() else None
+
+
+def locate(spec: str | Path) -> ModelFiles:
+    """Find the bundle, checkpoints and evaluation classifier that a MODEL argument names."""
+    path = resolve(spec)
+    if (path / "bundle.json").is_file():
+        root = path.parent if (path.parent / "backbone").is_dir() else path
+        bundle, backbone, sidenet = path, _sub(root, "backbone", "config.json"), _sub(root, "sidenet", "config.json")
+    elif _kind(path) == "backbone":
+        root, bundle, backbone = path, None, path
+        sidenet = _sub(path.parent, "sidenet", "config.json") if path.name == "backbone" else None
+    elif _kind(path) is not None:
+        raise CheckpointError(f"{path} holds a {_kind(path)} checkpoint; a MODEL must be a backbone or a bundle")
+    else:
+        root = path
+        bundle = _sub(path, "bundle", "bundle.json")
+        backbone = _sub(path, "backbone", "config.json")
+        sidenet = _sub(path, "sidenet", "config.json")
+        if bundle is None and backbone is None:
+            raise CheckpointError(
+                f"{path} is neither a bundle (no bundle.json) nor a checkpoint (no config.json) nor a model root "
+                "(no bundle/ or backbone/ inside)"
+            )
+    classifier = _sub(root, "classifier", "classifier.onnx")
+    if classifier is None and _dataset_of(bundle, backbone) == DEFAULT_NAME:
+        classifier = _sub(BUNDLED / DEFAULT_NAME, "classifier", "classifier.onnx")
+    return ModelFiles(str(spec), root, bundle, backbone, sidenet, classifier)
+
+
+def _dataset_of(bundle: Optional[Path], backbone: Optional[Path]) -> Optional[str]:
+    try:
+        if bundle is not None:
+            meta = json.loads((bundle / "bundle.json").read_text())
+            return (meta.get("model") or {}).get("name") or (meta.get("model") or {}).get("dataset")
+        if backbone is not None:
+            data = json.loads((backbone / "config.json").read_text()).get("data")
+            return data.get("name") if isinstance(data, dict) else data
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return None
+
+
+def resolve_backbone_checkpoint(spec: str | Path) -> Path:
+    """The backbone checkpoint folder a MODEL argument names (for training and export)."""
+    files = locate(spec)
+    if files.backbone is None:
+        raise CheckpointError(f"{spec} has no backbone checkpoint (only an exported bundle); training needs the checkpoint")
+    return files.backbone
+
+
+def open_model(
+    spec: str | Path,
+    backend: str = "auto",
+    allow_fallback: bool = False,
+    precision: str = "fp32",
+    need_sidenet: bool = False,
+) -> OpenModel:
+    """Open a MODEL for sampling: the bundle if there is one (torch-free), else the torch checkpoints."""
+    files = locate(spec)
+    if files.bundle is not None and backend != "torch":
+        from .runtime.bundle import load_bundle
+
+        b = load_bundle(files.bundle, backend=backend, allow_fallback=allow_fallback, precision=precision)
+        meta = _bundle_meta(b.meta)
+        model = OpenModel(b.velocity, b.sidenet, meta, files, list(b.providers))
+    elif files.backbone is not None:
+        model = _open_torch(files)
+    else:
+        raise CheckpointError(f"{spec}: backend 'torch' needs checkpoint folders, but only a bundle was found")
+    if need_sidenet and model.sidenet is None:
+        raise CheckpointError(f"{spec} has no SideNet; train one with 'anchorflow train sidenet --backbone {spec}'")
+    return model
+
+
+def _bundle_meta(meta: dict) -> dict:
+    model = dict(meta.get("model") or {})
+    nets = meta.get("networks") or {}
+    model.setdefault("name", "model")
+    model["model_id"] = (nets.get("backbone") or {}).get("sha256", model.get("name"))
+    model["state_shape"] = tuple(model.get("state_shape", ()))
+    return model
+
+
+def _open_torch(files: ModelFiles) -> OpenModel:
+    from .trainers.checkpoint import load_checkpoint
+    from .trainers.torch_wrappers import TorchSideNet, TorchVelocity
+
+    backbone, cfg = load_checkpoint(files.backbone, kind="backbone")
+    sidenet = None
+    if files.sidenet is not None:
+        from .trainers.sidenet import load_sidenet
+
+        sidenet = TorchSideNet(load_sidenet(files.sidenet, cfg))
+    data = cfg.get("data")
+    name = data.get("name") if isinstance(data, dict) else (data or "model")
+    meta = {
+        "name": name,
+        "state_shape": tuple(backbone.state_shape),
+        "num_classes": int(backbone.num_classes),
+        "null_label": int(backbone.null_label),
+        "data_range": list((data or {}).get("data_range", [-1.0, 1.0])) if isinstance(data, dict) else [-1.0, 1.0],
+        "model_id": cfg.get("weights_sha256", name),
+    }
+    return OpenModel(TorchVelocity(backbone), sidenet, meta, files, ["torch-cpu"])
