@@ -1,0 +1,119 @@
+"""`anchorflow train {backbone,classifier,sidenet}`: training commands (need the [train] extra).
+
+torch is imported inside the command functions only, so `anchorflow train --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import ConfigError
+
+# sub-command -> (module, attribute or None for a command defined here, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "backbone": (__name__, "backbone", "Train a class-conditional flow-matching backbone (DiT / MLP)."),
+    "classifier": (__name__, "classifier", "Train the digits evaluation classifier (accuracy, FD features)."),
+    "sidenet": ("anchorflow.commands.train_sidenet", "sidenet", "Train a SideNet next to a frozen backbone."),
+}
+
+
+class LazyTrainGroup(click.Group):
+    """Sub-commands are resolved from :data:`SUBCOMMANDS` only when used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in SUBCOMMANDS:
+            return None
+        module, attr, _ = SUBCOMMANDS[name]
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            raise ConfigError(f"'train {name}' is not available in this installation ({module} is missing)") from None
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, help_) for name, (_, _, help_) in SUBCOMMANDS.items()])
+
+
+def command_line() -> str:
+    """The exact command line of this process, as a shell-quoted string (recorded in configs)."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name == "cli.py":
+        argv = ["python", "-m", "anchorflow.cli", *argv[1:]]
+    elif argv:
+        argv[0] = Path(argv[0]).name
+    return shlex.join(argv)
+
+
+def _positive(ctx: click.Context, param: click.Parameter, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be positive, got {value}")
+    return value
+
+
+@click.group("train", cls=LazyTrainGroup)
+def train() -> None:
+    """Train the networks anchorflow needs: a backbone, a SideNet, the evaluation classifier.
+
+    Training runs on the CPU or a CUDA GPU with torch (pip install 'anchorflow[train]').
+    Time convention: t = 1 is noise, t = 0 is data.
+    """
+
+
+@train.command("backbone")
+@click.option("--data", default="digits", show_default=True,
+              help="Bundled data set: digits (8x8, 10 classes) or gaussians8 (2-D toy). Nothing is downloaded.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
+@click.option("--steps", type=int, default=6000, show_default=True, callback=_positive, help="Optimizer steps.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, batches and noise.")
+@click.option("--batch", type=int, default=128, show_default=True, callback=_positive, help="Batch size.")
+@click.option("--lr", type=float, default=5e-4, show_default=True, help="Peak AdamW learning rate (warm-up, cosine).")
+@click.option("--ckpt-every", type=int, default=500, show_default=True, callback=_positive,
+              help="Write a checkpoint (and resume state) every N steps.")
+@click.option("--hidden", type=int, default=None, callback=_positive, help="Override the width (DiT: 128, MLP: 256).")
+@click.option("--depth", type=int, default=None, callback=_positive, help="Override the depth (DiT: 4, MLP: 3).")
+@click.option("--resume", is_flag=True, help="Continue the run saved in --out (same data, seed, batch, size).")
+@click.option("--threads", type=int, default=None, callback=_positive, help="torch CPU threads (default: torch's).")
+def backbone(data, out, steps, seed, batch, lr, ckpt_every, hidden, depth, resume, threads) -> None:
+    """Train a class-conditional velocity backbone by flow matching (linear path, EMA weights).
+
+    Labels are dropped 10% of the time so the model supports classifier-free guidance.
+    The folder gets config.json (with this exact command), model.safetensors (EMA weights)
+    and the resume state.
+    """
+    import torch
+
+    from anchorflow.trainers.train_backbone import BackboneTrainSettings, train_backbone
+
+    if threads:
+        torch.set_num_threads(threads)
+    arch = {k: v for k, v in (("hidden", hidden), ("depth", depth)) if v is not None}
+    settings = BackboneTrainSettings(data=data, steps=steps, seed=seed, batch=batch, lr=lr,
+                                     ckpt_every=ckpt_every, arch=arch)
+    cfg = train_backbone(out, settings, resume=resume, command=command_line())
+    t = cfg["training"]
+    click.echo(f"wrote {out}: {cfg['param_count']:,} parameters, step {t['step']}, "
+               f"final loss {t['final_loss']:.4f}, {t['wall_s']:.0f} s")
+
+
+@train.command("classifier")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the classifier checkpoint.")
+@click.option("--epochs", type=int, default=40, show_default=True, callback=_positive, help="Training epochs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
+def classifier(out, epochs, seed) -> None:
+    """Train the digits evaluation classifier (a small CNN) and write its checkpoint,
+    classifier.onnx (outputs logits, features) and real_stats.npz (feature mean/covariance of
+    the real test digits, the Frechet-distance reference)."""
+    from anchorflow.trainers.classifier import train_classifier
+
+    cfg = train_classifier(out, epochs=epochs, seed=seed, command=command_line())
+    click.echo(f"wrote {out}: test accuracy {cfg['metrics']['test_accuracy']:.4f}")

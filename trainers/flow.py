@@ -1,0 +1,99 @@
+"""Flow matching on the linear path (Lipman et al. 2023; Liu et al., rectified flow, 2023).
+
+Time convention: t = 1 noise, t = 0 data. ``x_t = (1 - t) x + t eps`` with eps ~ N(0, I), so
+the regression target is ``dx_t/dt = eps - x``; sampling integrates from t = 1 down to t = 0.
+Also: label dropout for classifier-free guidance (Ho & Salimans 2022), EMA weights, the
+learning-rate schedule, and (de)serialising the optimizer state without pickles.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+def drop_labels(y: torch.Tensor, null_label: int, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Replace each label by ``null_label`` with probability p (classifier-free guidance training)."""
+    if p <= 0:
+        return y
+    drop = torch.rand(y.shape, generator=gen, device=y.device) < p
+    return torch.where(drop, torch.full_like(y, null_label), y)
+
+
+def flow_matching_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+                       label_dropout: float = 0.1) -> torch.Tensor:
+    """Mean squared error between ``model(x_t, t, y)`` and ``eps - x``, t ~ U(0, 1).
+
+    x: (B, *state_shape) data (t = 0 end), y: (B,) int64 labels; labels are replaced by the
+    model's null label with probability ``label_dropout``.
+    """
+    b = x.shape[0]
+    t = torch.rand(b, generator=gen, device=x.device)
+    eps = torch.randn(x.shape, generator=gen, device=x.device)
+    tb = t.view(b, *([1] * (x.dim() - 1)))
+    x_t = (1 - tb) * x + tb * eps
+    y = drop_labels(y, model.null_label, label_dropout, gen)
+    return torch.mean((model(x_t, t, y) - (eps - x)) ** 2)
+
+
+class EMA:
+    """Exponential moving average of a module's parameters and buffers (the weights that get saved).
+
+    The effective decay ramps up as ``min(decay, (1 + n) / (10 + n))`` so early averages are not
+    dominated by the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+        self.decay = float(decay)
+        self.module = copy.deepcopy(model).eval()
+        self.module.requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema_state = self.module.state_dict()
+        for name, value in model.state_dict().items():
+            target = ema_state[name]
+            if target.dtype.is_floating_point:
+                target.mul_(d).add_(value.detach(), alpha=1 - d)
+            else:
+                target.copy_(value)
+        self.updates += 1
+
+
+def lr_at(step: int, base_lr: float, total: int, warmup: int) -> float:
+    """Linear warm-up for ``warmup`` steps, then cosine decay to 10 % of ``base_lr`` at ``total``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into flat tensors (for safetensors) and JSON-ready rest."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Inverse of :func:`optimizer_tensors`."""
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("opt."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta.get("scalars", {}).items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

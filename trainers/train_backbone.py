@@ -1,0 +1,176 @@
+"""Train a backbone by flow matching (see :mod:`anchorflow.trainers.flow`); resumable, no pickles.
+
+The output folder is a checkpoint (``config.json`` + ``model.safetensors`` with the EMA weights)
+plus the resume state: ``train_state.safetensors`` (raw weights, optimizer tensors, RNG state)
+and ``train_state.json`` (step, optimizer hyper-parameters, wall time). Every write is atomic.
+Time convention: t = 1 noise, t = 0 data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save
+
+from .._io import read_json
+from ..errors import ConfigError
+from .backbone import build_backbone, default_arch, param_count
+from .checkpoint import load_checkpoint, read_config, save_checkpoint
+from .data import dataset_info, load_dataset
+from .flow import EMA, flow_matching_loss, load_optimizer_tensors, lr_at, optimizer_tensors
+
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+
+
+@dataclass
+class BackboneTrainSettings:
+    """Hyper-parameters of one run (recorded in config.json under ``training``)."""
+
+    data: str = "digits"
+    steps: int = 6000
+    seed: int = 0
+    batch: int = 128
+    lr: float = 5e-4
+    warmup: int = 200
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1
+    grad_clip: float = 1.0
+    ckpt_every: int = 500
+    arch: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for key in ("steps", "batch", "ckpt_every"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.label_dropout < 1 or not 0 <= self.ema_decay < 1:
+            raise ConfigError("label dropout and EMA decay must lie in [0, 1)")
+
+
+class _Run:
+    """Mutable state of a training run: model, EMA, optimizer, generator, counters."""
+
+    def __init__(self, s: BackboneTrainSettings) -> None:
+        info = dataset_info(s.data)
+        self.arch = {**default_arch(info.state_shape, info.num_classes), **s.arch}
+        torch.manual_seed(s.seed)
+        self.model = build_backbone(self.arch)
+        self.ema = EMA(self.model, s.ema_decay)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        self.gen = torch.Generator().manual_seed(s.seed)
+        self.step, self.wall_s, self.loss_log = 0, 0.0, []
+
+    def state_bytes(self) -> tuple[bytes, bytes]:
+        tensors, opt_meta = optimizer_tensors(self.opt)
+        tensors.update({f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()})
+        tensors["rng"] = self.gen.get_state()
+        meta = {"step": self.step, "wall_s": self.wall_s, "ema_updates": self.ema.updates,
+                "loss_log": self.loss_log, "optimizer": opt_meta}
+        return save(tensors), (json.dumps(meta) + "\n").encode()
+
+    def restore(self, folder: Path) -> None:
+        tensors = load_file(str(folder / STATE_TENSORS))
+        meta = read_json(folder / STATE_JSON)
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.ema.module, _ = load_checkpoint(folder, kind="backbone")
+        self.ema.module.requires_grad_(False)
+        self.ema.updates = int(meta["ema_updates"])
+        load_optimizer_tensors(self.opt, tensors, meta["optimizer"])
+        self.gen.set_state(tensors["rng"])
+        self.step, self.wall_s, self.loss_log = int(meta["step"]), float(meta["wall_s"]), meta["loss_log"]
+
+
+def _check_resume(out: Path, s: BackboneTrainSettings) -> dict:
+    """The saved config, after checking it is a resumable run of the same data/seed/batch/arch."""
+    cfg = read_config(out)
+    if not (out / STATE_TENSORS).is_file() or not (out / STATE_JSON).is_file():
+        raise ConfigError(f"{out} has no resume state ({STATE_TENSORS}); it cannot be resumed")
+    old = cfg.get("training", {}).get("settings", {})
+    for key in ("data", "seed", "batch", "arch"):
+        if key in old and old[key] != getattr(s, key):
+            raise ConfigError(f"--resume: {key} {getattr(s, key)!r} differs from the saved run's {old[key]!r}")
+    return cfg
+
+
+def _config(run: _Run, s: BackboneTrainSettings, command: Optional[str], done: bool) -> dict:
+    recent = [v for _, v in run.loss_log[-3:]]
+    return {
+        "kind": "backbone",
+        "arch": run.arch,
+        "data": dataset_info(s.data).meta(),
+        "param_count": param_count(run.model),
+        "training": {
+            "command": command, "settings": asdict(s), "step": run.step, "steps": s.steps, "finished": done,
+            "seed": s.seed, "batch": s.batch, "wall_s": round(run.wall_s, 1),
+            "threads": torch.get_num_threads(), "loss_log": run.loss_log,
+            "final_loss": sum(recent) / len(recent) if recent else None,
+            "objective": "flow matching, linear path x_t=(1-t)x+t*eps, target eps-x, t~U(0,1), EMA weights",
+        },
+    }
+
+
+def _save(out: Path, run: _Run, s: BackboneTrainSettings, command: Optional[str], done: bool) -> dict:
+    cfg = _config(run, s, command, done)
+    tensors, meta = run.state_bytes()
+    save_checkpoint(out, run.ema.module, cfg, extra_files={STATE_TENSORS: tensors, STATE_JSON: meta})
+    return cfg
+
+
+def train_backbone(out: str | Path, settings: BackboneTrainSettings, resume: bool = False,
+                   command: Optional[str] = None, progress: bool = True) -> dict:
+    """Train (or resume) a backbone on ``settings.data``; returns the saved config dict.
+
+    Writes a checkpoint to ``out`` every ``ckpt_every`` steps and at the end. ``command`` is the
+    exact command line recorded in config.json.
+    """
+    from tqdm.auto import tqdm
+
+    settings.validate()
+    out = Path(out)
+    run = _Run(settings)
+    if resume:
+        _check_resume(out, settings)
+        run.restore(out)
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} already exists and is not empty; pass --resume to continue it or choose another --out")
+    x_all, y_all = (torch.from_numpy(a) for a in load_dataset(settings.data, "train", seed=0))
+    bar = tqdm(total=settings.steps, initial=run.step, desc=f"train backbone ({settings.data})",
+               disable=not progress, dynamic_ncols=True)
+    window: list[float] = []
+    cfg = None
+    while run.step < settings.steps:
+        start = time.perf_counter()
+        loss = _train_step(run, settings, x_all, y_all)
+        run.wall_s += time.perf_counter() - start
+        run.step += 1
+        window.append(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(window[-50:]) / len(window[-50:]):.4f}")
+        if run.step % settings.ckpt_every == 0 or run.step == settings.steps:
+            run.loss_log.append([run.step, sum(window) / len(window)])
+            window = []
+            cfg = _save(out, run, settings, command, done=run.step == settings.steps)
+    bar.close()
+    return cfg if cfg is not None else _save(out, run, settings, command, done=True)
+
+
+def _train_step(run: _Run, s: BackboneTrainSettings, x_all: torch.Tensor, y_all: torch.Tensor) -> float:
+    idx = torch.randint(0, x_all.shape[0], (s.batch,), generator=run.gen)
+    for group in run.opt.param_groups:
+        group["lr"] = lr_at(run.step, s.lr, s.steps, s.warmup)
+    run.model.train()
+    loss = flow_matching_loss(run.model, x_all[idx], y_all[idx], run.gen, s.label_dropout)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), s.grad_clip)
+    run.opt.step()
+    run.ema.update(run.model)
+    return float(loss.detach())
