@@ -1,0 +1,282 @@
+"""SideNet training by chain-based simulation: Algorithm 2 of BA-solver (arXiv 2601.21542).
+
+A batch starts on the linear path ``x_t = (1 - t) x_data + t noise`` (t = 1 noise, t = 0 data,
+t ~ U(0, 1)); the frozen backbone gives v at (x, t). Then ``chain`` times: draw a signed offset
+h (:func:`sample_h`), move the state with the SideNet's own 3-point Gauss-Legendre rule to
+``t - h`` (no grad), ask the backbone for v' there (the target and the next anchor), and regress
+``v + S(x, v, t, h, y)`` onto v'. Only the SideNet gets gradients; every backbone call runs under
+``torch.no_grad`` with ``requires_grad`` off.
+
+The output folder is a checkpoint (``config.json`` + ``model.safetensors``, the EMA weights) plus
+the resume state ``train_state.safetensors`` / ``train_state.json`` (raw weights, AdamW moments,
+RNG); every write is atomic. The config records the backbone's identity (shape, classes, null
+label, weights sha256, path), so a SideNet is never paired with the wrong backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save
+
+from .._io import read_json
+from ..errors import ConfigError
+from .checkpoint import load_checkpoint, read_config, save_checkpoint
+from .flow import EMA, drop_labels, load_optimizer_tensors, optimizer_tensors
+from .sidenet import RATIO, SideNet, backbone_identity, check_backbone, count_params, sidenet_arch
+
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+# 3-point Gauss-Legendre rule on [0, 1]: the SideNet's own quadrature for the simulated step.
+GL3_NODES = ((1 - math.sqrt(0.6)) / 2, 0.5, (1 + math.sqrt(0.6)) / 2)
+GL3_WEIGHTS = (5 / 18, 8 / 18, 5 / 18)
+# Settings a resumed run must share with the saved one (the rest may change, e.g. iters).
+RESUME_KEYS = ("chain", "batch", "rates", "lr", "seed", "label_dropout", "ema_decay", "width", "ratio")
+
+
+@dataclass
+class SideNetTrainSettings:
+    """Hyper-parameters of one run (the paper's defaults; recorded in config.json ``training``).
+
+    ``rates``: rates of the truncated exponential for |h|; several values make a mixture (each
+    sample picks one uniformly), e.g. (50, 5) adds the large offsets a 5-NFE sampler asks for.
+    ``width``: SideNet width (None: sized to ``ratio`` of the backbone's parameters).
+    """
+
+    iters: int = 250
+    chain: int = 8
+    batch: int = 256
+    rates: tuple[float, ...] = (50.0,)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9996
+    label_dropout: float = 0.1
+    seed: int = 0
+    ckpt_every: int = 50
+    width: Optional[int] = None
+    ratio: float = RATIO
+    arch: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for key in ("iters", "chain", "batch", "ckpt_every"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(self, key)}")
+        self.rates = tuple(float(r) for r in self.rates)
+        if not self.rates or not all(math.isfinite(r) and r > 0 for r in self.rates):
+            raise ConfigError(f"--rate must be positive numbers, got {self.rates}")
+        if not self.lr > 0 or not self.grad_clip > 0:
+            raise ConfigError(f"--lr and the gradient clip must be positive, got {self.lr} and {self.grad_clip}")
+        if not 0 <= self.label_dropout < 1 or not 0 <= self.ema_decay < 1:
+            raise ConfigError("label dropout and EMA decay must lie in [0, 1)")
+
+
+def sample_h(t: torch.Tensor, rates: tuple[float, ...], gen: torch.Generator) -> torch.Tensor:
+    """Signed offsets (B,) for times t (B,): toward data (h > 0) or noise (h < 0) with prob. 1/2.
+
+    |h| follows an exponential of rate r (mean 1/r) truncated to the room left in that direction
+    (t toward data, 1 - t toward noise): ``d = -log1p(u expm1(-r room)) / r``, ``d = min(d, room)``,
+    so ``t - h`` never leaves [0, 1]. With several rates each sample draws its rate uniformly.
+    """
+    b = t.shape[0]
+    toward_data = torch.rand(b, generator=gen, device=t.device) < 0.5
+    room = torch.where(toward_data, t, 1 - t).double()
+    rate = torch.tensor(rates, dtype=torch.float64, device=t.device)
+    rate = rate[torch.randint(0, len(rates), (b,), generator=gen, device=t.device)]
+    u = torch.rand(b, generator=gen, device=t.device, dtype=torch.float64)
+    d = torch.minimum(-torch.log1p(u * torch.expm1(-rate * room)) / rate, room).to(t.dtype)
+    return torch.where(toward_data, d, -d)
+
+
+@torch.no_grad()
+def simulate_step(sidenet: torch.nn.Module, x, v, t, h, y) -> torch.Tensor:
+    """``x - h * sum_k w_k (v + S(x, v, t, c_k h, y))`` with 3-point Gauss-Legendre, ONE SideNet call."""
+    k = len(GL3_NODES)
+    nodes = torch.tensor(GL3_NODES, dtype=h.dtype, device=h.device)
+    weights = torch.tensor(GL3_WEIGHTS, dtype=x.dtype, device=x.device)
+    delta = sidenet(x.repeat(k, *[1] * (x.dim() - 1)), v.repeat(k, *[1] * (v.dim() - 1)),
+                    t.repeat(k), (nodes[:, None] * h[None, :]).reshape(-1), y.repeat(k))
+    avg = v + torch.einsum("k,kb...->b...", weights, delta.unflatten(0, (k, x.shape[0])))
+    return x - _bcast(h, x) * avg
+
+
+def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return s.reshape(-1, *[1] * (like.dim() - 1))
+
+
+def chain_loss(backbone, sidenet, x_data, y, gen: torch.Generator, s: SideNetTrainSettings) -> torch.Tensor:
+    """Algorithm 2's loss for one batch: mean over chain steps of the velocity-matching MSE.
+
+    x_data (B, *state_shape) at t = 0, y (B,) int64 labels (null label already dropped in).
+    """
+    b = x_data.shape[0]
+    t = torch.rand(b, generator=gen, device=x_data.device)
+    noise = torch.randn(x_data.shape, generator=gen, device=x_data.device)
+    x = (1 - _bcast(t, x_data)) * x_data + _bcast(t, x_data) * noise
+    with torch.no_grad():
+        v = backbone(x, t, y)
+    loss = x_data.new_zeros(())
+    for _ in range(s.chain):
+        h = sample_h(t, s.rates, gen)
+        x_next = simulate_step(sidenet, x, v, t, h, y)
+        t_next = (t - h).clamp(0.0, 1.0)
+        with torch.no_grad():
+            v_next = backbone(x_next, t_next, y)
+        pred = v + sidenet(x, v, t, h, y)
+        loss = loss + torch.mean((pred - v_next) ** 2)
+        x, t, v = x_next, t_next, v_next
+    return loss / s.chain
+
+
+class _Run:
+    """Mutable state of a run: frozen backbone, SideNet, EMA, optimizer, generator, counters."""
+
+    def __init__(self, backbone, s: SideNetTrainSettings) -> None:
+        self.backbone = backbone.eval().requires_grad_(False)
+        torch.manual_seed(s.seed)
+        self.arch = sidenet_arch(backbone, width=s.width, ratio=s.ratio, **s.arch)
+        self.model = SideNet(self.arch)
+        self.ema = EMA(self.model, s.ema_decay)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        self.gen = torch.Generator().manual_seed(s.seed)
+        self.step, self.wall_s, self.loss_log = 0, 0.0, []
+
+    def state_bytes(self) -> tuple[bytes, bytes]:
+        tensors, opt_meta = optimizer_tensors(self.opt)
+        tensors.update({f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()})
+        tensors["rng"] = self.gen.get_state()
+        meta = {"step": self.step, "wall_s": self.wall_s, "ema_updates": self.ema.updates,
+                "loss_log": self.loss_log, "optimizer": opt_meta}
+        return save(tensors), (json.dumps(meta) + "\n").encode()
+
+    def restore(self, folder: Path) -> None:
+        tensors = load_file(str(folder / STATE_TENSORS))
+        meta = read_json(folder / STATE_JSON)
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.ema.module, _ = load_checkpoint(folder, kind="sidenet")
+        self.ema.module.requires_grad_(False)
+        self.ema.updates = int(meta["ema_updates"])
+        load_optimizer_tensors(self.opt, tensors, meta["optimizer"])
+        self.gen.set_state(tensors["rng"])
+        self.step, self.wall_s, self.loss_log = int(meta["step"]), float(meta["wall_s"]), meta["loss_log"]
+
+
+def _check_resume(out: Path, s: SideNetTrainSettings, identity: dict) -> None:
+    cfg = read_config(out)
+    if cfg.get("kind") != "sidenet" or not (out / STATE_TENSORS).is_file() or not (out / STATE_JSON).is_file():
+        raise ConfigError(f"{out} is not a resumable SideNet run (no {STATE_TENSORS}); train into a new --out")
+    check_backbone(cfg, identity, where=f"the run in {out}")
+    old = cfg.get("training", {}).get("settings", {})
+    for key in RESUME_KEYS:
+        new = list(getattr(s, key)) if key == "rates" else getattr(s, key)
+        if key in old and old[key] != new:
+            raise ConfigError(f"--resume: {key} {new!r} differs from the saved run's {old[key]!r}; "
+                              "pass the saved value or train into a new --out")
+
+
+def _config(run: _Run, s: SideNetTrainSettings, identity: dict, data: Any, command: Optional[str],
+            done: bool) -> dict:
+    n_side, n_back = count_params(run.model), count_params(run.backbone)
+    recent = [v for _, v in run.loss_log[-3:]]
+    return {
+        "kind": "sidenet",
+        "arch": run.arch,
+        "backbone": identity,
+        "data": data,
+        "param_count": n_side,
+        "param_ratio": n_side / max(n_back, 1),
+        "training": {
+            "command": command, "settings": {**asdict(s), "rates": list(s.rates)}, "step": run.step,
+            "iters": s.iters, "finished": done, "wall_s": round(run.wall_s, 1),
+            "threads": torch.get_num_threads(), "loss_log": run.loss_log,
+            "final_loss": sum(recent) / len(recent) if recent else None,
+            "objective": "BA-solver Algorithm 2 (arXiv 2601.21542): chain-based simulation with the SideNet's "
+                         "3-point Gauss-Legendre rule, velocity matching against the frozen backbone, EMA weights",
+        },
+    }
+
+
+def train_sidenet(backbone, x_data: torch.Tensor, y_data: torch.Tensor, out: str | Path,
+                  settings: SideNetTrainSettings, *, identity: Optional[dict] = None, data: Any = None,
+                  resume: bool = False, command: Optional[str] = None, progress: bool = True) -> dict:
+    """Train (or resume) a SideNet next to the frozen ``backbone``; returns the saved config.
+
+    x_data (N, *state_shape) float32 data (the t = 0 end), y_data (N,) int64 labels. ``identity``
+    describes the backbone (:func:`backbone_identity`; computed from the module when None).
+    Writes a checkpoint to ``out`` every ``ckpt_every`` iterations and at the end.
+    """
+    from tqdm.auto import tqdm
+
+    settings.validate()
+    out = Path(out)
+    identity = identity or backbone_identity(backbone)
+    run = _Run(backbone, settings)
+    if resume:
+        _check_resume(out, settings, identity)
+        run.restore(out)
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} already exists and is not empty; pass --resume to continue it or choose another --out")
+    bar = tqdm(total=settings.iters, initial=run.step, desc="train sidenet", disable=not progress, dynamic_ncols=True)
+    window: list[float] = []
+    cfg = None
+    while run.step < settings.iters:
+        start = time.perf_counter()
+        window.append(_train_step(run, settings, x_data, y_data))
+        run.wall_s += time.perf_counter() - start
+        run.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(window[-20:]) / len(window[-20:]):.5f}")
+        if run.step % settings.ckpt_every == 0 or run.step == settings.iters:
+            run.loss_log.append([run.step, sum(window) / len(window)])
+            window = []
+            cfg = _save(out, run, settings, identity, data, command, done=run.step == settings.iters)
+    bar.close()
+    return cfg if cfg is not None else _save(out, run, settings, identity, data, command, done=True)
+
+
+def _save(out: Path, run: _Run, s: SideNetTrainSettings, identity: dict, data: Any, command: Optional[str],
+          done: bool) -> dict:
+    cfg = _config(run, s, identity, data, command, done)
+    tensors, meta = run.state_bytes()
+    save_checkpoint(out, run.ema.module, cfg, extra_files={STATE_TENSORS: tensors, STATE_JSON: meta})
+    return cfg
+
+
+def _train_step(run: _Run, s: SideNetTrainSettings, x_all: torch.Tensor, y_all: torch.Tensor) -> float:
+    idx = torch.randint(0, x_all.shape[0], (s.batch,), generator=run.gen)
+    y = drop_labels(y_all[idx], run.backbone.null_label, s.label_dropout, run.gen)
+    loss = chain_loss(run.backbone, run.model, x_all[idx], y, run.gen, s)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), s.grad_clip)
+    run.opt.step()
+    run.ema.update(run.model)
+    return float(loss.detach())
+
+
+def train_sidenet_for_checkpoint(backbone_path: str | Path, out: str | Path, settings: SideNetTrainSettings,
+                                 resume: bool = False, command: Optional[str] = None,
+                                 progress: bool = True) -> dict:
+    """Train a SideNet for the backbone checkpoint at ``backbone_path`` on that backbone's data set
+    (its config's ``data`` entry, train split)."""
+    from .data import load_dataset
+
+    backbone, cfg = load_checkpoint(backbone_path, kind="backbone")
+    data = cfg.get("data")
+    name = data.get("name") if isinstance(data, dict) else data
+    if not name:
+        raise ConfigError(f"{backbone_path}/config.json names no training data set ('data'); "
+                          "the SideNet trains on the backbone's own data")
+    x, y = (torch.from_numpy(a) for a in load_dataset(name, "train", seed=0))
+    # the path is stored relative to the SideNet folder (e.g. "../backbone"), so the pair can move together
+    rel = os.path.relpath(Path(backbone_path).resolve(), Path(out).resolve())
+    identity = backbone_identity(backbone, cfg, path=rel)
+    return train_sidenet(backbone, x, y, out, settings, identity=identity, data=data, resume=resume,
+                         command=command, progress=progress)
