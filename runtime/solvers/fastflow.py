@@ -1,0 +1,160 @@
+"""FastFlow: Euler on a T-step grid where a per-step bandit decides which steps to skip.
+
+Bajpai et al., "FastFlow: Accelerating The Generative Flow Matching Models with Bandit
+Inference" (arXiv 2602.11105, ICLR 2026). Time runs from t = 1 (noise) to t = 0 (data),
+``x_{k+1} = x_k + (t_{k+1} - t_k) v_k``. A computed step calls the backbone for v_k; a skipped
+step extrapolates from the last two computed (guided) velocities v_p at t_p and v_q at t_q:
+
+    v_hat(t) = v_q + (t - t_q) (v_q - v_p) / (t_q - t_p).
+
+Steps 0 and 1 and the last ``tail`` steps are always computed; a skip never crosses the end.
+After a computed step k (k >= 1) the bandit B_k picks a skip length a; at the next computed
+step m = k + a + 1 it is paid ``mu * a - mse(v_hat(t_m), v_m)`` (batch mean: one decision per
+batch). Here ``nfe`` (the registry's "grid" rule) is T; ``Result.nfe`` counts the real calls.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+import numpy as np
+
+from ...errors import ConfigError
+from ..fastflow import DEFAULT_ARMS, DEFAULT_GAMMA, BanditKey, FastFlowBandit, calibrated_mu
+from ..field import GuidedField
+from ..registry import register
+from ..result import SolverOutput, StepRecord
+
+Anchor = tuple[float, np.ndarray]  # (t, guided velocity (B, ...)) of a computed step
+
+
+def extrapolate(p: Anchor, q: Anchor, t: float) -> np.ndarray:
+    """First-order Taylor extrapolation to ``t`` from anchors p (older) and q (latest)."""
+    (t_p, v_p), (t_q, v_q) = p, q
+    return v_q + (t - t_q) * ((v_q - v_p) / (t_q - t_p))
+
+
+def _mse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.square(np.asarray(a, np.float64) - b)))
+
+
+def _bandit_for(grid: np.ndarray, bandit: Optional[FastFlowBandit], mu, arms, gamma, seed) -> FastFlowBandit:
+    """The caller's bandit (checked against the grid), or a fresh one from the options."""
+    T = len(grid) - 1
+    if bandit is None:
+        return FastFlowBandit(T, grid, arms=DEFAULT_ARMS if arms is None else arms,
+                              gamma=DEFAULT_GAMMA if gamma is None else gamma, mu=mu, seed=seed)
+    if not isinstance(bandit, FastFlowBandit):
+        raise ConfigError(f"bandit must be a FastFlowBandit, got {type(bandit).__name__}")
+    if any(v is not None for v in (mu, arms, gamma)):
+        raise ConfigError("mu, arms and gamma belong to the bandit; set them when creating it, not per solve")
+    diffs = bandit.key.differences(BanditKey.of(grid, bandit.key.model_id))
+    if diffs:
+        raise ConfigError(f"this bandit was learned on another grid ({'; '.join(diffs)}); use a bandit for this grid")
+    return bandit
+
+
+class _Run:
+    """Book-keeping of one FastFlow generation: anchors, pending decision, per-step facts."""
+
+    def __init__(self, T: int, tail: int, forced_zero: bool) -> None:
+        self.T, self.tail, self.forced_zero = T, tail, forced_zero
+        self.anchors: list[Anchor] = []
+        self.pending: Optional[tuple[int, int]] = None
+        self.computed = [False] * T
+        self.arms: list[Optional[int]] = [None] * T
+        self.mse: list[Optional[float]] = [None] * T
+        self.reward: list[Optional[float]] = [None] * T
+        self.rewards: list[tuple[int, int, float]] = []
+
+    def computed_step(self, k: int, t: float, v: np.ndarray, mu: float) -> None:
+        """Record v_k, measure the extrapolation error, pay the pending decision."""
+        self.computed[k] = True
+        if len(self.anchors) == 2:
+            self.mse[k] = _mse(extrapolate(*self.anchors, t), v)
+            if self.pending is not None:
+                k0, a = self.pending
+                r = mu * a - self.mse[k]
+                self.reward[k0] = r
+                self.rewards.append((k0, a, r))
+                self.pending = None
+        self.anchors = [*self.anchors[-1:], (t, v)]
+
+    def decide(self, k: int, bandit: FastFlowBandit) -> int:
+        """After computed step k: how many steps to skip next (0 when no choice is allowed)."""
+        max_arm = self.T - self.tail - 1 - k
+        if k < 1 or not any(0 < a <= max_arm for a in bandit.arms):
+            return 0
+        a = 0 if self.forced_zero else bandit.select(k, max_arm)
+        self.arms[k], self.pending = a, (k, a)
+        return a
+
+
+def _info(run: _Run, mu: Optional[float], calibrated: Optional[float], learn: bool) -> dict:
+    chosen = [a for a in run.arms if a is not None]
+    return {
+        "calls": sum(run.computed),
+        "computed": run.computed,
+        "arms": run.arms,
+        "skip_hist": dict(sorted(Counter(chosen).items())),
+        "mse": run.mse,
+        "rewards": [list(r) for r in run.rewards],
+        "mu": mu,
+        "calibration": mu is None,
+        "calibrated_mu": calibrated,
+        "learned": learn,
+    }
+
+
+def _records(grid: np.ndarray, run: _Run) -> list[StepRecord]:
+    return [
+        StepRecord(k, float(grid[k]), float(grid[k + 1]), calls=int(run.computed[k]),
+                   info={"computed": run.computed[k], "skipped": not run.computed[k], "arm": run.arms[k],
+                         "reward": run.reward[k], "mse": run.mse[k]})
+        for k in range(len(grid) - 1)
+    ]
+
+
+@register("fastflow", calls_per_step=None, order=1, nfe_rule="grid", min_nfe=3,
+          summary="FastFlow: Euler with bandit-chosen step skipping (nfe = grid size T)")
+def fastflow(
+    field: GuidedField,
+    x: np.ndarray,
+    grid: np.ndarray,
+    *,
+    bandit: Optional[FastFlowBandit] = None,
+    mu: Optional[float] = None,
+    arms: Optional[tuple[int, ...]] = None,
+    gamma: Optional[float] = None,
+    tail: int = 1,
+    seed: int = 0,
+    learn: bool = True,
+) -> SolverOutput:
+    """FastFlow on ``grid`` (T + 1 times, 1 -> 0); x (B, ...) is the noise at t = 1.
+
+    Options: ``bandit`` (a :class:`FastFlowBandit` for this grid, updated when ``learn``; None:
+    a fresh one from ``mu`` / ``arms`` / ``gamma`` / ``seed``), ``tail`` (last steps always
+    computed, >= 1). A bandit without mu runs this generation fully computed and calibrates
+    ``mu = max_k mse_k / T`` (stored only when ``learn``). mu = 0 never skips (plain Euler).
+    """
+    T = len(grid) - 1
+    if isinstance(tail, bool) or not isinstance(tail, (int, np.integer)) or not 1 <= tail <= T:
+        raise ConfigError(f"tail must be an integer in 1..T ({T}): the last steps always computed; got {tail!r}")
+    bandit = _bandit_for(grid, bandit, mu, arms, gamma, seed)
+    mu = bandit.mu
+    run = _Run(T, int(tail), forced_zero=mu is None or mu == 0.0)
+    skip = 0
+    for k in range(T):
+        t, t_next = float(grid[k]), float(grid[k + 1])
+        if skip:
+            v, skip = extrapolate(*run.anchors, t), skip - 1
+        else:
+            v = field(x, t)
+            run.computed_step(k, t, v, mu or 0.0)
+            skip = run.decide(k, bandit)
+        x = x + (t_next - t) * v
+    calibrated = calibrated_mu(run.mse, T) if mu is None else None
+    if learn:
+        bandit.merge({"calibrated_mu": calibrated, "rewards": run.rewards})
+    return SolverOutput(x, _records(grid, run), _info(run, mu, calibrated, learn))
