@@ -1,0 +1,53 @@
+"""`anchorflow build`: TensorRT engines for a bundle, cached inside it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+
+@click.command("build")
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--precision", "precisions", type=click.Choice(["fp32", "fp16", "bf16"]), multiple=True,
+              help="Engine precision; repeat for several. fp16/bf16 use the bundle's reduced-precision ONNX "
+                   "variants (strongly typed: the precision comes from the graph). Default: fp32.")
+@click.option("--workspace-mb", type=int, default=None,
+              help="Builder workspace limit in MiB (default: TensorRT's, i.e. the GPU's memory).")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+              help="Builder optimisation level: higher searches more tactics (slower build, maybe faster engine).")
+@click.option("--min-batch", type=int, default=None, help="Smallest samples per solve the engines accept (default: bundle.json).")
+@click.option("--opt-batch", type=int, default=None, help="Samples per solve the engines are tuned for (default: bundle.json).")
+@click.option("--max-batch", type=int, default=None,
+              help="Largest samples per solve (default: bundle.json). Guidance doubles the backbone's rows and the "
+                   "SideNet's forward probe triples them again; the profiles account for both.")
+@click.option("--force", is_flag=True, help="Rebuild even when a matching engine is cached.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Tactic timing cache to load and update (default: one per TensorRT version and GPU in the bundle).")
+@click.option("--no-progress", is_flag=True, help="Do not show the builder's progress bars.")
+def build(bundle: Path, precisions: tuple[str, ...], workspace_mb: int | None, opt_level: int,
+          min_batch: int | None, opt_batch: int | None, max_batch: int | None, force: bool,
+          timing_cache: Path | None, no_progress: bool) -> None:
+    """Build TensorRT engines for BUNDLE (a bundle folder or a model root with bundle/ inside).
+
+    One engine per network (backbone, SideNet) and precision, with one optimisation profile
+    that covers the solver's calls for the batch range. Engines go to BUNDLE/engines/trt/ with
+    a manifest; a cached engine is reused when its key (ONNX sha256, precision, profile,
+    TensorRT version, GPU) matches. Engines are not portable: build on the machine (TensorRT
+    version and GPU model) that runs them; `anchorflow sample --backend trt` then uses them.
+    Needs `pip install 'anchorflow[trt]'` and an NVIDIA GPU.
+    """
+    from anchorflow._deps import require
+
+    require("tensorrt", extra="trt", purpose="building TensorRT engines")
+    from anchorflow.engines.build import BuildOptions, build_engines
+
+    batch = {k: v for k, v in (("min", min_batch), ("opt", opt_batch), ("max", max_batch)) if v is not None}
+    options = BuildOptions(precisions=precisions or ("fp32",), workspace_mb=workspace_mb, opt_level=opt_level,
+                           batch=batch, force=force, timing_cache=timing_cache, progress=not no_progress)
+    start = time.perf_counter()
+    records = build_engines(bundle, options, echo=click.echo)
+    built = sum(not r.cached for r in records)
+    click.echo(f"{len(records)} engine(s), {built} built, {len(records) - built} cached, "
+               f"{time.perf_counter() - start:.1f} s total")
