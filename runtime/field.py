@@ -16,6 +16,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import numpy as np
 
 from ..errors import ConfigError
+from .result import StepRecord
 
 
 class Velocity(Protocol):
@@ -129,6 +130,15 @@ class GuidedField:
     def __call__(self, x: np.ndarray, t: float) -> np.ndarray:
         """Guided velocity at scalar time t (one NFE)."""
         return self.guide(self.raw(x, t), t)
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def counts(self) -> tuple[int, int]:
+        """(backbone calls, SideNet calls) made so far."""
+        return self.nfe, self.sidenet_calls
+
+    def record(self, index: int, t_start: float, t_end: float, since: tuple[int, int], **info) -> StepRecord:
+        """A :class:`StepRecord` charging the calls made since the ``counts()`` snapshot ``since``."""
+        return StepRecord(index, t_start, t_end, self.nfe - since[0], self.sidenet_calls - since[1], info)
 
     # -- SideNet ------------------------------------------------------------------------------
     def side(self, x: np.ndarray, v_raw: np.ndarray, t: float, offsets: Sequence[float]) -> list[np.ndarray]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Callable, Optional
 
@@ -53,6 +54,7 @@ def solve(
         raise ConfigError(f"noise must have a batch axis, shape (B, ...); got shape {noise.shape}")
     if not np.issubdtype(noise.dtype, np.floating):
         raise ConfigError(f"noise must be floating point, got {noise.dtype}")
+    _check_options(spec.name, spec.fn, options)
     steps = spec.steps_for_nfe(nfe)
     t_grid = make_grid(steps, grid)
     if spec.needs_sidenet and sidenet is None:
@@ -78,3 +80,15 @@ def solve(
         timing=Timing(total, field.backbone_s, field.sidenet_s),
         info=out.info,
     )
+
+
+def _check_options(name: str, fn: Callable, options: dict) -> None:
+    """Refuse options the solver function does not take, naming the ones it does."""
+    params = list(inspect.signature(fn).parameters.values())[3:]  # after (field, x, grid)
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        takes = ", ".join(accepted) if accepted else "no options"
+        raise ConfigError(f"solver {name!r} has no option {', '.join(map(repr, unknown))}; it takes: {takes}")

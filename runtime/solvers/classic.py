@@ -7,6 +7,7 @@ Time runs from t = 1 (noise) to t = 0 (data); with ``dt = t_{i+1} - t_i < 0``,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -34,8 +35,13 @@ RK4 = Tableau(
 )
 
 
-def rk_step(field: GuidedField, x: np.ndarray, t: float, dt: float, tab: Tableau) -> np.ndarray:
-    """One explicit RK step from t to t + dt (dt < 0 integrates toward data)."""
+def rk_step(field: Callable[[np.ndarray, float], np.ndarray], x: np.ndarray, t: float, dt: float,
+            tab: Tableau) -> np.ndarray:
+    """One explicit RK step from t to t + dt (dt < 0 integrates toward data).
+
+    ``field(x, t) -> v`` is a guided :class:`GuidedField` in the solvers, or any callable of
+    that form (e.g. the reference integrator of :mod:`anchorflow.runtime.analytic`).
+    """
     ks: list[np.ndarray] = []
     for a_row, c in zip(tab.a, tab.c):
         xi = x

@@ -1,0 +1,143 @@
+"""Classic and multistep solvers against the closed-form Gaussian-mixture flow (t = 1 noise, t = 0 data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from anchorflow.errors import ConfigError
+from anchorflow.runtime import SOLVERS, solve, solver_names
+from anchorflow.runtime.analytic import GaussianMixture, exact_flow
+from anchorflow.runtime.solvers.multistep import adams_weights
+
+# method -> (expected global order, NFE values inside the asymptotic regime of the test mixture)
+ORDERS = {
+    "euler": (1, (64, 128, 256)),
+    "midpoint": (2, (64, 128, 256)),
+    "heun": (2, (64, 128, 256)),
+    "rk4": (4, (32, 64, 128)),
+    "ab2": (2, (64, 128, 256)),
+    # AB4 body, but the Euler warm-start step leaves an O(h^2) global error: asymptotic order 2.
+    "ipndm": (2, (64, 128, 256)),
+    # Uniform-t grid: the log-SNR steps at both ends do not shrink, error ~ N^-2 log N (slope ~1.8).
+    "dpmpp2m": (2, (128, 256, 512)),
+}
+
+
+def test_every_plain_method_has_an_order_case():
+    mine = {n for n in solver_names() if SOLVERS[n].fn.__module__.rsplit(".", 1)[-1] in ("classic", "multistep")}
+    assert mine == set(ORDERS)
+
+
+@pytest.mark.parametrize("method", sorted(ORDERS))
+def test_textbook_order(method, mixture, noise, reference, rmse, tol):
+    order, nfes = ORDERS[method]
+    errors = [rmse(solve(method, mixture, noise, n).x, reference) for n in nfes]
+    slope = -np.polyfit(np.log(nfes), np.log(errors), 1)[0]
+    assert abs(slope - order) <= tol["order"], f"{method}: slope {slope:.2f}, errors {errors}"
+    assert errors[-1] > 100 * tol["reference"]  # the reference is far more accurate than the solver
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "heun", "rk4", "ab2", "ipndm", "dpmpp2m"])
+def test_nfe_is_the_number_of_velocity_calls(method, mixture, noise, counting):
+    field = counting(mixture)
+    out = solve(method, field, noise, 8)
+    assert out.nfe == len(field.calls) == 8
+    assert sum(s.calls for s in out.steps) == 8
+    assert all(c["rows"] == noise.shape[0] for c in field.calls)
+
+
+def test_shifted_grid_keeps_the_order(mixture, noise, reference, rmse, tol):
+    """Non-uniform grids: variable-step Adams weights keep AB2 at order 2."""
+    nfes = (64, 128, 256)
+    errors = [rmse(solve("ab2", mixture, noise, n, grid="shift:3").x, reference) for n in nfes]
+    slope = -np.polyfit(np.log(nfes), np.log(errors), 1)[0]
+    assert abs(slope - 2) <= tol["order"], errors
+
+
+def test_adams_weights_uniform_are_textbook(tol):
+    grid = np.linspace(1.0, 0.0, 9)
+    expected = {2: [-1, 3], 3: [5, -16, 23], 4: [-9, 37, -59, 55]}
+    denom = {2: 2, 3: 12, 4: 24}
+    for m, coef in expected.items():
+        w = adams_weights(grid[4 - m + 1 : 5], grid[5])
+        np.testing.assert_allclose(w, np.array(coef) / denom[m], atol=tol["float64"])
+
+
+def test_adams_weights_integrate_polynomials_exactly_on_any_grid(tol):
+    rng = np.random.default_rng(3)
+    times = np.sort(rng.uniform(0.3, 1.0, 4))[::-1]  # decreasing past nodes t_{n-3} > .. > t_n
+    t_next = times[-1] - 0.17
+    w = adams_weights(times, t_next)
+    for p in range(4):  # integral of t^p over [t_n, t_next] / (t_next - t_n)
+        exact = (t_next ** (p + 1) - times[-1] ** (p + 1)) / (p + 1) / (t_next - times[-1])
+        assert abs(np.dot(w, times**p) - exact) <= tol["float64"]
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 3])
+def test_dpmpp2m_is_euler_until_two_past_steps_exist(nfe, mixture, noise, tol):
+    """On the linear path the first-order DPM-Solver++ step is exactly Euler (lambda(1) = -inf)."""
+    a, b = solve("dpmpp2m", mixture, noise, nfe).x, solve("euler", mixture, noise, nfe).x
+    np.testing.assert_allclose(a, b, atol=tol["float64"])
+
+
+@pytest.mark.parametrize("order", [0, 5, 2.5, True])
+def test_ipndm_order_option_is_checked(order, mixture, noise):
+    with pytest.raises(ConfigError, match="order must be 1, 2, 3 or 4"):
+        solve("ipndm", mixture, noise, 4, order=order)
+
+
+# -- the analytic field itself -------------------------------------------------------------------
+@pytest.mark.parametrize("t, label", [(0.9, None), (0.5, 0), (0.5, 2), (0.2, 1)])
+def test_closed_form_velocity_matches_monte_carlo(t, label, mixture, tol):
+    """E[eps - x0 | x_t] by self-normalised importance sampling over data samples x0."""
+    rng = np.random.default_rng(1)
+    n = 200_000
+    x = np.array([[0.3, -0.5]])
+    y = None if label is None else np.full(n, label)
+    x0 = mixture.sample(n, rng, y)
+    eps = (x - (1 - t) * x0) / t  # the noise that makes x_t = x from this x0
+    logw = -0.5 * np.sum(eps**2, axis=1)
+    w = np.exp(logw - logw.max())
+    w /= w.sum()
+    f = eps - x0
+    est = w @ f
+    stderr = np.sqrt(w**2 @ (f - est) ** 2)
+    v = mixture(x, np.array([t]), None if label is None else np.array([label]))[0]
+    assert np.all(np.abs(v - est) <= tol["mc_sigmas"] * stderr), (v, est, stderr)
+
+
+def test_velocity_accepts_any_state_shape(tol):
+    flat = GaussianMixture.random((4,), 3, classes=2, seed=5)
+    shaped = GaussianMixture(flat.means.reshape(3, 1, 2, 2), flat.stds, np.exp(flat.log_weights), flat.classes)
+    x = np.random.default_rng(2).standard_normal((5, 1, 2, 2))
+    t, y = np.linspace(0.1, 0.9, 5), np.array([0, 1, 2, 0, 1])
+    np.testing.assert_allclose(shaped(x, t, y), flat(x.reshape(5, 4), t, y).reshape(x.shape), atol=tol["float64"])
+
+
+def test_null_label_is_the_full_mixture(mixture, noise, tol):
+    t = np.full(len(noise), 0.4)
+    np.testing.assert_allclose(mixture(noise, t, np.full(len(noise), mixture.null_label)),
+                               mixture(noise, t, None), atol=tol["float64"])
+    with pytest.raises(ConfigError, match="labels must be"):
+        mixture(noise, t, np.full(len(noise), mixture.null_label + 1))
+
+
+def test_reference_flow_is_converged_and_reversible(mixture, noise, reference, tol):
+    assert np.abs(exact_flow(mixture, noise, 1.0, 0.0, steps=1000) - reference).max() <= tol["reference"]
+    mid = exact_flow(mixture, noise, 1.0, 0.4, steps=300)
+    np.testing.assert_allclose(exact_flow(mixture, mid, 0.4, 1.0, steps=300), noise, atol=tol["reference"])
+    # per-sample end times: each row flows to its own t_to
+    t_to = np.linspace(0.2, 0.8, len(noise))
+    rows = exact_flow(mixture, noise, 1.0, t_to, steps=300)
+    one = exact_flow(mixture, noise[3:4], 1.0, t_to[3], steps=300)[0]
+    np.testing.assert_allclose(rows[3], one, atol=tol["reference"])
+
+
+def test_flow_transports_noise_to_the_data_distribution(mixture):
+    """Exact flow of N(0, I) samples has the mixture's mean (4 standard errors, 2000 samples)."""
+    rng = np.random.default_rng(7)
+    x = exact_flow(mixture, rng.standard_normal((2000, 2)), steps=100)
+    data = mixture.sample(200_000, rng)
+    se = data.std(axis=0) / np.sqrt(2000)
+    assert np.all(np.abs(x.mean(axis=0) - data.mean(axis=0)) <= 4 * se)
