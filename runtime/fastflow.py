@@ -353,6 +353,14 @@ def _check_settings(bandit: FastFlowBandit, path: Any, arms: Any, gamma: Any, mu
             )
 
 
+def guided_model_id(model_id: str, cfg_scale: float = 1.0, cfg_interval: Optional[Sequence[float]] = None) -> str:
+    """The identity of the field the bandits see: the backbone plus its guidance, if any."""
+    if float(cfg_scale) == 1.0:
+        return model_id
+    lo, hi = (0.0, 1.0) if cfg_interval is None else (float(cfg_interval[0]), float(cfg_interval[1]))
+    return f"{model_id}|cfg {float(cfg_scale):g} on ({lo:g}, {hi:g}]"
+
+
 def run_with_state(
     velocity: Callable,
     noise: np.ndarray,
@@ -373,14 +381,15 @@ def run_with_state(
     Loads ``state_path`` under its lock (or starts a fresh bandit; with ``mu`` None the first
     generation calibrates mu), solves without holding the lock, then merges this generation's
     rewards into the file's latest state under the lock, so concurrent processes all count.
-    ``model_id`` names the backbone (include anything that changes the velocity, e.g. the
-    guidance scale, if one file should not mix them). ``solve_kwargs`` go to
+    ``model_id`` names the backbone; the guidance setting is added to it (see
+    :func:`guided_model_id`), so one file never mixes guided fields. ``solve_kwargs`` go to
     :func:`anchorflow.runtime.solve` (y, cfg_scale, tail, ...). Returns its :class:`Result`.
     """
     from .solve import solve
 
     if not isinstance(model_id, str) or not model_id:
         raise ConfigError("a bandit state file needs a model identity (model_id), e.g. the backbone's sha256")
+    model_id = guided_model_id(model_id, solve_kwargs.get("cfg_scale", 1.0), solve_kwargs.get("cfg_interval"))
     t_grid = make_grid(T, grid)
     key = BanditKey.of(t_grid, model_id)
 
