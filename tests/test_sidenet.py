@@ -248,3 +248,25 @@ def test_reference_euler_matches_numpy_runtime_with_guidance():
     got = solve("euler", velocity, noise, 5, y=y, null_label=3, **opts).x
     want = euler_sample_torch(backbone, torch.from_numpy(noise), torch.from_numpy(y), 5, **opts).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("guidance", [{}, {"cfg_scale": 1.5, "cfg_interval": (0.0, 0.7)}])
+@pytest.mark.parametrize("nfe", [2, 5])
+def test_numpy_runtime_ba_matches_torch_reference(guidance, nfe):
+    """Same weights, same noise: the torch-free runtime's BA-solver equals the torch reference.
+
+    1e-4: float32 through ~20 network calls on O(1) values, summed in a different order."""
+    from anchorflow.runtime import solve
+    from anchorflow.trainers.torch_wrappers import TorchSideNet, TorchVelocity
+
+    torch.manual_seed(0)
+    backbone = DiT((1, 4, 4), num_classes=3, hidden=16, depth=1, heads=2).eval()
+    for p in backbone.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    side = make_sidenet((1, 4, 4), classes=3)
+    noise = np.random.default_rng(1).standard_normal((4, 1, 4, 4)).astype(np.float32)
+    y = np.array([0, 1, 2, 0])
+    got = solve("ba", TorchVelocity(backbone), noise, nfe, y=y, sidenet=TorchSideNet(side), null_label=3, **guidance)
+    want = ba_sample_torch(backbone, side, torch.from_numpy(noise), torch.from_numpy(y), nfe, **guidance).numpy()
+    assert got.nfe == nfe
+    np.testing.assert_allclose(got.x, want, atol=1e-4, rtol=0)
