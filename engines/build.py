@@ -156,7 +156,10 @@ def _add_profile(builder: Any, config: Any, network: Any, profile: Profile) -> N
 
 def _load_timing_cache(config: Any, path: Optional[Path]) -> Any:
     data = path.read_bytes() if path is not None and path.is_file() else b""
-    timing = config.create_timing_cache(data)
+    try:
+        timing = config.create_timing_cache(data)
+    except Exception:  # noqa: BLE001 - an unreadable cache file only costs build time
+        timing = None
     if timing is None or not config.set_timing_cache(timing, False):
         timing = config.create_timing_cache(b"")  # a cache from another device/version: start afresh
         config.set_timing_cache(timing, False)
@@ -177,7 +180,7 @@ def build_serialized(trt: Any, onnx_path: Path, profile: Profile, options: Build
     logger = compat.make_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(compat.network_flags(trt))
-    _parse(trt, network, logger, onnx_path)
+    parser = _parse(trt, network, logger, onnx_path)  # owns the weights: keep it alive through the build
     config = builder.create_builder_config()
     workspace = None if options.workspace_mb is None else int(options.workspace_mb) << 20
     compat.configure(trt, config, workspace_bytes=workspace, opt_level=options.opt_level)
@@ -185,8 +188,9 @@ def build_serialized(trt: Any, onnx_path: Path, profile: Profile, options: Build
     if monitor is not None:
         config.progress_monitor = monitor
     _add_profile(builder, config, network, profile)
-    _load_timing_cache(config, timing_cache)
+    timing = _load_timing_cache(config, timing_cache)
     serialized = builder.build_serialized_network(network, config)
+    del parser, timing, monitor  # only now may TensorRT's weights, cache and monitor go
     if serialized is None:
         if display is not None and display.cancelled:
             raise KeyboardInterrupt

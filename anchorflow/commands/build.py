@@ -9,7 +9,7 @@ import click
 
 
 @click.command("build")
-@click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("bundle")
 @click.option("--precision", "precisions", type=click.Choice(["fp32", "fp16", "bf16"]), multiple=True,
               help="Engine precision; repeat for several. fp16/bf16 use the bundle's reduced-precision ONNX "
                    "variants (strongly typed: the precision comes from the graph). Default: fp32.")
@@ -26,10 +26,10 @@ import click
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Tactic timing cache to load and update (default: one per TensorRT version and GPU in the bundle).")
 @click.option("--no-progress", is_flag=True, help="Do not show the builder's progress bars.")
-def build(bundle: Path, precisions: tuple[str, ...], workspace_mb: int | None, opt_level: int,
+def build(bundle: str, precisions: tuple[str, ...], workspace_mb: int | None, opt_level: int,
           min_batch: int | None, opt_batch: int | None, max_batch: int | None, force: bool,
           timing_cache: Path | None, no_progress: bool) -> None:
-    """Build TensorRT engines for BUNDLE (a bundle folder or a model root with bundle/ inside).
+    """Build TensorRT engines for BUNDLE: `default`, a bundle folder or a model root with bundle/ inside.
 
     One engine per network (backbone, SideNet) and precision, with one optimisation profile
     that covers the solver's calls for the batch range. Engines go to BUNDLE/engines/trt/ with
@@ -42,12 +42,18 @@ def build(bundle: Path, precisions: tuple[str, ...], workspace_mb: int | None, o
 
     require("tensorrt", extra="trt", purpose="building TensorRT engines")
     from anchorflow.engines.build import BuildOptions, build_engines
+    from anchorflow.errors import CheckpointError
+    from anchorflow.modelref import locate
+
+    folder = locate(bundle).bundle
+    if folder is None:
+        raise CheckpointError(f"{bundle} has no exported bundle; create one with `anchorflow export {bundle} --out BUNDLE`")
 
     batch = {k: v for k, v in (("min", min_batch), ("opt", opt_batch), ("max", max_batch)) if v is not None}
     options = BuildOptions(precisions=precisions or ("fp32",), workspace_mb=workspace_mb, opt_level=opt_level,
                            batch=batch, force=force, timing_cache=timing_cache, progress=not no_progress)
     start = time.perf_counter()
-    records = build_engines(bundle, options, echo=click.echo)
+    records = build_engines(folder, options, echo=click.echo)
     built = sum(not r.cached for r in records)
     click.echo(f"{len(records)} engine(s), {built} built, {len(records) - built} cached, "
                f"{time.perf_counter() - start:.1f} s total")
