@@ -288,8 +288,8 @@ def euler_nfe_to_match(ladder: Sequence[tuple[int, float]], target: float) -> di
     pts = sorted((int(k), float(p)) for k, p in ladder)
     for i, (k, p) in enumerate(pts):
         if p >= target:
-            if i == 0:
-                return {"nfe": float(k), "bracket": [None, k]}
+            if i == 0 or p == target:
+                return {"nfe": float(k), "bracket": [None if p > target else k, k]}
             k0, p0 = pts[i - 1]
             frac = (target - p0) / (p - p0) if p > p0 else 1.0
             return {"nfe": float(math.exp(math.log(k0) + frac * (math.log(k) - math.log(k0)))), "bracket": [k0, k]}
