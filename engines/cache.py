@@ -107,7 +107,10 @@ def lock(bundle: str | Path) -> FileLock:
     One FileLock object per path, so a process re-entering the lock (build -> record) does not deadlock.
     """
     folder = engine_dir(bundle)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write engines into {folder} ({exc.strerror}); copy the bundle to a writable folder") from None
     path = str((folder / ".lock").resolve())
     if path not in _LOCKS:
         _LOCKS[path] = FileLock(path)
@@ -154,7 +157,10 @@ def cached(bundle: str | Path, key: EngineKey) -> Optional[Path]:
 # -- selection and refusal -----------------------------------------------------------------------
 def mismatches(entry: dict, env: EngineEnv, onnx_sha256: str) -> list[str]:
     """Why a manifest entry cannot run here (empty when it can)."""
-    built = EngineEnv.from_json(entry)
+    try:
+        built = EngineEnv.from_json(entry)
+    except (KeyError, TypeError, ValueError):
+        return ["its manifest entry is incomplete"]
     reasons = []
     if built.tensorrt_version != env.tensorrt_version:
         reasons.append(f"built with TensorRT {built.tensorrt_version}, this is TensorRT {env.tensorrt_version}")

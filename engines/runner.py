@@ -49,6 +49,7 @@ class TrtEngine:
         self.inputs, self.outputs = compat.io_tensors(trt, self.engine)
         self.max_rows = {name: int(self.engine.get_tensor_profile_shape(name, 0)[2][0]) for name, _ in self.inputs}
         self._buffers = {name: DeviceBuffer() for name, _ in self.inputs + self.outputs}
+        self._keep: list[np.ndarray] = []  # host inputs of the call in flight
 
     def _set_input(self, name: str, dtype: np.dtype, value: np.ndarray) -> None:
         host = np.ascontiguousarray(value, dtype=dtype)
@@ -67,7 +68,7 @@ class TrtEngine:
         missing = [name for name, _ in self.inputs if name not in feeds]
         if missing:
             raise ConfigError(f"the {self.label} engine needs inputs {missing}")
-        self._keep: list[np.ndarray] = []
+        self._keep = []
         for name, dtype in self.inputs:
             self._set_input(name, dtype, feeds[name])
         results = {}

@@ -274,6 +274,17 @@ def test_engine_from_other_onnx_or_missing_is_refused(bundle: Path) -> None:
         cache.select_engine(bundle, "backbone", "fp16", key.onnx_sha256, ENV)
 
 
+def test_incomplete_manifest_entry_is_refused(bundle: Path) -> None:
+    key = _key(bundle)
+    cache.record_engine(bundle, key, b"x", 1.0)
+    path = cache.engine_dir(bundle) / cache.MANIFEST
+    manifest = json.loads(path.read_text())
+    del manifest["engines"][key.name]["compute_capability"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BackendError, match="manifest entry is incomplete.*--force"):
+        cache.select_engine(bundle, "backbone", "fp32", key.onnx_sha256, ENV)
+
+
 def test_timing_cache_is_per_version_and_gpu(bundle: Path) -> None:
     paths = {cache.timing_cache_path(bundle, e) for e in (ENV, cache.EngineEnv("11.1.0", "Orin", (8, 7)),
                                                            cache.EngineEnv("10.3.0", "Orin", (9, 0)))}
