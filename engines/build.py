@@ -30,7 +30,11 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """What ``anchorflow build`` asks for; ``batch`` overrides the bundle's samples-per-solve range."""
+    """What ``anchorflow build`` asks for.
+
+    ``batch``: optional ``min``/``opt``/``max`` samples per solve; when given, the profiles are
+    derived from them (:mod:`.profiles`), else bundle.json's row ranges are used as they are.
+    """
 
     precisions: tuple[str, ...] = ("fp32",)
     workspace_mb: Optional[int] = None
@@ -215,10 +219,10 @@ def build_engines(bundle: str | Path, options: BuildOptions = BuildOptions(),
     env = cache.current_env(trt)
     for precision in options.precisions:
         compat.check_precision(precision, env.compute_capability)
-    samples: SampleRange = sample_range(meta, **options.batch)
+    samples: Optional[SampleRange] = sample_range(meta, **options.batch) if options.batch else None
     profiles = derive_profiles(meta, samples)
     timing = Path(options.timing_cache) if options.timing_cache else cache.timing_cache_path(folder, env)
-    echo(f"{env.describe()}; samples per solve {samples.min}..{samples.max} (opt {samples.opt})")
+    echo(f"{env.describe()}; rows per call " + ", ".join(f"{n} {p.rows[0]}..{p.rows[2]} (opt {p.rows[1]})" for n, p in profiles.items()))
     records = []
     with cache.lock(folder):
         for precision in options.precisions:

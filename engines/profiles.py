@@ -4,17 +4,20 @@ An engine accepts input shapes between a profile's min and max and is tuned for 
 dynamic axis of a bundle is the leading ``"batch"`` axis; every other dim is static and taken
 from the input shapes in ``bundle.json``.
 
-Rows, not samples. The bundle records the batch range of a solve in *samples* B
-(``{"min", "opt", "max"}``, the export's ``--max-batch``). The networks see more rows than that:
+Rows versus samples. A solve on B samples sends more rows than B to the networks:
 
 * backbone: ``g * B`` rows, g = 2 when the model can be guided (it has a null label; CFG puts
   the cond and uncond rows into one call), else 1;
 * SideNet (BA-solver, arXiv 2601.21542, Algorithm 1): the forward probe evaluates three offsets
   ``a*h, (1-a)*h, h`` in ONE call on ``3 * g * B`` rows; the backward probe uses ``g * B`` rows.
 
-Hence, with ``probes = 3``: backbone rows ``[B_min, g*B_opt, g*B_max]`` and SideNet rows
-``[B_min, probes*g*B_opt, probes*g*B_max]``. The min stays at ``B_min`` so an unguided
-single-sample call (1 row) also fits. Time convention of the networks: t = 1 noise, t = 0 data.
+``bundle.json`` records each network's range in rows (the exporter's ``--max-batch N`` gives
+the backbone ``max = 2N`` and the SideNet ``max = 6N``); without overrides those ranges are the
+profiles. Overrides (``anchorflow build --min-batch/--opt-batch/--max-batch``) are in samples
+per solve and become rows by the rule above, with ``probes = 3``: backbone
+``[B_min, g*B_opt, g*B_max]``, SideNet ``[B_min, probes*g*B_opt, probes*g*B_max]``; the min
+stays at ``B_min`` so an unguided single-sample call (1 row) also fits. A SideNet without its
+own range gets ``probes`` times the backbone's. Time convention: t = 1 noise, t = 0 data.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ..errors import CheckpointError, ConfigError
 
 BATCH = "batch"
 SCHEMA = "anchorflow.bundle/1"
-DEFAULT_SAMPLES = (1, 16, 64)  # used only when bundle.json records no batch range
+DEFAULT_SAMPLES = (1, 16, 64)  # used only when bundle.json records no backbone batch range
 PROBES = 3  # SideNet offsets per forward probe (BA-solver, 4-node quadrature minus the anchor)
 
 
@@ -158,10 +161,37 @@ def guidance_rows(meta: dict) -> int:
     return 2 if model.get("null_label") is not None else 1
 
 
+def bundle_rows(meta: dict, probes: int = PROBES) -> dict[str, tuple[int, int, int]]:
+    """Rows per network as bundle.json records them (SideNet: ``probes`` x backbone when it records none)."""
+    specs = network_specs(meta)
+    backbone = specs["backbone"].batch
+    if backbone is None:
+        rows = row_ranges(SampleRange(*DEFAULT_SAMPLES), guidance_rows(meta), probes)
+    else:
+        lo, opt, hi = _triple(backbone, "backbone")
+        rows = {"backbone": (lo, opt, hi), "sidenet": (lo, probes * opt, probes * hi)}
+    for name, spec in specs.items():
+        if spec.batch is not None:
+            rows[name] = _triple(spec.batch, name)
+    return rows
+
+
+def _triple(batch: dict, name: str) -> tuple[int, int, int]:
+    try:
+        lo, opt, hi = (int(batch[k]) for k in ("min", "opt", "max"))
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"bundle.json's batch range of the {name} must be {{min, opt, max}}, got {batch!r}") from None
+    if not 1 <= lo <= opt <= hi:
+        raise CheckpointError(f"bundle.json's batch range of the {name} must satisfy 1 <= min <= opt <= max, got {batch}")
+    return lo, opt, hi
+
+
 def sample_range(meta: dict, min: Optional[int] = None, opt: Optional[int] = None, max: Optional[int] = None) -> SampleRange:
-    """The backbone's batch range from bundle.json (samples per solve), with optional overrides."""
-    batch = network_specs(meta)["backbone"].batch or {}
-    base = SampleRange(*(int(batch.get(k, d)) for k, d in zip(("min", "opt", "max"), DEFAULT_SAMPLES)))
+    """Samples per solve the bundle's backbone range implies (rows / g), with optional overrides."""
+    g = guidance_rows(meta)
+    lo, opt_rows, hi = bundle_rows(meta)["backbone"]
+    hi_s = _clamp(hi // g, lo, hi)
+    base = SampleRange(lo, _clamp(opt_rows // g, lo, hi_s), hi_s)
     return base.override(min=min, opt=opt, max=max)
 
 
@@ -194,8 +224,7 @@ def profile_for(spec: NetworkSpec, rows: tuple[int, int, int]) -> Profile:
 
 
 def derive_profiles(meta: dict, samples: Optional[SampleRange] = None, probes: int = PROBES) -> dict[str, Profile]:
-    """One :class:`Profile` per network of the bundle (backbone, and sidenet when present)."""
+    """One :class:`Profile` per network: bundle.json's row ranges, or the rows ``samples`` needs."""
     specs = network_specs(meta)
-    samples = samples or sample_range(meta)
-    rows = row_ranges(samples, guidance_rows(meta), probes)
+    rows = bundle_rows(meta, probes) if samples is None else row_ranges(samples, guidance_rows(meta), probes)
     return {name: profile_for(spec, rows.get(name, rows["backbone"])) for name, spec in specs.items()}

@@ -68,8 +68,15 @@ def _tensor_entries(graph_io) -> list:
              "dtype": helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name} for v in graph_io]
 
 
-def write_bundle(folder: Path, batch=(1, 4, 16), null_label=CLASSES, precisions=()) -> Path:
-    """Write a real two-network bundle (fp32 + optional fp16 variants with float32 I/O) to ``folder``."""
+ROWS = {"backbone": (1, 8, 32), "sidenet": (1, 24, 96)}  # rows for 16 samples per solve (x2, x6), opt at 4 samples
+
+
+def write_bundle(folder: Path, rows=ROWS, null_label=CLASSES, precisions=()) -> Path:
+    """Write a real two-network bundle (fp32 + optional fp16 variants with float32 I/O) to ``folder``.
+
+    ``rows``: each network's batch range in rows, as bundle.json records it (a network missing
+    from ``rows`` gets no range).
+    """
     import onnx
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -81,7 +88,9 @@ def write_bundle(folder: Path, batch=(1, 4, 16), null_label=CLASSES, precisions=
             f16 = pytest.importorskip("onnxconverter_common.float16")
             files["fp16"] = f16.convert_float_to_float16(model, keep_io_types=True)
         entry = {"inputs": _tensor_entries(model.graph.input), "outputs": _tensor_entries(model.graph.output),
-                 "batch": dict(zip(("min", "opt", "max"), batch)), "precisions": {}}
+                 "precisions": {}}
+        if name in rows:
+            entry["batch"] = dict(zip(("min", "opt", "max"), rows[name]))
         for precision, m in files.items():
             file = f"{name}.onnx" if precision == "fp32" else f"{name}.{precision}.onnx"
             data = m.SerializeToString()
@@ -111,19 +120,32 @@ def _key(bundle: Path, network="backbone", precision="fp32", env=ENV) -> cache.E
 
 
 # -- profiles -------------------------------------------------------------------------------------
-def test_profiles_guided_model(bundle: Path) -> None:
-    _, meta = read_bundle(bundle)
-    profiles = derive_profiles(meta)  # samples (1, 4, 16); guidance doubles rows, the forward probe triples
-    assert profiles["backbone"].rows == (1, 8, 32)
-    assert profiles["sidenet"].rows == (1, 24, 96)
-    assert profiles["backbone"].shapes["x"] == ((1, *STATE), (8, *STATE), (32, *STATE))
-    assert profiles["sidenet"].shapes["h"] == ((1,), (24,), (96,))
+def test_profiles_take_the_bundles_row_ranges(tmp_path: Path) -> None:
+    _, meta = read_bundle(write_bundle(tmp_path / "b", rows={"backbone": (1, 6, 10), "sidenet": (2, 20, 30)}))
+    profiles = derive_profiles(meta)
+    assert profiles["backbone"].rows == (1, 6, 10) and profiles["sidenet"].rows == (2, 20, 30)
+    assert profiles["backbone"].shapes["x"] == ((1, *STATE), (6, *STATE), (10, *STATE))
+    assert profiles["sidenet"].shapes["h"] == ((2,), (20,), (30,))
     assert set(profiles["sidenet"].shapes) == {"x", "v", "t", "h", "y"}
 
 
-def test_profiles_unguided_model(tmp_path: Path) -> None:
-    _, meta = read_bundle(write_bundle(tmp_path / "b", null_label=None))
-    assert {k: p.rows for k, p in derive_profiles(meta).items()} == {"backbone": (1, 4, 16), "sidenet": (1, 12, 48)}
+def test_sidenet_without_range_gets_probe_rows(tmp_path: Path) -> None:
+    _, meta = read_bundle(write_bundle(tmp_path / "b", rows={"backbone": (1, 8, 32)}))
+    assert derive_profiles(meta)["sidenet"].rows == (1, 24, 96)
+
+
+def test_profiles_from_samples_guided(bundle: Path) -> None:
+    _, meta = read_bundle(bundle)
+    assert sample_range(meta) == SampleRange(1, 4, 16)  # backbone rows / 2 (guidance)
+    profiles = derive_profiles(meta, SampleRange(2, 4, 16))  # guidance doubles rows, the forward probe triples
+    assert profiles["backbone"].rows == (2, 8, 32) and profiles["sidenet"].rows == (2, 24, 96)
+
+
+def test_profiles_from_samples_unguided(tmp_path: Path) -> None:
+    _, meta = read_bundle(write_bundle(tmp_path / "b", rows={"backbone": (1, 4, 16)}, null_label=None))
+    assert sample_range(meta) == SampleRange(1, 4, 16)
+    rows = {k: p.rows for k, p in derive_profiles(meta, sample_range(meta, max=8)).items()}
+    assert rows == {"backbone": (1, 4, 8), "sidenet": (1, 12, 24)}
 
 
 @pytest.mark.parametrize("method, cfg, samples", [("ba", 1.5, 16), ("ba", 1.0, 1), ("ba-single", 1.5, 16), ("euler", 1.5, 16)])
@@ -131,7 +153,7 @@ def test_profiles_cover_the_solvers_calls(bundle: Path, method: str, cfg: float,
     """Every row count the real runtime sends to the networks lies inside the derived profiles."""
     from anchorflow.runtime import solve
 
-    _, meta = read_bundle(bundle)
+    _, meta = read_bundle(bundle)  # ROWS: what the exporter writes for 16 samples per solve
     rows = {name: p.rows for name, p in derive_profiles(meta).items()}
     seen = {"backbone": [], "sidenet": []}
 
@@ -154,13 +176,16 @@ def test_profiles_cover_the_solvers_calls(bundle: Path, method: str, cfg: float,
 
 
 def test_batch_overrides_and_validation(bundle: Path) -> None:
-    _, meta = read_bundle(bundle)
+    _, meta = read_bundle(bundle)  # samples (1, 4, 16)
     assert sample_range(meta, max=2) == SampleRange(1, 2, 2)  # opt clamped into the new range
     assert sample_range(meta, min=2, opt=3, max=5) == SampleRange(2, 3, 5)
     with pytest.raises(ConfigError, match="min <= opt <= max"):
         sample_range(meta, min=8, max=4)
     with pytest.raises(ConfigError, match="guidance"):
         row_ranges(SampleRange(1, 1, 1), guidance=3)
+    meta["networks"]["backbone"]["batch"] = {"min": 4, "opt": 2, "max": 8}
+    with pytest.raises(CheckpointError, match="backbone must satisfy"):
+        derive_profiles(meta)
 
 
 def test_profile_rejects_dynamic_state_axes(bundle: Path) -> None:

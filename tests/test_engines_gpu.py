@@ -29,7 +29,7 @@ from test_engines import CLASSES, STATE, write_bundle  # noqa: E402
 # 2^-9 ~ 2e-3, so single elements may be off by ~2e-3 after a few ops; the mean error over many
 # elements stays well below that; judged on the mean (the export's rule for reduced precision).
 TOL = {"fp32_atol": 1e-3, "fp16_mean": 2e-3, "fp16_max": 1e-2, "ba_fp32_atol": 5e-3}
-SAMPLES = (1, 4, 8)
+SAMPLES = (1, 4, 8)  # samples per solve; bundle rows as the exporter writes them (x2 backbone, x6 SideNet)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def bundle(tmp_path_factory) -> Path:
         device_info()
     except AnchorflowError as exc:
         pytest.skip(f"no usable CUDA device or cuda-python: {exc}")
-    folder = write_bundle(tmp_path_factory.mktemp("trt") / "bundle", batch=SAMPLES, precisions=("fp16",))
+    rows = {"backbone": (1, 2 * SAMPLES[1], 2 * SAMPLES[2]), "sidenet": (1, 6 * SAMPLES[1], 6 * SAMPLES[2])}
+    folder = write_bundle(tmp_path_factory.mktemp("trt") / "bundle", rows=rows, precisions=("fp16",))
     build_engines(folder, BuildOptions(precisions=("fp32", "fp16"), progress=False), echo=lambda s: None)
     return folder
 

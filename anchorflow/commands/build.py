@@ -17,11 +17,11 @@ import click
               help="Builder workspace limit in MiB (default: TensorRT's, i.e. the GPU's memory).")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="Builder optimisation level: higher searches more tactics (slower build, maybe faster engine).")
-@click.option("--min-batch", type=int, default=None, help="Smallest samples per solve the engines accept (default: bundle.json).")
-@click.option("--opt-batch", type=int, default=None, help="Samples per solve the engines are tuned for (default: bundle.json).")
+@click.option("--min-batch", type=int, default=None, help="Smallest samples per solve the engines accept (default: from bundle.json).")
+@click.option("--opt-batch", type=int, default=None, help="Samples per solve the engines are tuned for (default: from bundle.json).")
 @click.option("--max-batch", type=int, default=None,
-              help="Largest samples per solve (default: bundle.json). Guidance doubles the backbone's rows and the "
-                   "SideNet's forward probe triples them again; the profiles account for both.")
+              help="Largest samples per solve (default: bundle.json's row ranges as exported). Guidance doubles "
+                   "the backbone's rows and the SideNet's forward probe triples them again; the profiles account for both.")
 @click.option("--force", is_flag=True, help="Rebuild even when a matching engine is cached.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Tactic timing cache to load and update (default: one per TensorRT version and GPU in the bundle).")
