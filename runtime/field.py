@@ -113,7 +113,7 @@ class GuidedField:
         v = self.velocity(xe, tt, self.labels)
         self.backbone_s += time.perf_counter() - start
         self.nfe += 1
-        v = np.asarray(v)
+        v = np.asarray(v).astype(self.dtype, copy=False)  # the state's precision, whatever the backend
         if v.shape != xe.shape:
             raise ConfigError(f"velocity returned shape {v.shape}, expected {xe.shape}")
         return v
@@ -123,9 +123,12 @@ class GuidedField:
         if self.rows == 1:
             return v_raw
         v_c, v_u = v_raw[: self.batch], v_raw[self.batch :]
-        if in_interval(float(t), self.cfg_interval):
-            return v_u + self.cfg_scale * (v_c - v_u)
-        return v_c
+        if not in_interval(float(t), self.cfg_interval):
+            return v_c
+        out = v_c - v_u  # in place from here: one temporary instead of three
+        out *= self.cfg_scale
+        out += v_u
+        return out
 
     def __call__(self, x: np.ndarray, t: float) -> np.ndarray:
         """Guided velocity at scalar time t (one NFE)."""
@@ -149,15 +152,15 @@ class GuidedField:
         if self.sidenet is None:
             raise ConfigError("this solver needs a SideNet; pass sidenet=... (or use a bundle that has one)")
         k = len(offsets)
-        xe = self.expand(x).astype(self.dtype, copy=False)
-        n = xe.shape[0]
-        xs = np.concatenate([xe] * k, axis=0) if k > 1 else xe
+        n = x.shape[0] * self.rows
+        xs = np.concatenate([x] * (self.rows * k), axis=0) if self.rows * k > 1 else x
+        xs = xs.astype(self.dtype, copy=False)
         vs = np.concatenate([v_raw] * k, axis=0) if k > 1 else v_raw
         ts = np.full(n * k, t, self.dtype)
         hs = np.repeat(np.asarray(offsets, self.dtype), n)
         ys = None if self.labels is None else np.tile(self.labels, k)
         start = time.perf_counter()
-        d = np.asarray(self.sidenet(xs, vs.astype(self.dtype, copy=False), ts, hs, ys))
+        d = np.asarray(self.sidenet(xs, vs.astype(self.dtype, copy=False), ts, hs, ys)).astype(self.dtype, copy=False)
         self.sidenet_s += time.perf_counter() - start
         self.sidenet_calls += 1
         if d.shape != xs.shape:

@@ -34,7 +34,8 @@ class SolverSpec:
             raise ConfigError(f"nfe must be an integer, got {nfe!r}")
         nfe = int(nfe)
         if nfe < self.min_nfe:
-            raise ConfigError(f"{self.name} needs nfe >= {self.min_nfe}, got {nfe}")
+            per_step = f" ({self.calls_per_step} backbone calls per step)" if (self.calls_per_step or 1) > 1 else ""
+            raise ConfigError(f"{self.name} needs nfe >= {self.min_nfe}{per_step}, got {nfe}")
         if self.nfe_rule in ("intervals", "grid"):
             return nfe
         k = self.calls_per_step or 1

@@ -67,7 +67,7 @@ def solve(
     start = time.perf_counter()
     out = spec.fn(field, noise.astype(dtype, copy=True), t_grid, **options)
     total = time.perf_counter() - start
-    expected = steps * spec.calls_per_step if spec.nfe_rule == "steps" else (nfe if spec.nfe_rule == "intervals" else None)
+    expected = {"steps": steps * (spec.calls_per_step or 1), "intervals": steps}.get(spec.nfe_rule)
     if expected is not None and field.nfe != expected:
         raise RuntimeError(f"internal error: {method} made {field.nfe} backbone calls, expected {expected}")
     return Result(

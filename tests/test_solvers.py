@@ -74,6 +74,36 @@ def test_adams_weights_integrate_polynomials_exactly_on_any_grid(tol):
         assert abs(np.dot(w, times**p) - exact) <= tol["float64"]
 
 
+def test_ab2_is_exact_after_the_euler_step_on_a_non_uniform_grid(tol):
+    """v = 2t + 1: AB2 integrates linear velocities exactly, Euler's first step errs by h^2 (here 0.01)."""
+    out = solve("ab2", lambda x, t, y: np.broadcast_to(2 * t[:, None] + 1, x.shape), np.zeros((2, 1)), 4,
+                grid=[1.0, 0.9, 0.5, 0.2, 0.0])
+    np.testing.assert_allclose(out.x, -2.0 - 0.01, atol=tol["float64"])
+
+
+def dpmpp2m_reference(velocity, x, grid):
+    """DPM-Solver++(2M) as written in Lu et al. 2022 (Alg. 2) with alpha = 1 - t, sigma = t."""
+    lam = np.log(np.clip(1 - grid, 0, None)) - np.log(np.clip(grid, 0, None))  # -inf at t=1, +inf at t=0
+    x0_prev = None
+    for i in range(len(grid) - 1):
+        t, tn = grid[i], grid[i + 1]
+        x0 = x - t * velocity(x, np.full(len(x), t), None)
+        d = x0
+        if i >= 2 and tn > 0:
+            r = (lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i])
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+        x = d if tn == 0 else (tn / t) * x - (1 - tn) * np.expm1(-(lam[i + 1] - lam[i])) * d
+        x0_prev = x0
+    return x
+
+
+@pytest.mark.parametrize("grid", ["shift:3", "uniform", [1.0, 0.95, 0.8, 0.7, 0.4, 0.3, 0.1, 0.0]])
+def test_dpmpp2m_matches_the_paper_form(grid, mixture, noise, tol):
+    out = solve("dpmpp2m", mixture, noise, 7, grid=grid)
+    with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(out.x, dpmpp2m_reference(mixture, noise, out.grid), atol=tol["float64"])
+
+
 @pytest.mark.parametrize("nfe", [1, 2, 3])
 def test_dpmpp2m_is_euler_until_two_past_steps_exist(nfe, mixture, noise, tol):
     """On the linear path the first-order DPM-Solver++ step is exactly Euler (lambda(1) = -inf)."""
