@@ -27,7 +27,7 @@ import shlex
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -80,10 +80,14 @@ def parse_reference(text: str) -> tuple[str, float]:
                 return "dopri5", tol
     except ValueError:
         pass
-    raise ConfigError(f"bad reference {text!r}; use 'rk4:N' (N even, e.g. rk4:512) or 'dopri5[:TOL]' (e.g. dopri5:1e-6)")
+    raise ConfigError(
+        f"bad reference {text!r}; use 'rk4:N' (N even, e.g. rk4:512) or 'dopri5[:TOL]' (e.g. dopri5:1e-6)"
+    )
 
 
-def make_inputs(state_shape: Sequence[int], num_classes: int, n: int, seed: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+def make_inputs(
+    state_shape: Sequence[int], num_classes: int, n: int, seed: int
+) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Start noise (n, *state_shape) float32 at t = 1 and balanced labels ``i mod C`` (None if C = 0)."""
     noise = np.random.default_rng(seed).standard_normal((n, *state_shape)).astype(np.float32)
     labels = np.arange(n, dtype=np.int64) % num_classes if num_classes else None
@@ -197,7 +201,8 @@ class Evaluator:
             from ._deps import require
 
             ort = require("onnxruntime")
-            self.session = ort.InferenceSession(str(Path(classifier) / "classifier.onnx"), providers=["CPUExecutionProvider"])
+            onnx_file = str(Path(classifier) / "classifier.onnx")
+            self.session = ort.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
             with np.load(Path(classifier) / "real_stats.npz") as stats:
                 self.real = (stats["mu"], stats["sigma"])
 
@@ -296,14 +301,19 @@ def euler_nfe_to_match(ladder: Sequence[tuple[int, float]], target: float) -> di
     return {"nfe": None, "bracket": [pts[-1][0], None]}
 
 
+def _done(runs: list[dict], name: str, cfg: float, nfes: Sequence[int]) -> list[dict]:
+    """The runs of solver ``name`` at guidance ``cfg`` that ran (not skipped) at a requested NFE."""
+    return [r for r in runs if r["solver"] == name and r["cfg"] == cfg and "skipped" not in r
+            and r["nfe_requested"] in nfes]
+
+
 def _orders(runs: list[dict], solvers: Sequence[str], nfes: Sequence[int], cfgs: Sequence[float]) -> list[dict]:
     from .runtime import get_solver
 
     out = []
     for cfg in cfgs:
         for name in solvers:
-            done = [r for r in runs if r["solver"] == name and r["cfg"] == cfg and "skipped" not in r]
-            pts = sorted({(r["nfe"], r["rmse"]) for r in done if r["nfe_requested"] in nfes})
+            pts = sorted({(r["nfe"], r["rmse"]) for r in _done(runs, name, cfg, nfes)})
             try:
                 p = M.empirical_order([k for k, _ in pts], [e for _, e in pts])
             except ConfigError:
@@ -335,7 +345,9 @@ def _classifier_dir(model) -> Optional[Path]:
     folder = Path(folder)
     missing = [f for f in ("classifier.onnx", "real_stats.npz") if not (folder / f).is_file()]
     if missing:
-        raise ConfigError(f"classifier folder {folder} lacks {', '.join(missing)}; retrain it with 'anchorflow train classifier'")
+        raise ConfigError(
+            f"classifier folder {folder} lacks {', '.join(missing)}; retrain it with 'anchorflow train classifier'"
+        )
     return folder
 
 
@@ -376,8 +388,6 @@ def run_bench(
         out: folder for results.json, report.md, quality_vs_nfe.png and the sample grids.
         reference: "rk4:512" or "dopri5[:tol]".
     """
-    from .runtime import get_solver
-
     check_counts(n, list(nfes))
     meta = model.meta
     num_classes = int(meta.get("num_classes") or 0)
@@ -390,30 +400,38 @@ def run_bench(
     held_out = None if sampler is None else np.asarray(sampler(int(n), y, seed + 1))
     evaluate = Evaluator(_range(model), y, _classifier_dir(model), held_out)
 
+    refs, runs, ref_x = _measure_all(model, names, nfes, ladder, cfgs, noise, y, cfg_interval, reference, evaluate,
+                                     seed, progress)
+    results = _assemble(model, names, nfes, ladder, cfgs, runs, refs, dict(
+        n=int(n), seed=int(seed), reference=reference, cfg_interval=list(cfg_interval),
+        command=command or shlex.join(sys.argv),
+    ))
+    write_outputs(Path(out), results, runs, ref_x, _range(model), y, held_out)
+    return results
+
+
+def _measure_all(model, names, nfes, ladder, cfgs, noise, y, cfg_interval, reference, evaluate, seed, progress):
+    """Per guidance scale: the reference, then every (solver, NFE) job and the Euler ladder (tqdm bar)."""
     from tqdm.auto import tqdm
 
-    jobs = [(s, k) for s in names for k in nfes] + [("euler", k) for k in ladder if "euler" not in names or k not in nfes]
+    jobs = [(s, k, True) for s in names for k in nfes]
+    jobs += [("euler", k, False) for k in ladder if "euler" not in names or k not in nfes]
     bar = tqdm(total=len(cfgs) * (1 + len(jobs)), desc="bench", unit="run", disable=not progress)
     refs, runs, ref_x = [], [], {}
     for cfg in cfgs:
         bar.set_postfix_str(f"reference {reference} cfg={cfg:g}")
         evaluate.ref, info = reference_solution(model, noise, y, cfg, cfg_interval, reference)
-        info.update(evaluate.distribution(evaluate.ref))
-        refs.append(info)
+        refs.append(info | evaluate.distribution(evaluate.ref))
         ref_x[cfg] = evaluate.ref
         bar.update()
-        for name, k in jobs:
+        for name, k, keep_samples in jobs:
             bar.set_postfix_str(f"{name} nfe={k} cfg={cfg:g}")
             runs.append(run_one(model, name, k, cfg, noise, y, cfg_interval, evaluate, seed))
+            if not keep_samples:
+                runs[-1].pop("x", None)  # ladder-only runs feed the Euler-to-match table, not the grids
             bar.update()
     bar.close()
-
-    results = _assemble(model, names, nfes, ladder, cfgs, runs, refs, dict(
-        n=int(n), seed=int(seed), reference=reference, cfg_interval=list(cfg_interval),
-        command=command or shlex.join(sys.argv), solver_orders={s: get_solver(s).order for s in names},
-    ))
-    write_outputs(Path(out), results, runs, ref_x, _range(model), y, held_out)
-    return results
+    return refs, runs, ref_x
 
 
 def _assemble(model, names, nfes, ladder, cfgs, runs, refs, settings) -> dict:
@@ -431,7 +449,8 @@ def _assemble(model, names, nfes, ladder, cfgs, runs, refs, settings) -> dict:
         "machine": machine_info(model),
         "settings": {"solvers": names, "nfes": nfes, "cfg_scales": cfgs, "euler_ladder": ladder, **settings},
         "references": refs,
-        "runs": [{k: v for k, v in r.items() if k != "x"} for r in runs if r["solver"] in names and r["nfe_requested"] in nfes],
+        "runs": [{k: v for k, v in r.items() if k != "x"} for r in runs
+                 if r["solver"] in names and r["nfe_requested"] in nfes],
         "euler_ladder": [{k: r[k] for k in ("cfg", "nfe", "psnr", "rmse")} for r in ladder_runs],
         "orders": _orders(runs, names, nfes, cfgs),
     }
@@ -440,11 +459,11 @@ def _assemble(model, names, nfes, ladder, cfgs, runs, refs, settings) -> dict:
 # -- outputs -----------------------------------------------------------------------------------
 def _grid_nfe(runs: list[dict], name: str, cfg: float, nfes: Sequence[int]) -> Optional[dict]:
     """The run of ``name`` shown in its sample grid: the ran NFE closest (in log) to GRID_NFE."""
-    done = [r for r in runs if r["solver"] == name and r["cfg"] == cfg and "skipped" not in r and r["nfe_requested"] in nfes]
-    return min(done, key=lambda r: (abs(math.log(r["nfe_requested"] / GRID_NFE)), r["nfe_requested"]), default=None)
+    return min(_done(runs, name, cfg, nfes), key=lambda r: (abs(math.log(r["nfe_requested"] / GRID_NFE)),
+                                                            r["nfe_requested"]), default=None)
 
 
-def _sample_figures(out: Path, results: dict, runs: list[dict], ref_x: dict, data_range, y, held_out) -> dict[str, str]:
+def _sample_figures(out: Path, results: dict, runs: list[dict], ref_x: dict, data_range, y, held_out) -> dict:
     """Sample grids (images) or one scatter figure per guidance scale (2-D points); name -> file."""
     from . import plots
     from ._deps import available
@@ -485,7 +504,7 @@ def _quality_figure(out: Path, results: dict) -> Optional[str]:
     for cfg in results["settings"]["cfg_scales"]:
         lines = {}
         for name in results["settings"]["solvers"]:
-            pts = sorted((r["nfe"], r["psnr"]) for r in results["runs"] if r["solver"] == name and r["cfg"] == cfg and "psnr" in r)
+            pts = sorted((r["nfe"], r["psnr"]) for r in _done(results["runs"], name, cfg, results["settings"]["nfes"]))
             if pts:
                 lines[name] = ([k for k, _ in pts], [p for _, p in pts])
         ladder = [(r["nfe"], r["psnr"]) for r in results["euler_ladder"] if r["cfg"] == cfg]
@@ -496,11 +515,12 @@ def _quality_figure(out: Path, results: dict) -> Optional[str]:
     return "quality_vs_nfe.png"
 
 
-def write_outputs(out: Path, results: dict, runs: list[dict], ref_x: dict, data_range, y=None, held_out=None) -> dict[str, Any]:
+def write_outputs(out: Path, results: dict, runs: list[dict], ref_x: dict, data_range, y=None, held_out=None) -> dict:
     """Write results.json, report.md, quality_vs_nfe.png and the sample figures (each atomically)."""
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {"results": "results.json", "report": "report.md"}
-    files["quality_vs_nfe"] = _quality_figure(out, results) or "skipped: matplotlib is not installed (pip install 'anchorflow[plot]')"
+    no_mpl = "skipped: matplotlib is not installed (pip install 'anchorflow[plot]')"
+    files["quality_vs_nfe"] = _quality_figure(out, results) or no_mpl
     files["samples"] = _sample_figures(out, results, runs, ref_x, data_range, y, held_out)
     results["files"] = files
     _io.write_json(out / "results.json", results)
@@ -543,8 +563,7 @@ def _dist_cell(r: dict) -> str:
 def _timing_rows(results: dict, cfg: float) -> list[list[Any]]:
     rows = []
     for name in results["settings"]["solvers"]:
-        done = [r for r in results["runs"] if r["solver"] == name and r["cfg"] == cfg and "skipped" not in r]
-        r = min(done, key=lambda r: abs(math.log(r["nfe_requested"] / GRID_NFE)), default=None)
+        r = _grid_nfe(results["runs"], name, cfg, results["settings"]["nfes"])
         if r is not None:
             t = r["timing"]
             rows.append([name, r["nfe"], r["sidenet_calls"], f"{t['total_ms']:.2f}", f"{t['backbone_ms']:.2f}",
@@ -554,17 +573,19 @@ def _timing_rows(results: dict, cfg: float) -> list[list[Any]]:
 
 def _section(results: dict, cfg: float) -> list[str]:
     ref = next(r for r in results["references"] if r["cfg"] == cfg)
-    chk = ref["self_check"]
+    chk, dist = ref["self_check"], _dist_cell(ref)
     lines = [f"## Guidance scale {cfg:g}", "",
              f"Reference: {ref['method']} ({ref['nfe']} calls); self-check {chk['compare']}: RMSE {chk['rmse']:.2e}, "
-             f"PSNR {chk['psnr']:.1f} dB." + (f" Reference {_dist_cell(ref)}." if _dist_cell(ref) != "n/a" else ""), "",
+             f"PSNR {chk['psnr']:.1f} dB." + (f" Reference {dist}." if dist != "n/a" else ""), "",
              "### PSNR (dB) against the reference", "", *_grid_table(results, cfg, _psnr_cell),
              "### Euler NFE needed to match that PSNR", "", *_grid_table(results, cfg, _match_cell)]
     if any(k in r for r in results["runs"] for k in ("fd", "accuracy", "swd")):
         lines += ["### Distribution quality", "", *_grid_table(results, cfg, _dist_cell)]
-    orders = [[o["solver"], o["textbook"] if o["textbook"] is not None else "-",
-               "-" if o["empirical"] is None else f"{o['empirical']:.2f}"] for o in results["orders"] if o["cfg"] == cfg]
-    lines += ["### Empirical order (slope of log RMSE vs log NFE)", "", *_table(["solver", "textbook", "empirical"], orders),
+    orders = [[o["solver"], "-" if o["textbook"] is None else o["textbook"],
+               "-" if o["empirical"] is None else f"{o['empirical']:.2f}"]
+              for o in results["orders"] if o["cfg"] == cfg]
+    lines += ["### Empirical order (slope of log RMSE vs log NFE)", "",
+              *_table(["solver", "textbook", "empirical"], orders),
               f"### Timing per batch of {results['settings']['n']} (ms), at the NFE closest to {GRID_NFE}", "",
               *_table(["solver", "NFE", "SideNet calls", "total", "backbone", "SideNet", "overhead", "overhead %"],
                       _timing_rows(results, cfg))]
@@ -575,7 +596,8 @@ def render_report(results: dict) -> str:
     """The markdown report of a results dict."""
     s, mach, model = results["settings"], results["machine"], results["model"]
     lines = [f"# anchorflow bench: {model['name']}", "",
-             f"Model id `{model['model_id']}`, state {tuple(model['state_shape'])}, {model['num_classes'] or 0} classes; "
+             f"Model id `{model['model_id']}`, state {tuple(model['state_shape'])}, "
+             f"{model['num_classes'] or 0} classes; "
              f"{s['n']} samples, seed {s['seed']}, guidance interval {tuple(s['cfg_interval'])}. "
              f"Machine: {mach['platform']}, {mach['cpu_count']} CPUs, numpy {mach['numpy']}, onnxruntime "
              f"{mach['onnxruntime']}, providers {', '.join(mach['providers']) or 'n/a'}.", "",

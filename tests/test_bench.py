@@ -72,8 +72,10 @@ def test_files_and_fields(points_run):
 
 def test_skips_are_recorded_with_reasons(points_run):
     _, res = points_run
-    skipped = {(r["solver"], r["nfe_requested"]): r["skipped"] for r in res["runs"] if "skipped" in r and r["cfg"] == 1.0}
-    assert set(skipped) == {("heun", 1), ("heun", 3), ("rk4", 1), ("rk4", 2), ("rk4", 3), *(("ba", k) for k in (1, 2, 3, 4, 8))}
+    skipped = {(r["solver"], r["nfe_requested"]): r["skipped"]
+               for r in res["runs"] if "skipped" in r and r["cfg"] == 1.0}
+    expected = {("heun", 1), ("heun", 3), ("rk4", 1), ("rk4", 2), ("rk4", 3), *(("ba", k) for k in (1, 2, 3, 4, 8))}
+    assert set(skipped) == expected
     assert "multiple of 2" in skipped[("heun", 3)]
     assert "needs nfe >= 4" in skipped[("rk4", 2)]
     assert "needs a SideNet" in skipped[("ba", 4)]
@@ -182,13 +184,15 @@ def test_image_model_with_classifier(tmp_path):
         assert im.size == (2 * 33 + 1, 8 * 33 + 1)
 
 
-def test_save_grid_pixels_and_no_matplotlib(tmp_path):
+def test_save_grid_without_matplotlib_and_bench_without_torch(tmp_path):
     code = (
         "import sys, numpy as np; sys.modules['matplotlib'] = None\n"
         "from anchorflow.plots import save_grid\n"
         "imgs = np.stack([np.full((1, 2, 2), -1.0), np.full((1, 2, 2), 1.0), np.zeros((1, 2, 2))])\n"
         f"save_grid(imgs, {str(tmp_path / 'g.png')!r}, nrow=2, data_range=(-1, 1), upscale=3, pad=1)\n"
         "assert 'matplotlib' not in sys.modules or sys.modules['matplotlib'] is None\n"
+        "import anchorflow.bench, anchorflow.commands.bench\n"
+        "assert 'torch' not in sys.modules, 'the bench must stay torch-free'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     from PIL import Image

@@ -17,7 +17,8 @@ DEFAULT_NFE = "3,4,5,6,8,10,20,50,100"
 @click.option("--nfe", default=DEFAULT_NFE, show_default=True,
               help="Comma-separated backbone-call budgets (fastflow: grid sizes T; its real calls are reported). "
                    "Budgets a solver cannot honour (odd NFE for heun) are skipped with the reason in the report.")
-@click.option("--n", "n", type=int, default=256, show_default=True, help="Samples per run (same noise for every solver).")
+@click.option("--n", "n", type=int, default=256, show_default=True,
+              help="Samples per run (same noise for every solver).")
 @click.option("--cfg", "cfg", default="1.0", show_default=True,
               help="Comma-separated classifier-free guidance scales, e.g. 1.0,1.5; each gets its own reference.")
 @click.option("--cfg-interval", default="0,1", show_default=True, help="Guidance applies for t in (lo, hi].")
