@@ -221,3 +221,42 @@ def test_unconditional_model_refuses_guidance(tmp_path):
     gm = GaussianMixture.random((2,), 3, classes=0, seed=1)
     with pytest.raises(bench.ConfigError, match="unconditional"):
         bench.run_bench(_model(gm, "u", (-4, 4)), ["euler"], [2], 4, [1.5], out=tmp_path, progress=False)
+
+
+BUNDLED = Path(bench.__file__).resolve().parent / "bundled" / "digits" / "bundle" / "bundle.json"
+
+
+@pytest.mark.skipif(not BUNDLED.is_file(), reason="the bundled digits bundle has not been exported yet")
+def test_cli_on_the_bundled_model(tmp_path, capsys):
+    main(["bench", "default", "--solvers", "euler,heun", "--nfe", "2,4", "--n", "10", "--reference", "rk4:8",
+          "--backend", "ort-cpu", "--out", str(tmp_path), "--json", "--quiet"])
+    captured = capsys.readouterr()
+    res = json.loads(captured.out)
+    assert (tmp_path / "report.md").is_file() and "wrote" in captured.err
+    assert {r["solver"] for r in res["runs"]} == {"euler", "heun"}
+    assert all("accuracy" in r and "fd" in r for r in res["runs"])  # the bundled classifier is used
+    assert res["machine"]["providers"] == ["CPUExecutionProvider"]
+
+
+def test_cli_end_to_end_on_a_checkpoint(tmp_path, capsys):
+    """`anchorflow bench` on a tiny (random) torch MLP backbone checkpoint through open_model."""
+    torch = pytest.importorskip("torch")
+    from anchorflow.trainers.backbone import MLPBackbone
+    from anchorflow.trainers.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    net = MLPBackbone((2,), num_classes=3, hidden=16, depth=1)
+    torch.nn.init.normal_(net.out.weight, std=0.5)  # the zero-initialised output layer would give v = 0
+    arch = {"type": "mlp", "state_shape": [2], "num_classes": 3, "hidden": 16, "depth": 1}
+    save_checkpoint(tmp_path / "backbone", net, {"kind": "backbone", "arch": arch,
+                                                 "data": {"name": "toy", "data_range": [-3.0, 3.0]}})
+    main(["bench", str(tmp_path / "backbone"), "--backend", "torch", "--solvers", "euler,heun", "--nfe", "2,3,4",
+          "--n", "6", "--cfg", "1.0,2.0", "--reference", "rk4:16", "--out", str(tmp_path / "out"), "--json", "--quiet"])
+    captured = capsys.readouterr()
+    res = json.loads(captured.out)
+    assert res["model"]["name"] == "toy" and res["settings"]["cfg_scales"] == [1.0, 2.0]
+    assert (tmp_path / "out" / "report.md").is_file() and "wrote" in captured.err
+    heun3 = [r for r in res["runs"] if r["solver"] == "heun" and r["nfe_requested"] == 3]
+    assert len(heun3) == 2 and all("multiple of 2" in r["skipped"] for r in heun3)
+    assert all(r["psnr"] > 0 for r in res["runs"] if "skipped" not in r)
