@@ -109,11 +109,16 @@ def backbone(data, out, steps, seed, batch, lr, ckpt_every, hidden, depth, resum
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the classifier checkpoint.")
 @click.option("--epochs", type=int, default=40, show_default=True, callback=_positive, help="Training epochs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
-def classifier(out, epochs, seed) -> None:
+@click.option("--threads", type=int, default=None, callback=_positive, help="torch CPU threads (default: torch's).")
+def classifier(out, epochs, seed, threads) -> None:
     """Train the digits evaluation classifier (a small CNN) and write its checkpoint,
     classifier.onnx (outputs logits, features) and real_stats.npz (feature mean/covariance of
     the real test digits, the Frechet-distance reference)."""
+    import torch
+
     from anchorflow.trainers.classifier import train_classifier
 
+    if threads:
+        torch.set_num_threads(threads)
     cfg = train_classifier(out, epochs=epochs, seed=seed, command=command_line())
     click.echo(f"wrote {out}: test accuracy {cfg['metrics']['test_accuracy']:.4f}")
