@@ -1,0 +1,267 @@
+"""`anchorflow verify`: one bundle, the same inputs through every available backend, one table.
+
+Per network (backbone, SideNet) on random and real inputs at batch 1, 7 and the bundle's maximum,
+and end to end: a full BA-solver sample (arXiv 2601.21542) at 7 NFE from the same noise (Euler
+for a bundle without a SideNet). Each backend x precision is compared with the reference backend
+in fp32 (:mod:`anchorflow.export.validate` statistics and tolerances). "Real" inputs are states
+of the reference's own 16-step Euler samples, noised again at several t (t = 1 noise, t = 0 data),
+so no data set and no torch is needed: with ``--backends ort-cpu`` this runs on numpy +
+onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+import numpy as np
+
+BACKEND_NAMES = ("torch", "ort-cpu", "ort-cuda", "ort-trt", "trt")
+E2E_NFE = 7
+E2E_BATCH = 4
+# End to end the per-call error is integrated over E2E_NFE steps of size <= 1 / E2E_NFE through a
+# guided field with Lipschitz factor ~ cfg scale 1.5; 10x the per-call tolerance bounds that
+# growth ((1 + 1.5 / 7)^7 ~ 3.9, times the 1.5 guidance amplification of each call's error).
+E2E_FACTOR = 10.0
+CFG_SCALE, CFG_INTERVAL = 1.5, (0.0, 0.7)
+
+
+@dataclass
+class Opened:
+    """One backend x precision, opened: the runtime's callables and what it really runs on."""
+
+    name: str
+    precision: str
+    velocity: Callable
+    sidenet: Optional[Callable]
+    providers: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.precision}"
+
+
+def open_backend(folder: Path, meta: dict, name: str, precision: str) -> Opened:
+    """Open ``name`` on a bundle; raises AnchorflowError (the reason it is unavailable)."""
+    if name == "torch":
+        return _open_torch(folder, meta, precision)
+    from ..runtime.bundle import load_bundle
+
+    b = load_bundle(folder, backend=name, allow_fallback=False, precision=precision)
+    return Opened(name, precision, b.velocity, b.sidenet, list(b.providers))
+
+
+def _open_torch(folder: Path, meta: dict, precision: str) -> Opened:
+    """The checkpoints recorded in bundle.json (paths relative to the bundle), in torch fp32."""
+    from ..errors import CheckpointError, ConfigError, MissingDependencyError
+
+    if precision != "fp32":
+        raise ConfigError("the torch backend runs the checkpoints in fp32 only")
+    if importlib.util.find_spec("torch") is None:
+        raise MissingDependencyError("torch is not installed (pip install 'anchorflow[train]')")
+    from ..trainers.checkpoint import load_checkpoint
+    from ..trainers.torch_wrappers import TorchSideNet, TorchVelocity
+
+    nets = {}
+    for name, entry in meta["networks"].items():
+        record = entry.get("checkpoint") or {}
+        path = (folder / str(record.get("path"))).resolve()
+        if not record.get("path") or not path.is_dir():
+            raise CheckpointError(f"the {name} checkpoint recorded in bundle.json ({record.get('path')}) is not there")
+        module, cfg = load_checkpoint(path)
+        if cfg.get("weights_sha256") != record.get("weights_sha256"):
+            raise CheckpointError(f"the {name} checkpoint at {path} changed since the export (weights sha256 differs)")
+        nets[name] = module
+    side = TorchSideNet(nets["sidenet"]) if "sidenet" in nets else None
+    return Opened("torch", "fp32", TorchVelocity(nets["backbone"]), side, ["torch-cpu"])
+
+
+def _runner(opened: Opened, network: str) -> Callable[[dict], np.ndarray]:
+    if network == "backbone":
+        return lambda f: np.asarray(opened.velocity(f["x"], f["t"], f["y"]))
+    return lambda f: np.asarray(opened.sidenet(f["x"], f["v"], f["t"], f["h"], f["y"]))
+
+
+def _cases(meta: dict, ref: Opened, seed: int) -> dict[str, list]:
+    """Per network: random and real cases at batch 1, 7 and the bundle's maximum rows."""
+    from ..export.onnx_export import NETS
+    from ..export.validate import PRIME_BATCH, RealData, make_cases
+    from ..runtime import solve
+
+    model = meta["model"]
+    shape, classes = tuple(model["state_shape"]), int(model["num_classes"])
+    rng = np.random.default_rng(seed)
+    y0 = rng.integers(0, classes, 256) if classes else None
+    noise = rng.standard_normal((256, *shape)).astype(np.float32)
+    x0 = solve("euler", ref.velocity, noise, 16, y=y0).x
+    real = RealData(x0, y0, ref.velocity)
+    out = {}
+    for name, entry in meta["networks"].items():
+        top = int((entry.get("batch") or {}).get("max", PRIME_BATCH))
+        out[name] = make_cases(NETS[name], shape, classes, sorted({1, min(PRIME_BATCH, top), top}), real, seed)
+    return out
+
+
+def end_to_end(opened: Opened, meta: dict, seed: int) -> np.ndarray:
+    """A full sample at E2E_NFE from fixed noise: BA-solver with a SideNet, else Euler."""
+    from ..runtime import solve, solver_names
+
+    model = meta["model"]
+    rng = np.random.default_rng(seed + 1)
+    noise = rng.standard_normal((E2E_BATCH, *model["state_shape"])).astype(np.float32)
+    classes, null = int(model["num_classes"]), model.get("null_label")
+    y = np.arange(E2E_BATCH, dtype=np.int64) % classes if classes else None
+    guided = dict(cfg_scale=CFG_SCALE, cfg_interval=CFG_INTERVAL, null_label=null) if y is not None and null is not None else {}
+    method = "ba" if opened.sidenet is not None and "ba" in solver_names() else "euler"
+    return solve(method, opened.velocity, noise, E2E_NFE, y=y, sidenet=opened.sidenet, **guided).x
+
+
+def e2e_name(meta: dict) -> str:
+    from ..runtime import solver_names
+
+    has_side = meta["networks"].get("sidenet") is not None
+    return f"e2e {'ba' if has_side and 'ba' in solver_names() else 'euler'}@{E2E_NFE}"
+
+
+@dataclass
+class VerifyReport:
+    reference: str
+    reports: list = field(default_factory=list)  # validate.NetworkReport
+    unavailable: dict[str, str] = field(default_factory=dict)
+    providers: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.reports)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference, "passed": self.passed, "unavailable": self.unavailable,
+                "providers": self.providers,
+                "comparisons": [{"network": r.network, "backend": r.runtime, "precision": r.precision,
+                                 **r.as_dict()} for r in self.reports]}
+
+
+def _tolerance(precision: str, atol: Optional[float], rtol: Optional[float], factor: float = 1.0) -> Any:
+    from ..export.validate import TOLERANCES
+
+    tol = TOLERANCES[precision]
+    tol = replace(tol, atol=tol.atol if atol is None else atol, rtol=tol.rtol if rtol is None else rtol)
+    return replace(tol, atol=tol.atol * factor)
+
+
+def _pick_reference(folder: Path, meta: dict, backends: list[str], reference: Optional[str],
+                    report: VerifyReport) -> Opened:
+    from ..errors import AnchorflowError, ConfigError
+
+    choices = [reference] if reference else (["torch", "ort-cpu"] if "torch" in backends else ["ort-cpu"])
+    for name in choices:
+        try:
+            return open_backend(folder, meta, name, "fp32")
+        except AnchorflowError as exc:
+            report.unavailable[f"{name}/fp32"] = str(exc)
+    raise ConfigError(f"the reference backend ({' or '.join(choices)}) is unavailable: "
+                      + "; ".join(report.unavailable.values()))
+
+
+def verify_bundle(path: str | Path, backends: list[str], precisions: list[str], reference: Optional[str] = None,
+                  atol: Optional[float] = None, rtol: Optional[float] = None, seed: int = 0,
+                  progress: bool = True) -> VerifyReport:
+    """Compare every backend x precision with the reference (fp32); see the module docstring."""
+    from tqdm import tqdm
+
+    from ..errors import AnchorflowError
+    from ..export.validate import Case, NetworkReport, compare, run_report
+    from ..runtime.bundle import find_bundle, read_meta
+
+    folder = find_bundle(path)
+    meta = read_meta(folder)
+    report = VerifyReport(reference or "")
+    ref = _pick_reference(folder, meta, backends, reference, report)
+    report.reference = ref.name
+    cases = _cases(meta, ref, seed)
+    refs = {n: [_runner(ref, n)(c.feeds) for c in cs] for n, cs in cases.items()}
+    ref_e2e = end_to_end(ref, meta, seed)
+    todo = [(b, p) for b in backends for p in precisions if not (b == ref.name and p == "fp32")]
+    for name, precision in tqdm(todo, desc="verify", disable=not progress, leave=False):
+        try:
+            opened = open_backend(folder, meta, name, precision)
+        except AnchorflowError as exc:
+            report.unavailable[f"{name}/{precision}"] = str(exc)
+            continue
+        report.providers[opened.label] = opened.providers
+        tol = _tolerance(precision, atol, rtol)
+        for net, cs in cases.items():
+            report.reports.append(run_report(net, precision, name, ref.name, cs, refs[net], _runner(opened, net), tol))
+        e2e = NetworkReport(e2e_name(meta), precision, name, ref.name, _tolerance(precision, atol, rtol, E2E_FACTOR))
+        e2e.results.append((Case("noise", E2E_BATCH, {}), compare(end_to_end(opened, meta, seed), ref_e2e, e2e.tolerance)))
+        report.reports.append(e2e)
+    return report
+
+
+def _split(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    from ..errors import ConfigError
+
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise ConfigError(f"{what} takes a comma list of {', '.join(allowed)}; got {text!r}")
+    return values
+
+
+@click.command("verify")
+@click.argument("bundle")
+@click.option("--backends", default=",".join(BACKEND_NAMES), show_default=True,
+              help="Comma list of backends to compare; unavailable ones are listed with the reason.")
+@click.option("--reference", type=click.Choice(["torch", "ort-cpu"]), default=None,
+              help="Reference backend (fp32). Default: torch when it is in --backends and usable, else ort-cpu.")
+@click.option("--precision", "precisions", default="fp32", show_default=True,
+              help="Comma list of bundle variants to check: fp32, fp16, bf16.")
+@click.option("--atol", type=float, default=None,
+              help="Override the tolerance (default per precision: fp32 max abs 1e-4; fp16 / bf16 mean abs 2e-3 / "
+                   "1.6e-2; end to end 10x).")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance added to --atol (default 0).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the inputs and the start noise.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def verify(bundle, backends, reference, precisions, atol, rtol, seed, as_json) -> None:
+    """Parity test BUNDLE across backends: per network and end to end (BA-solver, 7 NFE).
+
+    BUNDLE is a bundle folder, a model root with bundle/ inside, or `default`. Prints max / mean /
+    p99 absolute and relative errors against the reference and the smallest atol that would
+    pass; exits with status 1 when any comparison fails. The torch backend needs the checkpoints
+    recorded in bundle.json and torch; it is skipped with the reason otherwise.
+
+    \b
+    Examples:
+      anchorflow verify default
+      anchorflow verify runs/bundle --backends ort-cpu --precision fp32,fp16
+    """
+    import json
+    import sys
+
+    from ..export.validate import format_table, report_rows
+    from ..modelref import resolve
+
+    result = verify_bundle(resolve(bundle), _split(backends, BACKEND_NAMES, "--backends"),
+                           _split(precisions, ("fp32", "fp16", "bf16"), "--precision"), reference, atol, rtol, seed)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        click.echo(_text(result, format_table, report_rows))
+    if not result.passed:
+        sys.exit(1)
+
+
+def _text(result: VerifyReport, format_table: Callable, report_rows: Callable) -> str:
+    cols = ("network", "runtime", "precision", "cases", "max_abs", "mean_abs", "p99_abs", "max_rel", "mean_rel",
+            "p99_rel", "needed_atol", "tolerance", "result")
+    lines = [f"reference: {result.reference} (fp32)"]
+    lines += [f"  {label}: {', '.join(p)}" for label, p in result.providers.items()]
+    lines.append(format_table(report_rows(result.reports), cols) if result.reports else "nothing to compare")
+    for label, why in result.unavailable.items():
+        lines.append(f"unavailable {label}: {why}")
+    fails = [r.failure() for r in result.reports if not r.passed]
+    lines.append("FAILED: " + "; ".join(fails) if fails else ("all comparisons passed" if result.reports else ""))
+    return "\n".join(line for line in lines if line)

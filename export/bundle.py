@@ -1,0 +1,313 @@
+"""Export a backbone (+ SideNet) checkpoint to a validated ONNX bundle folder.
+
+``export_bundle(model, out, ...)`` writes ``bundle.json`` (schema ``anchorflow.bundle/1``),
+``backbone.onnx``, ``sidenet.onnx`` and reduced-precision variants (``*.fp16.onnx``...). Per
+network: torch reference outputs (NaN/Inf refused), ``torch.onnx.export``, ``onnx.checker``,
+onnxslim clean-up kept only if parity holds, onnxruntime-vs-torch parity (fp32 max abs error
+<= 1e-4), variants checked against torch fp32, then metadata in bundle.json AND in every ONNX
+file's ``metadata_props`` (JSON strings; a file cannot carry its own sha256, which bundle.json
+holds). The folder appears whole or not at all: everything is written into a temporary sibling
+and renamed over ``out`` only after every check passed, so a failure leaves an old bundle intact.
+Time convention: t = 1 noise, t = 0 data (BA-solver, arXiv 2601.21542).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from .. import __version__
+from .._deps import require
+from .._io import atomic_dir, sha256_file, write_bytes, write_json
+from ..errors import AnchorflowError, CheckpointError, ConfigError
+from ..runtime.bundle import BUNDLE_JSON, SCHEMA, TIME_CONVENTION
+from .cleanup import CleanupReport, clean
+from .onnx_export import BACKBONE, DEFAULT_OPSET, SIDENET, NetSpec, export_onnx
+from .precision import convert, parse_precisions, variant_file
+from .validate import (
+    Case, NetworkReport, RealData, batches_for, check_graph, make_cases, onnx_reference_runner,
+    ort_runner, reference_outputs, run_report, torch_runner,
+)
+
+DEFAULT_MAX_BATCH = 64
+REAL_POOL = 512  # data samples drawn for the real validation inputs
+REFERENCE_MAX_BATCH = 7  # onnx.reference (pure python) only sees batches up to this size
+
+
+@dataclass
+class NetJob:
+    """One network to export: its spec, torch module, checkpoint config and folder."""
+
+    spec: NetSpec
+    module: Any
+    config: dict
+    path: Path
+
+
+@dataclass
+class Options:
+    opset: int = DEFAULT_OPSET
+    precisions: tuple[str, ...] = ("fp32", "fp16")
+    max_batch: int = DEFAULT_MAX_BATCH
+    validate: bool = True
+
+
+# -- sources ---------------------------------------------------------------------------------
+def resolve_sources(model: str | os.PathLike, sidenet: Optional[str | os.PathLike] = None
+                    ) -> tuple[Path, Optional[Path], Optional[Path]]:
+    """(backbone checkpoint, SideNet checkpoint or None, default output folder or None) for MODEL:
+    ``default``, a model root (backbone/, sidenet/ inside; output root/bundle) or a backbone
+    checkpoint folder (with ``sidenet``, or a sibling sidenet/ folder)."""
+    from ..modelref import locate
+
+    files = locate(model)
+    if files.backbone is None:
+        raise CheckpointError(f"{model} has no backbone checkpoint to export (only a bundle); give the model root "
+                              "or the backbone checkpoint folder")
+    side = Path(sidenet) if sidenet is not None else files.sidenet
+    default_out = files.root / "bundle" if files.backbone == files.root / "backbone" else None
+    return files.backbone, side, default_out
+
+
+def load_jobs(backbone_dir: Path, sidenet_dir: Optional[Path]) -> list[NetJob]:
+    """Load both checkpoints (the SideNet is checked against its backbone's identity)."""
+    from ..trainers.checkpoint import load_checkpoint
+
+    backbone, cfg = load_checkpoint(backbone_dir, kind="backbone")
+    jobs = [NetJob(BACKBONE, backbone, cfg, backbone_dir)]
+    if sidenet_dir is not None:
+        from ..trainers.sidenet import load_sidenet
+
+        side = load_sidenet(sidenet_dir, cfg)
+        jobs.append(NetJob(SIDENET, side, side.checkpoint_config, sidenet_dir))
+    return jobs
+
+
+def model_info(backbone: Any, config: dict) -> dict[str, Any]:
+    """bundle.json's ``model``: what a sampler needs to know about the backbone."""
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    return {
+        "name": data.get("name") or config.get("name") or "model",
+        "state_shape": [int(s) for s in backbone.state_shape],
+        "num_classes": int(backbone.num_classes),
+        "null_label": int(backbone.null_label),
+        "data_range": list(data.get("data_range", [-1.0, 1.0])),
+    }
+
+
+def real_data(job: NetJob, info: dict) -> tuple[RealData, str]:
+    """Real inputs: the data set's test split when it loads, else samples of the model itself
+    (16 Euler steps from noise) standing in for data."""
+    from ..trainers.torch_wrappers import TorchVelocity
+
+    velocity = TorchVelocity(job.module)
+    rng = np.random.default_rng(1)
+    try:
+        from ..trainers.data import load_dataset
+
+        x0, y0 = load_dataset(info["name"], "test")
+        idx = rng.permutation(len(x0))[:REAL_POOL]
+        return RealData(x0[idx], y0[idx], velocity), f"{info['name']} test split"
+    except AnchorflowError:  # unknown / download-only data set, or no scikit-learn: use model samples
+        from ..runtime import solve
+
+        y0 = rng.integers(0, info["num_classes"], REAL_POOL)
+        noise = rng.standard_normal((REAL_POOL, *info["state_shape"])).astype(np.float32)
+        x0 = solve("euler", velocity, noise, 16, y=y0).x
+        return RealData(x0, y0, velocity), "model samples (16 Euler steps) standing in for data"
+
+
+# -- one network -----------------------------------------------------------------------------
+def _checkpoint_record(job: NetJob, out: Path) -> dict[str, Any]:
+    cfg = job.config
+    training = {k: v for k, v in (cfg.get("training") or {}).items() if k != "loss_log"}
+    path = job.path.resolve()
+    rel = os.path.relpath(path, out.resolve()) if path.parent == out.resolve().parent else str(path)
+    record = {"path": rel, "kind": cfg.get("kind"), "weights_sha256": cfg.get("weights_sha256"),
+              "arch": cfg.get("arch"), "data": cfg.get("data"), "param_count": cfg.get("param_count"),
+              "training": training}
+    if job.spec is SIDENET:
+        record["backbone"] = cfg.get("backbone")
+    return record
+
+
+def _fp32_parity(job: NetJob, cases: list[Case], refs: list[np.ndarray], keep: dict) -> Callable[[Any], str]:
+    """parity(model) -> '' or the failure line; the last report is kept in ``keep['report']``."""
+    def parity(model: Any) -> str:
+        report = run_report(job.spec.name, "fp32", "ort-cpu", "torch", cases, refs, ort_runner(model, job.spec.output))
+        keep["report"] = report
+        return report.failure()
+
+    return parity
+
+
+def _variant_report(job: NetJob, model: Any, precision: str, cases: list[Case], refs: list[np.ndarray]) -> NetworkReport:
+    """Variant vs torch fp32: on onnxruntime CPU, or onnx.reference where ORT has no kernels (bf16)."""
+    out = job.spec.output
+    try:
+        return run_report(job.spec.name, precision, "ort-cpu", "torch fp32", cases, refs, ort_runner(model, out))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's NOT_IMPLEMENTED for ops of this type
+        why = str(exc).strip().splitlines()[0][:200]
+    small = [(c, r) for c, r in zip(cases, refs) if c.batch <= REFERENCE_MAX_BATCH]
+    report = run_report(job.spec.name, precision, "onnx.reference", "torch fp32", [c for c, _ in small],
+                        [r for _, r in small], onnx_reference_runner(model, out))
+    report.note = f"ORT CPU cannot run it ({why}); checked with onnx.reference on batches <= {REFERENCE_MAX_BATCH}"
+    return report
+
+
+def _metadata(model: Any, job: NetJob, precision: str, shared: dict, entry: dict) -> Any:
+    """Copy of ``model`` with the bundle metadata as JSON strings in ``metadata_props``."""
+    import json
+
+    onnx = require("onnx")
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    props = {
+        "anchorflow.schema": SCHEMA, "anchorflow.network": job.spec.name, "anchorflow.precision": precision,
+        "anchorflow.time_convention": TIME_CONVENTION, "anchorflow.model": json.dumps(shared["model"]),
+        "anchorflow.io": json.dumps({k: entry[k] for k in ("inputs", "outputs", "batch")}),
+        "anchorflow.checkpoint": json.dumps(entry["checkpoint"]), "anchorflow.versions": json.dumps(shared["versions"]),
+    }
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    model.producer_name, model.producer_version = "anchorflow", __version__
+    return model
+
+
+def _save(model: Any, folder: Path, file: str) -> dict[str, Any]:
+    write_bytes(folder / file, model.SerializeToString())
+    return {"file": file, "sha256": sha256_file(folder / file), "bytes": (folder / file).stat().st_size}
+
+
+def export_network(job: NetJob, folder: Path, opts: Options, shared: dict, real: Optional[RealData],
+                   step: Callable[[str], None]) -> dict[str, Any]:
+    """Export, check, clean, validate and save one network (+ variants); returns its bundle.json entry."""
+    spec, info = job.spec, shared["model"]
+    shape, classes = tuple(info["state_shape"]), info["num_classes"]
+    cases, refs = [], []
+    if opts.validate:
+        cases = make_cases(spec, shape, classes, batches_for(spec, opts.max_batch), real)
+        refs = reference_outputs(spec.name, torch_runner(job.module, spec), cases)
+    step(f"{spec.name}: torch.onnx.export")
+    model = export_onnx(job.module, spec, shape, classes, max_batch=opts.max_batch, opset=opts.opset)
+    check_graph(model, spec.name)
+    step(f"{spec.name}: clean-up + parity")
+    keep: dict = {}
+    parity = _fp32_parity(job, cases, refs, keep) if opts.validate else (lambda m: "")
+    model, cleanup = clean(model, (cases[0].feeds if cases else _feeds_b1(spec, shape, classes)), parity)
+    if opts.validate and (not cleanup.kept or "report" not in keep):
+        parity(model)
+    report: Optional[NetworkReport] = keep.get("report")
+    if report is not None and not report.passed:
+        raise CheckpointError(f"export refused: {report.failure()}; nothing was written")
+    entry = {"file": spec.file, **spec.signature(shape), "batch": spec.batch_range(opts.max_batch),
+             "checkpoint": _checkpoint_record(job, shared["out"]), "cleanup": cleanup.as_dict(),
+             "validation": report.as_dict() if report else {"skipped": "--no-validate"}}
+    variants = {}
+    for precision in opts.precisions[1:]:
+        step(f"{spec.name}: {precision}")
+        variants[precision] = _variant(job, model, precision, cases, refs, opts)
+    step(f"{spec.name}: write")
+    entry.update(_save(_metadata(model, job, "fp32", shared, entry), folder, spec.file))
+    entry["precisions"] = {}
+    for precision, (vmodel, vreport) in variants.items():
+        saved = _save(_metadata(vmodel, job, precision, shared, entry), folder, variant_file(spec.file, precision))
+        entry["precisions"][precision] = {**saved, "validation": vreport}
+    return entry
+
+
+def _variant(job: NetJob, model: Any, precision: str, cases: list[Case], refs: list[np.ndarray],
+             opts: Options) -> tuple[Any, dict]:
+    vmodel = convert(model, precision)
+    check_graph(vmodel, f"{job.spec.name} {precision}")
+    if not opts.validate:
+        return vmodel, {"skipped": "--no-validate"}
+    report = _variant_report(job, vmodel, precision, cases, refs)
+    if not report.passed:
+        raise CheckpointError(f"export refused: {report.failure()}; drop --precision {precision} or retrain; "
+                              "nothing was written")
+    return vmodel, report.as_dict()
+
+
+def _feeds_b1(spec: NetSpec, shape: tuple[int, ...], classes: int) -> dict[str, np.ndarray]:
+    from .onnx_export import random_inputs
+
+    return random_inputs(spec, shape, classes, 1, np.random.default_rng(0))
+
+
+# -- the bundle ------------------------------------------------------------------------------
+def versions(opset: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"anchorflow": __version__, "python": platform.python_version(), "opset": opset}
+    for name in ("torch", "onnx", "onnxruntime", "onnxscript", "onnxslim"):
+        try:
+            out[name] = require(name).__version__
+        except Exception:  # noqa: BLE001 - a version we cannot read is recorded as missing
+            out[name] = None
+    return out
+
+
+def export_bundle(model: str | os.PathLike, out: Optional[str | os.PathLike] = None, *,
+                  sidenet: Optional[str | os.PathLike] = None, opset: int = DEFAULT_OPSET,
+                  precisions: Sequence[str] = ("fp32", "fp16"), max_batch: int = DEFAULT_MAX_BATCH,
+                  validate: bool = True, progress: bool = True, command: Optional[str] = None) -> dict[str, Any]:
+    """Export MODEL (see :func:`resolve_sources`) to the bundle folder ``out``; returns bundle.json.
+
+    ``max_batch``: samples per solve the bundle must serve (backbone rows up to 2x, SideNet 6x).
+    ``precisions``: fp32 always, plus fp16 / bf16 variants. Raises CheckpointError when a check
+    fails; ``out`` is then left as it was.
+    """
+    tqdm = require("tqdm").tqdm
+    backbone_dir, sidenet_dir, default_out = resolve_sources(model, sidenet)
+    if out is None and default_out is None:
+        raise ConfigError(f"give --out: {model} is a checkpoint folder, not a model root with backbone/ inside")
+    out = Path(out) if out is not None else default_out
+    opts = Options(opset, tuple(parse_precisions(precisions)), int(max_batch), validate)
+    BACKBONE.batch_range(opts.max_batch)  # refuses max_batch < 1 before any work
+    jobs = load_jobs(backbone_dir, sidenet_dir)
+    info = model_info(jobs[0].module, jobs[0].config)
+    real, real_note = real_data(jobs[0], info) if validate else (None, None)
+    shared = {"model": info, "versions": versions(opts.opset), "out": out}
+    start = time.perf_counter()
+    total = len(jobs) * (3 + len(opts.precisions) - 1)
+    with tqdm(total=total, desc="export", disable=not progress, leave=False) as bar:
+        def step(what: str) -> None:
+            bar.set_description(what)
+            bar.update(1)
+
+        with atomic_dir(out) as tmp:
+            networks = {job.spec.name: export_network(job, tmp, opts, shared, real, step) for job in jobs}
+            meta = bundle_meta(info, networks, opts, real_note, command, time.perf_counter() - start)
+            meta["versions"] = shared["versions"]
+            write_json(tmp / BUNDLE_JSON, meta)
+            _publishable(tmp)
+    return meta
+
+
+def _publishable(folder: Path) -> None:
+    """Temporary folders and files are created 0700 / 0600; give the bundle ordinary modes (umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~mask)
+
+
+def bundle_meta(info: dict, networks: dict, opts: Options, real_note: Optional[str], command: Optional[str],
+                seconds: float) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "model": info,
+        "time_convention": TIME_CONVENTION,
+        "networks": networks,
+        "precisions": list(opts.precisions),
+        "export": {
+            "exporter": "torch.onnx.export(dynamo=True)", "opset": opts.opset, "max_batch": opts.max_batch,
+            "validated": opts.validate, "real_inputs": real_note, "command": command,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(seconds, 2),
+        },
+    }
