@@ -55,6 +55,12 @@ def sincos_pos_embed(dim: int, grid: int) -> np.ndarray:
     return np.concatenate([one_axis(dim // 2, gy), one_axis(dim // 2, gx)], axis=1).astype(np.float32)
 
 
+def split_mods(mods: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """(B, n*D) -> n tensors (B, D); plain indexing (``chunk`` exports a Split that opset 17 rejects)."""
+    mods = mods.reshape(mods.shape[0], n, -1)
+    return [mods[:, i] for i in range(n)]
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: x (B, N, D) normalised elsewhere; shift/scale (B, D)."""
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
@@ -91,7 +97,7 @@ class DiTBlock(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
+        sh1, sc1, g1, sh2, sc2, g2 = split_mods(self.ada(c), 6)
         x = x + g1[:, None, :] * self.attn(modulate(self.norm1(x), sh1, sc1))
         return x + g2[:, None, :] * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
@@ -106,7 +112,7 @@ class FinalLayer(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.ada(c).chunk(2, dim=-1)
+        shift, scale = split_mods(self.ada(c), 2)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 

@@ -90,6 +90,8 @@ class _Run:
 
 def _check_resume(out: Path, s: BackboneTrainSettings) -> dict:
     """The saved config, after checking it is a resumable run of the same data/seed/batch/arch."""
+    if not out.is_dir():
+        raise ConfigError(f"--resume: {out} does not exist, so there is no run to continue; drop --resume to start one")
     cfg = read_config(out)
     if not (out / STATE_TENSORS).is_file() or not (out / STATE_JSON).is_file():
         raise ConfigError(f"{out} has no resume state ({STATE_TENSORS}); it cannot be resumed")

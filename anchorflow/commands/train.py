@@ -55,8 +55,9 @@ def command_line() -> str:
 
 
 def _positive(ctx: click.Context, param: click.Parameter, value):
+    """Refuse non-positive counts with a one-line error (exit status 1 through anchorflow.cli.main)."""
     if value is not None and value <= 0:
-        raise click.BadParameter(f"must be positive, got {value}")
+        raise ConfigError(f"--{param.name.replace('_', '-')} must be a positive integer, got {value}")
     return value
 
 
