@@ -117,18 +117,27 @@ def feature_stats(net: DigitsCNN, x: torch.Tensor) -> dict[str, np.ndarray]:
     return {"mu": f.mean(axis=0), "sigma": np.cov(f, rowvar=False), "n": np.array(f.shape[0])}
 
 
-def export_onnx(net: DigitsCNN, sample: torch.Tensor) -> bytes:
-    """ONNX bytes of x -> (logits, features) with a dynamic batch axis, checked against torch."""
+def export_onnx(net: DigitsCNN, sample: torch.Tensor, opset: int = 18) -> bytes:
+    """ONNX bytes of x -> (logits, features) with a dynamic batch axis, checked against torch.
+
+    Uses the same exporter as the bundles (``torch.onnx.export(dynamo=True)``).
+    """
+    import contextlib
+    import warnings
+
     ort = require("onnxruntime")
-    buf = io.BytesIO()
-    torch.onnx.export(_LogitsAndFeatures(net).eval(), (sample,), buf, input_names=["x"],
-                      output_names=["logits", "features"], opset_version=17, dynamo=False,
-                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
-    data = buf.getvalue()
+    wrapper = _LogitsAndFeatures(net).eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, (sample,), None, input_names=["x"], output_names=["logits", "features"],
+                                    dynamo=True, dynamic_shapes={"x": {0: batch}}, opset_version=opset,
+                                    external_data=False, verbose=False)
+    data = program.model_proto.SerializeToString()
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     logits, feats = sess.run(None, {"x": sample.numpy()})
     with torch.no_grad():
-        ref_logits, ref_feats = _LogitsAndFeatures(net).eval()(sample)
+        ref_logits, ref_feats = wrapper(sample)
     err = max(np.abs(logits - ref_logits.numpy()).max(), np.abs(feats - ref_feats.numpy()).max())
     if not err <= ONNX_TOL:
         raise RuntimeError(f"classifier ONNX export differs from torch by {err:.2e} (> {ONNX_TOL})")
