@@ -36,7 +36,7 @@ class BackboneTrainSettings:
     steps: int = 6000
     seed: int = 0
     batch: int = 128
-    lr: float = 5e-4
+    lr: float = 6e-4
     warmup: int = 200
     weight_decay: float = 0.0
     ema_decay: float = 0.999

@@ -77,7 +77,7 @@ def train() -> None:
 @click.option("--steps", type=int, default=6000, show_default=True, callback=_positive, help="Optimizer steps.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, batches and noise.")
 @click.option("--batch", type=int, default=128, show_default=True, callback=_positive, help="Batch size.")
-@click.option("--lr", type=float, default=5e-4, show_default=True, help="Peak AdamW learning rate (warm-up, cosine).")
+@click.option("--lr", type=float, default=6e-4, show_default=True, help="Peak AdamW learning rate (warm-up, cosine).")
 @click.option("--ckpt-every", type=int, default=500, show_default=True, callback=_positive,
               help="Write a checkpoint (and resume state) every N steps.")
 @click.option("--hidden", type=int, default=None, callback=_positive, help="Override the width (DiT: 128, MLP: 256).")
