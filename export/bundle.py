@@ -50,6 +50,14 @@ class NetJob:
     path: Path
 
 
+@dataclass(frozen=True)
+class BundleExport:
+    """What :func:`export_bundle` wrote: the bundle folder and its bundle.json."""
+
+    path: Path
+    meta: dict
+
+
 @dataclass
 class Options:
     opset: int = DEFAULT_OPSET
@@ -254,8 +262,8 @@ def versions(opset: int) -> dict[str, Any]:
 def export_bundle(model: str | os.PathLike, out: Optional[str | os.PathLike] = None, *,
                   sidenet: Optional[str | os.PathLike] = None, opset: int = DEFAULT_OPSET,
                   precisions: Sequence[str] = ("fp32", "fp16"), max_batch: int = DEFAULT_MAX_BATCH,
-                  validate: bool = True, progress: bool = True, command: Optional[str] = None) -> dict[str, Any]:
-    """Export MODEL (see :func:`resolve_sources`) to the bundle folder ``out``; returns bundle.json.
+                  validate: bool = True, progress: bool = True, command: Optional[str] = None) -> BundleExport:
+    """Export MODEL (see :func:`resolve_sources`) to the bundle folder ``out``.
 
     ``max_batch``: samples per solve the bundle must serve (backbone rows up to 2x, SideNet 6x).
     ``precisions``: fp32 always, plus fp16 / bf16 variants. Raises CheckpointError when a check
@@ -275,9 +283,12 @@ def export_bundle(model: str | os.PathLike, out: Optional[str | os.PathLike] = N
     start = time.perf_counter()
     total = len(jobs) * (3 + len(opts.precisions) - 1)
     with tqdm(total=total, desc="export", disable=not progress, leave=False) as bar:
-        def step(what: str) -> None:
+        phases: list[str] = []
+
+        def step(what: str) -> None:  # a phase is counted when the next one starts
+            bar.update(1 if phases else 0)
+            phases.append(what)
             bar.set_description(what)
-            bar.update(1)
 
         with atomic_dir(out) as tmp:
             networks = {job.spec.name: export_network(job, tmp, opts, shared, real, step) for job in jobs}
@@ -285,7 +296,8 @@ def export_bundle(model: str | os.PathLike, out: Optional[str | os.PathLike] = N
             meta["versions"] = shared["versions"]
             write_json(tmp / BUNDLE_JSON, meta)
             _publishable(tmp)
-    return meta
+            bar.update(1)
+    return BundleExport(out, meta)
 
 
 def _publishable(folder: Path) -> None:

@@ -97,10 +97,11 @@ def make_session(path: str | os.PathLike, backend: str = "auto", allow_fallback:
     backend = resolve_backend(backend)
     path = Path(path)
     cache = Path(cache_dir) if cache_dir is not None else path.parent / ORT_TRT_CACHE
+    opts, providers = session_options(threads), _providers(backend, cache)
     try:
-        session = ort.InferenceSession(str(path), session_options(threads), providers=_providers(backend, cache))
+        session = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail / NotImplemented / InvalidGraph types
-        msg = str(exc).strip().splitlines()[0][:300]
+        msg = _short(str(exc))
         raise BackendError(f"onnxruntime cannot run {path.name} on {backend}: {msg}; try another --precision "
                            "or backend (bf16 graphs need a GPU backend)") from None
     wanted, got = BACKENDS[backend][0], session.get_providers()
@@ -114,6 +115,12 @@ def make_session(path: str | os.PathLike, backend: str = "auto", allow_fallback:
         warnings.warn(f"backend {backend} unavailable ({why}); falling back to {got[0]}", BackendFallbackWarning,
                       stacklevel=2)
     return session
+
+
+def _short(message: str, head: int = 120, tail: int = 200) -> str:
+    """onnxruntime messages embed C++ signatures; keep the start and the (telling) end."""
+    message = " ".join(message.split())
+    return message if len(message) <= head + tail else f"{message[:head]} ... {message[-tail:]}"
 
 
 class _OrtNet:

@@ -43,10 +43,10 @@ def export(model, out, sidenet, opset, precisions, max_batch, no_validate) -> No
     """
     from ..export.bundle import export_bundle
 
-    meta = export_bundle(model, out, sidenet=sidenet, opset=opset, precisions=precisions, max_batch=max_batch,
-                         validate=not no_validate, command="anchorflow " + " ".join(sys.argv[1:]))
-    target = out or "the model's bundle/ folder"
-    click.echo(f"wrote {target} in {meta['export']['seconds']:.1f} s")
+    result = export_bundle(model, out, sidenet=sidenet, opset=opset, precisions=precisions, max_batch=max_batch,
+                           validate=not no_validate, command="anchorflow " + " ".join(sys.argv[1:]))
+    meta = result.meta
+    click.echo(f"wrote {result.path} in {meta['export']['seconds']:.1f} s")
     for name, entry in meta["networks"].items():
         click.echo(_network_lines(name, entry))
 
