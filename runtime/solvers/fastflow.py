@@ -137,6 +137,11 @@ def fastflow(
     a fresh one from ``mu`` / ``arms`` / ``gamma`` / ``seed``), ``tail`` (last steps always
     computed, >= 1). A bandit without mu runs this generation fully computed and calibrates
     ``mu = max_k mse_k / T`` (stored only when ``learn``). mu = 0 never skips (plain Euler).
+
+    ``Result.info``: ``calls`` (computed steps), per-step lists ``computed``, ``arms`` (the arm
+    chosen after step k, None where no choice was made) and ``mse`` (extrapolation error at each
+    computed step k >= 2), ``skip_hist`` {arm: decisions} (0 = no skip), ``rewards``
+    [[k, arm, reward], ...], ``mu``, ``calibration``, ``calibrated_mu``, ``learned``.
     """
     T = len(grid) - 1
     if isinstance(tail, bool) or not isinstance(tail, (int, np.integer)) or not 1 <= tail <= T:
