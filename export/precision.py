@@ -93,9 +93,8 @@ def to_low(model: Any, precision: str) -> Any:
     graph = model.graph
     if any(node.op_type in _CONTROL_FLOW for node in graph.node):
         raise ConfigError(f"{precision} conversion does not handle control flow (If/Loop/Scan); export fp32 only")
-    _route_outputs_through_casts(graph)
-    del graph.value_info[:]
-    types = _elem_types(onnx.shape_inference.infer_shapes(model, strict_mode=True).graph)
+    types = _elem_types(model)
+    _route_outputs_through_casts(graph, types)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     blocked = time_embedding_nodes(graph) | {
         n.name for n in graph.node
@@ -105,7 +104,8 @@ def to_low(model: Any, precision: str) -> Any:
     low_init = _low_initializers(graph, blocked)
     _insert_casts(graph, types, blocked, low_init, low_t)
     _store_low(graph, low_init, precision)
-    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    del graph.value_info[:]  # stale float32 entries; onnxruntime and TensorRT infer the rest
+    return onnx.shape_inference.infer_shapes(model)
 
 
 def _named(model: Any) -> Any:
@@ -143,19 +143,38 @@ def _converts(node: Any, blocked: set[str]) -> bool:
     return node.name not in blocked and node.op_type not in _NEUTRAL
 
 
-def _elem_types(graph: Any) -> dict[str, int]:
-    """Element type of every tensor; refuses a graph where inference left a node output untyped."""
+def _elem_types(model: Any) -> dict[str, int]:
+    """Element type of every tensor of the fp32 graph. onnx's inference leaves some outputs untyped
+    (e.g. GroupNormalization-21 in onnx 1.23); those follow the op schema's type variable."""
+    onnx = require("onnx")
+    graph = onnx.shape_inference.infer_shapes(model).graph
     vis = list(graph.input) + list(graph.output) + list(graph.value_info)
-    types = {v.name: v.type.tensor_type.elem_type for v in vis}
+    types = {v.name: v.type.tensor_type.elem_type for v in vis if v.type.tensor_type.elem_type}
     types.update({t.name: t.data_type for t in graph.initializer})
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     for node in graph.node:
-        for out in node.output:
+        for j, out in enumerate(node.output):
             if out and out not in types:
-                raise ConfigError(f"precision conversion: the type of {out!r} ({node.op_type}) could not be inferred")
+                types[out] = _schema_output_type(node, j, types, opset)
     return types
 
 
-def _route_outputs_through_casts(graph: Any) -> None:
+def _schema_output_type(node: Any, j: int, types: dict[str, int], opset: int) -> int:
+    """Output j's type from an input that shares its type variable in the op's schema."""
+    onnx = require("onnx")
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
+        formal = schema.outputs[min(j, len(schema.outputs) - 1)].type_str
+        ins = schema.inputs
+        for i, name in enumerate(node.input):
+            if name in types and ins and ins[min(i, len(ins) - 1)].type_str == formal:
+                return types[name]
+    except (onnx.defs.SchemaError, IndexError):
+        pass
+    raise ConfigError(f"precision conversion: the type of {node.output[j]!r} ({node.op_type}) could not be inferred")
+
+
+def _route_outputs_through_casts(graph: Any, types: dict[str, int]) -> None:
     """Graph output ``o`` becomes ``Cast(o__inner, to=FLOAT)`` so converted producers may write low precision."""
     onnx = require("onnx")
     float_t = onnx.TensorProto.FLOAT
@@ -163,6 +182,7 @@ def _route_outputs_through_casts(graph: Any) -> None:
         if out.type.tensor_type.elem_type != float_t:
             continue
         inner = f"{out.name}__inner"
+        types[inner] = float_t
         for node in graph.node:
             node.output[:] = [inner if o == out.name else o for o in node.output]
             node.input[:] = [inner if i == out.name else i for i in node.input]

@@ -260,3 +260,11 @@ def test_relative_error_uses_the_tensor_scale_near_zero():
     ref = np.array([0.0, 1.0, -1.0, 1.0])
     s = compare(ref + np.array([1e-6, 0, 0, 0]), ref, TOLERANCES["fp32"])
     assert s.max_rel == pytest.approx(1e-6 / (REL_FLOOR * np.sqrt(0.75)))
+
+
+def test_opset_range():
+    from anchorflow.export.onnx_export import check_opset
+
+    assert check_opset(18) == 18
+    with pytest.raises(ConfigError, match=r"--opset must lie in 18\.\.\d+"):
+        check_opset(17)  # the dynamo exporter's down-conversion breaks Split there

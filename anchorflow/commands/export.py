@@ -17,7 +17,7 @@ from .common import positive
                    "Default: MODEL/bundle when MODEL is `default` or a model root.")
 @click.option("--sidenet", type=click.Path(exists=True, file_okay=False), default=None,
               help="SideNet checkpoint folder (default: MODEL's sidenet/ folder, if any).")
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (17 or newer).")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18 or newer; the newest this onnx knows is the limit).")
 @click.option("--precision", "precisions", multiple=True, default=("fp32", "fp16"), show_default=True,
               help="Precision variants, repeatable or comma-separated: fp32, fp16, bf16. fp32 is always "
                    "exported; fp16/bf16 graphs keep float32 inputs and outputs.")
