@@ -28,7 +28,7 @@ from .._io import atomic_dir, sha256_file, write_bytes, write_json
 from ..errors import AnchorflowError, CheckpointError, ConfigError
 from ..runtime.bundle import BUNDLE_JSON, SCHEMA, TIME_CONVENTION
 from .cleanup import CleanupReport, clean
-from .onnx_export import BACKBONE, DEFAULT_OPSET, SIDENET, NetSpec, export_onnx
+from .onnx_export import BACKBONE, DEFAULT_OPSET, SIDENET, NetSpec, export_onnx, random_inputs
 from .precision import convert, parse_precisions, variant_file
 from .validate import (
     Case, NetworkReport, RealData, batches_for, check_graph, make_cases, onnx_reference_runner,
@@ -145,14 +145,32 @@ def _checkpoint_record(job: NetJob, out: Path) -> dict[str, Any]:
     return record
 
 
-def _fp32_parity(job: NetJob, cases: list[Case], refs: list[np.ndarray], keep: dict) -> Callable[[Any], str]:
-    """parity(model) -> '' or the failure line; the last report is kept in ``keep['report']``."""
-    def parity(model: Any) -> str:
-        report = run_report(job.spec.name, "fp32", "ort-cpu", "torch", cases, refs, ort_runner(model, job.spec.output))
-        keep["report"] = report
-        return report.failure()
+def _fp32_model(job: NetJob, opts: Options, info: dict, cases: list[Case], refs: list[np.ndarray],
+                step: Callable[[str], None]) -> tuple[Any, CleanupReport, Optional[NetworkReport]]:
+    """torch.onnx.export + onnx.checker + clean-up kept only if ORT-vs-torch parity holds; refuses a
+    graph whose parity fails either way (CheckpointError)."""
+    spec, shape, classes = job.spec, tuple(info["state_shape"]), info["num_classes"]
+    step(f"{spec.name}: torch.onnx.export")
+    model = export_onnx(job.module, spec, shape, classes, max_batch=opts.max_batch, opset=opts.opset)
+    check_graph(model, spec.name)
+    step(f"{spec.name}: clean-up + parity")
+    if not opts.validate:
+        model, cleanup = clean(model, random_inputs(spec, shape, classes, 1, np.random.default_rng(0)), lambda m: "")
+        return model, cleanup, None
+    reports: dict[int, NetworkReport] = {}
 
-    return parity
+    def parity(candidate: Any) -> str:
+        run = ort_runner(candidate, spec.output)
+        reports[id(candidate)] = run_report(spec.name, "fp32", "ort-cpu", "torch", cases, refs, run)
+        return reports[id(candidate)].failure()
+
+    model, cleanup = clean(model, cases[0].feeds, parity)
+    if id(model) not in reports:  # the clean-up was discarded: check the graph as exported
+        parity(model)
+    report = reports[id(model)]
+    if not report.passed:
+        raise CheckpointError(f"export refused: {report.failure()}; nothing was written")
+    return model, cleanup, report
 
 
 def _variant_report(job: NetJob, model: Any, precision: str, cases: list[Case], refs: list[np.ndarray]) -> NetworkReport:
@@ -201,18 +219,7 @@ def export_network(job: NetJob, folder: Path, opts: Options, shared: dict, real:
     if opts.validate:
         cases = make_cases(spec, shape, classes, batches_for(spec, opts.max_batch), real)
         refs = reference_outputs(spec.name, torch_runner(job.module, spec), cases)
-    step(f"{spec.name}: torch.onnx.export")
-    model = export_onnx(job.module, spec, shape, classes, max_batch=opts.max_batch, opset=opts.opset)
-    check_graph(model, spec.name)
-    step(f"{spec.name}: clean-up + parity")
-    keep: dict = {}
-    parity = _fp32_parity(job, cases, refs, keep) if opts.validate else (lambda m: "")
-    model, cleanup = clean(model, (cases[0].feeds if cases else _feeds_b1(spec, shape, classes)), parity)
-    if opts.validate and (not cleanup.kept or "report" not in keep):
-        parity(model)
-    report: Optional[NetworkReport] = keep.get("report")
-    if report is not None and not report.passed:
-        raise CheckpointError(f"export refused: {report.failure()}; nothing was written")
+    model, cleanup, report = _fp32_model(job, opts, info, cases, refs, step)
     entry = {"file": spec.file, **spec.signature(shape), "batch": spec.batch_range(opts.max_batch),
              "checkpoint": _checkpoint_record(job, shared["out"]), "cleanup": cleanup.as_dict(),
              "validation": report.as_dict() if report else {"skipped": "--no-validate"}}
@@ -240,12 +247,6 @@ def _variant(job: NetJob, model: Any, precision: str, cases: list[Case], refs: l
         raise CheckpointError(f"export refused: {report.failure()}; drop --precision {precision} or retrain; "
                               "nothing was written")
     return vmodel, report.as_dict()
-
-
-def _feeds_b1(spec: NetSpec, shape: tuple[int, ...], classes: int) -> dict[str, np.ndarray]:
-    from .onnx_export import random_inputs
-
-    return random_inputs(spec, shape, classes, 1, np.random.default_rng(0))
 
 
 # -- the bundle ------------------------------------------------------------------------------

@@ -38,11 +38,18 @@ class BackendFallbackWarning(UserWarning):
     """A GPU provider could not be used and the session runs on a fallback (allow_fallback=True)."""
 
 
-def session_options(threads: Optional[int] = None) -> Any:
-    """Full graph optimisation; ``threads`` intra-op threads (None: onnxruntime's default, all cores)."""
+OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                "all": "ORT_ENABLE_ALL"}
+
+
+def session_options(threads: Optional[int] = None, optimization: str = "all") -> Any:
+    """``threads`` intra-op threads (None: onnxruntime's default, one per physical core) and the
+    graph optimisation level (``all``: constant folding, fusions, layout transforms)."""
     ort = require("onnxruntime", extra=None, purpose="running ONNX bundles")
+    if optimization not in OPTIMIZATION:
+        raise ConfigError(f"unknown graph optimisation {optimization!r}; choose from {', '.join(OPTIMIZATION)}")
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION[optimization])
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
     if threads is not None:
@@ -85,7 +92,8 @@ def _providers(backend: str, cache_dir: Optional[Path]) -> list[Any]:
 
 
 def make_session(path: str | os.PathLike, backend: str = "auto", allow_fallback: bool = False, *,
-                 cache_dir: Optional[str | os.PathLike] = None, threads: Optional[int] = None) -> Any:
+                 cache_dir: Optional[str | os.PathLike] = None, threads: Optional[int] = None,
+                 optimization: str = "all") -> Any:
     """An ``onnxruntime.InferenceSession`` for the ONNX file ``path`` on ``backend``.
 
     ``cache_dir``: the TensorRT provider's engine cache (default ``<folder of path>/engines/ort-trt``).
@@ -97,7 +105,7 @@ def make_session(path: str | os.PathLike, backend: str = "auto", allow_fallback:
     backend = resolve_backend(backend)
     path = Path(path)
     cache = Path(cache_dir) if cache_dir is not None else path.parent / ORT_TRT_CACHE
-    opts, providers = session_options(threads), _providers(backend, cache)
+    opts, providers = session_options(threads, optimization), _providers(backend, cache)
     try:
         session = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail / NotImplemented / InvalidGraph types
