@@ -21,6 +21,7 @@ from ..errors import CheckpointError, ConfigError
 SCHEMA = "anchorflow.bundle/1"
 BUNDLE_JSON = "bundle.json"
 PRECISIONS = ("fp32", "fp16", "bf16")
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt")
 TIME_CONVENTION = (
     "t = 1 is noise, t = 0 is data; x_t = (1 - t) x_data + t noise; v = dx/dt ~ noise - x_data; "
     "sampling integrates from t = 1 down to t = 0. SideNet: v_hat(t - h) = v + delta, h > 0 toward data."
@@ -113,6 +114,8 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", allow_fallback: 
     ``backend``: auto | ort-cpu | ort-cuda | ort-trt (onnxruntime) | trt (cached TensorRT engines
     via :mod:`anchorflow.engines`, imported only then). ``precision``: which ONNX variant to run.
     """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     folder = find_bundle(path)
     meta = read_meta(folder)
     if backend == "trt":

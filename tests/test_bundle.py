@@ -54,6 +54,8 @@ def test_precision_variant_is_loaded_and_a_missing_one_is_refused(tiny_bundle): 
         load_bundle(tiny_bundle, backend="ort-cpu", precision="bf16")
     with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
         load_bundle(tiny_bundle, backend="ort-cpu", precision="fp8")
+    with pytest.raises(ConfigError, match="unknown backend 'torch'; choose from auto, ort-cpu, .*trt"):
+        load_bundle(tiny_bundle, backend="torch")
 
 
 @pytest.mark.parametrize("file", ["backbone.onnx", "sidenet.onnx", "backbone.fp16.onnx"])
@@ -119,3 +121,16 @@ def test_sampling_a_bundle_never_imports_torch(tiny_bundle, tmp_path, solver):  
     assert "7 backbone calls" in proc.stdout and "CPUExecutionProvider" in proc.stdout
     x = np.load(str(png) + ".npy")
     assert x.shape == (4, 1, 8, 8) and np.isfinite(x).all() and png.stat().st_size > 0
+
+
+BUNDLED = Path(__file__).resolve().parents[1] / "anchorflow" / "bundled" / "digits"
+
+
+@pytest.mark.skipif(not (BUNDLED / "bundle" / "bundle.json").is_file(), reason="the bundled bundle is not exported yet")
+def test_the_bundled_bundle_loads_and_matches_its_metadata():
+    b = load_bundle(BUNDLED, backend="ort-cpu")
+    assert b.model["name"] == "digits" and b.state_shape == (1, 8, 8) and b.sidenet is not None
+    assert b.meta["networks"]["backbone"]["validation"]["passed"]
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    v = b.velocity(x, np.ones(2, np.float32), np.array([3, 10]))
+    assert v.shape == x.shape and np.isfinite(v).all()
