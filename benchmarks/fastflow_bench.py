@@ -141,12 +141,16 @@ def run_cfg(velocity, meta, cfg: float, factors: list[float], args: argparse.Nam
 
 
 def pick_headline(out: dict) -> int:
-    """Index of the run with the fewest calls whose PSNR reaches Euler-25's (else the best PSNR)."""
-    target, runs = out["euler25"]["psnr"], out["runs"]
-    ok = [i for i, r in enumerate(runs) if r["eval"]["psnr"] >= target]
-    if ok:
-        return min(ok, key=lambda i: runs[i]["eval"]["calls"])
-    return max(range(len(runs)), key=lambda i: runs[i]["eval"]["psnr"])
+    """Index of the run with the best PSNR among those reaching the speed-up goal (else the fastest).
+
+    Choosing the best quality at >= 2.6x, rather than the fewest calls that still pass, keeps the
+    pick away from the PSNR threshold, which a 16-sample evaluation only knows to about 0.5 dB.
+    """
+    runs = out["runs"]
+    fast = [i for i, r in enumerate(runs) if T / r["eval"]["calls"] >= GOAL_SPEEDUP]
+    if fast:
+        return max(fast, key=lambda i: runs[i]["eval"]["psnr"])
+    return min(range(len(runs)), key=lambda i: runs[i]["eval"]["calls"])
 
 
 def headline(out: dict, best: dict) -> dict[str, Any]:
