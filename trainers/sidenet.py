@@ -123,8 +123,9 @@ class SideNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x, v, t, h, y):  # noqa: D401 - shapes in the class docstring
-        """x, v (B, *state_shape); t, h (B,) float; y (B,) int64 -> delta (B, *state_shape)."""
+    def forward(self, x: "torch.Tensor", v: "torch.Tensor", t: "torch.Tensor", h: "torch.Tensor",
+                y: "torch.Tensor") -> "torch.Tensor":
+        """x, v (B, *state_shape); t, h (B,) float; y (B,) int64 -> delta (B, *state_shape), 0 where h = 0."""
         cond = F.silu(self.t_embed(t) + self.h_embed(h) + self.y_embed(y))
         shape = (-1, *self.image_shape)
         a = self.conv_in(torch.cat([x.reshape(shape), v.reshape(shape)], dim=1))

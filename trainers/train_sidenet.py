@@ -210,6 +210,7 @@ def train_sidenet(backbone, x_data: torch.Tensor, y_data: torch.Tensor, out: str
 
     x_data (N, *state_shape) float32 data (the t = 0 end), y_data (N,) int64 labels. ``identity``
     describes the backbone (:func:`backbone_identity`; computed from the module when None).
+    The backbone is put in eval mode with ``requires_grad`` off and never updated.
     Writes a checkpoint to ``out`` every ``ckpt_every`` iterations and at the end.
     """
     from tqdm.auto import tqdm
