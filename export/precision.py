@@ -15,10 +15,11 @@ inputs and outputs stay float32 behind one Cast each.
 
 Why not onnxconverter-common's ``convert_float_to_float16(keep_io_types=True, op_block_list=...)``:
 it casts the output of EVERY blocked node back to fp16 (``insert_cast16_after_node``), so a chain
-of blocked nodes still passes fp16-rounded values between its links. On the DiT the chain
-``1000 t`` -> ``* freqs`` -> ``cos`` then sees arguments rounded to a spacing of 0.5: measured
-mean error 5.3e-3 against fp32, of which 4.6e-3 is explained by that rounding alone. It has no
-bf16 path either, so one pass for both keeps the rules in one place.
+of blocked nodes still passes fp16-rounded values between its links; the chain ``1000 t`` ->
+``* freqs`` -> ``cos`` then sees arguments rounded to a spacing of 0.5. Measured mean abs error
+against torch fp32 (onnxconverter-common vs this pass): trained digits SideNet 4.8e-4 vs 1.2e-4,
+trained digits DiT 1.36e-3 vs 1.28e-3, a random-weight test DiT 5.3e-3 vs 1.9e-4. It has no bf16
+path either, so one pass for both keeps the rules in one place.
 """
 
 from __future__ import annotations

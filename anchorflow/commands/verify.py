@@ -149,7 +149,7 @@ def _tolerance(precision: str, atol: Optional[float], rtol: Optional[float], fac
 
     tol = TOLERANCES[precision]
     tol = replace(tol, atol=tol.atol if atol is None else atol, rtol=tol.rtol if rtol is None else rtol)
-    return replace(tol, atol=tol.atol * factor)
+    return replace(tol, atol=tol.atol * factor, rtol=tol.rtol * factor)
 
 
 def _pick_reference(folder: Path, meta: dict, backends: list[str], reference: Optional[str],
@@ -220,9 +220,10 @@ def _split(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 @click.option("--precision", "precisions", default="fp32", show_default=True,
               help="Comma list of bundle variants to check: fp32, fp16, bf16.")
 @click.option("--atol", type=float, default=None,
-              help="Override the tolerance (default per precision: fp32 max abs 1e-4; fp16 / bf16 mean abs 2e-3 / "
-                   "1.6e-2; end to end 10x).")
-@click.option("--rtol", type=float, default=None, help="Relative tolerance added to --atol (default 0).")
+              help="Override the absolute tolerance (default per precision: fp32 max abs error 1e-4; fp16 / bf16 "
+                   "mean abs error u + 16 u |ref| with u = 2^-11 / 2^-8; end to end 10x).")
+@click.option("--rtol", type=float, default=None,
+              help="Override the relative tolerance (times |ref|, added to --atol; fp32 default 0).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the inputs and the start noise.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 def verify(bundle, backends, reference, precisions, atol, rtol, seed, as_json) -> None:
