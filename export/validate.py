@@ -105,17 +105,16 @@ def compare(out: np.ndarray, ref: np.ndarray, tol: Tolerance) -> ErrorStats:
     if problem:
         inf = float("inf")
         return ErrorStats(inf, inf, inf, inf, inf, inf, inf, False, problem)
-    err = np.abs(out - ref).ravel()
-    mag = np.abs(ref).ravel()
-    floor = REL_FLOOR * float(np.sqrt(np.mean(mag**2))) if mag.size else 0.0
-    rel = err / np.maximum(mag, max(floor, np.finfo(np.float64).tiny))
+    if out.size == 0:
+        return ErrorStats(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, True)
+    err, mag = np.abs(out - ref).ravel(), np.abs(ref).ravel()
+    floor = max(REL_FLOOR * float(np.sqrt(np.mean(mag**2))), np.finfo(np.float64).tiny)
+    rel = err / np.maximum(mag, floor)
     excess = err - tol.rtol * mag
-    needed = float(excess.max() if tol.stat == "max" else excess.mean()) if err.size else 0.0
-    needed = max(needed, 0.0)
-    q = (lambda a: float(np.quantile(a, 0.99))) if err.size else (lambda a: 0.0)
+    needed = max(float(excess.max() if tol.stat == "max" else excess.mean()), 0.0)
     return ErrorStats(
-        float(err.max(initial=0.0)), float(err.mean()) if err.size else 0.0, q(err),
-        float(rel.max(initial=0.0)), float(rel.mean()) if rel.size else 0.0, q(rel),
+        float(err.max()), float(err.mean()), float(np.quantile(err, 0.99)),
+        float(rel.max()), float(rel.mean()), float(np.quantile(rel, 0.99)),
         needed, needed <= tol.atol,
     )
 
