@@ -123,16 +123,24 @@ def export_onnx(net: DigitsCNN, sample: torch.Tensor, opset: int = 18) -> bytes:
     Uses the same exporter as the bundles (``torch.onnx.export(dynamo=True)``).
     """
     import contextlib
+    import logging
     import warnings
 
     ort = require("onnxruntime")
     wrapper = _LogitsAndFeatures(net).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
     with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapper, (sample,), None, input_names=["x"], output_names=["logits", "features"],
-                                    dynamo=True, dynamic_shapes={"x": {0: batch}}, opset_version=opset,
-                                    external_data=False, verbose=False)
+        logger.setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(wrapper, (sample,), None, input_names=["x"],
+                                        output_names=["logits", "features"],
+                                        dynamo=True, dynamic_shapes={"x": {0: batch}}, opset_version=opset,
+                                        external_data=False, verbose=False)
+        finally:
+            logger.setLevel(level)
     data = program.model_proto.SerializeToString()
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     logits, feats = sess.run(None, {"x": sample.numpy()})
