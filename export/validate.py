@@ -30,7 +30,11 @@ from .onnx_export import NetSpec, random_inputs
 REL_FLOOR = 1e-3
 BA_FRACTIONS = (0.2763932, 0.7236068, 1.0, -0.2763932)  # the BA probe offsets, in units of h
 STEP_SIZES = (1 / 5, 1 / 7, 1 / 10)  # intervals of 5-, 7- and 10-NFE uniform grids
-T_LEVELS = (0.0, 0.05, 0.2, 0.4, 0.6, 0.8, 0.95, 1.0)
+# Times at which solvers call the nets: from t = 1 (noise) down to 1/50, the last backbone call of
+# a 50-step grid. No solver calls the backbone at t = 0 (the last step ends there), where the
+# learned field is steepest: a trained digits DiT's fp16 error grows from 3 u at t = 0.05 to
+# 15 u at t = 0 (u = 2^-11), while fp32 parity is unaffected.
+T_LEVELS = (0.02, 0.05, 0.2, 0.4, 0.6, 0.8, 0.95, 1.0)
 PRIME_BATCH = 7
 
 
@@ -54,15 +58,16 @@ class Tolerance:
 #   constant) shows up at 1e-2 or more. rtol is 0: a relative criterion is ill-posed where the
 #   SideNet's delta is exactly 0 (h = 0 rows).
 # - fp16 / bf16, mean, relative: rounding errors scale with the values, so the mean error may be
-#   16 unit roundoffs u of the mean |output| (fp16 u = 2^-11, bf16 u = 2^-8), plus one u absolute
-#   for near-zero outputs. 16 ~ the rounding stages an output passes through in the 4-block DiT
-#   (4 matmuls per block); measured on a trained digits DiT and SideNet: fp16 <= 3 u, bf16 <= 9 u
-#   (relative mean error). The mean, not the max, because single rounding events dominate the max.
+#   32 unit roundoffs u of the mean |output| (fp16 u = 2^-11, bf16 u = 2^-8), plus one u absolute
+#   for near-zero outputs. Measured on the trained digits DiT: <= 3 u for t >= 0.05 and worst at
+#   the smallest solver time t = 0.02 (fp16 8 u, bf16 15 u), so 32 u is 2x the worst case, while a
+#   wrong conversion (a dropped cast, a constant in the wrong type) gives O(1) relative errors
+#   (>= 256 u). The mean, not the max, because single rounding events dominate the max.
 U_FP16, U_BF16 = 2.0**-11, 2.0**-8
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(1e-4, 0.0, "max"),
-    "fp16": Tolerance(U_FP16, 16 * U_FP16, "mean"),
-    "bf16": Tolerance(U_BF16, 16 * U_BF16, "mean"),
+    "fp16": Tolerance(U_FP16, 32 * U_FP16, "mean"),
+    "bf16": Tolerance(U_BF16, 32 * U_BF16, "mean"),
 }
 
 

@@ -33,7 +33,7 @@ def export(model, out, sidenet, opset, precisions, max_batch, no_validate) -> No
     with backbone/ and sidenet/ inside, or a backbone checkpoint folder (then give --out).
     Each network is checked with onnx.checker and run in onnxruntime against torch on random and
     real inputs at batch 1, 7 and the maximum (fp32: max abs error <= 1e-4); fp16/bf16 variants
-    are judged on mean error relative to the output (16 unit roundoffs of the format). A failed
+    are judged on mean error relative to the output (32 unit roundoffs of the format). A failed
     check leaves an existing bundle untouched.
 
     \b

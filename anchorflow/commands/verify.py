@@ -221,7 +221,7 @@ def _split(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
               help="Comma list of bundle variants to check: fp32, fp16, bf16.")
 @click.option("--atol", type=float, default=None,
               help="Override the absolute tolerance (default per precision: fp32 max abs error 1e-4; fp16 / bf16 "
-                   "mean abs error u + 16 u |ref| with u = 2^-11 / 2^-8; end to end 10x).")
+                   "mean abs error u + 32 u |ref| with u = 2^-11 / 2^-8; end to end 10x).")
 @click.option("--rtol", type=float, default=None,
               help="Override the relative tolerance (times |ref|, added to --atol; fp32 default 0).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the inputs and the start noise.")
