@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from .._deps import require
 from .._io import atomic_dir, read_json, sha256_file, write_json
-from ..errors import CheckpointError
+from ..errors import AnchorflowError, CheckpointError
 
 FORMAT = "anchorflow.checkpoint/1"
 WEIGHTS = "model.safetensors"
@@ -88,7 +88,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None, verify_hash: bool
         raise CheckpointError(f"{path}: unknown checkpoint kind {cfg['kind']!r}")
     try:
         module = BUILDERS[cfg["kind"]](cfg["arch"])
-    except (TypeError, ValueError, KeyError) as exc:
+    except (TypeError, ValueError, KeyError, AnchorflowError) as exc:
         raise CheckpointError(f"{path / CONFIG}: bad architecture entry ({exc})") from None
     try:
         state = st.load_file(str(weights))
