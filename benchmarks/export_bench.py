@@ -1,7 +1,7 @@
 """Export cost and what it buys: ONNX Runtime (CPU) vs the torch sampler on the same weights.
 
-Measures, for the bundled digits model (``anchorflow/bundled/digits``; when its checkpoints are
-not there yet, a stand-in of the same architecture -- default DiT + SideNet sized by
+Measures, for the bundled digits model (``anchorflow/bundled/digits``; a checkpoint that is not
+there yet is replaced by a stand-in of the same architecture -- default DiT, SideNet sized by
 ``sidenet_arch`` -- with random weights, which runs exactly as fast):
 
 * export: wall time of ``export_bundle`` (fp32 + fp16, validation included) and bundle size;
@@ -40,30 +40,44 @@ NFE, CFG, INTERVAL = 7, 1.5, (0.0, 0.7)
 
 
 def model_root(tmp: Path) -> tuple[Path, str]:
-    """The bundled model root, or a same-architecture stand-in with random weights."""
-    root = BUNDLED / DEFAULT_NAME
-    if (root / "backbone" / "config.json").is_file() and (root / "sidenet" / "config.json").is_file():
-        return root, "bundled digits model (trained weights)"
+    """The bundled model root; missing parts are replaced by same-architecture stand-ins with
+    random weights (which run exactly as fast as trained ones)."""
+    import shutil
+
     import torch
 
     from anchorflow.trainers.backbone import DiT, default_arch
-    from anchorflow.trainers.checkpoint import read_config, save_checkpoint
+    from anchorflow.trainers.checkpoint import load_checkpoint, read_config, save_checkpoint
     from anchorflow.trainers.data import dataset_info
     from anchorflow.trainers.sidenet import SideNet, backbone_identity, sidenet_arch
 
+    bundled, root = BUNDLED / DEFAULT_NAME, tmp / "model"
+    have = {n: (bundled / n / "config.json").is_file() for n in ("backbone", "sidenet")}
+    if all(have.values()):
+        return bundled, "bundled digits model (trained backbone and SideNet)"
     torch.manual_seed(0)
-    arch = default_arch((1, 8, 8), 10)
-    backbone = DiT(**{k: v for k, v in arch.items() if k != "type"})
-    side = SideNet(sidenet_arch(backbone))
-    with torch.no_grad():  # wake the zero-initialised output layers (speed is unaffected)
-        for p in [*backbone.parameters(), *side.parameters()]:
-            p.add_(0.02 * torch.randn_like(p))
     data = dataset_info("digits").meta()
-    root = tmp / "standin"
-    save_checkpoint(root / "backbone", backbone, {"kind": "backbone", "arch": arch, "data": data})
+    if have["backbone"]:
+        shutil.copytree(bundled / "backbone", root / "backbone")
+        backbone = load_checkpoint(root / "backbone")[0]
+    else:
+        arch = default_arch((1, 8, 8), 10)
+        backbone = DiT(**{k: v for k, v in arch.items() if k != "type"})
+        _wake(torch, backbone)
+        save_checkpoint(root / "backbone", backbone, {"kind": "backbone", "arch": arch, "data": data})
+    side = SideNet(sidenet_arch(backbone))
+    _wake(torch, side)
     identity = backbone_identity(backbone, read_config(root / "backbone"))
     save_checkpoint(root / "sidenet", side, {"kind": "sidenet", "arch": side.arch, "backbone": identity, "data": data})
-    return root, "stand-in: default DiT + SideNet architecture, random weights (bundled checkpoints not present)"
+    what = "trained bundled backbone" if have["backbone"] else "stand-in default DiT (random weights)"
+    return root, f"{what} + stand-in SideNet of the default size (random weights; bundled one not present)"
+
+
+def _wake(torch, module) -> None:
+    """Random weights in the zero-initialised output layers (speed is unaffected)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.02 * torch.randn_like(p))
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
