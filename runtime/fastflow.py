@@ -107,7 +107,10 @@ class FastFlowBandit:
             with a calibrated mu (rewards ~ 1e-4) the bonus then dwarfs every reward and the
             bandits keep exploring round-robin (see benchmarks/results/fastflow.md).
         mu: reward per skipped step; None: calibrated by the first (fully computed) generation
-            as ``max_k mse_k / T``. mu = 0 disables skipping.
+            as ``mu_factor * max_k mse_k / T``. mu = 0 disables skipping.
+        mu_factor: scales the calibrated mu (1 = the paper's rule). The calibrated rule is
+            cautious: on the digits model 10-30 gives 3-3.6x fewer calls at a PSNR above
+            Euler-25 (benchmarks/results/fastflow.md).
         seed: seeds the tie-breaking generator (its state is saved with the bandit).
 
     Arrays: ``Q`` (T, A) float64 running mean rewards, ``N`` (T, A) int64 pull counts, A = len(arms).
@@ -124,6 +127,7 @@ class FastFlowBandit:
         mu: Optional[float] = None,
         seed: int = 0,
         bonus: str = "mu",
+        mu_factor: float = 1.0,
     ) -> None:
         if bonus not in BONUS_UNITS:
             raise ConfigError(f"bonus must be one of {BONUS_UNITS}, got {bonus!r}")
@@ -137,6 +141,9 @@ class FastFlowBandit:
         self.gamma = float(gamma)
         self.bonus = bonus
         self.mu = _check_mu(mu)
+        if not (isinstance(mu_factor, (int, float)) and math.isfinite(mu_factor) and mu_factor > 0):
+            raise ConfigError(f"mu_factor must be a finite number > 0, got {mu_factor!r}")
+        self.mu_factor = float(mu_factor)
         self.seed = int(seed)
         self.rng = np.random.default_rng(self.seed)
         self.Q = np.zeros((int(T), len(self.arms)))
@@ -201,6 +208,7 @@ class FastFlowBandit:
             "gamma": self.gamma,
             "bonus": self.bonus,
             "mu": self.mu,
+            "mu_factor": self.mu_factor,
             "seed": self.seed,
             "generations": self.generations,
             "Q": self.Q.tolist(),
@@ -272,7 +280,8 @@ def _parse_state(d: Any, source: str) -> FastFlowBandit:
     try:
         key = d["key"]
         bandit = FastFlowBandit(int(key["T"]), key["grid"], model_id=str(key["model_id"]), arms=d["arms"],
-                                gamma=d["gamma"], mu=d["mu"], seed=int(d["seed"]), bonus=d["bonus"])
+                                gamma=d["gamma"], mu=d["mu"], seed=int(d["seed"]), bonus=d["bonus"],
+                                mu_factor=d["mu_factor"])
         bandit.generations = int(d["generations"])
         bandit.rng.bit_generator.state = d["rng"]
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
@@ -339,10 +348,10 @@ def update_file(
     return bandit
 
 
-def _check_settings(bandit: FastFlowBandit, path: Any, arms: Any, gamma: Any, mu: Any) -> None:
-    """A state file's arms, gamma and mu are part of what it learned; refuse different ones."""
-    asked = {"arms": None if arms is None else _check_arms(arms), "gamma": gamma, "mu": mu}
-    held = {"arms": bandit.arms, "gamma": bandit.gamma, "mu": bandit.mu}
+def _check_settings(bandit: FastFlowBandit, path: Any, arms: Any, gamma: Any, mu: Any, mu_factor: Any) -> None:
+    """A state file's arms, gamma and mu (factor) are part of what it learned; refuse different ones."""
+    asked = {"arms": None if arms is None else _check_arms(arms), "gamma": gamma, "mu": mu, "mu_factor": mu_factor}
+    held = {"arms": bandit.arms, "gamma": bandit.gamma, "mu": bandit.mu, "mu_factor": bandit.mu_factor}
     for name, value in asked.items():
         if value is not None and held[name] is not None and (
             value != held[name] if name == "arms" else float(value) != held[name]
@@ -372,6 +381,7 @@ def run_with_state(
     arms: Optional[Sequence[int]] = None,
     gamma: Optional[float] = None,
     mu: Optional[float] = None,
+    mu_factor: Optional[float] = None,
     seed: int = 0,
     learn: bool = True,
     **solve_kwargs: Any,
@@ -379,8 +389,9 @@ def run_with_state(
     """Sample one batch with FastFlow using (and updating) a persistent bandit state file.
 
     Loads ``state_path`` under its lock (or starts a fresh bandit; with ``mu`` None the first
-    generation calibrates mu), solves without holding the lock, then merges this generation's
-    rewards into the file's latest state under the lock, so concurrent processes all count.
+    generation calibrates mu, times ``mu_factor``), solves without holding the lock, then merges
+    this generation's rewards into the file's latest state under the lock, so concurrent
+    processes all count.
     ``model_id`` names the backbone; the guidance setting is added to it (see
     :func:`guided_model_id`), so one file never mixes guided fields. ``solve_kwargs`` go to
     :func:`anchorflow.runtime.solve` (y, cfg_scale, tail, ...). Returns its :class:`Result`.
@@ -395,17 +406,18 @@ def run_with_state(
 
     def fresh() -> FastFlowBandit:
         return FastFlowBandit(T, t_grid, model_id=model_id, arms=DEFAULT_ARMS if arms is None else arms,
-                              gamma=DEFAULT_GAMMA if gamma is None else gamma, mu=mu, seed=seed)
+                              gamma=DEFAULT_GAMMA if gamma is None else gamma, mu=mu, seed=seed,
+                              mu_factor=1.0 if mu_factor is None else mu_factor)
 
     with state_lock(state_path):
         bandit = FastFlowBandit.load(state_path, key=key) if Path(state_path).exists() else fresh()
-    _check_settings(bandit, state_path, arms, gamma, mu)
+    _check_settings(bandit, state_path, arms, gamma, mu, mu_factor)
     result = solve("fastflow", velocity, noise, T, grid=t_grid, bandit=bandit, learn=learn, **solve_kwargs)
     if learn:
         rng_state = bandit.rng.bit_generator.state
 
         def apply(latest: FastFlowBandit) -> None:
-            _check_settings(latest, state_path, arms, gamma, mu)
+            _check_settings(latest, state_path, arms, gamma, mu, mu_factor)
             latest.merge(result.info, rng_state)
 
         update_file(state_path, apply, key=key, create=fresh)

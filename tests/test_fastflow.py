@@ -227,6 +227,18 @@ def test_mismatched_state_refused(mixture, tmp_path):
     assert FastFlowBandit.load(path).generations == 1  # refusals changed nothing
 
 
+def test_mu_factor_scales_calibration_and_is_part_of_the_state(mixture, tmp_path):
+    plain = solve("fastflow", mixture, _noise(3), T, y=_labels())
+    path = tmp_path / "s.json"
+    run_with_state(mixture, _noise(3), T, path, "m", y=_labels(), mu_factor=20.0)
+    # the same fully computed generation, so the same max mse: exactly 20 times the plain rule
+    assert FastFlowBandit.load(path).mu == pytest.approx(20.0 * plain.info["calibrated_mu"], rel=1e-12)
+    with pytest.raises(StateFileError, match="mu_factor"):
+        run_with_state(mixture, _noise(4), T, path, "m", y=_labels(), mu_factor=5.0)
+    with pytest.raises(ConfigError, match="mu_factor"):
+        FastFlowBandit(T, mu_factor=0.0)
+
+
 def test_run_with_state_calibrates_then_learns(mixture, tmp_path):
     path = tmp_path / "s.json"
     first = run_with_state(mixture, _noise(0), T, path, "m", y=_labels())

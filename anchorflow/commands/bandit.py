@@ -27,12 +27,13 @@ def summarize(b: Any) -> dict[str, Any]:
     ]
     return {
         "model_id": b.key.model_id, "T": b.T, "grid_sha256": b.key.grid_sha256, "arms": list(b.arms),
-        "gamma": b.gamma, "bonus": b.bonus, "mu": b.mu, "generations": b.generations, "steps": steps,
+        "gamma": b.gamma, "bonus": b.bonus, "mu": b.mu, "mu_factor": b.mu_factor, "generations": b.generations, "steps": steps,
     }
 
 
 def _text(s: dict[str, Any]) -> str:
     mu = "not calibrated yet" if s["mu"] is None else f"{s['mu']:.4g}"
+    mu += "" if s["mu_factor"] == 1.0 else f" (calibrated x {s['mu_factor']:g})"
     lines = [
         f"model      {s['model_id'] or '(none)'}",
         f"grid       T = {s['T']} (sha256 {s['grid_sha256'][:12]}...)",

@@ -136,7 +136,7 @@ def fastflow(
     Options: ``bandit`` (a :class:`FastFlowBandit` for this grid, updated when ``learn``; None:
     a fresh one from ``mu`` / ``arms`` / ``gamma`` / ``seed``), ``tail`` (last steps always
     computed, >= 1). A bandit without mu runs this generation fully computed and calibrates
-    ``mu = max_k mse_k / T`` (stored only when ``learn``). mu = 0 never skips (plain Euler).
+    ``mu = mu_factor * max_k mse_k / T`` (stored only when ``learn``). mu = 0 never skips (plain Euler).
 
     ``Result.info``: ``calls`` (computed steps), per-step lists ``computed``, ``arms`` (the arm
     chosen after step k, None where no choice was made) and ``mse`` (extrapolation error at each
@@ -159,7 +159,7 @@ def fastflow(
             run.computed_step(k, t, v, mu or 0.0)
             skip = run.decide(k, bandit)
         x = x + (t_next - t) * v
-    calibrated = calibrated_mu(run.mse, T) if mu is None else None
+    calibrated = bandit.mu_factor * calibrated_mu(run.mse, T) if mu is None else None
     if learn:
         bandit.merge({"calibrated_mu": calibrated, "rewards": run.rewards})
     return SolverOutput(x, _records(grid, run), _info(run, mu, calibrated, learn))
