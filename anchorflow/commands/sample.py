@@ -26,11 +26,13 @@ from .common import BACKENDS, positive
               help="Which of the bundle's ONNX variants to run.")
 @click.option("--bandit-state", type=click.Path(dir_okay=False), default=None,
               help="fastflow: JSON file the bandit learns into across invocations (created if missing).")
+@click.option("--mu-factor", type=float, default=None,
+              help="fastflow: scales the calibrated speed/accuracy trade-off mu (the benchmark finds 10-30 best).")
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
               help="Sample grid PNG to write.")
 @click.option("--npy", type=click.Path(dir_okay=False), default=None, help="Also save the raw samples as .npy.")
 def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, backend, allow_fallback,
-           precision, bandit_state, out, npy) -> None:
+           precision, bandit_state, mu_factor, out, npy) -> None:
     """Generate N samples from MODEL with SOLVER in NFE backbone calls and write a PNG grid.
 
     MODEL is `default` (the bundled digits model), a model folder or an exported bundle. On a
@@ -51,8 +53,11 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, b
     from .common import make_labels, parse_interval
 
     spec = get_solver(solver)
-    if bandit_state and solver != "fastflow":
-        raise ConfigError("--bandit-state only applies to --solver fastflow")
+    if (bandit_state or mu_factor is not None) and solver != "fastflow":
+        raise ConfigError("--bandit-state and --mu-factor only apply to --solver fastflow")
+    if solver == "fastflow" and not bandit_state:
+        click.echo("note: without --bandit-state FastFlow cannot learn across runs; this run is its calibration "
+                   "pass (every step computed)", err=True)
     m = open_model(model, backend=backend, allow_fallback=allow_fallback, precision=precision,
                    need_sidenet=spec.needs_sidenet)
     meta = m.meta
@@ -63,7 +68,8 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, b
     if solver == "fastflow" and bandit_state:
         from ..runtime.fastflow import run_with_state
 
-        res = run_with_state(m.velocity, noise, nfe, bandit_state, meta["model_id"], **kwargs)
+        extra = {} if mu_factor is None else {"mu_factor": mu_factor}
+        res = run_with_state(m.velocity, noise, nfe, bandit_state, meta["model_id"], **extra, **kwargs)
     else:
         res = solve(solver, m.velocity, noise, nfe, **kwargs)
     lo, hi = meta.get("data_range", [-1.0, 1.0])
