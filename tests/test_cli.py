@@ -53,7 +53,7 @@ def test_help_is_torch_free(args):
         (["sample", "default", "--solver", "nope"], "unknown solver"),
         (["sample", "default", "--solver", "heun", "--nfe", "5"], "multiple of 2"),
         (["sample", "default", "--labels", "42"], "--labels"),
-        (["sample", "default", "--solver", "euler", "--bandit-state", "x.json"], "only applies"),
+        (["sample", "default", "--solver", "euler", "--bandit-state", "x.json"], "only apply"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(args, words, tmp_path):
