@@ -28,12 +28,15 @@ TOL_LAYOUT = 1e-5
 TOL_EXACT = 1e-10
 
 TINY = {"width": 8, "cond_dim": 16, "freq_dim": 16, "groups": 4, "heads": 2, "blocks": 2}
+# the full-resolution body (paper) and the patchified one (space-to-depth stem, one ResBlock)
+BODIES = {"full": {}, "patch2": {"patch": 2, "blocks": 1}}
 
 
-def make_sidenet(state_shape=(1, 4, 4), classes=3, seed=0, trained_like=True) -> SideNet:
+def make_sidenet(state_shape=(1, 4, 4), classes=3, seed=0, trained_like=True, body="full") -> SideNet:
     """A small SideNet; ``trained_like`` gives the zero-initialised output layer random weights."""
     torch.manual_seed(seed)
-    net = SideNet({**TINY, "state_shape": list(state_shape), "num_classes": classes, "null_label": classes})
+    net = SideNet({**TINY, **BODIES[body], "state_shape": list(state_shape), "num_classes": classes,
+                   "null_label": classes})
     if trained_like:
         torch.nn.init.normal_(net.conv_out.weight, std=0.3)
         torch.nn.init.normal_(net.conv_out.bias, std=0.3)
@@ -50,9 +53,10 @@ def inputs(b, state_shape=(1, 4, 4), classes=3, seed=1, h_scale=0.3):
     return x, v, t, h, y
 
 
-@pytest.mark.parametrize("state_shape", [(1, 4, 4), (3, 2, 6), (2,)])
-def test_untrained_sidenet_is_exactly_zero(state_shape):
-    net = make_sidenet(state_shape, trained_like=False)
+@pytest.mark.parametrize("state_shape,body", [((1, 4, 4), "full"), ((3, 2, 6), "full"), ((2,), "full"),
+                                              ((1, 4, 4), "patch2"), ((3, 2, 6), "patch2")])
+def test_untrained_sidenet_is_exactly_zero(state_shape, body):
+    net = make_sidenet(state_shape, trained_like=False, body=body)
     x, v, t, h, y = inputs(6, state_shape)
     with torch.no_grad():
         delta = net(100 * x, 100 * v, t, h, y)
@@ -60,16 +64,18 @@ def test_untrained_sidenet_is_exactly_zero(state_shape):
     assert torch.count_nonzero(delta) == 0
 
 
-def test_zero_offset_gives_exactly_zero_for_any_weights():
-    net = make_sidenet()
+@pytest.mark.parametrize("body", BODIES)
+def test_zero_offset_gives_exactly_zero_for_any_weights(body):
+    net = make_sidenet(body=body)
     x, v, t, _, y = inputs(5)
     with torch.no_grad():
         assert torch.count_nonzero(net(x, v, t, torch.zeros(5), y)) == 0
         assert torch.count_nonzero(net(x, v, t, torch.full((5,), 0.1), y)) > 0  # the net is not trivially zero
 
 
-def test_batched_per_sample_offsets_equal_separate_calls():
-    net = make_sidenet()
+@pytest.mark.parametrize("body", BODIES)
+def test_batched_per_sample_offsets_equal_separate_calls(body):
+    net = make_sidenet(body=body)
     x, v, t, h, y = inputs(7)
     with torch.no_grad():
         batched = net(x, v, t, h, y)
@@ -100,12 +106,47 @@ def test_bad_architecture_is_refused():
         SideNet({**DEFAULTS, "width": 10, "state_shape": [1, 4, 4], "num_classes": 2, "null_label": 2})
     with pytest.raises(ConfigError, match="ratio"):
         sidenet_arch(DiT((1, 4, 4), num_classes=2, hidden=16, depth=1, heads=2), ratio=2.0)
+    for patch in (3, 0, 2.0):  # 3 does not divide 4 x 4
+        with pytest.raises(ConfigError, match="patch"):
+            SideNet({**DEFAULTS, "patch": patch, "state_shape": [1, 4, 4], "num_classes": 2, "null_label": 2})
 
 
-def test_onnx_export_with_dynamic_batch_matches_torch(tmp_path):
+def test_patch_body_runs_on_the_coarse_grid_and_unpatchifies_exactly():
+    """patch 2 on 8 x 8: the body (attention included) runs on 4 x 4 positions, and depth-to-space
+    puts output channel k of patch (i, j) at pixel (2i + k // 2, 2j + k % 2): with zero weights and a
+    unit bias on channel k, delta (h = 1) is exactly 1 on those pixels and 0 elsewhere."""
+    net = make_sidenet((1, 8, 8), classes=10, body="patch2", trained_like=False)
+    assert net.attn.hw == (4, 4) and net.conv_in.in_channels == 8 and net.conv_out.out_channels == 4
+    x, v, t, _, y = inputs(2, (1, 8, 8), 10)
+    for k in range(4):
+        with torch.no_grad():
+            net.conv_out.bias.zero_()
+            net.conv_out.bias[k] = 1.0
+            delta = net(x, v, t, torch.ones(2), y)
+        lit = torch.zeros(8, 8)
+        lit[k // 2::2, k % 2::2] = 1.0
+        assert torch.equal(delta, lit.expand_as(delta))
+
+
+def test_default_arch_without_patch_key_loads_old_checkpoints(tmp_path):
+    """Checkpoints written before the ``patch`` option have no such key: they build the same
+    full-resolution net and load bit-exactly."""
+    from anchorflow.trainers.checkpoint import load_checkpoint
+
+    net = make_sidenet((1, 8, 8), classes=10)
+    old_arch = {k: v for k, v in net.arch.items() if k != "patch"}
+    save_checkpoint(tmp_path / "old", net, {"kind": "sidenet", "arch": old_arch})
+    loaded, _ = load_checkpoint(tmp_path / "old", kind="sidenet")
+    assert loaded.patch == 1
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_onnx_export_with_dynamic_batch_matches_torch(tmp_path, body):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    net = make_sidenet((1, 8, 8), classes=10)
+    net = make_sidenet((1, 8, 8), classes=10, body=body)
     batch = torch.export.Dim("batch", min=1)
     torch.onnx.export(net, inputs(3, (1, 8, 8), 10), str(tmp_path / "s.onnx"),
                       input_names=["x", "v", "t", "h", "y"], output_names=["delta"],

@@ -27,7 +27,7 @@ nn = torch.nn
 F = torch.nn.functional
 
 # Arch defaults (the digits SideNet); ``sidenet_arch`` fills in the backbone's facts and a width.
-DEFAULTS = {"width": 16, "cond_dim": 32, "blocks": 2, "groups": 4, "heads": 2, "freq_dim": 32}
+DEFAULTS = {"width": 16, "cond_dim": 32, "blocks": 2, "groups": 4, "heads": 2, "freq_dim": 32, "patch": 1}
 RATIO = 0.015  # SideNet size / backbone size; the paper: 1-2 % (6M next to a 675M SiT-XL/2)
 TIME_SCALE = 1000.0  # t and h in [-1, 1] are scaled before the sinusoidal embedding (as in DiT)
 
@@ -96,7 +96,10 @@ class SideNet(nn.Module):
     Args:
         arch: dict with ``state_shape`` ((C, H, W) or (D,)), ``num_classes``, ``null_label`` and
             the widths ``width``, ``cond_dim``, ``blocks`` (ResBlocks, attention in the middle),
-            ``groups`` (GroupNorm), ``heads``, ``freq_dim`` (see :data:`DEFAULTS`).
+            ``groups`` (GroupNorm), ``heads``, ``freq_dim`` and ``patch`` (see :data:`DEFAULTS`).
+            ``patch`` p > 1 runs the body on an (H/p, W/p) grid: space-to-depth stem (p x p pixels ->
+            p^2 channels, like the backbone's patchify) and depth-to-space head -- a deviation from
+            the paper's full-resolution body, for cost (see benchmarks/overhead.py).
     """
 
     def __init__(self, arch: dict) -> None:
@@ -110,16 +113,17 @@ class SideNet(nn.Module):
         width, cond, groups = int(arch["width"]), int(arch["cond_dim"]), int(arch["groups"])
         if width % groups:
             raise ConfigError(f"SideNet width {width} must be divisible by groups {groups}")
+        self.patch = p = _patch(arch, hgt, wid)
         self.t_embed = ScalarEmbed(int(arch["freq_dim"]), cond)
         self.h_embed = ScalarEmbed(int(arch["freq_dim"]), cond)
         self.y_embed = nn.Embedding(self.num_classes + 1, cond)
-        self.conv_in = nn.Conv2d(2 * c, width, 3, padding=1)
+        self.conv_in = nn.Conv2d(2 * c * p * p, width, 3, padding=1)
         n = int(arch["blocks"])
         self.blocks = nn.ModuleList(ResBlock(width, cond, groups) for _ in range(n))
         self.mid = n // 2
-        self.attn = SelfAttention(width, groups, int(arch["heads"]), (hgt, wid))
+        self.attn = SelfAttention(width, groups, int(arch["heads"]), (hgt // p, wid // p))
         self.norm_out = nn.GroupNorm(groups, width)
-        self.conv_out = nn.Conv2d(width, c, 3, padding=1)
+        self.conv_out = nn.Conv2d(width, c * p * p, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -128,7 +132,8 @@ class SideNet(nn.Module):
         """x, v (B, *state_shape); t, h (B,) float; y (B,) int64 -> delta (B, *state_shape), 0 where h = 0."""
         cond = F.silu(self.t_embed(t) + self.h_embed(h) + self.y_embed(y))
         shape = (-1, *self.image_shape)
-        a = self.conv_in(torch.cat([x.reshape(shape), v.reshape(shape)], dim=1))
+        a = torch.cat([x.reshape(shape), v.reshape(shape)], dim=1)
+        a = self.conv_in(F.pixel_unshuffle(a, self.patch) if self.patch > 1 else a)
         for i, block in enumerate(self.blocks):
             if i == self.mid:
                 a = self.attn(a)
@@ -136,6 +141,7 @@ class SideNet(nn.Module):
         if self.mid == len(self.blocks):
             a = self.attn(a)
         f = self.conv_out(F.silu(self.norm_out(a)))
+        f = F.pixel_shuffle(f, self.patch) if self.patch > 1 else f
         return (h.to(f.dtype).reshape(-1, 1, 1, 1) * f).reshape(x.shape)
 
 
@@ -145,6 +151,14 @@ def _image_shape(state_shape: tuple[int, ...]) -> tuple[int, int, int]:
     if len(state_shape) == 1:
         return (state_shape[0], 1, 1)
     raise ConfigError(f"SideNet needs a backbone state of shape (C, H, W) or (D,), got {state_shape}")
+
+
+def _patch(arch: dict, hgt: int, wid: int) -> int:
+    p = arch.get("patch", 1)
+    if not isinstance(p, int) or isinstance(p, bool) or p < 1 or hgt % p or wid % p:
+        raise ConfigError(f"SideNet patch must be a positive integer dividing the state's height and width "
+                          f"({hgt} x {wid}), got {p!r}; use 1 (full resolution) or e.g. 2")
+    return p
 
 
 def count_params(module: Any) -> int:
