@@ -93,6 +93,40 @@ def save_grid(
     return path
 
 
+def save_labeled_rows(
+    rows: "dict[str, np.ndarray]",
+    path: str | os.PathLike,
+    data_range: Sequence[float] = (-1.0, 1.0),
+    upscale: Optional[int] = None,
+    pad: int = 2,
+) -> Path:
+    """One PNG with a row of images per entry of ``rows``, its label written on the left (pillow only).
+
+    Args:
+        rows: label -> images (N, H, W) or (N, C, H, W); every row shows the same N.
+        path: the PNG file to write (atomically).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    strips = [grid_array(_as_nhwc(to_uint8(x, data_range)), len(x), pad, upscale) for x in rows.values()]
+    width = max(s.shape[1] for s in strips)
+    font = ImageFont.load_default()
+    label_w = 8 + max(int(ImageDraw.Draw(Image.new("L", (1, 1))).textlength(k, font=font)) for k in rows)
+    height = sum(s.shape[0] for s in strips)
+    canvas = Image.new("RGB", (label_w + width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for label, strip in zip(rows, strips):
+        tile = Image.fromarray(strip[..., 0] if strip.shape[-1] == 1 else strip).convert("RGB")
+        canvas.paste(tile, (label_w, y))
+        draw.text((4, y + strip.shape[0] // 2 - 6), label, fill=(0, 0, 0), font=font)
+        y += strip.shape[0]
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return path
+
+
 # -- matplotlib figures (lazy) ----------------------------------------------------------------
 def _figure(ncols: int, width: float = 4.5, height: float = 3.6):
     """A matplotlib Figure with ``ncols`` panels, made without pyplot (no global state, Agg)."""
