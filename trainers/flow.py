@@ -9,7 +9,9 @@ learning-rate schedule, and (de)serialising the optimizer state without pickles.
 from __future__ import annotations
 
 import copy
+import json
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -97,3 +99,49 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+
+
+class ResumableRun:
+    """Shared resume state of a training run (no pickles).
+
+    Subclasses set ``kind`` (the checkpoint kind) and create ``model``, ``ema``, ``opt`` and
+    ``gen`` in ``__init__``, then call :meth:`_reset_counters`. ``state_bytes`` gives the two
+    files saved beside the checkpoint (``train_state.safetensors``: raw weights, optimizer
+    tensors, RNG state; ``train_state.json``: step, optimizer hyper-parameters, wall time);
+    ``restore`` reads them back so a resumed run continues bit for bit.
+    """
+
+    kind: str = ""
+
+    def _reset_counters(self) -> None:
+        self.step, self.wall_s, self.loss_log = 0, 0.0, []
+
+    def state_bytes(self) -> tuple[bytes, bytes]:
+        from safetensors.torch import save
+
+        tensors, opt_meta = optimizer_tensors(self.opt)
+        tensors.update({f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()})
+        tensors["rng"] = self.gen.get_state()
+        meta = {"step": self.step, "wall_s": self.wall_s, "ema_updates": self.ema.updates,
+                "loss_log": self.loss_log, "optimizer": opt_meta}
+        return save(tensors), (json.dumps(meta) + "\n").encode()
+
+    def restore(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        from .._io import read_json
+        from .checkpoint import load_checkpoint
+
+        tensors = load_file(str(folder / STATE_TENSORS))
+        meta = read_json(folder / STATE_JSON)
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.ema.module, _ = load_checkpoint(folder, kind=self.kind)
+        self.ema.module.requires_grad_(False)
+        self.ema.updates = int(meta["ema_updates"])
+        load_optimizer_tensors(self.opt, tensors, meta["optimizer"])
+        self.gen.set_state(tensors["rng"])
+        self.step, self.wall_s, self.loss_log = int(meta["step"]), float(meta["wall_s"]), meta["loss_log"]

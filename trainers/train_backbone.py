@@ -8,24 +8,19 @@ Time convention: t = 1 noise, t = 0 data.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save
 
-from .._io import read_json
 from ..errors import ConfigError
 from .backbone import build_backbone, default_arch, param_count
-from .checkpoint import load_checkpoint, read_config, save_checkpoint
+from .checkpoint import read_config, save_checkpoint
 from .data import dataset_info, load_dataset
-from .flow import EMA, flow_matching_loss, load_optimizer_tensors, lr_at, optimizer_tensors
+from .flow import EMA, STATE_JSON, STATE_TENSORS, ResumableRun, flow_matching_loss, lr_at
 
-STATE_TENSORS = "train_state.safetensors"
-STATE_JSON = "train_state.json"
 
 
 @dataclass
@@ -55,8 +50,10 @@ class BackboneTrainSettings:
             raise ConfigError("label dropout and EMA decay must lie in [0, 1)")
 
 
-class _Run:
+class _Run(ResumableRun):
     """Mutable state of a training run: model, EMA, optimizer, generator, counters."""
+
+    kind = "backbone"
 
     def __init__(self, s: BackboneTrainSettings) -> None:
         info = dataset_info(s.data)
@@ -66,26 +63,7 @@ class _Run:
         self.ema = EMA(self.model, s.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         self.gen = torch.Generator().manual_seed(s.seed)
-        self.step, self.wall_s, self.loss_log = 0, 0.0, []
-
-    def state_bytes(self) -> tuple[bytes, bytes]:
-        tensors, opt_meta = optimizer_tensors(self.opt)
-        tensors.update({f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()})
-        tensors["rng"] = self.gen.get_state()
-        meta = {"step": self.step, "wall_s": self.wall_s, "ema_updates": self.ema.updates,
-                "loss_log": self.loss_log, "optimizer": opt_meta}
-        return save(tensors), (json.dumps(meta) + "\n").encode()
-
-    def restore(self, folder: Path) -> None:
-        tensors = load_file(str(folder / STATE_TENSORS))
-        meta = read_json(folder / STATE_JSON)
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.ema.module, _ = load_checkpoint(folder, kind="backbone")
-        self.ema.module.requires_grad_(False)
-        self.ema.updates = int(meta["ema_updates"])
-        load_optimizer_tensors(self.opt, tensors, meta["optimizer"])
-        self.gen.set_state(tensors["rng"])
-        self.step, self.wall_s, self.loss_log = int(meta["step"]), float(meta["wall_s"]), meta["loss_log"]
+        self._reset_counters()
 
 
 def _check_resume(out: Path, s: BackboneTrainSettings) -> dict:

@@ -15,7 +15,6 @@ label, weights sha256, path), so a SideNet is never paired with the wrong backbo
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -24,16 +23,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save
 
-from .._io import read_json
 from ..errors import ConfigError
 from .checkpoint import load_checkpoint, read_config, save_checkpoint
-from .flow import EMA, drop_labels, load_optimizer_tensors, optimizer_tensors
+from .flow import EMA, STATE_JSON, STATE_TENSORS, ResumableRun, drop_labels
 from .sidenet import RATIO, SideNet, backbone_identity, check_backbone, count_params, sidenet_arch
 
-STATE_TENSORS = "train_state.safetensors"
-STATE_JSON = "train_state.json"
 # 3-point Gauss-Legendre rule on [0, 1]: the SideNet's own quadrature for the simulated step.
 GL3_NODES = ((1 - math.sqrt(0.6)) / 2, 0.5, (1 + math.sqrt(0.6)) / 2)
 GL3_WEIGHTS = (5 / 18, 8 / 18, 5 / 18)
@@ -135,8 +130,10 @@ def chain_loss(backbone, sidenet, x_data, y, gen: torch.Generator, s: SideNetTra
     return loss / s.chain
 
 
-class _Run:
+class _Run(ResumableRun):
     """Mutable state of a run: frozen backbone, SideNet, EMA, optimizer, generator, counters."""
+
+    kind = "sidenet"
 
     def __init__(self, backbone, s: SideNetTrainSettings) -> None:
         self.backbone = backbone.eval().requires_grad_(False)
@@ -146,26 +143,7 @@ class _Run:
         self.ema = EMA(self.model, s.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         self.gen = torch.Generator().manual_seed(s.seed)
-        self.step, self.wall_s, self.loss_log = 0, 0.0, []
-
-    def state_bytes(self) -> tuple[bytes, bytes]:
-        tensors, opt_meta = optimizer_tensors(self.opt)
-        tensors.update({f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()})
-        tensors["rng"] = self.gen.get_state()
-        meta = {"step": self.step, "wall_s": self.wall_s, "ema_updates": self.ema.updates,
-                "loss_log": self.loss_log, "optimizer": opt_meta}
-        return save(tensors), (json.dumps(meta) + "\n").encode()
-
-    def restore(self, folder: Path) -> None:
-        tensors = load_file(str(folder / STATE_TENSORS))
-        meta = read_json(folder / STATE_JSON)
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.ema.module, _ = load_checkpoint(folder, kind="sidenet")
-        self.ema.module.requires_grad_(False)
-        self.ema.updates = int(meta["ema_updates"])
-        load_optimizer_tensors(self.opt, tensors, meta["optimizer"])
-        self.gen.set_state(tensors["rng"])
-        self.step, self.wall_s, self.loss_log = int(meta["step"]), float(meta["wall_s"]), meta["loss_log"]
+        self._reset_counters()
 
 
 def _check_resume(out: Path, s: SideNetTrainSettings, identity: dict) -> None:
