@@ -9,7 +9,8 @@ exists; otherwise a stand-in ONNX backbone built here with ``onnx.helper`` whose
 same order as the bundled DiT (16 tokens, width 256, 6 dense layers: ~7 M multiply-adds per
 sample against the DiT's ~13 M). The figures come from the runtime's own timing split
 (:class:`anchorflow.runtime.Timing`): backbone and SideNet time are measured around each call,
-overhead is the rest. Medians over ``--repeats`` solves after warm-up.
+overhead is the rest. Medians over ``--repeats`` solves after warm-up; ``per_call`` adds the
+median latency of single calls (backbone on B rows, SideNet on B and 3B rows).
 
     python benchmarks/overhead.py [--repeats 30] [--batch 16] [--nfe 10] [--threads 1]
 
@@ -22,6 +23,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -112,6 +114,37 @@ def measure(method: str, velocity, sidenet, nfe: int, batch: int, repeats: int, 
     }
 
 
+def call_latency(net: Callable, feeds: dict, repeats: int = 200) -> float:
+    """Median wall time (ms) of one ``net(**feeds)`` call after 20 warm-up calls."""
+    for _ in range(20):
+        net(**feeds)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        net(**feeds)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def per_call(velocity, sidenet, batch: int, meta: dict) -> dict:
+    """Per-call latency of the backbone on ``batch`` rows and of the SideNet on ``batch`` and
+    ``3 * batch`` rows (a BA interval makes one call of each SideNet size per backbone call)."""
+    rng = np.random.default_rng(1)
+
+    def feeds(rows: int) -> dict:
+        state = lambda: rng.standard_normal((rows, *meta["state_shape"])).astype(np.float32)  # noqa: E731
+        return {"x": state(), "v": state(), "t": rng.random(rows).astype(np.float32),
+                "h": (0.1 * rng.random(rows)).astype(np.float32), "y": np.arange(rows) % int(meta["num_classes"])}
+
+    f = feeds(batch)
+    out = {"backbone_ms": call_latency(velocity, {k: f[k] for k in ("x", "t", "y")})}
+    if sidenet is not None:
+        out |= {f"sidenet_{rows}_rows_ms": call_latency(sidenet, feeds(rows)) for rows in (batch, 3 * batch)}
+        out["sidenet_per_interval_over_backbone"] = (out[f"sidenet_{batch}_rows_ms"]
+                                                     + out[f"sidenet_{3 * batch}_rows_ms"]) / out["backbone_ms"]
+    return out
+
+
 def open_subject(threads: int, tmp: Path):
     """(velocity, sidenet, meta, providers, description): the bundled bundle, else the stand-in."""
     if (BUNDLED / DEFAULT_NAME / "bundle" / "bundle.json").is_file():
@@ -138,6 +171,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         ba = None
         if side is not None:
             ba = measure("ba", vel, side, args.nfe, args.batch, args.repeats, 1.0, meta)
+        calls = per_call(vel, side, args.batch, meta)
     euler = rows[0]
     result = {
         "subject": what, "providers": providers, "machine": machine_info(None) | {"providers": providers},
@@ -147,6 +181,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "ba": ba if ba is not None else "skipped: the bundled model has no SideNet yet",
         "goal_sidenet_over_backbone": GOAL_SIDENET,
         "sidenet_ok": None if ba is None else ba["sidenet_over_backbone"] <= GOAL_SIDENET,
+        "per_call": calls,
     }
     _io.write_json(args.out, result)
     for r in rows:
@@ -156,6 +191,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if ba is not None:
         print(f"ba nfe={ba['nfe']}: SideNet {ba['sidenet_ms']:.2f} ms vs backbone {ba['backbone_ms']:.2f} ms = "
               f"{ba['sidenet_over_backbone']:.1%} (goal <= {GOAL_SIDENET:.0%})")
+    print("per call (ms): " + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in calls.items() if k.endswith("_ms")))
     print(f"subject: {what}; wrote {args.out}")
     return result
 

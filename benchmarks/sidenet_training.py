@@ -16,6 +16,14 @@ layer (BA@5 33.3 dB, the same as delta = 0 at 33.1 dB); lr 3e-3 gives 36.9 dB (E
 A rate mixture (50, 5) and rate 20 were worse than rate 50 at 5-10 NFE (tried on an early
 backbone checkpoint), so the defaults here are lr 3e-3, rate 50.
 
+Cheaper bodies (same recipe, 250 iterations; ``arch`` options of trainers/sidenet.py), PSNR at
+5 / 10 NFE against the full-resolution SideNet's 36.9 / 44.0 dB, and the SideNet's cost per BA
+interval (calls on 48 + 16 rows) as a share of one backbone call on 16 rows (ORT CPU, 1 thread;
+full resolution: ~45 %): patch 2, 1 ResBlock, width 16 (13.2 k params): 34.9 / 41.3 dB at ~12 %;
+patch 4, 1 ResBlock (18.4 k): 33.3 / 40.4 dB (no better than delta = 0) at ~8 %. Widths 20-24 at
+patch 2 cost 20-23 %, a full-resolution stem/head with a patch-2 body 23 %. None met both the
+15 % cost goal and "within 0.5 dB", so the bundled SideNet keeps the paper's body.
+
 Writes benchmarks/results/sidenet_training.json (``--json`` to change).
 """
 

@@ -99,7 +99,10 @@ class SideNet(nn.Module):
             ``groups`` (GroupNorm), ``heads``, ``freq_dim`` and ``patch`` (see :data:`DEFAULTS`).
             ``patch`` p > 1 runs the body on an (H/p, W/p) grid: space-to-depth stem (p x p pixels ->
             p^2 channels, like the backbone's patchify) and depth-to-space head -- a deviation from
-            the paper's full-resolution body, for cost (see benchmarks/overhead.py).
+            the paper's full-resolution body, for cost. Measured on the digits backbone (ORT CPU,
+            1 thread, batch 16): patch 2 with one ResBlock costs ~12 % of a backbone call per BA
+            interval (full-resolution default: ~45 %) but loses ~2 dB PSNR at 5 and 10 NFE
+            (benchmarks/sidenet_training.py), so the bundled SideNet keeps patch 1.
     """
 
     def __init__(self, arch: dict) -> None:
