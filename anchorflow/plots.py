@@ -148,6 +148,11 @@ def _save_figure(fig, path: str | os.PathLike) -> Path:
     return path
 
 
+# Distinct line colours (tab10 without its grey, then two extra), so a grey baseline stays apart.
+LINE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22",
+                "#17becf", "#000000", "#7b4173", "#637939")
+
+
 def plot_curves(
     panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
     path: str | os.PathLike,
@@ -158,12 +163,17 @@ def plot_curves(
 ) -> Path:
     """One panel per outer key (its title), one line per inner key (legend): ``(xs, ys)``.
 
-    Lines named in ``dashed`` are drawn dashed and grey (e.g. a baseline ladder).
+    Lines named in ``dashed`` are drawn dashed and grey (e.g. a baseline ladder); every other
+    line gets its own colour (no grey, no repeats up to 12 lines).
     """
     fig, axes = _figure(max(len(panels), 1))
     for ax, (title, lines) in zip(axes, panels.items()):
+        solid = [label for label in lines if label not in dashed]
         for label, (xs, ys) in lines.items():
-            style = {"ls": "--", "color": "0.5"} if label in dashed else {}
+            if label in dashed:
+                style = {"ls": "--", "color": "0.45"}
+            else:
+                style = {"color": LINE_COLOURS[solid.index(label) % len(LINE_COLOURS)]}
             ax.plot(xs, ys, marker="o", ms=3, label=label, **style)
         if logx:
             ax.set_xscale("log")
