@@ -5,13 +5,13 @@ torch is imported inside the command functions only, so `anchorflow train --help
 
 from __future__ import annotations
 
-import importlib
 import shlex
 import sys
 from pathlib import Path
 
 import click
 
+from ..cli import LazyGroup
 from ..errors import ConfigError
 
 # sub-command -> (module, attribute or None for a command defined here, one-line help)
@@ -22,26 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-class LazyTrainGroup(click.Group):
+class LazyTrainGroup(LazyGroup):
     """Sub-commands are resolved from :data:`SUBCOMMANDS` only when used."""
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(SUBCOMMANDS)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in SUBCOMMANDS:
-            return None
-        module, attr, _ = SUBCOMMANDS[name]
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            raise ConfigError(f"'train {name}' is not available in this installation ({module} is missing)") from None
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        with formatter.section("Commands"):
-            formatter.write_dl([(name, help_) for name, (_, _, help_) in SUBCOMMANDS.items()])
+    commands_table = SUBCOMMANDS
 
 
 def command_line() -> str:
