@@ -24,14 +24,15 @@ DEMO_METHODS = ("euler", "heun", "ab2", "dpmpp2m", "ba")
 REFERENCE_NFE = 256  # RK4, 64 steps: agrees with RK4-512 to > 60 dB on the bundled model
 
 
-def _classify(classifier_dir: Optional[Path], x: np.ndarray) -> Optional[np.ndarray]:
+def _classifier(classifier_dir: Optional[Path]) -> Optional[Callable[[np.ndarray], np.ndarray]]:
+    """The bundled classifier as ``x -> predicted labels`` (one ONNX session), or None."""
     if classifier_dir is None:
         return None
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(classifier_dir / "classifier.onnx"), providers=["CPUExecutionProvider"])
-    logits = sess.run(["logits"], {sess.get_inputs()[0].name: x.astype(np.float32)})[0]
-    return logits.argmax(axis=1)
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(["logits"], {name: x.astype(np.float32)})[0].argmax(axis=1)
 
 
 def run_demo(
@@ -64,6 +65,7 @@ def run_demo(
     t0 = time.perf_counter()
     ref = solve("rk4", model.velocity, noise, REFERENCE_NFE, **common)
     echo(f"reference: RK4 with {REFERENCE_NFE} calls ({time.perf_counter() - t0:.1f} s)")
+    classify = _classifier(model.classifier)
     rows = {f"reference (rk4, {REFERENCE_NFE} calls)": ref.x}
     table = []
     runs = [(m, nfe) for m in methods] + [("euler", 100)]
@@ -77,7 +79,7 @@ def run_demo(
         except ConfigError:
             budget = budget + 1  # e.g. Heun needs an even NFE: say so in the table
         res = solve(method, model.velocity, noise, budget, **common)
-        pred = _classify(model.classifier, res.x)
+        pred = None if classify is None else classify(res.x)
         row = {
             "method": method, "nfe": res.nfe, "sidenet_calls": res.sidenet_calls,
             "psnr_db": float(psnr(res.x, ref.x, data_range=hi - lo)),

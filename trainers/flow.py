@@ -101,6 +101,17 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def check_settings(s, positive: tuple[str, ...]) -> None:
+    """Refuse non-positive counts (named as their CLI options), and dropout / EMA decay outside [0, 1)."""
+    from ..errors import ConfigError
+
+    for key in positive:
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(s, key)}")
+    if not 0 <= s.label_dropout < 1 or not 0 <= s.ema_decay < 1:
+        raise ConfigError("label dropout and EMA decay must lie in [0, 1)")
+
+
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 

@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from .backbone import build_backbone, default_arch, param_count
 from .checkpoint import read_config, save_checkpoint
 from .data import dataset_info, load_dataset
-from .flow import EMA, STATE_JSON, STATE_TENSORS, ResumableRun, flow_matching_loss, lr_at
+from .flow import EMA, STATE_JSON, STATE_TENSORS, ResumableRun, check_settings, flow_matching_loss, lr_at
 
 
 
@@ -41,13 +41,9 @@ class BackboneTrainSettings:
     arch: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        for key in ("steps", "batch", "ckpt_every"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(self, key)}")
+        check_settings(self, ("steps", "batch", "ckpt_every"))
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if not 0 <= self.label_dropout < 1 or not 0 <= self.ema_decay < 1:
-            raise ConfigError("label dropout and EMA decay must lie in [0, 1)")
 
 
 class _Run(ResumableRun):

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import ConfigError
 from .checkpoint import load_checkpoint, read_config, save_checkpoint
-from .flow import EMA, STATE_JSON, STATE_TENSORS, ResumableRun, drop_labels
+from .flow import EMA, STATE_JSON, STATE_TENSORS, ResumableRun, check_settings, drop_labels
 from .sidenet import RATIO, SideNet, backbone_identity, check_backbone, count_params, sidenet_arch
 
 # 3-point Gauss-Legendre rule on [0, 1]: the SideNet's own quadrature for the simulated step.
@@ -61,16 +61,12 @@ class SideNetTrainSettings:
     arch: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        for key in ("iters", "chain", "batch", "ckpt_every"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(self, key)}")
+        check_settings(self, ("iters", "chain", "batch", "ckpt_every"))
         self.rates = tuple(float(r) for r in self.rates)
         if not self.rates or not all(math.isfinite(r) and r > 0 for r in self.rates):
             raise ConfigError(f"--rate must be positive numbers, got {self.rates}")
         if not self.lr > 0 or not self.grad_clip > 0:
             raise ConfigError(f"--lr and the gradient clip must be positive, got {self.lr} and {self.grad_clip}")
-        if not 0 <= self.label_dropout < 1 or not 0 <= self.ema_decay < 1:
-            raise ConfigError("label dropout and EMA decay must lie in [0, 1)")
 
 
 def sample_h(t: torch.Tensor, rates: tuple[float, ...], gen: torch.Generator) -> torch.Tensor:
