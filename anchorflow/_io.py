@@ -1,36 +1,123 @@
-"""Atomic file and folder writes, hashing and JSON helpers.
+"""Atomic file and folder writes, output checks, hashing and JSON helpers.
 
 Nothing that is already on disk is lost or half-written: every writer goes to a temporary
-sibling first and is renamed into place (``os.replace`` is atomic on POSIX).
+sibling first and is renamed into place (``os.replace`` is atomic on POSIX). A folder is
+replaced in two renames (old -> ``.NAME.<pid>.<rand>.old``, new -> NAME); a crash between them
+is repaired by :func:`recover_dir` on the next open, which also removes the temporary folders
+that killed writers left behind. Write failures become one :class:`OutputError` line naming the
+path and the operating system's reason.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
+
+from .errors import ConfigError, OutputError, warn
+
+# The installed package's bundled models: read-only for every command.
+BUNDLED = Path(__file__).resolve().parent / "bundled"
+# A temporary folder without a live owner pid in its name counts as stale after this long.
+STALE_S = 3600.0
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def check_output(path: str | os.PathLike, what: str = "--out", folder: bool = False) -> Path:
+    """Refuse, before any work, an output location that cannot be written.
+
+    ``folder``: the output is a folder (replaced whole) rather than a file. Checks that the path
+    is not empty, not inside the installed package's bundled models, of the right kind if it
+    exists, and that its nearest existing parent folder accepts a new file (a probe file is
+    created and removed; nothing else is touched). Raises OutputError / ConfigError.
+    """
+    if str(path).strip() == "":
+        raise ConfigError(f"{what} is empty; give a {'folder' if folder else 'file'} path")
+    p = Path(path).expanduser().absolute()
+    if p == BUNDLED or BUNDLED in p.resolve().parents:
+        raise ConfigError(f"{what} {path} is inside the installed package's bundled models, which are read-only; "
+                          "pass --out FOLDER to write somewhere else")
+    if p.exists() and folder and not p.is_dir():
+        raise OutputError(f"{what} {path} is a file, not a folder; choose another {what}")
+    if p.exists() and not folder and p.is_dir():
+        raise OutputError(f"{what} {path} is a folder; give a file name")
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {path}: {parent} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".anchorflow-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {parent}: {_reason(exc)}") from None
+    return Path(path)
+
+
+def check_image_path(path: str | os.PathLike, what: str = "--out") -> str:
+    """The pillow format for an image file name (.png, .jpg/.jpeg, .webp); refuses other suffixes."""
+    suffix = Path(path).suffix.lower()
+    formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+    if suffix not in formats:
+        raise ConfigError(f"{what} {path}: unknown image type {suffix or '(no suffix)'!r}; "
+                          "use .png, .jpg or .webp")
+    return formats[suffix]
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Temporary file paths next to each of ``paths``; renamed over them only when all were written.
+
+    All-or-nothing for multi-file outputs: a failure while writing any of them leaves every
+    target as it was. OSError becomes OutputError naming the target and the reason.
+    """
+    targets = [Path(p) for p in paths]
+    tmps: list[Path] = []
+    current = targets[0] if targets else Path(".")
+    try:
+        for target in targets:
+            current = target
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            tmps.append(Path(tmp))
+        current = targets[0] if targets else current
+        yield tmps
+        for target, tmp in zip(targets, tmps):
+            current = target
+            os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; published files are world-readable
+        for target, tmp in zip(targets, tmps):
+            current = target
+            os.replace(tmp, target)
+    except OSError as exc:
+        named = {str(t): target for t, target in zip(tmps, targets)}
+        raise OutputError(f"cannot write {named.get(str(exc.filename), current)}: {_reason(exc)}") from None
+    finally:
+        for tmp in tmps:
+            if tmp.exists():
+                tmp.unlink()
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path next to ``path``; on success rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o644)  # mkstemp makes owner-only files; published files are world-readable
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    with atomic_paths([path]) as (tmp,):
+        yield tmp
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -49,33 +136,92 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+# -- folders ----------------------------------------------------------------------------------
+def _owner_alive(sibling: Path, name: str) -> bool:
+    """Whether the process that made ``.NAME.<pid>.<rand>.tmp|old`` still runs (unknown: by age)."""
+    middle = sibling.name[len(name) + 2 :].split(".")
+    try:
+        pid = int(middle[0])
+    except (ValueError, IndexError):
+        return time.time() - sibling.stat().st_mtime < STALE_S
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's live process
+        return True
+    return True
+
+
+def recover_dir(path: str | os.PathLike) -> None:
+    """Repair what an interrupted :func:`atomic_dir` left next to ``path``.
+
+    A folder moved aside (``.NAME.<pid>.*.old``) by a writer that died before the new folder
+    was renamed in is moved back; stale ``.NAME.*.tmp`` / ``.old`` siblings of dead writers are
+    removed. Live writers' folders are left alone; a read-only parent is left as it is.
+    """
+    path = Path(path)
+    parent = path.parent
+    if not path.name or not parent.is_dir():
+        return
+    pattern = glob.escape(f".{path.name}.") + "*"
+    try:
+        siblings = [p for p in parent.glob(pattern) if p.suffix in (".tmp", ".old") and p.is_dir()]
+        dead = [p for p in siblings if not _owner_alive(p, path.name)]
+        olds = sorted((p for p in dead if p.suffix == ".old"), key=lambda p: p.stat().st_mtime)
+        if olds and not path.exists():
+            os.replace(olds.pop(), path)
+            warn(f"{path} was restored from an interrupted replacement (the new version was not complete)")
+        for p in dead:
+            if p.exists():
+                shutil.rmtree(p, ignore_errors=True)
+    except OSError:
+        return
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``path`` whole, on failure it is removed.
 
-    An existing folder at ``path`` stays untouched until the new one is complete.
+    An existing folder at ``path`` stays untouched until the new one is complete; a crash during
+    the swap is repaired by :func:`recover_dir` on the next open.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    recover_dir(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {_reason(exc)}") from None
     try:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes owner-only folders
+        _publish(tmp)
         if path.exists():
             if not overwrite:
-                from .errors import ConfigError
-
                 raise ConfigError(f"{path} already exists; choose another --out or remove it")
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".old", dir=path.parent))
             old.rmdir()
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is not None and not str(exc.filename).startswith((str(tmp), str(path))):
+            raise
+        raise OutputError(f"cannot write {path}: {_reason(exc)}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(folder: Path) -> None:
+    """Give a finished temporary folder (mkdtemp: 0700) and its files ordinary modes (0755 / 0644)."""
+    os.chmod(folder, 0o755)
+    for child in folder.rglob("*"):
+        os.chmod(child, 0o755 if child.is_dir() else 0o644)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

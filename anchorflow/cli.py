@@ -2,7 +2,8 @@
 
 Thin and lazy: each command lives in ``anchorflow.commands.<module>`` and imports its heavy
 libraries inside the function, so ``anchorflow --help`` is instant and works without torch.
-User errors (:class:`AnchorflowError`) print one line and exit 1; usage errors exit 2.
+Every user error prints one ``error:`` line; the exit status follows :func:`exit_status`
+(2 for a command line that cannot be parsed, 1 for everything else the user can fix).
 """
 
 from __future__ import annotations
@@ -74,22 +75,52 @@ def cli() -> None:
     """
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def exit_status(exc: BaseException) -> int:
+    """The exit rule of the whole CLI (docs/architecture.md, "Exit status").
+
+    2: the command line cannot be parsed (unknown command or option, missing argument, a value
+    that is not of the option's type or choice). 1: everything else the user can fix, from a
+    value out of range to a missing file, a failed check or a full disk. 130: interrupted.
+    """
+    if isinstance(exc, (click.exceptions.Abort, KeyboardInterrupt)):
+        return 130
+    if isinstance(exc, click.BadParameter) and isinstance(getattr(exc.param, "type", None), click.Path):
+        return 1  # a file-system check (exists, file or folder), not a malformed command line
+    if isinstance(exc, click.UsageError):
+        return 2
+    return 1
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, click.UsageError):
+        where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        return _one_line(exc.format_message()) + where
+    if isinstance(exc, click.ClickException):
+        return _one_line(exc.format_message())
+    if isinstance(exc, MemoryError):
+        return "out of memory; ask for fewer samples (--n) or a smaller model"
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _one_line(f"{where}{exc.strerror or exc}")
+    return _one_line(exc)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning user errors into one line and exit status 1."""
+    """Entry point: run the CLI; every user error ends in ONE ``error:`` line and :func:`exit_status`."""
     try:
         cli.main(args=argv, prog_name="anchorflow", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.exceptions.Exit as exc:  # --help, --version
         sys.exit(exc.exit_code)
-    except AnchorflowError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except (click.ClickException, AnchorflowError, OSError, MemoryError) as exc:
+        click.echo(f"error: {_message(exc)}", err=True)
+        sys.exit(exit_status(exc))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,8 +1,11 @@
-"""The one user-facing exception family.
+"""The one user-facing exception family, and the one way to print a warning.
 
 The CLI prints ``str(error)`` on one line and exits with status 1; any other exception is a bug.
-Validate user input with ``if ...: raise SomeError(...)``, never ``assert``.
+Validate user input with ``if ...: raise SomeError(...)``, never ``assert``. Exit status 2 is
+only for a command line that cannot be parsed (click's usage errors); see docs/architecture.md.
 """
+
+import sys
 
 
 class AnchorflowError(Exception):
@@ -27,3 +30,16 @@ class BackendError(AnchorflowError):
 
 class StateFileError(AnchorflowError):
     """A persisted state file (e.g. FastFlow bandit state) is corrupt, foreign or mismatched."""
+
+
+class OutputError(AnchorflowError):
+    """An output location cannot be written (missing, read-only or full disk, a file where a folder is)."""
+
+
+class NonFiniteError(AnchorflowError):
+    """A network or a training loss produced NaN or Inf; nothing computed from it is written."""
+
+
+def warn(message: str) -> None:
+    """One ``warning: ...`` line on stderr (never a Python warning with its file and line)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -64,9 +64,9 @@ def test_bad_input_is_one_line_and_exit_1(args, words, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_non_positive_count_is_a_usage_error(tmp_path):
+def test_non_positive_count_is_exit_1_like_every_other_fixable_value(tmp_path):
     proc = run_cli("sample", "default", "--n", "0", cwd=tmp_path)
-    assert proc.returncode == 2 and "must be positive" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "must be a positive integer" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @needs_bundle

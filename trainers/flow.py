@@ -112,6 +112,21 @@ def check_settings(s, positive: tuple[str, ...]) -> None:
         raise ConfigError("label dropout and EMA decay must lie in [0, 1)")
 
 
+def finite_loss(loss: float, step: int, out: Path, saved_step: int) -> float:
+    """``loss`` if finite; else stop the run (NonFiniteError) before anything computed from it is saved.
+
+    ``step``: the 1-based step that produced it; ``saved_step``: the step of the last checkpoint
+    in ``out`` (0: none), which stays as it was.
+    """
+    if math.isfinite(loss):
+        return loss
+    from ..errors import NonFiniteError
+
+    kept = f"{out} keeps its last good checkpoint (step {saved_step})" if saved_step else "nothing was written"
+    raise NonFiniteError(f"the training loss is {loss} at step {step}; stopped, {kept}. Check the data, lower --lr, "
+                         "or check the backbone for NaN/Inf weights")
+
+
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 

@@ -19,7 +19,8 @@ from ..errors import ConfigError
 from .backbone import build_backbone, default_arch, param_count
 from .checkpoint import read_config, save_checkpoint
 from .data import dataset_info, load_dataset
-from .flow import EMA, STATE_JSON, STATE_TENSORS, ResumableRun, check_settings, flow_matching_loss, lr_at
+from .flow import (EMA, STATE_JSON, STATE_TENSORS, ResumableRun, check_settings, finite_loss, flow_matching_loss,
+                   lr_at)
 
 
 
@@ -109,8 +110,11 @@ def train_backbone(out: str | Path, settings: BackboneTrainSettings, resume: boo
     """
     from tqdm.auto import tqdm
 
+    from .._io import check_output
+
     settings.validate()
     out = Path(out)
+    check_output(out, "--out", folder=True)
     run = _Run(settings)
     if resume:
         _check_resume(out, settings)
@@ -121,19 +125,20 @@ def train_backbone(out: str | Path, settings: BackboneTrainSettings, resume: boo
     bar = tqdm(total=settings.steps, initial=run.step, desc=f"train backbone ({settings.data})",
                disable=not progress, dynamic_ncols=True)
     window: list[float] = []
-    cfg = None
+    cfg, saved = None, run.step
     while run.step < settings.steps:
         start = time.perf_counter()
-        loss = _train_step(run, settings, x_all, y_all)
+        loss = finite_loss(_train_step(run, settings, x_all, y_all), run.step + 1, out, saved)
         run.wall_s += time.perf_counter() - start
         run.step += 1
         window.append(loss)
         bar.update(1)
-        bar.set_postfix(loss=f"{sum(window[-50:]) / len(window[-50:]):.4f}")
+        bar.set_postfix(loss=f"{sum(window[-50:]) / len(window[-50:]):.4g}")
         if run.step % settings.ckpt_every == 0 or run.step == settings.steps:
             run.loss_log.append([run.step, sum(window) / len(window)])
             window = []
             cfg = _save(out, run, settings, command, done=run.step == settings.steps)
+            saved = run.step
     bar.close()
     return cfg if cfg is not None else _save(out, run, settings, command, done=True)
 

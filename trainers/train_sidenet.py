@@ -26,7 +26,7 @@ import torch
 
 from ..errors import ConfigError
 from .checkpoint import load_checkpoint, read_config, save_checkpoint
-from .flow import EMA, STATE_JSON, STATE_TENSORS, ResumableRun, check_settings, drop_labels
+from .flow import EMA, STATE_JSON, STATE_TENSORS, ResumableRun, check_settings, drop_labels, finite_loss
 from .sidenet import RATIO, SideNet, backbone_identity, check_backbone, count_params, sidenet_arch
 
 # 3-point Gauss-Legendre rule on [0, 1]: the SideNet's own quadrature for the simulated step.
@@ -189,8 +189,11 @@ def train_sidenet(backbone, x_data: torch.Tensor, y_data: torch.Tensor, out: str
     """
     from tqdm.auto import tqdm
 
+    from .._io import check_output
+
     settings.validate()
     out = Path(out)
+    check_output(out, "--out", folder=True)
     identity = identity or backbone_identity(backbone)
     run = _Run(backbone, settings)
     if resume:
@@ -200,18 +203,19 @@ def train_sidenet(backbone, x_data: torch.Tensor, y_data: torch.Tensor, out: str
         raise ConfigError(f"{out} already exists and is not empty; pass --resume to continue it or choose another --out")
     bar = tqdm(total=settings.iters, initial=run.step, desc="train sidenet", disable=not progress, dynamic_ncols=True)
     window: list[float] = []
-    cfg = None
+    cfg, saved = None, run.step
     while run.step < settings.iters:
         start = time.perf_counter()
-        window.append(_train_step(run, settings, x_data, y_data))
+        window.append(finite_loss(_train_step(run, settings, x_data, y_data), run.step + 1, out, saved))
         run.wall_s += time.perf_counter() - start
         run.step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{sum(window[-20:]) / len(window[-20:]):.5f}")
+        bar.set_postfix(loss=f"{sum(window[-20:]) / len(window[-20:]):.4g}")
         if run.step % settings.ckpt_every == 0 or run.step == settings.iters:
             run.loss_log.append([run.step, sum(window) / len(window)])
             window = []
             cfg = _save(out, run, settings, identity, data, command, done=run.step == settings.iters)
+            saved = run.step
     bar.close()
     return cfg if cfg is not None else _save(out, run, settings, identity, data, command, done=True)
 

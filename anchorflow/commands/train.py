@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from ..cli import LazyGroup
-from ..errors import ConfigError
+from .common import positive, seed as seed_check
 
 # sub-command -> (module, attribute or None for a command defined here, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
@@ -38,11 +38,17 @@ def command_line() -> str:
     return shlex.join(argv)
 
 
-def _positive(ctx: click.Context, param: click.Parameter, value):
-    """Refuse non-positive counts with a one-line error (exit status 1 through anchorflow.cli.main)."""
-    if value is not None and value <= 0:
-        raise ConfigError(f"--{param.name.replace('_', '-')} must be a positive integer, got {value}")
-    return value
+def _start(out: str, threads, what: str) -> None:
+    """Before any work: the [train] extra is there and --out can be written; set torch's threads."""
+    from .._deps import require_extra
+    from .._io import check_output
+
+    require_extra("train", f"anchorflow train {what}")
+    check_output(out, "--out", folder=True)
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
 
 @click.group("train", cls=LazyTrainGroup)
@@ -58,16 +64,17 @@ def train() -> None:
 @click.option("--data", default="digits", show_default=True,
               help="Bundled data set: digits (8x8, 10 classes) or gaussians8 (2-D toy). Nothing is downloaded.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
-@click.option("--steps", type=int, default=6000, show_default=True, callback=_positive, help="Optimizer steps.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, batches and noise.")
-@click.option("--batch", type=int, default=128, show_default=True, callback=_positive, help="Batch size.")
+@click.option("--steps", type=int, default=6000, show_default=True, callback=positive, help="Optimizer steps.")
+@click.option("--seed", type=int, default=0, show_default=True, callback=seed_check,
+              help="Seed of initialisation, batches and noise.")
+@click.option("--batch", type=int, default=128, show_default=True, callback=positive, help="Batch size.")
 @click.option("--lr", type=float, default=6e-4, show_default=True, help="Peak AdamW learning rate (warm-up, cosine).")
-@click.option("--ckpt-every", type=int, default=500, show_default=True, callback=_positive,
+@click.option("--ckpt-every", type=int, default=500, show_default=True, callback=positive,
               help="Write a checkpoint (and resume state) every N steps.")
-@click.option("--hidden", type=int, default=None, callback=_positive, help="Override the width (DiT: 128, MLP: 256).")
-@click.option("--depth", type=int, default=None, callback=_positive, help="Override the depth (DiT: 4, MLP: 3).")
+@click.option("--hidden", type=int, default=None, callback=positive, help="Override the width (DiT: 128, MLP: 256).")
+@click.option("--depth", type=int, default=None, callback=positive, help="Override the depth (DiT: 4, MLP: 3).")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out (same data, seed, batch, size).")
-@click.option("--threads", type=int, default=None, callback=_positive, help="torch CPU threads (default: torch's).")
+@click.option("--threads", type=int, default=None, callback=positive, help="torch CPU threads (default: torch's).")
 def backbone(data, out, steps, seed, batch, lr, ckpt_every, hidden, depth, resume, threads) -> None:
     """Train a class-conditional velocity backbone by flow matching (linear path, EMA weights).
 
@@ -75,35 +82,29 @@ def backbone(data, out, steps, seed, batch, lr, ckpt_every, hidden, depth, resum
     The folder gets config.json (with this exact command), model.safetensors (EMA weights)
     and the resume state.
     """
-    import torch
-
+    _start(out, threads, "backbone")
     from anchorflow.trainers.train_backbone import BackboneTrainSettings, train_backbone
 
-    if threads:
-        torch.set_num_threads(threads)
     arch = {k: v for k, v in (("hidden", hidden), ("depth", depth)) if v is not None}
     settings = BackboneTrainSettings(data=data, steps=steps, seed=seed, batch=batch, lr=lr,
                                      ckpt_every=ckpt_every, arch=arch)
     cfg = train_backbone(out, settings, resume=resume, command=command_line())
     t = cfg["training"]
     click.echo(f"wrote {out}: {cfg['param_count']:,} parameters, step {t['step']}, "
-               f"final loss {t['final_loss']:.4f}, {t['wall_s']:.0f} s")
+               f"final loss {t['final_loss']:.4g}, {t['wall_s']:.0f} s")
 
 
 @train.command("classifier")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the classifier checkpoint.")
-@click.option("--epochs", type=int, default=40, show_default=True, callback=_positive, help="Training epochs.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
-@click.option("--threads", type=int, default=None, callback=_positive, help="torch CPU threads (default: torch's).")
+@click.option("--epochs", type=int, default=40, show_default=True, callback=positive, help="Training epochs.")
+@click.option("--seed", type=int, default=0, show_default=True, callback=seed_check, help="Seed.")
+@click.option("--threads", type=int, default=None, callback=positive, help="torch CPU threads (default: torch's).")
 def classifier(out, epochs, seed, threads) -> None:
     """Train the digits evaluation classifier (a small CNN) and write its checkpoint,
     classifier.onnx (outputs logits, features) and real_stats.npz (feature mean/covariance of
     the real test digits, the Frechet-distance reference)."""
-    import torch
-
+    _start(out, threads, "classifier")
     from anchorflow.trainers.classifier import train_classifier
 
-    if threads:
-        torch.set_num_threads(threads)
     cfg = train_classifier(out, epochs=epochs, seed=seed, command=command_line())
     click.echo(f"wrote {out}: test accuracy {cfg['metrics']['test_accuracy']:.4f}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from .common import parse_float_list, positive
+from .common import parse_float_list, positive, seed as seed_check
 
 
 @click.command("sidenet")
@@ -30,7 +30,8 @@ from .common import parse_float_list, positive
 @click.option("--patch", type=int, default=None, callback=positive,
               help="Run the SideNet body on an (H/p, W/p) grid (space-to-depth stem); 1 = full resolution (paper).")
 @click.option("--blocks", type=int, default=None, callback=positive, help="ResBlocks in the SideNet body.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, batches, noise, offsets.")
+@click.option("--seed", type=int, default=0, show_default=True, callback=seed_check,
+              help="Seed of initialisation, batches, noise, offsets.")
 @click.option("--ckpt-every", type=int, default=50, show_default=True, callback=positive,
               help="Write the checkpoint (and resume state) every N iterations.")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out (same settings; --iters may grow).")
@@ -44,15 +45,12 @@ def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, see
     the time (guided sampling needs the unguided field). The folder gets config.json (with this
     exact command and the backbone's identity), model.safetensors (EMA weights) and the resume state.
     """
-    import torch
+    from .train import _start, command_line
 
+    _start(out, threads, "sidenet")
     from anchorflow.modelref import resolve_backbone_checkpoint
     from anchorflow.trainers.train_sidenet import SideNetTrainSettings, train_sidenet_for_checkpoint
 
-    from .train import command_line
-
-    if threads:
-        torch.set_num_threads(threads)
     settings = SideNetTrainSettings(iters=iters, chain=chain, batch=batch, rates=tuple(parse_float_list(rate, "--rate")),
                                     lr=lr, width=width, seed=seed, ckpt_every=ckpt_every,
                                     arch={k: v for k, v in (("patch", patch), ("blocks", blocks)) if v is not None})
@@ -60,4 +58,4 @@ def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, see
                                        command=command_line())
     t = cfg["training"]
     click.echo(f"wrote {out}: {cfg['param_count']:,} parameters ({100 * cfg['param_ratio']:.2f}% of the backbone), "
-               f"iteration {t['step']}, final loss {t['final_loss']:.5f}, {t['wall_s']:.0f} s")
+               f"iteration {t['step']}, final loss {t['final_loss']:.4g}, {t['wall_s']:.0f} s")
