@@ -101,6 +101,8 @@ def _message(exc: BaseException) -> str:
         return _one_line(exc.format_message()) + where
     if isinstance(exc, click.ClickException):
         return _one_line(exc.format_message())
+    if isinstance(exc, AnchorflowError):
+        return _one_line(exc)
     if isinstance(exc, MemoryError):
         return "out of memory; ask for fewer samples (--n) or a smaller model"
     if isinstance(exc, OSError):

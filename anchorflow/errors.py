@@ -32,8 +32,11 @@ class StateFileError(AnchorflowError):
     """A persisted state file (e.g. FastFlow bandit state) is corrupt, foreign or mismatched."""
 
 
-class OutputError(AnchorflowError):
-    """An output location cannot be written (missing, read-only or full disk, a file where a folder is)."""
+class OutputError(AnchorflowError, OSError):
+    """An output location cannot be written (missing, read-only or full disk, a file where a folder is).
+
+    Also an OSError, so code that handles write failures as OSError keeps doing so.
+    """
 
 
 class NonFiniteError(AnchorflowError):
