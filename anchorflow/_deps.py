@@ -36,6 +36,8 @@ _EXTRAS = {
     "tensorrt": ("trt", "TensorRT engines"),
     "cuda": ("trt", "CUDA buffers for TensorRT engines"),
     "matplotlib": ("plot", "plots"),
+    "diffusers": ("diffusers", "the diffusers integration"),
+    "transformers": ("diffusers", "the diffusers integration"),
 }
 
 

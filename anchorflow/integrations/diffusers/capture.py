@@ -1,0 +1,184 @@
+"""A diffusers pipeline's transformer as a runtime ``velocity(x, t, y)`` callable.
+
+:func:`capture_pipeline` runs the pipeline itself up to its first scheduler step (so prompt
+encoding, latent preparation, ids, guidance embeddings and timestep scaling are the pipeline's
+own), records the transformer calls of that step, and stops. The returned :class:`PipelineField`
+replays those calls for any state and time: ``solve(method, f.velocity, f.noise, nfe, **f.solve_kwargs())``.
+
+Rows: ``y`` holds row ids, ``0..B-1`` the B prompts' conditional rows; an unconditional row has
+the label :data:`NULL_ROW` (the GuidedField puts them after the conditional rows, in the same
+order), or ``B + i`` for the negative prompt of row i. Time: t = 1 noise, t = 0 data; the
+transformer gets the pipeline's timestep ``1000 t`` (FLUX: ``1000 t / 1000``, as its pipeline does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from ..._deps import require
+from ...errors import ConfigError
+
+NULL_ROW = -1
+_SHARED = {"txt_ids", "img_ids"}  # FLUX position ids: one table for every row
+_GUIDANCE_RTOL = 1e-4  # float32 re-evaluation of the pipeline's own CFG sum (a few ulp of |v|)
+
+
+class _Captured(Exception):
+    pass
+
+
+@dataclass
+class PipelineField:
+    """The transformer of a pipeline at the prompts, latents and guidance of one call.
+
+    ``noise`` (B, ...) the pipeline's initial latents (its generator honoured); ``grid`` the
+    scheduler's sigmas (float64, t = 1 -> 0); ``cfg_scale`` the pipeline's guidance scale (1.0:
+    none); ``calls_per_step`` the transformer calls the pipeline itself makes per step (FLUX's
+    true CFG: 2, one per branch; batched CFG: 1 call of 2B rows).
+    """
+
+    transformer: Any
+    noise: np.ndarray
+    grid: np.ndarray
+    cfg_scale: float
+    calls_per_step: int
+    timestep_mode: str
+    rows: dict = field(repr=False)  # name -> tensor (2B or B, ...): cond rows then uncond rows
+    shared: dict = field(repr=False)
+    dtype: Any = None
+    device: Any = None
+    calls: int = 0
+
+    @property
+    def batch(self) -> int:
+        return int(self.noise.shape[0])
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale != 1.0
+
+    def solve_kwargs(self) -> dict:
+        """``y``, ``null_label``, ``cfg_scale`` and ``grid`` for :func:`anchorflow.runtime.solve`."""
+        kw = {"y": np.arange(self.batch), "grid": self.grid, "cfg_scale": self.cfg_scale}
+        if self.guided:
+            kw["null_label"] = NULL_ROW
+        return kw
+
+    def row_ids(self, y: Any, n: int) -> np.ndarray:
+        """Row ids (n,) into the cond/uncond tables from labels (or a cond dict with key "row")."""
+        if isinstance(y, dict):
+            y = y.get("row")
+        if y is None:
+            ids = np.arange(n) % self.batch
+        else:
+            ids = np.asarray(y, np.int64).copy()
+            null = np.flatnonzero(ids == NULL_ROW)
+            ids[null] = self.batch + np.arange(null.size) % self.batch
+        if ids.shape != (n,) or ids.min() < 0 or ids.max() >= (2 if self.guided else 1) * self.batch:
+            raise ConfigError(f"row ids must be 0..{self.batch - 1} (or {NULL_ROW} for unconditional rows), got {y!r}")
+        return ids
+
+    def velocity(self, x: np.ndarray, t: np.ndarray, y: Any = None) -> np.ndarray:
+        """Transformer velocity (n, ...) float32 at states x (n, ...) and our times t (n,)."""
+        torch = require("torch", extra="diffusers")
+        ids = torch.from_numpy(self.row_ids(y, x.shape[0]))
+        kwargs = {k: v.index_select(0, ids.to(v.device)) for k, v in self.rows.items()}
+        tt = torch.from_numpy(np.asarray(t, np.float32)).to(self.device) * 1000.0
+        if self.timestep_mode == "unit":
+            tt = tt / 1000.0
+        with torch.no_grad():
+            out = self.transformer(
+                hidden_states=torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self.dtype),
+                timestep=tt.to(self.dtype), **kwargs, **self.shared, return_dict=False,
+            )[0]
+        self.calls += 1
+        return out.detach().to("cpu", torch.float32).numpy()
+
+
+def capture_pipeline(pipe: Any, **inputs: Any) -> PipelineField:
+    """Run ``pipe(**inputs)`` up to its first scheduler step and return its :class:`PipelineField`.
+
+    ``inputs`` are the pipeline's own arguments (``prompt_embeds``, ``pooled_prompt_embeds``,
+    ``negative_*``, ``guidance_scale`` / ``true_cfg_scale``, ``height``, ``width``,
+    ``num_inference_steps``, ``generator`` or ``latents``, ...). The pipeline's guidance must be
+    plain CFG (checked against the model output it hands its scheduler).
+    """
+    torch = require("torch", extra="diffusers")
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    calls: list[tuple[dict, Any]] = []
+    seen: dict = {}
+
+    class _Record(ModelHook):
+        def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
+            if args:
+                raise ConfigError("capture_pipeline needs a pipeline that calls its transformer with keywords")
+            out = self.fn_ref.original_forward(**kwargs)
+            calls.append((dict(kwargs), out[0] if isinstance(out, tuple) else out.sample))
+            return out
+
+    def fake_step(model_output: Any, timestep: Any, sample: Any, *a: Any, **kw: Any) -> Any:
+        seen.update(model_output=model_output, timestep=timestep, sample=sample)
+        raise _Captured
+
+    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
+    registry.register_hook(_Record(), "anchorflow_capture")
+    pipe.scheduler.step = fake_step
+    try:
+        pipe(**inputs)
+    except _Captured:
+        pass
+    finally:
+        del pipe.scheduler.step
+        registry.remove_hook("anchorflow_capture", recurse=False)
+    if not seen:
+        raise ConfigError("the pipeline finished without calling scheduler.step; is num_inference_steps >= 1?")
+    return _build(pipe, inputs, calls, seen, torch)
+
+
+def _build(pipe: Any, inputs: dict, calls: list, seen: dict, torch: Any) -> PipelineField:
+    sample = seen["sample"]
+    B = sample.shape[0]
+    kw0 = calls[0][0]
+    rows = kw0["hidden_states"].shape[0]
+    per_row = [k for k, v in kw0.items() if torch.is_tensor(v) and v.ndim and v.shape[0] == rows
+               and k not in _SHARED | {"hidden_states", "timestep"}]
+    shared = {k: v for k, v in kw0.items() if k not in per_row and k not in {"hidden_states", "timestep", "return_dict"}}
+    if len(calls) == 1 and rows == B:
+        cfg, table, outs = 1.0, {k: kw0[k] for k in per_row}, [calls[0][1]]
+    elif len(calls) == 1 and rows == 2 * B:  # batched CFG, diffusers' layout [uncond; cond]
+        cfg = float(getattr(pipe, "_guidance_scale", inputs.get("guidance_scale", 1.0)))
+        table = {k: torch.cat([kw0[k][B:], kw0[k][:B]]) for k in per_row}
+        outs = [calls[0][1][B:], calls[0][1][:B]]
+    elif len(calls) == 2 and rows == B:  # FLUX true CFG: a cond call, then an uncond call
+        cfg = float(inputs.get("true_cfg_scale", 1.0))
+        table = {k: torch.cat([kw0[k], calls[1][0][k]]) for k in per_row}
+        outs = [calls[0][1], calls[1][1]]
+    else:
+        raise ConfigError(f"unsupported pipeline: {len(calls)} transformer call(s) of {rows} rows for {B} latents per step")
+    _check_guidance(seen["model_output"], outs, cfg, torch)
+    sigma_step = seen["timestep"].reshape(-1)[0].float()
+    tau = kw0["timestep"].reshape(-1)[0].float()
+    mode = "train" if torch.equal(tau, sigma_step) else ("unit" if torch.allclose(tau * 1000.0, sigma_step) else None)
+    if mode is None:
+        raise ConfigError(f"the pipeline passes timestep {tau.item()} at scheduler timestep {sigma_step.item()}; "
+                          "only 1000*sigma and sigma are supported")
+    sched = pipe.scheduler
+    k0 = sched.index_for_timestep(seen["timestep"]) if sched.begin_index is None else sched.begin_index
+    grid = sched.sigmas.detach().to("cpu", torch.float64).numpy()[k0:]
+    hs = kw0["hidden_states"]
+    return PipelineField(pipe.transformer, sample.detach().to("cpu", torch.float32).numpy(), grid, cfg, len(calls),
+                         mode, table, shared, hs.dtype, hs.device)
+
+
+def _check_guidance(model_output: Any, outs: list, cfg: float, torch: Any) -> None:
+    """The pipeline must hand its scheduler ``v_u + s (v_c - v_u)`` (plain CFG) or v_c."""
+    v_c = outs[0].float()
+    expected = v_c if len(outs) == 1 else outs[1].float() + cfg * (v_c - outs[1].float())
+    got = model_output.float()
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=_GUIDANCE_RTOL, atol=_GUIDANCE_RTOL):
+        raise ConfigError("this pipeline's guidance is not plain classifier-free guidance at the scale given "
+                          "(guidance rescale or skip-layer guidance?); anchorflow cannot reproduce it")

@@ -1,0 +1,114 @@
+"""AnchorflowScheduler inside real (tiny, random-init) SD3 and FLUX pipelines.
+
+Truths: diffusers' own FlowMatchEulerDiscreteScheduler (for "euler"), and the torch-free
+runtime's ``solve`` run on the same transformer (captured from the pipeline) and the same grid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from _tiny_pipelines import build, inputs  # noqa: E402
+
+from anchorflow.errors import ConfigError  # noqa: E402
+from anchorflow.integrations.diffusers import AnchorflowScheduler, capture_pipeline, scheduler_solvers  # noqa: E402
+from anchorflow.runtime import solve  # noqa: E402
+
+STEPS = 6
+# The pipeline and solve() evaluate the same float32 transformer on the same rows, but in a
+# different batch layout ([uncond; cond] in one call, or two calls for FLUX's true CFG, against
+# our [cond; uncond]) and with the CFG sum in torch vs numpy: float32 re-association, a few ulp
+# of the O(1) latents per step, compounded over 6 steps. Measured: 0 for SD3 and unguided FLUX,
+# <= 7.2e-7 for FLUX's two-call true CFG. 1e-5 is ~80 ulp of |x| ~ 4; a wrong coefficient or an
+# off-by-one step moves the result by far more (checked below against Euler).
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def pipe(request, tmp_path_factory):
+    p = build(request.param, tmp_path_factory.mktemp(request.param))
+    p.set_progress_bar_config(disable=True)
+    p.kind = request.param
+    return p
+
+
+def _run(pipe, scheduler, cfg, steps=STEPS, kind=None):
+    original = pipe.scheduler
+    pipe.scheduler = scheduler
+    try:
+        return pipe(**inputs(kind or pipe.kind, cfg, steps)).images.float().numpy()
+    finally:
+        pipe.scheduler = original
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_euler_is_flow_match_euler(pipe, cfg):
+    """AnchorflowScheduler("euler") reproduces diffusers' Euler bit for bit (same sigmas, same float32 step)."""
+    ref = pipe(**inputs(pipe.kind, cfg, STEPS)).images.float().numpy()
+    ours = _run(pipe, AnchorflowScheduler.from_config(pipe.scheduler.config, solver="euler"), cfg)
+    np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+@pytest.mark.parametrize("solver", scheduler_solvers())
+def test_scheduler_equals_solve(pipe, solver, cfg):
+    sched = AnchorflowScheduler.from_config(pipe.scheduler.config, solver=solver)
+    ours = _run(pipe, sched, cfg)
+    field = capture_pipeline(pipe, **inputs(pipe.kind, cfg, STEPS))
+    np.testing.assert_array_equal(field.grid, sched.anchorflow_grid())  # the pipeline's own sigmas
+    res = solve(solver, field.velocity, field.noise, STEPS, **field.solve_kwargs())
+    assert res.nfe == STEPS
+    np.testing.assert_allclose(ours, res.x, rtol=0, atol=TOL)
+    euler = solve("euler", field.velocity, field.noise, STEPS, **field.solve_kwargs()).x
+    if solver != "euler":  # the comparison can tell the solvers apart
+        assert np.abs(euler - res.x).max() > 100 * TOL
+
+
+def test_flux_dynamic_shift_is_honoured(tmp_path):
+    """FLUX passes mu (resolution-dependent shift): the grid is diffusers' shifted one, not uniform."""
+    pipe = build("flux", tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    sched = AnchorflowScheduler.from_config(pipe.scheduler.config, solver="ab2")
+    assert sched.config.use_dynamic_shifting
+    pipe.scheduler = sched
+    pipe(**inputs("flux", 1.0, 4))
+    ref = AnchorflowScheduler.from_config(pipe.scheduler.config, solver="euler")
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (4 - 256)  # FluxPipeline's calculate_shift for 4 image tokens
+    ref.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4), mu=mu)
+    np.testing.assert_array_equal(sched.anchorflow_grid(), ref.anchorflow_grid())
+    assert not np.allclose(sched.anchorflow_grid(), np.linspace(1, 0, 5))
+
+
+def test_our_grid_replaces_the_pipelines(tmp_path):
+    pipe = build("sd3", tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    sched = AnchorflowScheduler.from_config(pipe.scheduler.config, solver="ab2", grid="uniform")
+    ours = _run(pipe, sched, 1.0, steps=5, kind="sd3")
+    np.testing.assert_allclose(sched.anchorflow_grid(), np.linspace(1, 0, 6), atol=1e-7)
+    field = capture_pipeline(pipe, **inputs("sd3", 1.0, 5))  # FlowMatchEuler scheduler: shifted grid
+    res = solve("ab2", field.velocity, field.noise, 5, y=np.arange(2), grid=sched.anchorflow_grid())
+    np.testing.assert_allclose(ours, res.x, rtol=0, atol=TOL)
+
+
+def test_config_round_trip(tmp_path):
+    sched = AnchorflowScheduler(solver="ipndm", solver_options={"order": 3}, shift=3.0)
+    sched.save_pretrained(tmp_path)
+    back = AnchorflowScheduler.from_pretrained(tmp_path)
+    assert (back.config.solver, back.config.solver_options, back.config.shift) == ("ipndm", {"order": 3}, 3.0)
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(solver="heun"), "cannot run as a scheduler"),
+    (dict(solver="ba"), "run_ba"),
+    (dict(solver="nope"), "known solvers"),
+    (dict(solver="ab2", solver_options={"order": 3}), "no option"),
+    (dict(solver="ab2", grid="shift:x"), "bad grid"),
+    (dict(solver="ab2", stochastic_sampling=True), "stochastic"),
+])
+def test_refusals_say_what_to_do(bad, words):
+    with pytest.raises(ConfigError, match=words):
+        AnchorflowScheduler(**bad)
