@@ -156,7 +156,11 @@ def _bundle_meta(meta: dict) -> dict:
     model = dict(meta.get("model") or {})
     nets = meta.get("networks") or {}
     model.setdefault("name", "model")
-    model["model_id"] = (nets.get("backbone") or {}).get("sha256", model.get("name"))
+    backbone = nets.get("backbone") or {}
+    # Identity of the weights, not of backbone.onnx's bytes (which embed the checkpoint path and
+    # the exporter's version): FastFlow's learned bandits survive a re-export of the same weights.
+    weights = (backbone.get("checkpoint") or {}).get("weights_sha256")
+    model["model_id"] = weights or backbone.get("sha256", model.get("name"))
     model["state_shape"] = tuple(model.get("state_shape", ()))
     return model
 

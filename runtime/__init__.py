@@ -16,7 +16,7 @@ from .solve import solve
 
 # Names served lazily from sub-modules (keeps `import anchorflow.runtime` light).
 _LAZY = {
-    "FastFlowBandit": ".fastflow",
+    "FastFlowBandit": ".bandit",
     "load_bundle": ".bundle",
     "LoadedBundle": ".bundle",
     "OrtVelocity": ".backends",

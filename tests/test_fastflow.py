@@ -19,7 +19,9 @@ from click.testing import CliRunner
 
 from anchorflow.errors import ConfigError, StateFileError
 from anchorflow.runtime import FastFlowBandit, make_grid, solve
-from anchorflow.runtime.fastflow import BanditKey, run_with_state, update_file
+from anchorflow.runtime import bandit_state
+from anchorflow.runtime.bandit import BanditKey
+from anchorflow.runtime.fastflow import run_with_state
 from anchorflow.runtime.solvers.fastflow import extrapolate
 
 T = 12  # a small grid keeps every test fast; the rules do not depend on T
@@ -161,8 +163,8 @@ def test_reloaded_bandit_makes_the_same_choices(mixture, tmp_path):
     mem = FastFlowBandit(T, mu=2e-3, seed=7, model_id="gm")
     _warm(mixture, mem, 5)
     mem.Q[4], mem.N[4] = 0.25, 3  # an exact tie at step 4: broken by the seeded generator
-    mem.save(tmp_path / "s.json")
-    disk = FastFlowBandit.load(tmp_path / "s.json", key=mem.key)
+    bandit_state.write(mem, tmp_path / "s.json")
+    disk = bandit_state.load(tmp_path / "s.json", key=mem.key)
     np.testing.assert_array_equal(disk.Q, mem.Q)
     ties = [(mem.select(4, 6), disk.select(4, 6)) for _ in range(20)]
     assert len({a for a, _ in ties}) > 1 and all(a == b for a, b in ties)
@@ -175,25 +177,25 @@ def test_reloaded_bandit_makes_the_same_choices(mixture, tmp_path):
 
 def test_truncated_and_foreign_files_refused(tmp_path):
     path = tmp_path / "s.json"
-    FastFlowBandit(T, mu=1e-3, model_id="m").save(path)
+    bandit_state.write(FastFlowBandit(T, mu=1e-3, model_id="m"), path)
     text = path.read_text()
     path.write_text(text[: len(text) // 2])
     with pytest.raises(StateFileError, match="corrupt or truncated"):
-        FastFlowBandit.load(path)
+        bandit_state.load(path)
     path.write_text(json.dumps({"schema": "anchorflow.bundle/1"}))
     with pytest.raises(StateFileError, match="schema"):
-        FastFlowBandit.load(path)
+        bandit_state.load(path)
     d = json.loads(text)
     d["Q"] = d["Q"][:-1]
     path.write_text(json.dumps(d))
     with pytest.raises(StateFileError, match="Q must be"):
-        FastFlowBandit.load(path)
+        bandit_state.load(path)
 
 
 def test_crash_during_save_keeps_old_file(tmp_path, monkeypatch):
     path = tmp_path / "s.json"
     old = FastFlowBandit(T, mu=1e-3, model_id="m")
-    old.save(path)
+    bandit_state.write(old, path)
     before = path.read_bytes()
     new = old.copy()
     new.observe(2, 4, 1.0)
@@ -202,11 +204,11 @@ def test_crash_during_save_keeps_old_file(tmp_path, monkeypatch):
         raise OSError("simulated crash")
 
     monkeypatch.setattr("anchorflow._io.os.fsync", crash)
-    with pytest.raises(OSError, match="simulated"):
-        new.save(path)
+    with pytest.raises(StateFileError, match="cannot write the bandit state .*simulated"):
+        bandit_state.update(path, lambda b: b.observe(2, 4, 1.0))
     monkeypatch.undo()
     assert path.read_bytes() == before
-    assert FastFlowBandit.load(path).N.sum() == 0
+    assert bandit_state.load(path).N.sum() == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.json.lock"]  # no temp left
 
 
@@ -223,8 +225,8 @@ def test_mismatched_state_refused(mixture, tmp_path):
     with pytest.raises(StateFileError, match="mu="):
         run_with_state(mixture, _noise(0), T, path, "model-a", y=_labels(), mu=5.0)
     with pytest.raises(StateFileError, match="grid size"):
-        FastFlowBandit.load(path, key=BanditKey.of(make_grid(T + 1), "model-a"))
-    assert FastFlowBandit.load(path).generations == 1  # refusals changed nothing
+        bandit_state.load(path, key=BanditKey.of(make_grid(T + 1), "model-a"))
+    assert bandit_state.load(path).generations == 1  # refusals changed nothing
 
 
 def test_mu_factor_scales_calibration_and_is_part_of_the_state(mixture, tmp_path):
@@ -232,7 +234,7 @@ def test_mu_factor_scales_calibration_and_is_part_of_the_state(mixture, tmp_path
     path = tmp_path / "s.json"
     run_with_state(mixture, _noise(3), T, path, "m", y=_labels(), mu_factor=20.0)
     # the same fully computed generation, so the same max mse: exactly 20 times the plain rule
-    assert FastFlowBandit.load(path).mu == pytest.approx(20.0 * plain.info["calibrated_mu"], rel=1e-12)
+    assert bandit_state.load(path).mu == pytest.approx(20.0 * plain.info["calibrated_mu"], rel=1e-12)
     with pytest.raises(StateFileError, match="mu_factor"):
         run_with_state(mixture, _noise(4), T, path, "m", y=_labels(), mu_factor=5.0)
     with pytest.raises(ConfigError, match="mu_factor"):
@@ -242,9 +244,9 @@ def test_mu_factor_scales_calibration_and_is_part_of_the_state(mixture, tmp_path
 def test_run_with_state_calibrates_then_learns(mixture, tmp_path):
     path = tmp_path / "s.json"
     first = run_with_state(mixture, _noise(0), T, path, "m", y=_labels())
-    assert first.nfe == T and FastFlowBandit.load(path).mu == pytest.approx(first.info["calibrated_mu"])
+    assert first.nfe == T and bandit_state.load(path).mu == pytest.approx(first.info["calibrated_mu"])
     second = run_with_state(mixture, _noise(1), T, path, "m", y=_labels())
-    state = FastFlowBandit.load(path)
+    state = bandit_state.load(path)
     assert state.generations == 2 and not second.info["calibration"]
     assert state.N.sum() == len(first.info["rewards"]) + len(second.info["rewards"])
 
@@ -271,7 +273,7 @@ def test_concurrent_writers_all_counted(tmp_path):
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
-    state = FastFlowBandit.load(path)
+    state = bandit_state.load(path)
     assert state.generations == 8
     # every generation makes decisions at steps 1 .. paid before the tail; none may be lost
     assert state.N.sum() >= 8 and state.N[1].sum() == 8

@@ -27,17 +27,25 @@ def summarize(b: Any) -> dict[str, Any]:
     ]
     return {
         "model_id": b.key.model_id, "T": b.T, "grid_sha256": b.key.grid_sha256, "arms": list(b.arms),
-        "gamma": b.gamma, "bonus": b.bonus, "mu": b.mu, "mu_factor": b.mu_factor, "generations": b.generations, "steps": steps,
+        "gamma": b.gamma, "bonus": b.bonus, "mu": b.mu, "mu_factor": b.mu_factor, "generations": b.generations,
+        "target_calls": b.target, "tol": b.tol, "recent_calls": [c for c, _ in b.history[-20:]], "steps": steps,
     }
 
 
 def _text(s: dict[str, Any]) -> str:
     mu = "not calibrated yet" if s["mu"] is None else f"{s['mu']:.4g}"
     mu += "" if s["mu_factor"] == 1.0 else f" (calibrated x {s['mu_factor']:g})"
+    if s["target_calls"] is None:
+        budget = "none: fixed mu (the paper's rule)"
+    else:
+        recent = s["recent_calls"]
+        budget = f"{s['target_calls']:.4g} backbone calls per generation (mu adapts)" + (
+            f"; last {len(recent)} generations averaged {sum(recent) / len(recent):.4g}" if recent else "")
     lines = [
         f"model      {s['model_id'] or '(none)'}",
         f"grid       T = {s['T']} (sha256 {s['grid_sha256'][:12]}...)",
         f"arms       {s['arms']}  gamma {s['gamma']:g} (bonus unit: {s['bonus']})  mu {mu}",
+        f"budget     {budget}" + ("" if s["tol"] is None else f"  quality guard tol {s['tol']:g}"),
         f"generations seen: {s['generations']}",
         "",
         f"{'step':>4} {'t':>7} {'greedy':>6}  " + "  ".join(f"{'Q(' + str(a) + ')':>11} {'N':>5}" for a in s["arms"]),
@@ -90,13 +98,14 @@ def show(file: str, plot: Optional[str], as_json: bool) -> None:
 
     Per grid step k that has made decisions: the greedy arm (best mean reward Q so far), Q and
     the count N of every arm; plus mu (reward per skipped step), gamma, and the number of
-    generations seen. A corrupt or foreign file is refused with a message.
+    generations seen, the calls budget and what recent generations spent. A corrupt or foreign file
+    is refused with a message.
     """
     import json
 
-    from ..runtime.fastflow import FastFlowBandit
+    from ..runtime import bandit_state
 
-    b = FastFlowBandit.load(file)
+    b = bandit_state.load(file)
     s = summarize(b)
     click.echo(json.dumps(s, indent=2) if as_json else _text(s))
     if plot:

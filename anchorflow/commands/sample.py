@@ -26,13 +26,17 @@ from .common import BACKENDS, positive
               help="Which of the bundle's ONNX variants to run.")
 @click.option("--bandit-state", type=click.Path(dir_okay=False), default=None,
               help="fastflow: JSON file the bandit learns into across invocations (created if missing).")
+@click.option("--calls", type=float, default=None,
+              help="fastflow: budget of backbone calls per sample batch; the bandit adapts its price mu to it.")
+@click.option("--speedup", type=float, default=None,
+              help="fastflow: budget as a speed-up over the T-step grid (calls = T / speedup); default 3.")
 @click.option("--mu-factor", type=float, default=None,
-              help="fastflow: scales the calibrated speed/accuracy trade-off mu (the benchmark finds 10-30 best).")
+              help="fastflow: scales the first, calibrated mu (the budget then adapts it).")
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
               help="Sample grid PNG to write.")
 @click.option("--npy", type=click.Path(dir_okay=False), default=None, help="Also save the raw samples as .npy.")
 def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, backend, allow_fallback,
-           precision, bandit_state, mu_factor, out, npy) -> None:
+           precision, bandit_state, calls, speedup, mu_factor, out, npy) -> None:
     """Generate N samples from MODEL with SOLVER in NFE backbone calls and write a PNG grid.
 
     MODEL is `default` (the bundled digits model), a model folder or an exported bundle. On a
@@ -53,8 +57,8 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, b
     from .common import make_labels, parse_interval
 
     spec = get_solver(solver)
-    if (bandit_state or mu_factor is not None) and solver != "fastflow":
-        raise ConfigError("--bandit-state and --mu-factor only apply to --solver fastflow")
+    if (bandit_state or mu_factor is not None or calls is not None or speedup is not None) and solver != "fastflow":
+        raise ConfigError("--bandit-state, --calls, --speedup and --mu-factor only apply to --solver fastflow")
     if solver == "fastflow" and not bandit_state:
         click.echo("note: without --bandit-state FastFlow cannot learn across runs; this run is its calibration "
                    "pass (every step computed)", err=True)
@@ -65,11 +69,13 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, b
     noise = np.random.default_rng(seed).standard_normal((n, *meta["state_shape"])).astype(np.float32)
     kwargs = dict(y=y, sidenet=m.sidenet, cfg_scale=cfg_scale, cfg_interval=parse_interval(cfg_interval),
                   null_label=meta.get("null_label"), grid=grid)
+    pending = None
     if solver == "fastflow" and bandit_state:
-        from ..runtime.fastflow import run_with_state
+        from ..runtime.fastflow import solve_with_state
 
-        extra = {} if mu_factor is None else {"mu_factor": mu_factor}
-        res = run_with_state(m.velocity, noise, nfe, bandit_state, meta["model_id"], **extra, **kwargs)
+        extra = {k: v for k, v in dict(mu_factor=mu_factor, calls=calls, speedup=speedup).items() if v is not None}
+        pending = solve_with_state(m.velocity, noise, nfe, bandit_state, meta["model_id"], **extra, **kwargs)
+        res = pending.result
     else:
         res = solve(solver, m.velocity, noise, nfe, **kwargs)
     lo, hi = meta.get("data_range", [-1.0, 1.0])
@@ -78,6 +84,8 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, b
         with _io.atomic_path(npy) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, res.x)
+    if pending is not None:  # learn only once every output is written (all or nothing)
+        pending.commit()
     t = res.timing
     click.echo(
         f"{solver}: {res.nfe} backbone calls, {res.sidenet_calls} SideNet calls, {t.total_s * 1e3:.1f} ms "

@@ -10,7 +10,9 @@ step extrapolates from the last two computed (guided) velocities v_p at t_p and 
 Steps 0 and 1 and the last ``tail`` steps are always computed; a skip never crosses the end.
 After a computed step k (k >= 1) the bandit B_k picks a skip length a; at the next computed
 step m = k + a + 1 it is paid ``mu * a - mse(v_hat(t_m), v_m)`` (batch mean: one decision per
-batch). Here ``nfe`` (the registry's "grid" rule) is T; ``Result.nfe`` counts the real calls.
+batch; see :mod:`anchorflow.runtime.bandit`). ``fixed_skip=s`` replaces the bandit by the
+static rule "compute one step, skip s" (a baseline). Here ``nfe`` (the registry's "grid" rule)
+is T; ``Result.nfe`` counts the real calls.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from ...errors import ConfigError
-from ..fastflow import DEFAULT_ARMS, DEFAULT_GAMMA, BanditKey, FastFlowBandit, calibrated_mu
+from ..bandit import DEFAULT_ARMS, DEFAULT_GAMMA, BanditKey, FastFlowBandit, calibrated_mu
 from ..field import GuidedField
 from ..registry import register
 from ..result import SolverOutput, StepRecord
@@ -58,33 +60,37 @@ def _bandit_for(grid: np.ndarray, bandit: Optional[FastFlowBandit], mu, arms, ga
 class _Run:
     """Book-keeping of one FastFlow generation: anchors, pending decision, per-step facts."""
 
-    def __init__(self, T: int, tail: int, forced_zero: bool) -> None:
-        self.T, self.tail, self.forced_zero = T, tail, forced_zero
+    def __init__(self, T: int, tail: int, forced_zero: bool, fixed_skip: Optional[int]) -> None:
+        self.T, self.tail, self.forced_zero, self.fixed_skip = T, tail, forced_zero, fixed_skip
         self.anchors: list[Anchor] = []
         self.pending: Optional[tuple[int, int]] = None
         self.computed = [False] * T
         self.arms: list[Optional[int]] = [None] * T
         self.mse: list[Optional[float]] = [None] * T
         self.reward: list[Optional[float]] = [None] * T
-        self.rewards: list[tuple[int, int, float]] = []
+        self.losses: list[tuple[int, int, float, bool]] = []  # (k, arm, mse at m, skip term paid)
 
-    def computed_step(self, k: int, t: float, v: np.ndarray, mu: float) -> None:
+    def computed_step(self, k: int, t: float, v: np.ndarray, bandit: FastFlowBandit) -> None:
         """Record v_k, measure the extrapolation error, pay the pending decision."""
         self.computed[k] = True
         if len(self.anchors) == 2:
             self.mse[k] = _mse(extrapolate(*self.anchors, t), v)
             if self.pending is not None:
                 k0, a = self.pending
-                r = mu * a - self.mse[k]
-                self.reward[k0] = r
-                self.rewards.append((k0, a, r))
+                paid = a == 0 or bandit.guard_ok(self.mse[k], _mse(v, 0.0))
+                self.reward[k0] = bandit.reward(a, self.mse[k], paid)
+                self.losses.append((k0, a, self.mse[k], paid))
                 self.pending = None
         self.anchors = [*self.anchors[-1:], (t, v)]
 
     def decide(self, k: int, bandit: FastFlowBandit) -> int:
         """After computed step k: how many steps to skip next (0 when no choice is allowed)."""
         max_arm = self.T - self.tail - 1 - k
-        if k < 1 or not any(0 < a <= max_arm for a in bandit.arms):
+        if k < 1:
+            return 0
+        if self.fixed_skip is not None:
+            return min(self.fixed_skip, max(max_arm, 0))
+        if not any(0 < a <= max_arm for a in bandit.arms):
             return 0
         a = 0 if self.forced_zero else bandit.select(k, max_arm)
         self.arms[k], self.pending = a, (k, a)
@@ -99,7 +105,8 @@ def _info(run: _Run, mu: Optional[float], calibrated: Optional[float], learn: bo
         "arms": run.arms,
         "skip_hist": dict(sorted(Counter(chosen).items())),
         "mse": run.mse,
-        "rewards": [list(r) for r in run.rewards],
+        "rewards": [[k, a, r] for (k, a, _, _), r in zip(run.losses, (run.reward[k] for k, *_ in run.losses))],
+        "losses": [list(x) for x in run.losses],
         "mu": mu,
         "calibration": mu is None,
         "calibrated_mu": calibrated,
@@ -116,6 +123,12 @@ def _records(grid: np.ndarray, run: _Run) -> list[StepRecord]:
     ]
 
 
+def _check_int(name: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    return int(value)
+
+
 @register("fastflow", calls_per_step=None, order=1, nfe_rule="grid", min_nfe=3,
           summary="FastFlow: Euler with bandit-chosen step skipping (nfe = grid size T)")
 def fastflow(
@@ -130,25 +143,32 @@ def fastflow(
     tail: int = 1,
     seed: int = 0,
     learn: bool = True,
+    fixed_skip: Optional[int] = None,
 ) -> SolverOutput:
     """FastFlow on ``grid`` (T + 1 times, 1 -> 0); x (B, ...) is the noise at t = 1.
 
     Options: ``bandit`` (a :class:`FastFlowBandit` for this grid, updated when ``learn``; None:
     a fresh one from ``mu`` / ``arms`` / ``gamma`` / ``seed``), ``tail`` (last steps always
-    computed, >= 1). A bandit without mu runs this generation fully computed and calibrates
-    ``mu = mu_factor * max_k mse_k / T`` (stored only when ``learn``). mu = 0 never skips (plain Euler).
+    computed, >= 1), ``fixed_skip`` (no bandit: after every computed step k >= 1 skip that many
+    steps; a baseline). A bandit without mu runs this generation fully computed and calibrates
+    ``mu = mu_factor * max_k mse_k / T`` (stored only when ``learn``). mu = 0 never skips.
 
     ``Result.info``: ``calls`` (computed steps), per-step lists ``computed``, ``arms`` (the arm
     chosen after step k, None where no choice was made) and ``mse`` (extrapolation error at each
     computed step k >= 2), ``skip_hist`` {arm: decisions} (0 = no skip), ``rewards``
-    [[k, arm, reward], ...], ``mu``, ``calibration``, ``calibrated_mu``, ``learned``.
+    [[k, arm, reward], ...], ``losses`` [[k, arm, mse, paid], ...], ``mu``, ``calibration``,
+    ``calibrated_mu``, ``learned``.
     """
     T = len(grid) - 1
-    if isinstance(tail, bool) or not isinstance(tail, (int, np.integer)) or not 1 <= tail <= T:
-        raise ConfigError(f"tail must be an integer in 1..T ({T}): the last steps always computed; got {tail!r}")
+    tail = _check_int("tail (the last steps always computed)", tail, 1, T)
+    if fixed_skip is not None:
+        fixed_skip = _check_int("fixed_skip", fixed_skip, 0, T)
+        if bandit is not None:
+            raise ConfigError("fixed_skip replaces the bandit; pass one or the other")
+        bandit = FastFlowBandit(T, grid, mu=0.0)
     bandit = _bandit_for(grid, bandit, mu, arms, gamma, seed)
     mu = bandit.mu
-    run = _Run(T, int(tail), forced_zero=mu is None or mu == 0.0)
+    run = _Run(T, tail, forced_zero=mu is None or mu == 0.0, fixed_skip=fixed_skip)
     skip = 0
     for k in range(T):
         t, t_next = float(grid[k]), float(grid[k + 1])
@@ -156,10 +176,11 @@ def fastflow(
             v, skip = extrapolate(*run.anchors, t), skip - 1
         else:
             v = field(x, t)
-            run.computed_step(k, t, v, mu or 0.0)
+            run.computed_step(k, t, v, bandit)
             skip = run.decide(k, bandit)
         x = x + (t_next - t) * v
-    calibrated = bandit.mu_factor * calibrated_mu(run.mse, T) if mu is None else None
-    if learn:
-        bandit.merge({"calibrated_mu": calibrated, "rewards": run.rewards})
-    return SolverOutput(x, _records(grid, run), _info(run, mu, calibrated, learn))
+    calibrated = calibrated_mu(run.mse, T) if mu is None else None
+    info = _info(run, mu, calibrated, learn and fixed_skip is None)
+    if info["learned"]:
+        bandit.merge(info)
+    return SolverOutput(x, _records(grid, run), info)
