@@ -110,7 +110,9 @@ def budget_target(T: int, calls: Optional[float], speedup: Optional[float]) -> f
         if c > T:
             raise ConfigError(f"calls must be in 3..T ({T}): the budget of backbone calls per generation; got {calls!r}")
         return c
-    s = _number("speedup", DEFAULT_SPEEDUP if speedup is None else speedup, low=1.0)
+    if speedup is None:  # the default: 3x, or as close as a short grid allows (3 calls at least)
+        return max(T / DEFAULT_SPEEDUP, min(3.0, float(T)))
+    s = _number("speedup", speedup, low=1.0)
     if T / s < 3.0:
         raise ConfigError(f"speedup {s:g} leaves fewer than 3 of the {T} steps computed; use at most {T / 3:g}")
     return T / s

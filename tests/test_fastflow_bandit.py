@@ -182,6 +182,7 @@ def test_quality_guard_refuses_skips_above_tolerance(mixture):
 
 def test_budget_options_checked():
     assert FastFlowBandit(30).target == 10.0  # default: a 3x speed-up
+    assert FastFlowBandit(4).target == 3.0  # ... or as close as a short grid allows
     assert FastFlowBandit(30, calls=12).target == 12.0
     assert FastFlowBandit(30, mu=0.1).target is None  # a fixed mu: the paper's behaviour
     assert FastFlowBandit(30, mu=0.1, speedup=2).target == 15.0  # mu is then only the start
