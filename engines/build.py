@@ -1,29 +1,31 @@
-"""Build TensorRT engines for a bundle: parse ONNX, strongly typed network, one profile, cache.
+"""Build TensorRT engines for a bundle through Polygraphy's loaders, cached in the bundle.
 
 Per network (backbone, SideNet) and precision: the ONNX graph of that precision (fp16/bf16
 variants have float32 I/O and carry their precision in the graph) is parsed into a strongly
-typed network, one optimisation profile covers the solver's row counts
-(:mod:`anchorflow.engines.profiles`), the builder runs with the workspace limit, optimisation
-level and a persistent timing cache, and the serialized engine is stored in the bundle's
-engine cache (:mod:`anchorflow.engines.cache`). A progress display follows the builder's
-phases (``IProgressMonitor``). TensorRT 10.x and 11.x differences live in :mod:`.compat`.
+typed network by our own parser step (it keeps TensorRT's per-node errors for the message), then
+Polygraphy builds it: ``CreateConfig`` (one optimisation profile from
+:mod:`anchorflow.engines.profiles`, workspace limit, optimisation level, TF32 off unless asked,
+timing cache, progress monitor) and ``engine_bytes_from_network``. The timing cache is merged,
+not overwritten, and written atomically; the engine goes into the bundle's cache
+(:mod:`anchorflow.engines.cache`). Ctrl-C cancels through the progress monitor
+(:mod:`anchorflow.engines.progress`). TensorRT 10.x/11.x differences live in :mod:`.compat`.
 """
 
 from __future__ import annotations
 
-import itertools
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, Callable, Optional
+
+from filelock import FileLock
 
 from .._deps import require
 from .._io import sha256_file, write_bytes
 from ..errors import BackendError, CheckpointError, ConfigError
-from . import cache, compat
+from . import cache, compat, driver
 from .profiles import Profile, SampleRange, derive_profiles, network_specs, read_bundle, sample_range
+from .progress import ProgressDisplay, run_cancellable
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -43,6 +45,12 @@ class BuildOptions:
     force: bool = False
     timing_cache: Optional[Path] = None
     progress: bool = True
+    tf32: bool = False  # fp32 MatMul/Gemm in TF32 (faster, ~5e-4 relative error); off by default
+
+    def builder_fields(self) -> dict:
+        """Every option that changes the engine TensorRT builds: part of the cache key."""
+        return {"opt_level": int(self.opt_level), "workspace_mb": None if self.workspace_mb is None else int(self.workspace_mb),
+                "tf32": bool(self.tf32)}
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -71,75 +79,6 @@ class BuildRecord:
         return f"{self.network:<8} {self.precision:<4} {state:<16} {self.size_bytes / 2**20:7.2f} MiB  {self.path.name}"
 
 
-# -- progress ------------------------------------------------------------------------------------
-class ProgressDisplay:
-    """Shows TensorRT builder phases: one tqdm bar per active phase, or elapsed-time lines without tqdm.
-
-    Thread-safe (TensorRT may report from several threads). ``cancel()`` makes the next
-    ``step_complete`` return False, which asks TensorRT to stop the build.
-    """
-
-    def __init__(self, stream: Optional[TextIO] = None, use_tqdm: Optional[bool] = None, label: str = "") -> None:
-        self.stream = stream or sys.stderr
-        self.label = label
-        self.cancelled = False
-        self._lock = threading.Lock()
-        self._start = time.perf_counter()
-        self._phases: dict[str, dict] = {}
-        self._spin = itertools.cycle("|/-\\")
-        self._tqdm = _tqdm_class() if use_tqdm in (None, True) else None
-        if use_tqdm and self._tqdm is None:
-            raise ConfigError("tqdm is not installed; pip install tqdm or pass use_tqdm=False")
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self._start
-
-    def phase_start(self, name: str, parent: Optional[str], steps: int) -> None:
-        with self._lock:
-            depth = self._phases[parent]["depth"] + 1 if parent in self._phases else 0
-            phase = {"depth": depth, "steps": max(int(steps), 1), "done": 0}
-            if self._tqdm is not None:
-                phase["bar"] = self._tqdm(total=phase["steps"], desc=f"{self.label}{'  ' * depth}{name}",
-                                          position=depth, leave=False, file=self.stream, mininterval=0.25)
-            self._phases[name] = phase
-            self._line(name, phase)
-
-    def step_complete(self, name: str, step: int) -> bool:
-        with self._lock:
-            phase = self._phases.get(name)
-            if phase is not None:
-                phase["done"] = min(int(step) + 1, phase["steps"])
-                if "bar" in phase:
-                    phase["bar"].n = phase["done"]
-                    phase["bar"].refresh()
-                self._line(name, phase)
-            return not self.cancelled
-
-    def phase_finish(self, name: str) -> None:
-        with self._lock:
-            phase = self._phases.pop(name, None)
-            if phase is not None and "bar" in phase:
-                phase["bar"].close()
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def _line(self, name: str, phase: dict) -> None:
-        if self._tqdm is None:
-            indent = "  " * phase["depth"]
-            self.stream.write(f"\r{next(self._spin)} [{self.elapsed():7.1f} s] {self.label}{indent}{name} "
-                              f"{phase['done']}/{phase['steps']}\x1b[K")
-            self.stream.flush()
-
-
-def _tqdm_class() -> Any:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm
-
-
 # -- one engine ------------------------------------------------------------------------------------
 def _parse(trt: Any, network: Any, logger: Any, onnx_path: Path) -> Any:
     parser = trt.OnnxParser(network, logger)
@@ -148,61 +87,83 @@ def _parse(trt: Any, network: Any, logger: Any, onnx_path: Path) -> Any:
     return parser
 
 
-def _add_profile(builder: Any, config: Any, network: Any, profile: Profile) -> None:
+def parse_network(trt: Any, logger: Any, onnx_path: Path) -> tuple[Any, Any, Any]:
+    """(builder, strongly typed network, parser) for ``onnx_path``: the tuple Polygraphy's build loaders take."""
+    builder = compat.create_builder(trt, logger)
+    compat.init_plugins(trt, logger)
+    network = builder.create_network(compat.network_flags(trt))
+    return builder, network, _parse(trt, network, logger, onnx_path)
+
+
+def _check_inputs(network: Any, profile: Profile) -> None:
     names = {network.get_input(i).name for i in range(network.num_inputs)}
     if names != set(profile.shapes):
         raise BackendError(f"the ONNX inputs {sorted(names)} differ from bundle.json's {sorted(profile.shapes)}; re-export the bundle")
-    opt_profile = builder.create_optimization_profile()
+
+
+def polygraphy_profile(profile: Profile) -> Any:
+    """Our :class:`Profile` as a ``polygraphy.backend.trt.Profile`` (min/opt/max per input)."""
+    from polygraphy.backend.trt import Profile as PolyProfile
+
+    poly = PolyProfile()
     for name, (lo, opt, hi) in profile.shapes.items():
-        opt_profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(opt_profile)
+        poly.add(name, lo, opt, hi)
+    return poly
 
 
-def _load_timing_cache(config: Any, path: Optional[Path]) -> Any:
-    data = path.read_bytes() if path is not None and path.is_file() else b""
-    try:
-        timing = config.create_timing_cache(data)
-    except Exception:  # noqa: BLE001 - an unreadable cache file only costs build time
-        timing = None
-    if timing is None or not config.set_timing_cache(timing, False):
-        timing = config.create_timing_cache(b"")  # a cache from another device/version: start afresh
-        config.set_timing_cache(timing, False)
-    return timing
+def merge_timing_cache(config: Any, path: Optional[Path]) -> None:
+    """Combine this build's tactic timings into the cache file at ``path`` (atomic write, file-locked).
 
-
-def _save_timing_cache(config: Any, path: Optional[Path]) -> None:
-    if path is None:
+    Polygraphy's ``save_timing_cache`` merges too but writes in place; ours keeps the file whole
+    if the process dies mid-write.
+    """
+    timing = config.get_timing_cache() if path is not None else None
+    if timing is None:
         return
-    timing = config.get_timing_cache()
-    if timing is not None:
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():
+            try:
+                previous = config.create_timing_cache(path.read_bytes())
+            except Exception:  # noqa: BLE001 - a cache from another TensorRT/GPU is replaced, not merged
+                previous = None
+            if previous is not None:
+                timing.combine(previous, True)
         write_bytes(path, bytes(timing.serialize()))
 
 
 def build_serialized(trt: Any, onnx_path: Path, profile: Profile, options: BuildOptions,
-                     timing_cache: Optional[Path], display: Optional[ProgressDisplay]) -> bytes:
-    """Parse ``onnx_path`` and build one serialized engine (bytes); BackendError with TensorRT's reasons on failure."""
+                     timing_cache: Optional[Path], display: ProgressDisplay) -> bytes:
+    """Parse ``onnx_path`` and build one serialized engine (bytes) through Polygraphy.
+
+    BackendError with TensorRT's reasons on failure; KeyboardInterrupt when Ctrl-C cancelled it.
+    """
+    require("polygraphy", extra="trt", purpose="building TensorRT engines")
+    from polygraphy.backend.trt import CreateConfig, engine_bytes_from_network
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
     logger = compat.make_logger(trt)
-    builder = trt.Builder(logger)
-    network = builder.create_network(compat.network_flags(trt))
-    parser = _parse(trt, network, logger, onnx_path)  # owns the weights: keep it alive through the build
-    config = builder.create_builder_config()
+    builder, network, parser = parse_network(trt, logger, onnx_path)
+    _check_inputs(network, profile)
+    monitor = compat.progress_monitor(trt, display)
     workspace = None if options.workspace_mb is None else int(options.workspace_mb) << 20
-    compat.configure(trt, config, workspace_bytes=workspace, opt_level=options.opt_level)
-    monitor = compat.progress_monitor(trt, display) if display is not None else None
-    if monitor is not None:
-        config.progress_monitor = monitor
-    _add_profile(builder, config, network, profile)
-    timing = _load_timing_cache(config, timing_cache)
-    serialized = builder.build_serialized_network(network, config)
-    del parser, timing, monitor  # only now may TensorRT's weights, cache and monitor go
-    if serialized is None:
-        if display is not None and display.cancelled:
-            raise KeyboardInterrupt
-        detail = "; ".join(logger.errors[-3:]) or "no details logged"
+    kwargs = compat.config_kwargs(trt, workspace_bytes=workspace, opt_level=options.opt_level, tf32=options.tf32)
+    load = str(timing_cache) if timing_cache is not None and timing_cache.is_file() else None
+    data = None
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1):  # our messages, not Polygraphy's log lines
+        try:
+            config = CreateConfig(profiles=[polygraphy_profile(profile)], load_timing_cache=load,
+                                  progress_monitor=monitor, **kwargs)(builder, network)
+            data = run_cancellable(lambda: engine_bytes_from_network((builder, network, parser), config=config), display)
+        except PolygraphyException as exc:
+            logger.errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+    if not data:
+        detail = "; ".join(" ".join(e.split()) for e in logger.errors[-3:] if e) or "no details logged"
         raise BackendError(f"TensorRT could not build an engine from {onnx_path.name}: {detail}. "
                            "Try a larger --workspace-mb or another --precision")
-    _save_timing_cache(config, timing_cache)
-    return bytes(serialized)
+    merge_timing_cache(config, timing_cache)
+    del parser, monitor  # only now may TensorRT's weights and monitor go
+    return bytes(data)
 
 
 # -- a bundle ------------------------------------------------------------------------------------------
@@ -215,6 +176,7 @@ def build_engines(bundle: str | Path, options: BuildOptions = BuildOptions(),
     """
     trt = require("tensorrt", extra="trt", purpose="building TensorRT engines")
     compat.major(trt)
+    driver.check(trt.__name__, trt.__version__)
     folder, meta = read_bundle(bundle)
     env = cache.current_env(trt)
     for precision in options.precisions:
@@ -237,14 +199,13 @@ def _build_one(trt: Any, folder: Path, spec: Any, precision: str, profile: Profi
     file, sha = spec.onnx_for(precision)
     if not (folder / file).is_file() or sha256_file(folder / file) != sha:
         raise CheckpointError(f"{folder / file} is missing or does not match the sha256 in bundle.json (modified?); re-export the bundle")
-    key = cache.EngineKey(spec.name, precision, sha, profile.to_json(), env)
+    key = cache.EngineKey(spec.name, precision, sha, profile.to_json(), env, options.builder_fields())
     hit = None if options.force else cache.cached(folder, key)
     if hit is not None:
         return BuildRecord(spec.name, precision, key.name, hit, 0.0, hit.stat().st_size, True)
-    display = ProgressDisplay(label=f"{spec.name} {precision}: ") if options.progress else None
+    display = ProgressDisplay(label=f"{spec.name} {precision}: ", quiet=not options.progress)
     start = time.perf_counter()
     data = build_serialized(trt, folder / file, profile, options, timing, display)
     seconds = time.perf_counter() - start
-    builder = {"opt_level": options.opt_level, "workspace_mb": options.workspace_mb, "onnx_file": file}
-    path = cache.record_engine(folder, key, data, seconds, builder)
+    path = cache.record_engine(folder, key, data, seconds, onnx_file=file)
     return BuildRecord(spec.name, precision, key.name, path, seconds, len(data), False)

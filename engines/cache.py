@@ -1,9 +1,10 @@
 """The engine cache inside a bundle: ``<bundle>/engines/trt/<key>.engine`` plus ``manifest.json``.
 
 A serialized TensorRT engine runs only on the TensorRT version and the GPU model it was built
-for. Its cache key therefore hashes everything that makes it valid: the ONNX file's sha256,
-the precision, the optimisation profile, the TensorRT version and the GPU (compute capability
-and name). ``manifest.json`` records every engine with those fields, its build time, size and
+for. Its cache key therefore hashes everything that makes it valid or different: the ONNX
+file's sha256, the precision, the optimisation profile (row range and every input's shapes,
+resolution included), every builder option (optimisation level, workspace limit, TF32), the
+TensorRT version and the GPU (compute capability and name). ``manifest.json`` records every engine with those fields, its build time, size and
 sha256. An engine whose key fields do not match the running TensorRT/GPU, or whose ONNX has
 changed since, is refused with the command that rebuilds it; it is never handed to TensorRT.
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,7 +31,7 @@ from ..errors import BackendError, CheckpointError
 
 MANIFEST = "manifest.json"
 SCHEMA = "anchorflow.trt-manifest/1"
-KEY_VERSION = 1  # bump when the key's fields change meaning
+KEY_VERSION = 2  # bump when the key's fields change meaning (2: builder options joined the key)
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,12 @@ class EngineKey:
     onnx_sha256: str
     profile: dict  # Profile.to_json()
     env: EngineEnv
+    builder: dict = field(default_factory=dict)  # BuildOptions.builder_fields(): opt_level, workspace_mb, tf32
 
     def fields(self) -> dict:
         return {"key_version": KEY_VERSION, "network": self.network, "precision": self.precision,
-                "onnx_sha256": self.onnx_sha256, "profile": self.profile, **self.env.to_json()}
+                "onnx_sha256": self.onnx_sha256, "profile": self.profile, "builder": dict(self.builder),
+                **self.env.to_json()}
 
     @property
     def digest(self) -> str:
@@ -129,7 +132,7 @@ def read_manifest(bundle: str | Path) -> dict:
     return data
 
 
-def record_engine(bundle: str | Path, key: EngineKey, data: bytes, build_seconds: float, builder: Optional[dict] = None) -> Path:
+def record_engine(bundle: str | Path, key: EngineKey, data: bytes, build_seconds: float, onnx_file: str = "") -> Path:
     """Write ``data`` as ``<key>.engine`` and its manifest entry, both atomically; returns the engine path."""
     folder = engine_dir(bundle)
     path = folder / f"{key.name}.engine"
@@ -139,7 +142,7 @@ def record_engine(bundle: str | Path, key: EngineKey, data: bytes, build_seconds
         manifest["engines"][key.name] = {
             **key.fields(), "file": path.name, "size_bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(), "build_seconds": round(float(build_seconds), 3),
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "builder": dict(builder or {}),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "onnx_file": onnx_file,
         }
         write_json(folder / MANIFEST, manifest)
     return path

@@ -18,6 +18,7 @@ and 11.x servers build the same numerics.
 
 from __future__ import annotations
 
+import ctypes
 import re
 import sys
 from dataclasses import dataclass
@@ -74,14 +75,18 @@ def network_flags(trt: ModuleType) -> int:
     return 1 << int(flag)
 
 
-def configure(trt: ModuleType, config: Any, *, workspace_bytes: Optional[int], opt_level: int) -> None:
-    """Apply workspace and optimisation level to an ``IBuilderConfig`` (same calls on 10.x and 11.x).
+def config_kwargs(trt: ModuleType, *, workspace_bytes: Optional[int], opt_level: int, tf32: bool) -> dict:
+    """Keyword arguments of Polygraphy's ``CreateConfig`` for anchorflow's builder options (10.x and 11.x alike).
 
-    Deliberately sets no precision flag: strongly typed networks take precision from the graph.
+    Sets no fp16/bf16/int8 flag: strongly typed networks take precision from the graph. ``tf32``
+    False clears ``BuilderFlag.TF32``, which TensorRT sets by default even in strongly typed
+    networks: fp32 MatMul/Gemm would otherwise run with a 10-bit mantissa (relative error ~5e-4)
+    and miss ``anchorflow verify``'s 1e-4 fp32 tolerance.
     """
+    kwargs: dict = {"builder_optimization_level": int(opt_level), "tf32": bool(tf32)}
     if workspace_bytes is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    config.builder_optimization_level = int(opt_level)
+        kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(workspace_bytes)}
+    return kwargs
 
 
 def check_precision(precision: str, compute_capability: tuple[int, int]) -> None:
@@ -133,9 +138,13 @@ def _guard(display: Any, fn: Any, *args: Any, default: Any = None) -> Any:
         return default
 
 
-# -- logger ---------------------------------------------------------------------------------
+# -- logger, runtime and builder ---------------------------------------------------------------
 def make_logger(trt: ModuleType, verbose: bool = False) -> Any:
-    """A ``trt.ILogger`` that keeps error messages (``.errors``) for the exception text."""
+    """A ``trt.ILogger`` that keeps error messages (``.errors``) for the exception text.
+
+    Errors are not printed: they reach the user once, inside the BackendError that reports the
+    failure (the CLI's one ``error:`` line). Warnings go to stderr; info/verbose only with ``verbose``.
+    """
 
     class _Logger(trt.ILogger):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
@@ -143,13 +152,85 @@ def make_logger(trt: ModuleType, verbose: bool = False) -> Any:
             self.errors: list[str] = []
 
         def log(self, severity: Any, msg: str) -> None:
-            level = int(severity)  # INTERNAL_ERROR 0, ERROR 1, WARNING 2, INFO 3, VERBOSE 4
-            if level <= int(trt.ILogger.Severity.ERROR):
-                self.errors.append(msg)
-            if verbose or level <= int(trt.ILogger.Severity.WARNING):
-                print(f"[TensorRT] {msg}", file=sys.stderr, flush=True)
+            try:
+                level = int(severity)  # INTERNAL_ERROR 0, ERROR 1, WARNING 2, INFO 3, VERBOSE 4
+                if level <= int(trt.ILogger.Severity.ERROR):
+                    self.errors.append(str(msg))
+                elif verbose or level == int(trt.ILogger.Severity.WARNING):
+                    print(f"[TensorRT] {msg}", file=sys.stderr, flush=True)
+            except BaseException:  # noqa: BLE001 - nothing may cross into TensorRT's C++ (noexcept) callback
+                pass
 
     return _Logger()
+
+
+_CUDA_ERRORS = (re.compile(r"cudaError \d+: [^)]*"), re.compile(r"CUDA initiali[sz]ation failure with error: \d+"))
+
+
+def cuda_failure(messages: list[str]) -> Optional[str]:
+    """The telling part of a CUDA initialisation error among TensorRT's logged ``messages``, else None."""
+    text = " ".join(" ".join(messages).split())
+    for pattern in _CUDA_ERRORS:
+        match = pattern.search(text)
+        if match:
+            return match.group().strip()
+    return None
+
+
+def _create(trt: ModuleType, factory: str, logger: Any) -> Any:
+    """``trt.<factory>(logger)``, refused when it failed: a None/TypeError (nullptr factory) or an error logged on the way.
+
+    TensorRT returns a usable-looking Runtime/Builder after "CUDA initialization failure"; using
+    it (``deserialize_cuda_engine``) segfaults, so any error logged during creation is fatal here.
+    """
+    before = len(logger.errors)
+    try:
+        obj = getattr(trt, factory)(logger)
+    except TypeError as exc:  # pybind11: "factory function returned nullptr"
+        logger.errors.append(str(exc))
+        obj = None
+    new = logger.errors[before:]
+    if obj is not None and not new:
+        return obj
+    if obj is not None:
+        _pin(obj, logger)
+    cuda = cuda_failure(new)
+    version = getattr(trt, "__version__", "?")
+    if cuda is not None:
+        raise BackendError(f"TensorRT {version} could not initialise CUDA ({cuda}); the NVIDIA driver is missing or older "
+                           "than the CUDA this TensorRT was built for: check nvidia-smi and install the matching build "
+                           "(pip install 'anchorflow[trt-cu12]' for CUDA 12 drivers, 'anchorflow[trt-cu13]' for CUDA 13)")
+    detail = "; ".join(" ".join(m.split()) for m in new[-2:]) or "no details logged"
+    raise BackendError(f"TensorRT {version} could not create its {factory} ({detail}); check the install with "
+                       "`python -c 'import tensorrt'` and nvidia-smi")
+
+
+def _pin(*objects: Any) -> None:
+    """Never free ``objects``: the destructor of a Runtime/Builder whose CUDA initialisation failed segfaults.
+
+    (Reproduced with tensorrt-lean-cu12 11.4 without a driver: ``del trt.Runtime(logger)`` crashes
+    the interpreter.) One extra reference per object keeps both garbage collection and interpreter
+    shutdown away from it; the cost is one leaked object per failed attempt.
+    """
+    for obj in objects:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+
+
+def create_runtime(trt: ModuleType, logger: Any) -> Any:
+    """A ``trt.Runtime`` that is known to have initialised CUDA (BackendError otherwise, never a segfault later)."""
+    return _create(trt, "Runtime", logger)
+
+
+def create_builder(trt: ModuleType, logger: Any) -> Any:
+    """A ``trt.Builder`` that is known to have initialised CUDA (BackendError otherwise)."""
+    return _create(trt, "Builder", logger)
+
+
+def init_plugins(trt: ModuleType, logger: Any) -> None:
+    """Register TensorRT's standard plugins (ONNX graphs may import ops as plugins); absent in lean runtimes."""
+    init = getattr(trt, "init_libnvinfer_plugins", None)
+    if init is not None:
+        init(logger, "")
 
 
 # -- ONNX parser errors -----------------------------------------------------------------------
@@ -215,12 +296,12 @@ _NP_BY_NAME = {
 
 
 def numpy_dtype(trt_dtype: Any) -> np.dtype:
-    """numpy dtype of a ``trt.DataType`` (by member name; bf16/fp8 I/O has no numpy type)."""
+    """numpy dtype of a ``trt.DataType`` (by member name; BF16/FP8/INT4/FP4 I/O has no numpy type)."""
     name = getattr(trt_dtype, "name", str(trt_dtype)).split(".")[-1]
     if name not in _NP_BY_NAME:
         raise BackendError(
-            f"engine I/O type {name} has no numpy equivalent; bundles keep float32 inputs and outputs, "
-            "re-export the bundle"
+            f"engine I/O type {name} has no numpy equivalent; bundles keep float32 inputs and outputs "
+            "(bf16 inside the graph), re-export the bundle with `anchorflow export`"
         )
     return np.dtype(_NP_BY_NAME[name])
 

@@ -73,6 +73,12 @@ class Stream:
             _check(cudart().cudaStreamDestroy(self._stream), "cudaStreamDestroy")
             self._stream = None
 
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 class DeviceBuffer:
     """A device allocation that grows (never shrinks) to the largest size asked for so far."""
@@ -94,6 +100,12 @@ class DeviceBuffer:
         if self.ptr:
             _check(cudart().cudaFree(self.ptr), "cudaFree")
             self.ptr, self.nbytes = 0, 0
+
+    def __enter__(self) -> "DeviceBuffer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.free()
 
 
 def copy_to_device(buffer: DeviceBuffer, host: np.ndarray, stream: Stream) -> int:

@@ -9,7 +9,20 @@ They are the same callables as the onnxruntime backends, so every solver of
 Time convention: t = 1 noise, t = 0 data. Each call sets the explicit input shapes
 (``set_input_shape``), copies the inputs into device buffers that are allocated once and grown
 when a larger batch arrives, runs ``execute_async_v3`` on one CUDA stream shared by both
-engines, and copies the output back.
+engines, and copies the output back. Labels are range-checked before they reach the engine
+(an out-of-range index in a GPU Gather reads foreign memory).
+
+Lifetime: :class:`TrtEngines` owns the stream, the engines and their device buffers; it is a
+context manager (``with TrtEngines.load(path) as e: ...``) and ``close()`` frees everything, as
+Polygraphy's runners do. ``load_trt_bundle`` returns callables that keep it alive; their
+``close()`` frees it.
+
+Runner choice: ours, not Polygraphy's ``TrtRunner``. Polygraphy's CUDA wrapper loads
+``libcudart.so`` through ctypes from LD_LIBRARY_PATH, /usr/local/cuda/lib64, /usr/lib, /lib or an
+``nvidia-cuda-runtime-cuXX`` wheel; neither the tensorrt-cuXX wheels nor cuda-python install
+that library (both link the CUDA runtime statically), so with ``anchorflow[trt-cu12]`` alone it
+would not start. cuda-python, which the extras already install, needs nothing on the loader
+path. Polygraphy's ``TrtRunner`` stays the independent check in ``tests/test_engines_gpu.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ import numpy as np
 
 from .._deps import require
 from ..errors import BackendError, ConfigError
-from . import cache, compat
+from . import cache, compat, driver
 from .cuda import DeviceBuffer, Stream, copy_to_device, copy_to_host
 from .profiles import network_specs, read_bundle
 
@@ -36,11 +49,13 @@ class TrtEngine:
         label: a name for error messages (e.g. ``"backbone fp16"``).
     """
 
-    def __init__(self, trt: Any, data: bytes, stream: Stream, label: str) -> None:
+    def __init__(self, trt: Any, data: bytes, stream: Optional[Stream], label: str) -> None:
         self.label = label
         self.stream = stream
+        self._buffers: dict[str, DeviceBuffer] = {}
         self._logger = compat.make_logger(trt)
-        self._runtime = trt.Runtime(self._logger)
+        self._runtime = compat.create_runtime(trt, self._logger)  # refuses a failed CUDA init (would segfault below)
+        compat.init_plugins(trt, self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise BackendError(f"TensorRT could not load the {label} engine ({'; '.join(self._logger.errors[-2:])}); "
@@ -65,6 +80,8 @@ class TrtEngine:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once; ``feeds`` maps every engine input name to an array. Returns every output."""
+        if self.context is None:
+            raise BackendError(f"the {self.label} engine was closed; load the bundle again")
         missing = [name for name, _ in self.inputs if name not in feeds]
         if missing:
             raise ConfigError(f"the {self.label} engine needs inputs {missing}")
@@ -85,8 +102,34 @@ class TrtEngine:
         return results
 
     def close(self) -> None:
+        """Free the device buffers, then the context and the engine (in that order; idempotent)."""
         for buffer in self._buffers.values():
             buffer.free()
+        self._buffers = {}
+        self.context = None
+        self.engine = None
+
+    def __enter__(self) -> "TrtEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def labels(y: Optional[np.ndarray], rows: int, null_label: int, num_labels: Optional[int]) -> np.ndarray:
+    """int64 labels for ``rows`` rows (None: the null label), refused outside ``0..num_labels - 1``.
+
+    ``num_labels`` counts every label the embedding table holds (classes plus the null label);
+    None skips the check (a bundle that records no class count).
+    """
+    if y is None:
+        return np.full(rows, null_label, np.int64)
+    y = np.ascontiguousarray(y, np.int64)
+    if num_labels is not None and y.size and (int(y.min()) < 0 or int(y.max()) >= num_labels):
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise ConfigError(f"label {bad} is outside this model's labels 0..{num_labels - 1} "
+                          f"(null label {null_label}); pass labels in that range")
+    return y
 
 
 class _TrtNetwork:
@@ -102,53 +145,102 @@ class _TrtNetwork:
         wanted = {name: feeds[name] for name, _ in self.engine.inputs if name in feeds}
         return self.engine.run(wanted)[self._output].astype(np.float32, copy=False)
 
+    def close(self) -> None:
+        """Free the engines, buffers and stream this callable runs on (shared with its sibling)."""
+        owner = getattr(self, "owner", None)
+        (owner or self.engine).close()
+
 
 class TrtVelocity(_TrtNetwork):
     """``velocity(x, t, y) -> v`` on a TensorRT backbone engine; y None uses the null label (or 0)."""
 
-    def __init__(self, engine: TrtEngine, null_label: Optional[int] = None) -> None:
+    def __init__(self, engine: TrtEngine, null_label: Optional[int] = None, num_labels: Optional[int] = None) -> None:
         super().__init__(engine)
         self.null_label = 0 if null_label is None else int(null_label)
+        self.num_labels = num_labels
 
     def __call__(self, x: np.ndarray, t: np.ndarray, y: Optional[np.ndarray]) -> np.ndarray:
-        if y is None:
-            y = np.full(x.shape[0], self.null_label, np.int64)
-        return self._run(x=x, t=t, y=y)
+        return self._run(x=x, t=t, y=labels(y, x.shape[0], self.null_label, self.num_labels))
 
 
 class TrtSideNet(_TrtNetwork):
     """``sidenet(x, v, t, h, y) -> delta`` on a TensorRT SideNet engine (per-sample t and h)."""
 
-    def __init__(self, engine: TrtEngine, null_label: Optional[int] = None) -> None:
+    def __init__(self, engine: TrtEngine, null_label: Optional[int] = None, num_labels: Optional[int] = None) -> None:
         super().__init__(engine)
         self.null_label = 0 if null_label is None else int(null_label)
+        self.num_labels = num_labels
 
     def __call__(self, x: np.ndarray, v: np.ndarray, t: np.ndarray, h: np.ndarray, y: Optional[np.ndarray]) -> np.ndarray:
-        if y is None:
-            y = np.full(x.shape[0], self.null_label, np.int64)
-        return self._run(x=x, v=v, t=t, h=h, y=y)
+        return self._run(x=x, v=v, t=t, h=h, y=labels(y, x.shape[0], self.null_label, self.num_labels))
+
+
+class TrtEngines:
+    """The engines of one bundle and precision, with their stream: a context manager that frees them all.
+
+    ``velocity`` (:class:`TrtVelocity`) and ``sidenet`` (:class:`TrtSideNet` or None) are the
+    runtime callables; ``description`` names the TensorRT, GPU and engine files.
+    """
+
+    def __init__(self, velocity: "TrtVelocity", sidenet: Optional["TrtSideNet"], stream: Stream, description: str) -> None:
+        self.velocity, self.sidenet, self.stream, self.description = velocity, sidenet, stream, description
+        for net in (velocity, sidenet):
+            if net is not None:
+                net.owner = self
+
+    @classmethod
+    def load(cls, path: str | Path, meta: Optional[dict] = None, precision: str = "fp32") -> "TrtEngines":
+        """Select, check and deserialize the cached engines of ``path`` (see :func:`load_trt_bundle`)."""
+        trt = require("tensorrt", extra="trt", purpose="running TensorRT engines")
+        compat.major(trt)
+        driver.check(trt.__name__, trt.__version__)  # before TensorRT or cuda-python touch CUDA
+        folder, read_meta = read_bundle(path)
+        meta = meta or read_meta
+        env = cache.current_env(trt)
+        chosen = {name: cache.select_engine(folder, name, precision, spec.onnx_for(precision)[1], env)
+                  for name, spec in network_specs(meta).items()}
+        model = meta.get("model") or {}
+        null_label, classes = model.get("null_label"), model.get("num_classes")
+        num_labels = None if classes is None else int(classes) + (null_label is not None)
+        stream = Stream()
+        nets: dict[str, TrtEngine] = {}
+        try:
+            for name, (_, entry) in chosen.items():
+                nets[name] = TrtEngine(trt, cache.read_engine(folder, entry), stream, f"{name} {precision}")
+        except BaseException:
+            for engine in nets.values():
+                engine.close()
+            stream.close()
+            raise
+        velocity = TrtVelocity(nets["backbone"], null_label, num_labels)
+        sidenet = TrtSideNet(nets["sidenet"], null_label, num_labels) if "sidenet" in nets else None
+        files = ", ".join(p.name for p, _ in chosen.values())
+        return cls(velocity, sidenet, stream, f"{env.describe()}, {precision} engines: {files}")
+
+    def close(self) -> None:
+        """Free every engine's buffers, then the stream (idempotent)."""
+        for net in (self.velocity, self.sidenet):
+            if net is not None:
+                net.engine.close()
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    def __enter__(self) -> "TrtEngines":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def load_trt_bundle(path: str | Path, meta: Optional[dict] = None, precision: str = "fp32") -> tuple[Any, Any, str]:
     """(velocity, sidenet or None, description) from the engines cached in a bundle.
 
     Refuses (BackendError, with the rebuild command) engines built for another TensorRT version,
-    another GPU or another ONNX file, and says how to build missing ones. Needs tensorrt and
-    cuda-python (``pip install 'anchorflow[trt]'``) and a GPU.
+    another GPU or another ONNX file, and says how to build missing ones; a driver too old for
+    the installed TensorRT/cuda-python is a one-line error before CUDA is touched. Needs tensorrt
+    and cuda-python (``pip install 'anchorflow[trt-cu12]'`` or ``[trt-cu13]``) and a GPU.
+    ``velocity.close()`` frees the engines, buffers and stream (see :class:`TrtEngines`).
     """
-    trt = require("tensorrt", extra="trt", purpose="running TensorRT engines")
-    compat.major(trt)
-    folder, read_meta = read_bundle(path)
-    meta = meta or read_meta
-    env = cache.current_env(trt)
-    stream = Stream()
-    null_label = (meta.get("model") or {}).get("null_label")
-    nets, files = {}, []
-    for name, spec in network_specs(meta).items():
-        _, sha = spec.onnx_for(precision)
-        engine_path, entry = cache.select_engine(folder, name, precision, sha, env)
-        nets[name] = TrtEngine(trt, cache.read_engine(folder, entry), stream, f"{name} {precision}")
-        files.append(engine_path.name)
-    velocity = TrtVelocity(nets["backbone"], null_label)
-    sidenet = TrtSideNet(nets["sidenet"], null_label) if "sidenet" in nets else None
-    return velocity, sidenet, f"{env.describe()}, {precision} engines: {', '.join(files)}"
+    engines = TrtEngines.load(path, meta, precision)
+    return engines.velocity, engines.sidenet, engines.description

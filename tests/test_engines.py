@@ -72,7 +72,10 @@ ROWS = {"backbone": (1, 8, 32), "sidenet": (1, 24, 96)}  # rows for 16 samples p
 
 
 def write_bundle(folder: Path, rows=ROWS, null_label=CLASSES, precisions=()) -> Path:
-    """Write a real two-network bundle (fp32 + optional fp16 variants with float32 I/O) to ``folder``.
+    """Write a real two-network bundle (fp32 + optional fp16/bf16 variants with float32 I/O) to ``folder``.
+
+    Variants come from the exporter's own converter (``anchorflow.export.precision.convert``), so
+    engines are built from the graphs the product ships.
 
     ``rows``: each network's batch range in rows, as bundle.json records it (a network missing
     from ``rows`` gets no range).
@@ -84,9 +87,10 @@ def write_bundle(folder: Path, rows=ROWS, null_label=CLASSES, precisions=()) -> 
     for name, model in _graphs().items():
         onnx.checker.check_model(model, full_check=True)
         files = {"fp32": model}
-        if "fp16" in precisions:
-            f16 = pytest.importorskip("onnxconverter_common.float16")
-            files["fp16"] = f16.convert_float_to_float16(model, keep_io_types=True)
+        if precisions:
+            from anchorflow.export.precision import convert
+
+            files.update({p: convert(model, p) for p in precisions})
         entry = {"inputs": _tensor_entries(model.graph.input), "outputs": _tensor_entries(model.graph.output),
                  "precisions": {}}
         if name in rows:
@@ -116,7 +120,8 @@ ENV = cache.EngineEnv("10.3.0", "Orin", (8, 7))
 def _key(bundle: Path, network="backbone", precision="fp32", env=ENV) -> cache.EngineKey:
     _, meta = read_bundle(bundle)
     spec = network_specs(meta)[network]
-    return cache.EngineKey(network, precision, spec.sha256, derive_profiles(meta)[network].to_json(), env)
+    return cache.EngineKey(network, precision, spec.sha256, derive_profiles(meta)[network].to_json(), env,
+                           BuildOptions().builder_fields())
 
 
 # -- profiles -------------------------------------------------------------------------------------
@@ -225,29 +230,42 @@ def test_cache_key_is_stable(bundle: Path) -> None:
     a, b = _key(bundle), _key(bundle)
     assert a.name == b.name and a.name.startswith("backbone-fp32-") and len(a.digest) == 64
     shuffled = dict(reversed(list(a.profile.items())))
-    assert cache.EngineKey(a.network, a.precision, a.onnx_sha256, shuffled, a.env).digest == a.digest
+    assert cache.EngineKey(a.network, a.precision, a.onnx_sha256, shuffled, a.env, a.builder).digest == a.digest
 
 
 @pytest.mark.parametrize("change", [
     dict(network="sidenet"), dict(precision="fp16"), dict(onnx_sha256="0" * 64),
     dict(profile={"rows": [1, 8, 64]}), dict(env=cache.EngineEnv("11.1.0", "Orin", (8, 7))),
     dict(env=cache.EngineEnv("10.3.0", "Orin", (9, 0))), dict(env=cache.EngineEnv("10.3.0", "H100", (8, 7))),
+    # every builder option (issue 15 item 4: --opt-level / --workspace-mb / --tf32 used to be ignored)
+    dict(builder=BuildOptions(opt_level=5).builder_fields()), dict(builder=BuildOptions(workspace_mb=512).builder_fields()),
+    dict(builder=BuildOptions(tf32=True).builder_fields()),
 ])
 def test_cache_key_changes_with_every_component(bundle: Path, change: dict) -> None:
     base = _key(bundle)
     fields = {"network": base.network, "precision": base.precision, "onnx_sha256": base.onnx_sha256,
-              "profile": base.profile, "env": base.env, **change}
+              "profile": base.profile, "env": base.env, "builder": base.builder, **change}
     assert cache.EngineKey(**fields).digest != base.digest
+
+
+def test_cache_key_holds_every_build_option() -> None:
+    """Every field of BuildOptions that reaches the builder is in the key; the rest are listed as not affecting it."""
+    import dataclasses
+
+    not_in_key = {"precisions", "batch", "force", "timing_cache", "progress"}  # precision/profile are key fields of their own
+    options = {f.name for f in dataclasses.fields(BuildOptions)}
+    assert options - not_in_key == set(BuildOptions().builder_fields())
+    assert cache.KEY_VERSION == 2
 
 
 def test_manifest_round_trip(bundle: Path) -> None:
     key, other = _key(bundle), _key(bundle, "sidenet")
-    path = cache.record_engine(bundle, key, b"engine-bytes", 12.5, {"opt_level": 3})
+    path = cache.record_engine(bundle, key, b"engine-bytes", 12.5, onnx_file="backbone.onnx")
     cache.record_engine(bundle, other, b"other", 1.0)
     manifest = json.loads((cache.engine_dir(bundle) / cache.MANIFEST).read_text())
     entry = manifest["engines"][key.name]
     assert manifest["schema"] == cache.SCHEMA and set(manifest["engines"]) == {key.name, other.name}
-    assert entry["size_bytes"] == 12 and entry["build_seconds"] == 12.5 and entry["builder"] == {"opt_level": 3}
+    assert entry["size_bytes"] == 12 and entry["build_seconds"] == 12.5 and entry["onnx_file"] == "backbone.onnx"
     assert entry["sha256"] == hashlib.sha256(b"engine-bytes").hexdigest()
     assert entry["tensorrt_version"] == "10.3.0" and entry["compute_capability"] == [8, 7]
     assert path == cache.engine_dir(bundle) / f"{key.name}.engine" and cache.cached(bundle, key) == path
@@ -337,18 +355,6 @@ def test_version_parsing() -> None:
     assert compat.version_tuple("11.1.0rc1") == (11, 1, 0)
     with pytest.raises(BackendError):
         compat.version_tuple("dev")
-
-
-@pytest.mark.parametrize("version", ["10.3.0", "11.1.0"])
-def test_configure_sets_no_precision_flags(version: str) -> None:
-    """Workspace and level only; a config without set_flag (as TRT 11 lacks the FP16 flag) is never asked for one."""
-    calls = []
-    config = SimpleNamespace(set_memory_pool_limit=lambda pool, size: calls.append((pool, size)))
-    trt = _fake_trt(version, MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"))
-    compat.configure(trt, config, workspace_bytes=256 << 20, opt_level=4)
-    assert calls == [("WORKSPACE", 256 << 20)] and config.builder_optimization_level == 4
-    compat.configure(trt, config, workspace_bytes=None, opt_level=2)
-    assert len(calls) == 1 and config.builder_optimization_level == 2
 
 
 def test_precision_needs_compute_capability() -> None:
@@ -472,3 +478,19 @@ def test_engines_import_is_light() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+# -- the GPU module must not pass as "skipped" on a GPU machine whose install is broken (issue 15 item 7) --
+@pytest.mark.skipif(available("tensorrt"), reason="tensorrt is installed here; the GPU module really runs")
+@pytest.mark.parametrize("require", ["0", "1"])
+def test_gpu_module_fails_instead_of_skipping_when_required(require: str) -> None:
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "ANCHORFLOW_REQUIRE_GPU": require, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+                           str(tests / "test_engines_gpu.py")], capture_output=True, text=True, env=env,
+                          cwd=tests.parent, timeout=300)
+    if require == "0":
+        assert proc.returncode in (0, 5) and "1 skipped" in proc.stdout, proc.stdout[-2000:]  # 5: nothing ran
+    else:
+        assert proc.returncode not in (0, 5) and "ANCHORFLOW_REQUIRE_GPU=1 but TensorRT is not installed" in proc.stdout, \
+            proc.stdout[-2000:]

@@ -25,18 +25,23 @@ import click
 @click.option("--force", is_flag=True, help="Rebuild even when a matching engine is cached.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Tactic timing cache to load and update (default: one per TensorRT version and GPU in the bundle).")
-@click.option("--no-progress", is_flag=True, help="Do not show the builder's progress bars.")
+@click.option("--tf32", is_flag=True,
+              help="Let fp32 MatMul/Gemm run in TF32 (faster on Ampere+, ~5e-4 relative error: fails verify's 1e-4 "
+                   "fp32 tolerance). Off by default; part of the cache key.")
+@click.option("--no-progress", is_flag=True, help="Do not show the builder's progress bars (Ctrl-C still cancels).")
 def build(bundle: str, precisions: tuple[str, ...], workspace_mb: int | None, opt_level: int,
           min_batch: int | None, opt_batch: int | None, max_batch: int | None, force: bool,
-          timing_cache: Path | None, no_progress: bool) -> None:
+          timing_cache: Path | None, tf32: bool, no_progress: bool) -> None:
     """Build TensorRT engines for BUNDLE: `default`, a bundle folder or a model root with bundle/ inside.
 
     One engine per network (backbone, SideNet) and precision, with one optimisation profile
     that covers the solver's calls for the batch range. Engines go to BUNDLE/engines/trt/ with
     a manifest; a cached engine is reused when its key (ONNX sha256, precision, profile,
-    TensorRT version, GPU) matches. Engines are not portable: build on the machine (TensorRT
-    version and GPU model) that runs them; `anchorflow sample --backend trt` then uses them.
-    Needs `pip install 'anchorflow[trt]'` and an NVIDIA GPU.
+    builder options, TensorRT version, GPU) matches. Engines are not portable: build on the
+    machine (TensorRT version and GPU model) that runs them; `anchorflow sample --backend trt`
+    then uses them. Ctrl-C cancels a build cleanly. Needs an NVIDIA GPU and
+    `pip install 'anchorflow[trt-cu12]'` (any CUDA 12 or 13 driver) or `'anchorflow[trt-cu13]'`
+    (CUDA 13 drivers); see docs/tensorrt.md.
     """
     from anchorflow._deps import require
 
@@ -51,7 +56,8 @@ def build(bundle: str, precisions: tuple[str, ...], workspace_mb: int | None, op
 
     batch = {k: v for k, v in (("min", min_batch), ("opt", opt_batch), ("max", max_batch)) if v is not None}
     options = BuildOptions(precisions=precisions or ("fp32",), workspace_mb=workspace_mb, opt_level=opt_level,
-                           batch=batch, force=force, timing_cache=timing_cache, progress=not no_progress)
+                           batch=batch, force=force, timing_cache=timing_cache, progress=not no_progress,
+                           tf32=tf32)
     start = time.perf_counter()
     records = build_engines(folder, options, echo=click.echo)
     built = sum(not r.cached for r in records)
