@@ -16,7 +16,8 @@ from _tiny_pipelines import build, inputs  # noqa: E402
 
 from anchorflow.errors import ConfigError  # noqa: E402
 from anchorflow.integrations.diffusers import apply_fastflow, capture_pipeline  # noqa: E402
-from anchorflow.runtime.fastflow import FastFlowBandit, run_with_state  # noqa: E402
+from anchorflow.runtime.bandit_state import load as load_state  # noqa: E402
+from anchorflow.runtime.fastflow import run_with_state  # noqa: E402
 
 T = 12
 MU = 1e3  # a large reward per skipped step: once arm 0 has been tried everywhere, the bandits skip
@@ -72,7 +73,7 @@ def test_hook_equals_runtime_fastflow_with_state_file(pipe, tmp_path):
             np.testing.assert_allclose(x, res.x, rtol=0, atol=TOL)
     finally:
         hook.remove()
-    a, b = FastFlowBandit.load(ours), FastFlowBandit.load(theirs)
+    a, b = load_state(ours), load_state(theirs)
     assert a.generations == b.generations == 3
     np.testing.assert_array_equal(a.N, b.N)
     np.testing.assert_allclose(a.Q, b.Q, rtol=1e-6)
@@ -84,12 +85,12 @@ def test_state_file_round_trips_across_hooks(pipe, tmp_path):
     first = apply_fastflow(pipe, state_path=path, model_id="tiny", mu=MU)
     _gen(pipe)
     first.remove()
-    saved = FastFlowBandit.load(path)
+    saved = load_state(path)
     assert saved.generations == 1 and saved.N.sum() > 0
     second = apply_fastflow(pipe, state_path=path, model_id="tiny")  # continues with the file's settings
     _gen(pipe, seed=1)
     second.remove()
-    again = FastFlowBandit.load(path)
+    again = load_state(path)
     assert again.generations == 2 and again.N.sum() > saved.N.sum() and again.mu == MU
     assert second.history[0]["transformer_calls"] < T  # it learned from the first hook's generation
     with pytest.raises(Exception, match="gamma"):  # a state file's settings are part of what it learned

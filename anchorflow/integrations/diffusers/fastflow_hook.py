@@ -28,7 +28,9 @@ import numpy as np
 
 from ..._deps import require
 from ...errors import ConfigError
-from ...runtime import fastflow as ff
+from ...runtime import bandit_state
+from ...runtime.bandit import BanditKey, FastFlowBandit, budget_target, calibrated_mu, check_arms
+from ...runtime.fastflow import _Asked
 from ...runtime.solvers.fastflow import _info, _Run, extrapolate
 
 HOOK_NAME = "anchorflow_fastflow"
@@ -49,9 +51,11 @@ def model_fingerprint(module: Any) -> str:
 class _Generation:
     """One pipeline call's FastFlow run: the runtime's ``_Run`` plus the per-step call rows."""
 
-    def __init__(self, grid: np.ndarray, bandit: "ff.FastFlowBandit", tail: int) -> None:
+    def __init__(self, grid: np.ndarray, bandit: FastFlowBandit, tail: int) -> None:
         self.grid, self.bandit, self.T = grid, bandit, len(grid) - 1
-        self.run = _Run(self.T, tail, forced_zero=bandit.mu is None or bandit.mu == 0.0)
+        if not 1 <= tail <= self.T:
+            raise ConfigError(f"tail must be an integer in 1..T ({self.T}): the last steps always computed; got {tail}")
+        self.run = _Run(self.T, tail, forced_zero=bandit.mu is None or bandit.mu == 0.0, fixed_skip=None)
         self.k = -1  # the step whose calls are being seen
         self.branch = 0  # calls seen so far at step k
         self.outs: list[np.ndarray] = []  # this step's computed outputs, one per call
@@ -75,7 +79,7 @@ class _Generation:
             self.branch_rows = [o.shape[0] for o in self.outs]
         v = np.concatenate(self.outs, axis=0)
         t = float(self.grid[self.k])
-        self.run.computed_step(self.k, t, v, self.bandit.mu or 0.0)
+        self.run.computed_step(self.k, t, v, self.bandit)
         self.skip = self.run.decide(self.k, self.bandit)
         self.outs = []
 
@@ -92,7 +96,7 @@ class _Generation:
 
     def info(self, learn: bool) -> dict:
         mu = self.bandit.mu
-        calibrated = self.bandit.mu_factor * ff.calibrated_mu(self.run.mse, self.T) if mu is None else None
+        calibrated = calibrated_mu(self.run.mse, self.T) if mu is None else None
         info = _info(self.run, mu, calibrated, learn)
         info.update(transformer_calls=self.calls, steps=self.T, calls_per_step=len(self.branch_rows or [1]))
         return info
@@ -105,38 +109,37 @@ class FastFlowHook:
     ``calls_per_step``, ``computed``, ``arms``, ``skip_hist``, ``mse``, ``rewards``, ``mu``.
     """
 
-    def __init__(self, pipe: Any, *, state_path: Optional[str], model_id: Optional[str],
-                 arms: Optional[Sequence[int]], gamma: Optional[float], mu: Optional[float],
-                 mu_factor: Optional[float], tail: int, seed: int, learn: bool) -> None:
+    def __init__(self, pipe: Any, *, state_path: Optional[str], model_id: Optional[str], tail: int, seed: int,
+                 learn: bool, **settings: Any) -> None:
         self.pipe = pipe
         self.state_path = None if state_path is None else os.fspath(state_path)
         self.model_id = model_id or model_fingerprint(pipe.transformer)
-        self.settings = dict(arms=arms, gamma=gamma, mu=mu, mu_factor=mu_factor)
+        self.settings = settings  # arms, gamma, calls, speedup, mu, mu_factor, tol, adapt
         self.tail, self.seed, self.learn = int(tail), int(seed), bool(learn)
-        self.bandit: Optional[ff.FastFlowBandit] = None  # the in-memory bandit (no state file)
+        self.bandit: Optional[FastFlowBandit] = None  # the in-memory bandit (no state file)
         self.history: list[dict] = []
         self.gen: Optional[_Generation] = None
         self._registry = None
 
-    # -- bandit state ---------------------------------------------------------------------------
-    def _fresh(self, grid: np.ndarray) -> "ff.FastFlowBandit":
+    # -- bandit state: as runtime.fastflow.solve_with_state / PendingUpdate.commit -----------------
+    def _asked(self, T: int) -> _Asked:
         s = self.settings
-        return ff.FastFlowBandit(len(grid) - 1, grid, model_id=self.model_id,
-                                 arms=ff.DEFAULT_ARMS if s["arms"] is None else s["arms"],
-                                 gamma=ff.DEFAULT_GAMMA if s["gamma"] is None else s["gamma"], mu=s["mu"],
-                                 seed=self.seed, mu_factor=1.0 if s["mu_factor"] is None else s["mu_factor"])
+        target = None if s["calls"] is None and s["speedup"] is None else budget_target(T, s["calls"], s["speedup"])
+        arms = None if s["arms"] is None else check_arms(s["arms"])
+        return _Asked(arms, s["gamma"], target, s["mu"], s["mu_factor"], s["tol"], s["adapt"])
 
-    def _open(self, grid: np.ndarray) -> "ff.FastFlowBandit":
+    def _open(self, grid: np.ndarray) -> FastFlowBandit:
         """The bandit for this grid: the state file's (as ``anchorflow sample --bandit-state``) or in memory."""
-        key = ff.BanditKey.of(grid, self.model_id)
+        T, key = len(grid) - 1, BanditKey.of(grid, self.model_id)
+        asked = self._asked(T)
         if self.state_path is None:
             if self.bandit is None or self.bandit.key.differences(key):
-                self.bandit = self._fresh(grid)
+                self.bandit = asked.fresh(T, grid, self.model_id, self.seed)
             return self.bandit
-        with ff.state_lock(self.state_path):
+        with bandit_state.state_lock(self.state_path):
             exists = Path(self.state_path).exists()
-            bandit = ff.FastFlowBandit.load(self.state_path, key=key) if exists else self._fresh(grid)
-        ff._check_settings(bandit, self.state_path, **self.settings)
+            bandit = bandit_state.load(self.state_path, key=key) if exists else asked.fresh(T, grid, self.model_id, self.seed)
+        asked.apply(bandit, self.state_path)
         return bandit
 
     def _commit(self, gen: _Generation) -> None:
@@ -147,14 +150,14 @@ class FastFlowHook:
         if self.state_path is None:
             gen.bandit.merge(info)
             return
-        rng_state = gen.bandit.rng.bit_generator.state
+        rng_state, asked = gen.bandit.rng.bit_generator.state, self._asked(gen.T)
 
-        def apply(latest: "ff.FastFlowBandit") -> None:
-            ff._check_settings(latest, self.state_path, **self.settings)
+        def apply(latest: FastFlowBandit) -> None:
+            asked.apply(latest, self.state_path)
             latest.merge(info, rng_state)
 
-        key = ff.BanditKey.of(gen.grid, self.model_id)
-        ff.update_file(self.state_path, apply, key=key, create=lambda: self._fresh(gen.grid))
+        bandit_state.update(self.state_path, apply, key=BanditKey.of(gen.grid, self.model_id),
+                            create=lambda: asked.fresh(gen.T, gen.grid, self.model_id, self.seed))
 
     # -- the hook -------------------------------------------------------------------------------
     def _step(self) -> tuple[int, np.ndarray]:
@@ -210,23 +213,26 @@ def _wrap(v: Any, kwargs: dict) -> Any:
 
 
 def apply_fastflow(pipe: Any, *, state_path: Optional[str | os.PathLike] = None, model_id: Optional[str] = None,
-                   arms: Optional[Sequence[int]] = None, gamma: Optional[float] = None, mu: Optional[float] = None,
-                   mu_factor: Optional[float] = None, tail: int = 1, seed: int = 0, learn: bool = True) -> FastFlowHook:
+                   arms: Optional[Sequence[int]] = None, gamma: Optional[float] = None, calls: Optional[float] = None,
+                   speedup: Optional[float] = None, mu: Optional[float] = None, mu_factor: Optional[float] = None,
+                   tol: Optional[float] = None, adapt: Optional[bool] = None, tail: int = 1, seed: int = 0,
+                   learn: bool = True) -> FastFlowHook:
     """Put FastFlow on ``pipe.transformer``; returns the hook (``.history``, ``.summary()``, ``.remove()``).
 
-    ``state_path``: a bandit state file shared with ``anchorflow sample --bandit-state`` semantics
-    (loaded at each generation's start, merged under its lock at its end; None keeps the bandits in
-    memory across calls). ``model_id``: the transformer's identity in the state key (default: a
-    fingerprint of its class, config and weights). ``arms``, ``gamma``, ``mu`` (None: calibrated by
-    the first, fully computed generation), ``mu_factor``, ``seed``: the bandit's settings (a state
-    file's own are kept; different ones are refused). ``tail``: last steps always computed.
+    ``state_path``: a bandit state file with ``anchorflow sample --bandit-state`` semantics (loaded
+    at each generation's start, merged under its lock at its end; None keeps the bandits in memory
+    across calls). ``model_id``: the transformer's identity in the state key (default: a fingerprint
+    of its class, config and weights; add the guidance setting when it changes). ``arms``, ``gamma``,
+    ``calls`` / ``speedup`` (the calls budget; default speed-up 3), ``mu``, ``mu_factor``, ``tol``,
+    ``adapt``, ``seed``: the bandit's settings, as :class:`anchorflow.runtime.bandit.FastFlowBandit`
+    takes them (a state file's own are kept; contradicting ones are refused). ``tail``: last steps
+    always computed.
     """
     from diffusers.hooks import HookRegistry, ModelHook
 
-    if not 1 <= int(tail):
-        raise ConfigError(f"tail must be >= 1 (the last step is always computed), got {tail}")
-    hook = FastFlowHook(pipe, state_path=state_path, model_id=model_id, arms=arms, gamma=gamma, mu=mu,
-                        mu_factor=mu_factor, tail=tail, seed=seed, learn=learn)
+    hook = FastFlowHook(pipe, state_path=state_path, model_id=model_id, tail=tail, seed=seed, learn=learn,
+                        arms=arms, gamma=gamma, calls=calls, speedup=speedup, mu=mu, mu_factor=mu_factor,
+                        tol=tol, adapt=adapt)
 
     class _Hook(ModelHook):
         def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
