@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "verify": ("verify", "verify", "Parity test one bundle across backends (torch, ORT CPU/CUDA/TRT, TensorRT)."),
     "build": ("build", "build", "Build cached TensorRT engines for a bundle (needs [trt] and a GPU)."),
     "bench": ("bench", "bench", "Benchmark solvers: quality against a reference, NFE, timing; writes a report."),
+    "serve": ("serve", "serve", "Serve a bundle over HTTP on Ray Serve, batching concurrent requests (needs [serve])."),
     "bandit": ("bandit", "bandit", "Inspect FastFlow bandit state files."),
     "solvers": ("info", "solvers", "List the solvers the runtime knows."),
 }

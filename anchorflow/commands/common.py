@@ -72,20 +72,17 @@ def check_nfe(values: list[int], what: str = "--nfe") -> list[int]:
 
 def make_labels(labels: Optional[str], n: int, num_classes: int) -> Optional[np.ndarray]:
     """Labels for n samples: given list (cycled) or 0..C-1 cycled; None for unconditional models."""
-    if num_classes <= 0:
-        if labels:
-            raise ConfigError("this model is unconditional; drop --labels")
-        return None
-    if labels:
-        try:
-            values = [int(v) for v in labels.split(",") if v.strip()]
-        except ValueError:
-            values = []
-        if not values or any(not 0 <= v < num_classes for v in values):
-            raise ConfigError(f"--labels must be integers in 0..{num_classes - 1}, got {labels!r}")
-    else:
-        values = list(range(num_classes))
-    return np.resize(np.asarray(values, np.int64), n)
+    from ..sampling import cycle_labels
+
+    if num_classes <= 0 or not labels:
+        return cycle_labels(None if not labels else [0], n, num_classes, "--labels")
+    try:
+        values = [int(v) for v in labels.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ConfigError(f"--labels must be integers in 0..{num_classes - 1}, got {labels!r}")
+    return cycle_labels(values, n, num_classes, "--labels")
 
 
 def _name(param: click.Parameter) -> str:

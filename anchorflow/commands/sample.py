@@ -54,6 +54,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, b
     from ..modelref import open_model
     from ..plots import save_grid
     from ..runtime import get_solver, solve
+    from ..sampling import start_noise
     from .common import make_labels, parse_interval
 
     spec = get_solver(solver)
@@ -66,7 +67,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, b
                    need_sidenet=spec.needs_sidenet)
     meta = m.meta
     y = make_labels(labels, n, int(meta.get("num_classes", 0)))
-    noise = np.random.default_rng(seed).standard_normal((n, *meta["state_shape"])).astype(np.float32)
+    noise = start_noise(seed, n, meta["state_shape"])
     kwargs = dict(y=y, sidenet=m.sidenet, cfg_scale=cfg_scale, cfg_interval=parse_interval(cfg_interval),
                   null_label=meta.get("null_label"), grid=grid)
     pending = None

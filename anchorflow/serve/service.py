@@ -1,0 +1,211 @@
+"""The sampling service's core, free of Ray: a model, its limits, batched solves, routing.
+
+:class:`SamplerService` opens an exported bundle (numpy + onnxruntime, never torch), validates
+requests, runs a list of concurrent requests as few solves as fit (:mod:`.batching`), and
+answers the GET endpoints. The Ray Serve deployment (:mod:`.deployment`) only adapts HTTP to it,
+so another server (e.g. a Triton Python backend) could reuse it unchanged.
+Time convention: t = 1 noise, t = 0 data; NFE counts backbone calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..errors import AnchorflowError, CheckpointError, ConfigError
+from .batching import Solve, gather, plan, scatter
+from .encode import HttpReply, Reply, error_reply, json_reply
+from .request import FORMATS, FIELDS, DEFAULTS, Limits, RequestError, SampleRequest, parse_request, rows_limit
+
+DEFAULT_MAX_N = 1024
+DEFAULT_MAX_QUEUE = 256
+
+
+class SamplerService:
+    """Serve one bundle.
+
+    Args:
+        model: a MODEL argument naming an exported bundle (``default`` = the bundled digits model).
+        backend, precision, allow_fallback: as for ``anchorflow sample``.
+        max_batch: most state rows per solve (default: what the bundle's batch range allows).
+        max_n: most samples per request (larger non-FastFlow requests are split over solves).
+        max_queue: most requests admitted at once; more get 503 (see :meth:`admit`).
+        bandit_dir: folder of FastFlow bandit state files (one per model, grid and guidance).
+        mu_factor: FastFlow's mu factor for new bandit states (as ``anchorflow sample --mu-factor``).
+    """
+
+    def __init__(self, model: str = "default", *, backend: str = "auto", precision: str = "fp32",
+                 allow_fallback: bool = False, max_batch: Optional[int] = None, max_n: int = DEFAULT_MAX_N,
+                 max_queue: int = DEFAULT_MAX_QUEUE, bandit_dir: Optional[str] = None,
+                 mu_factor: Optional[float] = None) -> None:
+        from ..modelref import locate, open_model
+        from ..runtime.bundle import read_meta
+
+        files = locate(model)
+        if files.bundle is None or backend == "torch":
+            raise CheckpointError(f"{model}: the service runs exported bundles only (torch-free); "
+                                  f"export one with 'anchorflow export {model} --out BUNDLE' and serve that")
+        for name, value in (("max_n", max_n), ("max_queue", max_queue), ("max_batch", max_batch or 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        self.model = open_model(model, backend=backend, allow_fallback=allow_fallback, precision=precision)
+        self.meta = self.model.meta
+        nets = read_meta(files.bundle)["networks"]
+        self.batch_max = {k: int(((nets.get(k) or {}).get("batch") or {}).get("max") or 0) or None
+                          for k in ("backbone", "sidenet")}
+        cap = max_batch or self.batch_max["backbone"] or 128
+        self.limits = Limits(max_rows=cap, max_n=max_n)
+        self.max_queue = max_queue
+        self.bandit_dir = Path(bandit_dir or Path.home() / ".cache" / "anchorflow" / "serve" / "bandits")
+        self.mu_factor = mu_factor
+        self.stats = {"requests": 0, "solves": 0, "batches": 0, "rows": 0, "merged_requests": 0,
+                      "bad_requests": 0, "rejected": 0, "failed": 0}
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._solve_s = 0.05  # running mean of one solve's wall time, for Retry-After
+
+    # -- limits and validation -------------------------------------------------------------------
+    def rows_for(self, req: SampleRequest) -> int:
+        from ..runtime import get_solver
+
+        return rows_limit(self.limits.max_rows, req.cfg != 1.0, get_solver(req.solver).needs_sidenet,
+                          self.batch_max["backbone"], self.batch_max["sidenet"])
+
+    def parse(self, raw: bytes) -> SampleRequest:
+        """Validate a body (RequestError -> HTTP 400), including the per-solve row limit for FastFlow."""
+        try:
+            req = parse_request(raw, self.meta, self.limits, self.model.sidenet is not None, time.perf_counter())
+            if req.solver == "fastflow" and req.n > self.rows_for(req):
+                raise RequestError(
+                    f"fastflow requests are solved as one batch (its skip decisions are per batch), so n must be "
+                    f"<= {self.rows_for(req)} here, got {req.n}; send several requests instead")
+        except RequestError:
+            with self._lock:
+                self.stats["bad_requests"] += 1
+            raise
+        return req
+
+    # -- admission (bounded queue) ---------------------------------------------------------------
+    def admit(self) -> Optional[int]:
+        """Take a queue slot; None when admitted, else the Retry-After seconds for a 503."""
+        with self._lock:
+            if self._pending >= self.max_queue:
+                self.stats["rejected"] += 1
+                return max(1, math.ceil(self._solve_s * self._pending / max(1, self.limits.max_rows)))
+            self._pending += 1
+            return None
+
+    def release(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    # -- sampling --------------------------------------------------------------------------------
+    def sample_batch(self, requests: Sequence[SampleRequest]) -> list[Reply]:
+        """Solve concurrent requests in as few solves as fit; one :class:`Reply` per request, in order."""
+        num_classes = int(self.meta.get("num_classes", 0) or 0)
+        from ..sampling import cycle_labels, start_noise
+
+        noises = [start_noise(r.seed, r.n, self.meta["state_shape"]) for r in requests]
+        labels = [cycle_labels(r.labels, r.n, num_classes) for r in requests]
+        parts: list[list[tuple[int, np.ndarray]]] = [[] for _ in requests]
+        replies = [Reply(wait_s=time.perf_counter() - r.arrived if r.arrived else 0.0) for r in requests]
+        solves = plan(requests, self.rows_for)
+        for solve in solves:
+            self._run_one(solve, requests, noises, labels, parts, replies)
+        for reply, got, req in zip(replies, parts, requests):
+            if reply.error is None:
+                reply.x = np.concatenate([x for _, x in sorted(got, key=lambda p: p[0])], axis=0)
+        with self._lock:
+            self.stats["requests"] += len(requests)
+            self.stats["batches"] += 1
+            self.stats["solves"] += len(solves)
+            self.stats["merged_requests"] += sum(s.requests for s in solves if s.requests > 1)
+        return replies
+
+    def _run_one(self, solve: Solve, requests, noises, labels, parts, replies) -> None:
+        req = requests[solve.pieces[0].index]
+        y = None if labels[0] is None else gather(solve, labels)
+        try:
+            res, state = self._solve(req, gather(solve, noises), y)
+        except AnchorflowError as exc:
+            status = 400 if isinstance(exc, ConfigError) else 500
+            for p in solve.pieces:
+                replies[p.index].status, replies[p.index].error = status, str(exc)
+            with self._lock:
+                self.stats["failed"] += solve.requests
+            return
+        scatter(solve, res.x, parts)
+        with self._lock:
+            self.stats["rows"] += solve.rows
+            self._solve_s = 0.8 * self._solve_s + 0.2 * res.timing.total_s
+        for i in {p.index for p in solve.pieces}:
+            r = replies[i]
+            r.nfe, r.sidenet_calls = max(r.nfe, res.nfe), max(r.sidenet_calls, res.sidenet_calls)
+            r.solve_s += res.timing.total_s
+            r.solves += 1
+            r.batch_requests = max(r.batch_requests, solve.requests)
+            r.batch_rows = max(r.batch_rows, solve.rows)
+            r.bandit_state = state
+
+    def _solve(self, req: SampleRequest, noise: np.ndarray, y: Optional[np.ndarray]):
+        """One solve exactly as ``anchorflow sample`` runs it (FastFlow: on the shared bandit state)."""
+        from ..runtime import solve
+
+        kwargs = dict(y=y, sidenet=self.model.sidenet, cfg_scale=req.cfg, cfg_interval=req.cfg_interval,
+                      null_label=self.meta.get("null_label"), grid="uniform" if req.grid is None else req.grid)
+        if req.solver != "fastflow":
+            return solve(req.solver, self.model.velocity, noise, req.nfe, **kwargs), None
+        from ..runtime.fastflow import run_with_state
+
+        path = self.bandit_path(req)
+        extra = {} if self.mu_factor is None else {"mu_factor": self.mu_factor}
+        res = run_with_state(self.model.velocity, noise, req.nfe, path, self.meta["model_id"], **extra, **kwargs)
+        return res, path.name
+
+    def bandit_path(self, req: SampleRequest) -> Path:
+        """The bandit state file shared by every FastFlow request with this grid and guidance."""
+        from ..runtime.fastflow import BanditKey, guided_model_id
+        from ..runtime.grids import make_grid
+
+        grid = make_grid(req.nfe, "uniform" if req.grid is None else req.grid)
+        key = BanditKey.of(grid, guided_model_id(self.meta["model_id"], req.cfg, req.cfg_interval))
+        digest = hashlib.sha256(f"{key.model_id}\n{key.grid_sha256}".encode()).hexdigest()[:16]
+        return self.bandit_dir / f"fastflow-T{key.T}-{digest}.json"
+
+    # -- GET endpoints ---------------------------------------------------------------------------
+    def info(self) -> dict:
+        """``GET /v1/model``: the model's metadata, the solvers and the limits."""
+        from ..runtime import SOLVERS, get_solver
+
+        get_solver("euler")  # registers the built-ins
+        keep = ("name", "state_shape", "num_classes", "null_label", "data_range", "model_id")
+        solvers = [{"name": s.name, "summary": s.summary, "needs_sidenet": s.needs_sidenet, "min_nfe": s.min_nfe,
+                    "nfe_rule": s.nfe_rule, "available": self.model.sidenet is not None or not s.needs_sidenet}
+                   for s in SOLVERS.values()]
+        return {"model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.meta.items() if k in keep},
+                "providers": list(self.model.providers), "solvers": solvers, "formats": list(FORMATS),
+                "request": {k: DEFAULTS[k] for k in FIELDS},
+                "limits": {"max_n": self.limits.max_n, "max_nfe": self.limits.max_nfe, "max_queue": self.max_queue,
+                           "max_rows_per_solve": self.limits.max_rows, "network_batch_max": self.batch_max},
+                "torch_imported": "torch" in sys.modules}
+
+    def stats_snapshot(self) -> dict:
+        with self._lock:
+            return {**self.stats, "pending": self._pending}
+
+    def get(self, path: str) -> HttpReply:
+        """Answer ``GET /healthz``, ``/v1/model`` and ``/v1/stats``; 404 otherwise."""
+        if path == "/healthz":
+            return json_reply(200, {"status": "ok"})
+        if path == "/v1/model":
+            return json_reply(200, self.info())
+        if path == "/v1/stats":
+            return json_reply(200, self.stats_snapshot())
+        return error_reply(404, f"no such endpoint GET {path}; try /healthz, /v1/model, /v1/stats or POST /v1/sample")
