@@ -11,12 +11,9 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,19 +21,13 @@ import numpy as np
 import pytest
 
 from anchorflow.modelref import BUNDLED
+from anchorflow.serve.client import ServiceProcess
 
 pytest.importorskip("ray.serve", reason="anchorflow[serve] (ray[serve]) is not installed")
 pytestmark = pytest.mark.skipif(not (BUNDLED / "digits" / "bundle" / "bundle.json").is_file(),
                                 reason="the bundled digits bundle is not exported")
 
-START_TIMEOUT_S = 240
 MAX_N = 100
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def descendants(pid: int) -> set[int]:
@@ -65,52 +56,16 @@ def alive(pid: int) -> bool:
         return False
 
 
-class Service:
+class Service(ServiceProcess):
+    """The module's service, with the processes it started (recorded once it is up)."""
+
     def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.bandits = tmp / "bandits"
-        self.log = open(tmp / "serve.log", "w+")
-        cmd = [sys.executable, "-m", "anchorflow.cli", "serve", "default", "--port", str(self.port),
-               "--num-cpus", "2", "--bandit-dir", str(self.bandits), "--batch-wait-ms", "50",
-               "--max-n", str(MAX_N), "--backend", "ort-cpu"]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                if self.get("/healthz")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(1.0)
-        else:
-            self.log.seek(0)
-            self.proc.kill()
-            pytest.fail(f"the service did not come up:\n{self.log.read()[-3000:]}")
+        super().__init__(["default", "--num-cpus", "2", "--bandit-dir", str(self.bandits), "--batch-wait-ms", "50",
+                          "--max-n", str(MAX_N), "--backend", "ort-cpu"], cwd=str(tmp), log=str(tmp / "serve.log"))
+        self.__enter__()
         self.children = descendants(self.proc.pid)
-
-    def get(self, path: str) -> tuple[int, dict, bytes]:
-        return self._open(urllib.request.Request(self.url + path))
-
-    def post(self, body: bytes | dict) -> tuple[int, dict, bytes]:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return self._open(urllib.request.Request(self.url + "/v1/sample", data=data, method="POST"))
-
-    @staticmethod
-    def _open(request) -> tuple[int, dict, bytes]:
-        try:
-            with urllib.request.urlopen(request, timeout=120) as r:
-                return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+        self.get, self.post = self.client.get, self.client.sample
 
 
 @pytest.fixture(scope="module")
