@@ -171,7 +171,8 @@ class SamplerService:
 
     def bandit_path(self, req: SampleRequest) -> Path:
         """The bandit state file shared by every FastFlow request with this grid and guidance."""
-        from ..runtime.fastflow import BanditKey, guided_model_id
+        from ..runtime.bandit import BanditKey
+        from ..runtime.fastflow import guided_model_id
         from ..runtime.grids import make_grid
 
         grid = make_grid(req.nfe, "uniform" if req.grid is None else req.grid)
