@@ -97,8 +97,8 @@ def make_inputs(
 def _f64(velocity: Callable) -> Callable:
     """A velocity that takes float64 states (cast to float32 for the model) and returns float64."""
 
-    def v(x: np.ndarray, t: np.ndarray, y: Optional[np.ndarray]) -> np.ndarray:
-        return np.asarray(velocity(x.astype(np.float32), t.astype(np.float32), y), np.float64)
+    def v(x: np.ndarray, t: np.ndarray, cond: Optional[dict]) -> np.ndarray:
+        return np.asarray(velocity(x.astype(np.float32), t.astype(np.float32), cond), np.float64)
 
     return v
 

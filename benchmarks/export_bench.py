@@ -116,13 +116,14 @@ def ort_sampler(bundle: Path, threads: int, optimization: str):
     """run(noise, y) -> x with the runtime's BA solver on onnxruntime CPU sessions."""
     from anchorflow.runtime import solve
     from anchorflow.runtime.backends import OrtSideNet, OrtVelocity, make_session
-    from anchorflow.runtime.bundle import network_file, read_meta
+    from anchorflow.runtime.bundle_format import read_bundle
 
-    meta = read_meta(bundle)
-    null = meta["model"]["null_label"]
-    sess = {n: make_session(network_file(bundle, meta, n), "ort-cpu", threads=threads, optimization=optimization)
+    fmt = read_bundle(bundle)
+    null = fmt.model["null_label"]
+    sess = {n: make_session(fmt.network_file(n), "ort-cpu", threads=threads, optimization=optimization)
             for n in ("backbone", "sidenet")}
-    velocity, sidenet = OrtVelocity(sess["backbone"], null), OrtSideNet(sess["sidenet"], null)
+    velocity = OrtVelocity(sess["backbone"], fmt.networks["backbone"], fmt.guidance.null)
+    sidenet = OrtSideNet(sess["sidenet"], fmt.networks["sidenet"], fmt.guidance.null)
 
     def run(noise: np.ndarray, y: np.ndarray) -> np.ndarray:
         return solve("ba", velocity, noise, NFE, y=y, sidenet=sidenet, cfg_scale=CFG, cfg_interval=INTERVAL,

@@ -80,15 +80,15 @@ def build_standin(path: Path, state=(1, 8, 8), classes: int = 10, width: int = 2
 
 
 def ort_velocity(path: Path, threads: int) -> tuple[Callable, list[str]]:
-    """An onnxruntime CPU session as a ``velocity(x, t, y)`` callable."""
+    """An onnxruntime CPU session as a ``velocity(x, t, cond)`` callable (labels ``cond["y"]``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
-    def velocity(x: np.ndarray, t: np.ndarray, y: Optional[np.ndarray]) -> np.ndarray:
-        return sess.run(["v"], {"x": x, "t": t, "y": y})[0]
+    def velocity(x: np.ndarray, t: np.ndarray, cond: Optional[dict]) -> np.ndarray:
+        return sess.run(["v"], {"x": x, "t": t, "y": cond["y"]})[0]
 
     return velocity, sess.get_providers()
 

@@ -26,11 +26,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from .._io import read_json
 from ..errors import CheckpointError, ConfigError
 
 BATCH = "batch"
-SCHEMA = "anchorflow.bundle/1"
 DEFAULT_SAMPLES = (1, 16, 64)  # used only when bundle.json records no backbone batch range
 PROBES = 3  # SideNet offsets per forward probe (BA-solver, 4-node quadrature minus the anchor)
 
@@ -113,17 +111,12 @@ class Profile:
 
 # -- bundle.json ---------------------------------------------------------------------------------
 def read_bundle(path: str | Path) -> tuple[Path, dict]:
-    """(bundle folder, bundle.json dict) for a bundle folder or a model root with ``bundle/`` inside."""
-    path = Path(path)
-    for folder in (path, path / "bundle"):
-        if (folder / "bundle.json").is_file():
-            meta = read_json(folder / "bundle.json")
-            if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
-                raise CheckpointError(
-                    f"{folder / 'bundle.json'} is not an anchorflow bundle (schema {SCHEMA!r} expected); re-export it"
-                )
-            return folder, meta
-    raise CheckpointError(f"{path} is not a bundle folder (no bundle.json); create one with `anchorflow export`")
+    """(bundle folder, bundle.json dict) for a bundle folder or a model root with ``bundle/`` inside,
+    read and validated by the one bundle-format module (:mod:`anchorflow.runtime.bundle_format`)."""
+    from ..runtime.bundle_format import read_bundle as read_format
+
+    bundle = read_format(path)
+    return bundle.folder, bundle.meta
 
 
 def _tensors(entries: Any) -> tuple[TensorSpec, ...]:

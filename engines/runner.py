@@ -3,8 +3,11 @@
 They are the same callables as the onnxruntime backends, so every solver of
 :mod:`anchorflow.runtime` runs on them unchanged:
 
-* ``velocity(x, t, y) -> v``: x (B, C, H, W) float32, t (B,) float32, y (B,) int64 or None;
-* ``sidenet(x, v, t, h, y) -> delta``: per-sample t and h (B,), ``v_hat(t - h) = v + delta``.
+* ``velocity(x, t, cond) -> v``: x (B, C, H, W) float32, t (B,) float32, cond None or a dict of
+  row arrays (labels ``cond["y"]`` int64 (B,));
+* ``sidenet(x, v, t, h, cond) -> delta``: per-sample t and h (B,), ``v_hat(t - h) = v + delta``.
+
+:func:`bundle_runs` is the runtime registry's ``trt`` backend (``load_bundle(..., backend="trt")``).
 
 Time convention: t = 1 noise, t = 0 data. Each call sets the explicit input shapes
 (``set_input_shape``), copies the inputs into device buffers that are allocated once and grown
@@ -152,27 +155,39 @@ class _TrtNetwork:
 
 
 class TrtVelocity(_TrtNetwork):
-    """``velocity(x, t, y) -> v`` on a TensorRT backbone engine; y None uses the null label (or 0)."""
+    """``velocity(x, t, cond) -> v`` on a TensorRT backbone engine; labels ``cond["y"]`` (missing: the
+    null label, or 0); other conditions are fed by name to the inputs the engine has."""
 
     def __init__(self, engine: TrtEngine, null_label: Optional[int] = None, num_labels: Optional[int] = None) -> None:
         super().__init__(engine)
         self.null_label = 0 if null_label is None else int(null_label)
         self.num_labels = num_labels
 
-    def __call__(self, x: np.ndarray, t: np.ndarray, y: Optional[np.ndarray]) -> np.ndarray:
-        return self._run(x=x, t=t, y=labels(y, x.shape[0], self.null_label, self.num_labels))
+    def __call__(self, x: np.ndarray, t: np.ndarray, cond: Optional[dict]) -> np.ndarray:
+        y = labels(_y(cond), x.shape[0], self.null_label, self.num_labels)
+        return self._run(**_others(cond), x=x, t=t, y=y)
 
 
 class TrtSideNet(_TrtNetwork):
-    """``sidenet(x, v, t, h, y) -> delta`` on a TensorRT SideNet engine (per-sample t and h)."""
+    """``sidenet(x, v, t, h, cond) -> delta`` on a TensorRT SideNet engine (per-sample t and h)."""
 
     def __init__(self, engine: TrtEngine, null_label: Optional[int] = None, num_labels: Optional[int] = None) -> None:
         super().__init__(engine)
         self.null_label = 0 if null_label is None else int(null_label)
         self.num_labels = num_labels
 
-    def __call__(self, x: np.ndarray, v: np.ndarray, t: np.ndarray, h: np.ndarray, y: Optional[np.ndarray]) -> np.ndarray:
-        return self._run(x=x, v=v, t=t, h=h, y=labels(y, x.shape[0], self.null_label, self.num_labels))
+    def __call__(self, x: np.ndarray, v: np.ndarray, t: np.ndarray, h: np.ndarray, cond: Optional[dict]) -> np.ndarray:
+        y = labels(_y(cond), x.shape[0], self.null_label, self.num_labels)
+        return self._run(**_others(cond), x=x, v=v, t=t, h=h, y=y)
+
+
+def _y(cond: Optional[dict]) -> Optional[np.ndarray]:
+    return None if cond is None else cond.get("y")
+
+
+def _others(cond: Optional[dict]) -> dict:
+    """The conditions besides the labels (fed by name; the engine takes only its own inputs)."""
+    return {k: v for k, v in (cond or {}).items() if k != "y"}
 
 
 class TrtEngines:
@@ -231,6 +246,25 @@ class TrtEngines:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def bundle_runs(bundle: Any, precision: str = "fp32") -> tuple[dict, list[str]]:
+    """The runtime's ``trt`` backend (``load_bundle(..., backend="trt")``): per network ``run(feeds)``
+    on its cached engine and the description as the provider list; the runtime wraps them with
+    the condition rule every backend shares (:mod:`anchorflow.runtime.networks`)."""
+    engines = TrtEngines.load(bundle.folder, bundle.meta, precision)
+
+    def checked(net: Any) -> Any:
+        def run(feeds: dict) -> np.ndarray:
+            if "y" in feeds:  # an out-of-range index in a GPU Gather reads foreign memory
+                feeds = {**feeds, "y": labels(feeds["y"], len(feeds["y"]), net.null_label, net.num_labels)}
+            return net._run(**feeds)
+        return run
+
+    runs = {"backbone": checked(engines.velocity)}
+    if engines.sidenet is not None:
+        runs["sidenet"] = checked(engines.sidenet)
+    return runs, [f"TensorRT ({engines.description})"]
 
 
 def load_trt_bundle(path: str | Path, meta: Optional[dict] = None, precision: str = "fp32") -> tuple[Any, Any, str]:

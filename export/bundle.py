@@ -1,6 +1,7 @@
 """Export a backbone (+ SideNet) checkpoint to a validated ONNX bundle folder.
 
-``export_bundle(model, out, ...)`` writes ``bundle.json`` (schema ``anchorflow.bundle/1``),
+``export_bundle(model, out, ...)`` writes ``bundle.json`` (schema ``anchorflow.bundle/2``, through
+:mod:`anchorflow.runtime.bundle_format`, which validates it),
 ``backbone.onnx``, ``sidenet.onnx`` and reduced-precision variants (``*.fp16.onnx``...). Per
 network: torch reference outputs (NaN/Inf refused), ``torch.onnx.export``, ``onnx.checker``,
 onnxslim clean-up kept only if parity holds, onnxruntime-vs-torch parity (fp32 max abs error
@@ -24,9 +25,9 @@ import numpy as np
 
 from .. import __version__
 from .._deps import require
-from .._io import atomic_dir, sha256_file, write_bytes, write_json
+from .._io import atomic_dir, write_bytes
 from ..errors import AnchorflowError, CheckpointError, ConfigError
-from ..runtime.bundle import BUNDLE_JSON, SCHEMA, TIME_CONVENTION
+from ..runtime.bundle_format import SCHEMA, TIME_CONVENTION, file_record, write_bundle_json
 from .cleanup import CleanupReport, clean
 from .onnx_export import BACKBONE, DEFAULT_OPSET, SIDENET, NetSpec, export_onnx, random_inputs
 from .precision import convert, parse_precisions, variant_file
@@ -207,7 +208,7 @@ def _metadata(model: Any, job: NetJob, precision: str, shared: dict, entry: dict
 
 def _save(model: Any, folder: Path, file: str) -> dict[str, Any]:
     write_bytes(folder / file, model.SerializeToString())
-    return {"file": file, "sha256": sha256_file(folder / file), "bytes": (folder / file).stat().st_size}
+    return file_record(folder, file)
 
 
 def export_network(job: NetJob, folder: Path, opts: Options, shared: dict, real: Optional[RealData],
@@ -295,7 +296,7 @@ def export_bundle(model: str | os.PathLike, out: Optional[str | os.PathLike] = N
             networks = {job.spec.name: export_network(job, tmp, opts, shared, real, step) for job in jobs}
             meta = bundle_meta(info, networks, opts, real_note, command, time.perf_counter() - start)
             meta["versions"] = shared["versions"]
-            write_json(tmp / BUNDLE_JSON, meta)
+            write_bundle_json(tmp, meta)
             _publishable(tmp)
             bar.update(1)
     return BundleExport(out, meta)
@@ -316,6 +317,9 @@ def bundle_meta(info: dict, networks: dict, opts: Options, real_note: Optional[s
         "schema": SCHEMA,
         "model": info,
         "time_convention": TIME_CONVENTION,
+        "time": {"map": "identity"},
+        "guidance": ({"mode": "rows", "null": {"y": info["null_label"]}} if info.get("null_label") is not None
+                     else {"mode": "none"}),
         "networks": networks,
         "precisions": list(opts.precisions),
         "export": {

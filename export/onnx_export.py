@@ -56,15 +56,18 @@ class NetSpec:
     def signature(self, state_shape: tuple[int, ...]) -> dict[str, list[dict[str, Any]]]:
         """Names, shapes (``"batch"`` for the dynamic axis) and dtypes of inputs and output."""
         def entry(name: str) -> dict[str, Any]:
+            role = ROLES.get(name, "condition")
             if name == "y":
-                return {"name": name, "shape": ["batch"], "dtype": "int64"}
+                return {"name": name, "shape": ["batch"], "dtype": "int64", "role": role, "per_row": True}
             if name in ("t", "h"):
-                return {"name": name, "shape": ["batch"], "dtype": "float32"}
-            return {"name": name, "shape": ["batch", *map(int, state_shape)], "dtype": "float32"}
+                return {"name": name, "shape": ["batch"], "dtype": "float32", "role": role, "per_row": True}
+            return {"name": name, "shape": ["batch", *map(int, state_shape)], "dtype": "float32", "role": role,
+                    "per_row": True}
 
         return {"inputs": [entry(n) for n in self.inputs], "outputs": [entry(self.output)]}
 
 
+ROLES = {"x": "state", "t": "time", "v": "velocity", "h": "offset", "delta": "velocity"}
 BACKBONE = NetSpec("backbone", ("x", "t", "y"), "v", 2, "backbone.onnx")
 SIDENET = NetSpec("sidenet", ("x", "v", "t", "h", "y"), "delta", 6, "sidenet.onnx")
 NETS = {spec.name: spec for spec in (BACKBONE, SIDENET)}

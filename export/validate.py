@@ -141,7 +141,7 @@ class Case:
 @dataclass(frozen=True)
 class RealData:
     """Where real inputs come from: data samples x0 (N, *state) at t = 0 with labels y0 (N,), and
-    the reference backbone ``velocity(x, t, y)`` that turns noised states into (x, v) pairs."""
+    the reference backbone ``velocity(x, t, cond)`` that turns noised states into (x, v) pairs."""
 
     x0: np.ndarray
     y0: Optional[np.ndarray]
@@ -181,7 +181,7 @@ def real_inputs(spec: NetSpec, real: RealData, num_classes: int, batch: int,
         y[rng.random(batch) < 0.1] = num_classes  # some unconditional rows, as the sampler sends
     feeds = {"x": x, "t": t, "y": y}
     if "v" in spec.inputs:
-        feeds["v"] = np.asarray(real.velocity(x, t, y), np.float32)
+        feeds["v"] = np.asarray(real.velocity(x, t, {"y": y}), np.float32)
         h = rng.choice(BA_FRACTIONS, batch) * rng.choice(STEP_SIZES, batch)
         feeds["h"] = np.clip(h, -(1.0 - t), t).astype(np.float32)
     return {name: feeds[name] for name in spec.inputs}

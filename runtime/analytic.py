@@ -43,7 +43,7 @@ class GaussianMixture:
         weights: (K,) mixture weights pi_k (normalised here); None: uniform.
         classes: (K,) class of each component in 0..C-1, or None for an unconditional mixture.
 
-    The instance is a ``velocity(x, t, y)`` callable (see :class:`anchorflow.runtime.Velocity`).
+    The instance is a ``velocity(x, t, cond)`` callable (see :class:`anchorflow.runtime.Velocity`).
     """
 
     def __init__(
@@ -94,8 +94,10 @@ class GaussianMixture:
             raise ConfigError(f"labels must be (B,) integers in 0..{self.null_label} ({self.null_label} = null)")
         return (self.classes[None, :] == y[:, None]) | (y[:, None] == self.null_label)
 
-    def velocity(self, x: np.ndarray, t: TimeLike, y: Optional[np.ndarray] = None) -> np.ndarray:
-        """Exact ``v(x, t, y)``: x (B, ...) with prod(...) = D, t scalar or (B,), y (B,) or None."""
+    def velocity(self, x: np.ndarray, t: TimeLike, cond: Optional[dict] = None) -> np.ndarray:
+        """Exact ``v(x, t, cond)``: x (B, ...) with prod(...) = D, t scalar or (B,), cond None or
+        ``{"y": (B,) labels}`` (a bare (B,) label array is accepted too, for tests)."""
+        y = cond.get("y") if isinstance(cond, dict) else cond
         b = x.shape[0]
         xf = np.asarray(x, dtype=np.float64).reshape(b, -1)
         if xf.shape[1] != self.means.shape[1]:
@@ -128,8 +130,8 @@ class GaussianMixture:
 
 
 def exact_flow(velocity: Callable, x: np.ndarray, t_from: TimeLike = 1.0, t_to: TimeLike = 0.0,
-               y: Optional[np.ndarray] = None, steps: int = 1000) -> np.ndarray:
-    """Reference solution of ``dx/dt = velocity(x, t, y)`` from ``t_from`` to ``t_to`` (either way).
+               cond: Optional[dict] = None, steps: int = 1000) -> np.ndarray:
+    """Reference solution of ``dx/dt = velocity(x, t, cond)`` from ``t_from`` to ``t_to`` (either way).
 
     Classic RK4 in float64 with ``steps`` equal sub-steps; ``t_from`` / ``t_to`` may be scalars
     or per-sample (B,) arrays (one shared step count, so the batch stays one call). The
@@ -145,7 +147,7 @@ def exact_flow(velocity: Callable, x: np.ndarray, t_from: TimeLike = 1.0, t_to: 
     span_x = span.reshape(b, *([1] * (x.ndim - 1)))
 
     def ds_field(z: np.ndarray, s: float) -> np.ndarray:  # dx/ds = span * v(x, t(s))
-        return span_x * velocity(z, t0 + s * span, y)
+        return span_x * velocity(z, t0 + s * span, cond)
 
     z = np.asarray(x, dtype=np.float64)
     for s in np.linspace(0.0, 1.0, int(steps) + 1)[:-1]:
@@ -156,7 +158,7 @@ def exact_flow(velocity: Callable, x: np.ndarray, t_from: TimeLike = 1.0, t_to: 
 class ExactSideNet:
     """The ideal SideNet: ``delta = v(Phi(x; t -> t - h), t - h) - v`` along the exact flow.
 
-    A ``sidenet(x, v, t, h, y)`` callable (per-sample t and h, (B,)) for tests and as the
+    A ``sidenet(x, v, t, h, cond)`` callable (per-sample t and h, (B,)) for tests and as the
     benchmark's upper bound. ``scale`` multiplies delta (``scale < 1``: a systematically
     under-trained SideNet whose error grows with |h|). ``steps`` sub-steps per call.
     """
@@ -165,9 +167,9 @@ class ExactSideNet:
         self.velocity, self.scale, self.steps, self.calls = velocity, float(scale), int(steps), 0
 
     def __call__(self, x: np.ndarray, v: np.ndarray, t: np.ndarray, h: np.ndarray,
-                 y: Optional[np.ndarray]) -> np.ndarray:
+                 cond: Optional[dict]) -> np.ndarray:
         self.calls += 1
         target = np.asarray(t, np.float64) - np.asarray(h, np.float64)
-        x_end = exact_flow(self.velocity, x, t, target, y, steps=self.steps)
-        delta = self.velocity(x_end, target, y) - np.asarray(v, np.float64)
+        x_end = exact_flow(self.velocity, x, t, target, cond, steps=self.steps)
+        delta = self.velocity(x_end, target, cond) - np.asarray(v, np.float64)
         return (self.scale * delta).astype(x.dtype, copy=False)

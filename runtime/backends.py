@@ -1,9 +1,10 @@
 """onnxruntime sessions for a bundle's networks, wrapped as the runtime's callables.
 
-``OrtVelocity(session)(x, t, y) -> v`` and ``OrtSideNet(session)(x, v, t, h, y) -> delta`` match
-:class:`anchorflow.runtime.field.Velocity` / ``SideNet``: x, v (B, *state) float32, t, h (B,)
+``OrtVelocity(session, decl, null)(x, t, cond) -> v`` and ``OrtSideNet(...)(x, v, t, h, cond) -> delta``
+match :class:`anchorflow.runtime.field.Velocity` / ``SideNet``: x, v (B, *state) float32, t, h (B,)
 float32 (t = 1 noise, t = 0 data; ``v_hat(t - h) = v + delta``, BA-solver arXiv 2601.21542),
-y (B,) int64 or None (None: every row gets the null label). numpy + onnxruntime only.
+cond a dict of row arrays or None; conditions follow :mod:`.networks`' one rule (missing ones get
+the null value, e.g. the null label). numpy + onnxruntime only.
 
 Backends: ``ort-cpu``, ``ort-cuda``, ``ort-trt`` (TensorRT execution provider, engine and timing
 caches under ``<bundle>/engines/ort-trt/``) and ``auto`` (the best provider this onnxruntime
@@ -17,12 +18,17 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from .._deps import require
 from ..errors import BackendError, ConfigError
+from .bundle_format import SCHEMA_V1, NetworkDecl, _network, check_graph_inputs
+from .networks import BundleSideNet, BundleVelocity
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32",
+               "tensor(float16)": "float16", "tensor(bool)": "bool"}
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 # backend name -> the provider it is about (first) and what it asks onnxruntime for, in order
@@ -131,54 +137,48 @@ def _short(message: str, head: int = 120, tail: int = 200) -> str:
     return message if len(message) <= head + tail else f"{message[:head]} ... {message[-tail:]}"
 
 
-class _OrtNet:
-    """A session with fixed input names and one output; checks the graph is the expected network."""
+def graph_inputs(session: Any) -> list[tuple[str, str, list]]:
+    """(name, ORT type string, shape) of each input of an onnxruntime session."""
+    return [(i.name, i.type, list(i.shape)) for i in session.get_inputs()]
 
-    INPUTS: tuple[str, ...] = ()
-    OUTPUT = ""
-    KIND = ""
 
-    def __init__(self, session: Any, null_label: Optional[int] = None) -> None:
-        names = tuple(i.name for i in session.get_inputs())
-        outputs = [o.name for o in session.get_outputs()]
-        if sorted(names) != sorted(self.INPUTS) or self.OUTPUT not in outputs:
-            raise BackendError(f"this ONNX graph is not a {self.KIND} (inputs {list(names)}, outputs {outputs}; "
-                               f"expected inputs {list(self.INPUTS)} and output {self.OUTPUT!r}); re-export the bundle")
+def session_decl(session: Any, kind: str) -> NetworkDecl:
+    """A declaration read off the graph itself (for a session opened without bundle.json):
+    x/t/v/h by name as in schema /1, every other input a per-row condition."""
+    ins = [{"name": n, "dtype": _ORT_DTYPES.get(k, k), "shape": [d if isinstance(d, int) else "batch" if j == 0 else str(d)
+                                                             for j, d in enumerate(shape)]}
+           for n, k, shape in graph_inputs(session)]
+    outs = [{"name": o.name, "dtype": "float32", "shape": ["batch"]} for o in session.get_outputs()]
+    return _network(kind, {"file": "<session>", "sha256": "", "inputs": ins, "outputs": outs}, SCHEMA_V1)
+
+
+def ort_run(session: Any, decl: NetworkDecl) -> Callable[[dict], np.ndarray]:
+    """``run(feeds) -> output`` on an onnxruntime session, after checking its graph against ``decl``."""
+    check_graph_inputs(decl, graph_inputs(session), decl.file)
+    outputs = [o.name for o in session.get_outputs()]
+    want = decl.outputs[0].name
+    if want not in outputs:
+        raise BackendError(f"this ONNX graph is not a {decl.name} (outputs {outputs}, expected {want!r}); re-export the bundle")
+    return lambda feeds: session.run([want], feeds)[0]
+
+
+class OrtVelocity(BundleVelocity):
+    """``velocity(x, t, cond) -> v`` on an onnxruntime session of a bundle's backbone.
+
+    ``decl``: the backbone's declaration in bundle.json (None: read off the graph, schema /1
+    names); ``null``: condition name -> null value (e.g. ``{"y": 10}``) for missing conditions.
+    """
+
+    def __init__(self, session: Any, decl: Optional[NetworkDecl] = None, null: Optional[dict] = None) -> None:
+        decl = decl if decl is not None else session_decl(session, "backbone")
+        super().__init__(decl, ort_run(session, decl), null, list(session.get_providers()))
         self.session = session
-        self.null_label = null_label
-        self._out = [self.OUTPUT]
-
-    @property
-    def providers(self) -> list[str]:
-        return list(self.session.get_providers())
-
-    def _labels(self, y: Optional[np.ndarray], batch: int) -> np.ndarray:
-        if y is not None:
-            return np.ascontiguousarray(y, np.int64)
-        if self.null_label is None:
-            raise ConfigError(f"the {self.KIND} needs labels y; this bundle records no null label for y=None")
-        return np.full(batch, int(self.null_label), np.int64)
-
-    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        f32 = {k: np.ascontiguousarray(v, np.float32) for k, v in feeds.items() if k != "y"}
-        f32["y"] = self._labels(feeds.get("y"), f32["x"].shape[0])
-        return self.session.run(self._out, f32)[0]
 
 
-class OrtVelocity(_OrtNet):
-    """``velocity(x, t, y) -> v`` on an onnxruntime session of a bundle's backbone."""
+class OrtSideNet(BundleSideNet):
+    """``sidenet(x, v, t, h, cond) -> delta`` on an onnxruntime session of a bundle's SideNet."""
 
-    INPUTS, OUTPUT, KIND = ("x", "t", "y"), "v", "backbone"
-
-    def __call__(self, x: np.ndarray, t: np.ndarray, y: Optional[np.ndarray]) -> np.ndarray:
-        return self._run({"x": x, "t": t, "y": y})
-
-
-class OrtSideNet(_OrtNet):
-    """``sidenet(x, v, t, h, y) -> delta`` on an onnxruntime session of a bundle's SideNet."""
-
-    INPUTS, OUTPUT, KIND = ("x", "v", "t", "h", "y"), "delta", "SideNet"
-
-    def __call__(self, x: np.ndarray, v: np.ndarray, t: np.ndarray, h: np.ndarray,
-                 y: Optional[np.ndarray]) -> np.ndarray:
-        return self._run({"x": x, "v": v, "t": t, "h": h, "y": y})
+    def __init__(self, session: Any, decl: Optional[NetworkDecl] = None, null: Optional[dict] = None) -> None:
+        decl = decl if decl is not None else session_decl(session, "sidenet")
+        super().__init__(decl, ort_run(session, decl), null, list(session.get_providers()))
+        self.session = session

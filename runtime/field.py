@@ -3,8 +3,10 @@
 Every solver talks to the backbone through :class:`GuidedField`, so guidance, the NFE count
 and the time split (backbone / SideNet / rest) are handled once for every method.
 
-Shapes: the state ``x`` is (B, ...). With guidance (``cfg_scale != 1``) the backbone is called
-on ``[x; x]`` with labels ``[y; null]`` (2B rows, one NFE); such per-row outputs are "raw".
+Shapes: the state ``x`` is (B, ...). Conditions are a dict name -> (B, ...) array (class labels
+are the condition ``y`` int64 (B,)). With guidance (``cfg_scale != 1``) the backbone is called on
+``[x; x]`` with every condition ``[cond; null]`` (2B rows, one NFE); such per-row outputs are
+"raw". The SideNet's k offsets are one call on k copies of those rows, conditions tiled alike.
 Time convention: t = 1 noise, t = 0 data.
 """
 
@@ -19,17 +21,21 @@ from ..errors import ConfigError
 from .result import StepRecord
 
 
-class Velocity(Protocol):
-    """``velocity(x, t, y) -> v``: x (B, ...) float32, t (B,) float32, y (B,) int64 or None."""
+Cond = Optional[dict]  # condition name -> np.ndarray with the row axis first, or None
 
-    def __call__(self, x: np.ndarray, t: np.ndarray, y: Optional[np.ndarray]) -> np.ndarray: ...
+
+class Velocity(Protocol):
+    """``velocity(x, t, cond) -> v``: x (B, ...) float32, t (B,) float32 (t = 1 noise), cond None or
+    a dict name -> array whose leading axis is the row axis (already expanded for CFG rows)."""
+
+    def __call__(self, x: np.ndarray, t: np.ndarray, cond: Cond) -> np.ndarray: ...
 
 
 class SideNet(Protocol):
-    """``sidenet(x, v, t, h, y) -> delta`` with per-sample t and h (B,); v_hat(t - h) = v + delta."""
+    """``sidenet(x, v, t, h, cond) -> delta`` with per-sample t and h (B,); v_hat(t - h) = v + delta."""
 
     def __call__(
-        self, x: np.ndarray, v: np.ndarray, t: np.ndarray, h: np.ndarray, y: Optional[np.ndarray]
+        self, x: np.ndarray, v: np.ndarray, t: np.ndarray, h: np.ndarray, cond: Cond
     ) -> np.ndarray: ...
 
 
@@ -39,29 +45,94 @@ def in_interval(t: float, interval: tuple[float, float]) -> bool:
     return t <= hi and (t > lo or lo <= 0.0)
 
 
+def label_conditions(y: Optional[np.ndarray], null_label: Optional[int], cond: Cond = None,
+                     null_cond: Cond = None) -> tuple[Cond, Cond]:
+    """The ``y=`` shorthand: ``cond={"y": y}`` and ``null_cond={"y": null_label}`` (refused with cond=)."""
+    if y is None:  # null_label only completes a cond= that carries labels
+        if null_label is not None and null_cond is None and (cond is None or "y" in cond):
+            null_cond = {"y": np.asarray(int(null_label), np.int64)}
+        return cond, null_cond
+    if cond is not None:
+        raise ConfigError("give either y= (class labels) or cond= (a dict of conditions), not both")
+    if np.asarray(y).ndim != 1:
+        raise ConfigError(f"labels y must have shape (B,), got {np.asarray(y).shape}")
+    if null_cond is None and null_label is not None:
+        null_cond = {"y": np.asarray(int(null_label), np.int64)}
+    return {"y": np.asarray(y).astype(np.int64)}, null_cond
+
+
+def _rows(name: str, value: np.ndarray, batch: int) -> np.ndarray:
+    """A condition with ``batch`` rows: (B, ...) as is, (1, ...) and 0-d values broadcast."""
+    value = np.asarray(value)
+    if value.ndim == 0:
+        return np.full(batch, value, value.dtype)
+    if value.shape[0] == batch:
+        return value
+    if value.shape[0] == 1:
+        return np.broadcast_to(value, (batch, *value.shape[1:]))
+    raise ConfigError(f"condition {name!r} has {value.shape[0]} rows (shape {value.shape}); "
+                      f"it needs {batch} (one per sample) or 1 (shared by every sample)")
+
+
+def expand_conditions(cond: Cond, null_cond: Cond, batch: int, guided: bool) -> Cond:
+    """Per-row conditions for a backbone call: (B, ...) each, or [cond; null] (2B, ...) with CFG.
+
+    Broadcast rows are allowed: a (1, ...) or 0-d condition is repeated for every sample, and a
+    null value is broadcast to its condition's shape (e.g. one empty-prompt embedding for all rows).
+    """
+    if cond is None:
+        if guided:
+            raise ConfigError("classifier-free guidance (cfg_scale != 1) needs conditions (or class labels y=) "
+                              "and their null values (null_cond=, or the model's null label)")
+        return None
+    if not isinstance(cond, dict):
+        raise ConfigError(f"cond must be a dict of condition name -> array, got {type(cond).__name__}")
+    rows = {name: _rows(name, value, batch) for name, value in cond.items()}
+    if not guided:
+        return {name: np.ascontiguousarray(value) for name, value in rows.items()}
+    null_cond = null_cond or {}
+    missing = sorted(set(rows) - set(null_cond))
+    if missing:
+        raise ConfigError(f"classifier-free guidance needs a null value for every condition; null_cond lacks "
+                          f"{', '.join(missing)} (pass null_cond=..., --null-cond FILE or the model's null label)")
+    out = {}
+    for name, value in rows.items():
+        try:
+            null = np.broadcast_to(np.asarray(null_cond[name], value.dtype), value.shape)
+        except ValueError:
+            raise ConfigError(f"the null value of condition {name!r} has shape {np.shape(null_cond[name])}, which does "
+                              f"not broadcast to the condition's {value.shape}") from None
+        out[name] = np.concatenate([value, null], axis=0)
+    return out
+
+
 class GuidedField:
     """Wraps a velocity callable (and optional SideNet) with CFG, counting and timing.
 
     Args:
-        velocity: the backbone callable.
+        velocity: the backbone callable ``velocity(x, t, cond)``.
         batch: B, rows of the state.
-        y: (B,) int labels or None (unconditional model).
+        cond: dict name -> (B, ...) or (1, ...) condition arrays, or None (unconditional model).
+        null_cond: the same for the unconditional rows; required when cfg_scale != 1.
         cfg_scale: guidance scale s; 1.0 means none (the backbone then sees B rows only).
         cfg_interval: (lo, hi); guidance applies for t in (lo, hi] (see :func:`in_interval`).
-        null_label: the label of the unconditional rows; required when cfg_scale != 1.
         sidenet: optional SideNet callable.
+        y, null_label: shorthand for ``cond={"y": y}``, ``null_cond={"y": null_label}``.
     """
 
     def __init__(
         self,
         velocity: Callable,
         batch: int,
-        y: Optional[np.ndarray] = None,
+        cond: Cond = None,
+        null_cond: Cond = None,
         cfg_scale: float = 1.0,
         cfg_interval: tuple[float, float] = (0.0, 1.0),
-        null_label: Optional[int] = None,
         sidenet: Optional[Callable] = None,
         dtype: np.dtype = np.float32,
+        *,
+        y: Optional[np.ndarray] = None,
+        null_label: Optional[int] = None,
     ) -> None:
         if not np.isfinite(cfg_scale):
             raise ConfigError(f"cfg_scale must be finite, got {cfg_scale}")
@@ -75,21 +146,11 @@ class GuidedField:
         self.cfg_interval = (lo, hi)
         self.guided = self.cfg_scale != 1.0
         self.dtype = dtype
-        if y is not None:
-            y = np.asarray(y)
-            if y.shape != (self.batch,):
-                raise ConfigError(f"labels must have shape ({self.batch},), got {y.shape}")
-            y = y.astype(np.int64)
-        if self.guided:
-            if y is None or null_label is None:
-                raise ConfigError(
-                    "classifier-free guidance (cfg_scale != 1) needs class labels and the model's null label"
-                )
-            self.labels = np.concatenate([y, np.full(self.batch, int(null_label), np.int64)])
-            self.rows = 2
-        else:
-            self.labels = y
-            self.rows = 1
+        if y is not None and np.asarray(y).shape != (self.batch,):
+            raise ConfigError(f"labels must have shape ({self.batch},), got {np.asarray(y).shape}")
+        cond, null_cond = label_conditions(y, null_label, cond, null_cond)
+        self.cond = expand_conditions(cond, null_cond, self.batch, self.guided)
+        self.rows = 2 if self.guided else 1
         self.nfe = 0
         self.sidenet_calls = 0
         self.backbone_s = 0.0
@@ -110,7 +171,7 @@ class GuidedField:
         xe = self.expand(x).astype(self.dtype, copy=False)
         tt = self._times(t, xe.shape[0])
         start = time.perf_counter()
-        v = self.velocity(xe, tt, self.labels)
+        v = self.velocity(xe, tt, self.cond)
         self.backbone_s += time.perf_counter() - start
         self.nfe += 1
         v = np.asarray(v).astype(self.dtype, copy=False)  # the state's precision, whatever the backend
@@ -158,9 +219,10 @@ class GuidedField:
         vs = np.concatenate([v_raw] * k, axis=0) if k > 1 else v_raw
         ts = np.full(n * k, t, self.dtype)
         hs = np.repeat(np.asarray(offsets, self.dtype), n)
-        ys = None if self.labels is None else np.tile(self.labels, k)
+        cs = None if self.cond is None else {n: np.concatenate([c] * k, axis=0) if k > 1 else c
+                                             for n, c in self.cond.items()}
         start = time.perf_counter()
-        d = np.asarray(self.sidenet(xs, vs.astype(self.dtype, copy=False), ts, hs, ys)).astype(self.dtype, copy=False)
+        d = np.asarray(self.sidenet(xs, vs.astype(self.dtype, copy=False), ts, hs, cs)).astype(self.dtype, copy=False)
         self.sidenet_s += time.perf_counter() - start
         self.sidenet_calls += 1
         if d.shape != xs.shape:

@@ -21,6 +21,8 @@ def solve(
     noise: np.ndarray,
     nfe: int,
     *,
+    cond: Optional[dict] = None,
+    null_cond: Optional[dict] = None,
     y: Optional[np.ndarray] = None,
     sidenet: Optional[Callable] = None,
     cfg_scale: float = 1.0,
@@ -29,18 +31,23 @@ def solve(
     grid: GridSpec = None,
     **options,
 ) -> Result:
-    """Integrate ``dx/dt = v(x, t, y)`` from t = 1 (``noise``) to t = 0 with ``method``.
+    """Integrate ``dx/dt = v(x, t, cond)`` from t = 1 (``noise``) to t = 0 with ``method``.
 
     Args:
         method: a name from :data:`anchorflow.runtime.SOLVERS`.
-        velocity: ``velocity(x, t, y) -> v`` (x (B, ...), t (B,), y (B,) or None).
+        velocity: ``velocity(x, t, cond) -> v`` (x (B, ...), t (B,), cond a dict of row arrays or None).
         noise: the start state at t = 1, shape (B, ...).
         nfe: backbone calls to spend (for ``fastflow``: the grid size T). A budget the method
             cannot honour exactly is refused, never rounded.
-        y: (B,) integer labels, or None for an unconditional model.
-        sidenet: ``sidenet(x, v, t, h, y) -> delta`` for the BA solvers.
+        cond: dict name -> (B, ...) condition array (or (1, ...) / 0-d, broadcast to every
+            sample), None for an unconditional model.
+        null_cond: the same for the unconditional rows of classifier-free guidance.
+        y: (B,) integer labels; shorthand for ``cond={"y": y}`` (and ``null_label`` for
+            ``null_cond={"y": null_label}``).
+        sidenet: ``sidenet(x, v, t, h, cond) -> delta`` for the BA solvers.
         cfg_scale, cfg_interval, null_label: classifier-free guidance, applied in one place
-            (:class:`GuidedField`); one backbone call carries the cond and uncond rows.
+            (:class:`GuidedField`): every condition is doubled as ``[cond; null]`` and one
+            backbone call carries both rows.
         grid: None / "uniform", "shift:S", or an explicit decreasing list of times 1 -> 0.
         options: method-specific options (e.g. ``a`` for ``ba``, ``bandit`` for ``fastflow``).
 
@@ -61,8 +68,8 @@ def solve(
         raise ConfigError(f"solver {method!r} needs a SideNet (sidenet=...); train one with 'anchorflow train sidenet'")
     dtype = noise.dtype if noise.dtype in (np.float32, np.float64) else np.float32
     field = GuidedField(
-        velocity, noise.shape[0], y=y, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
-        null_label=null_label, sidenet=sidenet, dtype=dtype,
+        velocity, noise.shape[0], cond, null_cond, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+        sidenet=sidenet, dtype=dtype, y=y, null_label=null_label,
     )
     start = time.perf_counter()
     out = spec.fn(field, noise.astype(dtype, copy=True), t_grid, **options)

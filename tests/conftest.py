@@ -55,14 +55,16 @@ def _rmse(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class Counting:
-    """Wraps a velocity callable; records every call's rows, times and labels."""
+    """Wraps a velocity callable; records every call's rows, times, labels and conditions."""
 
     def __init__(self, velocity) -> None:
         self.velocity, self.calls = velocity, []
 
-    def __call__(self, x, t, y):
-        self.calls.append({"rows": x.shape[0], "t": np.array(t), "y": None if y is None else np.array(y)})
-        return self.velocity(x, t, y)
+    def __call__(self, x, t, cond):
+        y = None if cond is None else cond.get("y")
+        self.calls.append({"rows": x.shape[0], "t": np.array(t), "y": None if y is None else np.array(y),
+                           "cond": cond})
+        return self.velocity(x, t, cond)
 
 
 @pytest.fixture

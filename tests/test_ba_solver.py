@@ -23,7 +23,7 @@ class RecordingSideNet:
     def __init__(self) -> None:
         self.calls = []
 
-    def __call__(self, x, v, t, h, y):
+    def __call__(self, x, v, t, h, cond):
         self.calls.append({"rows": x.shape[0], "h": np.array(h), "t": np.array(t)})
         return np.zeros_like(x)
 
@@ -93,16 +93,16 @@ def test_guidance_is_applied_per_node_at_its_own_time(tol):
     """N = 2, a = 1/4, CFG on (0, 0.7]; first-interval nodes at t = 1, .875 (unguided), .625, .5 (guided)."""
     x, y, s = np.array([[1.0, -2.0]]), np.array([0]), 3.0
 
-    def field(x, t, lab):  # v = (label + 1) x + t
-        return (np.asarray(lab, float)[:, None] + 1.0) * x + np.asarray(t)[:, None]
+    def field(x, t, cond):  # v = (label + 1) x + t
+        return (np.asarray(cond["y"], float)[:, None] + 1.0) * x + np.asarray(t)[:, None]
 
     def g(x, t):  # guided velocity, all rows of one (x, t)
-        v_c, v_u = field(x, [t], y), field(x, [t], [NULL])
+        v_c, v_u = field(x, [t], {"y": y}), field(x, [t], {"y": [NULL]})
         return v_u + s * (v_c - v_u)
 
     out = solve("ba", field, x, 2, y=y, sidenet=zero_sidenet, cfg_scale=s, cfg_interval=(0.0, 0.7),
                 null_label=NULL, a=0.25)
-    v_c0, g0 = field(x, [1.0], y), g(x, 1.0)  # zero SideNet: every node reuses the raw start velocity
+    v_c0, g0 = field(x, [1.0], {"y": y}), g(x, 1.0)  # zero SideNet: every node reuses the raw start velocity
     x_pred = x - 0.5 * (0.5 * v_c0 + 0.5 * g0)  # weights: out + in unguided, in + out guided
     x1 = x - 0.5 * (0.5 * v_c0 + 0.5 * g(x_pred, 0.5))  # end and backward node (t = .625) guided
     expected = x1 - 0.5 * g(x_pred, 0.5)  # last interval: predictor from the reused anchor, all guided

@@ -74,18 +74,21 @@ def test_ort_velocity_and_sidenet_match_the_closed_form(files, batch):
     vel = OrtVelocity(make_session(files["backbone"], "ort-cpu"))
     side = OrtSideNet(make_session(files["sidenet"], "ort-cpu"))
     col = lambda a: a.reshape(-1, 1, 1, 1)  # noqa: E731
-    assert np.abs(vel(x, t, y) - (col(t) * x + col(y))).max() <= TOL
-    assert np.abs(side(x, v, t, h, y) - (col(h * t) * (x - v) + col(y))).max() <= TOL
+    c = {"y": y}
+    assert np.abs(vel(x, t, c) - (col(t) * x + col(y))).max() <= TOL
+    assert np.abs(side(x, v, t, h, c) - (col(h * t) * (x - v) + col(y))).max() <= TOL
     # float64 / int32 arguments are converted to the graph's dtypes
-    assert np.abs(vel(x.astype(np.float64), t.astype(np.float64), y.astype(np.int32)) - vel(x, t, y)).max() == 0
+    assert np.abs(vel(x.astype(np.float64), t.astype(np.float64), {"y": y.astype(np.int32)}) - vel(x, t, c)).max() == 0
 
 
 def test_missing_labels_use_the_null_label(files):
     x, _, t, _, _ = _inputs(3)
     sess = make_session(files["backbone"], "ort-cpu")
-    assert np.array_equal(OrtVelocity(sess, null_label=10)(x, t, None), OrtVelocity(sess)(x, t, np.full(3, 10)))
-    with pytest.raises(ConfigError, match="needs labels"):
+    assert np.array_equal(OrtVelocity(sess, null={"y": 10})(x, t, None), OrtVelocity(sess)(x, t, {"y": np.full(3, 10)}))
+    with pytest.raises(ConfigError, match="needs the condition 'y' and this bundle has no null value.*y int64 .batch."):
         OrtVelocity(sess)(x, t, None)
+    with pytest.raises(ConfigError, match=r"input 'y' got shape \(2,\), expected y int64 \(batch\) \(batch = 3 rows"):
+        OrtVelocity(sess)(x, t, {"y": np.zeros(2, np.int64)})
 
 
 def test_wrapper_refuses_the_wrong_network(files):

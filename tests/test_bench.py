@@ -94,7 +94,7 @@ def test_psnr_grows_with_nfe_and_matches_an_independent_computation(points_run, 
     values = [eul[k] for k in sorted(eul)]
     assert all(b > a for a, b in zip(values, values[1:])), eul
     noise, y = bench.make_inputs((2,), 3, 24, 3)
-    truth = exact_flow(gmm2d.velocity, noise.astype(np.float64), y=y)
+    truth = exact_flow(gmm2d.velocity, noise.astype(np.float64), cond={"y": y})
     x8 = solve("euler", gmm2d.velocity, noise, 8, y=y).x
     assert eul[8] == pytest.approx(psnr(x8, truth, (-4, 4)), abs=TOL["psnr_db"])
 
@@ -125,7 +125,7 @@ def test_dopri5_reference_against_exact_flow(gmm2d):
     model = _model(gmm2d, "gmm2d", (-4, 4), sampler=False)
     noise, y = bench.make_inputs((2,), 3, 16, 0)
     x, info = bench.reference_solution(model, noise, y, 1.0, (0.0, 1.0), "dopri5")
-    err = np.sqrt(np.mean((x - exact_flow(gmm2d.velocity, noise.astype(np.float64), y=y)) ** 2))
+    err = np.sqrt(np.mean((x - exact_flow(gmm2d.velocity, noise.astype(np.float64), cond={"y": y})) ** 2))
     assert err < TOL["dopri5_ref_rmse"]
     assert info["nfe"] < 4 * 512  # adaptive: far fewer calls than RK4-512
     assert info["self_check"]["rmse"] > err  # the looser-tolerance check bounds the true error

@@ -42,9 +42,12 @@ def test_loaded_bundle_reproduces_the_torch_checkpoints(tiny_root, tiny_bundle, 
     tv = TorchVelocity(load_checkpoint(tiny_root / "backbone")[0])
     ts = TorchSideNet(load_checkpoint(tiny_root / "sidenet")[0])
     atol = TOLERANCES["fp32"].atol
-    assert np.abs(b.velocity(x, t, y) - tv(x, t, y)).max() <= atol
+    c = {"y": y}
+    assert np.abs(b.velocity(x, t, c) - tv(x, t, c)).max() <= atol
     assert np.abs(b.velocity(x, t, None) - tv(x, t, None)).max() <= atol  # None -> null label 10
-    assert np.abs(b.sidenet(x, v, t, h, y) - ts(x, v, t, h, y)).max() <= atol
+    assert np.abs(b.sidenet(x, v, t, h, c) - ts(x, v, t, h, c)).max() <= atol
+    bt = load_bundle(tiny_bundle, backend="torch")  # the registry's torch backend: the recorded checkpoints
+    assert bt.providers == ["torch-cpu"] and np.abs(bt.velocity(x, t, c) - tv(x, t, c)).max() == 0
 
 
 def test_precision_variant_is_loaded_and_a_missing_one_is_refused(tiny_bundle):  # noqa: F811
@@ -54,8 +57,8 @@ def test_precision_variant_is_loaded_and_a_missing_one_is_refused(tiny_bundle): 
         load_bundle(tiny_bundle, backend="ort-cpu", precision="bf16")
     with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
         load_bundle(tiny_bundle, backend="ort-cpu", precision="fp8")
-    with pytest.raises(ConfigError, match="unknown backend 'torch'; choose from auto, ort-cpu, .*trt"):
-        load_bundle(tiny_bundle, backend="torch")
+    with pytest.raises(ConfigError, match="unknown backend 'onnx'; choose from auto, ort-cpu, .*trt, torch"):
+        load_bundle(tiny_bundle, backend="onnx")
 
 
 @pytest.mark.parametrize("file", ["backbone.onnx", "sidenet.onnx", "backbone.fp16.onnx"])
@@ -68,12 +71,12 @@ def test_tampered_file_is_refused(bundle_copy, file):
         load_bundle(bundle_copy, backend="ort-cpu", precision=precision)
 
 
-@pytest.mark.parametrize("schema", ["anchorflow.bundle/2", "something.else/1", None])
+@pytest.mark.parametrize("schema", ["anchorflow.bundle/3", "something.else/1", None])
 def test_foreign_schema_is_refused(bundle_copy, schema):
     meta = json.loads((bundle_copy / "bundle.json").read_text())
     meta["schema"] = schema
     (bundle_copy / "bundle.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=f"has schema {schema!r}, but this anchorflow reads 'anchorflow.bundle/1'"):
+    with pytest.raises(CheckpointError, match=f"has schema {schema!r}, but this anchorflow reads anchorflow.bundle/1 or anchorflow.bundle/2"):
         load_bundle(bundle_copy, backend="ort-cpu")
 
 
@@ -92,7 +95,7 @@ def test_inspect_prints_metadata_and_flags_a_changed_file(bundle_copy):
 
     out = CliRunner().invoke(cli, ["inspect", str(bundle_copy)])
     assert out.exit_code == 0, out.output
-    for text in ("anchorflow.bundle/1", "null label 10", "t = 1 is noise", "x [batch,1,8,8] float32",
+    for text in ("anchorflow.bundle/2", "null label 10", "t = 1 is noise", "x [batch,1,8,8] float32",
                  "batch 1..8 (opt 8)", "batch 1..24", "PASS", "fp16", "sha256 ok", "../backbone"):
         assert text in out.output, text
     raw = CliRunner().invoke(cli, ["inspect", str(bundle_copy), "--json"])
@@ -132,5 +135,6 @@ def test_the_bundled_bundle_loads_and_matches_its_metadata():
     assert b.model["name"] == "digits" and b.state_shape == (1, 8, 8) and b.sidenet is not None
     assert b.meta["networks"]["backbone"]["validation"]["passed"]
     x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
-    v = b.velocity(x, np.ones(2, np.float32), np.array([3, 10]))
+    assert b.format.schema == "anchorflow.bundle/1" and b.null_cond == {"y": 10}  # a /1 bundle still loads
+    v = b.velocity(x, np.ones(2, np.float32), {"y": np.array([3, 10])})
     assert v.shape == x.shape and np.isfinite(v).all()

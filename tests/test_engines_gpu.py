@@ -98,8 +98,8 @@ def _inputs(rows: int, seed: int = 0, classes: int = CLASSES, state=STATE) -> di
 
 def _pairs(bundle: Path, engines: TrtEngines, rows: int):
     f = _inputs(rows, seed=rows)
-    yield engines.velocity(f["x"], f["t"], f["y"]), _ort(bundle / "backbone.onnx")(x=f["x"], t=f["t"], y=f["y"])
-    yield engines.sidenet(f["x"], f["v"], f["t"], f["h"], f["y"]), _ort(bundle / "sidenet.onnx")(**f)
+    yield engines.velocity(f["x"], f["t"], {"y": f["y"]}), _ort(bundle / "backbone.onnx")(x=f["x"], t=f["t"], y=f["y"])
+    yield engines.sidenet(f["x"], f["v"], f["t"], f["h"], {"y": f["y"]}), _ort(bundle / "sidenet.onnx")(**f)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 2 * SAMPLES[2], 3])  # 16 = guided max backbone rows; then shrink again
@@ -128,7 +128,7 @@ def test_ours_equals_polygraphy_trtrunner_on_the_same_engine(bundle: Path, loade
     f = _inputs(9, seed=3)
     with TrtRunner(EngineFromBytes(cache.read_engine(bundle, entry))) as runner:
         theirs = runner.infer({"x": f["x"], "t": f["t"], "y": f["y"]})["v"]
-    ours = loaded["fp32"].velocity(f["x"], f["t"], f["y"])
+    ours = loaded["fp32"].velocity(f["x"], f["t"], {"y": f["y"]})
     np.testing.assert_array_equal(ours, np.asarray(theirs))  # same engine, same inputs: bit-identical
 
 
@@ -136,14 +136,14 @@ def test_sidenet_takes_the_probe_rows_and_labels_are_checked(bundle: Path, loade
     sidenet = loaded["fp32"].sidenet
     rows = 3 * 2 * SAMPLES[2]  # forward probe of a guided batch at max samples
     f = _inputs(rows)
-    np.testing.assert_allclose(sidenet(f["x"], f["v"], f["t"], f["h"], f["y"]), _ort(bundle / "sidenet.onnx")(**f),
+    np.testing.assert_allclose(sidenet(f["x"], f["v"], f["t"], f["h"], {"y": f["y"]}), _ort(bundle / "sidenet.onnx")(**f),
                                atol=TOL["fp32_atol"], rtol=0)
     with pytest.raises(BackendError, match="at most 48 rows"):
         f = _inputs(rows + 1)
-        sidenet(f["x"], f["v"], f["t"], f["h"], f["y"])
+        sidenet(f["x"], f["v"], f["t"], f["h"], {"y": f["y"]})
     f = _inputs(2)
     with pytest.raises(ConfigError, match="outside this model's labels"):
-        loaded["fp32"].velocity(f["x"], f["t"], np.array([0, CLASSES + 1]))
+        loaded["fp32"].velocity(f["x"], f["t"], {"y": np.array([0, CLASSES + 1])})
 
 
 def test_ba_solve_on_tensorrt(bundle: Path) -> None:
@@ -156,8 +156,8 @@ def test_ba_solve_on_tensorrt(bundle: Path) -> None:
     noise = rng.standard_normal((SAMPLES[2], *STATE)).astype(np.float32)
     kw = dict(y=rng.integers(0, CLASSES, SAMPLES[2]), cfg_scale=1.5, null_label=CLASSES)
     got = solve("ba", velocity, noise, 7, sidenet=sidenet, **kw)
-    want = solve("ba", lambda x, t, y: bb(x=x, t=t, y=y), noise, 7,
-                 sidenet=lambda x, v, t, h, y: sn(x=x, v=v, t=t, h=h, y=y), **kw)
+    want = solve("ba", lambda x, t, c: bb(x=x, t=t, y=c["y"]), noise, 7,
+                 sidenet=lambda x, v, t, h, c: sn(x=x, v=v, t=t, h=h, y=c["y"]), **kw)
     velocity.close()
     assert got.nfe == want.nfe == 7
     np.testing.assert_allclose(got.x, want.x, atol=TOL["ba_fp32_atol"], rtol=0)
@@ -203,7 +203,7 @@ def test_digits_engines_match_onnxruntime(digits: Path, precision: str) -> None:
     model = meta["model"]
     with TrtEngines.load(digits, precision=precision) as engines:
         f = _inputs(32, seed=5, classes=model["num_classes"], state=tuple(model["state_shape"]))
-        got = engines.velocity(f["x"], f["t"], f["y"])
+        got = engines.velocity(f["x"], f["t"], {"y": f["y"]})
     want = _ort(digits / "backbone.onnx")(x=f["x"], t=f["t"], y=f["y"])
     if precision == "fp32":
         np.testing.assert_allclose(got, want, atol=TOL["digits_fp32_atol"], rtol=0)  # fails with TF32 on
@@ -230,6 +230,6 @@ def test_digits_bf16_engine_from_the_exporter(tmp_path: Path, gpu) -> None:
     meta = json.loads((out / "bundle.json").read_text())
     with TrtEngines.load(out, precision="bf16") as engines:
         f = _inputs(8, seed=6, classes=meta["model"]["num_classes"], state=tuple(meta["model"]["state_shape"]))
-        got = engines.velocity(f["x"], f["t"], f["y"])
+        got = engines.velocity(f["x"], f["t"], {"y": f["y"]})
     want = _ort(out / "backbone.onnx")(x=f["x"], t=f["t"], y=f["y"])
     assert np.isfinite(got).all() and np.abs(got - want).mean() < TOL["bf16_mean"] * 4  # DiT depth 4: a few bf16 ulps

@@ -108,7 +108,8 @@ def test_bundle_json_and_onnx_metadata(tiny_bundle):
     import onnx
 
     meta = json.loads((tiny_bundle / "bundle.json").read_text())
-    assert meta["schema"] == "anchorflow.bundle/1"
+    assert meta["schema"] == "anchorflow.bundle/2"
+    assert meta["guidance"] == {"mode": "rows", "null": {"y": 10}} and meta["time"] == {"map": "identity"}
     assert meta["model"] == {"name": "digits", "state_shape": [1, 8, 8], "num_classes": 10, "null_label": 10,
                              "data_range": [-1.0, 1.0]}
     assert "t = 1 is noise, t = 0 is data" in meta["time_convention"]
@@ -118,6 +119,7 @@ def test_bundle_json_and_onnx_metadata(tiny_bundle):
     assert [i["name"] for i in bb["inputs"]] == ["x", "t", "y"] and bb["outputs"][0]["name"] == "v"
     assert [i["name"] for i in sn["inputs"]] == ["x", "v", "t", "h", "y"] and sn["outputs"][0]["name"] == "delta"
     assert bb["inputs"][2]["dtype"] == "int64" and bb["inputs"][0]["shape"] == ["batch", 1, 8, 8]
+    assert [i["role"] for i in sn["inputs"]] == ["state", "velocity", "time", "offset", "condition"]
     assert bb["batch"] == {"min": 1, "opt": 2 * MAX_BATCH, "max": 2 * MAX_BATCH}
     assert sn["batch"]["max"] == 6 * MAX_BATCH  # 3 BA probe offsets x 2 guidance rows
     assert bb["checkpoint"]["path"] == "../backbone" and "loss_log" not in bb["checkpoint"]["training"]
@@ -125,7 +127,7 @@ def test_bundle_json_and_onnx_metadata(tiny_bundle):
     assert bb["validation"]["passed"] and len(bb["validation"]["cases"]) == 6  # 3 batches x random/real
     model = onnx.load(str(tiny_bundle / "sidenet.onnx"))
     props = {p.key: p.value for p in model.metadata_props}
-    assert props["anchorflow.schema"] == "anchorflow.bundle/1" and props["anchorflow.network"] == "sidenet"
+    assert props["anchorflow.schema"] == "anchorflow.bundle/2" and props["anchorflow.network"] == "sidenet"
     assert json.loads(props["anchorflow.model"]) == meta["model"]
     assert json.loads(props["anchorflow.io"])["batch"] == sn["batch"]
     dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]

@@ -13,12 +13,12 @@ Y = np.array([0, 1])
 NULL = 2
 
 
-def linear_field(x, t, y):
+def linear_field(x, t, cond):
     """v = (y + 1) x + t: conditional rows (y = 0, 1) and the null rows (y = 2) differ."""
-    return (np.asarray(y, float)[:, None] + 1.0) * x + np.asarray(t)[:, None]
+    return (np.asarray(cond["y"], float)[:, None] + 1.0) * x + np.asarray(t)[:, None]
 
 
-def zero(x, t, y):
+def zero(x, t, cond):
     return np.zeros_like(x)
 
 
@@ -85,7 +85,7 @@ def test_noise_needs_a_batch_axis():
 
 
 def test_guidance_needs_labels_and_null():
-    with pytest.raises(ConfigError, match="needs class labels"):
+    with pytest.raises(ConfigError, match="needs conditions .or class labels y=."):
         solve("euler", zero, X, 2, cfg_scale=2.0)
     with pytest.raises(ConfigError, match="cfg_interval"):
         solve("euler", zero, X, 2, y=Y, null_label=NULL, cfg_scale=2.0, cfg_interval=(0.8, 0.2))

@@ -279,9 +279,9 @@ def test_reference_euler_matches_numpy_runtime_with_guidance():
     for p in backbone.parameters():
         torch.nn.init.normal_(p, std=0.2)
 
-    def velocity(x, t, y):
+    def velocity(x, t, cond):
         with torch.no_grad():
-            return backbone(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+            return backbone(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(cond["y"])).numpy()
 
     noise = np.random.default_rng(0).standard_normal((3, 1, 4, 4)).astype(np.float32)
     y = np.array([0, 1, 2])

@@ -1,13 +1,14 @@
 """numpy-in / numpy-out wrappers so ``anchorflow.runtime.solve`` can drive torch modules.
 
-They match the runtime's callables (:mod:`anchorflow.runtime.field`): ``velocity(x, t, y) -> v``
-and ``sidenet(x, v, t, h, y) -> delta``, float32 numpy arrays, per-sample t (B,) with t = 1
-noise and t = 0 data, labels int64 (B,) or None. They run on the CPU under ``torch.no_grad``.
+They match the runtime's callables (:mod:`anchorflow.runtime.field`): ``velocity(x, t, cond) -> v``
+and ``sidenet(x, v, t, h, cond) -> delta``, float32 numpy arrays, per-sample t (B,) with t = 1
+noise and t = 0 data, cond None or a dict with the labels ``y`` int64 (B,). They run on the CPU
+under ``torch.no_grad``. :func:`bundle_runs` is the runtime's ``torch`` backend.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -18,35 +19,70 @@ def _t(a: Optional[np.ndarray], dtype: torch.dtype) -> Optional[torch.Tensor]:
     return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
 
 
+def _labels(module: nn.Module, cond: Optional[dict], batch: int) -> Optional[torch.Tensor]:
+    """Labels ``cond["y"]`` as int64; without them the module's null label on every row."""
+    y = None if cond is None else cond.get("y")
+    null = getattr(module, "null_label", None)
+    if y is None and null is not None:
+        return torch.full((batch,), int(null), dtype=torch.int64)
+    return _t(y, torch.int64)
+
+
 class _Wrapper:
     def __init__(self, module: nn.Module) -> None:
         self.module = module.eval().to("cpu")
 
-    def _labels(self, y: Optional[np.ndarray], batch: int) -> torch.Tensor:
-        """Labels as int64; for y None the module's null label on every row (unconditional call)."""
-        null = getattr(self.module, "null_label", None)
-        if y is None and null is not None:
-            return torch.full((batch,), int(null), dtype=torch.int64)
-        return _t(y, torch.int64)
-
 
 class TorchVelocity(_Wrapper):
-    """``velocity(x, t, y) -> v`` for a torch backbone ``module(x, t, y)``; x (B, ...), t (B,)."""
+    """``velocity(x, t, cond) -> v`` for a torch backbone ``module(x, t, y)``; x (B, ...), t (B,)."""
 
     @torch.no_grad()
-    def __call__(self, x: np.ndarray, t: np.ndarray, y: Optional[np.ndarray]) -> np.ndarray:
+    def __call__(self, x: np.ndarray, t: np.ndarray, cond: Optional[dict]) -> np.ndarray:
         xt = _t(x, torch.float32)
-        v = self.module(xt, _t(t, torch.float32), self._labels(y, xt.shape[0]))
+        v = self.module(xt, _t(t, torch.float32), _labels(self.module, cond, xt.shape[0]))
         return v.numpy().astype(np.float32, copy=False)
 
 
 class TorchSideNet(_Wrapper):
-    """``sidenet(x, v, t, h, y) -> delta`` for a torch SideNet ``module(x, v, t, h, y)``."""
+    """``sidenet(x, v, t, h, cond) -> delta`` for a torch SideNet ``module(x, v, t, h, y)``."""
 
     @torch.no_grad()
     def __call__(self, x: np.ndarray, v: np.ndarray, t: np.ndarray, h: np.ndarray,
-                 y: Optional[np.ndarray]) -> np.ndarray:
+                 cond: Optional[dict]) -> np.ndarray:
         xt = _t(x, torch.float32)
         d = self.module(xt, _t(v, torch.float32), _t(t, torch.float32), _t(h, torch.float32),
-                        self._labels(y, xt.shape[0]))
+                        _labels(self.module, cond, xt.shape[0]))
         return d.numpy().astype(np.float32, copy=False)
+
+
+def module_run(module: nn.Module, names: list) -> Callable[[dict], np.ndarray]:
+    """``run(feeds) -> output``: the module called on the feeds in declared input order (CPU, fp32)."""
+    module = module.eval().to("cpu")
+
+    @torch.no_grad()
+    def run(feeds: dict) -> np.ndarray:
+        out = module(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names))
+        return out.float().numpy()
+
+    return run
+
+
+def bundle_runs(bundle: Any, precision: str = "fp32") -> tuple[dict, list[str]]:
+    """The runtime's ``torch`` backend: the checkpoints bundle.json records (paths relative to the
+    bundle), each checked against its recorded weights sha256, as ``run(feeds)`` per network."""
+    from ..errors import CheckpointError, ConfigError
+    from .checkpoint import load_checkpoint
+
+    if precision != "fp32":
+        raise ConfigError("the torch backend runs the checkpoints in fp32 only")
+    runs = {}
+    for name, decl in bundle.networks.items():
+        record = bundle.meta["networks"][name].get("checkpoint") or {}
+        path = (bundle.folder / str(record.get("path"))).resolve()
+        if not record.get("path") or not path.is_dir():
+            raise CheckpointError(f"the {name} checkpoint recorded in bundle.json ({record.get('path')}) is not there")
+        module, cfg = load_checkpoint(path)
+        if cfg.get("weights_sha256") != record.get("weights_sha256"):
+            raise CheckpointError(f"the {name} checkpoint at {path} changed since the export (weights sha256 differs)")
+        runs[name] = module_run(module, [i.name for i in decl.inputs])
+    return runs, ["torch-cpu"]

@@ -11,7 +11,6 @@ onnxruntime only.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -45,44 +44,22 @@ class Opened:
 
 
 def open_backend(folder: Path, meta: dict, name: str, precision: str) -> Opened:
-    """Open ``name`` on a bundle; raises AnchorflowError (the reason it is unavailable)."""
-    if name == "torch":
-        return _open_torch(folder, meta, precision)
+    """Open ``name`` (any backend of the runtime's registry, torch included) on a bundle; raises
+    AnchorflowError (the reason it is unavailable)."""
     from ..runtime.bundle import load_bundle
 
     b = load_bundle(folder, backend=name, allow_fallback=False, precision=precision)
     return Opened(name, precision, b.velocity, b.sidenet, list(b.providers))
 
 
-def _open_torch(folder: Path, meta: dict, precision: str) -> Opened:
-    """The checkpoints recorded in bundle.json (paths relative to the bundle), in torch fp32."""
-    from ..errors import CheckpointError, ConfigError, MissingDependencyError
-
-    if precision != "fp32":
-        raise ConfigError("the torch backend runs the checkpoints in fp32 only")
-    if importlib.util.find_spec("torch") is None:
-        raise MissingDependencyError("torch is not installed (pip install 'anchorflow[train]')")
-    from ..trainers.checkpoint import load_checkpoint
-    from ..trainers.torch_wrappers import TorchSideNet, TorchVelocity
-
-    nets = {}
-    for name, entry in meta["networks"].items():
-        record = entry.get("checkpoint") or {}
-        path = (folder / str(record.get("path"))).resolve()
-        if not record.get("path") or not path.is_dir():
-            raise CheckpointError(f"the {name} checkpoint recorded in bundle.json ({record.get('path')}) is not there")
-        module, cfg = load_checkpoint(path)
-        if cfg.get("weights_sha256") != record.get("weights_sha256"):
-            raise CheckpointError(f"the {name} checkpoint at {path} changed since the export (weights sha256 differs)")
-        nets[name] = module
-    side = TorchSideNet(nets["sidenet"]) if "sidenet" in nets else None
-    return Opened("torch", "fp32", TorchVelocity(nets["backbone"]), side, ["torch-cpu"])
-
-
 def _runner(opened: Opened, network: str) -> Callable[[dict], np.ndarray]:
     if network == "backbone":
-        return lambda f: np.asarray(opened.velocity(f["x"], f["t"], f["y"]))
-    return lambda f: np.asarray(opened.sidenet(f["x"], f["v"], f["t"], f["h"], f["y"]))
+        return lambda f: np.asarray(opened.velocity(f["x"], f["t"], _cond(f)))
+    return lambda f: np.asarray(opened.sidenet(f["x"], f["v"], f["t"], f["h"], _cond(f)))
+
+
+def _cond(feeds: dict) -> dict:
+    return {k: v for k, v in feeds.items() if k not in ("x", "v", "t", "h")}
 
 
 def _cases(meta: dict, ref: Opened, seed: int) -> dict[str, list]:

@@ -1,0 +1,131 @@
+"""A bundle's networks as the runtime's callables: one rule for conditions and null rows, any backend.
+
+Every backend (onnxruntime, TensorRT, torch) supplies only ``run(feeds) -> output``, a function
+of a dict input name -> array; :class:`BundleVelocity` and :class:`BundleSideNet` turn it into
+``velocity(x, t, cond)`` / ``sidenet(x, v, t, h, cond)`` the same way for all of them:
+
+- the feeds are exactly the inputs the network declares (bundle.json), so a SideNet that takes
+  fewer conditions than the backbone is fed only its own;
+- a declared condition missing from ``cond`` is filled with the bundle's null value for it
+  (class labels: the null label) on every row, or refused, naming what the network expects;
+- an input declared without a row axis (``per_row`` false) is fed row 0 of what it was given;
+- dtypes are cast to the declared ones, ranks, static sizes and named axes checked (the range
+  is in the message);
+- no graph or engine ever sees more rows than it was exported for: a larger call runs in chunks
+  of at most the exported maximum (rows are independent), fewer than the minimum is refused.
+
+Time convention: t = 1 noise, t = 0 data (the graph applies the model's own time map).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import BackendError, ConfigError
+from .bundle_format import NetworkDecl, TensorDecl
+
+Run = Callable[[dict], np.ndarray]
+_NP = {"float32": np.float32, "float16": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+ROLES = {"backbone": ("state", "time"), "sidenet": ("state", "velocity", "time", "offset")}
+
+
+def expected(decl: NetworkDecl) -> str:
+    """``y int64 (batch), ...``: the conditions a network declares, for error messages."""
+    return ", ".join(c.describe() for c in decl.conditions) or "no conditions"
+
+
+class BundleNet:
+    """A declared network over a backend's ``run``. ``null``: condition name -> null value."""
+
+    KIND = LABEL = "backbone"
+
+    def __init__(self, decl: NetworkDecl, run: Run, null: Optional[dict] = None,
+                 providers: Optional[list] = None) -> None:
+        roles = sorted(i.role for i in decl.inputs if i.role != "condition")
+        if roles != sorted(ROLES[self.KIND]):
+            names = [i.name for i in decl.inputs]
+            raise BackendError(f"this ONNX graph is not a {self.LABEL} (inputs {names}, roles {roles}; expected the roles "
+                               f"{list(ROLES[self.KIND])} plus conditions); re-export the bundle")
+        self.decl, self.run, self.null = decl, run, dict(null or {})
+        self.providers = list(providers or [])
+
+    def _condition(self, inp: TensorDecl, cond: Optional[dict], rows: int) -> np.ndarray:
+        if cond is not None and inp.name in cond:
+            return np.asarray(cond[inp.name])
+        if inp.name in self.null:
+            value = np.asarray(self.null[inp.name])
+            if not inp.per_row:
+                return value
+            body = value.shape[1:] if value.ndim == len(inp.shape) else value.shape  # with or without a row axis
+            return np.broadcast_to(value, (rows, *body))
+        raise ConfigError(f"the {self.decl.name} needs the condition {inp.name!r} and this bundle has no null value for "
+                          f"it; it expects: {expected(self.decl)} (pass cond=... or --cond FILE)")
+
+    def feeds(self, tensors: dict, cond: Optional[dict]) -> dict:
+        """Inputs by role (``state``, ``time``...) and conditions -> the declared feed dict."""
+        rows = int(tensors["state"].shape[0])
+        self.decl.check_rows(rows)
+        out = {}
+        for inp in self.decl.inputs:
+            value = tensors[inp.role] if inp.role != "condition" else self._condition(inp, cond, rows)
+            if not inp.per_row and value.ndim == len(inp.shape) + 1:
+                value = value[0]
+            out[inp.name] = self._checked(inp, value, rows)
+        return out
+
+    def _checked(self, inp: TensorDecl, value: np.ndarray, rows: int) -> np.ndarray:
+        dtype = _NP.get(inp.dtype)
+        if dtype is None:
+            raise BackendError(f"the {self.decl.name} input {inp.name!r} is {inp.dtype}, which numpy cannot feed")
+        bad = value.ndim != len(inp.shape)
+        for size, want in zip(value.shape, inp.shape):
+            if want == "batch":
+                bad = bad or size != rows
+            elif isinstance(want, int):
+                bad = bad or size != want
+            else:
+                r = self.decl.axis_range(want)
+                bad = bad or (r is not None and not r[0] <= size <= r[2])
+        if bad:
+            ranges = {a: self.decl.axis_range(a) for a in inp.shape if isinstance(a, str) and a != "batch"}
+            extra = "".join(f", {a} in {r[0]}..{r[2]}" for a, r in ranges.items() if r)
+            raise ConfigError(f"the {self.decl.name} input {inp.name!r} got shape {tuple(value.shape)}, expected "
+                              f"{inp.describe()} (batch = {rows} rows{extra}); it expects: {expected(self.decl)}")
+        return np.ascontiguousarray(value, dtype)
+
+    def _call(self, tensors: dict, cond: Optional[dict]) -> np.ndarray:
+        rows = int(tensors["state"].shape[0])
+        top = self.decl.batch[2] if self.decl.batch is not None else rows
+        if rows <= top:
+            return np.asarray(self.run(self.feeds(tensors, cond)))
+        parts = []  # more rows than exported: chunks of at most `top` rows (rows are independent)
+        for lo in range(0, rows, top):
+            cut = slice(lo, lo + top)
+            part = {k: v[cut] for k, v in tensors.items()}
+            part_cond = None if cond is None else {
+                k: (v[cut] if np.ndim(v) and np.shape(v)[0] == rows else v) for k, v in cond.items()}
+            parts.append(np.asarray(self.run(self.feeds(part, part_cond))))
+        return np.concatenate(parts, axis=0)
+
+
+class BundleVelocity(BundleNet):
+    """``velocity(x, t, cond) -> v`` for a bundle's backbone."""
+
+    KIND = "backbone"
+
+    def __call__(self, x: np.ndarray, t: np.ndarray, cond: Optional[dict]) -> np.ndarray:
+        return self._call({"state": x, "time": t}, cond)
+
+
+class BundleSideNet(BundleNet):
+    """``sidenet(x, v, t, h, cond) -> delta`` for a bundle's SideNet (v_hat(t - h) = v + delta)."""
+
+    KIND, LABEL = "sidenet", "SideNet"
+
+    def __call__(self, x: np.ndarray, v: np.ndarray, t: np.ndarray, h: np.ndarray, cond: Optional[dict]) -> np.ndarray:
+        return self._call({"state": x, "velocity": v, "time": t, "offset": h}, cond)
+
+
+WRAPPERS = {"backbone": BundleVelocity, "sidenet": BundleSideNet}
