@@ -69,8 +69,8 @@ class PipelineField:
 
     def row_ids(self, y: Any, n: int) -> np.ndarray:
         """Row ids (n,) into the cond/uncond tables from labels (or a cond dict with key "row")."""
-        if isinstance(y, dict):
-            y = y.get("row")
+        if isinstance(y, dict):  # the runtime's cond dict: labels "y" (solve's y= shorthand) or "row"
+            y = y.get("row", y.get("y"))
         if y is None:
             ids = np.arange(n) % self.batch
         else:
