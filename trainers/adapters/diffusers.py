@@ -1,0 +1,162 @@
+"""diffusers transformers as :class:`~.base.BackboneAdapter` s: SD3, FLUX (dev and schnell), Sana.
+
+Each reads its facts from the model's ``config.json`` (diffusers' ConfigMixin is the single source
+of shape facts) and calls ``transformer(hidden_states=..., timestep=..., **conditions,
+return_dict=False)[0]`` with the diffusers forward argument names as condition names:
+
+- ``SD3Transformer2DModel``: ``encoder_hidden_states`` (B, L, joint_attention_dim),
+  ``pooled_projections`` (B, pooled_projection_dim); timestep = 1000 t; guidance ``rows``.
+- ``FluxTransformer2DModel``: the same two, plus ``guidance`` (B,) float32 when
+  ``guidance_embeds`` (FLUX-dev: guidance ``embedded``; schnell: ``none``); timestep = t (FLUX
+  scales inside). x (B, C, H, W) with C = in_channels / 4 is packed 2x2 into (B, HW/4, 4C) and
+  ``img_ids`` / ``txt_ids`` are built from the shapes inside forward, so the graph takes x as is;
+  the rotary embedding runs in float32 (diffusers computes it in float64, which TensorRT cannot
+  import; the angle error is ~1e-7 relative).
+- ``SanaTransformer2DModel``: ``encoder_hidden_states`` (B, L, caption_channels),
+  ``encoder_attention_mask`` (B, L) int64 (1 = token); timestep = 1000 * timestep_scale * t.
+
+Velocity: diffusers' flow-matching schedulers step ``x += (sigma_next - sigma) * model_output``
+with sigma our t, so the model output is already dx/dt in our convention (t = 1 noise).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..._deps import require
+from ...errors import CheckpointError
+from .base import AdapterSpec, BackboneAdapter, Condition
+
+TEXT = (1, 16, 512)  # default text-length range (min, opt, max); override with axes={"L": (...)}
+FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "SanaTransformer2DModel": "sana"}
+
+
+def _latent_range(opt: int, step: int, top: int) -> tuple[int, int, int]:
+    return (step, opt, max(opt, top))
+
+
+class DiffusersAdapter(BackboneAdapter):
+    """Common part: the transformer, its config, ``model_time`` by the declared map."""
+
+    def __init__(self, transformer: Any, spec: AdapterSpec) -> None:
+        super().__init__()
+        self.transformer = transformer.eval()
+        self.spec = spec
+
+    def _call(self, hidden: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        return self.transformer(hidden_states=hidden, timestep=self.model_time(t), **cond, return_dict=False)[0]
+
+
+class SD3Adapter(DiffusersAdapter):
+    @classmethod
+    def build(cls, transformer: Any, name: str, axes: Optional[dict] = None) -> "SD3Adapter":
+        c = transformer.config
+        p, size = int(c.patch_size), int(c.sample_size)
+        top = int(c.pos_embed_max_size or size // p) * p
+        conds = (Condition("encoder_hidden_states", "float32", ("batch", "L", int(c.joint_attention_dim))),
+                 Condition("pooled_projections", "float32", ("batch", int(c.pooled_projection_dim))))
+        spec = AdapterSpec(name=name, state=(int(c.in_channels), "H", "W"), conditions=conds,
+                           axes={"H": _latent_range(size, 2 * p, top), "W": _latent_range(size, 2 * p, top), "L": TEXT,
+                                 **(axes or {})},
+                           time={"map": "scale", "scale": 1000.0}, guidance={"mode": "rows"}, family="sd3")
+        return cls(transformer, spec)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[dict] = None) -> torch.Tensor:
+        return self._call(x, t, dict(cond or {}))
+
+
+class SanaAdapter(DiffusersAdapter):
+    @classmethod
+    def build(cls, transformer: Any, name: str, axes: Optional[dict] = None) -> "SanaAdapter":
+        c = transformer.config
+        p, size = int(c.patch_size), int(c.sample_size)
+        conds = [Condition("encoder_hidden_states", "float32", ("batch", "L", int(c.caption_channels))),
+                 Condition("encoder_attention_mask", "int64", ("batch", "L"), low=1, high=2)]
+        guidance: dict = {"mode": "rows"}
+        if c.guidance_embeds:
+            conds.append(Condition("guidance", "float32", ("batch",), low=1.0, high=5.0))
+            guidance = {"mode": "embedded", "input": "guidance"}
+        spec = AdapterSpec(name=name, state=(int(c.in_channels), "H", "W"), conditions=tuple(conds),
+                           axes={"H": _latent_range(size, 2 * p, 4 * size), "W": _latent_range(size, 2 * p, 4 * size),
+                                 "L": TEXT, **(axes or {})},
+                           time={"map": "scale", "scale": 1000.0 * float(c.timestep_scale)}, guidance=guidance,
+                           family="sana")
+        return cls(transformer, spec)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[dict] = None) -> torch.Tensor:
+        v = self._call(x, t, dict(cond or {}))
+        return v[:, : x.shape[1]] if v.shape[1] == 2 * x.shape[1] else v  # learned-sigma heads: the mean half
+
+
+class FluxAdapter(DiffusersAdapter):
+    @classmethod
+    def build(cls, transformer: Any, name: str, axes: Optional[dict] = None) -> "FluxAdapter":
+        c = transformer.config
+        channels = int(c.in_channels) // 4
+        conds = [Condition("encoder_hidden_states", "float32", ("batch", "L", int(c.joint_attention_dim))),
+                 Condition("pooled_projections", "float32", ("batch", int(c.pooled_projection_dim)))]
+        guidance: dict = {"mode": "none"}
+        if c.guidance_embeds:
+            conds.append(Condition("guidance", "float32", ("batch",), low=1.0, high=5.0))
+            guidance = {"mode": "embedded", "input": "guidance"}
+        spec = AdapterSpec(name=name, state=(channels, "H", "W"), conditions=tuple(conds),
+                           axes={"H": (2, 16, 256), "W": (2, 16, 256), "L": TEXT, **(axes or {})},
+                           time={"map": "identity"}, guidance=guidance, family="flux")
+        _float32_rope(transformer)
+        return cls(transformer, spec)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[dict] = None) -> torch.Tensor:
+        cond = dict(cond or {})
+        b, c, h, w = x.shape
+        packed = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        text = cond["encoder_hidden_states"]
+        rows = torch.arange(h // 2, dtype=torch.float32).reshape(-1, 1).expand(h // 2, w // 2)
+        cols = torch.arange(w // 2, dtype=torch.float32).reshape(1, -1).expand(h // 2, w // 2)
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+        txt_ids = torch.zeros(text.shape[1], 3, dtype=torch.float32)
+        out = self._call(packed, t, {**cond, "img_ids": img_ids, "txt_ids": txt_ids})
+        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def _float32_rope(transformer: Any) -> None:
+    """Make FLUX's rotary position embedding compute in float32 (no float64 in the graph)."""
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    pos_embed = transformer.pos_embed
+
+    def forward(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = ids.float()
+        parts = [get_1d_rotary_pos_embed(pos_embed.axes_dim[i], pos[:, i], theta=pos_embed.theta,
+                                         repeat_interleave_real=True, use_real=True, freqs_dtype=torch.float32)
+                 for i in range(ids.shape[-1])]
+        return torch.cat([p[0] for p in parts], dim=-1), torch.cat([p[1] for p in parts], dim=-1)
+
+    pos_embed.forward = forward
+
+
+ADAPTERS = {"SD3Transformer2DModel": SD3Adapter, "FluxTransformer2DModel": FluxAdapter,
+            "SanaTransformer2DModel": SanaAdapter}
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    cfg = Path(path) / "config.json"
+    try:
+        return cfg.is_file() and "_class_name" in json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load_diffusers(path: str | Path, axes: Optional[dict] = None) -> DiffusersAdapter:
+    """The adapter of a diffusers transformer folder (what ``save_pretrained`` writes), float32 on CPU."""
+    path = Path(path)
+    cls_name = json.loads((path / "config.json").read_text())["_class_name"]
+    if cls_name not in ADAPTERS:
+        raise CheckpointError(f"{path} holds a diffusers {cls_name}; anchorflow exports "
+                              f"{', '.join(ADAPTERS)} (or wrap it in a factory: anchorflow export pkg.module:factory)")
+    diffusers = require("diffusers", extra="diffusers", purpose="exporting diffusers transformers")
+    transformer = getattr(diffusers, cls_name).from_pretrained(str(path), torch_dtype=torch.float32)
+    return ADAPTERS[cls_name].build(transformer.to("cpu"), path.name or FAMILIES[cls_name], axes)
