@@ -62,8 +62,7 @@ def test_hook_equals_runtime_fastflow_with_state_file(pipe, tmp_path):
     runtime = []
     for seed in range(3):  # the runtime first: its velocity calls the (then unhooked) transformer
         field = capture_pipeline(pipe, **inputs(pipe.kind, 1.0, T, seed=seed))
-        runtime.append(run_with_state(field.velocity, field.noise, T, theirs, "tiny", grid=field.grid, mu=MU,
-                                      y=np.arange(field.batch)))
+        runtime.append(run_with_state(field.velocity, field.noise, T, theirs, "tiny", mu=MU, **field.solve_kwargs()))
     hook = apply_fastflow(pipe, state_path=ours, model_id="tiny", mu=MU)
     try:
         for seed, res in enumerate(runtime):

@@ -90,7 +90,7 @@ def test_our_grid_replaces_the_pipelines(tmp_path):
     ours = _run(pipe, sched, 1.0, steps=5, kind="sd3")
     np.testing.assert_allclose(sched.anchorflow_grid(), np.linspace(1, 0, 6), atol=1e-7)
     field = capture_pipeline(pipe, **inputs("sd3", 1.0, 5))  # FlowMatchEuler scheduler: shifted grid
-    res = solve("ab2", field.velocity, field.noise, 5, y=np.arange(2), grid=sched.anchorflow_grid())
+    res = solve("ab2", field.velocity, field.noise, 5, cond=field.cond, grid=sched.anchorflow_grid())
     np.testing.assert_allclose(ours, res.x, rtol=0, atol=TOL)
 
 

@@ -4,7 +4,7 @@
   dpmpp2m, ...) as a drop-in ``pipe.scheduler`` for flow-matching pipelines (SD3, FLUX, ...).
 - :func:`apply_fastflow`: FastFlow's bandit step skipping as a hook on ``pipe.transformer``.
 - :func:`run_ba`: the BA-solver driving a pipeline's own components.
-- :func:`capture_pipeline`: a pipeline's transformer as a runtime ``velocity(x, t, y)`` callable.
+- :func:`capture_pipeline`: a pipeline's transformer as a runtime ``velocity(x, t, cond)`` callable.
 
 Time convention: diffusers' sigma is our t (t = 1 noise, t = 0 data); ``timestep = 1000 * sigma``.
 Importing this package is cheap; diffusers and torch are imported on first use of a name.

@@ -24,8 +24,8 @@ def run_ba(pipe: Any, sidenet: Callable, nfe: int, *, solver: str = "ba", grid: 
 
     Args:
         pipe: a flow-matching diffusers pipeline (SD3, FLUX, ...).
-        sidenet: the runtime SideNet ``sidenet(x, v, t, h, y) -> delta`` trained for this transformer
-            (e.g. ``load_bundle(path).sidenet``); it sees the pipeline's latents and the row labels
+        sidenet: the runtime SideNet ``sidenet(x, v, t, h, cond) -> delta`` trained for this transformer
+            (e.g. ``load_bundle(path).sidenet``); it sees the pipeline's latents and the conditions
             of :class:`PipelineField`.
         nfe: transformer calls (= BA intervals; the pipeline's schedule is built for ``nfe`` steps,
             its shift and FLUX's ``mu`` included).

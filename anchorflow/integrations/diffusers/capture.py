@@ -1,16 +1,19 @@
-"""A diffusers pipeline's transformer as a runtime ``velocity(x, t, y)`` callable.
+"""A diffusers pipeline's transformer as a runtime ``velocity(x, t, cond)`` callable.
 
 :func:`capture_pipeline` runs the pipeline itself up to its first scheduler step (so prompt
 encoding, latent preparation, ids, guidance embeddings and timestep scaling are the pipeline's
 own), records the transformer calls of that step, and stops. The transformer is not run: each
 recorded call returns a distinct constant per row, and the model output the pipeline hands its
-scheduler shows how it combines the rows (checked to be plain CFG at the given scale). The returned :class:`PipelineField`
-replays those calls for any state and time: ``solve(method, f.velocity, f.noise, nfe, **f.solve_kwargs())``.
+scheduler shows how it combines the rows (checked to be plain CFG at the given scale). The
+returned :class:`PipelineField` calls the transformer for any state and time:
+``solve(method, f.velocity, f.noise, nfe, **f.solve_kwargs())``.
 
-Rows: ``y`` holds row ids, ``0..B-1`` the B prompts' conditional rows; an unconditional row has
-the label :data:`NULL_ROW` (the GuidedField puts them after the conditional rows, in the same
-order), or ``B + i`` for the negative prompt of row i. Time: t = 1 noise, t = 0 data; the
-transformer gets the pipeline's timestep ``1000 t`` (FLUX: ``1000 t / 1000``, as its pipeline does).
+Conditions are the transformer's per-row forward arguments under their diffusers names
+(``encoder_hidden_states``, ``pooled_projections``, FLUX-dev's embedded ``guidance``), as numpy
+arrays: ``cond`` the prompts', ``null_cond`` the negative prompts' (the runtime's
+``anchorflow.bundle/2`` contract uses the same names). Shared arguments (FLUX's ``txt_ids`` /
+``img_ids``) are kept as the pipeline made them. Time: t = 1 noise, t = 0 data; the transformer
+gets the pipeline's timestep ``1000 t`` (FLUX: ``1000 t / 1000``, as its pipeline computes it).
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import numpy as np
 from ..._deps import require
 from ...errors import ConfigError
 
-NULL_ROW = -1
 _SHARED = {"txt_ids", "img_ids"}  # FLUX position ids: one table for every row
 _GUIDANCE_ULPS = 8  # the pipeline's CFG sum on small row constants, re-done in float32: a few ulp of its dtype
 
@@ -36,10 +38,11 @@ class _Captured(Exception):
 class PipelineField:
     """The transformer of a pipeline at the prompts, latents and guidance of one call.
 
-    ``noise`` (B, ...) the pipeline's initial latents (its generator honoured); ``grid`` the
-    scheduler's sigmas (float64, t = 1 -> 0); ``cfg_scale`` the pipeline's guidance scale (1.0:
+    ``noise`` (B, ...) the pipeline's initial latents (its generator honoured; FLUX: packed
+    tokens (B, L, C)); ``grid`` the scheduler's sigmas (float64, t = 1 -> 0); ``cond`` /
+    ``null_cond`` name -> (B, ...) arrays; ``cfg_scale`` the pipeline's guidance scale (1.0:
     none); ``calls_per_step`` the transformer calls the pipeline itself makes per step (FLUX's
-    true CFG: 2, one per branch; batched CFG: 1 call of 2B rows).
+    true CFG: 2, one per branch; batched CFG: 1 call of 2B rows). ``calls`` counts this field's.
     """
 
     transformer: Any
@@ -48,8 +51,10 @@ class PipelineField:
     cfg_scale: float
     calls_per_step: int
     timestep_mode: str
-    rows: dict = field(repr=False)  # name -> tensor (2B or B, ...): cond rows then uncond rows
+    cond: dict = field(repr=False)
+    null_cond: Optional[dict] = field(repr=False)
     shared: dict = field(repr=False)
+    dtypes: dict = field(repr=False)
     dtype: Any = None
     device: Any = None
     calls: int = 0
@@ -63,31 +68,21 @@ class PipelineField:
         return self.cfg_scale != 1.0
 
     def solve_kwargs(self) -> dict:
-        """``y``, ``null_label``, ``cfg_scale`` and ``grid`` for :func:`anchorflow.runtime.solve`."""
-        kw = {"y": np.arange(self.batch), "grid": self.grid, "cfg_scale": self.cfg_scale}
+        """``cond``, ``null_cond``, ``cfg_scale`` and ``grid`` for :func:`anchorflow.runtime.solve`."""
+        kw = {"cond": self.cond, "grid": self.grid, "cfg_scale": self.cfg_scale}
         if self.guided:
-            kw["null_label"] = NULL_ROW
+            kw["null_cond"] = self.null_cond
         return kw
 
-    def row_ids(self, y: Any, n: int) -> np.ndarray:
-        """Row ids (n,) into the cond/uncond tables from labels (or a cond dict with key "row")."""
-        if isinstance(y, dict):  # the runtime's cond dict: labels "y" (solve's y= shorthand) or "row"
-            y = y.get("row", y.get("y"))
-        if y is None:
-            ids = np.arange(n) % self.batch
-        else:
-            ids = np.asarray(y, np.int64).copy()
-            null = np.flatnonzero(ids == NULL_ROW)
-            ids[null] = self.batch + np.arange(null.size) % self.batch
-        if ids.shape != (n,) or ids.min() < 0 or ids.max() >= (2 if self.guided else 1) * self.batch:
-            raise ConfigError(f"row ids must be 0..{self.batch - 1} (or {NULL_ROW} for unconditional rows), got {y!r}")
-        return ids
-
-    def velocity(self, x: np.ndarray, t: np.ndarray, y: Any = None) -> np.ndarray:
-        """Transformer velocity (n, ...) float32 at states x (n, ...) and our times t (n,)."""
+    def velocity(self, x: np.ndarray, t: np.ndarray, cond: Optional[dict] = None) -> np.ndarray:
+        """Transformer velocity (n, ...) float32 at states x (n, ...), our times t (n,), conditions (n, ...)."""
         torch = require("torch", extra="diffusers")
-        ids = torch.from_numpy(self.row_ids(y, x.shape[0]))
-        kwargs = {k: v.index_select(0, ids.to(v.device)) for k, v in self.rows.items()}
+        cond = self.cond if cond is None else cond
+        missing = sorted(set(self.dtypes) - set(cond))
+        if missing:
+            raise ConfigError(f"the transformer needs the conditions {', '.join(missing)}")
+        kwargs = {k: torch.from_numpy(np.ascontiguousarray(cond[k])).to(self.device, self.dtypes[k])
+                  for k in self.dtypes}
         tt = torch.from_numpy(np.asarray(t, np.float32)).to(self.device) * 1000.0
         if self.timestep_mode == "unit":
             tt = tt / 1000.0
@@ -158,14 +153,14 @@ def _build(pipe: Any, inputs: dict, calls: list, seen: dict, torch: Any) -> Pipe
                and k not in _SHARED | {"hidden_states", "timestep"}]
     shared = {k: v for k, v in kw0.items() if k not in per_row and k not in {"hidden_states", "timestep", "return_dict"}}
     if len(calls) == 1 and rows == B:
-        cfg, table, outs = 1.0, {k: kw0[k] for k in per_row}, [calls[0][1]]
+        cfg, cond, null, outs = 1.0, {k: kw0[k] for k in per_row}, None, [calls[0][1]]
     elif len(calls) == 1 and rows == 2 * B:  # batched CFG, diffusers' layout [uncond; cond]
         cfg = float(getattr(pipe, "_guidance_scale", inputs.get("guidance_scale", 1.0)))
-        table = {k: torch.cat([kw0[k][B:], kw0[k][:B]]) for k in per_row}
+        cond, null = {k: kw0[k][B:] for k in per_row}, {k: kw0[k][:B] for k in per_row}
         outs = [calls[0][1][B:], calls[0][1][:B]]
     elif len(calls) == 2 and rows == B:  # FLUX true CFG: a cond call, then an uncond call
         cfg = float(inputs.get("true_cfg_scale", 1.0))
-        table = {k: torch.cat([kw0[k], calls[1][0][k]]) for k in per_row}
+        cond, null = {k: kw0[k] for k in per_row}, {k: calls[1][0][k] for k in per_row}
         outs = [calls[0][1], calls[1][1]]
     else:
         raise ConfigError(f"unsupported pipeline: {len(calls)} transformer call(s) of {rows} rows for {B} latents per step")
@@ -180,8 +175,13 @@ def _build(pipe: Any, inputs: dict, calls: list, seen: dict, torch: Any) -> Pipe
     k0 = sched.index_for_timestep(seen["timestep"]) if sched.begin_index is None else sched.begin_index
     grid = sched.sigmas.detach().to("cpu", torch.float64).numpy()[k0:]
     hs = kw0["hidden_states"]
+
+    def arrays(d: Optional[dict]) -> Optional[dict]:
+        return None if d is None else {k: v.detach().to("cpu", torch.float32).numpy() for k, v in d.items()}
+
     return PipelineField(pipe.transformer, sample.detach().to("cpu", torch.float32).numpy(), grid, cfg, len(calls),
-                         mode, table, shared, hs.dtype, hs.device)
+                         mode, arrays(cond), arrays(null), shared, {k: kw0[k].dtype for k in per_row},
+                         hs.dtype, hs.device)
 
 
 def _check_guidance(model_output: Any, outs: list, cfg: float, torch: Any) -> None:
