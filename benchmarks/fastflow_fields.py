@@ -1,6 +1,7 @@
 """Closed-form velocity fields for the FastFlow benchmark, with their exact flows.
 
-Time convention: t = 1 noise, t = 0 data; states (B, 1, 8, 8) float32; each field is a
+Time convention: t = 1 noise, t = 0 data; states (B, 1, 8, 8) (float32 in, float32 out; float64
+in, float64 out); each field is a
 ``velocity(x, t, cond)`` callable that ignores ``cond`` (it is unconditional) and has an exact
 solution ``flow(x1) -> x(0)``, so a solver's error is pure discretisation error.
 
@@ -43,7 +44,7 @@ class Relax:
         tt = _times(t, x.shape[0])
         lam = self.lam0 + self.lam1 * (1.0 - tt) ** 2
         c = self.a + self.b * tt**2
-        return (lam * (np.asarray(x, np.float64) - c) + 2.0 * self.b * tt).astype(np.float32)
+        return (lam * (np.asarray(x, np.float64) - c) + 2.0 * self.b * tt).astype(np.result_type(x.dtype, np.float32))
 
     def flow(self, x1: np.ndarray) -> np.ndarray:
         decay = math.exp(-(self.lam0 + self.lam1 / 3.0))
@@ -69,7 +70,7 @@ class Swirl:
         d = self._pairs(x)
         rot = np.stack([-d[..., 1], d[..., 0]], axis=-1)  # J d
         v = self.alpha * d + omega[..., None] * rot
-        return v.reshape(x.shape).astype(np.float32)
+        return v.reshape(x.shape).astype(np.result_type(x.dtype, np.float32))
 
     def flow(self, x1: np.ndarray) -> np.ndarray:
         w = self.omega0 * self.width * math.sqrt(math.pi) * math.erf(0.5 / self.width)  # int_0^1 omega
