@@ -45,6 +45,13 @@ def in_interval(t: float, interval: tuple[float, float]) -> bool:
     return t <= hi and (t > lo or lo <= 0.0)
 
 
+def overlaps(span: tuple[float, float], interval: tuple[float, float]) -> bool:
+    """Is guidance active for some t in the closed ``span`` (a <= t <= b)? (see :func:`in_interval`)"""
+    a, b = min(span), max(span)
+    lo, hi = interval
+    return a <= hi and (b > lo or lo <= 0.0)
+
+
 def label_conditions(y: Optional[np.ndarray], null_label: Optional[int], cond: Cond = None,
                      null_cond: Cond = None) -> tuple[Cond, Cond]:
     """The ``y=`` shorthand: ``cond={"y": y}`` and ``null_cond={"y": null_label}`` (refused with cond=)."""
@@ -151,29 +158,49 @@ class GuidedField:
         cond, null_cond = label_conditions(y, null_label, cond, null_cond)
         self.cond = expand_conditions(cond, null_cond, self.batch, self.guided)
         self.rows = 2 if self.guided else 1
+        # the conditional rows alone, for calls whose velocities are never guided (outside the interval)
+        self.cond_only = None if self.cond is None or not self.guided else {
+            name: value[: self.batch] for name, value in self.cond.items()}
+        self.rows_fed = 0  # backbone rows over all calls (B per unguided call, 2B per guided one)
         self.nfe = 0
         self.sidenet_calls = 0
         self.backbone_s = 0.0
         self.sidenet_s = 0.0
 
     # -- rows ---------------------------------------------------------------------------------
-    def expand(self, x: np.ndarray) -> np.ndarray:
+    def expand(self, x: np.ndarray, rows: Optional[int] = None) -> np.ndarray:
         """(B, ...) -> (rows*B, ...): the state repeated for the cond and uncond rows."""
-        return x if self.rows == 1 else np.concatenate([x, x], axis=0)
+        return x if (rows or self.rows) == 1 else np.concatenate([x, x], axis=0)
+
+    def rows_for(self, span: Optional[tuple[float, float]]) -> int:
+        """Row blocks a backbone call needs when its velocities are guided at times in ``span``:
+        2 (cond and uncond) if guidance is active anywhere in it, else 1. ``span=None``: every
+        time may be asked for, so 2 whenever guidance is on (the conservative default)."""
+        if self.rows == 1 or span is None:
+            return self.rows
+        return 2 if overlaps(span, self.cfg_interval) else 1
 
     def _times(self, t: float | np.ndarray, n: int) -> np.ndarray:
         t = np.asarray(t, dtype=self.dtype)
         return np.full(n, t, self.dtype) if t.ndim == 0 else t.astype(self.dtype)
 
     # -- backbone -----------------------------------------------------------------------------
-    def raw(self, x: np.ndarray, t: float) -> np.ndarray:
-        """One backbone call (one NFE) at scalar time t; returns raw velocities (rows*B, ...)."""
-        xe = self.expand(x).astype(self.dtype, copy=False)
+    def raw(self, x: np.ndarray, t: float, span: Optional[tuple[float, float]] = None) -> np.ndarray:
+        """One backbone call (one NFE) at scalar time t; returns raw velocities (rows*B, ...).
+
+        ``span``: the times (lo, hi) at which these velocities, or SideNet predictions from them,
+        will be guided. Where guidance is off over the whole span only the B conditional rows
+        are computed (guidance off means v_c alone); None keeps both row blocks.
+        """
+        rows = self.rows_for(span)
+        xe = self.expand(x, rows).astype(self.dtype, copy=False)
         tt = self._times(t, xe.shape[0])
+        cond = self.cond if rows == self.rows else self.cond_only
         start = time.perf_counter()
-        v = self.velocity(xe, tt, self.cond)
+        v = self.velocity(xe, tt, cond)
         self.backbone_s += time.perf_counter() - start
         self.nfe += 1
+        self.rows_fed += xe.shape[0]
         v = np.asarray(v).astype(self.dtype, copy=False)  # the state's precision, whatever the backend
         if v.shape != xe.shape:
             raise ConfigError(f"velocity returned shape {v.shape}, expected {xe.shape}")
@@ -183,8 +210,14 @@ class GuidedField:
         """Raw (rows*B, ...) -> guided (B, ...): ``v_u + s (v_c - v_u)`` inside the CFG interval, else v_c."""
         if self.rows == 1:
             return v_raw
+        active = in_interval(float(t), self.cfg_interval)
+        if v_raw.shape[0] == self.batch:  # a call made with the conditional rows only
+            if active:
+                raise RuntimeError(f"internal error: guidance is on at t = {float(t):g} but the backbone call "
+                                   "computed no unconditional rows (its span was too narrow)")
+            return v_raw
         v_c, v_u = v_raw[: self.batch], v_raw[self.batch :]
-        if not in_interval(float(t), self.cfg_interval):
+        if not active:
             return v_c
         out = v_c - v_u  # in place from here: one temporary instead of three
         out *= self.cfg_scale
@@ -192,8 +225,8 @@ class GuidedField:
         return out
 
     def __call__(self, x: np.ndarray, t: float) -> np.ndarray:
-        """Guided velocity at scalar time t (one NFE)."""
-        return self.guide(self.raw(x, t), t)
+        """Guided velocity at scalar time t (one NFE; B rows where guidance is off at t)."""
+        return self.guide(self.raw(x, t, (t, t)), t)
 
     # -- bookkeeping --------------------------------------------------------------------------
     def counts(self) -> tuple[int, int]:
@@ -213,14 +246,15 @@ class GuidedField:
         if self.sidenet is None:
             raise ConfigError("this solver needs a SideNet; pass sidenet=... (or use a bundle that has one)")
         k = len(offsets)
-        n = x.shape[0] * self.rows
-        xs = np.concatenate([x] * (self.rows * k), axis=0) if self.rows * k > 1 else x
+        rows = v_raw.shape[0] // x.shape[0]  # the anchor call's row blocks (1 where guidance was off)
+        n = x.shape[0] * rows
+        xs = np.concatenate([x] * (rows * k), axis=0) if rows * k > 1 else x
         xs = xs.astype(self.dtype, copy=False)
         vs = np.concatenate([v_raw] * k, axis=0) if k > 1 else v_raw
         ts = np.full(n * k, t, self.dtype)
         hs = np.repeat(np.asarray(offsets, self.dtype), n)
-        cs = None if self.cond is None else {n: np.concatenate([c] * k, axis=0) if k > 1 else c
-                                             for n, c in self.cond.items()}
+        base = self.cond if rows == self.rows else self.cond_only
+        cs = None if base is None else {n: np.concatenate([c] * k, axis=0) if k > 1 else c for n, c in base.items()}
         start = time.perf_counter()
         d = np.asarray(self.sidenet(xs, vs.astype(self.dtype, copy=False), ts, hs, cs)).astype(self.dtype, copy=False)
         self.sidenet_s += time.perf_counter() - start

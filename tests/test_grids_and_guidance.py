@@ -94,14 +94,15 @@ def test_guidance_needs_labels_and_null():
 @pytest.mark.parametrize("interval, guided", [((0.0, 1.0), (True, True)), ((0.0, 0.7), (False, True)),
                                               ((0.0, 0.5), (False, True)), ((0.6, 1.0), (True, False))])
 def test_cfg_one_call_per_evaluation_only_inside_the_interval(interval, guided, counting, tol):
-    """Euler on grid [1, 0.5, 0], s = 2, checked against a hand computation per step."""
+    """Euler on grid [1, 0.5, 0], s = 2, checked against a hand computation per step. A call
+    outside the interval feeds the B conditional rows only (guidance off means v_c alone)."""
     s = 2.0
     field = counting(linear_field)
     out = solve("euler", field, X, 2, y=Y, null_label=NULL, cfg_scale=s, cfg_interval=interval)
     assert out.nfe == len(field.calls) == 2
-    for call in field.calls:
-        assert call["rows"] == 2 * len(X)
-        np.testing.assert_array_equal(call["y"], [0, 1, NULL, NULL])
+    for call, g in zip(field.calls, guided):
+        assert call["rows"] == (2 if g else 1) * len(X)
+        np.testing.assert_array_equal(call["y"], [0, 1, NULL, NULL] if g else [0, 1])
     x = X.copy()
     for t, g in zip((1.0, 0.5), guided):
         v_c = (Y[:, None] + 1.0) * x + t
