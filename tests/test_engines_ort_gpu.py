@@ -1,0 +1,59 @@
+"""onnxruntime GPU backends (issue 15 item 5): wheels, libraries, ``auto`` and the TensorRT provider's profiles.
+
+No GPU and only the CPU onnxruntime wheel here: the provider lists onnxruntime-gpu would report
+are fed in through a stand-in for ``onnxruntime.get_available_providers`` (the one thing this
+machine cannot produce); library loading and wheel detection run for real.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from anchorflow.errors import BackendError
+from anchorflow.runtime import ort_gpu
+
+
+def test_two_onnxruntime_wheels_are_refused_with_the_fix() -> None:
+    with pytest.raises(BackendError, match="onnxruntime and onnxruntime-gpu are all installed.*pip uninstall -y "
+                                           "onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"):
+        ort_gpu.check_wheels(["onnxruntime", "onnxruntime-gpu"])
+    ort_gpu.check_wheels(["onnxruntime-gpu"])
+    assert "onnxruntime" in ort_gpu.installed_wheels()  # this machine: the CPU wheel, really installed
+
+
+def test_tensorrt_library_is_reported_missing_here() -> None:
+    """No libnvinfer on this machine (the lean runtime ships libnvinfer_lean only)."""
+    ort_gpu.tensorrt_library.cache_clear()
+    assert ort_gpu.tensorrt_library() is None
+    assert "libnvinfer.so.10" in ort_gpu.missing_tensorrt_message()
+
+
+def test_preload_cuda_reports_instead_of_raising() -> None:
+    calls = []
+    ok = SimpleNamespace(preload_dlls=lambda: calls.append(1))
+    assert ort_gpu.preload_cuda(ok) is None and calls == [1]
+    assert ort_gpu.preload_cuda(ok) is None and calls == [1]  # once per process
+
+    def broken():
+        raise OSError("libcudnn.so.9: cannot open shared object file")
+
+    failing, old = SimpleNamespace(preload_dlls=broken), SimpleNamespace()  # kept alive: the cache is per object
+    assert "libcudnn.so.9" in ort_gpu.preload_cuda(failing)
+    assert "preload_dlls" in ort_gpu.preload_cuda(old)
+
+
+def test_profile_shapes_from_the_declared_ranges() -> None:
+    """B, 2B and 6B rows of one BA solve fall in one declared profile; named axes take their own ranges."""
+    inputs = [SimpleNamespace(name="x", shape=("batch", 16, "H", "W")), SimpleNamespace(name="t", shape=("batch",)),
+              SimpleNamespace(name="txt", shape=("batch", "L", 32)), SimpleNamespace(name="ids", shape=(7, 3))]
+    ranges = {"batch": (1, 8, 48), "H": (32, 64, 128), "W": (32, 64, 128), "L": (1, 77, 256)}
+    shapes = ort_gpu.declared_profile(inputs, ranges)
+    assert shapes["x"] == ((1, 16, 32, 32), (8, 16, 64, 64), (48, 16, 128, 128))
+    assert shapes["ids"] == ((7, 3),) * 3  # an input without a batch axis keeps its static shape
+    options = ort_gpu.trt_profile_options(shapes)
+    assert options["trt_profile_min_shapes"] == "ids:7x3,t:1,txt:1x1x32,x:1x16x32x32"
+    assert options["trt_profile_max_shapes"] == "ids:7x3,t:48,txt:48x256x32,x:48x16x128x128"
+    assert ort_gpu.declared_profile(inputs, {"batch": (1, 8, 48)}) == {}  # an undeclared axis: no profile at all
+    assert ort_gpu.trt_profile_options({}) == {}
