@@ -21,8 +21,8 @@ from typing import Any, Callable, Optional
 from filelock import FileLock
 
 from .._deps import require
-from .._io import sha256_file, write_bytes
-from ..errors import BackendError, CheckpointError, ConfigError
+from .._io import write_bytes
+from ..errors import BackendError, ConfigError
 from . import cache, compat, driver
 from .profiles import Profile, SampleRange, derive_profiles, network_specs, read_bundle, sample_range
 from .progress import ProgressDisplay, run_cancellable
@@ -182,9 +182,9 @@ def build_engines(bundle: str | Path, options: BuildOptions = BuildOptions(),
     for precision in options.precisions:
         compat.check_precision(precision, env.compute_capability)
     samples: Optional[SampleRange] = sample_range(meta, **options.batch) if options.batch else None
-    profiles = derive_profiles(meta, samples)
+    profiles = derive_profiles(meta, samples, explicit_opt="opt" in options.batch)
     timing = Path(options.timing_cache) if options.timing_cache else cache.timing_cache_path(folder, env)
-    echo(f"{env.describe()}; rows per call " + ", ".join(f"{n} {p.rows[0]}..{p.rows[2]} (opt {p.rows[1]})" for n, p in profiles.items()))
+    echo(f"{env.describe()}; profiles " + "; ".join(f"{n} {p.describe()}" for n, p in profiles.items()))
     records = []
     with cache.lock(folder):
         for precision in options.precisions:
@@ -196,16 +196,15 @@ def build_engines(bundle: str | Path, options: BuildOptions = BuildOptions(),
 
 def _build_one(trt: Any, folder: Path, spec: Any, precision: str, profile: Profile, env: cache.EngineEnv,
                options: BuildOptions, timing: Path) -> BuildRecord:
-    file, sha = spec.onnx_for(precision)
-    if not (folder / file).is_file() or sha256_file(folder / file) != sha:
-        raise CheckpointError(f"{folder / file} is missing or does not match the sha256 in bundle.json (modified?); re-export the bundle")
+    onnx_path, sha = cache.onnx_file(folder, spec, precision)  # hash-checked, external weights included
+    file = onnx_path.name
     key = cache.EngineKey(spec.name, precision, sha, profile.to_json(), env, options.builder_fields())
     hit = None if options.force else cache.cached(folder, key)
     if hit is not None:
         return BuildRecord(spec.name, precision, key.name, hit, 0.0, hit.stat().st_size, True)
     display = ProgressDisplay(label=f"{spec.name} {precision}: ", quiet=not options.progress)
     start = time.perf_counter()
-    data = build_serialized(trt, folder / file, profile, options, timing, display)
+    data = build_serialized(trt, onnx_path, profile, options, timing, display)
     seconds = time.perf_counter() - start
     path = cache.record_engine(folder, key, data, seconds, onnx_file=file)
     return BuildRecord(spec.name, precision, key.name, path, seconds, len(data), False)

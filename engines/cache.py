@@ -92,6 +92,31 @@ class EngineKey:
         return f"{self.network}-{self.precision}-{self.digest[:16]}"
 
 
+def onnx_file(bundle: str | Path, spec: Any, precision: str) -> tuple[Path, str]:
+    """(path, identity) of ``spec``'s ONNX graph in ``precision``, its file and external weights hash-checked.
+
+    The identity is the file's sha256, or, with external data (networks over 2 GB), the sha256 of
+    every file's sha256 in order: an engine is keyed on the weights too, not only on the graph.
+    """
+    from ..runtime.bundle_format import inside, verify_file
+
+    entry = spec.entry(precision)
+    shas = [entry["sha256"]]
+    for extra in entry.get("external_data") or ():
+        verify_file(inside(Path(bundle), extra["file"], f"the {spec.name} {precision} weights"), extra["sha256"])
+        shas.append(extra["sha256"])
+    path = verify_file(inside(Path(bundle), entry["file"], f"the {spec.name} {precision} file"), entry["sha256"])
+    identity = shas[0] if len(shas) == 1 else hashlib.sha256(":".join(shas).encode()).hexdigest()
+    return path, identity
+
+
+def onnx_identity(spec: Any, precision: str) -> str:
+    """The identity :func:`onnx_file` gives, from bundle.json alone (no file read)."""
+    entry = spec.entry(precision)
+    shas = [entry["sha256"], *(e["sha256"] for e in entry.get("external_data") or ())]
+    return shas[0] if len(shas) == 1 else hashlib.sha256(":".join(shas).encode()).hexdigest()
+
+
 def engine_dir(bundle: str | Path) -> Path:
     return Path(bundle) / "engines" / "trt"
 

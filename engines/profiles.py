@@ -1,13 +1,21 @@
-"""TensorRT optimisation profiles derived from a bundle's metadata (``bundle.json``).
+"""TensorRT optimisation profiles from a bundle's declared inputs (``bundle.json``, via the bundle-format module).
 
-An engine accepts input shapes between a profile's min and max and is tuned for opt. The only
-dynamic axis of a bundle is the leading ``"batch"`` axis; every other dim is static and taken
-from the input shapes in ``bundle.json``.
+An engine accepts input shapes between a profile's min and max and is tuned for opt. Every
+input's shape is declared with ints and axis names (``["batch", 16, "H", "W"]``, ``["batch",
+"L", 4096]``, ``[7, 3]``): ints are static, ``batch`` is the network's rows per call, and every
+other named axis (latent ``H``/``W``, text length ``L``...) takes the range bundle.json declares
+for it under ``axes``. An input without a batch axis (``per_row: false``) simply has no row
+dimension. A named axis without a declared range is refused before TensorRT sees the graph.
+
+Opt is the expected size, not the largest: where bundle.json declares ``opt == max`` (the
+digits bundle says batch 1/128/128), opt becomes the expected batch, 16 samples per solve in
+rows (below), and a named axis gets the largest multiple of ``gcd(min, max)`` at or below half
+its max (so a patch-size constraint that min and max obey still holds), but never below min.
 
 Rows versus samples. A solve on B samples sends more rows than B to the networks:
 
-* backbone: ``g * B`` rows, g = 2 when the model can be guided (it has a null label; CFG puts
-  the cond and uncond rows into one call), else 1;
+* backbone: ``g * B`` rows, g = 2 when the model is guided by rows (CFG puts the cond and
+  uncond rows into one call), else 1;
 * SideNet (BA-solver, arXiv 2601.21542, Algorithm 1): the forward probe evaluates three offsets
   ``a*h, (1-a)*h, h`` in ONE call on ``3 * g * B`` rows; the backward probe uses ``g * B`` rows.
 
@@ -15,57 +23,23 @@ Rows versus samples. A solve on B samples sends more rows than B to the networks
 the backbone ``max = 2N`` and the SideNet ``max = 6N``); without overrides those ranges are the
 profiles. Overrides (``anchorflow build --min-batch/--opt-batch/--max-batch``) are in samples
 per solve and become rows by the rule above, with ``probes = 3``: backbone
-``[B_min, g*B_opt, g*B_max]``, SideNet ``[B_min, probes*g*B_opt, probes*g*B_max]``; the min
-stays at ``B_min`` so an unguided single-sample call (1 row) also fits. A SideNet without its
-own range gets ``probes`` times the backbone's. Time convention: t = 1 noise, t = 0 data.
+``[B_min, g*B_opt, g*B_max]``, SideNet ``[B_min, probes*g*B_opt, probes*g*B_max]``; they must
+stay inside the rows the bundle was exported (and validated) for. Time convention: t = 1
+noise, t = 0 data.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 
 BATCH = "batch"
-DEFAULT_SAMPLES = (1, 16, 64)  # used only when bundle.json records no backbone batch range
+DEFAULT_SAMPLES = (1, 16, 64)  # samples per solve: the backbone range when bundle.json has none; [1] = expected
 PROBES = 3  # SideNet offsets per forward probe (BA-solver, 4-node quadrature minus the anchor)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One ONNX input or output: name, shape (ints and ``"batch"``), dtype name."""
-
-    name: str
-    shape: tuple
-    dtype: str
-
-
-@dataclass(frozen=True)
-class NetworkSpec:
-    """One network of a bundle (``backbone`` or ``sidenet``) as bundle.json describes it."""
-
-    name: str
-    file: str
-    sha256: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    batch: Optional[dict]
-    variants: dict  # precision -> {"file", "sha256"} (reduced-precision ONNX, float32 I/O)
-
-    def onnx_for(self, precision: str) -> tuple[str, str]:
-        """(file, sha256) of the ONNX graph that carries ``precision``."""
-        if precision == "fp32":
-            return self.file, self.sha256
-        if precision not in self.variants:
-            have = ", ".join(["fp32", *sorted(self.variants)])
-            raise ConfigError(
-                f"the bundle has no {precision} variant of the {self.name} (it has: {have}); "
-                f"re-export with `anchorflow export ... --precision {precision}`"
-            )
-        variant = self.variants[precision]
-        return variant["file"], variant["sha256"]
 
 
 @dataclass(frozen=True)
@@ -99,17 +73,29 @@ def _clamp(value: int, lo: int, hi: int) -> int:
 
 @dataclass(frozen=True)
 class Profile:
-    """One optimisation profile: per input name its (min, opt, max) shapes; ``rows`` the batch triple."""
+    """One optimisation profile: per input name its (min, opt, max) shapes.
+
+    ``rows``: the batch triple; ``axes``: every named axis's triple (``batch`` included), so the
+    cache key holds the resolution and text-length ranges explicitly.
+    """
 
     network: str
     rows: tuple[int, int, int]
     shapes: dict  # input name -> (min_shape, opt_shape, max_shape)
+    axes: dict = None  # axis name -> (min, opt, max)
+
+    def describe(self) -> str:
+        """``rows 1..128 (opt 32), H 32..128 (opt 64)``: every dynamic axis with its range."""
+        axes = self.axes or {BATCH: self.rows}
+        return ", ".join(f"{'rows' if k == BATCH else k} {lo}..{hi} (opt {opt})" for k, (lo, opt, hi) in axes.items())
 
     def to_json(self) -> dict:
-        return {"rows": list(self.rows), "shapes": {k: [list(s) for s in v] for k, v in sorted(self.shapes.items())}}
+        axes = self.axes if self.axes is not None else {BATCH: self.rows}
+        return {"rows": list(self.rows), "axes": {k: list(v) for k, v in sorted(axes.items())},
+                "shapes": {k: [list(s) for s in v] for k, v in sorted(self.shapes.items())}}
 
 
-# -- bundle.json ---------------------------------------------------------------------------------
+# -- bundle.json (through the bundle-format module) -----------------------------------------------
 def read_bundle(path: str | Path) -> tuple[Path, dict]:
     """(bundle folder, bundle.json dict) for a bundle folder or a model root with ``bundle/`` inside,
     read and validated by the one bundle-format module (:mod:`anchorflow.runtime.bundle_format`)."""
@@ -119,39 +105,20 @@ def read_bundle(path: str | Path) -> tuple[Path, dict]:
     return bundle.folder, bundle.meta
 
 
-def _tensors(entries: Any) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec(e["name"], tuple(e["shape"]), e.get("dtype", "float32")) for e in entries)
+def _format(meta: dict) -> Any:
+    from ..runtime.bundle_format import parse_meta
+
+    return parse_meta(meta, Path("."), "bundle.json")
 
 
-def network_specs(meta: dict) -> dict[str, NetworkSpec]:
-    """The networks of a bundle.json. The one place that knows its per-network layout::
-
-        "networks": {"backbone": {"file", "sha256", "inputs": [{"name", "shape", "dtype"}], "outputs": [...],
-                                  "batch": {"min", "opt", "max"}, "precisions": {"fp16": {"file", "sha256"}}},
-                     "sidenet": {...}}
-    """
-    networks = meta.get("networks")
-    if not isinstance(networks, dict) or "backbone" not in networks:
-        raise CheckpointError("bundle.json lists no backbone network under 'networks'; re-export the bundle")
-    specs = {}
-    for name, entry in networks.items():
-        if entry is None:
-            continue
-        try:
-            specs[name] = NetworkSpec(
-                name=name, file=entry["file"], sha256=entry["sha256"],
-                inputs=_tensors(entry["inputs"]), outputs=_tensors(entry["outputs"]),
-                batch=entry.get("batch"), variants=dict(entry.get("precisions") or {}),
-            )
-        except (KeyError, TypeError) as exc:
-            raise CheckpointError(f"bundle.json entry for {name!r} is incomplete ({exc!r}); re-export the bundle") from None
-    return specs
+def network_specs(meta: dict) -> dict[str, Any]:
+    """name -> ``NetworkDecl`` (inputs with dtype, shape and axis names; ``batch``; ``axes``; ``entry(precision)``)."""
+    return dict(_format(meta).networks)
 
 
 def guidance_rows(meta: dict) -> int:
-    """2 when the model can be sampled with classifier-free guidance (it has a null label), else 1."""
-    model = meta.get("model") or {}
-    return 2 if model.get("null_label") is not None else 1
+    """2 when the model is guided by rows (CFG on [cond; null] rows in one call), else 1."""
+    return 2 if _format(meta).guidance.mode == "rows" else 1
 
 
 def bundle_rows(meta: dict, probes: int = PROBES) -> dict[str, tuple[int, int, int]]:
@@ -161,22 +128,12 @@ def bundle_rows(meta: dict, probes: int = PROBES) -> dict[str, tuple[int, int, i
     if backbone is None:
         rows = row_ranges(SampleRange(*DEFAULT_SAMPLES), guidance_rows(meta), probes)
     else:
-        lo, opt, hi = _triple(backbone, "backbone")
+        lo, opt, hi = backbone
         rows = {"backbone": (lo, opt, hi), "sidenet": (lo, probes * opt, probes * hi)}
     for name, spec in specs.items():
         if spec.batch is not None:
-            rows[name] = _triple(spec.batch, name)
+            rows[name] = tuple(spec.batch)
     return rows
-
-
-def _triple(batch: dict, name: str) -> tuple[int, int, int]:
-    try:
-        lo, opt, hi = (int(batch[k]) for k in ("min", "opt", "max"))
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"bundle.json's batch range of the {name} must be {{min, opt, max}}, got {batch!r}") from None
-    if not 1 <= lo <= opt <= hi:
-        raise CheckpointError(f"bundle.json's batch range of the {name} must satisfy 1 <= min <= opt <= max, got {batch}")
-    return lo, opt, hi
 
 
 def sample_range(meta: dict, min: Optional[int] = None, opt: Optional[int] = None, max: Optional[int] = None) -> SampleRange:
@@ -200,24 +157,76 @@ def row_ranges(samples: SampleRange, guidance: int, probes: int = PROBES) -> dic
     }
 
 
-def profile_for(spec: NetworkSpec, rows: tuple[int, int, int]) -> Profile:
-    """Shapes of every input at the (min, opt, max) row counts; static dims copied from the spec."""
-    shapes = {}
+def expected_rows(network: str, guidance: int, probes: int = PROBES) -> int:
+    """Rows of a call at the expected batch (``DEFAULT_SAMPLES[1]`` samples per solve)."""
+    return DEFAULT_SAMPLES[1] * guidance * (probes if network == "sidenet" else 1)
+
+
+def opt_below_max(triple: tuple[int, int, int], expected: Optional[int] = None) -> tuple[int, int, int]:
+    """(min, opt, max) with opt moved below max when it equals max (and min < max).
+
+    ``expected`` (rows): the opt to use then, clamped into [min, max - 1]; None (a named axis
+    such as H or L): the largest multiple of gcd(min, max) at or below max // 2, at least min.
+    """
+    lo, opt, hi = (int(v) for v in triple)
+    if opt < hi or lo == hi:
+        return lo, opt, hi
+    if expected is not None:
+        return lo, _clamp(int(expected), lo, hi - 1), hi
+    step = math.gcd(lo, hi)
+    return lo, max(lo, (hi // 2) // step * step), hi
+
+
+def profile_for(spec: Any, rows: tuple[int, int, int], axes: Optional[dict] = None) -> Profile:
+    """Shapes of every input of ``spec`` (a ``NetworkDecl``) at the (min, opt, max) of each of its axes.
+
+    ``rows``: the batch triple; ``axes``: other named axes (default: the ranges ``spec`` declares,
+    with :func:`opt_below_max` applied). A named axis without a range is a ConfigError.
+    """
+    ranges = {BATCH: tuple(rows)}
     for tensor in spec.inputs:
-        if not tensor.shape or tensor.shape[0] != BATCH:
-            raise ConfigError(f"{spec.name} input {tensor.name!r} has shape {list(tensor.shape)}; the first axis must be 'batch'")
-        rest = tensor.shape[1:]
-        if any(not isinstance(d, int) or d < 1 for d in rest):
-            raise ConfigError(
-                f"{spec.name} input {tensor.name!r} has a dynamic non-batch axis {list(tensor.shape)}; "
-                "TensorRT profiles here support a dynamic batch axis only: re-export with static state shapes"
-            )
-        shapes[tensor.name] = tuple((r, *rest) for r in rows)
-    return Profile(spec.name, tuple(rows), shapes)
+        for dim in tensor.shape:
+            if isinstance(dim, int) or dim in ranges:
+                continue
+            declared = (axes or {}).get(dim) or spec.axis_range(dim)
+            if declared is None:
+                raise ConfigError(
+                    f"{spec.name} input {tensor.name!r} has shape {list(tensor.shape)} but bundle.json declares no "
+                    f"range for axis {dim!r}; re-export the bundle (anchorflow export declares every dynamic axis)"
+                )
+            ranges[dim] = declared if axes and dim in axes else opt_below_max(declared)
+    shapes = {t.name: tuple(tuple(d if isinstance(d, int) else ranges[d][i] for d in t.shape) for i in range(3))
+              for t in spec.inputs}
+    used = {d for t in spec.inputs for d in t.shape if isinstance(d, str)} | {BATCH}
+    return Profile(spec.name, tuple(rows), shapes, {k: v for k, v in ranges.items() if k in used})
 
 
-def derive_profiles(meta: dict, samples: Optional[SampleRange] = None, probes: int = PROBES) -> dict[str, Profile]:
-    """One :class:`Profile` per network: bundle.json's row ranges, or the rows ``samples`` needs."""
+def _inside_export(spec: Any, rows: tuple[int, int, int]) -> None:
+    """Refuse engine rows outside what the bundle was exported (and validated) for."""
+    if spec.batch is not None and (rows[0] < spec.batch[0] or rows[2] > spec.batch[2]):
+        lo, _, hi = spec.batch
+        raise ConfigError(
+            f"the {spec.name} was exported for {lo}..{hi} rows per call, but the batch options ask for "
+            f"{rows[0]}..{rows[2]} rows (guidance doubles the rows, the BA SideNet probe triples them); "
+            "choose --min-batch/--max-batch inside it or re-export with a larger --max-batch"
+        )
+
+
+def derive_profiles(meta: dict, samples: Optional[SampleRange] = None, probes: int = PROBES,
+                    explicit_opt: bool = False) -> dict[str, Profile]:
+    """One :class:`Profile` per network: bundle.json's ranges (opt below max), or the rows ``samples`` needs.
+
+    ``explicit_opt``: the caller chose the opt (``--opt-batch``); it is kept even when it equals max.
+    """
     specs = network_specs(meta)
-    rows = bundle_rows(meta, probes) if samples is None else row_ranges(samples, guidance_rows(meta), probes)
-    return {name: profile_for(spec, rows.get(name, rows["backbone"])) for name, spec in specs.items()}
+    g = guidance_rows(meta)
+    rows = bundle_rows(meta, probes) if samples is None else row_ranges(samples, g, probes)
+    profiles = {}
+    for name, spec in specs.items():
+        triple = tuple(rows.get(name, rows["backbone"]))
+        if samples is not None:
+            _inside_export(spec, triple)
+        if not explicit_opt:
+            triple = opt_below_max(triple, expected_rows(name, g, probes))
+        profiles[name] = profile_for(spec, triple)
+    return profiles

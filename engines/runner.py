@@ -65,17 +65,15 @@ class TrtEngine:
                                "rebuild it with `anchorflow build BUNDLE --force`")
         self.context = self.engine.create_execution_context()
         self.inputs, self.outputs = compat.io_tensors(trt, self.engine)
-        self.max_rows = {name: int(self.engine.get_tensor_profile_shape(name, 0)[2][0]) for name, _ in self.inputs}
+        # input name -> (min shape, max shape) of profile 0
+        self.limits = {name: tuple(tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(name, 0)[::2])
+                       for name, _ in self.inputs}
         self._buffers = {name: DeviceBuffer() for name, _ in self.inputs + self.outputs}
         self._keep: list[np.ndarray] = []  # host inputs of the call in flight
 
     def _set_input(self, name: str, dtype: np.dtype, value: np.ndarray) -> None:
         host = np.ascontiguousarray(value, dtype=dtype)
-        if host.shape[0] > self.max_rows[name]:
-            raise BackendError(
-                f"the {self.label} engine takes at most {self.max_rows[name]} rows, got {host.shape[0]}; "
-                "rebuild with a larger range: `anchorflow build BUNDLE --max-batch N --force`"
-            )
+        check_shape(self.label, name, host.shape, *self.limits[name])
         if not self.context.set_input_shape(name, tuple(host.shape)):
             raise BackendError(f"the {self.label} engine rejected input {name!r} of shape {host.shape}")
         self.context.set_tensor_address(name, copy_to_device(self._buffers[name], host, self.stream))
@@ -117,6 +115,23 @@ class TrtEngine:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def check_shape(label: str, name: str, shape: tuple, lo: tuple, hi: tuple) -> None:
+    """Refuse an input shape outside the engine's profile, naming the dimension and the range.
+
+    Dimension 0 of a per-row input is the row count (``--max-batch``); other dimensions are the
+    bundle's named axes (resolution, text length), whose ranges come from bundle.json.
+    """
+    if len(shape) != len(lo):
+        raise BackendError(f"the {label} engine takes {name!r} with {len(lo)} dimensions, got shape {tuple(shape)}")
+    for axis, (d, a, b) in enumerate(zip(shape, lo, hi)):
+        if not a <= d <= b:
+            what = "rows" if axis == 0 else f"dimension {axis}"
+            hint = ("rebuild with a larger range: `anchorflow build BUNDLE --max-batch N --force`" if axis == 0 else
+                    "this size lies outside the range bundle.json declares for that axis: re-export with a wider one")
+            raise BackendError(f"the {label} engine takes {a}..{b} {what} of {name!r}, got {d} (shape {tuple(shape)}); "
+                               + hint)
 
 
 def labels(y: Optional[np.ndarray], rows: int, null_label: int, num_labels: Optional[int]) -> np.ndarray:
@@ -212,7 +227,7 @@ class TrtEngines:
         folder, read_meta = read_bundle(path)
         meta = meta or read_meta
         env = cache.current_env(trt)
-        chosen = {name: cache.select_engine(folder, name, precision, spec.onnx_for(precision)[1], env)
+        chosen = {name: cache.select_engine(folder, name, precision, cache.onnx_identity(spec, precision), env)
                   for name, spec in network_specs(meta).items()}
         model = meta.get("model") or {}
         null_label, classes = model.get("null_label"), model.get("num_classes")

@@ -24,6 +24,7 @@ import numpy as np
 
 from .._deps import require
 from ..errors import BackendError, ConfigError
+from . import ort_gpu
 from .bundle_format import SCHEMA_V1, NetworkDecl, _network, check_graph_inputs
 from .networks import BundleSideNet, BundleVelocity
 
@@ -67,22 +68,31 @@ def session_options(threads: Optional[int] = None, optimization: str = "all") ->
 
 
 def resolve_backend(backend: str) -> str:
-    """'auto' -> the best backend this onnxruntime build lists; other names are checked."""
+    """'auto' -> the best backend this onnxruntime build can really use; other names are checked.
+
+    onnxruntime-gpu always lists the TensorRT provider, even without TensorRT's libraries: ``auto``
+    picks ort-trt only when libnvinfer loads (:func:`ort_gpu.tensorrt_library`), else ort-cuda.
+    """
     if backend == "auto":
         ort = require("onnxruntime")
         available = ort.get_available_providers()
-        return next((name for name in ("ort-trt", "ort-cuda") if BACKENDS[name][0] in available), "ort-cpu")
+        if TRT in available and ort_gpu.tensorrt_library() is not None:
+            return "ort-trt"
+        return "ort-cuda" if CUDA in available else "ort-cpu"
     if backend not in BACKENDS:
         raise ConfigError(f"unknown onnxruntime backend {backend!r}; choose from auto, {', '.join(BACKENDS)}")
     return backend
 
 
-def _providers(backend: str, cache_dir: Optional[Path]) -> list[Any]:
+def _providers(backend: str, cache_dir: Optional[Path], profile: Optional[dict] = None) -> list[Any]:
     ort = require("onnxruntime")
     available = set(ort.get_available_providers())
+    if backend != "ort-cpu":
+        ort_gpu.check_wheels()  # CPU and GPU wheels installed together shadow each other
+        ort_gpu.preload_cuda(ort)  # CUDA/cuDNN from pip's nvidia-* wheels (onnxruntime >= 1.21)
     out: list[Any] = []
     for name in BACKENDS[backend]:
-        if name not in available:
+        if name not in available or (name == TRT and ort_gpu.tensorrt_library() is None):
             continue
         if name == TRT and cache_dir is not None:
             try:
@@ -91,7 +101,8 @@ def _providers(backend: str, cache_dir: Optional[Path]) -> list[Any]:
                 raise BackendError(f"cannot create the TensorRT engine cache {cache_dir} ({exc}); "
                                    "copy the bundle to a writable folder") from None
             out.append((TRT, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
-                              "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir)}))
+                              "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir),
+                              **ort_gpu.trt_profile_options(profile or {})}))  # one engine for B, 2B, 6B rows
         else:
             out.append(name)
     return out or [CPU]
@@ -99,10 +110,11 @@ def _providers(backend: str, cache_dir: Optional[Path]) -> list[Any]:
 
 def make_session(path: str | os.PathLike, backend: str = "auto", allow_fallback: bool = False, *,
                  cache_dir: Optional[str | os.PathLike] = None, threads: Optional[int] = None,
-                 optimization: str = "all") -> Any:
+                 optimization: str = "all", profile: Optional[dict] = None) -> Any:
     """An ``onnxruntime.InferenceSession`` for the ONNX file ``path`` on ``backend``.
 
     ``cache_dir``: the TensorRT provider's engine cache (default ``<folder of path>/engines/ort-trt``).
+    ``profile``: input -> (min, opt, max) shapes for the TensorRT provider (:func:`ort_gpu.declared_profile`).
     Raises BackendError when an explicitly asked GPU provider is not what the session got (unless
     ``allow_fallback``), or when onnxruntime cannot run the graph (e.g. bf16 ops on the CPU).
     """
@@ -111,7 +123,7 @@ def make_session(path: str | os.PathLike, backend: str = "auto", allow_fallback:
     backend = resolve_backend(backend)
     path = Path(path)
     cache = Path(cache_dir) if cache_dir is not None else path.parent / ORT_TRT_CACHE
-    opts, providers = session_options(threads, optimization), _providers(backend, cache)
+    opts, providers = session_options(threads, optimization), _providers(backend, cache, profile)
     try:
         session = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail / NotImplemented / InvalidGraph types
@@ -120,15 +132,26 @@ def make_session(path: str | os.PathLike, backend: str = "auto", allow_fallback:
                            "or backend (bf16 graphs need a GPU backend)") from None
     wanted, got = BACKENDS[backend][0], session.get_providers()
     if explicit and got[0] != wanted:
-        why = (f"{wanted} is not in this onnxruntime build (has: {', '.join(ort.get_available_providers())})"
-               if wanted not in ort.get_available_providers() else f"{wanted} failed to load")
+        why = _unavailable_reason(ort, wanted)
         if not allow_fallback:
-            raise BackendError(f"backend {backend} unavailable: {why}; install onnxruntime-gpu "
-                               "(pip install 'anchorflow[gpu]') with CUDA/TensorRT libraries, or pass "
-                               "--allow-fallback to run on " + got[0])
+            raise BackendError(f"backend {backend} unavailable: {why}; or pass --allow-fallback to run on " + got[0])
         warnings.warn(f"backend {backend} unavailable ({why}); falling back to {got[0]}", BackendFallbackWarning,
                       stacklevel=2)
     return session
+
+
+def _unavailable_reason(ort: Any, wanted: str) -> str:
+    """Which wheel or library keeps provider ``wanted`` from loading, and how to get it."""
+    if wanted not in ort.get_available_providers():
+        fix = ("pip uninstall -y onnxruntime && pip install onnxruntime-gpu ('anchorflow[gpu]')"
+               if "onnxruntime-gpu" not in ort_gpu.installed_wheels() else "reinstall onnxruntime-gpu")
+        return f"{wanted} is not in this onnxruntime build (has: {', '.join(ort.get_available_providers())}): {fix}"
+    if wanted == TRT and ort_gpu.tensorrt_library() is None:
+        return ort_gpu.missing_tensorrt_message()
+    preload = ort_gpu.preload_cuda(ort)
+    detail = f" (CUDA/cuDNN preload: {preload})" if preload else ""
+    return (f"{wanted} failed to load{detail}: it needs the CUDA runtime and cuDNN this onnxruntime-gpu build was made for "
+            "(pip install 'onnxruntime-gpu[cuda,cudnn]') and a working NVIDIA driver (nvidia-smi)")
 
 
 def _short(message: str, head: int = 120, tail: int = 200) -> str:

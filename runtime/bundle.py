@@ -113,10 +113,12 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", allow_fallback: 
 def _ort_runs(bundle: BundleFormat, backend: str, allow_fallback: bool, precision: str,
               threads: Optional[int]) -> tuple[dict, dict, str]:
     from .backends import make_session, ort_run, resolve_backend
+    from .ort_gpu import declared_profile
 
     resolved = resolve_backend(backend)
     runs, per_net = {}, {}
     for name, decl in bundle.networks.items():
-        session = make_session(bundle.network_file(name, precision), backend, allow_fallback, threads=threads)
+        session = make_session(bundle.network_file(name, precision), backend, allow_fallback, threads=threads,
+                               profile=declared_profile(decl.inputs, {"batch": decl.batch, **decl.axes}))
         runs[name], per_net[name] = ort_run(session, decl), list(session.get_providers())
     return runs, per_net, resolved

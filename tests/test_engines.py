@@ -189,15 +189,19 @@ def test_batch_overrides_and_validation(bundle: Path) -> None:
     with pytest.raises(ConfigError, match="guidance"):
         row_ranges(SampleRange(1, 1, 1), guidance=3)
     meta["networks"]["backbone"]["batch"] = {"min": 4, "opt": 2, "max": 8}
-    with pytest.raises(CheckpointError, match="backbone must satisfy"):
+    with pytest.raises(CheckpointError, match="backbone.batch .* min <= opt <= max"):
         derive_profiles(meta)
 
 
-def test_profile_rejects_dynamic_state_axes(bundle: Path) -> None:
+def test_profile_refuses_an_axis_without_range(bundle: Path) -> None:
+    """A /1 bundle declares no axes: a dynamic state axis there cannot get a profile (tests/test_engines_profiles.py has /2)."""
     _, meta = read_bundle(bundle)
-    meta["networks"]["backbone"]["inputs"][0]["shape"] = ["batch", 1, "height", 4]
-    with pytest.raises(ConfigError, match="dynamic non-batch axis"):
-        profile_for(network_specs(meta)["backbone"], (1, 2, 3))
+    spec = network_specs(meta)["backbone"]
+    x = spec.inputs[0]
+    spec = type(spec)(**{**spec.__dict__, "inputs": (type(x)(**{**x.__dict__, "shape": ("batch", 1, "height", 4)}),
+                                                     *spec.inputs[1:])})
+    with pytest.raises(ConfigError, match="declares no range for axis 'height'"):
+        profile_for(spec, (1, 2, 3))
 
 
 def test_profile_names_match_the_onnx_inputs(bundle: Path) -> None:
@@ -222,7 +226,7 @@ def test_bundle_reading_errors(tmp_path: Path, bundle: Path) -> None:
     with pytest.raises(CheckpointError, match="schema"):
         read_bundle(bundle)
     with pytest.raises(ConfigError, match="--precision bf16"):
-        network_specs(meta)["backbone"].onnx_for("bf16")
+        network_specs(meta)["backbone"].entry("bf16")
 
 
 # -- cache keys and manifest -------------------------------------------------------------------------

@@ -57,3 +57,85 @@ def test_profile_shapes_from_the_declared_ranges() -> None:
     assert options["trt_profile_max_shapes"] == "ids:7x3,t:48,txt:48x256x32,x:48x16x128x128"
     assert ort_gpu.declared_profile(inputs, {"batch": (1, 8, 48)}) == {}  # an undeclared axis: no profile at all
     assert ort_gpu.trt_profile_options({}) == {}
+
+
+# -- wired into the backends (runtime/backends.py, runtime/bundle.py) ---------------------------------------
+CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+
+
+@pytest.fixture
+def gpu_build(monkeypatch):
+    """onnxruntime as onnxruntime-gpu reports itself: every provider listed (this machine has the CPU wheel)."""
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [TRT, CUDA, CPU])
+    monkeypatch.setattr(ort_gpu, "installed_wheels", lambda: ["onnxruntime-gpu"])
+    return onnxruntime
+
+
+def test_auto_prefers_cuda_unless_tensorrt_loads(gpu_build, monkeypatch) -> None:
+    from anchorflow.runtime.backends import resolve_backend
+
+    ort_gpu.tensorrt_library.cache_clear()
+    assert ort_gpu.tensorrt_library() is None  # no libnvinfer here
+    assert resolve_backend("auto") == "ort-cuda"  # was ort-trt whenever the provider was listed
+    monkeypatch.setattr(ort_gpu, "tensorrt_library", lambda: "libnvinfer.so.10")
+    assert resolve_backend("auto") == "ort-trt"
+
+
+def test_tensorrt_provider_gets_the_profile_shapes(gpu_build, monkeypatch, tmp_path) -> None:
+    from anchorflow.runtime.backends import _providers
+
+    monkeypatch.setattr(ort_gpu, "tensorrt_library", lambda: "libnvinfer.so.10")
+    profile = {"x": ((1, 1, 8, 8), (32, 1, 8, 8), (128, 1, 8, 8)), "t": ((1,), (32,), (128,))}
+    name, options = _providers("ort-trt", tmp_path / "cache", profile)[0]
+    assert name == TRT and options["trt_engine_cache_enable"] is True
+    assert options["trt_profile_min_shapes"] == "t:1,x:1x1x8x8"
+    assert options["trt_profile_opt_shapes"] == "t:32,x:32x1x8x8"
+    assert options["trt_profile_max_shapes"] == "t:128,x:128x1x8x8"
+
+
+def test_missing_tensorrt_library_drops_the_provider(gpu_build, tmp_path) -> None:
+    from anchorflow.runtime.backends import _providers
+
+    ort_gpu.tensorrt_library.cache_clear()
+    assert _providers("ort-trt", tmp_path / "cache") == [CUDA, CPU]
+
+
+def test_shadowing_wheels_are_refused_for_gpu_backends(gpu_build, monkeypatch) -> None:
+    from anchorflow.modelref import locate
+    from anchorflow.runtime.backends import make_session
+
+    monkeypatch.setattr(ort_gpu, "installed_wheels", lambda: ["onnxruntime", "onnxruntime-gpu"])
+    with pytest.raises(BackendError, match="shadow each other's files"):
+        make_session(locate("default").bundle / "backbone.onnx", "ort-cuda")
+
+
+def test_gpu_backend_error_names_the_wheel() -> None:
+    """On this CPU-only install: the message says which wheel to swap, not just 'unavailable'."""
+    from anchorflow.modelref import locate
+    from anchorflow.runtime.backends import make_session
+
+    with pytest.raises(BackendError, match=r"not in this onnxruntime build .*pip uninstall -y onnxruntime && "
+                                           r"pip install onnxruntime-gpu"):
+        make_session(locate("default").bundle / "backbone.onnx", "ort-cuda")
+
+
+def test_load_bundle_passes_the_declared_rows_as_profile(monkeypatch) -> None:
+    import anchorflow.runtime.backends as backends
+    from anchorflow.runtime import load_bundle
+
+    seen = {}
+    real = backends.make_session
+
+    def spy(path, *args, **kwargs):
+        seen[str(path).rsplit("/", 1)[-1]] = kwargs.get("profile")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(backends, "make_session", spy)
+    from anchorflow.modelref import locate
+
+    load_bundle(locate("default").bundle, backend="ort-cpu")
+    # the digits bundle declares backbone rows 1..128 and SideNet rows 1..384 (bundle.json)
+    assert seen["backbone.onnx"]["x"] == ((1, 1, 8, 8), (128, 1, 8, 8), (128, 1, 8, 8))
+    assert seen["sidenet.onnx"]["h"] == ((1,), (384,), (384,))
