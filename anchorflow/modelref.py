@@ -134,13 +134,18 @@ def open_model(
     allow_fallback: bool = False,
     precision: str = "fp32",
     need_sidenet: bool = False,
+    threads: Optional[int] = None,
 ) -> OpenModel:
-    """Open a MODEL for sampling: the bundle if there is one (torch-free), else the torch checkpoints."""
+    """Open a MODEL for sampling: the bundle if there is one (torch-free), else the torch checkpoints.
+
+    ``threads``: onnxruntime intra-op threads of a bundle's sessions (None: one per physical core).
+    """
     files = locate(spec)
     if files.bundle is not None and backend != "torch":
         from .runtime.bundle import load_bundle
 
-        b = load_bundle(files.bundle, backend=backend, allow_fallback=allow_fallback, precision=precision)
+        b = load_bundle(files.bundle, backend=backend, allow_fallback=allow_fallback, precision=precision,
+                        threads=threads)
         meta = _bundle_meta(b.meta)
         model = OpenModel(b.velocity, b.sidenet, meta, files, list(b.providers))
     elif files.backbone is not None:

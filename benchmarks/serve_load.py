@@ -6,11 +6,13 @@ client count C (1, 8, 32) the service (Ray local, one replica) gets C client thr
 requests back to back, bounded by ``--requests`` per level and ``--seconds`` per level; the
 baseline runs the same requests one by one in this process (open_model + solve, no HTTP). The
 batching gain is the service's throughput at 32 clients over the baseline's. Machine load
-(`uptime`) is recorded before and after: figures from a loaded machine are noisy.
+(`uptime`) is recorded before and after: figures from a loaded machine are noisy. Both sides run
+onnxruntime with ``--threads`` intra-op threads (1 by default: the replica's one reserved CPU;
+on a busy 2-core machine a second spinning thread makes a lone solve ~3x slower).
 
     python benchmarks/serve_load.py [--clients 1,8,32] [--requests 200] [--seconds 60] [--n 1]
 
-Writes benchmarks/results/serve_load.json and serve_load.md.
+Writes benchmarks/results/serve_load.json and serve_load.md (``--name`` changes the stem).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def baseline(args) -> dict:
     from anchorflow.runtime import solve
     from anchorflow.sampling import cycle_labels, start_noise
 
-    m = open_model("default", backend="ort-cpu", need_sidenet=True)
+    m = open_model("default", backend="ort-cpu", need_sidenet=True, threads=args.threads)
     lat, start = [], time.perf_counter()
     for i in range(args.requests):
         t0 = time.perf_counter()
@@ -125,7 +127,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1, help="samples per request")
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="onnxruntime threads, the same for the one-by-one baseline and the service's replica")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", default="serve_load", help="results file stem")
     args = p.parse_args()
     from anchorflow.serve.client import ServiceProcess
 
@@ -136,7 +141,8 @@ def main() -> None:
     print("one by one:", res["baseline"], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         with ServiceProcess(["default", "--num-cpus", str(args.num_cpus), "--backend", "ort-cpu",
-                             "--batch-wait-ms", str(args.batch_wait_ms), "--bandit-dir", tmp], cwd=tmp,
+                             "--batch-wait-ms", str(args.batch_wait_ms), "--bandit-dir", tmp,
+                             "--threads", str(args.threads)], cwd=tmp,
                             log=str(Path(tmp) / "serve.log")) as svc:
             load(svc.client, 1, argparse.Namespace(**{**vars(args), "requests": 8}), 10**6)  # warm-up
             res["service"] = []
@@ -148,8 +154,8 @@ def main() -> None:
     top = max(res["service"], key=lambda r: r["clients"])
     res["gain_clients"], res["gain"] = top["clients"], top["req_per_s"] / res["baseline"]["req_per_s"]
     out = Path(args.out)
-    _io.write_json(out / "serve_load.json", res)
-    _io.write_text(out / "serve_load.md", markdown(res))
+    _io.write_json(out / f"{args.name}.json", res)
+    _io.write_text(out / f"{args.name}.md", markdown(res))
     print(markdown(res))
 
 

@@ -33,8 +33,10 @@ from .common import positive
 @click.option("--bandit-dir", type=click.Path(file_okay=False), default=None,
               help="fastflow: folder of the shared bandit state files [default: ~/.cache/anchorflow/serve/bandits].")
 @click.option("--mu-factor", type=float, default=None, help="fastflow: mu factor of new bandit states.")
+@click.option("--threads", type=int, default=None, callback=positive,
+              help="onnxruntime threads per replica [default: --replica-cpus, at least 1].")
 def serve(model, host, port, replicas, replica_cpus, max_batch, max_batch_requests, batch_wait_ms, max_n,
-          max_queue, address, num_cpus, backend, precision, bandit_dir, mu_factor) -> None:
+          max_queue, address, num_cpus, backend, precision, bandit_dir, mu_factor, threads) -> None:
     """Serve MODEL (an exported bundle; `default` = the bundled digits model) over HTTP on Ray Serve.
 
     Runs in the foreground until Ctrl-C or SIGTERM, then stops Ray (no process left). Concurrent
@@ -59,5 +61,6 @@ def serve(model, host, port, replicas, replica_cpus, max_batch, max_batch_reques
     opts = ServeOptions(model=model, host=host, port=port, replicas=replicas, replica_cpus=replica_cpus,
                         max_batch=max_batch, max_batch_requests=max_batch_requests, batch_wait_ms=batch_wait_ms,
                         max_n=max_n, max_queue=max_queue, address=address, num_cpus=num_cpus, backend=backend,
-                        precision=precision, bandit_dir=bandit_dir, mu_factor=mu_factor)
+                        precision=precision, bandit_dir=bandit_dir, mu_factor=mu_factor, threads=threads)
     run_forever(opts, announce=lambda url: click.echo(f"anchorflow serve: {model} at {url} (Ctrl-C to stop)"))
+    click.echo("anchorflow serve: stopped")

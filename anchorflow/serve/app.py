@@ -40,10 +40,12 @@ class ServeOptions:
     precision: str = "fp32"
     bandit_dir: Optional[str] = None
     mu_factor: Optional[float] = None
+    threads: Optional[int] = None  # onnxruntime threads per replica; None: the replica's CPUs (at least 1)
 
     def service_kwargs(self) -> dict:
         return dict(model=self.model, backend=self.backend, precision=self.precision, max_batch=self.max_batch,
-                    max_n=self.max_n, max_queue=self.max_queue, bandit_dir=self.bandit_dir, mu_factor=self.mu_factor)
+                    max_n=self.max_n, max_queue=self.max_queue, bandit_dir=self.bandit_dir, mu_factor=self.mu_factor,
+                    threads=self.threads or max(1, int(self.replica_cpus)))
 
 
 def check(opts: ServeOptions) -> None:

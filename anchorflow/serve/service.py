@@ -39,12 +39,13 @@ class SamplerService:
         max_queue: most requests admitted at once; more get 503 (see :meth:`admit`).
         bandit_dir: folder of FastFlow bandit state files (one per model, grid and guidance).
         mu_factor: FastFlow's mu factor for new bandit states (as ``anchorflow sample --mu-factor``).
+        threads: onnxruntime intra-op threads (None: one per physical core).
     """
 
     def __init__(self, model: str = "default", *, backend: str = "auto", precision: str = "fp32",
                  allow_fallback: bool = False, max_batch: Optional[int] = None, max_n: int = DEFAULT_MAX_N,
                  max_queue: int = DEFAULT_MAX_QUEUE, bandit_dir: Optional[str] = None,
-                 mu_factor: Optional[float] = None) -> None:
+                 mu_factor: Optional[float] = None, threads: Optional[int] = None) -> None:
         from ..modelref import locate, open_model
         from ..runtime.bundle import read_meta
 
@@ -55,7 +56,8 @@ class SamplerService:
         for name, value in (("max_n", max_n), ("max_queue", max_queue), ("max_batch", max_batch or 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        self.model = open_model(model, backend=backend, allow_fallback=allow_fallback, precision=precision)
+        self.model = open_model(model, backend=backend, allow_fallback=allow_fallback, precision=precision,
+                                threads=threads)
         self.meta = self.model.meta
         nets = read_meta(files.bundle)["networks"]
         self.batch_max = {k: int(((nets.get(k) or {}).get("batch") or {}).get("max") or 0) or None
