@@ -21,9 +21,11 @@ import numpy as np
 from ..errors import ConfigError
 
 FORMATS = ("npy", "png", "json")
-FIELDS = ("solver", "nfe", "n", "labels", "cfg", "cfg_interval", "seed", "grid", "format")
+FIELDS = ("solver", "nfe", "n", "labels", "cfg", "cfg_interval", "seed", "grid", "format", "conditions",
+          "null_conditions")
 DEFAULTS: dict[str, Any] = {"solver": "ba", "nfe": 7, "n": 16, "labels": None, "cfg": 1.0,
-                            "cfg_interval": [0.0, 1.0], "seed": 0, "grid": None, "format": "npy"}
+                            "cfg_interval": [0.0, 1.0], "seed": 0, "grid": None, "format": "npy",
+                            "conditions": None, "null_conditions": None}
 
 
 class RequestError(ConfigError):
@@ -69,13 +71,18 @@ class SampleRequest:
     grid: Any  # None, "uniform", "shift:S" or a tuple of times
     format: str
     arrived: float = field(default=0.0, compare=False)
+    # named conditions: sorted ((name, array), ...) with n or 1 rows each, and their null values
+    conditions: Optional[tuple] = field(default=None, compare=False)
+    null_conditions: Optional[tuple] = field(default=None, compare=False)
 
     @property
     def key(self) -> tuple:
-        """Solver, NFE, grid and guidance: requests with equal keys are merged into one solve."""
+        """Solver, NFE, grid, guidance and condition layout: requests with equal keys share one solve."""
+        from .conditions import signature
+
         interval = self.cfg_interval if self.cfg != 1.0 else (0.0, 1.0)
         grid = "uniform" if self.grid is None else self.grid
-        return (self.solver, self.nfe, grid, self.cfg, interval)
+        return (self.solver, self.nfe, grid, self.cfg, interval, signature(self.conditions, self.null_conditions))
 
 
 def _fail(msg: str) -> RequestError:
@@ -113,8 +120,13 @@ def decode_body(raw: bytes) -> dict:
     return {**DEFAULTS, **{k: v for k, v in body.items() if v is not None or k == "grid"}}
 
 
-def parse_request(raw: bytes, meta: dict, limits: Limits, has_sidenet: bool, arrived: float = 0.0) -> SampleRequest:
-    """Validate a request body against the model (``meta``: state_shape, num_classes) and the limits."""
+def parse_request(raw: bytes, meta: dict, limits: Limits, has_sidenet: bool, arrived: float = 0.0,
+                  model_conditions: Optional[tuple] = None) -> SampleRequest:
+    """Validate a request body against the model (``meta``: state_shape, num_classes) and the limits.
+
+    ``model_conditions``: (declared conditions, axis_range(name) -> (min, opt, max) or None, the
+    bundle's null values) of a bundle whose backbone declares conditions; None: labels only.
+    """
     from ..runtime import get_solver, make_grid, solver_names
 
     body = decode_body(raw)
@@ -137,8 +149,15 @@ def parse_request(raw: bytes, meta: dict, limits: Limits, has_sidenet: bool, arr
     fmt = body["format"]
     if fmt not in FORMATS:
         raise _fail(f"unknown format {json.dumps(fmt)}; choose from {', '.join(FORMATS)}")
+    conds = nulls = None
+    if body["conditions"] is not None or body["null_conditions"] is not None:
+        from .conditions import parse_conditions
+
+        if not model_conditions or not model_conditions[0]:
+            raise _fail("this model declares no named conditions; drop 'conditions'")
+        conds, nulls = parse_conditions(body, n, *model_conditions, guided=cfg != 1.0)
     labels = _labels(body["labels"], n, int(meta.get("num_classes", 0) or 0))
-    if cfg != 1.0 and not int(meta.get("num_classes", 0) or 0):
+    if cfg != 1.0 and not int(meta.get("num_classes", 0) or 0) and conds is None:
         raise _fail("this model is unconditional, so classifier-free guidance does not apply; send cfg 1")
     grid = body["grid"]
     if isinstance(grid, list):
@@ -149,7 +168,7 @@ def parse_request(raw: bytes, meta: dict, limits: Limits, has_sidenet: bool, arr
         make_grid(spec.steps_for_nfe(nfe), grid)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    return SampleRequest(solver, nfe, n, labels, cfg, (lo, hi), seed, grid, fmt, arrived)
+    return SampleRequest(solver, nfe, n, labels, cfg, (lo, hi), seed, grid, fmt, arrived, conds, nulls)
 
 
 def _labels(value: Any, n: int, num_classes: int) -> Optional[tuple[int, ...]]:

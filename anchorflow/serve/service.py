@@ -47,7 +47,7 @@ class SamplerService:
                  max_queue: int = DEFAULT_MAX_QUEUE, bandit_dir: Optional[str] = None,
                  mu_factor: Optional[float] = None, threads: Optional[int] = None) -> None:
         from ..modelref import locate, open_model
-        from ..runtime.bundle import read_meta
+        from ..runtime.bundle import read_bundle
 
         files = locate(model)
         if files.bundle is None or backend == "torch":
@@ -59,9 +59,12 @@ class SamplerService:
         self.model = open_model(model, backend=backend, allow_fallback=allow_fallback, precision=precision,
                                 threads=threads)
         self.meta = self.model.meta
-        nets = read_meta(files.bundle)["networks"]
-        self.batch_max = {k: int(((nets.get(k) or {}).get("batch") or {}).get("max") or 0) or None
+        fmt = read_bundle(files.bundle)
+        self.batch_max = {k: (fmt.networks[k].batch[2] if k in fmt.networks and fmt.networks[k].batch else None)
                           for k in ("backbone", "sidenet")}
+        decls = fmt.backbone.conditions
+        self.null_cond = dict(fmt.guidance.null)
+        self.model_conditions = (decls, fmt.backbone.axis_range, self.null_cond) if decls else None
         cap = max_batch or self.batch_max["backbone"] or 128
         self.limits = Limits(max_rows=cap, max_n=max_n)
         self.max_queue = max_queue
@@ -83,7 +86,8 @@ class SamplerService:
     def parse(self, raw: bytes) -> SampleRequest:
         """Validate a body (RequestError -> HTTP 400), including the per-solve row limit for FastFlow."""
         try:
-            req = parse_request(raw, self.meta, self.limits, self.model.sidenet is not None, time.perf_counter())
+            req = parse_request(raw, self.meta, self.limits, self.model.sidenet is not None, time.perf_counter(),
+                                self.model_conditions)
             if req.solver == "fastflow" and req.n > self.rows_for(req):
                 raise RequestError(
                     f"fastflow requests are solved as one batch (its skip decisions are per batch), so n must be "
@@ -114,13 +118,16 @@ class SamplerService:
         num_classes = int(self.meta.get("num_classes", 0) or 0)
         from ..sampling import cycle_labels, start_noise
 
+        from .conditions import rows_of
+
         noises = [start_noise(r.seed, r.n, self.meta["state_shape"]) for r in requests]
-        labels = [cycle_labels(r.labels, r.n, num_classes) for r in requests]
+        labels = [None if r.conditions else cycle_labels(r.labels, r.n, num_classes) for r in requests]
+        conds = [rows_of(r.conditions, r.n) if r.conditions else None for r in requests]
         parts: list[list[tuple[int, np.ndarray]]] = [[] for _ in requests]
         replies = [Reply(wait_s=time.perf_counter() - r.arrived if r.arrived else 0.0) for r in requests]
         solves = plan(requests, self.rows_for)
         for solve in solves:
-            self._run_one(solve, requests, noises, labels, parts, replies)
+            self._run_one(solve, requests, (noises, labels, conds), parts, replies)
         for reply, got, req in zip(replies, parts, requests):
             if reply.error is None:
                 reply.x = np.concatenate([x for _, x in sorted(got, key=lambda p: p[0])], axis=0)
@@ -131,11 +138,17 @@ class SamplerService:
             self.stats["merged_requests"] += sum(s.requests for s in solves if s.requests > 1)
         return replies
 
-    def _run_one(self, solve: Solve, requests, noises, labels, parts, replies) -> None:
-        req = requests[solve.pieces[0].index]
-        y = None if labels[0] is None else gather(solve, labels)
+    def _run_one(self, solve: Solve, requests, inputs, parts, replies) -> None:
+        noises, labels, conds = inputs
+        first = solve.pieces[0].index
+        req = requests[first]
+        y = None if labels[first] is None else gather(solve, labels)
+        cond = None
+        if req.conditions:
+            cond = {name: gather(solve, [c and c[name] for c in conds]) if per_row else value
+                    for name, value, per_row in req.conditions}
         try:
-            res, state = self._solve(req, gather(solve, noises), y)
+            res, state = self._solve(req, gather(solve, noises), y, cond)
         except AnchorflowError as exc:
             status = 400 if isinstance(exc, ConfigError) else 500
             for p in solve.pieces:
@@ -156,12 +169,22 @@ class SamplerService:
             r.batch_rows = max(r.batch_rows, solve.rows)
             r.bandit_state = state
 
-    def _solve(self, req: SampleRequest, noise: np.ndarray, y: Optional[np.ndarray]):
-        """One solve exactly as ``anchorflow sample`` runs it (FastFlow: on the shared bandit state)."""
+    def _solve(self, req: SampleRequest, noise: np.ndarray, y: Optional[np.ndarray], cond: Optional[dict] = None):
+        """One solve exactly as ``anchorflow sample`` runs it (FastFlow: on the shared bandit state).
+
+        Named conditions go in as ``cond=``, their null values (the request's, else the bundle's) as
+        ``null_cond=``; class labels as ``y=`` with the model's null label.
+        """
         from ..runtime import solve
 
-        kwargs = dict(y=y, sidenet=self.model.sidenet, cfg_scale=req.cfg, cfg_interval=req.cfg_interval,
-                      null_label=self.meta.get("null_label"), grid="uniform" if req.grid is None else req.grid)
+        if cond is None:
+            guide = dict(y=y, null_label=self.meta.get("null_label"))
+        else:
+            nulls = {k: v for k, v, _ in (req.null_conditions or ())}
+            guide = dict(cond=cond, null_cond={k: nulls.get(k, self.null_cond.get(k)) for k in cond
+                                               if k in nulls or k in self.null_cond} or None)
+        kwargs = dict(**guide, sidenet=self.model.sidenet, cfg_scale=req.cfg, cfg_interval=req.cfg_interval,
+                      grid="uniform" if req.grid is None else req.grid)
         if req.solver != "fastflow":
             return solve(req.solver, self.model.velocity, noise, req.nfe, **kwargs), None
         from ..runtime.fastflow import run_with_state
@@ -194,6 +217,8 @@ class SamplerService:
                    for s in SOLVERS.values()]
         return {"model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.meta.items() if k in keep},
                 "providers": list(self.model.providers), "solvers": solvers, "formats": list(FORMATS),
+                "conditions": [{"name": d.name, "dtype": d.dtype, "shape": list(d.shape), "per_row": d.per_row,
+                                "null": self.null_cond.get(d.name)} for d in (self.model_conditions or [()])[0]],
                 "request": {k: DEFAULTS[k] for k in FIELDS},
                 "limits": {"max_n": self.limits.max_n, "max_nfe": self.limits.max_nfe, "max_queue": self.max_queue,
                            "max_rows_per_solve": self.limits.max_rows, "network_batch_max": self.batch_max},
