@@ -136,3 +136,15 @@ def test_get_endpoints(service):
     assert {s["name"] for s in info["solvers"]} >= {"ba", "euler", "fastflow"}
     assert service.get("/healthz").status == 200
     assert service.get("/nope").status == 404
+
+
+def test_serve_command_refuses_a_model_without_a_bundle_before_starting_ray(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "empty").mkdir()
+    for model, words in ((str(tmp_path / "missing"), "not found"), (str(tmp_path / "empty"), "neither a bundle")):
+        proc = subprocess.run([sys.executable, "-m", "anchorflow.cli", "serve", model, "--port", "1"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and proc.stderr.startswith("error: ") and words in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and "Ray" not in proc.stdout
