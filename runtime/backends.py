@@ -24,6 +24,7 @@ import numpy as np
 
 from .._deps import require
 from ..errors import BackendError, ConfigError
+from . import threads as thread_policy
 from . import ort_gpu
 from .bundle_format import SCHEMA_V1, NetworkDecl, _network, check_graph_inputs
 from .networks import BundleSideNet, BundleVelocity
@@ -49,9 +50,11 @@ OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "exte
                 "all": "ORT_ENABLE_ALL"}
 
 
-def session_options(threads: Optional[int] = None, optimization: str = "all") -> Any:
-    """``threads`` intra-op threads (None: onnxruntime's default, one per physical core) and the
-    graph optimisation level (``all``: constant folding, fusions, layout transforms)."""
+def session_options(threads: Optional[int] = None, optimization: str = "all", thread_mode: str = "auto") -> Any:
+    """Session options: the graph optimisation level (``all``: constant folding, fusions, layout
+    transforms) and the CPU threads of this process's policy (:mod:`.threads`: one pool shared
+    by every session on a quiet machine, a non-spinning pool per session when oversubscribed;
+    ``threads`` sizes it, ``thread_mode`` auto|shared|session forces a policy)."""
     ort = require("onnxruntime", extra=None, purpose="running ONNX bundles")
     if optimization not in OPTIMIZATION:
         raise ConfigError(f"unknown graph optimisation {optimization!r}; choose from {', '.join(OPTIMIZATION)}")
@@ -59,11 +62,7 @@ def session_options(threads: Optional[int] = None, optimization: str = "all") ->
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION[optimization])
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"threads must be a positive integer, got {threads}")
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
+    thread_policy.apply(opts, threads, thread_mode)
     return opts
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import BACKENDS
+from .common import BACKENDS, thread_options
 
 DEFAULT_NFE = "3,4,5,6,8,10,20,50,100"
 
@@ -26,6 +26,7 @@ DEFAULT_NFE = "3,4,5,6,8,10,20,50,100"
               help="Reference solver: 'rk4:N' (N uniform steps, checked against N/2) or 'dopri5[:TOL]' "
                    "(adaptive Dormand-Prince at rtol = atol = TOL, default 1e-6).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the start noise.")
+@thread_options
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="Execution backend; 'auto' takes the best available and reports it.")
 @click.option("--allow-fallback", is_flag=True, help="Fall back to CPU when a GPU provider fails to load.")
@@ -34,7 +35,7 @@ DEFAULT_NFE = "3,4,5,6,8,10,20,50,100"
 @click.option("--json", "as_json", is_flag=True, help="Print the results JSON to stdout (messages go to stderr).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def bench(model, solvers, nfe, n, cfg, cfg_interval, reference, seed, backend, allow_fallback, out, as_json,
-          quiet) -> None:
+          quiet, threads, thread_mode) -> None:
     """Benchmark solvers on MODEL: quality against a reference, counted NFE, timing split.
 
     Every solver gets the same start noise, labels (balanced over classes) and guidance. For
@@ -53,7 +54,7 @@ def bench(model, solvers, nfe, n, cfg, cfg_interval, reference, seed, backend, a
 
     from ..bench import check_counts, parse_reference, run_bench, select_solvers
     from ..modelref import open_model
-    from .common import parse_float_list, parse_int_list, parse_interval
+    from .common import apply_threads, parse_float_list, parse_int_list, parse_interval
 
     nfes = parse_int_list(nfe, "--nfe")
     check_counts(n, nfes)
@@ -62,6 +63,7 @@ def bench(model, solvers, nfe, n, cfg, cfg_interval, reference, seed, backend, a
         select_solvers(names, has_sidenet=True)  # unknown names fail here, before the model loads
     parse_reference(reference)
     cfgs = parse_float_list(cfg, "--cfg")
+    apply_threads(threads, thread_mode)
     m = open_model(model, backend=backend, allow_fallback=allow_fallback)
     results = run_bench(m, names, nfes, n, cfgs, seed, out, reference=reference, progress=not quiet,
                         cfg_interval=parse_interval(cfg_interval))

@@ -128,3 +128,22 @@ def cfg_scale(ctx: click.Context, param: click.Parameter, value):
     if value is not None:
         check_cfg([value], _name(param))
     return value
+
+
+def thread_options(fn):
+    """``--threads N`` and ``--thread-mode auto|shared|session`` (onnxruntime CPU threads; see
+    :mod:`anchorflow.runtime.threads` and the README's thread table)."""
+    fn = click.option("--thread-mode", type=click.Choice(["auto", "shared", "session"]), default="auto",
+                      show_default=True,
+                      help="onnxruntime CPU threads: one pool shared by the backbone and SideNet sessions, or a "
+                           "pool per session (auto: shared on a quiet machine, 1 non-spinning thread per session "
+                           "when the load average is at least the CPU count).")(fn)
+    return click.option("--threads", type=int, default=None, callback=positive,
+                        help="onnxruntime CPU threads (shared pool size, or threads per session).")(fn)
+
+
+def apply_threads(threads: Optional[int], mode: str) -> None:
+    """Fix this process's onnxruntime thread policy before any session is made."""
+    from ..runtime.threads import configure
+
+    configure(threads, mode)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import BACKENDS, positive
+from .common import BACKENDS, thread_options, positive
 
 
 @click.command("sample")
@@ -19,6 +19,7 @@ from .common import BACKENDS, positive
 @click.option("--cfg-interval", default="0,1", show_default=True, help="Guidance applies for t in (lo, hi].")
 @click.option("--grid", default="uniform", show_default=True, help="'uniform' or 'shift:S' (SD3/FLUX time shift).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the start noise.")
+@thread_options
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="Execution backend; 'auto' takes the best available and reports it.")
 @click.option("--allow-fallback", is_flag=True, help="Fall back to CPU when a GPU provider fails to load.")
@@ -36,7 +37,7 @@ from .common import BACKENDS, positive
               help="Sample grid PNG to write.")
 @click.option("--npy", type=click.Path(dir_okay=False), default=None, help="Also save the raw samples as .npy.")
 def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, backend, allow_fallback,
-           precision, bandit_state, calls, speedup, mu_factor, out, npy) -> None:
+           precision, bandit_state, calls, speedup, mu_factor, out, npy, threads, thread_mode) -> None:
     """Generate N samples from MODEL with SOLVER in NFE backbone calls and write a PNG grid.
 
     MODEL is `default` (the bundled digits model), a model folder or an exported bundle. On a
@@ -55,7 +56,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, b
     from ..plots import save_grid
     from ..runtime import get_solver, solve
     from ..sampling import start_noise
-    from .common import make_labels, parse_interval
+    from .common import apply_threads, make_labels, parse_interval
 
     spec = get_solver(solver)
     if (bandit_state or mu_factor is not None or calls is not None or speedup is not None) and solver != "fastflow":
@@ -63,6 +64,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, b
     if solver == "fastflow" and not bandit_state:
         click.echo("note: without --bandit-state FastFlow cannot learn across runs; this run is its calibration "
                    "pass (every step computed)", err=True)
+    apply_threads(threads, thread_mode)
     m = open_model(model, backend=backend, allow_fallback=allow_fallback, precision=precision,
                    need_sidenet=spec.needs_sidenet)
     meta = m.meta
