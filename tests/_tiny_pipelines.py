@@ -8,8 +8,9 @@ given as embeddings and the output is ``output_type="latent"``. Time: sigma = t 
 from __future__ import annotations
 
 import torch
-from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
-                       SD3Transformer2DModel, StableDiffusion3Pipeline)
+from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                       FluxTransformer2DModel, SanaPipeline, SanaTransformer2DModel, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline)
 
 torch.set_num_threads(1)  # tiny models: threads only contend (30x slower on this shared 2-core machine)
 B = 2  # prompts per call
@@ -40,6 +41,17 @@ def flux_pipe(path) -> FluxPipeline:
                         text_encoder_2=None, tokenizer_2=None)
 
 
+def sana_pipe(path) -> SanaPipeline:
+    """Sana architecture with its default flow DPM-Solver scheduler (flow_shift 3), 8x8 latents."""
+    torch.manual_seed(0)
+    SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
+                           attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                           cross_attention_dim=8, caption_channels=16, sample_size=16).save_pretrained(path)
+    tr = SanaTransformer2DModel.from_pretrained(path)
+    sched = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    return SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tr, scheduler=sched)
+
+
 def inputs(kind: str, cfg: float, steps: int, seed: int = 0) -> dict:
     """Pipeline arguments: random prompt embeddings (and negatives when guided), latent output."""
     g = torch.Generator().manual_seed(100 + seed)
@@ -49,7 +61,14 @@ def inputs(kind: str, cfg: float, steps: int, seed: int = 0) -> dict:
     if cfg != 1.0:
         kw.update(negative_prompt_embeds=torch.randn(B, 5, 16, generator=g),
                   negative_pooled_prompt_embeds=torch.randn(B, 8, generator=g))
-    if kind == "sd3":
+    if kind == "sana":
+        mask = torch.ones(B, 5)
+        kw = dict(prompt_embeds=pe, prompt_attention_mask=mask, num_inference_steps=steps, output_type="latent",
+                  generator=torch.Generator().manual_seed(seed), height=64, width=64, guidance_scale=cfg,
+                  use_resolution_binning=False, negative_prompt=None)
+        if cfg != 1.0:
+            kw.update(negative_prompt_embeds=torch.randn(B, 5, 16, generator=g), negative_prompt_attention_mask=mask)
+    elif kind == "sd3":
         kw.update(height=64, width=64, guidance_scale=cfg)
     else:
         kw.update(height=32, width=32, guidance_scale=1.0, true_cfg_scale=cfg)
@@ -57,4 +76,4 @@ def inputs(kind: str, cfg: float, steps: int, seed: int = 0) -> dict:
 
 
 def build(kind: str, path):
-    return sd3_pipe(path) if kind == "sd3" else flux_pipe(path)
+    return {"sd3": sd3_pipe, "flux": flux_pipe, "sana": sana_pipe}[kind](path)

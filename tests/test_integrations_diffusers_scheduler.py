@@ -68,6 +68,26 @@ def test_scheduler_equals_solve(pipe, solver, cfg):
         assert np.abs(euler - res.x).max() > 100 * TOL
 
 
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_sana_with_its_flow_dpm_solver_config(tmp_path, cfg):
+    """Sana ships a flow DPM-Solver config (flow_shift); from_config keeps the shift; every solver
+    equals solve() on Sana's transformer (hidden_states passed positionally, a text attention mask)."""
+    pipe = build("sana", tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    for solver in scheduler_solvers():
+        sched = AnchorflowScheduler.from_config(pipe.scheduler.config, solver=solver)
+        assert sched.config.shift == 3.0
+        ours = _run(pipe, sched, cfg, kind="sana")
+        pipe.scheduler, default = sched, pipe.scheduler
+        try:
+            field = capture_pipeline(pipe, **inputs("sana", cfg, STEPS))
+        finally:
+            pipe.scheduler = default
+        assert "encoder_attention_mask" in field.cond
+        res = solve(solver, field.velocity, field.noise, STEPS, **field.solve_kwargs())
+        np.testing.assert_allclose(ours, res.x, rtol=0, atol=TOL)
+
+
 def test_flux_dynamic_shift_is_honoured(tmp_path):
     """FLUX passes mu (resolution-dependent shift): the grid is diffusers' shifted one, not uniform."""
     pipe = build("flux", tmp_path)

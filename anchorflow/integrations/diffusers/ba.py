@@ -15,7 +15,7 @@ from typing import Any, Callable
 from ..._deps import require
 from ...errors import ConfigError
 from ...runtime.solve import solve
-from .capture import PipelineField, _output, capture_pipeline
+from .capture import PipelineField, _output, capture_pipeline, keywords
 
 
 def run_ba(pipe: Any, sidenet: Callable, nfe: int, *, solver: str = "ba", grid: Any = None,
@@ -66,7 +66,7 @@ def finish(pipe: Any, field: PipelineField, x: Any, pipeline_inputs: dict) -> An
 
     class _Idle(ModelHook):
         def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
-            hs = torch.zeros_like(kwargs["hidden_states"])
+            hs = torch.zeros_like(keywords(args, kwargs)["hidden_states"])
             return (hs,) if not kwargs.get("return_dict", True) else _output(hs)
 
     def step(model_output: Any, timestep: Any, sample: Any, *a: Any, **kw: Any) -> Any:

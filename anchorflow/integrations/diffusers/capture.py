@@ -111,8 +111,7 @@ def capture_pipeline(pipe: Any, **inputs: Any) -> PipelineField:
 
     class _Record(ModelHook):
         def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
-            if args:
-                raise ConfigError("capture_pipeline needs a pipeline that calls its transformer with keywords")
+            kwargs = keywords(args, kwargs)
             hs = kwargs["hidden_states"]
             ids = torch.arange(hs.shape[0], dtype=torch.float32) + 1.0 + 100.0 * len(calls)
             out = ids.reshape(-1, *[1] * (hs.ndim - 1)).expand(hs.shape).to(hs.device, hs.dtype).contiguous()
@@ -136,6 +135,14 @@ def capture_pipeline(pipe: Any, **inputs: Any) -> PipelineField:
     if not seen:
         raise ConfigError("the pipeline finished without calling scheduler.step; is num_inference_steps >= 1?")
     return _build(pipe, inputs, calls, seen, torch)
+
+
+def keywords(args: tuple, kwargs: dict) -> dict:
+    """A transformer call's arguments as keywords (Sana passes ``hidden_states`` positionally)."""
+    if len(args) > 1 or (args and "hidden_states" in kwargs):
+        raise ConfigError("the pipeline calls its transformer with several positional arguments; "
+                          "anchorflow needs hidden_states first and the rest by keyword")
+    return {"hidden_states": args[0], **kwargs} if args else kwargs
 
 
 def _output(sample: Any) -> Any:

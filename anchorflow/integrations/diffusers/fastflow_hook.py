@@ -29,6 +29,7 @@ import numpy as np
 from ..._deps import require
 from ...errors import ConfigError
 from ...runtime import bandit_state
+from .capture import keywords
 from ...runtime.bandit import BanditKey, FastFlowBandit, budget_target, calibrated_mu, check_arms
 from ...runtime.fastflow import _Asked
 from ...runtime.solvers.fastflow import _info, _Run, extrapolate
@@ -236,9 +237,7 @@ def apply_fastflow(pipe: Any, *, state_path: Optional[str | os.PathLike] = None,
 
     class _Hook(ModelHook):
         def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
-            if args:
-                raise ConfigError("apply_fastflow needs a pipeline that calls its transformer with keywords")
-            return hook.forward(self.fn_ref.original_forward, kwargs)
+            return hook.forward(self.fn_ref.original_forward, keywords(args, kwargs))
 
     registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
     if registry.get_hook(HOOK_NAME) is not None:

@@ -162,6 +162,15 @@ class AnchorflowScheduler(FlowMatchEulerDiscreteScheduler):
         self._options = options
         self._reset_history()
 
+    @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """diffusers' ``from_config``; a DPM-Solver flow config (Sana: ``use_flow_sigmas``,
+        ``flow_shift``) keeps its shift as ``shift``."""
+        config = dict(config or {})
+        if config.get("use_flow_sigmas") and "flow_shift" in config and "shift" not in config:
+            config["shift"] = config["flow_shift"]
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     # -- grid ---------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Any = None,
                       sigmas: Optional[list] = None, mu: Optional[float] = None,
