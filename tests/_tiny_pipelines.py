@@ -7,6 +7,7 @@ given as embeddings and the output is ``output_type="latent"``. Time: sigma = t 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        FluxTransformer2DModel, SanaPipeline, SanaTransformer2DModel, SD3Transformer2DModel,
@@ -77,3 +78,12 @@ def inputs(kind: str, cfg: float, steps: int, seed: int = 0) -> dict:
 
 def build(kind: str, path):
     return {"sd3": sd3_pipe, "flux": flux_pipe, "sana": sana_pipe}[kind](path)
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def pipe(request, tmp_path_factory):
+    """A tiny SD3 or FLUX pipeline (module-scoped), with its family in ``pipe.kind``."""
+    p = build(request.param, tmp_path_factory.mktemp(request.param))
+    p.set_progress_bar_config(disable=True)
+    p.kind = request.param
+    return p

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from _tiny_pipelines import build, inputs  # noqa: E402
+from _tiny_pipelines import build, inputs, pipe  # noqa: E402,F401  (pipe: the shared fixture)
 from diffusers.hooks import HookRegistry, ModelHook  # noqa: E402
 
 from anchorflow.errors import ConfigError  # noqa: E402
@@ -39,14 +39,6 @@ class _Count(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         self.calls += 1
         return self.fn_ref.original_forward(*args, **kwargs)
-
-
-@pytest.fixture(scope="module", params=["sd3", "flux"])
-def pipe(request, tmp_path_factory):
-    p = build(request.param, tmp_path_factory.mktemp(request.param))
-    p.set_progress_bar_config(disable=True)
-    p.kind = request.param
-    return p
 
 
 def _inputs(kind, cfg):

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from _tiny_pipelines import build, inputs  # noqa: E402
+from _tiny_pipelines import build, inputs, pipe  # noqa: E402,F401  (pipe: the shared fixture)
 
 from anchorflow.errors import ConfigError  # noqa: E402
 from anchorflow.integrations.diffusers import apply_fastflow, capture_pipeline  # noqa: E402
@@ -24,14 +24,6 @@ MU = 1e3  # a large reward per skipped step: once arm 0 has been tried everywher
 # Same arithmetic as the scheduler test (float32 Euler steps in torch vs numpy on identical
 # velocities): measured 0; 1e-5 leaves room for re-association, far below a changed decision.
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module", params=["sd3", "flux"])
-def pipe(request, tmp_path_factory):
-    p = build(request.param, tmp_path_factory.mktemp(request.param))
-    p.set_progress_bar_config(disable=True)
-    p.kind = request.param
-    return p
 
 
 def _gen(pipe, cfg=1.0, seed=0):

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from _tiny_pipelines import build, inputs  # noqa: E402
+from _tiny_pipelines import build, inputs, pipe  # noqa: E402,F401  (pipe: the shared fixture)
 
 from anchorflow.errors import ConfigError  # noqa: E402
 from anchorflow.integrations.diffusers import AnchorflowScheduler, capture_pipeline, scheduler_solvers  # noqa: E402
@@ -26,14 +26,6 @@ STEPS = 6
 # <= 7.2e-7 for FLUX's two-call true CFG. 1e-5 is ~80 ulp of |x| ~ 4; a wrong coefficient or an
 # off-by-one step moves the result by far more (checked below against Euler).
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module", params=["sd3", "flux"])
-def pipe(request, tmp_path_factory):
-    p = build(request.param, tmp_path_factory.mktemp(request.param))
-    p.set_progress_bar_config(disable=True)
-    p.kind = request.param
-    return p
 
 
 def _run(pipe, scheduler, cfg, steps=STEPS, kind=None):
