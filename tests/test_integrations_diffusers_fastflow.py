@@ -99,3 +99,22 @@ def test_refuses_a_second_hook(pipe):
             apply_fastflow(pipe, mu=MU, model_id="tiny")
     finally:
         hook.remove()
+
+
+def test_sana_positional_call_and_euler_scheduler(tmp_path):
+    """Sana calls its transformer with hidden_states positionally; FastFlow on AnchorflowScheduler("euler")."""
+    from anchorflow.integrations.diffusers import AnchorflowScheduler
+
+    sana = build("sana", tmp_path)
+    sana.set_progress_bar_config(disable=True)
+    sana.scheduler = AnchorflowScheduler.from_config(sana.scheduler.config, solver="euler")
+    before = sana(**inputs("sana", 2.0, T)).images.float().numpy()
+    hook = apply_fastflow(sana, mu=MU, model_id="tiny-sana")
+    try:
+        for seed in range(2):
+            sana(**inputs("sana", 2.0, T, seed=seed))
+    finally:
+        hook.remove()
+    assert [h["transformer_calls"] for h in hook.history][0] == T
+    assert hook.history[1]["transformer_calls"] < T
+    np.testing.assert_array_equal(sana(**inputs("sana", 2.0, T)).images.float().numpy(), before)
