@@ -12,32 +12,44 @@ import copy
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
+from .distributed import Dist
 
-def drop_labels(y: torch.Tensor, null_label: int, p: float, gen: torch.Generator) -> torch.Tensor:
-    """Replace each label by ``null_label`` with probability p (classifier-free guidance training)."""
+SINGLE = Dist()  # a single-process run on the CPU
+
+
+def drop_labels(y: torch.Tensor, null_label: int, p: float, gen: torch.Generator,
+                dist: Optional[Dist] = None) -> torch.Tensor:
+    """Replace each label by ``null_label`` with probability p (classifier-free guidance training).
+
+    y (b,) holds this rank's rows; the draw covers the global batch (see :mod:`.distributed`).
+    """
     if p <= 0:
         return y
-    drop = torch.rand(y.shape, generator=gen, device=y.device) < p
+    drop = (dist or SINGLE).draw(torch.rand, gen, y.shape[0]).to(y.device) < p
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 
 def flow_matching_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
-                       label_dropout: float = 0.1) -> torch.Tensor:
+                       label_dropout: float = 0.1, dist: Optional[Dist] = None,
+                       null_label: Optional[int] = None) -> torch.Tensor:
     """Mean squared error between ``model(x_t, t, y)`` and ``eps - x``, t ~ U(0, 1).
 
-    x: (B, *state_shape) data (t = 0 end), y: (B,) int64 labels; labels are replaced by the
-    model's null label with probability ``label_dropout``.
+    x: (b, *state_shape) data (t = 0 end), y: (b,) int64 labels, this rank's rows of the global
+    batch (``dist``; the whole batch in a single process); labels are replaced by the null label
+    (``null_label``, default ``model.null_label``) with probability ``label_dropout``.
     """
+    dist = dist or SINGLE
     b = x.shape[0]
-    t = torch.rand(b, generator=gen, device=x.device)
-    eps = torch.randn(x.shape, generator=gen, device=x.device)
+    t = dist.draw(torch.rand, gen, b).to(x.device)
+    eps = dist.draw(torch.randn, gen, b, *x.shape[1:]).to(x.device)
     tb = t.view(b, *([1] * (x.dim() - 1)))
     x_t = (1 - tb) * x + tb * eps
-    y = drop_labels(y, model.null_label, label_dropout, gen)
+    y = drop_labels(y, model.null_label if null_label is None else null_label, label_dropout, gen, dist)
     return torch.mean((model(x_t, t, y) - (eps - x)) ** 2)
 
 
@@ -150,7 +162,7 @@ class ResumableRun:
         from safetensors.torch import save
 
         tensors, opt_meta = optimizer_tensors(self.opt)
-        tensors.update({f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()})
+        tensors.update({f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()})
         tensors["rng"] = self.gen.get_state()
         meta = {"step": self.step, "wall_s": self.wall_s, "ema_updates": self.ema.updates,
                 "loss_log": self.loss_log, "optimizer": opt_meta}
@@ -166,7 +178,7 @@ class ResumableRun:
         meta = read_json(folder / STATE_JSON)
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.ema.module, _ = load_checkpoint(folder, kind=self.kind)
-        self.ema.module.requires_grad_(False)
+        self.ema.module.to(next(self.model.parameters()).device).requires_grad_(False)
         self.ema.updates = int(meta["ema_updates"])
         load_optimizer_tensors(self.opt, tensors, meta["optimizer"])
         self.gen.set_state(tensors["rng"])

@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from .backbone import build_backbone, default_arch, param_count
 from .checkpoint import read_config, save_checkpoint
 from .data import dataset_info, load_dataset
+from .distributed import Dist, from_env
 from .flow import (EMA, STATE_JSON, STATE_TENSORS, ResumableRun, check_settings, finite_loss, flow_matching_loss,
                    lr_at)
 
@@ -52,14 +53,15 @@ class _Run(ResumableRun):
 
     kind = "backbone"
 
-    def __init__(self, s: BackboneTrainSettings) -> None:
+    def __init__(self, s: BackboneTrainSettings, dist: Dist) -> None:
         info = dataset_info(s.data)
         self.arch = {**default_arch(info.state_shape, info.num_classes), **s.arch}
         torch.manual_seed(s.seed)
-        self.model = build_backbone(self.arch)
+        self.model = build_backbone(self.arch).to(dist.device)
         self.ema = EMA(self.model, s.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         self.gen = torch.Generator().manual_seed(s.seed)
+        self.dist, self.ddp = dist, dist.wrap(self.model)
         self._reset_counters()
 
 
@@ -95,35 +97,42 @@ def _config(run: _Run, s: BackboneTrainSettings, command: Optional[str], done: b
 
 
 def _save(out: Path, run: _Run, s: BackboneTrainSettings, command: Optional[str], done: bool) -> dict:
+    """Rank 0 writes the checkpoint and resume state (atomically); the other ranks wait for it."""
     cfg = _config(run, s, command, done)
-    tensors, meta = run.state_bytes()
-    save_checkpoint(out, run.ema.module, cfg, extra_files={STATE_TENSORS: tensors, STATE_JSON: meta})
+    if run.dist.main:
+        tensors, meta = run.state_bytes()
+        save_checkpoint(out, run.ema.module, cfg, extra_files={STATE_TENSORS: tensors, STATE_JSON: meta})
+    run.dist.barrier()
     return cfg
 
 
 def train_backbone(out: str | Path, settings: BackboneTrainSettings, resume: bool = False,
-                   command: Optional[str] = None, progress: bool = True) -> dict:
+                   command: Optional[str] = None, progress: bool = True, dist: Optional[Dist] = None) -> dict:
     """Train (or resume) a backbone on ``settings.data``; returns the saved config dict.
 
     Writes a checkpoint to ``out`` every ``ckpt_every`` steps and at the end. ``command`` is the
-    exact command line recorded in config.json.
+    exact command line recorded in config.json. Under torchrun (``dist``, default: from the
+    environment) the global ``batch`` is split over the processes and rank 0 alone writes.
     """
     from tqdm.auto import tqdm
 
     from .._io import check_output
 
     settings.validate()
+    dist = dist or from_env()
+    dist.local_batch(settings.batch)
     out = Path(out)
     check_output(out, "--out", folder=True)
-    run = _Run(settings)
+    run = _Run(settings, dist)
     if resume:
         _check_resume(out, settings)
         run.restore(out)
     elif out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} already exists and is not empty; pass --resume to continue it or choose another --out")
+    dist.barrier()  # every rank has checked --out before rank 0 writes into it
     x_all, y_all = (torch.from_numpy(a) for a in load_dataset(settings.data, "train", seed=0))
     bar = tqdm(total=settings.steps, initial=run.step, desc=f"train backbone ({settings.data})",
-               disable=not progress, dynamic_ncols=True)
+               disable=not (progress and dist.main), dynamic_ncols=True)
     window: list[float] = []
     cfg, saved = None, run.step
     while run.step < settings.steps:
@@ -144,14 +153,18 @@ def train_backbone(out: str | Path, settings: BackboneTrainSettings, resume: boo
 
 
 def _train_step(run: _Run, s: BackboneTrainSettings, x_all: torch.Tensor, y_all: torch.Tensor) -> float:
-    idx = torch.randint(0, x_all.shape[0], (s.batch,), generator=run.gen)
+    """One optimizer step on this rank's rows of a global batch of ``s.batch``; the global mean loss."""
+    d = run.dist
+    idx = d.draw(lambda shape, **kw: torch.randint(0, x_all.shape[0], shape, **kw), run.gen,
+                 d.local_batch(s.batch)).cpu()
     for group in run.opt.param_groups:
         group["lr"] = lr_at(run.step, s.lr, s.steps, s.warmup)
     run.model.train()
-    loss = flow_matching_loss(run.model, x_all[idx], y_all[idx], run.gen, s.label_dropout)
+    loss = flow_matching_loss(run.ddp, x_all[idx].to(d.device), y_all[idx].to(d.device), run.gen, s.label_dropout,
+                              dist=d, null_label=run.model.null_label)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), s.grad_clip)
     run.opt.step()
     run.ema.update(run.model)
-    return float(loss.detach())
+    return d.mean(float(loss.detach()))

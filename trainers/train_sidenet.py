@@ -26,7 +26,8 @@ import torch
 
 from ..errors import ConfigError
 from .checkpoint import load_checkpoint, read_config, save_checkpoint
-from .flow import EMA, STATE_JSON, STATE_TENSORS, ResumableRun, check_settings, drop_labels, finite_loss
+from .distributed import Dist, from_env, unwrap
+from .flow import EMA, SINGLE, STATE_JSON, STATE_TENSORS, ResumableRun, check_settings, drop_labels, finite_loss
 from .sidenet import RATIO, SideNet, backbone_identity, check_backbone, count_params, sidenet_arch
 
 # 3-point Gauss-Legendre rule on [0, 1]: the SideNet's own quadrature for the simulated step.
@@ -69,19 +70,21 @@ class SideNetTrainSettings:
             raise ConfigError(f"--lr and the gradient clip must be positive, got {self.lr} and {self.grad_clip}")
 
 
-def sample_h(t: torch.Tensor, rates: tuple[float, ...], gen: torch.Generator) -> torch.Tensor:
+def sample_h(t: torch.Tensor, rates: tuple[float, ...], gen: torch.Generator,
+             dist: Optional[Dist] = None) -> torch.Tensor:
     """Signed offsets (B,) for times t (B,): toward data (h > 0) or noise (h < 0) with prob. 1/2.
 
     |h| follows an exponential of rate r (mean 1/r) truncated to the room left in that direction
     (t toward data, 1 - t toward noise): ``d = -log1p(u expm1(-r room)) / r``, ``d = min(d, room)``,
     so ``t - h`` never leaves [0, 1]. With several rates each sample draws its rate uniformly.
+    This is the trainer's one offset sampler; ``dist``: t holds this rank's rows of the global batch.
     """
-    b = t.shape[0]
-    toward_data = torch.rand(b, generator=gen, device=t.device) < 0.5
+    d, b = dist or SINGLE, t.shape[0]
+    toward_data = d.draw(torch.rand, gen, b).to(t.device) < 0.5
     room = torch.where(toward_data, t, 1 - t).double()
     rate = torch.tensor(rates, dtype=torch.float64, device=t.device)
-    rate = rate[torch.randint(0, len(rates), (b,), generator=gen, device=t.device)]
-    u = torch.rand(b, generator=gen, device=t.device, dtype=torch.float64)
+    rate = rate[d.draw(lambda shape, **kw: torch.randint(0, len(rates), shape, **kw), gen, b).to(t.device)]
+    u = d.draw(torch.rand, gen, b, dtype=torch.float64).to(t.device)
     d = torch.minimum(-torch.log1p(u * torch.expm1(-rate * room)) / rate, room).to(t.dtype)
     return torch.where(toward_data, d, -d)
 
@@ -102,28 +105,35 @@ def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return s.reshape(-1, *[1] * (like.dim() - 1))
 
 
-def chain_loss(backbone, sidenet, x_data, y, gen: torch.Generator, s: SideNetTrainSettings) -> torch.Tensor:
+def chain_loss(backbone, sidenet, x_data, y, gen: torch.Generator, s: SideNetTrainSettings,
+               dist: Optional[Dist] = None) -> torch.Tensor:
     """Algorithm 2's loss for one batch: mean over chain steps of the velocity-matching MSE.
 
-    x_data (B, *state_shape) at t = 0, y (B,) int64 labels (null label already dropped in).
+    x_data (b, *state_shape) at t = 0, y (b,) int64 labels (null label already dropped in): this
+    rank's rows of the global batch (``dist``). The chain runs without gradients; the SideNet's
+    predictions for all ``chain`` steps are then made in ONE call on chain * b rows (the loss is
+    their mean, i.e. the mean over steps of each step's MSE), so a DDP-wrapped ``sidenet`` sees one
+    forward per backward.
     """
-    b = x_data.shape[0]
-    t = torch.rand(b, generator=gen, device=x_data.device)
-    noise = torch.randn(x_data.shape, generator=gen, device=x_data.device)
+    d, b = dist or SINGLE, x_data.shape[0]
+    t = d.draw(torch.rand, gen, b).to(x_data.device)
+    noise = d.draw(torch.randn, gen, b, *x_data.shape[1:]).to(x_data.device)
     x = (1 - _bcast(t, x_data)) * x_data + _bcast(t, x_data) * noise
+    plain = unwrap(sidenet)
     with torch.no_grad():
         v = backbone(x, t, y)
-    loss = x_data.new_zeros(())
+    steps = []
     for _ in range(s.chain):
-        h = sample_h(t, s.rates, gen)
-        x_next = simulate_step(sidenet, x, v, t, h, y)
+        h = sample_h(t, s.rates, gen, d)
+        x_next = simulate_step(plain, x, v, t, h, y)
         t_next = (t - h).clamp(0.0, 1.0)
         with torch.no_grad():
             v_next = backbone(x_next, t_next, y)
-        pred = v + sidenet(x, v, t, h, y)
-        loss = loss + torch.mean((pred - v_next) ** 2)
+        steps.append((x, v, t, h, v_next))
         x, t, v = x_next, t_next, v_next
-    return loss / s.chain
+    xs, vs, ts, hs, targets = (torch.cat(parts) for parts in zip(*steps))
+    pred = vs + sidenet(xs, vs, ts, hs, y.repeat(s.chain))
+    return torch.mean((pred - targets) ** 2)
 
 
 class _Run(ResumableRun):
@@ -131,14 +141,15 @@ class _Run(ResumableRun):
 
     kind = "sidenet"
 
-    def __init__(self, backbone, s: SideNetTrainSettings) -> None:
-        self.backbone = backbone.eval().requires_grad_(False)
+    def __init__(self, backbone, s: SideNetTrainSettings, dist: Dist) -> None:
+        self.backbone = backbone.eval().requires_grad_(False).to(dist.device)
         torch.manual_seed(s.seed)
         self.arch = sidenet_arch(backbone, width=s.width, ratio=s.ratio, **s.arch)
-        self.model = SideNet(self.arch)
+        self.model = SideNet(self.arch).to(dist.device)
         self.ema = EMA(self.model, s.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         self.gen = torch.Generator().manual_seed(s.seed)
+        self.dist, self.ddp = dist, dist.wrap(self.model)
         self._reset_counters()
 
 
@@ -179,29 +190,36 @@ def _config(run: _Run, s: SideNetTrainSettings, identity: dict, data: Any, comma
 
 def train_sidenet(backbone, x_data: torch.Tensor, y_data: torch.Tensor, out: str | Path,
                   settings: SideNetTrainSettings, *, identity: Optional[dict] = None, data: Any = None,
-                  resume: bool = False, command: Optional[str] = None, progress: bool = True) -> dict:
+                  resume: bool = False, command: Optional[str] = None, progress: bool = True,
+                  dist: Optional[Dist] = None) -> dict:
     """Train (or resume) a SideNet next to the frozen ``backbone``; returns the saved config.
 
     x_data (N, *state_shape) float32 data (the t = 0 end), y_data (N,) int64 labels. ``identity``
     describes the backbone (:func:`backbone_identity`; computed from the module when None).
     The backbone is put in eval mode with ``requires_grad`` off and never updated.
-    Writes a checkpoint to ``out`` every ``ckpt_every`` iterations and at the end.
+    Writes a checkpoint to ``out`` every ``ckpt_every`` iterations and at the end. Under torchrun
+    (``dist``, default: from the environment) the global ``batch`` is split over the processes
+    (DDP) and rank 0 alone writes.
     """
     from tqdm.auto import tqdm
 
     from .._io import check_output
 
     settings.validate()
+    dist = dist or from_env()
+    dist.local_batch(settings.batch)
     out = Path(out)
     check_output(out, "--out", folder=True)
     identity = identity or backbone_identity(backbone)
-    run = _Run(backbone, settings)
+    run = _Run(backbone, settings, dist)
     if resume:
         _check_resume(out, settings, identity)
         run.restore(out)
     elif out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} already exists and is not empty; pass --resume to continue it or choose another --out")
-    bar = tqdm(total=settings.iters, initial=run.step, desc="train sidenet", disable=not progress, dynamic_ncols=True)
+    dist.barrier()  # every rank has checked --out before rank 0 writes into it
+    bar = tqdm(total=settings.iters, initial=run.step, desc="train sidenet", disable=not (progress and dist.main),
+               dynamic_ncols=True)
     window: list[float] = []
     cfg, saved = None, run.step
     while run.step < settings.iters:
@@ -222,27 +240,33 @@ def train_sidenet(backbone, x_data: torch.Tensor, y_data: torch.Tensor, out: str
 
 def _save(out: Path, run: _Run, s: SideNetTrainSettings, identity: dict, data: Any, command: Optional[str],
           done: bool) -> dict:
+    """Rank 0 writes the checkpoint and resume state (atomically); the other ranks wait for it."""
     cfg = _config(run, s, identity, data, command, done)
-    tensors, meta = run.state_bytes()
-    save_checkpoint(out, run.ema.module, cfg, extra_files={STATE_TENSORS: tensors, STATE_JSON: meta})
+    if run.dist.main:
+        tensors, meta = run.state_bytes()
+        save_checkpoint(out, run.ema.module, cfg, extra_files={STATE_TENSORS: tensors, STATE_JSON: meta})
+    run.dist.barrier()
     return cfg
 
 
 def _train_step(run: _Run, s: SideNetTrainSettings, x_all: torch.Tensor, y_all: torch.Tensor) -> float:
-    idx = torch.randint(0, x_all.shape[0], (s.batch,), generator=run.gen)
-    y = drop_labels(y_all[idx], run.backbone.null_label, s.label_dropout, run.gen)
-    loss = chain_loss(run.backbone, run.model, x_all[idx], y, run.gen, s)
+    """One optimizer step on this rank's rows of a global batch of ``s.batch``; the global mean loss."""
+    d = run.dist
+    idx = d.draw(lambda shape, **kw: torch.randint(0, x_all.shape[0], shape, **kw), run.gen,
+                 d.local_batch(s.batch)).cpu()
+    y = drop_labels(y_all[idx].to(d.device), run.backbone.null_label, s.label_dropout, run.gen, d)
+    loss = chain_loss(run.backbone, run.ddp, x_all[idx].to(d.device), y, run.gen, s, d)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), s.grad_clip)
     run.opt.step()
     run.ema.update(run.model)
-    return float(loss.detach())
+    return d.mean(float(loss.detach()))
 
 
 def train_sidenet_for_checkpoint(backbone_path: str | Path, out: str | Path, settings: SideNetTrainSettings,
                                  resume: bool = False, command: Optional[str] = None,
-                                 progress: bool = True) -> dict:
+                                 progress: bool = True, dist: Optional[Dist] = None) -> dict:
     """Train a SideNet for the backbone checkpoint at ``backbone_path`` on that backbone's data set
     (its config's ``data`` entry, train split)."""
     from .data import load_dataset
@@ -258,4 +282,4 @@ def train_sidenet_for_checkpoint(backbone_path: str | Path, out: str | Path, set
     rel = os.path.relpath(Path(backbone_path).resolve(), Path(out).resolve())
     identity = backbone_identity(backbone, cfg, path=rel)
     return train_sidenet(backbone, x, y, out, settings, identity=identity, data=data, resume=resume,
-                         command=command, progress=progress)
+                         command=command, progress=progress, dist=dist)

@@ -29,12 +29,27 @@ class LazyTrainGroup(LazyGroup):
 
 
 def command_line() -> str:
-    """The exact command line of this process, as a shell-quoted string (recorded in configs)."""
+    """The exact command line of this process, as a shell-quoted string (recorded in configs).
+
+    ``python -m anchorflow`` is recorded as such; under torchrun (``WORLD_SIZE`` > 1) the launcher
+    is recorded as ``torchrun --nnodes=N --nproc_per_node=K -m anchorflow ...``.
+    """
+    import os
+
     argv = list(sys.argv)
-    if argv and Path(argv[0]).name == "cli.py":
+    name = Path(argv[0]).name if argv else ""
+    if name == "cli.py":
         argv = ["python", "-m", "anchorflow.cli", *argv[1:]]
+    elif name == "__main__.py":
+        argv = ["python", "-m", "anchorflow", *argv[1:]]
     elif argv:
-        argv[0] = Path(argv[0]).name
+        argv[0] = name
+    world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE", "1")
+    if world.isdigit() and local.isdigit() and int(world) > 1:
+        nodes = max(int(world) // max(int(local), 1), 1)
+        prefix = ["python", "-m"] if argv[:2] == ["python", "-m"] else []
+        rest = argv[len(prefix):] if prefix else ["anchorflow", *argv[1:]]
+        argv = ["torchrun", f"--nnodes={nodes}", f"--nproc_per_node={local}", "-m", *rest]
     return shlex.join(argv)
 
 
@@ -80,15 +95,20 @@ def backbone(data, out, steps, seed, batch, lr, ckpt_every, hidden, depth, resum
 
     Labels are dropped 10% of the time so the model supports classifier-free guidance.
     The folder gets config.json (with this exact command), model.safetensors (EMA weights)
-    and the resume state.
+    and the resume state. Several processes: `torchrun --standalone --nproc_per_node=K -m
+    anchorflow train backbone ...` (DDP; --batch is the global batch, split over the processes).
     """
     _start(out, threads, "backbone")
+    from anchorflow.trainers.distributed import session
     from anchorflow.trainers.train_backbone import BackboneTrainSettings, train_backbone
 
     arch = {k: v for k, v in (("hidden", hidden), ("depth", depth)) if v is not None}
     settings = BackboneTrainSettings(data=data, steps=steps, seed=seed, batch=batch, lr=lr,
                                      ckpt_every=ckpt_every, arch=arch)
-    cfg = train_backbone(out, settings, resume=resume, command=command_line())
+    with session() as dist:
+        cfg = train_backbone(out, settings, resume=resume, command=command_line(), dist=dist)
+    if not dist.main:
+        return
     t = cfg["training"]
     click.echo(f"wrote {out}: {cfg['param_count']:,} parameters, step {t['step']}, "
                f"final loss {t['final_loss']:.4g}, {t['wall_s']:.0f} s")

@@ -44,18 +44,24 @@ def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, see
     matching v + S(x, v, t, h, y) to the backbone's velocity at t - h. Labels are dropped 10% of
     the time (guided sampling needs the unguided field). The folder gets config.json (with this
     exact command and the backbone's identity), model.safetensors (EMA weights) and the resume state.
+    Several processes: `torchrun --standalone --nproc_per_node=K -m anchorflow train sidenet ...`
+    (DDP; --batch is the global batch, split over the processes; rank 0 writes).
     """
     from .train import _start, command_line
 
     _start(out, threads, "sidenet")
     from anchorflow.modelref import resolve_backbone_checkpoint
+    from anchorflow.trainers.distributed import session
     from anchorflow.trainers.train_sidenet import SideNetTrainSettings, train_sidenet_for_checkpoint
 
     settings = SideNetTrainSettings(iters=iters, chain=chain, batch=batch, rates=tuple(parse_float_list(rate, "--rate")),
                                     lr=lr, width=width, seed=seed, ckpt_every=ckpt_every,
                                     arch={k: v for k, v in (("patch", patch), ("blocks", blocks)) if v is not None})
-    cfg = train_sidenet_for_checkpoint(resolve_backbone_checkpoint(model), out, settings, resume=resume,
-                                       command=command_line())
+    with session() as dist:
+        cfg = train_sidenet_for_checkpoint(resolve_backbone_checkpoint(model), out, settings, resume=resume,
+                                           command=command_line(), dist=dist)
+    if not dist.main:
+        return
     t = cfg["training"]
     click.echo(f"wrote {out}: {cfg['param_count']:,} parameters ({100 * cfg['param_ratio']:.2f}% of the backbone), "
                f"iteration {t['step']}, final loss {t['final_loss']:.4g}, {t['wall_s']:.0f} s")
