@@ -311,3 +311,33 @@ def test_numpy_runtime_ba_matches_torch_reference(guidance, nfe):
     want = ba_sample_torch(backbone, side, torch.from_numpy(noise), torch.from_numpy(y), nfe, **guidance).numpy()
     assert got.nfe == nfe
     np.testing.assert_allclose(got.x, want, atol=1e-4, rtol=0)
+
+
+# -- body resolution by default ------------------------------------------------------------------
+@pytest.mark.parametrize("shape, patch, want", [
+    ((4, 32, 32), 2, 2),   # DiT-S/2-like latent: body at the backbone's patch grid
+    ((4, 16, 16), 4, 4),
+    ((1, 8, 8), 2, 1),     # small latents (the digits) keep the full-resolution body
+    ((4, 18, 18), 4, 1),   # a patch that does not divide the latent is not used
+])
+def test_sidenet_body_defaults_to_the_backbone_patch_for_large_latents(shape, patch, want):
+    backbone = DiT(state_shape=shape, num_classes=3, hidden=16, depth=1, heads=2, patch=patch) \
+        if shape[1] % patch == 0 else type("B", (), {"state_shape": shape, "patch": patch, "num_classes": 3,
+                                                      "null_label": 3})()
+    arch = sidenet_arch(backbone, width=8, **{k: v for k, v in TINY.items() if k != "width"})
+    assert arch["patch"] == want
+    assert sidenet_arch(backbone, width=8, patch=1)["patch"] == 1  # an explicit choice wins
+
+
+def test_the_bundled_digits_sidenet_loads_bit_exactly_with_its_recorded_arch():
+    from safetensors.torch import load_file
+
+    from anchorflow.modelref import BUNDLED
+    from anchorflow.trainers.checkpoint import load_checkpoint
+
+    folder = BUNDLED / "digits" / "sidenet"
+    net, cfg = load_checkpoint(folder, kind="sidenet")
+    assert net.patch == cfg["arch"].get("patch", 1) == 1
+    stored = load_file(str(folder / "model.safetensors"))
+    assert stored.keys() == net.state_dict().keys()
+    assert all(torch.equal(stored[k], v) for k, v in net.state_dict().items())
