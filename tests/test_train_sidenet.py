@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 from anchorflow.errors import ConfigError  # noqa: E402
 from anchorflow.trainers.backbone import MLPBackbone  # noqa: E402
 from anchorflow.trainers.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from anchorflow.trainers.cond_rows import as_cond_backbone  # noqa: E402
 from anchorflow.trainers.data import dataset_info  # noqa: E402
 from anchorflow.trainers.sidenet import SideNet, load_sidenet  # noqa: E402
 from anchorflow.trainers.train_sidenet import (  # noqa: E402
@@ -84,7 +85,8 @@ def test_training_reduces_the_chain_loss(trained):
     losses = []
     for net in (fresh, ema):
         with torch.no_grad():
-            losses.append(float(chain_loss(backbone, net, x, y, torch.Generator().manual_seed(9), settings(chain=4))))
+            losses.append(float(chain_loss(as_cond_backbone(backbone), net, x, {"y": y}, torch.Generator().manual_seed(9),
+                                           settings(chain=4))))
     assert losses[1] < 0.85 * losses[0], losses  # measured: 0.74 of the untrained loss
 
 

@@ -21,6 +21,7 @@ from typing import Any, Optional
 from .._deps import require
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import load_checkpoint, read_config, register_builder
+from .sidenet_cond import CondEmbed, spec_from_arch
 
 torch = require("torch")
 nn = torch.nn
@@ -110,7 +111,10 @@ class SideNet(nn.Module):
         arch = {**DEFAULTS, **arch}
         self.arch = arch
         self.state_shape = tuple(int(s) for s in arch["state_shape"])
-        self.num_classes, self.null_label = int(arch["num_classes"]), int(arch["null_label"])
+        self.num_classes = int(arch.get("num_classes") or 0)
+        self.null_label = None if arch.get("null_label") is None else int(arch["null_label"])
+        self.cond_spec = spec_from_arch(arch)
+        self.cond_inputs = tuple(self.cond_spec["inputs"])  # ONNX inputs after x, v, t, h
         self.image_shape = _image_shape(self.state_shape)
         c, hgt, wid = self.image_shape
         width, cond, groups = int(arch["width"]), int(arch["cond_dim"]), int(arch["groups"])
@@ -119,7 +123,10 @@ class SideNet(nn.Module):
         self.patch = p = _patch(arch, hgt, wid)
         self.t_embed = ScalarEmbed(int(arch["freq_dim"]), cond)
         self.h_embed = ScalarEmbed(int(arch["freq_dim"]), cond)
-        self.y_embed = nn.Embedding(self.num_classes + 1, cond)
+        if self.cond_spec["kind"] == "label":
+            self.y_embed = nn.Embedding(int(self.cond_spec["num_classes"]) + 1, cond)
+        elif self.cond_spec["kind"] != "none":
+            self.c_embed = CondEmbed(self.cond_spec, cond)
         self.conv_in = nn.Conv2d(2 * c * p * p, width, 3, padding=1)
         n = int(arch["blocks"])
         self.blocks = nn.ModuleList(ResBlock(width, cond, groups) for _ in range(n))
@@ -131,9 +138,16 @@ class SideNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: "torch.Tensor", v: "torch.Tensor", t: "torch.Tensor", h: "torch.Tensor",
-                y: "torch.Tensor") -> "torch.Tensor":
-        """x, v (B, *state_shape); t, h (B,) float; y (B,) int64 -> delta (B, *state_shape), 0 where h = 0."""
-        cond = F.silu(self.t_embed(t) + self.h_embed(h) + self.y_embed(y))
+                *conds: "torch.Tensor") -> "torch.Tensor":
+        """x, v (B, *state_shape); t, h (B,) float; ``conds`` the :attr:`cond_inputs` in order (label
+        kind: y (B,) int64) -> delta (B, *state_shape), 0 where h = 0."""
+        c = self.t_embed(t) + self.h_embed(h)
+        kind = self.cond_spec["kind"]
+        if kind == "label":
+            c = c + self.y_embed(conds[0])
+        elif kind != "none":
+            c = c + self.c_embed(*conds[:len(self.cond_inputs)])
+        cond = F.silu(c)
         shape = (-1, *self.image_shape)
         a = torch.cat([x.reshape(shape), v.reshape(shape)], dim=1)
         a = self.conv_in(F.pixel_unshuffle(a, self.patch) if self.patch > 1 else a)
@@ -211,8 +225,11 @@ def sidenet_arch(
     ``ratio`` times the backbone's parameters (``backbone_params``, counted when None).
     ``patch`` defaults to :func:`default_patch` (the backbone's own patch size for large latents).
     """
+    null = getattr(backbone, "null_label", None)
     arch = {**DEFAULTS, "patch": default_patch(backbone), **overrides, "state_shape": list(backbone.state_shape),
-            "num_classes": int(backbone.num_classes), "null_label": int(backbone.null_label)}
+            "num_classes": int(getattr(backbone, "num_classes", 0) or 0), "null_label": None if null is None else int(null)}
+    if arch.get("cond") is None and arch["num_classes"] == 0:
+        arch["cond"] = {"kind": "none", "inputs": []}
     if width is None:
         n = backbone_params if backbone_params is not None else count_params(backbone)
         arch = size_for(n, ratio, arch)

@@ -16,7 +16,6 @@ label, weights sha256, path), so a SideNet is never paired with the wrong backbo
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,16 +24,18 @@ from typing import Any, Optional
 import torch
 
 from ..errors import ConfigError
-from .checkpoint import load_checkpoint, read_config, save_checkpoint
+from .checkpoint import read_config, save_checkpoint
+from .cond_rows import Cond, as_cond_backbone, drop_to_null, take
 from .distributed import Dist, from_env, unwrap
-from .flow import EMA, SINGLE, STATE_JSON, STATE_TENSORS, ResumableRun, check_settings, drop_labels, finite_loss
+from .flow import EMA, SINGLE, STATE_JSON, STATE_TENSORS, ResumableRun, check_settings, finite_loss
 from .sidenet import RATIO, SideNet, backbone_identity, check_backbone, count_params, sidenet_arch
+from .sidenet_cond import choose, pick
 
 # 3-point Gauss-Legendre rule on [0, 1]: the SideNet's own quadrature for the simulated step.
 GL3_NODES = ((1 - math.sqrt(0.6)) / 2, 0.5, (1 + math.sqrt(0.6)) / 2)
 GL3_WEIGHTS = (5 / 18, 8 / 18, 5 / 18)
 # Settings a resumed run must share with the saved one (the rest may change, e.g. iters).
-RESUME_KEYS = ("chain", "batch", "rates", "lr", "seed", "label_dropout", "ema_decay", "width", "ratio")
+RESUME_KEYS = ("chain", "batch", "rates", "lr", "seed", "label_dropout", "ema_decay", "width", "ratio", "sidenet_cond")
 
 
 @dataclass
@@ -60,6 +61,7 @@ class SideNetTrainSettings:
     width: Optional[int] = None
     ratio: float = RATIO
     arch: dict = field(default_factory=dict)
+    sidenet_cond: str = "auto"
 
     def validate(self) -> None:
         check_settings(self, ("iters", "chain", "batch", "ckpt_every"))
@@ -90,13 +92,16 @@ def sample_h(t: torch.Tensor, rates: tuple[float, ...], gen: torch.Generator,
 
 
 @torch.no_grad()
-def simulate_step(sidenet: torch.nn.Module, x, v, t, h, y) -> torch.Tensor:
-    """``x - h * sum_k w_k (v + S(x, v, t, c_k h, y))`` with 3-point Gauss-Legendre, ONE SideNet call."""
+def simulate_step(sidenet: torch.nn.Module, x, v, t, h, *conds) -> torch.Tensor:
+    """``x - h * sum_k w_k (v + S(x, v, t, c_k h, *conds))`` with 3-point Gauss-Legendre, ONE SideNet call.
+
+    ``conds``: the SideNet's condition inputs (rows first), e.g. the labels y (B,)."""
     k = len(GL3_NODES)
     nodes = torch.tensor(GL3_NODES, dtype=h.dtype, device=h.device)
     weights = torch.tensor(GL3_WEIGHTS, dtype=x.dtype, device=x.device)
     delta = sidenet(x.repeat(k, *[1] * (x.dim() - 1)), v.repeat(k, *[1] * (v.dim() - 1)),
-                    t.repeat(k), (nodes[:, None] * h[None, :]).reshape(-1), y.repeat(k))
+                    t.repeat(k), (nodes[:, None] * h[None, :]).reshape(-1),
+                    *(c.repeat(k, *[1] * (c.dim() - 1)) for c in conds))
     avg = v + torch.einsum("k,kb...->b...", weights, delta.unflatten(0, (k, x.shape[0])))
     return x - _bcast(h, x) * avg
 
@@ -105,12 +110,13 @@ def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return s.reshape(-1, *[1] * (like.dim() - 1))
 
 
-def chain_loss(backbone, sidenet, x_data, y, gen: torch.Generator, s: SideNetTrainSettings,
+def chain_loss(backbone, sidenet, x_data, cond: Cond, gen: torch.Generator, s: SideNetTrainSettings,
                dist: Optional[Dist] = None) -> torch.Tensor:
     """Algorithm 2's loss for one batch: mean over chain steps of the velocity-matching MSE.
 
-    x_data (b, *state_shape) at t = 0, y (b,) int64 labels (null label already dropped in): this
-    rank's rows of the global batch (``dist``). The chain runs without gradients; the SideNet's
+    ``backbone(x, t, cond)`` (see :func:`.cond_rows.as_cond_backbone`), x_data (b, *state_shape) at
+    t = 0, cond a dict of (b, ...) rows (null rows already dropped in): this rank's rows of the
+    global batch (``dist``). The SideNet gets the conditions its arch names (``cond_inputs``). The chain runs without gradients; the SideNet's
     predictions for all ``chain`` steps are then made in ONE call on chain * b rows (the loss is
     their mean, i.e. the mean over steps of each step's MSE), so a DDP-wrapped ``sidenet`` sees one
     forward per backward.
@@ -120,19 +126,20 @@ def chain_loss(backbone, sidenet, x_data, y, gen: torch.Generator, s: SideNetTra
     noise = d.draw(torch.randn, gen, b, *x_data.shape[1:]).to(x_data.device)
     x = (1 - _bcast(t, x_data)) * x_data + _bcast(t, x_data) * noise
     plain = unwrap(sidenet)
+    side_cond = pick(cond, tuple(getattr(plain, "cond_inputs", ("y",))))
     with torch.no_grad():
-        v = backbone(x, t, y)
+        v = backbone(x, t, cond)
     steps = []
     for _ in range(s.chain):
         h = sample_h(t, s.rates, gen, d)
-        x_next = simulate_step(plain, x, v, t, h, y)
+        x_next = simulate_step(plain, x, v, t, h, *side_cond)
         t_next = (t - h).clamp(0.0, 1.0)
         with torch.no_grad():
-            v_next = backbone(x_next, t_next, y)
+            v_next = backbone(x_next, t_next, cond)
         steps.append((x, v, t, h, v_next))
         x, t, v = x_next, t_next, v_next
     xs, vs, ts, hs, targets = (torch.cat(parts) for parts in zip(*steps))
-    pred = vs + sidenet(xs, vs, ts, hs, y.repeat(s.chain))
+    pred = vs + sidenet(xs, vs, ts, hs, *(c.repeat(s.chain, *[1] * (c.dim() - 1)) for c in side_cond))
     return torch.mean((pred - targets) ** 2)
 
 
@@ -144,7 +151,9 @@ class _Run(ResumableRun):
     def __init__(self, backbone, s: SideNetTrainSettings, dist: Dist) -> None:
         self.backbone = backbone.eval().requires_grad_(False).to(dist.device)
         torch.manual_seed(s.seed)
-        self.arch = sidenet_arch(backbone, width=s.width, ratio=s.ratio, **s.arch)
+        arch = dict(s.arch)
+        arch.setdefault("cond", choose(backbone.conditions, s.sidenet_cond, int(getattr(backbone, "num_classes", 0))))
+        self.arch = sidenet_arch(backbone, width=s.width, ratio=s.ratio, **arch)
         self.model = SideNet(self.arch).to(dist.device)
         self.ema = EMA(self.model, s.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
@@ -188,13 +197,19 @@ def _config(run: _Run, s: SideNetTrainSettings, identity: dict, data: Any, comma
     }
 
 
-def train_sidenet(backbone, x_data: torch.Tensor, y_data: torch.Tensor, out: str | Path,
-                  settings: SideNetTrainSettings, *, identity: Optional[dict] = None, data: Any = None,
+def train_sidenet(backbone, x_data: torch.Tensor, cond_data: torch.Tensor | Cond, out: str | Path,
+                  settings: SideNetTrainSettings, *, null_cond: Optional[Cond] = None,
+                  identity: Optional[dict] = None, data: Any = None,
                   resume: bool = False, command: Optional[str] = None, progress: bool = True,
                   dist: Optional[Dist] = None) -> dict:
     """Train (or resume) a SideNet next to the frozen ``backbone``; returns the saved config.
 
-    x_data (N, *state_shape) float32 data (the t = 0 end), y_data (N,) int64 labels. ``identity``
+    ``backbone``: ``forward(x, t, cond)`` with declared ``conditions`` (an adapter), or a
+    class-conditional ``forward(x, t, y)`` module (wrapped as the condition ``y``).
+    x_data (N, *state_shape) float32 start states (the t = 0 end: data, or the backbone's own
+    samples in data-free training); cond_data the conditions of each row, a dict of (N, ...)
+    tensors or (N,) int64 labels; ``null_cond`` the null condition (one row; default: the
+    backbone's ``null_cond()``), dropped in for ``label_dropout`` of the rows. ``identity``
     describes the backbone (:func:`backbone_identity`; computed from the module when None).
     The backbone is put in eval mode with ``requires_grad`` off and never updated.
     Writes a checkpoint to ``out`` every ``ckpt_every`` iterations and at the end. Under torchrun
@@ -211,7 +226,12 @@ def train_sidenet(backbone, x_data: torch.Tensor, y_data: torch.Tensor, out: str
     out = Path(out)
     check_output(out, "--out", folder=True)
     identity = identity or backbone_identity(backbone)
+    backbone = as_cond_backbone(backbone)
+    cond_data = {"y": cond_data} if torch.is_tensor(cond_data) else dict(cond_data)
+    if null_cond is None and hasattr(backbone, "null_cond"):
+        null_cond = backbone.null_cond()
     run = _Run(backbone, settings, dist)
+    run.null = null_cond
     if resume:
         _check_resume(out, settings, identity)
         run.restore(out)
@@ -224,7 +244,7 @@ def train_sidenet(backbone, x_data: torch.Tensor, y_data: torch.Tensor, out: str
     cfg, saved = None, run.step
     while run.step < settings.iters:
         start = time.perf_counter()
-        window.append(finite_loss(_train_step(run, settings, x_data, y_data), run.step + 1, out, saved))
+        window.append(finite_loss(_train_step(run, settings, x_data, cond_data), run.step + 1, out, saved))
         run.wall_s += time.perf_counter() - start
         run.step += 1
         bar.update(1)
@@ -249,13 +269,13 @@ def _save(out: Path, run: _Run, s: SideNetTrainSettings, identity: dict, data: A
     return cfg
 
 
-def _train_step(run: _Run, s: SideNetTrainSettings, x_all: torch.Tensor, y_all: torch.Tensor) -> float:
+def _train_step(run: _Run, s: SideNetTrainSettings, x_all: torch.Tensor, cond_all: Cond) -> float:
     """One optimizer step on this rank's rows of a global batch of ``s.batch``; the global mean loss."""
     d = run.dist
     idx = d.draw(lambda shape, **kw: torch.randint(0, x_all.shape[0], shape, **kw), run.gen,
                  d.local_batch(s.batch)).cpu()
-    y = drop_labels(y_all[idx].to(d.device), run.backbone.null_label, s.label_dropout, run.gen, d)
-    loss = chain_loss(run.backbone, run.ddp, x_all[idx].to(d.device), y, run.gen, s, d)
+    cond = drop_to_null(take(cond_all, idx, d.device), run.null, s.label_dropout, run.gen, d)
+    loss = chain_loss(run.backbone, run.ddp, x_all[idx].to(d.device), cond, run.gen, s, d)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), s.grad_clip)
@@ -268,18 +288,8 @@ def train_sidenet_for_checkpoint(backbone_path: str | Path, out: str | Path, set
                                  resume: bool = False, command: Optional[str] = None,
                                  progress: bool = True, dist: Optional[Dist] = None) -> dict:
     """Train a SideNet for the backbone checkpoint at ``backbone_path`` on that backbone's data set
-    (its config's ``data`` entry, train split)."""
-    from .data import load_dataset
+    (its config's ``data`` entry, train split); see :func:`.sidenet_run.train_sidenet_for_source`."""
+    from .sidenet_run import train_sidenet_for_source
 
-    backbone, cfg = load_checkpoint(backbone_path, kind="backbone")
-    data = cfg.get("data")
-    name = data.get("name") if isinstance(data, dict) else data
-    if not name:
-        raise ConfigError(f"{backbone_path}/config.json names no training data set ('data'); "
-                          "the SideNet trains on the backbone's own data")
-    x, y = (torch.from_numpy(a) for a in load_dataset(name, "train", seed=0))
-    # the path is stored relative to the SideNet folder (e.g. "../backbone"), so the pair can move together
-    rel = os.path.relpath(Path(backbone_path).resolve(), Path(out).resolve())
-    identity = backbone_identity(backbone, cfg, path=rel)
-    return train_sidenet(backbone, x, y, out, settings, identity=identity, data=data, resume=resume,
-                         command=command, progress=progress, dist=dist)
+    return train_sidenet_for_source(backbone_path, out, settings, data="auto", resume=resume, command=command,
+                                    progress=progress, dist=dist)

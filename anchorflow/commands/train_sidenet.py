@@ -30,13 +30,35 @@ from .common import parse_float_list, positive, seed as seed_check
 @click.option("--patch", type=int, default=None, callback=positive,
               help="Run the SideNet body on an (H/p, W/p) grid (space-to-depth stem); 1 = full resolution (paper).")
 @click.option("--blocks", type=int, default=None, callback=positive, help="ResBlocks in the SideNet body.")
+@click.option("--data", default="auto", show_default=True,
+              help="Start states: 'auto' (the backbone checkpoint's own data set if it names one, else data-free), "
+                   "'none' (data-free: the backbone's own many-step samples for the --cond rows), a bundled data "
+                   "set (digits, gaussians8) or a folder of .npy latents (N, C, H, W).")
+@click.option("--cond", "cond_file", default=None, type=click.Path(dir_okay=False),
+              help="Conditions (.npz / .safetensors, one array per condition name, rows first): the prompts or "
+                   "labels to generate start states for (data-free), or one row per latent (--data FOLDER). "
+                   "Default for class-conditional backbones: every class.")
+@click.option("--null-cond", "null_file", default=None, type=click.Path(dir_okay=False),
+              help="The null condition (one row, e.g. the empty prompt's embeddings) for the 10% null rows; "
+                   "default: the backbone's null label.")
+@click.option("--sidenet-cond", default="auto", show_default=True,
+              help="What conditions the SideNet: 'auto' (label embedding for y; pooled projection, else masked "
+                   "mean of encoder_hidden_states, for text models), 'none' (v already carries the prompt), "
+                   "or a condition name.")
+@click.option("--start-states", type=int, default=1024, show_default=True, callback=positive,
+              help="Data-free: number of start states generated (once, cached) by the backbone.")
+@click.option("--solve-steps", type=int, default=32, show_default=True, callback=positive,
+              help="Data-free: midpoint steps of that solve (2 backbone calls each).")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+              help="Data-free start-state cache (default: $ANCHORFLOW_CACHE/datafree or ~/.cache/anchorflow/datafree).")
 @click.option("--seed", type=int, default=0, show_default=True, callback=seed_check,
               help="Seed of initialisation, batches, noise, offsets.")
 @click.option("--ckpt-every", type=int, default=50, show_default=True, callback=positive,
               help="Write the checkpoint (and resume state) every N iterations.")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out (same settings; --iters may grow).")
 @click.option("--threads", type=int, default=None, callback=positive, help="torch CPU threads (default: torch's).")
-def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, seed, ckpt_every, resume, threads) -> None:
+def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, data, cond_file, null_file, sidenet_cond,
+            start_states, solve_steps, cache_dir, seed, ckpt_every, resume, threads) -> None:
     """Train a SideNet for a frozen backbone by chain-based simulation (BA-solver, arXiv 2601.21542).
 
     Each iteration starts a batch on the path x_t = (1-t) x + t noise (t = 1 noise, t = 0 data)
@@ -50,16 +72,18 @@ def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, see
     from .train import _start, command_line
 
     _start(out, threads, "sidenet")
-    from anchorflow.modelref import resolve_backbone_checkpoint
     from anchorflow.trainers.distributed import session
-    from anchorflow.trainers.train_sidenet import SideNetTrainSettings, train_sidenet_for_checkpoint
+    from anchorflow.trainers.sidenet_run import train_sidenet_for_source
+    from anchorflow.trainers.train_sidenet import SideNetTrainSettings
 
     settings = SideNetTrainSettings(iters=iters, chain=chain, batch=batch, rates=tuple(parse_float_list(rate, "--rate")),
                                     lr=lr, width=width, seed=seed, ckpt_every=ckpt_every,
-                                    arch={k: v for k, v in (("patch", patch), ("blocks", blocks)) if v is not None})
+                                    arch={k: v for k, v in (("patch", patch), ("blocks", blocks)) if v is not None},
+                                    sidenet_cond=sidenet_cond)
     with session() as dist:
-        cfg = train_sidenet_for_checkpoint(resolve_backbone_checkpoint(model), out, settings, resume=resume,
-                                           command=command_line(), dist=dist)
+        cfg = train_sidenet_for_source(model, out, settings, data=data, cond_file=cond_file, null_file=null_file,
+                                       n_states=start_states, solve_steps=solve_steps, cache_dir=cache_dir,
+                                       resume=resume, command=command_line(), dist=dist)
     if not dist.main:
         return
     t = cfg["training"]
