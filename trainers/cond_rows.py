@@ -40,9 +40,56 @@ class LabelBackbone(nn.Module):
         return self.module(x, t, cond["y"])
 
 
+class AdapterView(nn.Module):
+    """A backbone adapter (``trainers/adapters``: ``forward(x, t, cond)`` with an ``AdapterSpec``) with
+    the facts SideNet training reads: ``state_shape`` (the spec's opt sizes), ``conditions`` (name ->
+    dtype, shape after the row axis), ``guidance`` (its mode), the null label / null condition the
+    spec declares inline, ``num_classes`` and ``patch_size`` (the transformer's; FLUX packs 2 x 2)."""
+
+    def __init__(self, adapter: nn.Module) -> None:
+        super().__init__()
+        from ..errors import ConfigError
+
+        self.adapter, spec = adapter, adapter.spec
+        fixed = [c.name for c in spec.conditions if not c.per_row]
+        if fixed:
+            raise ConfigError(f"SideNet training needs per-row conditions; {', '.join(fixed)} have no row axis")
+        self.state_shape = tuple(int(s) for s in spec.state_shape())
+        self.guidance = dict(spec.guidance)
+        self.conditions = {c.name: {"dtype": c.dtype, "shape": list(c.shape[1:])} for c in spec.conditions}
+        inline = dict(self.guidance.get("null") or {})
+        labels = next((c for c in spec.conditions if c.name == "y"), None)
+        self.null_label = None if "y" not in inline else int(inline["y"])
+        self.num_classes = 0 if labels is None or labels.high is None else int(labels.high) - ("y" in inline)
+        self._inline_null = inline
+        cfg = getattr(getattr(adapter, "transformer", None), "config", None)
+        patch = int(getattr(cfg, "patch_size", 1) or 1) if cfg is not None else int(getattr(adapter, "patch_size", 1))
+        self.patch_size = 2 * patch if getattr(spec, "family", "") == "flux" else patch
+
+    def null_cond(self) -> Optional[Cond]:
+        """The inline null condition (e.g. the null label) when it covers every condition, else None."""
+        if not self.conditions or set(self.conditions) - set(self._inline_null):
+            return None
+        return {k: torch.tensor([v], dtype=torch.int64 if self.conditions[k]["dtype"].startswith("int")
+                                else torch.float32) for k, v in self._inline_null.items() if k in self.conditions}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.adapter(x, t, dict(cond))
+
+
 def as_cond_backbone(backbone: Any) -> Any:
-    """``backbone`` itself if it takes ``(x, t, cond)`` (declares ``conditions``), else a :class:`LabelBackbone`."""
-    return backbone if hasattr(backbone, "conditions") else LabelBackbone(backbone)
+    """``backbone`` if it already declares ``conditions``; an adapter (has ``spec``) as an
+    :class:`AdapterView`; else a class-conditional ``(x, t, y)`` module as a :class:`LabelBackbone`."""
+    if hasattr(backbone, "conditions"):
+        return backbone
+    if hasattr(getattr(backbone, "spec", None), "conditions"):
+        return AdapterView(backbone)
+    return LabelBackbone(backbone)
+
+
+def uses_null_rows(backbone: Any) -> bool:
+    """True when sampling guides on [cond; null] rows (so training needs null rows): guidance mode 'rows'."""
+    return dict(getattr(backbone, "guidance", None) or {"mode": "rows"}).get("mode", "rows") == "rows"
 
 
 def take(cond: Mapping[str, torch.Tensor], idx: torch.Tensor, device: str = "cpu") -> Cond:

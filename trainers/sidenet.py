@@ -277,8 +277,12 @@ def backbone_identity(backbone: Any, config: Optional[dict] = None, path: Option
         st = require("safetensors.torch", extra="train")
         state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
         sha = hashlib.sha256(st.save(state)).hexdigest()
-    return {"state_shape": [int(s) for s in backbone.state_shape], "num_classes": int(backbone.num_classes),
-            "null_label": int(backbone.null_label), "weights_sha256": sha,
+    shape = getattr(backbone, "state_shape", None)
+    if shape is None and hasattr(getattr(backbone, "spec", None), "state_shape"):  # a backbone adapter
+        shape = backbone.spec.state_shape()
+    null = getattr(backbone, "null_label", None)
+    return {"state_shape": [int(s) for s in shape], "num_classes": int(getattr(backbone, "num_classes", 0) or 0),
+            "null_label": None if null is None else int(null), "weights_sha256": sha,
             "path": None if path is None else str(path)}
 
 

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import ConfigError
 from .checkpoint import read_config, save_checkpoint
-from .cond_rows import Cond, as_cond_backbone, drop_to_null, take
+from .cond_rows import Cond, as_cond_backbone, drop_to_null, take, uses_null_rows
 from .distributed import Dist, from_env, unwrap
 from .flow import EMA, SINGLE, STATE_JSON, STATE_TENSORS, ResumableRun, check_settings, finite_loss
 from .sidenet import RATIO, SideNet, backbone_identity, check_backbone, count_params, sidenet_arch
@@ -189,7 +189,8 @@ def _config(run: _Run, s: SideNetTrainSettings, identity: dict, data: Any, comma
         "training": {
             "command": command, "settings": {**asdict(s), "rates": list(s.rates)}, "step": run.step,
             "iters": s.iters, "finished": done, "wall_s": round(run.wall_s, 1),
-            "threads": torch.get_num_threads(), "loss_log": run.loss_log,
+            "threads": torch.get_num_threads(), "loss_log": run.loss_log, "null_rows": run.null_p,
+            "start_states": (data or {}).get("source", "dataset") if isinstance(data, dict) else "dataset",
             "final_loss": sum(recent) / len(recent) if recent else None,
             "objective": "BA-solver Algorithm 2 (arXiv 2601.21542): chain-based simulation with the SideNet's "
                          "3-point Gauss-Legendre rule, velocity matching against the frozen backbone, EMA weights",
@@ -231,7 +232,8 @@ def train_sidenet(backbone, x_data: torch.Tensor, cond_data: torch.Tensor | Cond
     if null_cond is None and hasattr(backbone, "null_cond"):
         null_cond = backbone.null_cond()
     run = _Run(backbone, settings, dist)
-    run.null = null_cond
+    # null rows only where sampling guides on [cond; null] rows (not FLUX's embedded guidance, not 'none')
+    run.null, run.null_p = null_cond, settings.label_dropout if uses_null_rows(backbone) and cond_data else 0.0
     if resume:
         _check_resume(out, settings, identity)
         run.restore(out)
@@ -274,7 +276,7 @@ def _train_step(run: _Run, s: SideNetTrainSettings, x_all: torch.Tensor, cond_al
     d = run.dist
     idx = d.draw(lambda shape, **kw: torch.randint(0, x_all.shape[0], shape, **kw), run.gen,
                  d.local_batch(s.batch)).cpu()
-    cond = drop_to_null(take(cond_all, idx, d.device), run.null, s.label_dropout, run.gen, d)
+    cond = drop_to_null(take(cond_all, idx, d.device), run.null, run.null_p, run.gen, d)
     loss = chain_loss(run.backbone, run.ddp, x_all[idx].to(d.device), cond, run.gen, s, d)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
