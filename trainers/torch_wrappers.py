@@ -44,14 +44,17 @@ class TorchVelocity(_Wrapper):
 
 
 class TorchSideNet(_Wrapper):
-    """``sidenet(x, v, t, h, cond) -> delta`` for a torch SideNet ``module(x, v, t, h, y)``."""
+    """``sidenet(x, v, t, h, cond) -> delta`` for a torch SideNet ``module(x, v, t, h, *conds)``, fed
+    the conditions it declares (``module.cond_inputs``; the labels ``y`` when it declares none)."""
 
     @torch.no_grad()
     def __call__(self, x: np.ndarray, v: np.ndarray, t: np.ndarray, h: np.ndarray,
                  cond: Optional[dict]) -> np.ndarray:
         xt = _t(x, torch.float32)
-        d = self.module(xt, _t(v, torch.float32), _t(t, torch.float32), _t(h, torch.float32),
-                        _labels(self.module, cond, xt.shape[0]))
+        names = tuple(getattr(self.module, "cond_inputs", ("y",)))
+        conds = [_labels(self.module, cond, xt.shape[0]) if n == "y" else torch.from_numpy(np.ascontiguousarray(cond[n]))
+                 for n in names]
+        d = self.module(xt, _t(v, torch.float32), _t(t, torch.float32), _t(h, torch.float32), *conds)
         return d.numpy().astype(np.float32, copy=False)
 
 
