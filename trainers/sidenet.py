@@ -138,9 +138,12 @@ class SideNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: "torch.Tensor", v: "torch.Tensor", t: "torch.Tensor", h: "torch.Tensor",
-                *conds: "torch.Tensor") -> "torch.Tensor":
-        """x, v (B, *state_shape); t, h (B,) float; ``conds`` the :attr:`cond_inputs` in order (label
-        kind: y (B,) int64) -> delta (B, *state_shape), 0 where h = 0."""
+                y: Optional["torch.Tensor"] = None, y2: Optional["torch.Tensor"] = None) -> "torch.Tensor":
+        """x, v (B, *state_shape); t, h (B,) float; y, y2 the :attr:`cond_inputs` in order (label kind:
+        y (B,) int64 labels; pooled: y (B, P); mean: y (B, L, D) and the mask y2 (B, L) if declared;
+        none: nothing) -> delta (B, *state_shape), 0 where h = 0. Named arguments, so exporters can
+        key dynamic shapes by name."""
+        conds = tuple(c for c in (y, y2) if c is not None)
         c = self.t_embed(t) + self.h_embed(h)
         kind = self.cond_spec["kind"]
         if kind == "label":

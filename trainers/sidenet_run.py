@@ -51,11 +51,22 @@ class SourceBackbone:
 
 
 def load_backbone(source: str | Path, out: str | Path) -> SourceBackbone:
-    """Open SOURCE (our checkpoint or model folder, or an adapter source) as a frozen backbone."""
+    """Open SOURCE as a frozen backbone: our checkpoint or model folder (identity = its weights file's
+    hash, as before), or what ``anchorflow export`` accepts besides (a diffusers transformer folder,
+    ``pkg.module:factory``) through the same adapter (identity = sha256 of its weights)."""
     from ..modelref import resolve_backbone_checkpoint
+    from .adapters.diffusers import is_diffusers_folder
+    from .adapters.factory import is_factory
     from .checkpoint import load_checkpoint
     from .sidenet import backbone_identity
 
+    text = str(source)
+    if is_factory(text) or (text != "default" and is_diffusers_folder(Path(text).expanduser())):
+        from .adapters import load_source
+
+        adapter = load_source(text).eval().requires_grad_(False)
+        where = text if is_factory(text) else os.path.relpath(Path(text).resolve(), Path(out).resolve())
+        return SourceBackbone(as_cond_backbone(adapter), backbone_identity(adapter, path=where), None)
     path = resolve_backbone_checkpoint(source)
     module, cfg = load_checkpoint(path, kind="backbone")
     rel = os.path.relpath(Path(path).resolve(), Path(out).resolve())
