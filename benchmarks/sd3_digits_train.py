@@ -67,11 +67,21 @@ def save_npz(path: Path, arrays: dict) -> None:
     _io.write_bytes(path, buf.getvalue())
 
 
+def _save_transformer(module, out: Path, _io) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        module.save_pretrained(tmp)
+        with _io.atomic_dir(out / "transformer") as final:
+            for f in Path(tmp).iterdir():
+                (final / f.name).write_bytes(f.read_bytes())
+
+
 def train(args: argparse.Namespace) -> dict:
     import torch
     from diffusers import SD3Transformer2DModel
     from tqdm.auto import tqdm
 
+    from anchorflow import _io
     from anchorflow.trainers.data import load_dataset
     from anchorflow.trainers.flow import EMA, lr_at
 
@@ -107,16 +117,10 @@ def train(args: argparse.Namespace) -> dict:
         if (step + 1) % 250 == 0:
             log.append([step + 1, sum(window) / len(window)])
             window = []
+        if (step + 1) % 500 == 0 or step + 1 == args.steps:
+            _save_transformer(ema.module, Path(args.out), _io)  # the EMA weights so far (atomic)
     wall = time.perf_counter() - start
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from anchorflow import _io
-
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        ema.module.save_pretrained(tmp)
-        with _io.atomic_dir(out / "transformer") as final:
-            for f in Path(tmp).iterdir():
-                (final / f.name).write_bytes(f.read_bytes())
     save_npz(out / "prompts.npz", prompts)
     save_npz(out / "null_prompt.npz", null)
     n_params = sum(p.numel() for p in model.parameters())
