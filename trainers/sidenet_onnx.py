@@ -25,21 +25,22 @@ FILE = "sidenet.onnx"
 TOL = 1e-4  # fp32 parity bound, as for the backbone
 
 
-def declaration(side: Any, bundle: Any) -> list[dict]:
-    """bundle.json ``inputs`` of the SideNet (see the module docstring)."""
+def declaration(side: Any, backbone_inputs: list[dict]) -> list[dict]:
+    """bundle.json ``inputs`` of the SideNet (see the module docstring); ``backbone_inputs`` the
+    backbone's declared inputs (bundle.json's, or an adapter spec's ``inputs()``)."""
     state = ["batch", *(int(s) for s in side.state_shape)]
     decls = [{"name": "x", "dtype": "float32", "shape": state, "role": "state", "per_row": True},
              {"name": "v", "dtype": "float32", "shape": state, "role": "velocity", "per_row": True},
              {"name": "t", "dtype": "float32", "shape": ["batch"], "role": "time", "per_row": True},
              {"name": "h", "dtype": "float32", "shape": ["batch"], "role": "offset", "per_row": True}]
-    backbone = {i.name: i for i in bundle.backbone.inputs}
+    backbone = {i["name"]: i for i in backbone_inputs}
     for name in side.cond_inputs:
         if name not in backbone:
-            raise CheckpointError(f"the SideNet is conditioned on {name!r}, which the bundle's backbone does not take "
+            raise CheckpointError(f"the SideNet is conditioned on {name!r}, which the backbone does not take "
                                   f"({', '.join(backbone)}); it belongs to another backbone")
         d = backbone[name]
-        decls.append({"name": name, "dtype": d.dtype, "shape": list(d.shape), "role": "condition",
-                      "per_row": d.per_row})
+        decls.append({"name": name, "dtype": d["dtype"], "shape": list(d["shape"]), "role": "condition",
+                      "per_row": bool(d.get("per_row", True))})
     return decls
 
 
@@ -103,6 +104,22 @@ def _parity(side: Any, data: bytes, decls: list[dict], sizes: dict) -> float:
     return worst
 
 
+def export_sidenet(side: Any, backbone_inputs: list[dict], axes: dict, top_rows: int) -> tuple[bytes, dict]:
+    """The SideNet as ONNX bytes and its network entry (without file / sha256), parity-checked."""
+    decls = declaration(side, backbone_inputs)
+    proto, sizes = trace(side, decls, axes, top_rows)
+    data = proto.SerializeToString()
+    err = _parity(side, data, decls, sizes)
+    used = {a for d in decls for a in d["shape"] if isinstance(a, str) and a != "batch"}
+    entry = {"inputs": decls,
+             "outputs": [{"name": "delta", "dtype": "float32", "shape": decls[0]["shape"], "role": "velocity",
+                          "per_row": True}],
+             "batch": {"min": 1, "opt": top_rows, "max": top_rows},
+             "axes": {a: dict(zip(("min", "opt", "max"), map(int, axes[a]))) for a in sorted(used)},
+             "parity_max_abs": err}
+    return data, entry
+
+
 def add_sidenet(bundle_dir: str | Path, sidenet_dir: str | Path) -> dict:
     """Export the SideNet checkpoint into the bundle (see the module docstring); returns its network entry."""
     from .. import _io
@@ -114,21 +131,14 @@ def add_sidenet(bundle_dir: str | Path, sidenet_dir: str | Path) -> dict:
     if list(side.state_shape) != list(bundle.state_shape):
         raise CheckpointError(f"the SideNet in {sidenet_dir} is for states {list(side.state_shape)}, the bundle's "
                               f"backbone takes {list(bundle.state_shape)}")
-    decls = declaration(side, bundle)
     back = bundle.backbone.batch or (1, 16, 16)
-    top = 3 * int(back[2])
     axes = {a: r for a, r in bundle.backbone.axes.items() if r is not None}
-    proto, sizes = trace(side, decls, axes, top)
-    data = proto.SerializeToString()
-    err = _parity(side, data, decls, sizes)
+    inputs = [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape), "per_row": i.per_row}
+              for i in bundle.backbone.inputs]
+    data, entry = export_sidenet(side, inputs, axes, 3 * int(back[2]))
     _io.write_bytes(Path(bundle.folder) / FILE, data)
-    used = {a for d in decls for a in d["shape"] if isinstance(a, str) and a != "batch"}
-    entry = {**file_record(Path(bundle.folder), FILE), "inputs": decls,
-             "outputs": [{"name": "delta", "dtype": "float32", "shape": decls[0]["shape"], "role": "velocity",
-                          "per_row": True}],
-             "batch": {"min": 1, "opt": top, "max": top},
-             "axes": {a: dict(zip(("min", "opt", "max"), map(int, axes[a]))) for a in sorted(used)},
-             "parity_max_abs": err, "backbone": cfg.get("backbone"), "checkpoint_sha256": cfg.get("weights_sha256")}
+    entry = {**file_record(Path(bundle.folder), FILE), **entry, "backbone": cfg.get("backbone"),
+             "checkpoint_sha256": cfg.get("weights_sha256")}
     meta = dict(bundle.meta)
     meta["networks"] = {**meta["networks"], "sidenet": entry}
     write_bundle_json(Path(bundle.folder), meta)
