@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 import click
+
+from ..errors import ConfigError
 
 from .common import positive
 
@@ -18,19 +21,29 @@ from .common import positive
 @click.option("--sidenet", type=click.Path(exists=True, file_okay=False), default=None,
               help="SideNet checkpoint folder (default: MODEL's sidenet/ folder, if any).")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18 or newer; the newest this onnx knows is the limit).")
-@click.option("--precision", "precisions", multiple=True, default=("fp32", "fp16"), show_default=True,
+@click.option("--precision", "precisions", multiple=True, default=(),
               help="Precision variants, repeatable or comma-separated: fp32, fp16, bf16. fp32 is always "
-                   "exported; fp16/bf16 graphs keep float32 inputs and outputs.")
+                   "exported; fp16/bf16 graphs keep float32 inputs and outputs. Default: fp32,fp16 for our "
+                   "checkpoints, fp32 for diffusers and factory sources (which export fp32 only).")
 @click.option("--max-batch", type=int, default=64, show_default=True, callback=positive,
               help="Samples per solve the bundle serves: backbone batch up to 2x (guidance rows), "
                    "SideNet up to 6x (3 BA probe offsets x 2).")
 @click.option("--no-validate", is_flag=True,
               help="Skip the onnxruntime-vs-torch parity checks (onnx.checker still runs).")
-def export(model, out, sidenet, opset, precisions, max_batch, no_validate) -> None:
+@click.option("--axis", "axes", multiple=True, metavar="NAME=MIN:OPT:MAX",
+              help="Range of a named dynamic axis of a diffusers source (L text length, H/W latent size), "
+                   "e.g. --axis L=1:77:333; repeatable.")
+def export(model, out, sidenet, opset, precisions, max_batch, no_validate, axes) -> None:
     """Export MODEL's backbone (and SideNet) to an ONNX bundle and check it against torch.
 
     MODEL is `default` (the bundled digits model, written to its bundle/ folder), a model root
-    with backbone/ and sidenet/ inside, or a backbone checkpoint folder (then give --out).
+    with backbone/ and sidenet/ inside, a backbone checkpoint folder (then give --out), a
+    diffusers transformer folder (SD3Transformer2DModel, FluxTransformer2DModel, what
+    save_pretrained writes; needs anchorflow[diffusers]) or `pkg.module:factory`, a function of
+    your own returning (torch module, adapter description) (see the README). The last two are
+    declared in bundle.json by their inputs (condition names = the diffusers forward arguments),
+    axes, time map and guidance mode, and are checked against torch at 3 batch sizes x 2 sets of
+    axis sizes.
     Each network is checked with onnx.checker and run in onnxruntime against torch on random and
     real inputs at batch 1, 7 and the maximum (fp32: max abs error <= 1e-4); fp16/bf16 variants
     are judged on mean error relative to the output (32 unit roundoffs of the format). A failed
@@ -41,15 +54,75 @@ def export(model, out, sidenet, opset, precisions, max_batch, no_validate) -> No
       anchorflow export default
       anchorflow export runs/digits --precision fp16,bf16 --max-batch 16
       anchorflow export runs/dit/backbone --sidenet runs/side --out runs/bundle
+      anchorflow export models/sd3/transformer --out sd3-bundle --axis L=1:333:512 --max-batch 4
+      anchorflow export my_pkg.models:make_backbone --out my-bundle
     """
-    from ..export.bundle import export_bundle
+    command = "anchorflow " + " ".join(sys.argv[1:])
+    if _adapter_source(model):
+        result = _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes, command)
+    else:
+        if axes:
+            raise ConfigError("--axis applies to diffusers and factory sources only")
+        from ..export.bundle import export_bundle
 
-    result = export_bundle(model, out, sidenet=sidenet, opset=opset, precisions=precisions, max_batch=max_batch,
-                           validate=not no_validate, command="anchorflow " + " ".join(sys.argv[1:]))
+        result = export_bundle(model, out, sidenet=sidenet, opset=opset, precisions=precisions or ("fp32", "fp16"),
+                               max_batch=max_batch, validate=not no_validate, command=command)
     meta = result.meta
     click.echo(f"wrote {result.path} in {meta['export']['seconds']:.1f} s")
     for name, entry in meta["networks"].items():
         click.echo(_network_lines(name, entry))
+
+
+def _adapter_source(model: str) -> bool:
+    import json
+    from pathlib import Path
+
+    from ..trainers.adapters.factory import _FACTORY
+
+    cfg = Path(model).expanduser() / "config.json"
+    if _FACTORY.match(model) and not Path(model).exists():
+        return True
+    try:
+        return cfg.is_file() and "_class_name" in json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _parse_axes(values: tuple) -> dict:
+    out = {}
+    for value in values:
+        name, _, rng = value.partition("=")
+        try:
+            lo, opt, hi = (int(v) for v in rng.split(":"))
+        except ValueError:
+            raise ConfigError(f"--axis {value!r}: expected NAME=MIN:OPT:MAX with integers, e.g. L=1:77:333") from None
+        if not name or not 1 <= lo <= opt <= hi:
+            raise ConfigError(f"--axis {value!r}: need a name and 1 <= MIN <= OPT <= MAX")
+        out[name] = (lo, opt, hi)
+    return out
+
+
+def _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes, command):
+    from .._deps import require
+
+    for name in ("torch", "onnx", "onnxscript"):
+        require(name, extra="diffusers", purpose="exporting diffusers and factory backbones")
+    if out is None:
+        raise ConfigError(f"give --out: {model} is a diffusers folder or a factory, not a model root")
+    extra = [p for v in precisions for p in str(v).split(",") if p.strip() and p.strip() != "fp32"]
+    if extra:
+        raise ConfigError(f"diffusers and factory sources export fp32 only for now (asked for {', '.join(extra)}); "
+                          "drop --precision")
+    from ..export.adapter_export import export_adapter
+    from ..trainers.adapters import load_source
+
+    adapter = load_source(model, _parse_axes(axes))
+    spec = adapter.spec
+    source = {"kind": "factory" if ":" in model and not os.path.exists(model) else "diffusers",
+              "path": model if ":" in model and not os.path.exists(model) else os.path.abspath(model),
+              "family": spec.family}
+    return export_adapter(adapter, out, max_batch=max_batch, opset=opset, validate=not no_validate,
+                          source=source, command=command)
 
 
 @click.command("inspect")
@@ -84,6 +157,7 @@ def describe(folder, meta: dict) -> str:
         f"model     {model.get('name')}: state {tuple(model.get('state_shape', ()))}, {model.get('num_classes')} "
         f"classes, null label {model.get('null_label')}, data range {model.get('data_range')}",
         f"time      {meta.get('time_convention')}",
+        f"contract  time map {_time_map(meta)}; guidance {_guidance(meta)}",
         f"export    {exp.get('exporter')}, opset {exp.get('opset')}, max batch {exp.get('max_batch')}, "
         f"{exp.get('created')}, real inputs: {exp.get('real_inputs')}",
         "versions  " + ", ".join(f"{k} {v}" for k, v in ver.items()),
@@ -98,6 +172,32 @@ def describe(folder, meta: dict) -> str:
                 state = f"NOT OK: {exc}"
             lines.append(f"    {precision:<5} file {state}")
     return "\n".join(lines)
+
+
+def _time_map(meta: dict) -> str:
+    t = meta.get("time") or {"map": "identity"}
+    return {"scale": f"model time = {t.get('scale')} * t", "flip": "model time = 1 - t"}.get(t.get("map"), "identity")
+
+
+def _guidance(meta: dict) -> str:
+    g = meta.get("guidance") or ({"mode": "rows", "null": {"y": meta["model"]["null_label"]}}
+                                 if (meta.get("model") or {}).get("null_label") is not None else {"mode": "none"})
+    if g.get("mode") == "embedded":
+        return f"embedded (input {g.get('input')!r}, one row per sample)"
+    if g.get("mode") == "rows":
+        null = ", ".join(f"{k}={v}" for k, v in (g.get("null") or {}).items()) or "given with --null-cond"
+        return f"rows (classifier-free guidance on [cond; null] rows; null {null})"
+    return "none"
+
+
+def _declared(entry: dict) -> str:
+    """The conditions a network declares and its named axes' ranges."""
+    roles = {"x": "state", "t": "time", "v": "velocity", "h": "offset"}
+    conds = [e for e in entry["inputs"] if e.get("role", roles.get(e["name"], "condition")) == "condition"]
+    text = ", ".join(f"{e['name']} {e['dtype']} ({', '.join(map(str, e['shape']))})"
+                     + ("" if e.get("per_row", True) else " shared") for e in conds) or "none"
+    axes = ", ".join(f"{a} {r['min']}..{r['max']} (opt {r['opt']})" for a, r in (entry.get("axes") or {}).items())
+    return f"    conditions {text}" + (f"; axes {axes}" if axes else "")
 
 
 def _io(entries: list[dict[str, Any]]) -> str:
@@ -120,6 +220,7 @@ def _network_lines(name: str, entry: dict) -> str:
     lines = [
         f"{name:<9} {entry['file']} {entry.get('bytes', 0) / 1e3:.0f} kB, sha256 {entry['sha256'][:16]}",
         f"    io    {_io(entry['inputs'])} -> {_io(entry['outputs'])}",
+        _declared(entry),
         f"    batch {b.get('min')}..{b.get('max')} (opt {b.get('opt')})",
         f"    fp32  {_parity(entry.get('validation'))}",
     ]
@@ -129,6 +230,10 @@ def _network_lines(name: str, entry: dict) -> str:
         lines.append(f"    clean nodes {cl.get('nodes_before')} -> {cl.get('nodes_after')}, ORT CPU batch 1 "
                      f"{cl.get('latency_ms_before')} -> {cl.get('latency_ms_after')} ms, "
                      f"{'kept' if cl.get('kept') else 'discarded: ' + str(cl.get('reason'))}")
-    lines.append(f"    from  {ck.get('path')} (weights sha256 {str(ck.get('weights_sha256'))[:16]}, "
-                 f"command: {(ck.get('training') or {}).get('command')})")
+    if ck:
+        lines.append(f"    from  {ck.get('path')} (weights sha256 {str(ck.get('weights_sha256'))[:16]}, "
+                     f"command: {(ck.get('training') or {}).get('command')})")
+    elif entry.get("source"):
+        src = entry["source"]
+        lines.append(f"    from  {src.get('kind', 'adapter')} {src.get('path', '')} ({src.get('family')})")
     return "\n".join(lines)

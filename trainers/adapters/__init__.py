@@ -12,8 +12,8 @@ from .base import AdapterSpec, BackboneAdapter, Condition, Positional
 __all__ = ["AdapterSpec", "BackboneAdapter", "Condition", "Positional", "load_source"]
 
 
-def load_source(source: str):
-    """An adapter for ``source`` (see :func:`.factory.load_source`)."""
+def load_source(source: str, axes: dict | None = None):
+    """An adapter for ``source`` (see :func:`.factory.load_source`); ``axes`` overrides axis ranges."""
     from .factory import load_source as _load
 
-    return _load(source)
+    return _load(source, axes)

@@ -57,7 +57,8 @@ class AdapterSpec:
     """What a backbone takes, in bundle.json's terms (see the module docstring).
 
     ``state`` is x's shape without the batch axis, ints and axis names (e.g. ``(16, "H", "W")``);
-    ``axes`` maps every axis name used by ``state`` and the conditions to (min, opt, max).
+    ``axes`` maps every axis name used by ``state`` and the conditions to (min, opt, max);
+    ``multiples`` the axes whose sizes must be multiples of m (e.g. ``{"H": 2, "W": 2}`` for 2x2 patches).
     """
 
     name: str
@@ -68,6 +69,7 @@ class AdapterSpec:
     guidance: dict = field(default_factory=lambda: {"mode": "none"})
     data_range: Optional[tuple] = None
     family: str = "custom"
+    multiples: dict = field(default_factory=dict)  # axis -> m: sizes must be multiples of m (patching)
 
     def __post_init__(self) -> None:
         used = {d for shape in [self.state, *(c.shape for c in self.conditions)] for d in shape if isinstance(d, str)}

@@ -5,7 +5,8 @@ of shape facts) and calls ``transformer(hidden_states=..., timestep=..., **condi
 return_dict=False)[0]`` with the diffusers forward argument names as condition names:
 
 - ``SD3Transformer2DModel``: ``encoder_hidden_states`` (B, L, joint_attention_dim),
-  ``pooled_projections`` (B, pooled_projection_dim); timestep = 1000 t; guidance ``rows``.
+  ``pooled_projections`` (B, pooled_projection_dim); timestep = 1000 t; guidance ``rows``; its
+  position-table crop is re-expressed as a gather so the exported graph keeps H and W dynamic.
 - ``FluxTransformer2DModel``: the same two, plus ``guidance`` (B,) float32 when
   ``guidance_embeds`` (FLUX-dev: guidance ``embedded``; schnell: ``none``); timestep = t (FLUX
   scales inside). x (B, C, H, W) with C = in_channels / 4 is packed 2x2 into (B, HW/4, 4C) and
@@ -13,7 +14,10 @@ return_dict=False)[0]`` with the diffusers forward argument names as condition n
   the rotary embedding runs in float32 (diffusers computes it in float64, which TensorRT cannot
   import; the angle error is ~1e-7 relative).
 - ``SanaTransformer2DModel``: ``encoder_hidden_states`` (B, L, caption_channels),
-  ``encoder_attention_mask`` (B, L) int64 (1 = token); timestep = 1000 * timestep_scale * t.
+  ``encoder_attention_mask`` (B, L) int64 (1 = token); timestep = 1000 * timestep_scale * t; the
+  latent size is static (``sample_size``; torch.export cannot relate Sana's Mix-FFN reshape to a
+  dynamic H x W), batch and text length are dynamic; the masked cross-attention runs diffusers'
+  plain ``AttnProcessor`` (the ONNX exporter's SDPA decomposition breaks a dynamic batch there).
 
 Velocity: diffusers' flow-matching schedulers step ``x += (sigma_next - sigma) * model_output``
 with sigma our t, so the model output is already dx/dt in our convention (t = 1 noise).
@@ -62,11 +66,28 @@ class SD3Adapter(DiffusersAdapter):
         spec = AdapterSpec(name=name, state=(int(c.in_channels), "H", "W"), conditions=conds,
                            axes={"H": _latent_range(size, 2 * p, top), "W": _latent_range(size, 2 * p, top), "L": TEXT,
                                  **(axes or {})},
-                           time={"map": "scale", "scale": 1000.0}, guidance={"mode": "rows"}, family="sd3")
+                           time={"map": "scale", "scale": 1000.0}, guidance={"mode": "rows"}, family="sd3",
+                           multiples={"H": p, "W": p})
+        if transformer.pos_embed.pos_embed_max_size:
+            _gathered_crop(transformer.pos_embed)
         return cls(transformer, spec)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[dict] = None) -> torch.Tensor:
         return self._call(x, t, dict(cond or {}))
+
+
+def _gathered_crop(pe: Any) -> None:
+    """SD3's centre crop of its position table as index_select on arange rows/cols: the same values,
+    but the ONNX exporter keeps it dynamic (its slice with shape-derived bounds comes out static)."""
+
+    def cropped(height: Any, width: Any) -> torch.Tensor:
+        m, p = pe.pos_embed_max_size, pe.patch_size
+        hp, wp = height // p, width // p
+        grid = pe.pos_embed.reshape(m, m, -1)
+        rows, cols = torch.arange(hp) + (m - hp) // 2, torch.arange(wp) + (m - wp) // 2
+        return grid.index_select(0, rows).index_select(1, cols).reshape(1, -1, grid.shape[-1])
+
+    pe.cropped_pos_embed = cropped
 
 
 class SanaAdapter(DiffusersAdapter):
@@ -80,11 +101,16 @@ class SanaAdapter(DiffusersAdapter):
         if c.guidance_embeds:
             conds.append(Condition("guidance", "float32", ("batch",), low=1.0, high=5.0))
             guidance = {"mode": "embedded", "input": "guidance"}
-        spec = AdapterSpec(name=name, state=(int(c.in_channels), "H", "W"), conditions=tuple(conds),
-                           axes={"H": _latent_range(size, 2 * p, 4 * size), "W": _latent_range(size, 2 * p, 4 * size),
-                                 "L": TEXT, **(axes or {})},
+        # latent size static (sample_size): torch.export cannot relate Sana's token count to a dynamic H x W
+        # (its Mix-FFN reshapes tokens by python ints), so only the batch and text length are dynamic
+        spec = AdapterSpec(name=name, state=(int(c.in_channels), size, size), conditions=tuple(conds),
+                           axes={"L": TEXT, **{k: v for k, v in (axes or {}).items() if k == "L"}},
                            time={"map": "scale", "scale": 1000.0 * float(c.timestep_scale)}, guidance=guidance,
                            family="sana")
+        from diffusers.models.attention_processor import AttnProcessor
+
+        for block in transformer.transformer_blocks:  # masked cross-attention without SDPA: the ONNX
+            block.attn2.set_processor(AttnProcessor())  # exporter's SDPA decomposition breaks a dynamic batch
         return cls(transformer, spec)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[dict] = None) -> torch.Tensor:
@@ -105,7 +131,7 @@ class FluxAdapter(DiffusersAdapter):
             guidance = {"mode": "embedded", "input": "guidance"}
         spec = AdapterSpec(name=name, state=(channels, "H", "W"), conditions=tuple(conds),
                            axes={"H": (2, 16, 256), "W": (2, 16, 256), "L": TEXT, **(axes or {})},
-                           time={"map": "identity"}, guidance=guidance, family="flux")
+                           time={"map": "identity"}, guidance=guidance, family="flux", multiples={"H": 2, "W": 2})
         _float32_rope(transformer)
         return cls(transformer, spec)
 

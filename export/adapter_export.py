@@ -1,0 +1,186 @@
+"""Export any :class:`~anchorflow.trainers.adapters.BackboneAdapter` to a validated bundle (schema /2).
+
+``export_adapter(adapter, out, ...)`` runs ``torch.onnx.export(dynamo=True)`` on the adapter's
+``forward(x, t, *conditions)`` with a dynamic ``batch`` axis and one ``torch.export.Dim`` per named
+axis of the spec (text length ``L``, latent ``H``/``W``; an axis that must be a multiple of m, e.g.
+FLUX's 2x2 packing, is declared as ``m * Dim``), refuses float64 anywhere in the graph (TensorRT
+cannot import it), writes the weights as ONNX external data (one ``backbone.onnx.data`` next to the
+graph, hashed like the rest) above 2 GB, and checks onnxruntime against torch at 3 batch sizes x
+2 sets of axis sizes (fp32: max abs error <= 1e-4). bundle.json declares the inputs, axes, time
+map and guidance mode (:mod:`anchorflow.runtime.bundle_format`). The folder appears whole or not
+at all. Time convention: t = 1 noise, t = 0 data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .._deps import require
+from .._io import atomic_dir
+from ..errors import CheckpointError, ConfigError
+from ..runtime.bundle_format import SCHEMA, TIME_CONVENTION, file_record, write_bundle_json
+from .onnx_export import DEFAULT_OPSET, _quiet, check_opset
+from .validate import Case, reference_outputs, run_report
+
+EXAMPLE_BATCH = 3  # not 0 or 1, which torch.export would specialise
+EXTERNAL_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB cap, less room for the graph itself
+FILE = "backbone.onnx"
+
+
+def _dims(spec: Any, top_rows: int) -> tuple[dict, Any]:
+    """One torch.export Dim per axis name (``batch`` included); multiples as ``m * Dim``."""
+    torch = require("torch")
+    dims = {"batch": torch.export.Dim("batch", min=1, max=max(top_rows, EXAMPLE_BATCH))}
+    for axis, (lo, _, hi) in spec.axes.items():
+        m = int(spec.multiples.get(axis, 1))
+        if m > 1:
+            dims[axis] = m * torch.export.Dim(f"{axis}_over_{m}", min=max(1, math.ceil(lo / m)), max=hi // m)
+        else:
+            dims[axis] = torch.export.Dim(axis, min=lo, max=hi)
+    return dims, torch
+
+
+def _example_sizes(spec: Any) -> dict:
+    """Axis sizes of the traced example: the opt sizes, at least 2 (torch.export specialises 1)."""
+    out = {}
+    for axis, (_, opt, hi) in spec.axes.items():
+        m = int(spec.multiples.get(axis, 1))
+        out[axis] = max(opt, 2 * m if 2 * m <= hi else opt)
+    return out
+
+
+def trace(adapter: Any, top_rows: int, opset: int) -> Any:
+    """``torch.onnx.export`` of ``Positional(adapter)`` -> ``onnx.ModelProto`` (named inputs x, t, conditions)."""
+    from ..trainers.adapters.base import Positional
+
+    spec = adapter.spec
+    dims, torch = _dims(spec, top_rows)
+    ex = spec.example(EXAMPLE_BATCH, np.random.default_rng(0), **_example_sizes(spec))
+    decl = spec.inputs()
+    args = tuple(torch.from_numpy(ex[d["name"]]) for d in decl)
+    per_input = [{j: dims[a] for j, a in enumerate(d["shape"]) if isinstance(a, str)} or None for d in decl]
+    shapes = (per_input[0], per_input[1], tuple(per_input[2:]))  # forward(x, t, *conditions)
+    module = Positional(adapter).eval()
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.onnx.export(module, args, None, input_names=[d["name"] for d in decl], output_names=["v"],
+                                        dynamo=True, dynamic_shapes=shapes, opset_version=check_opset(opset),
+                                        external_data=False, verbose=False)
+    except Exception as exc:  # torch.export raises many types; the message is what helps
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        first = next((ln for ln in lines if ln.startswith("<class")), lines[0])
+        raise ConfigError(f"torch.onnx.export failed for the {spec.name} backbone: {first[:400]}; the adapter must "
+                          "run without data-dependent Python control flow on its dynamic axes") from exc
+    return program.model_proto
+
+
+def doubles(model: Any) -> list[str]:
+    """Names of float64 tensors or casts in the graph (TensorRT cannot import double tensors)."""
+    onnx = require("onnx")
+    d = onnx.TensorProto.DOUBLE
+    g = model.graph
+    found = [t.name for t in g.initializer if t.data_type == d]
+    found += [v.name for v in [*g.input, *g.output, *g.value_info] if v.type.tensor_type.elem_type == d]
+    for node in g.node:
+        if node.op_type == "Cast" and any(a.name == "to" and a.i == d for a in node.attribute):
+            found.append(node.name or node.output[0])
+        if node.op_type == "Constant" and any(a.t.data_type == d for a in node.attribute if a.type == a.TENSOR):
+            found.append(node.output[0])
+    return found
+
+
+def save(model: Any, folder: Path, external: Optional[bool]) -> dict:
+    """Write the graph (external data above 2 GB or when asked); its bundle.json file record."""
+    onnx = require("onnx")
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    big = size > EXTERNAL_BYTES if external is None else external
+    onnx.save_model(model, str(folder / FILE), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=f"{FILE}.data", size_threshold=1024)  # small constants stay inline (ORT infers shapes)
+    record = file_record(folder, FILE)
+    if big:
+        record["external_data"] = [file_record(folder, f"{FILE}.data")]
+    return record
+
+
+def cases(spec: Any, top_rows: int, seed: int = 0) -> list[Case]:
+    """3 batch sizes (1, 3, up to 8 rows) x 2 sets of axis sizes (opt, and half-way to min or max)."""
+    rng = np.random.default_rng(seed)
+    alt = {}
+    for axis, (lo, opt, hi) in spec.axes.items():
+        m = int(spec.multiples.get(axis, 1))
+        size = max(lo, (lo + opt) // 2 // m * m) if opt > lo else min(hi, opt + m)
+        alt[axis] = size if size != opt else min(hi, opt + m)
+    out = []
+    for sizes in ({}, alt) if alt else ({},):
+        label = " ".join(f"{a}={s}" for a, s in spec.sizes(**sizes).items()) or "static"
+        for b in sorted({1, min(3, top_rows), min(8, top_rows)}):
+            out.append(Case(f"random {label}", b, spec.example(b, rng, **sizes)))
+    return out
+
+
+def _parity(adapter: Any, folder: Path, spec: Any, top_rows: int) -> Any:
+    from ..runtime.backends import make_session
+
+    todo = cases(spec, top_rows)
+    refs = reference_outputs("backbone", lambda f: adapter.call_numpy(f["x"], f["t"], _cond(f)), todo)
+    session = make_session(folder / FILE, "ort-cpu", threads=1)
+    report = run_report("backbone", "fp32", "ort-cpu", "torch", todo, refs, lambda f: session.run(["v"], f)[0])
+    if not report.passed:
+        raise CheckpointError(f"export refused: {report.failure()}; nothing was written")
+    return report
+
+
+def _cond(feeds: dict) -> dict:
+    return {k: v for k, v in feeds.items() if k not in ("x", "t")}
+
+
+def export_adapter(adapter: Any, out: str | os.PathLike, *, max_batch: int = 8, opset: int = DEFAULT_OPSET,
+                   validate: bool = True, external_data: Optional[bool] = None, source: Optional[dict] = None,
+                   command: Optional[str] = None) -> Any:
+    """Export ``adapter`` to the bundle folder ``out`` (see the module docstring).
+
+    ``max_batch``: samples per solve; the backbone takes up to 2x rows with ``rows`` guidance.
+    ``external_data``: None = only above 2 GB. Returns :class:`~.bundle.BundleExport`.
+    """
+    from .bundle import BundleExport, _publishable, versions
+
+    if max_batch < 1:
+        raise ConfigError(f"--max-batch must be a positive integer, got {max_batch}")
+    spec = adapter.spec
+    rows = 2 if spec.guidance.get("mode") == "rows" else 1
+    top = rows * int(max_batch)
+    start = time.perf_counter()
+    model = trace(adapter.eval(), top, opset)
+    bad = doubles(model)
+    if bad:
+        raise CheckpointError(f"export refused: the graph computes in float64 ({', '.join(bad[:3])}...), which TensorRT "
+                              "cannot import; cast to float32 in the adapter")
+    pieces = spec.to_bundle()
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        entry = save(model, tmp, external_data)
+        report = _parity(adapter, tmp, spec, top) if validate else None
+        entry.update({
+            "inputs": pieces["inputs"], "outputs": [{"name": "v", "dtype": "float32", "shape": ["batch", *spec.state],
+                                                    "role": "velocity", "per_row": True}],
+            "batch": {"min": 1, "opt": top, "max": top}, "axes": pieces["axes"], "precisions": {},
+            "source": source or {"family": spec.family},
+            "validation": report.as_dict() if report else {"skipped": "--no-validate"},
+        })
+        meta = {"schema": SCHEMA, "model": {**pieces["model"], "source": source}, "time_convention": TIME_CONVENTION,
+                "time": pieces["time"], "guidance": pieces["guidance"], "networks": {"backbone": entry},
+                "precisions": ["fp32"],
+                "export": {"exporter": "torch.onnx.export(dynamo=True)", "opset": opset, "max_batch": int(max_batch),
+                           "validated": validate, "command": command, "seconds": round(time.perf_counter() - start, 2),
+                           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                "versions": versions(opset)}
+        write_bundle_json(tmp, meta)
+        _publishable(tmp)
+    return BundleExport(out, meta)
+

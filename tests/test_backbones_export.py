@@ -1,0 +1,166 @@
+"""Bring your own backbone: tiny random-init diffusers SD3 / FLUX-dev / FLUX-schnell and a factory module,
+exported through the CLI and sampled by the runtime.
+
+Truths: the torch adapter (ONNX parity), and the diffusers sampling convention computed in torch on the
+ORIGINAL transformer (timestep = 1000 sigma for SD3, sigma for FLUX with the pipeline's own packing and
+ids; sigmas = linspace(1, 0, N + 1); x += (sigma_next - sigma) * v; CFG v = v_u + s (v_c - v_u)).
+Time convention: t = 1 noise (= sigma), t = 0 data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("onnxscript")
+
+from click.testing import CliRunner  # noqa: E402
+from test_adapters import _reference  # noqa: E402
+from tiny_diffusers import build, save  # noqa: E402
+
+from anchorflow.cli import cli  # noqa: E402
+from anchorflow.runtime import solve  # noqa: E402
+from anchorflow.runtime.bundle import load_bundle  # noqa: E402
+
+FAMILIES = ("sd3", "flux-dev", "flux-schnell")
+MAX_BATCH = 4
+PARITY = 1e-4  # the exporter's fp32 tolerance (measured on these models: <= 7e-6, see bundle.json)
+# Euler: N steps of |dt| = 1/N, each adding at most |dt| * (per-call error <= PARITY) to a state of
+# unit scale, and the SD3/FLUX fields are Lipschitz ~1 at this size: N * (1/N) * PARITY = PARITY.
+EULER = 1e-4
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict:
+    """family -> bundle folder, each exported once through the CLI from a save_pretrained folder."""
+    root = tmp_path_factory.mktemp("backbones")
+    out = {}
+    for family in FAMILIES:
+        src = save(family, root / f"{family}-transformer")
+        bundle = root / f"{family}-bundle"
+        res = CliRunner().invoke(cli, ["export", str(src), "--out", str(bundle), "--max-batch", str(MAX_BATCH),
+                                       "--axis", "L=1:6:12"])
+        assert res.exit_code == 0, res.output
+        out[family] = bundle
+    return out
+
+
+def _inputs(b, n: int, length: int, seed: int) -> tuple[np.ndarray, dict]:
+    spec_like = b.format.backbone
+    rng = np.random.default_rng(seed)
+    state = b.format.state_shape
+    cond = {}
+    for c in spec_like.conditions:
+        shape = tuple(n if d == "batch" else length if d == "L" else int(d) for d in c.shape)
+        cond[c.name] = (rng.uniform(1, 5, shape) if c.name == "guidance" else rng.standard_normal(shape)).astype(np.float32)
+    return rng.standard_normal((n, *state)).astype(np.float32), cond
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_records_parity_at_3_batches_and_2_text_lengths(exported, family):
+    meta = json.loads((exported[family] / "bundle.json").read_text())
+    bb = meta["networks"]["backbone"]
+    v = bb["validation"]
+    sizes = {c["case"].split(" b=")[0] for c in v["cases"]}
+    batches = {c["case"].split(" b=")[1] for c in v["cases"]}
+    assert v["passed"] and v["worst"]["max_abs"] <= PARITY and len(sizes) == 2 and len(batches) == 3
+    assert meta["schema"] == "anchorflow.bundle/2" and bb["axes"]["L"] == {"min": 1, "opt": 6, "max": 12}
+    names = [i["name"] for i in bb["inputs"]]
+    assert names[:4] == ["x", "t", "encoder_hidden_states", "pooled_projections"]
+    assert ("guidance" in names) == (family == "flux-dev")
+    assert meta["guidance"]["mode"] == {"flux-dev": "embedded", "flux-schnell": "none"}.get(family, "rows")
+    out = CliRunner().invoke(cli, ["inspect", str(exported[family])])
+    assert out.exit_code == 0 and "conditions encoder_hidden_states float32 (batch, L, 16)" in out.output
+    if family.startswith("flux"):  # no float64 in the graph (TensorRT cannot import it)
+        import onnx
+
+        from anchorflow.export.adapter_export import doubles
+
+        assert doubles(onnx.load(str(exported[family] / "backbone.onnx"))) == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("n, length", [(2, 3), (5, 11)])
+def test_runtime_velocity_matches_torch_at_new_sizes(exported, family, n, length):
+    b = load_bundle(exported[family], backend="ort-cpu")
+    x, cond = _inputs(b, n, length, seed=n)
+    t = np.linspace(0.9, 0.1, n).astype(np.float32)
+    want = _reference(family, build(family), torch.from_numpy(x), torch.from_numpy(t),
+                      {k: torch.from_numpy(v) for k, v in cond.items()}).numpy()
+    assert np.abs(b.velocity(x, t, cond) - want).max() <= PARITY
+
+
+def _diffusers_euler(family, model, x, cond, null=None, scale=1.0):
+    """The diffusers convention in torch: sigmas linspace(1, 0, N + 1), x += (sigma_next - sigma) v."""
+    x = torch.from_numpy(x).clone()
+    sigmas = torch.linspace(1.0, 0.0, STEPS + 1)
+    tc = {k: torch.from_numpy(v) for k, v in cond.items()}
+    tn = None if null is None else {k: torch.from_numpy(np.broadcast_to(v, cond[k].shape).copy()) for k, v in null.items()}
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        sig = torch.full((x.shape[0],), float(s))
+        v = _reference(family, model, x, sig, tc)
+        if tn is not None:
+            v_u = _reference(family, model, x, sig, tn)
+            v = v_u + scale * (v - v_u)
+        x = x + (s_next - s) * v
+    return x.numpy()
+
+
+@pytest.mark.parametrize("family, guided", [("sd3", False), ("sd3", True), ("flux-dev", False), ("flux-schnell", False)])
+def test_anchorflow_euler_equals_the_diffusers_convention(exported, family, guided):
+    """SD3 with and without CFG rows; FLUX-dev with its embedded guidance (3.5 per sample); schnell plain."""
+    b = load_bundle(exported[family], backend="ort-cpu")
+    x, cond = _inputs(b, 3, 6, seed=7)
+    if "guidance" in cond:
+        cond["guidance"] = np.full(3, 3.5, np.float32)
+    kw, null = {}, None
+    if guided:  # one shared "empty prompt" row for the unconditional half
+        null = {k: np.zeros((1, *v.shape[1:]), np.float32) for k, v in cond.items()}
+        kw = dict(null_cond=null, cfg_scale=2.0)
+    got = solve("euler", b.velocity, x, STEPS, cond=cond, **kw)
+    assert got.nfe == STEPS
+    want = _diffusers_euler(family, build(family), x, cond, null, 2.0)
+    assert np.abs(got.x - want).max() <= EULER
+
+
+def test_factory_from_a_test_file_exports_and_samples(tmp_path):
+    """The factory in test_adapters.py (time map flip, CFG rows, text of length L) through the CLI."""
+    from test_adapters import Toy
+
+    bundle = tmp_path / "toy"
+    res = CliRunner().invoke(cli, ["export", "test_adapters:make_backbone", "--out", str(bundle)])
+    assert res.exit_code == 0, res.output
+    b = load_bundle(bundle, backend="ort-cpu")
+    rng = np.random.default_rng(0)
+    x, text = rng.standard_normal((2, 2, 6, 6)).astype(np.float32), rng.standard_normal((2, 5, 2)).astype(np.float32)
+    t = np.array([0.3, 0.8], np.float32)
+    with torch.no_grad():
+        want = -Toy()(torch.from_numpy(x), torch.from_numpy(1.0 - t), torch.from_numpy(text)).numpy()
+    assert np.abs(b.velocity(x, t, {"text": text}) - want).max() <= PARITY
+
+
+def test_external_data_is_written_hashed_and_loaded(tmp_path):
+    from anchorflow.errors import CheckpointError
+    from anchorflow.export.adapter_export import export_adapter
+    from anchorflow.trainers.adapters import load_source
+
+    bundle = tmp_path / "ext"
+    export_adapter(load_source(str(save("sd3", tmp_path / "sd3"))), bundle, max_batch=2, external_data=True)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    ext = meta["networks"]["backbone"]["external_data"]
+    assert [e["file"] for e in ext] == ["backbone.onnx.data"] and (bundle / "backbone.onnx.data").is_file()
+    assert meta["networks"]["backbone"]["validation"]["passed"]  # the parity ran on the graph + its data file
+    b = load_bundle(bundle, backend="ort-cpu")
+    x, cond = _inputs(b, 1, 4, seed=0)
+    assert b.velocity(x, np.ones(1, np.float32), cond).shape == x.shape
+    data = bytearray((bundle / "backbone.onnx.data").read_bytes())
+    data[-1] ^= 1
+    (bundle / "backbone.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="backbone.onnx.data does not match the sha256"):
+        load_bundle(bundle, backend="ort-cpu")
