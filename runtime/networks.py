@@ -89,10 +89,9 @@ class BundleNet:
                 r = self.decl.axis_range(want)
                 bad = bad or (r is not None and not r[0] <= size <= r[2])
         if bad:
-            ranges = {a: self.decl.axis_range(a) for a in inp.shape if isinstance(a, str) and a != "batch"}
-            extra = "".join(f", {a} in {r[0]}..{r[2]}" for a, r in ranges.items() if r)
             raise ConfigError(f"the {self.decl.name} input {inp.name!r} got shape {tuple(value.shape)}, expected "
-                              f"{inp.describe()} (batch = {rows} rows{extra}); it expects: {expected(self.decl)}")
+                              f"{inp.describe()} (batch = {rows} rows{_ranges(self.decl, inp)}); it expects: "
+                              f"{expected(self.decl)}")
         return np.ascontiguousarray(value, dtype)
 
     def _call(self, tensors: dict, cond: Optional[dict]) -> np.ndarray:
@@ -129,3 +128,39 @@ class BundleSideNet(BundleNet):
 
 
 WRAPPERS = {"backbone": BundleVelocity, "sidenet": BundleSideNet}
+
+
+def check_conditions(decl: NetworkDecl, cond: dict, rows: int, null: Optional[dict] = None, what: str = "--cond") -> dict:
+    """Check user conditions against a network's declaration before any work (CLI, services).
+
+    Each value needs ``rows`` (or 1, shared) rows, the declared rank, static sizes and named-axis
+    ranges; names must be declared; a declared condition may be missing only when ``null`` has a
+    value for it. One-line ConfigError listing what the bundle expects otherwise. Returns ``cond``
+    with dtypes cast to the declared ones.
+    """
+    declared = {c.name: c for c in decl.conditions}
+    expects = f"the bundle expects: {expected(decl)}"
+    extra = sorted(set(cond) - set(declared))
+    missing = sorted(set(declared) - set(cond) - set(null or {}))
+    if extra or missing:
+        parts = ([f"unknown {', '.join(extra)}"] if extra else []) + ([f"missing {', '.join(missing)}"] if missing else [])
+        raise ConfigError(f"{what}: {'; '.join(parts)}; {expects}")
+    out = {}
+    for name, value in cond.items():
+        inp, value = declared[name], np.asarray(value)
+        body = inp.shape[1:] if inp.per_row else inp.shape
+        got = value.shape[1:] if inp.per_row and value.ndim == len(inp.shape) else None
+        ok = got is not None and value.shape[0] in (rows, 1) and all(
+            (d == g) if isinstance(d, int) else (decl.axis_range(d) is None or
+                                                decl.axis_range(d)[0] <= g <= decl.axis_range(d)[2])
+            for d, g in zip(body, got))
+        if not ok:
+            raise ConfigError(f"{what}: {name} has shape {tuple(value.shape)}, expected {inp.describe()} with "
+                              f"batch = {rows} (or 1){_ranges(decl, inp)}; {expects}")
+        out[name] = value.astype(_NP.get(inp.dtype, value.dtype), copy=False)
+    return out
+
+
+def _ranges(decl: NetworkDecl, inp: TensorDecl) -> str:
+    rs = {a: decl.axis_range(a) for a in inp.shape if isinstance(a, str) and a != "batch"}
+    return "".join(f", {a} in {r[0]}..{r[2]}" for a, r in rs.items() if r)

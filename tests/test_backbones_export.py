@@ -24,6 +24,7 @@ from test_adapters import _reference  # noqa: E402
 from tiny_diffusers import build, save  # noqa: E402
 
 from anchorflow.cli import cli  # noqa: E402
+from anchorflow.errors import AnchorflowError  # noqa: E402
 from anchorflow.runtime import solve  # noqa: E402
 from anchorflow.runtime.bundle import load_bundle  # noqa: E402
 
@@ -164,3 +165,28 @@ def test_external_data_is_written_hashed_and_loaded(tmp_path):
     (bundle / "backbone.onnx.data").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="backbone.onnx.data does not match the sha256"):
         load_bundle(bundle, backend="ort-cpu")
+
+
+def test_sample_cli_with_condition_files_equals_solve(exported, tmp_path):
+    """sample --cond/--null-cond/--noise on the SD3 bundle writes what solve() computes in-process."""
+    b = load_bundle(exported["sd3"], backend="ort-cpu")
+    x, cond = _inputs(b, 2, 5, seed=3)
+    null = {k: np.zeros((1, *v.shape[1:]), np.float32) for k, v in cond.items()}
+    np.save(tmp_path / "noise.npy", x)
+    np.savez(tmp_path / "cond.npz", **cond)
+    np.savez(tmp_path / "null.npz", **null)
+    args = ["sample", str(exported["sd3"]), "--solver", "euler", "--nfe", "3", "--cfg", "2", "--backend", "ort-cpu",
+            "--noise", str(tmp_path / "noise.npy"), "--out", str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy")]
+    res = CliRunner().invoke(cli, [*args, "--cond", str(tmp_path / "cond.npz"), "--null-cond", str(tmp_path / "null.npz")])
+    assert res.exit_code == 0, res.output
+    want = solve("euler", b.velocity, x, 3, cond=cond, null_cond=null, cfg_scale=2.0).x
+    assert np.array_equal(np.load(tmp_path / "s.npy"), want)  # same inputs, same runtime: bit-identical
+    np.savez(tmp_path / "short.npz", encoder_hidden_states=cond["encoder_hidden_states"])
+    np.savez(tmp_path / "wide.npz", **{**cond, "encoder_hidden_states": np.zeros((2, 5, 7), np.float32)})
+    for file, message in (("short.npz", "--cond: missing pooled_projections; the bundle expects: "
+                                         "encoder_hidden_states float32 (batch, L, 16), pooled_projections float32"),
+                          ("wide.npz", "--cond: encoder_hidden_states has shape (2, 5, 7), expected")):
+        res = CliRunner().invoke(cli, [*args, "--cond", str(tmp_path / file), "--null-cond", str(tmp_path / "null.npz")])
+        # a user error (AnchorflowError): the CLI's main prints it as one `error:` line, exit 1
+        assert res.exit_code == 1 and isinstance(res.exception, AnchorflowError), res.output
+        assert message in str(res.exception) and "\n" not in str(res.exception)

@@ -12,7 +12,8 @@ from .common import BACKENDS, thread_options, positive
 @click.option("--solver", default="ba", show_default=True, help="Solver name (see `anchorflow solvers`).")
 @click.option("--nfe", type=int, default=7, show_default=True, callback=positive,
               help="Backbone calls to spend (for fastflow: the grid size T).")
-@click.option("--n", "n", type=int, default=16, show_default=True, callback=positive, help="Number of samples.")
+@click.option("--n", "n", type=int, default=None, callback=positive,
+              help="Number of samples [default: 16, or the rows of --noise].")
 @click.option("--labels", default=None, help="Comma-separated class labels, cycled over the samples (default 0..C-1).")
 @click.option("--cfg", "cfg_scale", type=float, default=1.0, show_default=True,
               help="Classifier-free guidance scale; 1.0 means none.")
@@ -33,11 +34,19 @@ from .common import BACKENDS, thread_options, positive
               help="fastflow: budget as a speed-up over the T-step grid (calls = T / speedup); default 3.")
 @click.option("--mu-factor", type=float, default=None,
               help="fastflow: scales the first, calibrated mu (the budget then adapts it).")
+@click.option("--cond", "cond_file", type=click.Path(dir_okay=False), default=None,
+              help="Conditions: .npz or .safetensors with one array per condition name, rows n or 1 "
+                   "(`anchorflow inspect` lists what the bundle declares).")
+@click.option("--null-cond", "null_file", type=click.Path(dir_okay=False), default=None,
+              help="Null conditions for guidance rows (--cfg), same format (e.g. empty-prompt embeddings).")
+@click.option("--noise", "noise_file", type=click.Path(dir_okay=False), default=None,
+              help="Start noise (n, *state) .npy instead of --seed's.")
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
               help="Sample grid PNG to write.")
 @click.option("--npy", type=click.Path(dir_okay=False), default=None, help="Also save the raw samples as .npy.")
 def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, backend, allow_fallback,
-           precision, bandit_state, calls, speedup, mu_factor, out, npy, threads, thread_mode) -> None:
+           precision, bandit_state, calls, speedup, mu_factor, cond_file, null_file, noise_file, out, npy, threads,
+           thread_mode) -> None:
     """Generate N samples from MODEL with SOLVER in NFE backbone calls and write a PNG grid.
 
     MODEL is `default` (the bundled digits model), a model folder or an exported bundle. On a
@@ -47,6 +56,8 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, b
     Examples:
       anchorflow sample default --solver ba --nfe 7 --n 16 --cfg 1.5 --out ba7.png
       anchorflow sample default --solver fastflow --nfe 50 --bandit-state bandit.json
+      anchorflow sample sd3-bundle --solver euler --nfe 28 --cond prompt.npz --null-cond empty.npz \
+          --cfg 4 --noise noise.npy --npy latents.npy
     """
     import numpy as np
 
@@ -68,10 +79,19 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, b
     m = open_model(model, backend=backend, allow_fallback=allow_fallback, precision=precision,
                    need_sidenet=spec.needs_sidenet)
     meta = m.meta
-    y = make_labels(labels, n, int(meta.get("num_classes", 0)))
-    noise = start_noise(seed, n, meta["state_shape"])
-    kwargs = dict(y=y, sidenet=m.sidenet, cfg_scale=cfg_scale, cfg_interval=parse_interval(cfg_interval),
-                  null_label=meta.get("null_label"), grid=grid)
+    if noise_file:
+        from .cond_files import read_noise
+
+        noise = read_noise(noise_file, meta["state_shape"])
+        if n is not None and n != noise.shape[0]:
+            raise ConfigError(f"--n {n} differs from the {noise.shape[0]} rows of --noise {noise_file}")
+        n = noise.shape[0]
+    else:
+        n = n or 16
+        noise = start_noise(seed, n, meta["state_shape"])
+    y = make_labels(labels, n, int(meta.get("num_classes") or 0))
+    kwargs = dict(sidenet=m.sidenet, cfg_scale=cfg_scale, cfg_interval=parse_interval(cfg_interval), grid=grid,
+                  **_conditions(m, cond_file, null_file, y, n, cfg_scale))
     pending = None
     if solver == "fastflow" and bandit_state:
         from ..runtime.fastflow import solve_with_state
@@ -81,7 +101,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, b
         res = pending.result
     else:
         res = solve(solver, m.velocity, noise, nfe, **kwargs)
-    lo, hi = meta.get("data_range", [-1.0, 1.0])
+    lo, hi = meta.get("data_range") or [-1.0, 1.0]
     save_grid(res.x, out, nrow=min(n, 10), data_range=(lo, hi))
     if npy:
         with _io.atomic_path(npy) as tmp:
@@ -96,3 +116,27 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, b
         f"on {', '.join(m.providers) or 'unknown backend'}"
     )
     click.echo(f"wrote {out}" + (f" and {npy}" if npy else ""))
+
+
+def _conditions(m, cond_file, null_file, y, n: int, cfg_scale: float) -> dict:
+    """solve()'s condition arguments: y= shorthand, or cond=/null_cond= checked against the bundle."""
+    from ..errors import ConfigError
+
+    if not cond_file and not null_file:
+        return dict(y=y, null_label=m.meta.get("null_label"))
+    if m.files.bundle is None:
+        raise ConfigError("--cond / --null-cond need an exported bundle (they are checked against its declaration)")
+    from ..runtime.bundle_format import read_bundle
+    from ..runtime.networks import check_conditions
+    from .cond_files import read_arrays
+
+    fmt = read_bundle(m.files.bundle)
+    decl, inline = fmt.backbone, dict(fmt.guidance.null)
+    cond = read_arrays(cond_file, "--cond") if cond_file else {}
+    if y is not None and "y" in {c.name for c in decl.conditions}:
+        cond.setdefault("y", y)
+    cond = check_conditions(decl, cond, n, inline, "--cond")
+    null = {k: v for k, v in inline.items() if k in cond} if cfg_scale != 1.0 or null_file else None
+    if null_file:
+        null.update(check_conditions(decl, read_arrays(null_file, "--null-cond"), n, inline, "--null-cond"))
+    return dict(cond=cond, null_cond=null)
