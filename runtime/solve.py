@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .field import GuidedField
+from .first_call import CachedStartField, FirstCallTable
 from .grids import GridSpec, make_grid
 from .registry import get_solver
 from .result import Result, Timing
@@ -29,6 +30,7 @@ def solve(
     cfg_interval: tuple[float, float] = (0.0, 1.0),
     null_label: Optional[int] = None,
     grid: GridSpec = None,
+    first_call="backbone",
     **options,
 ) -> Result:
     """Integrate ``dx/dt = v(x, t, cond)`` from t = 1 (``noise``) to t = 0 with ``method``.
@@ -48,7 +50,10 @@ def solve(
         cfg_scale, cfg_interval, null_label: classifier-free guidance, applied in one place
             (:class:`GuidedField`): every condition is doubled as ``[cond; null]`` and one
             backbone call carries both rows.
-        grid: None / "uniform", "shift:S", or an explicit decreasing list of times 1 -> 0.
+        grid: None / "uniform", "shift:S", "warp:S,P", or an explicit decreasing list of times 1 -> 0.
+        first_call: "backbone" (default) or a :class:`~anchorflow.runtime.first_call.FirstCallTable`
+            ("cached"): the solver's velocity at t = 1 comes from the table, costs no NFE, and the
+            same budget buys one more interval (see :mod:`anchorflow.runtime.first_call`).
         options: method-specific options (e.g. ``a`` for ``ba``, ``bandit`` for ``fastflow``).
 
     Returns:
@@ -62,19 +67,22 @@ def solve(
     if not np.issubdtype(noise.dtype, np.floating):
         raise ConfigError(f"noise must be floating point, got {noise.dtype}")
     _check_options(spec.name, spec.fn, options)
-    steps = spec.steps_for_nfe(nfe)
+    table = _first_call_table(first_call)
+    free = 0 if table is None else 1
+    steps = spec.steps_for_nfe(nfe, free)
     t_grid = make_grid(steps, grid)
     if spec.needs_sidenet and sidenet is None:
         raise ConfigError(f"solver {method!r} needs a SideNet (sidenet=...); train one with 'anchorflow train sidenet'")
     dtype = noise.dtype if noise.dtype in (np.float32, np.float64) else np.float32
-    field = GuidedField(
+    kinds = {} if table is None else {"table": table}
+    field = (GuidedField if table is None else CachedStartField)(
         velocity, noise.shape[0], cond, null_cond, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
-        sidenet=sidenet, dtype=dtype, y=y, null_label=null_label,
+        sidenet=sidenet, dtype=dtype, y=y, null_label=null_label, **kinds,
     )
     start = time.perf_counter()
     out = spec.fn(field, noise.astype(dtype, copy=True), t_grid, **options)
     total = time.perf_counter() - start
-    expected = {"steps": steps * (spec.calls_per_step or 1), "intervals": steps}.get(spec.nfe_rule)
+    expected = None if spec.nfe_rule == "grid" else spec.nfe_for_steps(steps, free)
     if expected is not None and field.nfe != expected:
         raise RuntimeError(f"internal error: {method} made {field.nfe} backbone calls, expected {expected}")
     return Result(
@@ -87,6 +95,18 @@ def solve(
         timing=Timing(total, field.backbone_s, field.sidenet_s),
         info=out.info,
     )
+
+
+def _first_call_table(first_call) -> Optional[FirstCallTable]:
+    """None for "backbone"; the table (checked) for a FirstCallTable; refuse anything else."""
+    if isinstance(first_call, FirstCallTable):
+        return first_call.check()
+    if first_call in (None, "backbone"):
+        return None
+    if first_call == "cached":
+        raise ConfigError("first_call='cached' needs the table: pass first_call=<FirstCallTable> "
+                          "(a bundle's first_call entry, made by 'anchorflow tune')")
+    raise ConfigError(f"first_call must be 'backbone' or a FirstCallTable, got {first_call!r}")
 
 
 def _check_options(name: str, fn: Callable, options: dict) -> None:

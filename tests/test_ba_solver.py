@@ -35,22 +35,43 @@ def slope(nfes, errors) -> float:
 # -- cost ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("guided", [False, True])
 @pytest.mark.parametrize("n", range(2, 13))
-def test_exactly_n_backbone_calls_and_2n_minus_1_sidenet_calls(n, guided, mixture, noise, counting):
+def test_paper_probes_make_n_backbone_calls_and_2n_minus_1_sidenet_calls(n, guided, mixture, noise, counting):
     field, side = counting(mixture), RecordingSideNet()
     y = np.arange(len(noise)) % 2
     cfg = dict(cfg_scale=1.5, cfg_interval=(0.0, 0.7), null_label=NULL) if guided else {}
-    out = solve("ba", field, noise, n, y=y, sidenet=side, **cfg)
+    out = solve("ba", field, noise, n, y=y, sidenet=side, probes="paper", **cfg)
     rows = len(noise) * (2 if guided else 1)
     assert out.nfe == len(field.calls) == n and all(c["rows"] == rows for c in field.calls)
     assert out.sidenet_calls == len(side.calls) == 2 * n - 1
     assert [s.calls for s in out.steps] == [2] + [1] * (n - 2) + [0]
-    assert [s.sidenet_calls for s in out.steps] == [2] * (n - 1) + [1]
+    assert [s.sidenet_calls for s in out.steps] == [3] + [2] * (n - 2) + [0]  # next forward probe included
     h, a = 1.0 / n, LOBATTO_A
     forward, backward = side.calls[0], side.calls[1]  # first interval: forward then backward probe
     assert forward["rows"] == 3 * rows and backward["rows"] == rows
     np.testing.assert_allclose(forward["h"], np.repeat([a * h, (1 - a) * h, h], rows))
     np.testing.assert_allclose(backward["h"], -a * h)
     np.testing.assert_allclose(backward["t"], 1.0 - h)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("n", range(2, 13))
+def test_merged_probes_make_n_sidenet_calls_for_n_intervals(n, guided, mixture, noise, counting):
+    """One SideNet call per interval: the backward probe and the next forward probe share the
+    terminal anchor (x_pred, v_end, t_{i+1}); offsets [-a h, a h', (1-a) h', h'] (4 x the rows)."""
+    field, side = counting(mixture), RecordingSideNet()
+    y = np.arange(len(noise)) % 2
+    cfg = dict(cfg_scale=1.5, cfg_interval=(0.0, 0.7), null_label=NULL) if guided else {}
+    grid = np.concatenate([[1.0], np.sort(np.random.default_rng(n).uniform(0.05, 0.95, n - 1))[::-1], [0.0]])
+    out = solve("ba", field, noise, n, y=y, sidenet=side, grid=grid, **cfg)  # merged is the default
+    rows = len(noise) * (2 if guided else 1)
+    assert out.nfe == len(field.calls) == n
+    assert out.sidenet_calls == len(side.calls) == n
+    assert [c["rows"] for c in side.calls] == [3 * rows] + [4 * rows] * (n - 1)
+    a = LOBATTO_A
+    for i, call in enumerate(side.calls[1:]):  # the call after backbone call i + 1, at t_{i+1}
+        h, hn = grid[i] - grid[i + 1], grid[i + 1] - grid[i + 2]
+        np.testing.assert_allclose(call["h"], np.repeat([-a * h, a * hn, (1 - a) * hn, hn], rows))
+        np.testing.assert_allclose(call["t"], grid[i + 1])
 
 
 def test_ba_single_costs_one_call_and_one_sidenet_call_per_interval(mixture, noise, counting):
@@ -87,6 +108,59 @@ def test_zero_sidenet_is_a_trapezoidal_predictor_corrector(a, scale, mixture, no
 
     out = solve("ba", mixture, noise, 6, y=y, sidenet=zero_sidenet, cfg_scale=scale, null_label=NULL, a=a)
     np.testing.assert_allclose(out.x, pece_reference(guided, noise, np.linspace(1, 0, 7)), atol=tol["float64"])
+
+
+def ba_zero_sidenet_by_hand(field, x, y, grid, a, scale, interval):
+    """BA with delta = 0 written out from the spec (every node reuses its anchor's raw velocity and
+    is guided at its OWN time: lo < t <= hi, t = 0 included when lo = 0), independent of the solver."""
+    w_in = 1 / (3 * (1 - (1 - 2 * a) ** 2))
+    w = [0.5 - w_in, w_in, w_in, 0.5 - w_in]
+
+    def g(x, t):  # guided velocity at time t of the anchor state x (raw call at the anchor's time)
+        return lambda tau: (field(x, [t], [NULL]) + scale * (field(x, [t], y) - field(x, [t], [NULL]))
+                            if (interval[0] < tau or interval[0] == 0) and tau <= interval[1] else field(x, [t], y))
+
+    anchor = g(x, grid[0])
+    for i in range(len(grid) - 1):
+        t, tn = grid[i], grid[i + 1]
+        h = t - tn
+        nodes = [t, t - a * h, t - (1 - a) * h, tn]
+        x_pred = x - h * sum(wk * anchor(tau) for wk, tau in zip(w, nodes))
+        if i == len(grid) - 2:
+            return x_pred
+        end = g(x_pred, tn)
+        x = x - h * (w[0] * anchor(t) + w[1] * anchor(nodes[1]) + w[2] * end(tn + a * h) + w[3] * end(tn))
+        anchor = end
+
+
+@pytest.mark.parametrize("probes", ["merged", "paper"])
+@pytest.mark.parametrize("interval", [(0.55, 1.0), (0.0, 0.7), (0.6, 0.65), (0.3, 0.9)])
+@pytest.mark.parametrize("n", [2, 3])
+def test_every_node_is_guided_at_its_own_time(n, interval, probes, tol):
+    """The intervals put the backward node (t_{i+1} + a h) and its neighbours t_i, t_i - a h,
+    t_{i+1}, t_{i+1} - a h on different sides of the CFG interval's ends, so guiding any node at
+    another node's time changes the result (a = 1/4, uniform grid)."""
+    x, y, s = np.array([[1.0, -2.0]]), np.array([0]), 3.0
+
+    def field(x, t, lab):  # v = (label + 1) x + t
+        return (np.asarray(lab, float)[:, None] + 1.0) * x + np.asarray(t)[:, None]
+
+    out = solve("ba", field, x, n, y=y, sidenet=zero_sidenet, cfg_scale=s, cfg_interval=interval,
+                null_label=NULL, a=0.25, probes=probes)
+    expected = ba_zero_sidenet_by_hand(field, x, y, np.linspace(1, 0, n + 1), 0.25, s, interval)
+    np.testing.assert_allclose(out.x, expected, atol=tol["float64"])
+
+
+@pytest.mark.parametrize("probes", ["merged", "paper"])
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_zero_sidenet_on_a_uniform_grid_is_exactly_ab2(n, scale, probes, mixture, noise, tol):
+    """With delta = 0 the predictors y_{i+1} = x_i - h v_i follow y_{i+2} = y_{i+1} - h (3/2 v_{i+1} -
+    1/2 v_i), v_i = v(y_i): AB2 with an Euler start; the last interval returns y_N."""
+    y = np.arange(len(noise)) % 2
+    cfg = dict(y=y, cfg_scale=scale, null_label=NULL)
+    ba = solve("ba", mixture, noise, n, sidenet=zero_sidenet, probes=probes, **cfg).x
+    np.testing.assert_allclose(ba, solve("ab2", mixture, noise, n, **cfg).x, atol=tol["float64"])
 
 
 def test_guidance_is_applied_per_node_at_its_own_time(tol):
@@ -146,11 +220,12 @@ def test_sidenet_is_required(method, mixture, noise):
 def test_exact_sidenet_beats_heun(mixture, noise, reference, rmse):
     """With delta = v(exact flow to t - h) - v the quadrature nodes are exact velocities: the error
     is quadrature error only (Lobatto: O(h^6) per step) and falls far faster than Heun's O(h^2)."""
-    nfes = (4, 6, 8)
+    nfes = (5, 7, 9)  # Heun (Euler last step) spends 2N - 1 calls
     side = ExactSideNet(mixture, steps=50)
     err = {m: [rmse(solve(m, mixture, noise, n, sidenet=side).x, reference) for n in nfes]
            for m in ("ba", "ba-single", "heun")}
-    for m in ("ba", "ba-single"):
+    err["ba-paper"] = [rmse(solve("ba", mixture, noise, n, sidenet=side, probes="paper").x, reference) for n in nfes]
+    for m in ("ba", "ba-paper", "ba-single"):
         assert all(e < 1e-3 * h for e, h in zip(err[m], err["heun"])), err
         assert slope(nfes, err[m]) > slope(nfes, err["heun"]) + 2, err
 

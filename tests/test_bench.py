@@ -223,7 +223,7 @@ def test_unconditional_model_refuses_guidance(tmp_path):
         bench.run_bench(_model(gm, "u", (-4, 4)), ["euler"], [2], 4, [1.5], out=tmp_path, progress=False)
 
 
-BUNDLED = Path(bench.__file__).resolve().parent / "bundled" / "digits" / "bundle" / "bundle.json"
+BUNDLED = Path(bench.__file__).resolve().parents[1] / "bundled" / "digits" / "bundle" / "bundle.json"
 
 
 @pytest.mark.skipif(not BUNDLED.is_file(), reason="the bundled digits bundle has not been exported yet")

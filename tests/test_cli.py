@@ -51,7 +51,7 @@ def test_help_is_torch_free(args):
     [
         (["sample", "/no/such/model"], "not found"),
         (["sample", "default", "--solver", "nope"], "unknown solver"),
-        (["sample", "default", "--solver", "heun", "--nfe", "5"], "multiple of 2"),
+        (["sample", "default", "--solver", "heun", "--nfe", "4"], "must be one of 3, 5, 7"),
         (["sample", "default", "--labels", "42"], "--labels"),
         (["sample", "default", "--solver", "euler", "--bandit-state", "x.json"], "only apply"),
     ],

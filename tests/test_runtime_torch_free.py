@@ -39,7 +39,7 @@ for name in rt.solver_names():
     spec = rt.SOLVERS[name]
     if spec.needs_sidenet:
         continue
-    nfe = max(spec.min_nfe, 4) * (spec.calls_per_step or 1)
+    nfe = 4 if spec.nfe_rule == "grid" else spec.nfe_for_steps(max(spec.min_nfe, 4))
     res = rt.solve(name, mix, noise, nfe, y=np.array([0, 1, 0]), cfg_scale=1.5, null_label=mix.null_label)
     done[name] = [res.nfe, str(res.x.dtype), bool(np.isfinite(res.x).all())]
 print(json.dumps({"done": done, "attempts": attempts, "loaded": [m for m in FORBIDDEN if m in sys.modules]}))

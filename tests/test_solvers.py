@@ -14,18 +14,23 @@ from anchorflow.runtime.solvers.multistep import adams_weights
 ORDERS = {
     "euler": (1, (64, 128, 256)),
     "midpoint": (2, (64, 128, 256)),
-    "heun": (2, (64, 128, 256)),
+    # Heun and RK4e take an Euler last step (k-diffusion / EDM): 2N - 1 and 4N - 3 calls; the
+    # Euler step's O(h^2) local error leaves RK4e at global order 2.
+    "heun": (2, (65, 129, 257)),
     "rk4": (4, (32, 64, 128)),
+    "rk4e": (2, (65, 129, 257)),
     "ab2": (2, (64, 128, 256)),
     # AB4 body, but the Euler warm-start step leaves an O(h^2) global error: asymptotic order 2.
     "ipndm": (2, (64, 128, 256)),
     # Uniform-t grid: the log-SNR steps at both ends do not shrink, error ~ N^-2 log N (slope ~1.8).
     "dpmpp2m": (2, (128, 256, 512)),
+    # UniPC-bh2: first-order steps at both ends (lambda = -inf at t = 1, lower-order final).
+    "unipc": (2, (64, 128, 256)),
 }
 
 
 def test_every_plain_method_has_an_order_case():
-    mine = {n for n in solver_names() if SOLVERS[n].fn.__module__.rsplit(".", 1)[-1] in ("classic", "multistep")}
+    mine = {n for n in solver_names() if SOLVERS[n].fn.__module__.rsplit(".", 1)[-1] in ("classic", "multistep", "unipc")}
     assert mine == set(ORDERS)
 
 
@@ -38,13 +43,39 @@ def test_textbook_order(method, mixture, noise, reference, rmse, tol):
     assert errors[-1] > 100 * tol["reference"]  # the reference is far more accurate than the solver
 
 
-@pytest.mark.parametrize("method", ["euler", "midpoint", "heun", "rk4", "ab2", "ipndm", "dpmpp2m"])
+@pytest.mark.parametrize("method", sorted(ORDERS))
 def test_nfe_is_the_number_of_velocity_calls(method, mixture, noise, counting):
     field = counting(mixture)
-    out = solve(method, field, noise, 8)
-    assert out.nfe == len(field.calls) == 8
-    assert sum(s.calls for s in out.steps) == 8
+    nfe = SOLVERS[method].nfe_for_steps(2)
+    out = solve(method, field, noise, nfe)
+    assert out.nfe == len(field.calls) == nfe and len(out.steps) == 2
+    assert sum(s.calls for s in out.steps) == nfe
     assert all(c["rows"] == noise.shape[0] for c in field.calls)
+
+
+def _heun_by_hand(v, x, grid):
+    """Heun on every interval but the last, Euler on the last (written out, independent of the tableaus)."""
+    for i, (t, tn) in enumerate(zip(grid[:-1], grid[1:])):
+        k1 = v(x, np.full(len(x), t), None)
+        if i == len(grid) - 2:
+            return x + (tn - t) * k1
+        k2 = v(x + (tn - t) * k1, np.full(len(x), tn), None)
+        x = x + (tn - t) * 0.5 * (k1 + k2)
+
+
+@pytest.mark.parametrize("method", ["heun", "rk4e"])
+def test_euler_last_step_never_calls_at_t0(method, mixture, noise, counting):
+    """k-diffusion's sample_heun / EDM: the step to t = 0 is Euler, so no call is made at t = 0."""
+    field = counting(mixture)
+    out = solve(method, field, noise, SOLVERS[method].nfe_for_steps(3))
+    assert min(float(np.min(c["t"])) for c in field.calls) > 0.0
+    assert [s.calls for s in out.steps] == [SOLVERS[method].calls_per_step] * 2 + [1]
+
+
+def test_heun_with_an_euler_last_step_matches_the_hand_written_form(mixture, noise, tol):
+    grid = [1.0, 0.7, 0.45, 0.2, 0.0]
+    out = solve("heun", mixture, noise, 7, grid=grid)
+    np.testing.assert_allclose(out.x, _heun_by_hand(mixture, noise, np.array(grid)), atol=tol["float64"])
 
 
 def test_shifted_grid_keeps_the_order(mixture, noise, reference, rmse, tol):
@@ -171,3 +202,65 @@ def test_flow_transports_noise_to_the_data_distribution(mixture):
     data = mixture.sample(200_000, rng)
     se = data.std(axis=0) / np.sqrt(2000)
     assert np.all(np.abs(x.mean(axis=0) - data.mean(axis=0)) <= 4 * se)
+
+
+class StateRecorder:
+    """x-independent velocity v(t) = t^3 that records the state it is called at (one row)."""
+
+    def __init__(self) -> None:
+        self.states = []
+
+    def __call__(self, x, t, y):
+        self.states.append(np.array(x[0, 0]))
+        return np.broadcast_to(np.asarray(t, float)[:, None] ** 3, x.shape).copy()
+
+
+@pytest.mark.parametrize("method, exact_from", [("ipndm", 3), ("ab2", None)])
+def test_ipndm_steps_are_ab4_once_four_values_exist(method, exact_from, tol):
+    """v = t^3 depends on t only, so every past value is exact and an Adams-Bashforth step of
+    order m integrates it exactly iff m >= 4: iPNDM's 4th step onward is exact on any grid, AB2's
+    never (its per-step error here is ~h^3 / 4, far above float64 round-off)."""
+    grid = [1.0, 0.85, 0.72, 0.55, 0.4, 0.3, 0.12, 0.0]
+    rec = StateRecorder()
+    out = solve(method, rec, np.zeros((1, 1)), len(grid) - 1, grid=grid)
+    xs = [*rec.states, out.x[0, 0]]  # the state at every grid point
+    for i in range(3, len(grid) - 1):
+        exact = -(grid[i] ** 4 - grid[i + 1] ** 4) / 4  # x_{i+1} - x_i = int_{t_i}^{t_{i+1}} t^3 dt
+        err = abs((xs[i + 1] - xs[i]) - exact)
+        if exact_from is None:
+            assert err > 1e-5, (i, err)
+        else:
+            assert err <= tol["float64"], (i, err)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("n", [3, 5, 8])
+def test_unipc_matches_diffusers(order, n, mixture, noise):
+    """UniPC-bh2 against diffusers' UniPCMultistepScheduler (flow sigmas, data prediction, lower-order
+    final) on the scheduler's own sigmas (it moves sigma = 1 to 1 - 1e-6 to keep lambda finite).
+    Tolerance: diffusers keeps sigmas in float32 and steps in torch float64 here; 1e-6 covers it."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from anchorflow.runtime.field import GuidedField
+    from anchorflow.runtime.solvers.unipc import unipc
+
+    sched = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                              solver_order=order, final_sigmas_type="zero")
+    sched.set_timesteps(sigmas=np.linspace(1, 0, n + 1)[:-1])
+    x = torch.tensor(noise)
+    for i, step in enumerate(sched.timesteps):
+        v = mixture(x.numpy(), np.full(len(noise), float(sched.sigmas[i])), None)
+        x = sched.step(torch.tensor(v), step, x).prev_sample
+    mine = unipc(GuidedField(mixture, len(noise), dtype=np.float64), noise.copy(),
+                 sched.sigmas.numpy().astype(np.float64), order=order).x
+    np.testing.assert_allclose(mine, x.numpy(), atol=1e-6)
+
+
+def test_unipc_first_and_last_steps_are_first_order(mixture, noise, tol):
+    """From t = 1 (lambda = -inf) UniPC's first step is DDIM = Euler on this path, and the last step
+    (lower-order final) returns the data prediction m = x - t v at the state it reached."""
+    np.testing.assert_allclose(solve("unipc", mixture, noise, 1).x, solve("euler", mixture, noise, 1).x,
+                               atol=tol["float64"])
+    x1 = noise - 0.5 * mixture(noise, np.ones(len(noise)), None)  # Euler to t = 1/2
+    m1 = x1 - 0.5 * mixture(x1, np.full(len(noise), 0.5), None)
+    np.testing.assert_allclose(solve("unipc", mixture, noise, 2).x, m1, atol=tol["float64"])

@@ -3,5 +3,5 @@
 import importlib
 
 # Each module registers its solvers with @register.
-for _name in ("classic", "multistep", "ba", "fastflow"):
+for _name in ("classic", "multistep", "unipc", "ba", "fastflow"):
     importlib.import_module(f"{__name__}.{_name}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -67,45 +67,74 @@ def _weighted(weights: Sequence[float], vs: Sequence[np.ndarray]) -> np.ndarray:
     return sum(float(w) * v for w, v in zip(weights, vs))
 
 
-def _interval(field: GuidedField, x: np.ndarray, v_raw: np.ndarray, t: float, tn: float,
-              rule: Quadrature, last: bool) -> tuple[np.ndarray, np.ndarray]:
-    """One interval [t, tn]: predictor; unless ``last``, terminal call, backward probe, corrector."""
+def _forward(field: GuidedField, x: np.ndarray, v_raw: np.ndarray, t: float, tn: float, a: float) -> list[np.ndarray]:
+    """The forward probe of [t, tn] from the start anchor: guided v_hat at t - a h, t - (1-a) h, tn."""
+    h = t - tn
+    return _probe(field, x, v_raw, t, [a * h, (1 - a) * h, h], [t - a * h, t - (1 - a) * h, tn])
+
+
+def _interval(field: GuidedField, x: np.ndarray, v_raw: np.ndarray, fwd: list[np.ndarray], grid: np.ndarray,
+              i: int, rule: Quadrature, merged: bool) -> tuple[np.ndarray, np.ndarray, Optional[list[np.ndarray]]]:
+    """Interval i = [t, tn]: predictor; unless last, terminal call, backward probe, corrector.
+
+    ``fwd``: this interval's forward-probe velocities (va, vb, ve). Returns the new state, the
+    terminal raw velocity (the next start anchor) and the next interval's forward probe. With
+    ``merged`` the backward probe and the next forward probe are ONE SideNet call from the
+    terminal anchor (x_pred, v_end) with offsets [-a h, a h', (1-a) h', h'] (h' the next length).
+    """
+    t, tn = float(grid[i]), float(grid[i + 1])
     h, a, w = t - tn, rule.nodes[1], rule.weights
     v0 = field.guide(v_raw, t)
-    va, vb, ve = _probe(field, x, v_raw, t, [a * h, (1 - a) * h, h], [t - a * h, t - (1 - a) * h, tn])
-    x_pred = x - h * _weighted(w, [v0, va, vb, ve])  # predictor
-    if last:
-        return x_pred, v_raw  # the final interval returns the predictor: no backbone call
+    x_pred = x - h * _weighted(w, [v0, *fwd])  # predictor
+    if i == len(grid) - 2:
+        return x_pred, v_raw, None  # the final interval returns the predictor: no backbone call
     v_end_raw = field.raw(x_pred, tn)
     v1 = field.guide(v_end_raw, tn)
-    (vb2,) = _probe(field, x_pred, v_end_raw, tn, [-a * h], [tn + a * h])  # lands on node t - (1-a) h
-    return x - h * _weighted(w, [v0, va, vb2, v1]), v_end_raw  # bi-anchor corrector; state reuse
+    t2 = float(grid[i + 2])
+    hn = tn - t2
+    if merged:  # the backward node lands on t - (1-a) h = tn + a h; the rest is the next forward probe
+        vb2, *nxt = _probe(field, x_pred, v_end_raw, tn, [-a * h, a * hn, (1 - a) * hn, hn],
+                           [tn + a * h, tn - a * hn, tn - (1 - a) * hn, t2])
+    else:
+        (vb2,) = _probe(field, x_pred, v_end_raw, tn, [-a * h], [tn + a * h])  # lands on node t - (1-a) h
+    x = x - h * _weighted(w, [v0, fwd[0], vb2, v1])  # bi-anchor corrector; state reuse
+    if not merged:
+        nxt = _forward(field, x, v_end_raw, tn, t2, a)  # the paper: from the corrected state
+    return x, v_end_raw, nxt
+
+
+PROBES = ("merged", "paper")
 
 
 @register("ba", calls_per_step=1, order=None, needs_sidenet=True, min_nfe=2, nfe_rule="intervals",
           summary="BA-solver: bi-anchor SideNet quadrature, N calls for N intervals")
-def ba(field: GuidedField, x: np.ndarray, grid: np.ndarray, a: float = LOBATTO_A) -> SolverOutput:
-    """BA-solver, Algorithm 1 (arXiv 2601.21542): exactly N backbone calls for N intervals.
+def ba(field: GuidedField, x: np.ndarray, grid: np.ndarray, a: float = LOBATTO_A, probes: str = "merged") -> SolverOutput:
+    """BA-solver (arXiv 2601.21542, Algorithm 1): exactly N backbone calls for N intervals.
 
-    Per interval: forward probe (one SideNet call, offsets a h, (1-a) h, h), predictor, terminal
-    backbone call at the predictor, backward probe (one SideNet call, offset -a h), corrector;
-    the terminal velocity is reused as the next start anchor and the last interval returns its
-    predictor. SideNet calls: 2N - 1. ``a``: node fraction (0 < a < 1/2). Order: that of the
-    SideNet's predictions (with delta = 0 it is a trapezoidal predictor-corrector, order 2).
+    Per interval: forward probe (offsets a h, (1-a) h, h from the start anchor), predictor,
+    terminal backbone call at the predictor, backward probe (offset -a h from the terminal
+    anchor), corrector; the terminal velocity is the next start anchor and the last interval
+    returns its predictor. ``probes="paper"``: the next forward probe is a separate SideNet call
+    from the corrected state (2N - 1 SideNet calls); ``"merged"`` (default): it shares the
+    backward probe's call and anchor (x_pred, v_end), N SideNet calls with the same rows.
+    ``a``: node fraction (0 < a < 1/2). Order: that of the SideNet's predictions (with delta = 0
+    on a uniform grid the iterates are exactly Adams-Bashforth 2's).
     """
     rule = bi_anchor_rule(a)
+    if probes not in PROBES:
+        raise ConfigError(f"ba option probes must be one of {', '.join(PROBES)}, got {probes!r}")
     n = len(grid) - 1
     if n < 2:
         raise ConfigError(f"ba needs at least 2 intervals (nfe >= 2), got {n}; use nfe >= 2 or another solver")
     since = field.counts()
     v_raw = field.raw(x, float(grid[0]))
+    fwd = _forward(field, x, v_raw, float(grid[0]), float(grid[1]), rule.nodes[1])
     steps = []
     for i in range(n):
-        t, tn = float(grid[i]), float(grid[i + 1])
-        x, v_raw = _interval(field, x, v_raw, t, tn, rule, last=i == n - 1)
-        steps.append(field.record(i, t, tn, since))
+        x, v_raw, fwd = _interval(field, x, v_raw, fwd, grid, i, rule, probes == "merged")
+        steps.append(field.record(i, float(grid[i]), float(grid[i + 1]), since))
         since = field.counts()
-    return SolverOutput(x, steps, {"a": rule.nodes[1]})
+    return SolverOutput(x, steps, {"a": rule.nodes[1], "probes": probes})
 
 
 @register("ba-single", calls_per_step=1, order=None, needs_sidenet=True, min_nfe=1, nfe_rule="intervals",

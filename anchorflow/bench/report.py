@@ -1,92 +1,19 @@
-"""Outputs of ``anchorflow bench``: results.json, report.md, quality_vs_nfe.png and sample grids."""
+"""report.md of ``anchorflow bench``: markdown tables rendered from a results dict (as in results.json)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from . import _io
+from .results import done_runs
 
-GRID_NFE = 8  # sample grids show each solver at the requested NFE closest to this
-
-
-def _done(runs: list[dict], name: str, cfg: float, nfes: Sequence[int]) -> list[dict]:
-    """The runs of solver ``name`` at guidance ``cfg`` that ran (not skipped) at a requested NFE."""
-    return [r for r in runs if r["solver"] == name and r["cfg"] == cfg and "skipped" not in r
-            and r["nfe_requested"] in nfes]
+GRID_NFE = 8  # sample grids and timing tables show each solver at the requested NFE closest to this
 
 
-# -- outputs -----------------------------------------------------------------------------------
-def _grid_nfe(runs: list[dict], name: str, cfg: float, nfes: Sequence[int]) -> Optional[dict]:
+def grid_run(runs: list[dict], name: str, cfg: float, nfes: Sequence[int]) -> Optional[dict]:
     """The run of ``name`` shown in its sample grid: the ran NFE closest (in log) to GRID_NFE."""
-    return min(_done(runs, name, cfg, nfes), key=lambda r: (abs(math.log(r["nfe_requested"] / GRID_NFE)),
-                                                            r["nfe_requested"]), default=None)
-
-
-def _sample_figures(out: Path, results: dict, runs: list[dict], ref_x: dict, data_range, y, held_out) -> dict:
-    """Sample grids (images) or one scatter figure per guidance scale (2-D points); name -> file."""
-    from . import plots
-    from ._deps import available
-
-    s = results["settings"]
-    shape, classes = results["model"]["state_shape"], results["model"]["num_classes"] or 0
-    files: dict[str, str] = {}
-    for cfg in s["cfg_scales"]:
-        shown = {"reference": ref_x[cfg]}
-        for name in s["solvers"]:
-            r = _grid_nfe(runs, name, cfg, s["nfes"])
-            if r is not None:
-                shown[f"{name} nfe={r['nfe']}"] = r["x"]
-        if len(shape) == 1:
-            if available("matplotlib"):
-                fname = f"samples_cfg{cfg:g}.png"
-                if held_out is not None:
-                    shown["held-out data"] = held_out
-                plots.plot_points({k: v[:, :2] for k, v in shown.items()}, out / fname, labels=y)
-                files[f"samples cfg={cfg:g}"] = fname
-            continue
-        nrow = classes if 2 <= classes <= 16 else 8
-        for label, x in shown.items():
-            fname = f"samples_{label.replace(' ', '_').replace('=', '')}_cfg{cfg:g}.png"
-            plots.save_grid(x[: nrow * 8], out / fname, nrow=nrow, data_range=data_range)
-            files[f"{label} cfg={cfg:g}"] = fname
-    return files
-
-
-def _quality_figure(out: Path, results: dict) -> Optional[str]:
-    """PSNR vs NFE, one panel per guidance scale, one line per solver (log x); None without matplotlib."""
-    from . import plots
-    from ._deps import available
-
-    if not available("matplotlib"):
-        return None
-    panels = {}
-    for cfg in results["settings"]["cfg_scales"]:
-        lines = {}
-        for name in results["settings"]["solvers"]:
-            pts = sorted((r["nfe"], r["psnr"]) for r in _done(results["runs"], name, cfg, results["settings"]["nfes"]))
-            if pts:
-                lines[name] = ([k for k, _ in pts], [p for _, p in pts])
-        ladder = [(r["nfe"], r["psnr"]) for r in results["euler_ladder"] if r["cfg"] == cfg]
-        lines["euler ladder"] = ([k for k, _ in ladder], [p for _, p in ladder])
-        panels[f"guidance {cfg:g}"] = lines
-    plots.plot_curves(panels, out / "quality_vs_nfe.png", "NFE (backbone calls)", "PSNR vs reference (dB)",
-                      dashed=("euler ladder",))
-    return "quality_vs_nfe.png"
-
-
-def write_outputs(out: Path, results: dict, runs: list[dict], ref_x: dict, data_range, y=None, held_out=None) -> dict:
-    """Write results.json, report.md, quality_vs_nfe.png and the sample figures (each atomically)."""
-    out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Any] = {"results": "results.json", "report": "report.md"}
-    no_mpl = "skipped: matplotlib is not installed (pip install 'anchorflow[plot]')"
-    files["quality_vs_nfe"] = _quality_figure(out, results) or no_mpl
-    files["samples"] = _sample_figures(out, results, runs, ref_x, data_range, y, held_out)
-    results["files"] = files
-    _io.write_json(out / "results.json", results)
-    _io.write_text(out / "report.md", render_report(results))
-    return files
+    return min(done_runs(runs, name, cfg, nfes), key=lambda r: (abs(math.log(r["nfe_requested"] / GRID_NFE)),
+                                                                r["nfe_requested"]), default=None)
 
 
 # -- report.md ---------------------------------------------------------------------------------
@@ -124,7 +51,7 @@ def _dist_cell(r: dict) -> str:
 def _timing_rows(results: dict, cfg: float) -> list[list[Any]]:
     rows = []
     for name in results["settings"]["solvers"]:
-        r = _grid_nfe(results["runs"], name, cfg, results["settings"]["nfes"])
+        r = grid_run(results["runs"], name, cfg, results["settings"]["nfes"])
         if r is not None:
             t = r["timing"]
             rows.append([name, r["nfe"], r["sidenet_calls"], f"{t['total_ms']:.2f}", f"{t['backbone_ms']:.2f}",

@@ -1,0 +1,70 @@
+"""Scoring samples: against the reference (PSNR, RMSE) and against the data (FD, accuracy, SWD)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..runtime import metrics as M
+
+
+def data_range(model) -> tuple[float, float]:
+    """The data's own (lo, hi) from the model's meta (default (-1, 1)); PSNR's peak is hi - lo."""
+    lo, hi = model.meta.get("data_range", (-1.0, 1.0))
+    return float(lo), float(hi)
+
+
+def classifier_dir(model) -> Optional[Path]:
+    """The model's classifier folder (classifier.onnx + real_stats.npz), or None when it has none."""
+    folder = getattr(model, "classifier", None) or model.meta.get("classifier")
+    if folder is None:
+        return None
+    folder = Path(folder)
+    missing = [f for f in ("classifier.onnx", "real_stats.npz") if not (folder / f).is_file()]
+    if missing:
+        raise ConfigError(
+            f"classifier folder {folder} lacks {', '.join(missing)}; retrain it with 'anchorflow train classifier'"
+        )
+    return folder
+
+
+class Evaluator:
+    """Scores samples (n, *state_shape) against the reference and, where possible, the data.
+
+    ``classifier``: a folder with ``classifier.onnx`` (input x -> outputs logits, features) and
+    ``real_stats.npz`` (mu, sigma) of real-data features; ``held_out``: data samples for the
+    sliced Wasserstein distance. Set ``ref`` (float64 reference samples) before scoring.
+    """
+
+    def __init__(self, data_range, labels, classifier: Optional[Path] = None, held_out: Optional[np.ndarray] = None):
+        self.data_range, self.labels, self.held_out = data_range, labels, held_out
+        self.session = self.real = None
+        self.ref: Optional[np.ndarray] = None
+        if classifier is not None:
+            from .._deps import require
+
+            ort = require("onnxruntime")
+            onnx_file = str(Path(classifier) / "classifier.onnx")
+            self.session = ort.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
+            with np.load(Path(classifier) / "real_stats.npz") as stats:
+                self.real = (stats["mu"], stats["sigma"])
+
+    def distribution(self, x: np.ndarray) -> dict[str, Any]:
+        """FD / accuracy (classifier) and SWD (held-out data) of samples x; empty where unavailable."""
+        out: dict[str, Any] = {}
+        if self.session is not None:
+            logits, feats = self.session.run(["logits", "features"], {"x": x.astype(np.float32)})
+            if x.shape[0] >= 2:
+                out["fd"] = M.frechet_distance(*M.feature_statistics(feats), *self.real)
+            if self.labels is not None:
+                out["accuracy"] = M.class_accuracy(logits, self.labels)
+        if self.held_out is not None:
+            flat = x.reshape(x.shape[0], -1)
+            out["swd"] = M.sliced_wasserstein(flat, self.held_out.reshape(self.held_out.shape[0], -1), 256, 0)
+        return out
+
+    def __call__(self, x: np.ndarray) -> dict[str, Any]:
+        return {"psnr": M.psnr(x, self.ref, self.data_range), "rmse": M.rmse(x, self.ref), **self.distribution(x)}

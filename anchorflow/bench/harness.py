@@ -1,0 +1,64 @@
+"""``run_bench``: plan, measure, assemble, write (the library call behind ``anchorflow bench``)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .evaluate import Evaluator, classifier_dir, data_range
+from .outputs import Shown, write_outputs
+from .plan import DEFAULT_NFES, EULER_LADDER, BenchPlan, make_inputs
+from .results import assemble
+from .runs import Inputs, measure_all
+
+
+def run_bench(
+    model,
+    solvers: Optional[Sequence[str]] = None,
+    nfes: Sequence[int] = DEFAULT_NFES,
+    n: int = 256,
+    cfg_scales: Sequence[float] = (1.0,),
+    seed: int = 0,
+    out: str | os.PathLike = "bench",
+    reference: str = "rk4:512",
+    progress: bool = True,
+    cfg_interval: tuple[float, float] = (0.0, 1.0),
+    euler_ladder: Sequence[int] = EULER_LADDER,
+    command: Optional[str] = None,
+) -> dict:
+    """Benchmark ``solvers`` on ``model`` at every NFE and guidance scale; write ``out``; return the results.
+
+    Args:
+        model: an opened model (:func:`anchorflow.modelref.open_model`): ``velocity``, ``sidenet``
+            (or None), ``meta`` (name, state_shape, num_classes, null_label, data_range, model_id;
+            optional ``sampler(n, y, seed) -> (n, *state_shape)`` held-out data), ``providers``,
+            ``classifier`` (folder or None).
+        solvers: registry names; None: every registered solver this model can run.
+        nfes: backbone-call budgets (FastFlow: grid sizes; its counted calls are reported).
+        n: samples per run; noise (n, *state_shape) from ``seed``, labels ``i mod C``.
+        cfg_scales: guidance scales; each gets its own reference.
+        out: folder for results.json, report.md, quality_vs_nfe.png and the sample grids.
+        reference: "rk4:N" or "dopri5[:tol]".
+    """
+    plan = BenchPlan.make(model, solvers, nfes, n, cfg_scales, seed=int(seed), reference=reference,
+                          cfg_interval=cfg_interval, euler_ladder=euler_ladder,
+                          command=command or shlex.join(sys.argv))
+    return run_plan(model, plan, out, progress)
+
+
+def run_plan(model, plan: BenchPlan, out: str | os.PathLike, progress: bool = True) -> dict:
+    """Run a checked plan on ``model``, write the report folder ``out``, return the results dict."""
+    meta = model.meta
+    noise, y = make_inputs(tuple(meta["state_shape"]), int(meta.get("num_classes") or 0), plan.n, plan.seed)
+    sampler = meta.get("sampler")
+    held_out = None if sampler is None else np.asarray(sampler(plan.n, y, plan.seed + 1))
+    evaluate = Evaluator(data_range(model), y, classifier_dir(model), held_out)
+    measured = measure_all(Inputs(model, plan, noise, y, evaluate), progress)
+    results = assemble(model, plan, measured)
+    write_outputs(Path(out), results, measured, Shown(data_range(model), y, held_out))
+    return results
