@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "build": ("build", "build", "Build cached TensorRT engines for a bundle (needs [trt] and a GPU)."),
     "bench": ("bench", "bench", "Benchmark solvers: quality against a reference, NFE, timing; writes a report."),
     "serve": ("serve", "serve", "Serve a bundle over HTTP on Ray Serve, batching concurrent requests (needs [serve])."),
+    "tune": ("tune", "tune", "Tune each solver's time grid per budget (and the cached first call) into a bundle."),
     "bandit": ("bandit", "bandit", "Inspect FastFlow bandit state files."),
     "solvers": ("info", "solvers", "List the solvers the runtime knows."),
 }

@@ -18,17 +18,46 @@ def uniform(steps: int) -> np.ndarray:
 
 def shifted(steps: int, shift: float) -> np.ndarray:
     """SD3/FLUX time shift of the uniform grid: ``s t / (1 + (s - 1) t)``."""
-    if not shift > 0:
-        raise ConfigError(f"grid shift must be > 0, got {shift}")
+    if not (shift > 0 and np.isfinite(shift)):
+        raise ConfigError(f"grid shift must be > 0 and finite, got {shift}")
     t = uniform(steps)
-    return shift * t / (1.0 + (shift - 1.0) * t)
+    return _ends(shift * t / (1.0 + (shift - 1.0) * t))
+
+
+def _ends(g: np.ndarray) -> np.ndarray:
+    """Pin the end points to exactly 1 and 0 (the formulas can miss them by an ulp)."""
+    g[0], g[-1] = 1.0, 0.0
+    return g
+
+
+def warped(steps: int, shift: float, power: float) -> np.ndarray:
+    """Two-parameter schedule: the SD3/FLUX shift of ``u^P`` (u uniform from 1 to 0).
+
+    ``P > 1`` or ``S < 1`` put more points near t = 0 (data), ``P < 1`` or ``S > 1`` near t = 1;
+    (S, P) = (1, 1) is uniform, P = 1 is "shift:S". Used by ``anchorflow tune`` (coordinate descent
+    in log S, log P).
+    """
+    if not (shift > 0 and power > 0 and np.isfinite(shift) and np.isfinite(power)):
+        raise ConfigError(f"grid warp needs finite S > 0 and P > 0, got S={shift}, P={power}")
+    u = uniform(steps) ** power
+    return _ends(shift * u / (1.0 + (shift - 1.0) * u))
+
+
+def _numbers(grid: str, count: int) -> list[float]:
+    try:
+        vals = [float(v) for v in grid.split(":", 1)[1].split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != count or not all(np.isfinite(v) for v in vals):
+        raise ConfigError(f"bad grid {grid!r}; use 'uniform', 'shift:S' or 'warp:S,P' with finite numbers")
+    return vals
 
 
 def make_grid(steps: int, grid: GridSpec = None) -> np.ndarray:
     """Build or check a decreasing grid with ``steps`` intervals.
 
-    ``grid`` is None / "uniform", "shift:S" (e.g. "shift:3"), or an explicit decreasing
-    sequence from 1 to 0 with ``steps + 1`` points.
+    ``grid`` is None / "uniform", "shift:S" (e.g. "shift:3"), "warp:S,P" (see :func:`warped`),
+    or an explicit decreasing sequence from 1 to 0 with ``steps + 1`` points.
     """
     if steps < 1:
         raise ConfigError(f"a grid needs at least one step, got {steps}")
@@ -36,12 +65,10 @@ def make_grid(steps: int, grid: GridSpec = None) -> np.ndarray:
         return uniform(steps)
     if isinstance(grid, str):
         if grid.startswith("shift:"):
-            try:
-                s = float(grid.split(":", 1)[1])
-            except ValueError:
-                raise ConfigError(f"bad grid {grid!r}; use 'uniform' or 'shift:S' with a number S") from None
-            return shifted(steps, s)
-        raise ConfigError(f"unknown grid {grid!r}; use 'uniform', 'shift:S' or an explicit list of times")
+            return check_grid(shifted(steps, *_numbers(grid, 1)), steps)
+        if grid.startswith("warp:"):
+            return check_grid(warped(steps, *_numbers(grid, 2)), steps)
+        raise ConfigError(f"unknown grid {grid!r}; use 'uniform', 'shift:S', 'warp:S,P' or an explicit list of times")
     return check_grid(grid, steps)
 
 

@@ -45,7 +45,7 @@ def gmm2d():
 @pytest.fixture(scope="module")
 def points_run(gmm2d, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_points")
-    res = bench.run_bench(_model(gmm2d, "gmm2d", (-4, 4)), ["euler", "heun", "rk4", "ba"], [1, 2, 3, 4, 8], 24,
+    res = bench.run_bench(_model(gmm2d, "gmm2d", (-4, 4)), ["euler", "heun", "rk4", "ba"], [1, 2, 3, 4, 5, 8, 9], 24,
                           [1.0, 2.0], seed=3, out=out, progress=False)
     return out, res
 
@@ -60,7 +60,7 @@ def test_files_and_fields(points_run):
         assert key in on_disk["machine"]
     assert on_disk["settings"]["seed"] == 3 and on_disk["settings"]["command"]
     assert {r["cfg"] for r in on_disk["references"]} == {1.0, 2.0}
-    assert len(on_disk["runs"]) == 4 * 5 * 2  # every (solver, nfe, cfg), skipped ones included
+    assert len(on_disk["runs"]) == 4 * 7 * 2  # every (solver, nfe, cfg), skipped ones included
     done = [r for r in on_disk["runs"] if "skipped" not in r]
     for r in done:
         assert {"psnr", "rmse", "nfe", "sidenet_calls", "timing", "swd", "euler_nfe_to_match"} <= set(r)
@@ -74,9 +74,10 @@ def test_skips_are_recorded_with_reasons(points_run):
     _, res = points_run
     skipped = {(r["solver"], r["nfe_requested"]): r["skipped"]
                for r in res["runs"] if "skipped" in r and r["cfg"] == 1.0}
-    expected = {("heun", 1), ("heun", 3), ("rk4", 1), ("rk4", 2), ("rk4", 3), *(("ba", k) for k in (1, 2, 3, 4, 8))}
+    expected = {*(("heun", k) for k in (1, 2, 4, 8)), *(("rk4", k) for k in (1, 2, 3, 5, 9)),
+                *(("ba", k) for k in (1, 2, 3, 4, 5, 8, 9))}
     assert set(skipped) == expected
-    assert "multiple of 2" in skipped[("heun", 3)]
+    assert "must be one of 3, 5, 7" in skipped[("heun", 4)]  # 2N - 1 calls: Euler last step
     assert "needs nfe >= 4" in skipped[("rk4", 2)]
     assert "needs a SideNet" in skipped[("ba", 4)]
 
@@ -108,7 +109,7 @@ def test_order_and_euler_match(points_run):
     for r in res["runs"]:
         if r["solver"] == "euler":  # Euler's own PSNR is reached by Euler at the same NFE (a ladder rung)
             assert r["euler_nfe_to_match"]["nfe"] == pytest.approx(r["nfe"], rel=1e-9)
-        if r["solver"] == "heun" and r["nfe_requested"] == 8:  # second order beats first order on a smooth field
+        if r["solver"] == "heun" and r["nfe_requested"] == 9:  # second order beats first order on a smooth field
             assert r["euler_nfe_to_match"]["nfe"] is None or r["euler_nfe_to_match"]["nfe"] > 16
 
 
@@ -228,7 +229,7 @@ BUNDLED = Path(bench.__file__).resolve().parents[1] / "bundled" / "digits" / "bu
 
 @pytest.mark.skipif(not BUNDLED.is_file(), reason="the bundled digits bundle has not been exported yet")
 def test_cli_on_the_bundled_model(tmp_path, capsys):
-    main(["bench", "default", "--solvers", "euler,heun", "--nfe", "2,4", "--n", "10", "--reference", "rk4:8",
+    main(["bench", "default", "--solvers", "euler,heun", "--nfe", "3", "--n", "10", "--reference", "rk4:8",
           "--backend", "ort-cpu", "--out", str(tmp_path), "--json", "--quiet"])
     captured = capsys.readouterr()
     res = json.loads(captured.out)
@@ -257,6 +258,6 @@ def test_cli_end_to_end_on_a_checkpoint(tmp_path, capsys):
     res = json.loads(captured.out)
     assert res["model"]["name"] == "toy" and res["settings"]["cfg_scales"] == [1.0, 2.0]
     assert (tmp_path / "out" / "report.md").is_file() and "wrote" in captured.err
-    heun3 = [r for r in res["runs"] if r["solver"] == "heun" and r["nfe_requested"] == 3]
-    assert len(heun3) == 2 and all("multiple of 2" in r["skipped"] for r in heun3)
+    heun4 = [r for r in res["runs"] if r["solver"] == "heun" and r["nfe_requested"] == 4]
+    assert len(heun4) == 2 and all("must be one of 3, 5, 7" in r["skipped"] for r in heun4)
     assert all(r["psnr"] > 0 for r in res["runs"] if "skipped" not in r)

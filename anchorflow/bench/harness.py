@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..errors import ConfigError
 from .evaluate import Evaluator, classifier_dir, data_range
 from .outputs import Shown, write_outputs
 from .plan import DEFAULT_NFES, EULER_LADDER, BenchPlan, make_inputs
@@ -30,6 +31,9 @@ def run_bench(
     cfg_interval: tuple[float, float] = (0.0, 1.0),
     euler_ladder: Sequence[int] = EULER_LADDER,
     command: Optional[str] = None,
+    first_calls: Sequence[str] = ("backbone",),
+    grids: str = "uniform",
+    tuning=None,
 ) -> dict:
     """Benchmark ``solvers`` on ``model`` at every NFE and guidance scale; write ``out``; return the results.
 
@@ -44,21 +48,28 @@ def run_bench(
         cfg_scales: guidance scales; each gets its own reference.
         out: folder for results.json, report.md, quality_vs_nfe.png and the sample grids.
         reference: "rk4:N" or "dopri5[:tol]".
+        first_calls: "backbone" and/or "cached" (each solver once per mode; "cached" rows are
+            labelled ``name+cache`` and need the tuning's first-call table).
+        grids: "uniform", or "tuned": each solver on its tuned grid for its budget (uniform where
+            none was tuned; the Euler ladder always runs uniform from the backbone).
+        tuning: an :class:`anchorflow.tuning.Tuning` (default: the model's ``tuning``, if any).
     """
     plan = BenchPlan.make(model, solvers, nfes, n, cfg_scales, seed=int(seed), reference=reference,
                           cfg_interval=cfg_interval, euler_ladder=euler_ladder,
-                          command=command or shlex.join(sys.argv))
-    return run_plan(model, plan, out, progress)
+                          command=command or shlex.join(sys.argv), first_calls=tuple(first_calls), grids=grids)
+    return run_plan(model, plan, out, progress, tuning if tuning is not None else getattr(model, "tuning", None))
 
 
-def run_plan(model, plan: BenchPlan, out: str | os.PathLike, progress: bool = True) -> dict:
+def run_plan(model, plan: BenchPlan, out: str | os.PathLike, progress: bool = True, tuning=None) -> dict:
     """Run a checked plan on ``model``, write the report folder ``out``, return the results dict."""
     meta = model.meta
     noise, y = make_inputs(tuple(meta["state_shape"]), int(meta.get("num_classes") or 0), plan.n, plan.seed)
     sampler = meta.get("sampler")
     held_out = None if sampler is None else np.asarray(sampler(plan.n, y, plan.seed + 1))
     evaluate = Evaluator(data_range(model), y, classifier_dir(model), held_out)
-    measured = measure_all(Inputs(model, plan, noise, y, evaluate), progress)
+    if tuning is None and (plan.grids == "tuned" or "cached" in plan.first_calls):
+        raise ConfigError("tuned grids and the cached first call need the model's tuning; run 'anchorflow tune' first")
+    measured = measure_all(Inputs(model, plan, noise, y, evaluate, tuning), progress)
     results = assemble(model, plan, measured)
     write_outputs(Path(out), results, measured, Shown(data_range(model), y, held_out))
     return results

@@ -80,14 +80,32 @@ def make_inputs(
     return noise, labels
 
 
+CACHED_SUFFIX = "+cache"  # the label of a solver run with the cached first call
+
+
+def label_of(method: str, first_call: str) -> str:
+    """The row label of a (solver, first call) pair in the tables: ``ba`` or ``ba+cache``."""
+    return method if first_call == "backbone" else method + CACHED_SUFFIX
+
+
+def method_of(label: str) -> str:
+    """The registry name behind a row label (``ba+cache`` -> ``ba``)."""
+    return label[: -len(CACHED_SUFFIX)] if label.endswith(CACHED_SUFFIX) else label
+
+
 @dataclass(frozen=True)
 class Job:
-    """One measurement per guidance scale: ``solver`` at ``nfe``; ``ladder_only`` runs feed the
-    Euler-to-match table and keep no samples for the figures."""
+    """One measurement per guidance scale: ``solver`` at ``nfe`` with its first call from the
+    backbone or the cache; ``ladder_only`` runs feed the Euler-to-match table and keep no samples."""
 
     solver: str
     nfe: int
     ladder_only: bool = False
+    first_call: str = "backbone"
+
+    @property
+    def label(self) -> str:
+        return label_of(self.solver, self.first_call)
 
 
 @dataclass(frozen=True)
@@ -103,6 +121,8 @@ class BenchPlan:
     cfg_interval: tuple[float, float] = (0.0, 1.0)
     euler_ladder: tuple[int, ...] = EULER_LADDER
     command: str = ""
+    first_calls: tuple[str, ...] = ("backbone",)
+    grids: str = "uniform"  # "uniform" or "tuned" (each solver on the model's tuned grid for its budget)
 
     @classmethod
     def make(cls, model, solvers: Optional[Sequence[str]], nfes: Sequence[int], n: int,
@@ -114,18 +134,33 @@ class BenchPlan:
         parse_reference(settings.get("reference", cls.reference))
         ladder = settings.pop("euler_ladder", EULER_LADDER)
         lo, hi = settings.pop("cfg_interval", (0.0, 1.0))
+        first_calls = tuple(dict.fromkeys(settings.pop("first_calls", ("backbone",))))
+        if not first_calls or any(f not in ("backbone", "cached") for f in first_calls):
+            raise ConfigError(f"first calls must be 'backbone' and/or 'cached', got {list(first_calls)!r}")
+        if settings.get("grids", "uniform") not in ("uniform", "tuned"):
+            raise ConfigError(f"grids must be 'uniform' or 'tuned', got {settings['grids']!r}")
         return cls(tuple(names), tuple(sorted({int(k) for k in nfes})), int(n), tuple(cfgs),
                    euler_ladder=tuple(sorted({int(k) for k in ladder})), cfg_interval=(float(lo), float(hi)),
-                   **settings)
+                   first_calls=first_calls, **settings)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Table rows: each solver once per first-call mode (``ba``, ``ba+cache``)."""
+        return tuple(label_of(s, f) for s in self.solvers for f in self.first_calls)
 
     def jobs(self) -> list[Job]:
-        """Every (solver, NFE), then the Euler ladder rungs the solver jobs do not already cover."""
-        jobs = [Job(s, k) for s in self.solvers for k in self.nfes]
-        return jobs + [Job("euler", k, True) for k in self.euler_ladder if "euler" not in self.solvers or k not in self.nfes]
+        """Every (solver, first call, NFE), then the Euler ladder rungs (uniform grid, backbone first
+        call) that the solver jobs do not already cover."""
+        jobs = [Job(s, k, first_call=f) for s in self.solvers for f in self.first_calls for k in self.nfes]
+        plain_euler = "euler" in self.solvers and "backbone" in self.first_calls and self.grids == "uniform"
+        return jobs + [Job("euler", k, True) for k in self.euler_ladder if not plain_euler or k not in self.nfes]
 
     def settings(self) -> dict[str, Any]:
         """The JSON ``settings`` block (lists, in the order results.json has always had them)."""
         d = asdict(self)
-        return {"solvers": list(self.solvers), "nfes": list(self.nfes), "cfg_scales": list(self.cfg_scales),
+        extra = {} if self.first_calls == ("backbone",) and self.grids == "uniform" else {
+            "first_calls": list(self.first_calls), "grids": self.grids}
+        return {"solvers": list(self.labels), "nfes": list(self.nfes), "cfg_scales": list(self.cfg_scales),
                 "euler_ladder": list(self.euler_ladder), "n": self.n, "seed": self.seed,
-                "reference": self.reference, "cfg_interval": list(self.cfg_interval), "command": d["command"]}
+                "reference": self.reference, "cfg_interval": list(self.cfg_interval), "command": d["command"],
+                **extra}

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..runtime import metrics as M
-from .plan import BenchPlan
+from .plan import BenchPlan, method_of
 from .runs import Measured, RunRecord
 
 SCHEMA = "anchorflow.bench/1"
@@ -48,13 +48,13 @@ def orders(runs: list[dict], plan: BenchPlan) -> list[dict]:
 
     out = []
     for cfg in plan.cfg_scales:
-        for name in plan.solvers:
+        for name in plan.labels:
             pts = sorted({(r["nfe"], r["rmse"]) for r in done_runs(runs, name, cfg, plan.nfes)})
             try:
                 p = M.empirical_order([k for k, _ in pts], [e for _, e in pts])
             except ConfigError:
                 p = None
-            out.append({"solver": name, "cfg": cfg, "empirical": p, "textbook": get_solver(name).order,
+            out.append({"solver": name, "cfg": cfg, "empirical": p, "textbook": get_solver(method_of(name)).order,
                         "fit_nfes": [k for k, _ in pts]})
     return out
 
@@ -75,7 +75,7 @@ def machine_info(model) -> dict[str, Any]:
 
 def _with_match(runs: list[RunRecord], ladder: Sequence[int]) -> list[dict]:
     """Every run as JSON, each measured one with the Euler NFE that reaches its PSNR at its guidance."""
-    rungs = [r for r in runs if r.solver == "euler" and r.nfe_requested in ladder and r.skipped is None]
+    rungs = [r for r in runs if r.ladder_rung and r.nfe_requested in ladder and r.skipped is None]
     out = []
     for r in runs:
         d = r.to_json()
@@ -90,8 +90,9 @@ def assemble(model, plan: BenchPlan, measured: Measured) -> dict:
     """The results dict (JSON-ready): schema, model, machine, settings, references, runs, ladder, orders."""
     runs = _with_match(measured.runs, plan.euler_ladder)
     meta = model.meta
-    ladder = [r for r in runs if r["solver"] == "euler" and r["nfe_requested"] in plan.euler_ladder
-              and "skipped" not in r]
+    ladder = [d for r, d in zip(measured.runs, runs) if r.ladder_rung and r.nfe_requested in plan.euler_ladder
+              and r.skipped is None]
+    main = [d for r, d in zip(measured.runs, runs) if not r.ladder_only]
     return {
         "schema": SCHEMA,
         "model": {k: meta.get(k) for k in ("name", "model_id", "num_classes", "null_label", "data_range")}
@@ -99,7 +100,7 @@ def assemble(model, plan: BenchPlan, measured: Measured) -> dict:
         "machine": machine_info(model),
         "settings": plan.settings(),
         "references": measured.references,
-        "runs": [r for r in runs if r["solver"] in plan.solvers and r["nfe_requested"] in plan.nfes],
+        "runs": main,
         "euler_ladder": [{k: r[k] for k in ("cfg", "nfe", "psnr", "rmse")} for r in ladder],
-        "orders": orders(runs, plan),
+        "orders": orders(main, plan),
     }

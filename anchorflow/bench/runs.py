@@ -28,6 +28,15 @@ class Inputs:
     noise: np.ndarray
     y: Optional[np.ndarray]
     evaluate: Evaluator
+    tuning: Optional[Any] = None  # anchorflow.tuning.Tuning: tuned grids and the first-call table
+
+    def grid_for(self, job: Job) -> tuple[Any, str]:
+        """(grid for ``solve``, its description): the tuned one when the plan asks and one exists."""
+        if self.plan.grids == "tuned" and not job.ladder_only and self.tuning is not None:
+            g = self.tuning.grid_for(job.solver, job.nfe, job.first_call)
+            if g is not None:
+                return np.asarray(g.times), g.spec
+        return None, "uniform"
 
     def solve_kwargs(self, cfg: float) -> dict:
         """The keyword arguments of ``solve`` shared by every solver at guidance ``cfg``."""
@@ -39,10 +48,14 @@ class Inputs:
 class RunRecord:
     """One (solver, NFE, guidance) measurement; ``x`` (samples) is kept for the figures, never written."""
 
-    solver: str
+    solver: str  # the row label: the registry name, "+cache" with the cached first call
     nfe_requested: int
     cfg: float
     skipped: Optional[str] = None
+    method: str = ""
+    first_call: str = "backbone"
+    grid: str = "uniform"
+    ladder_only: bool = False
     nfe: int = 0
     sidenet_calls: int = 0
     timing: dict[str, float] = field(default_factory=dict)
@@ -52,13 +65,20 @@ class RunRecord:
     def to_json(self) -> dict[str, Any]:
         """The results.json form (keys in the order the schema has always had them)."""
         head = {"solver": self.solver, "nfe_requested": self.nfe_requested, "cfg": self.cfg}
+        if self.method and self.method != self.solver or self.grid != "uniform":
+            head.update(method=self.method, first_call=self.first_call, grid=self.grid)
         if self.skipped is not None:
             return {**head, "skipped": self.skipped}
         return {**head, "nfe": self.nfe, "sidenet_calls": self.sidenet_calls, "timing": dict(self.timing),
                 **self.scores}
 
+    @property
+    def ladder_rung(self) -> bool:
+        """Euler from the backbone on the uniform grid: a rung of the Euler-to-match ladder."""
+        return self.method == "euler" and self.first_call == "backbone" and self.grid == "uniform"
 
-def skip_reason(name: str, nfe: int, has_sidenet: bool) -> Optional[str]:
+
+def skip_reason(name: str, nfe: int, has_sidenet: bool, free_calls: int = 0) -> Optional[str]:
     """Why ``name`` cannot run at ``nfe`` on this model (None when it can)."""
     from ..runtime import get_solver
 
@@ -66,10 +86,20 @@ def skip_reason(name: str, nfe: int, has_sidenet: bool) -> Optional[str]:
     if spec.needs_sidenet and not has_sidenet:
         return f"{name} needs a SideNet and this model has none"
     try:
-        spec.steps_for_nfe(int(nfe))
+        spec.steps_for_nfe(int(nfe), free_calls)
     except ConfigError as exc:
         return str(exc)
     return None
+
+
+def _first_call(inp: Inputs, job: Job):
+    """"backbone", or the tuned first-call table (a ConfigError when the model has none)."""
+    if job.first_call == "backbone":
+        return "backbone"
+    table = None if inp.tuning is None else inp.tuning.first_call
+    if table is None:
+        raise ConfigError("the cached first call needs the model's first-call table; run 'anchorflow tune' first")
+    return table
 
 
 def _fastflow_options(inp: Inputs, nfe: int, common: dict) -> dict:
@@ -104,13 +134,16 @@ def run_one(inp: Inputs, job: Job, cfg: float) -> RunRecord:
     """One (solver, NFE, guidance) measurement, or a record of why it was skipped."""
     from ..runtime import solve
 
-    rec = RunRecord(job.solver, int(job.nfe), cfg)
-    rec.skipped = skip_reason(job.solver, job.nfe, inp.model.sidenet is not None)
+    grid, grid_name = inp.grid_for(job)
+    rec = RunRecord(job.label, int(job.nfe), cfg, method=job.solver, first_call=job.first_call, grid=grid_name,
+                    ladder_only=job.ladder_only)
+    rec.skipped = skip_reason(job.solver, job.nfe, inp.model.sidenet is not None, int(job.first_call == "cached"))
     if rec.skipped:
         return rec
     common = inp.solve_kwargs(cfg)
     options = PREPARE[job.solver](inp, job.nfe, common) if job.solver in PREPARE else {}
-    res = solve(job.solver, inp.model.velocity, inp.noise, int(job.nfe), **common, **options)
+    res = solve(job.solver, inp.model.velocity, inp.noise, int(job.nfe), grid=grid, first_call=_first_call(inp, job),
+                **common, **options)
     rec.nfe, rec.sidenet_calls, rec.timing = int(res.nfe), int(res.sidenet_calls), _timing(res.timing)
     rec.scores = inp.evaluate(res.x)
     rec.x = None if job.ladder_only else res.x  # ladder-only runs feed the Euler-to-match table, not the grids

@@ -1,0 +1,87 @@
+"""`anchorflow tune`: a time grid per solver and budget (and the cached first call), stored in the bundle."""
+
+from __future__ import annotations
+
+import click
+
+from .common import BACKENDS
+
+DEFAULT_SOLVERS = "euler,ab2,unipc,ba"
+
+
+@click.command("tune")
+@click.argument("model")
+@click.option("--solvers", default=DEFAULT_SOLVERS, show_default=True,
+              help="Comma-separated solver names (see `anchorflow solvers`); those needing a SideNet only "
+                   "when the model has one.")
+@click.option("--nfe", default="5,10", show_default=True, help="Comma-separated backbone-call budgets.")
+@click.option("--first-call", "first_calls", default="backbone,cached", show_default=True,
+              help="Tune for the first call from the backbone, from the cached t = 1 table, or both. The "
+                   "table is measured here and refused when its residual exceeds the stated bound.")
+@click.option("--cfg", "cfg", type=float, default=1.0, show_default=True, help="Guidance scale to tune at.")
+@click.option("--samples", type=int, default=32, show_default=True,
+              help="Held-out samples (noise from --seed, never the benchmark's seed 0).")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the held-out noise.")
+@click.option("--reference-steps", type=int, default=64, show_default=True,
+              help="Plain RK4 steps of the reference the grids are scored against (4 calls each).")
+@click.option("--max-evals", type=int, default=16, show_default=True,
+              help="Solves per (solver, budget) in the coordinate descent over the grid's (shift, power).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="Execution backend; 'auto' takes the best available.")
+@click.option("--dry-run", is_flag=True, help="Print the grids without storing them in the bundle.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def tune(model, solvers, nfe, first_calls, cfg, samples, seed, reference_steps, max_evals, backend, dry_run,
+         quiet) -> None:
+    """Tune the time grid of each solver and budget on MODEL (an exported bundle) and record it.
+
+    For every solver and NFE the grid ``warp:S,P`` (the SD3 shift S of u^P; (1, 1) is uniform)
+    that maximises PSNR against an RK4 reference on a small held-out batch is found by
+    coordinate descent in (log S, log P). With the cached first call the t = 1 velocity
+    ``x - E[x0 | c]`` is tabulated per label (refused when the model's residual is large) and
+    each budget buys one more interval. Results go into the bundle (tuned.json, first_call.npy,
+    hashed in bundle.json); `sample` and `bench --grids tuned` use them.
+
+    \b
+    Examples:
+      anchorflow tune my-bundle --solvers ba,ab2 --nfe 5,7,10
+      anchorflow tune my-bundle --first-call backbone --samples 16 --dry-run
+    """
+    from ..errors import ConfigError
+    from ..modelref import BUNDLED, DEFAULT_NAME, open_model
+    from ..runtime.tuned import write_tuning
+    from ..tuning import tune as run_tune
+    from .common import parse_int_list
+
+    names = [s.strip() for s in solvers.split(",") if s.strip()]
+    nfes = parse_int_list(nfe, "--nfe")
+    modes = [f.strip() for f in first_calls.split(",") if f.strip()]
+    for value, what in ((samples, "--samples"), (reference_steps, "--reference-steps"), (max_evals, "--max-evals")):
+        if value < 1:
+            raise ConfigError(f"{what} must be a positive integer, got {value}")
+    if model == "default" and not dry_run:
+        raise ConfigError(f"the bundled model is read-only; pass a copy of its bundle folder "
+                          f"({BUNDLED / DEFAULT_NAME / 'bundle'}) or use --dry-run")
+    m = open_model(model, backend=backend)
+    folder = m.files.bundle
+    if not dry_run and folder is None:
+        raise ConfigError(f"{model} is not an exported bundle; export it first ('anchorflow export {model} --out DIR')")
+    names = [s for s in names if m.sidenet is not None or not _needs_sidenet(s)]
+    result = run_tune(m, names, nfes, modes, cfg=cfg, samples=samples, seed=seed, reference_steps=reference_steps,
+                      max_evals=max_evals, progress=not quiet)
+    if result.first_call is not None:
+        state = "refused: " + result.first_call_refused if result.first_call_refused else "accepted"
+        click.echo(f"first-call table: residual {result.first_call.residual:.4f} "
+                   f"(bound {result.first_call.bound:g}), {state}")
+    for key, g in sorted(result.grids.items()):
+        click.echo(f"{key:<18} {g.spec:<18} PSNR {g.psnr:6.2f} dB (uniform {g.uniform_psnr:6.2f})")
+    if not dry_run:
+        if result.first_call_refused:
+            result.first_call = None
+        write_tuning(folder, result)
+        click.echo(f"stored in {folder}/bundle.json (tuned.json" + (", first_call.npy)" if result.first_call else ")"))
+
+
+def _needs_sidenet(name: str) -> bool:
+    from ..runtime import get_solver
+
+    return get_solver(name).needs_sidenet

@@ -1,0 +1,132 @@
+"""Per-model sampler tuning behind ``anchorflow tune``: a time grid per (solver, budget, first call).
+
+For every solver and NFE budget, coordinate descent in (log S, log P) of the two-parameter
+schedule ``warp:S,P`` (:func:`anchorflow.runtime.grids.warped`; (1, 1) is uniform, P = 1 the
+SD3 shift) maximises the PSNR against an RK4 reference on a small held-out batch (its own seed,
+never the benchmark's noise). With ``first_call="cached"`` the t = 1 table is measured first and
+refused where its residual exceeds the bound. Time convention: t = 1 noise, t = 0 data.
+Torch-free (numpy, the runtime); :func:`anchorflow.runtime.tuned.write_tuning` stores the result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from .errors import ConfigError
+from .runtime.tuned import TunedGrid, Tuning
+
+FIRST_CALLS = ("backbone", "cached")
+
+
+def coordinate_descent(score: Callable[[float, float], float], step: float = 0.5, min_step: float = 0.06,
+                       max_evals: int = 24) -> tuple[tuple[float, float], float, int]:
+    """Maximise ``score(log S, log P)`` from (0, 0) by +-step moves per coordinate, halving the step
+    after a sweep without gain; stops below ``min_step`` or after ``max_evals`` scores."""
+    best_p, best, evals = (0.0, 0.0), score(0.0, 0.0), 1
+    while step >= min_step and evals < max_evals:
+        moved = False
+        for axis in (0, 1):
+            for sign in (1.0, -1.0):
+                if evals >= max_evals:
+                    break
+                p = list(best_p)
+                p[axis] += sign * step
+                s = score(*p)
+                evals += 1
+                if s > best + 1e-6:
+                    best_p, best, moved = (p[0], p[1]), s, True
+                    break
+        if not moved:
+            step /= 2.0
+    return best_p, best, evals
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The held-out batch a grid is tuned on: noise (n, ...) at t = 1, labels, reference x at t = 0."""
+
+    model: Any
+    noise: np.ndarray
+    y: Optional[np.ndarray]
+    ref: np.ndarray
+    cfg: float
+    data_range: tuple[float, float]
+
+    def psnr(self, method: str, nfe: int, times: np.ndarray, first_call) -> float:
+        from .runtime import metrics as M
+        from .runtime import solve
+
+        res = solve(method, self.model.velocity, self.noise, nfe, y=self.y, sidenet=self.model.sidenet,
+                    cfg_scale=self.cfg, null_label=self.model.meta.get("null_label"), grid=times,
+                    first_call=first_call)
+        return float(M.psnr(res.x, self.ref, self.data_range)) if np.all(np.isfinite(res.x)) else -math.inf
+
+
+def make_problem(model, samples: int, seed: int, cfg: float, reference_steps: int) -> Problem:
+    """A held-out batch (seed distinct from the benchmark's) and its plain-RK4 reference."""
+    from .bench.evaluate import data_range
+    from .bench.plan import make_inputs
+    from .bench.reference import Guidance, _solve_once
+
+    meta = model.meta
+    noise, y = make_inputs(tuple(meta["state_shape"]), int(meta.get("num_classes") or 0), samples, seed)
+    g = Guidance(y, float(cfg), (0.0, 1.0), meta.get("null_label"))
+    ref, _ = _solve_once(model.velocity, noise, g, "rk4", reference_steps)
+    return Problem(model, noise, y, ref, float(cfg), data_range(model))
+
+
+def tune_one(problem: Problem, method: str, nfe: int, first_call, max_evals: int = 24) -> TunedGrid:
+    """Coordinate descent of ``warp:S,P`` for one solver and budget (``first_call``: None or a table)."""
+    from .runtime import get_solver
+    from .runtime.grids import warped
+
+    steps = get_solver(method).steps_for_nfe(nfe, 0 if first_call is None else 1)
+    fc = "backbone" if first_call is None else first_call
+
+    def score(ls: float, lp: float) -> float:
+        return problem.psnr(method, nfe, warped(steps, math.exp(ls), math.exp(lp)), fc)
+
+    (ls, lp), best, evals = coordinate_descent(score, max_evals=max_evals)
+    times = warped(steps, math.exp(ls), math.exp(lp))
+    return TunedGrid(method, int(nfe), "backbone" if first_call is None else "cached", math.exp(ls), math.exp(lp),
+                     tuple(float(t) for t in times), best, score(0.0, 0.0), evals)
+
+
+def tune(model, solvers: Sequence[str], nfes: Sequence[int], first_calls: Sequence[str] = FIRST_CALLS,
+         cfg: float = 1.0, samples: int = 32, seed: int = 1, reference_steps: int = 64, max_evals: int = 24,
+         progress: bool = True) -> Tuning:
+    """Tune a grid per (solver, nfe, first call) on ``samples`` held-out samples; see the module doc."""
+    from tqdm.auto import tqdm
+
+    from .runtime.first_call import measure_first_call
+
+    bad = [f for f in first_calls if f not in FIRST_CALLS]
+    if bad or not first_calls:
+        raise ConfigError(f"first calls must be among {', '.join(FIRST_CALLS)}, got {list(first_calls)!r}")
+    meta = model.meta
+    out = Tuning(settings={"solvers": list(solvers), "nfes": [int(k) for k in nfes], "first_calls": list(first_calls),
+                           "cfg": float(cfg), "samples": int(samples), "seed": int(seed),
+                           "reference": f"rk4:{int(reference_steps)}", "max_evals": int(max_evals),
+                           "family": "warp:S,P"})
+    if "cached" in first_calls:
+        table = measure_first_call(model.velocity, tuple(meta["state_shape"]), int(meta.get("num_classes") or 0))
+        try:
+            out.first_call = table.check()
+        except ConfigError as exc:
+            out.first_call, out.first_call_refused = table, str(exc)
+    problem = make_problem(model, samples, seed, cfg, reference_steps)
+    jobs = [(s, k, f) for s in solvers for k in nfes for f in first_calls
+            if f == "backbone" or out.first_call_refused is None]
+    bar = tqdm(jobs, desc="tune", unit="grid", disable=not progress)
+    for s, k, f in bar:
+        bar.set_postfix_str(f"{s} nfe={k} {f}")
+        try:
+            g = tune_one(problem, s, k, None if f == "backbone" else out.first_call, max_evals)
+        except ConfigError:
+            continue  # a budget this solver cannot spend exactly (e.g. even NFE for heun)
+        out.grids[g.key] = g
+    return out

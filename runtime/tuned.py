@@ -1,0 +1,135 @@
+"""A bundle's tuned sampler settings: a time grid per (solver, budget, first call) and the t = 1 table.
+
+``anchorflow tune`` finds them (:mod:`anchorflow.tuning`); they are stored in the bundle as two
+files recorded in bundle.json like the networks (``{"file", "sha256", "bytes"}``, hash-checked on
+read, kept inside the bundle folder)::
+
+    "tuned": {"schema": "anchorflow.tuned/1", "grids": FILE (tuned.json), "first_call": FILE? (first_call.npy)}
+
+``solve`` takes the grid and table explicitly; the CLI (sample, bench) looks them up here when
+the caller gives no grid, and says so. Time convention: t = 1 noise, t = 0 data. Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .first_call import FirstCallTable
+
+TUNE_SCHEMA = "anchorflow.tuned/1"
+GRIDS_FILE, TABLE_FILE = "tuned.json", "first_call.npy"
+
+
+def grid_key(solver: str, nfe: int, first_call: str = "backbone") -> str:
+    """``"ba@10"`` or ``"ba@10+cached"``: the key of a tuned grid."""
+    return f"{solver}@{int(nfe)}" + ("" if first_call == "backbone" else f"+{first_call}")
+
+
+@dataclass(frozen=True)
+class TunedGrid:
+    """The best ``warp:S,P`` grid found for one (solver, nfe, first_call), and its gain over uniform
+    (PSNR in dB against the tuning reference on the held-out batch)."""
+
+    solver: str
+    nfe: int
+    first_call: str
+    shift: float
+    power: float
+    times: tuple[float, ...]
+    psnr: float
+    uniform_psnr: float
+    evals: int
+
+    @property
+    def key(self) -> str:
+        return grid_key(self.solver, self.nfe, self.first_call)
+
+    @property
+    def spec(self) -> str:
+        return f"warp:{self.shift:.4g},{self.power:.4g}"
+
+
+@dataclass
+class Tuning:
+    """Tuned grids by key, the first-call table (None when not measured or refused) and the settings."""
+
+    grids: dict[str, TunedGrid] = field(default_factory=dict)
+    first_call: Optional[FirstCallTable] = None
+    first_call_refused: Optional[str] = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def grid_for(self, solver: str, nfe: int, first_call: str = "backbone") -> Optional[TunedGrid]:
+        """The tuned grid for this solver and budget, or None when it was not tuned."""
+        return self.grids.get(grid_key(solver, nfe, first_call))
+
+    def to_json(self) -> dict[str, Any]:
+        """tuned.json (the first-call table's rows are in first_call.npy)."""
+        fc = self.first_call
+        return {"schema": TUNE_SCHEMA, "settings": self.settings,
+                "first_call": None if fc is None else {"residual": fc.residual, "bound": fc.bound,
+                                                       "samples": fc.samples, "rows": int(fc.means.shape[0])},
+                "first_call_refused": self.first_call_refused,
+                "grids": {k: {**asdict(g), "times": list(g.times)} for k, g in sorted(self.grids.items())}}
+
+    @classmethod
+    def from_json(cls, data: Any, means: Optional[np.ndarray] = None, where: str = GRIDS_FILE) -> "Tuning":
+        if not isinstance(data, dict) or data.get("schema") != TUNE_SCHEMA:
+            raise CheckpointError(f"{where} is not an {TUNE_SCHEMA} file; rerun 'anchorflow tune'")
+        try:
+            grids = {k: TunedGrid(**{**g, "times": tuple(float(t) for t in g["times"])})
+                     for k, g in data["grids"].items()}
+            fc = data.get("first_call")
+            table = None if fc is None or means is None else FirstCallTable(
+                np.asarray(means, np.float32), float(fc["residual"]), int(fc["samples"]), float(fc["bound"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where} is malformed ({exc}); rerun 'anchorflow tune'") from None
+        return cls(grids, table, data.get("first_call_refused"), dict(data.get("settings") or {}))
+
+
+def read_tuning(bundle) -> Optional[Tuning]:
+    """The tuning recorded in a bundle (a folder or a :class:`BundleFormat`), None when it has none.
+
+    Both files are checked against bundle.json's sha256 (CheckpointError when modified)."""
+    from .._io import read_json
+    from .bundle_format import BundleFormat, inside, read_bundle, verify_file
+
+    fmt = bundle if isinstance(bundle, BundleFormat) else read_bundle(bundle)
+    entry = fmt.meta.get("tuned")
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or entry.get("schema") != TUNE_SCHEMA or not isinstance(entry.get("grids"), dict):
+        raise CheckpointError(f"{fmt.folder}/bundle.json: 'tuned' must be {{'schema': {TUNE_SCHEMA!r}, 'grids': "
+                              "{file, sha256}, ...}; rerun 'anchorflow tune'")
+    files = {}
+    for key in ("grids", "first_call"):
+        rec = entry.get(key)
+        if rec is not None:
+            path = inside(fmt.folder, str(rec.get("file")), f"the tuned {key} file")
+            files[key] = verify_file(path, str(rec.get("sha256")))
+    means = np.load(files["first_call"], allow_pickle=False) if "first_call" in files else None
+    return Tuning.from_json(read_json(files["grids"]), means, str(files["grids"]))
+
+
+def write_tuning(bundle_dir: str | Path, tuning: Tuning) -> Path:
+    """Store ``tuning`` in the bundle: tuned.json, first_call.npy (when measured), bundle.json's entry."""
+    from .. import _io
+    from .bundle_format import SCHEMA, file_record, read_bundle, write_bundle_json
+
+    fmt = read_bundle(bundle_dir)
+    if fmt.schema != SCHEMA:
+        raise CheckpointError(f"{fmt.folder} is an older bundle ({fmt.schema}); re-export it before tuning")
+    folder = fmt.folder
+    _io.write_json(folder / GRIDS_FILE, tuning.to_json())
+    entry: dict[str, Any] = {"schema": TUNE_SCHEMA, "grids": file_record(folder, GRIDS_FILE)}
+    if tuning.first_call is not None:
+        with _io.atomic_path(folder / TABLE_FILE) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(tuning.first_call.means, np.float32))
+        entry["first_call"] = file_record(folder, TABLE_FILE)
+    write_bundle_json(folder, {**fmt.meta, "tuned": entry})
+    return folder
