@@ -130,3 +130,28 @@ def tune(model, solvers: Sequence[str], nfes: Sequence[int], first_calls: Sequen
             continue  # a budget this solver cannot spend exactly (e.g. even NFE for heun)
         out.grids[g.key] = g
     return out
+
+
+def sampling_setup(bundle_folder, method: str, nfe: int, grid: Optional[str], first_call: str = "backbone"):
+    """What ``sample`` and ``serve`` pass to ``solve`` for the grid and the first call.
+
+    ``grid`` None: the bundle's tuned grid for (method, nfe, first_call) when it has one, else
+    uniform. ``first_call="cached"`` needs the bundle's first-call table. Returns
+    (grid, first_call for solve, a note saying what was chosen, or None).
+    """
+    from .runtime.tuned import read_tuning
+
+    if first_call not in FIRST_CALLS:
+        raise ConfigError(f"first call must be one of {', '.join(FIRST_CALLS)}, got {first_call!r}")
+    tuning = None if bundle_folder is None else read_tuning(bundle_folder)
+    fc: Any = "backbone"
+    if first_call == "cached":
+        if tuning is None or tuning.first_call is None:
+            raise ConfigError("--first-call cached needs the bundle's first-call table; run 'anchorflow tune' on it")
+        fc = tuning.first_call
+    if grid is not None:
+        return grid, fc, None
+    tuned = None if tuning is None else tuning.grid_for(method, nfe, first_call)
+    if tuned is None:
+        return "uniform", fc, None
+    return np.asarray(tuned.times), fc, f"grid: tuned {tuned.spec} for {tuned.key} (from the bundle; --grid overrides)"

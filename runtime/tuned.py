@@ -118,11 +118,9 @@ def read_tuning(bundle) -> Optional[Tuning]:
 def write_tuning(bundle_dir: str | Path, tuning: Tuning) -> Path:
     """Store ``tuning`` in the bundle: tuned.json, first_call.npy (when measured), bundle.json's entry."""
     from .. import _io
-    from .bundle_format import SCHEMA, file_record, read_bundle, write_bundle_json
+    from .bundle_format import BUNDLE_JSON, SCHEMA, file_record, parse_meta, read_bundle, write_bundle_json
 
     fmt = read_bundle(bundle_dir)
-    if fmt.schema != SCHEMA:
-        raise CheckpointError(f"{fmt.folder} is an older bundle ({fmt.schema}); re-export it before tuning")
     folder = fmt.folder
     _io.write_json(folder / GRIDS_FILE, tuning.to_json())
     entry: dict[str, Any] = {"schema": TUNE_SCHEMA, "grids": file_record(folder, GRIDS_FILE)}
@@ -131,5 +129,10 @@ def write_tuning(bundle_dir: str | Path, tuning: Tuning) -> Path:
             with open(tmp, "wb") as f:
                 np.save(f, np.asarray(tuning.first_call.means, np.float32))
         entry["first_call"] = file_record(folder, TABLE_FILE)
-    write_bundle_json(folder, {**fmt.meta, "tuned": entry})
+    meta = {**fmt.meta, "tuned": entry}
+    if fmt.schema == SCHEMA:
+        write_bundle_json(folder, meta)
+    else:  # an /1 bundle keeps its schema: the optional entry is validated and added as is
+        parse_meta(meta, folder, "the tuned bundle.json")
+        _io.write_json(folder / BUNDLE_JSON, meta)
     return folder

@@ -142,7 +142,8 @@ def test_every_node_is_guided_at_its_own_time(n, interval, probes, tol):
     another node's time changes the result (a = 1/4, uniform grid)."""
     x, y, s = np.array([[1.0, -2.0]]), np.array([0]), 3.0
 
-    def field(x, t, lab):  # v = (label + 1) x + t
+    def field(x, t, cond):  # v = (label + 1) x + t
+        lab = cond["y"] if isinstance(cond, dict) else cond
         return (np.asarray(lab, float)[:, None] + 1.0) * x + np.asarray(t)[:, None]
 
     out = solve("ba", field, x, n, y=y, sidenet=zero_sidenet, cfg_scale=s, cfg_interval=interval,

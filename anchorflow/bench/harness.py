@@ -34,6 +34,7 @@ def run_bench(
     first_calls: Sequence[str] = ("backbone",),
     grids: str = "uniform",
     tuning=None,
+    self_check: bool = True,
 ) -> dict:
     """Benchmark ``solvers`` on ``model`` at every NFE and guidance scale; write ``out``; return the results.
 
@@ -56,7 +57,8 @@ def run_bench(
     """
     plan = BenchPlan.make(model, solvers, nfes, n, cfg_scales, seed=int(seed), reference=reference,
                           cfg_interval=cfg_interval, euler_ladder=euler_ladder,
-                          command=command or shlex.join(sys.argv), first_calls=tuple(first_calls), grids=grids)
+                          command=command or shlex.join(sys.argv), first_calls=tuple(first_calls), grids=grids,
+                          self_check=bool(self_check))
     return run_plan(model, plan, out, progress, tuning if tuning is not None else getattr(model, "tuning", None))
 
 

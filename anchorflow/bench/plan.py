@@ -123,6 +123,7 @@ class BenchPlan:
     command: str = ""
     first_calls: tuple[str, ...] = ("backbone",)
     grids: str = "uniform"  # "uniform" or "tuned" (each solver on the model's tuned grid for its budget)
+    self_check: bool = True  # solve the reference again at half the steps to measure its error
 
     @classmethod
     def make(cls, model, solvers: Optional[Sequence[str]], nfes: Sequence[int], n: int,
@@ -158,8 +159,8 @@ class BenchPlan:
     def settings(self) -> dict[str, Any]:
         """The JSON ``settings`` block (lists, in the order results.json has always had them)."""
         d = asdict(self)
-        extra = {} if self.first_calls == ("backbone",) and self.grids == "uniform" else {
-            "first_calls": list(self.first_calls), "grids": self.grids}
+        extra = {} if self.first_calls == ("backbone",) and self.grids == "uniform" and self.self_check else {
+            "first_calls": list(self.first_calls), "grids": self.grids, "self_check": self.self_check}
         return {"solvers": list(self.labels), "nfes": list(self.nfes), "cfg_scales": list(self.cfg_scales),
                 "euler_ladder": list(self.euler_ladder), "n": self.n, "seed": self.seed,
                 "reference": self.reference, "cfg_interval": list(self.cfg_interval), "command": d["command"],

@@ -62,13 +62,24 @@ def _timing_rows(results: dict, cfg: float) -> list[list[Any]]:
 def _section(results: dict, cfg: float) -> list[str]:
     ref = next(r for r in results["references"] if r["cfg"] == cfg)
     chk, dist = ref["self_check"], _dist_cell(ref)
+    if chk is None:
+        check = "self-check skipped (--no-self-check)."
+    else:
+        check = (f"self-check {chk['compare']}: RMSE {chk['rmse']:.2e}, PSNR {chk['psnr']:.1f} dB (the error of the "
+                 f"coarser solve)")
+        est = ref.get("reference_error")
+        check += "." if est is None else (f"; the reference's own error, by Richardson (order 4): RMSE "
+                                          f"{est['rmse_estimate']:.1e}, PSNR {est['psnr_estimate']:.1f} dB.")
     lines = [f"## Guidance scale {cfg:g}", "",
-             f"Reference: {ref['method']} ({ref['nfe']} calls); self-check {chk['compare']}: RMSE {chk['rmse']:.2e}, "
-             f"PSNR {chk['psnr']:.1f} dB." + (f" Reference {dist}." if dist != "n/a" else ""), "",
+             f"Reference: {ref['method']} ({ref['nfe']} calls); {check}" + (f" Reference {dist}." if dist != "n/a" else ""),
+             "",
              "### PSNR (dB) against the reference", "", *_grid_table(results, cfg, _psnr_cell),
              "### Euler NFE needed to match that PSNR", "", *_grid_table(results, cfg, _match_cell)]
     if any(k in r for r in results["runs"] for k in ("fd", "accuracy", "swd")):
         lines += ["### Distribution quality", "", *_grid_table(results, cfg, _dist_cell)]
+    if results["settings"].get("grids") == "tuned":
+        lines += ["### Time grid of each run (`warp:S,P` from `anchorflow tune`; uniform where none was tuned)", "",
+                  *_grid_table(results, cfg, lambda r: r.get("grid", "uniform"))]
     orders = [[o["solver"], "-" if o["textbook"] is None else o["textbook"],
                "-" if o["empirical"] is None else f"{o['empirical']:.2f}"]
               for o in results["orders"] if o["cfg"] == cfg]

@@ -168,7 +168,8 @@ def measure_all(inp: Inputs, progress: bool) -> Measured:
     bar = tqdm(total=len(plan.cfg_scales) * (1 + len(jobs)), desc="bench", unit="run", disable=not progress)
     for cfg in plan.cfg_scales:
         bar.set_postfix_str(f"reference {plan.reference} cfg={cfg:g}")
-        ref, info = reference_solution(inp.model, inp.noise, inp.y, cfg, plan.cfg_interval, plan.reference)
+        ref, info = reference_solution(inp.model, inp.noise, inp.y, cfg, plan.cfg_interval, plan.reference,
+                                       plan.self_check)
         inp.evaluate.ref = ref
         out.references.append(info | inp.evaluate.distribution(ref))
         out.ref_x[cfg] = ref

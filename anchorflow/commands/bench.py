@@ -27,6 +27,16 @@ DEFAULT_NFE = "3,4,5,6,8,10,20,50,100"
                    "(adaptive Dormand-Prince at rtol = atol = TOL, default 1e-6).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the start noise.")
 @thread_options
+@click.option("--first-call", "first_call", default="backbone", show_default=True,
+              help="'backbone', 'cached' or both ('backbone,cached'): with 'cached' every solver also runs with "
+                   "the bundle's tuned t = 1 table (rows 'NAME+cache'; N calls buy N + 1 intervals).")
+@click.option("--grids", type=click.Choice(["uniform", "tuned"]), default="uniform", show_default=True,
+              help="'tuned': each solver on the bundle's tuned grid for its budget ('anchorflow tune'); the Euler "
+                   "ladder always runs uniform from the backbone.")
+@click.option("--no-self-check", "no_self_check", is_flag=True,
+              help="Skip the reference's self-check (its second solve at half the steps); the report says so.")
+@click.option("--euler-ladder", default=None,
+              help="Comma-separated Euler NFEs for the 'Euler NFE to match' table (default 1..10,12,15,...,200).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="Execution backend; 'auto' takes the best available and reports it.")
 @click.option("--allow-fallback", is_flag=True, help="Fall back to CPU when a GPU provider fails to load.")
@@ -34,8 +44,8 @@ DEFAULT_NFE = "3,4,5,6,8,10,20,50,100"
               help="Folder for results.json, report.md, quality_vs_nfe.png and sample grids.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results JSON to stdout (messages go to stderr).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def bench(model, solvers, nfe, n, cfg, cfg_interval, reference, seed, backend, allow_fallback, out, as_json,
-          quiet, threads, thread_mode) -> None:
+def bench(model, solvers, nfe, n, cfg, cfg_interval, reference, seed, first_call, grids, no_self_check, euler_ladder,
+          backend, allow_fallback, out, as_json, quiet, threads, thread_mode) -> None:
     """Benchmark solvers on MODEL: quality against a reference, counted NFE, timing split.
 
     Every solver gets the same start noise, labels (balanced over classes) and guidance. For
@@ -52,7 +62,8 @@ def bench(model, solvers, nfe, n, cfg, cfg_interval, reference, seed, backend, a
     """
     import json
 
-    from ..bench import check_counts, parse_reference, run_bench, select_solvers
+    from ..bench import EULER_LADDER, check_counts, parse_reference, run_bench, select_solvers
+    from ..runtime.tuned import read_tuning
     from ..modelref import open_model
     from .common import apply_threads, parse_float_list, parse_int_list, parse_interval
 
@@ -64,9 +75,13 @@ def bench(model, solvers, nfe, n, cfg, cfg_interval, reference, seed, backend, a
     parse_reference(reference)
     cfgs = parse_float_list(cfg, "--cfg")
     apply_threads(threads, thread_mode)
+    ladder = EULER_LADDER if euler_ladder is None else parse_int_list(euler_ladder, "--euler-ladder")
+    modes = [f.strip() for f in first_call.split(",") if f.strip()]
     m = open_model(model, backend=backend, allow_fallback=allow_fallback)
+    tuning = read_tuning(m.files.bundle) if m.files.bundle is not None else None
     results = run_bench(m, names, nfes, n, cfgs, seed, out, reference=reference, progress=not quiet,
-                        cfg_interval=parse_interval(cfg_interval))
+                        cfg_interval=parse_interval(cfg_interval), euler_ladder=ladder, first_calls=modes,
+                        grids=grids, tuning=tuning, self_check=not no_self_check)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     click.echo(f"wrote {out}/report.md and {out}/results.json", err=as_json)

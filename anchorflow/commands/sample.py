@@ -18,7 +18,11 @@ from .common import BACKENDS, thread_options, positive
 @click.option("--cfg", "cfg_scale", type=float, default=1.0, show_default=True,
               help="Classifier-free guidance scale; 1.0 means none.")
 @click.option("--cfg-interval", default="0,1", show_default=True, help="Guidance applies for t in (lo, hi].")
-@click.option("--grid", default="uniform", show_default=True, help="'uniform' or 'shift:S' (SD3/FLUX time shift).")
+@click.option("--grid", default=None,
+              help="'uniform', 'shift:S' (SD3/FLUX time shift) or 'warp:S,P'. Default: the bundle's tuned grid for "
+                   "this solver and NFE ('anchorflow tune'), else uniform.")
+@click.option("--first-call", type=click.Choice(["backbone", "cached"]), default="backbone", show_default=True,
+              help="'cached': the t = 1 velocity from the bundle's tuned table, so NFE buys one more interval.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the start noise.")
 @thread_options
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
@@ -44,7 +48,7 @@ from .common import BACKENDS, thread_options, positive
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
               help="Sample grid PNG to write.")
 @click.option("--npy", type=click.Path(dir_okay=False), default=None, help="Also save the raw samples as .npy.")
-def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, backend, allow_fallback,
+def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_call, seed, backend, allow_fallback,
            precision, bandit_state, calls, speedup, mu_factor, cond_file, null_file, noise_file, out, npy, threads,
            thread_mode) -> None:
     """Generate N samples from MODEL with SOLVER in NFE backbone calls and write a PNG grid.
@@ -90,7 +94,16 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, seed, b
         n = n or 16
         noise = start_noise(seed, n, meta["state_shape"])
     y = make_labels(labels, n, int(meta.get("num_classes") or 0))
-    kwargs = dict(sidenet=m.sidenet, cfg_scale=cfg_scale, cfg_interval=parse_interval(cfg_interval), grid=grid,
+    from ..tuning import sampling_setup
+
+    grid, fc, note = sampling_setup(m.files.bundle, solver, nfe, grid, first_call)
+    if note:
+        click.echo(note, err=True)
+    if first_call != "backbone":
+        cfg_extra = {"first_call": fc}
+    else:
+        cfg_extra = {}
+    kwargs = dict(**cfg_extra, sidenet=m.sidenet, cfg_scale=cfg_scale, cfg_interval=parse_interval(cfg_interval), grid=grid,
                   **_conditions(m, cond_file, null_file, y, n, cfg_scale))
     pending = None
     if solver == "fastflow" and bandit_state:

@@ -1,0 +1,91 @@
+"""`anchorflow tune`: the grid search, and tuned grids stored, hashed and used (t = 1 noise, t = 0 data)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anchorflow.cli import main
+from anchorflow.errors import CheckpointError
+from anchorflow.modelref import BUNDLED
+from anchorflow.runtime.grids import make_grid, warped
+from anchorflow.runtime.tuned import read_tuning
+from anchorflow.tuning import coordinate_descent
+
+BUNDLE = BUNDLED / "digits" / "bundle"
+
+
+def test_coordinate_descent_finds_the_maximum_of_a_quadratic():
+    """-(a - 0.7)^2 - 2 (b + 0.3)^2 peaks at (0.7, -0.3); steps halve from 0.5 down to < 0.06, so the
+    search ends within one final step (0.0625) of the peak on each axis."""
+    (a, b), best, evals = coordinate_descent(lambda a, b: -(a - 0.7) ** 2 - 2 * (b + 0.3) ** 2, max_evals=200)
+    assert abs(a - 0.7) <= 0.0625 and abs(b + 0.3) <= 0.0625 and evals < 200
+    assert best == pytest.approx(-(a - 0.7) ** 2 - 2 * (b + 0.3) ** 2)
+
+
+def test_warp_grid_family():
+    np.testing.assert_allclose(warped(5, 1.0, 1.0), np.linspace(1, 0, 6), atol=1e-15)  # (1, 1) is uniform
+    np.testing.assert_allclose(make_grid(5, "warp:0.4,1"), make_grid(5, "shift:0.4"), atol=1e-15)
+    g = make_grid(6, "warp:0.5,1.5")
+    assert g[0] == 1.0 and g[-1] == 0.0 and np.all(np.diff(g) < 0)
+
+
+@pytest.fixture(scope="module")
+def tuned_bundle(tmp_path_factory):
+    if not (BUNDLE / "bundle.json").is_file():
+        pytest.skip("the bundled digits bundle has not been exported yet")
+    folder = tmp_path_factory.mktemp("tuned") / "bundle"
+    shutil.copytree(BUNDLE, folder, ignore=shutil.ignore_patterns("tuned.json", "first_call.npy"))
+    meta = json.loads((folder / "bundle.json").read_text())
+    meta.pop("tuned", None)
+    (folder / "bundle.json").write_text(json.dumps(meta))
+    main(["tune", str(folder), "--solvers", "euler,ba", "--nfe", "3", "--samples", "2", "--max-evals", "3",
+          "--reference-steps", "4", "--backend", "ort-cpu", "--quiet"])
+    return folder
+
+
+def test_tuned_grids_are_stored_and_hashed(tuned_bundle):
+    entry = json.loads((tuned_bundle / "bundle.json").read_text())["tuned"]
+    from anchorflow.runtime.bundle_format import file_sha256
+
+    for key, name in (("grids", "tuned.json"), ("first_call", "first_call.npy")):
+        assert entry[key]["file"] == name and entry[key]["sha256"] == file_sha256(tuned_bundle / name)
+    tuning = read_tuning(tuned_bundle)
+    assert set(tuning.grids) == {"euler@3", "euler@3+cached", "ba@3", "ba@3+cached"}
+    assert tuning.first_call is not None and tuning.first_call.means.shape == (11, 1, 8, 8)
+    g = tuning.grid_for("ba", 3, "cached")
+    assert len(g.times) == 5 and g.times[0] == 1.0 and g.times[-1] == 0.0  # 3 calls, 4 intervals
+    assert g.psnr >= g.uniform_psnr  # the search starts at uniform and only accepts gains
+
+
+def test_sample_uses_the_tuned_grid_and_says_so(tuned_bundle, tmp_path, capsys):
+    main(["sample", str(tuned_bundle), "--solver", "ba", "--nfe", "3", "--n", "2", "--first-call", "cached",
+          "--backend", "ort-cpu", "--out", str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy")])
+    err = capsys.readouterr().err
+    spec = read_tuning(tuned_bundle).grid_for("ba", 3, "cached").spec
+    assert f"grid: tuned {spec} for ba@3+cached" in err
+    main(["sample", str(tuned_bundle), "--solver", "ba", "--nfe", "3", "--n", "2", "--first-call", "cached",
+          "--grid", "uniform", "--backend", "ort-cpu", "--out", str(tmp_path / "t.png"), "--npy", str(tmp_path / "t.npy")])
+    assert "grid: tuned" not in capsys.readouterr().err  # an explicit --grid wins
+    if spec != "warp:1,1":  # the search moved off uniform: the tuned samples differ from the uniform ones
+        assert np.abs(np.load(tmp_path / "s.npy") - np.load(tmp_path / "t.npy")).max() > 1e-4
+
+
+def test_a_modified_tuning_file_is_refused(tuned_bundle, tmp_path):
+    folder = tmp_path / "b"
+    shutil.copytree(tuned_bundle, folder)
+    data = json.loads((folder / "tuned.json").read_text())
+    data["grids"]["ba@3"]["times"][1] = 0.5
+    (folder / "tuned.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="does not match the sha256"):
+        read_tuning(folder)
+
+
+def test_tuning_the_bundled_model_in_place_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "default"])
+    assert exc.value.code == 1 and "read-only" in capsys.readouterr().err
