@@ -16,11 +16,12 @@ Rows versus samples. A solve on B samples sends more rows than B to the networks
 
 * backbone: ``g * B`` rows, g = 2 when the model is guided by rows (CFG puts the cond and
   uncond rows into one call), else 1;
-* SideNet (BA-solver, arXiv 2601.21542, Algorithm 1): the forward probe evaluates three offsets
-  ``a*h, (1-a)*h, h`` in ONE call on ``3 * g * B`` rows; the backward probe uses ``g * B`` rows.
+* SideNet (BA-solver, arXiv 2601.21542, Algorithm 1): the merged probe evaluates four offsets
+  ``-a*h, a*h', (1-a)*h', h'`` in ONE call on ``4 * g * B`` rows (the most of any registered solver,
+  ``runtime.registry.max_sidenet_offsets``); the paper's probes use ``3 * g * B`` and ``g * B``.
 
 ``bundle.json`` records each network's range in rows (the exporter's ``--max-batch N`` gives
-the backbone ``max = 2N`` and the SideNet ``max = 6N``); without overrides those ranges are the
+the backbone ``max = 2N`` and the SideNet ``max = 8N``); without overrides those ranges are the
 profiles. Overrides (``anchorflow build --min-batch/--opt-batch/--max-batch``) are in samples
 per solve and become rows by the rule above, with ``probes = 3``: backbone
 ``[B_min, g*B_opt, g*B_max]``, SideNet ``[B_min, probes*g*B_opt, probes*g*B_max]``; they must
@@ -36,10 +37,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import ConfigError
+from ..runtime.registry import max_sidenet_offsets
 
 BATCH = "batch"
 DEFAULT_SAMPLES = (1, 16, 64)  # samples per solve: the backbone range when bundle.json has none; [1] = expected
-PROBES = 3  # SideNet offsets per forward probe (BA-solver, 4-node quadrature minus the anchor)
+# SideNet offsets per call, from the solver registry (BA's merged probe: -a h, a h', (1-a) h', h' = 4)
+PROBES = max_sidenet_offsets()
 
 
 @dataclass(frozen=True)

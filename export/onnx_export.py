@@ -27,6 +27,7 @@ import numpy as np
 
 from .._deps import require
 from ..errors import ConfigError
+from ..runtime.registry import max_sidenet_offsets
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the dynamo exporter emits 18+; its down-conversion to 17 breaks Split (measured)
@@ -38,7 +39,8 @@ class NetSpec:
     """One exported network: ONNX input names (in forward order), output name, file name.
 
     ``rows``: batch rows per generated sample at most; the backbone sees 2 (cond + uncond rows
-    with guidance), the SideNet 6 (the BA forward probe's 3 offsets x 2 guidance rows).
+    with guidance), the SideNet 2 x the most offsets a registered solver puts in one call (BA's merged
+    probe: 4, so 8).
     """
 
     name: str
@@ -69,7 +71,7 @@ class NetSpec:
 
 ROLES = {"x": "state", "t": "time", "v": "velocity", "h": "offset", "delta": "velocity"}
 BACKBONE = NetSpec("backbone", ("x", "t", "y"), "v", 2, "backbone.onnx")
-SIDENET = NetSpec("sidenet", ("x", "v", "t", "h", "y"), "delta", 6, "sidenet.onnx")
+SIDENET = NetSpec("sidenet", ("x", "v", "t", "h", "y"), "delta", 2 * max_sidenet_offsets(), "sidenet.onnx")
 NETS = {spec.name: spec for spec in (BACKBONE, SIDENET)}
 
 

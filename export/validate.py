@@ -23,12 +23,13 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ..errors import CheckpointError
+from ..runtime.solvers.ba import LOBATTO_A
 from .onnx_export import NetSpec, random_inputs
 
 # Relative error is |a - b| / max(|b|, REL_FLOOR * rms(b)): elements far below the tensor's own
 # scale (a SideNet delta at h ~ 0) are judged against that scale instead of against ~0.
 REL_FLOOR = 1e-3
-BA_FRACTIONS = (0.2763932, 0.7236068, 1.0, -0.2763932)  # the BA probe offsets, in units of h
+BA_FRACTIONS = (LOBATTO_A, 1.0 - LOBATTO_A, 1.0, -LOBATTO_A)  # the BA probe offsets, in units of h
 STEP_SIZES = (1 / 5, 1 / 7, 1 / 10)  # intervals of 5-, 7- and 10-NFE uniform grids
 # Times at which solvers call the nets: from t = 1 (noise) down to 1/50, the last backbone call of
 # a 50-step grid. No solver calls the backbone at t = 0 (the last step ends there), where the

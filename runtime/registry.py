@@ -34,6 +34,8 @@ class SolverSpec:
     # "grid": nfe is the grid size and calls are decided at run time (FastFlow).
     nfe_rule: str = "steps"
     last_calls: Optional[int] = None
+    # most SideNet offsets in one call (rows = offsets x guidance rows x samples); 0: no SideNet
+    sidenet_offsets: int = 0
 
     def nfe_for_steps(self, steps: int, free_calls: int = 0) -> int:
         """Backbone calls the method makes on a grid of ``steps`` steps (minus the free ones)."""
@@ -84,13 +86,15 @@ def register(
     min_nfe: int = 1,
     nfe_rule: str = "steps",
     last_calls: Optional[int] = None,
+    sidenet_offsets: int = 0,
 ) -> Callable[[Callable], Callable]:
     """Decorator: add a solver function to :data:`SOLVERS` under ``name``."""
 
     def deco(fn: Callable) -> Callable:
         if name in SOLVERS:
             raise RuntimeError(f"solver {name!r} registered twice")
-        SOLVERS[name] = SolverSpec(name, fn, calls_per_step, order, summary, needs_sidenet, min_nfe, nfe_rule, last_calls)
+        SOLVERS[name] = SolverSpec(name, fn, calls_per_step, order, summary, needs_sidenet, min_nfe, nfe_rule, last_calls,
+                                   sidenet_offsets)
         return fn
 
     return deco
@@ -110,3 +114,11 @@ def solver_names() -> list[str]:
     from . import solvers  # noqa: F401
 
     return list(SOLVERS)
+
+
+def max_sidenet_offsets() -> int:
+    """The most SideNet offsets any registered solver batches into one call (by default: ba's merged
+    probe, 4). Export and engine profiles size the SideNet's rows from it."""
+    from . import solvers  # noqa: F401
+
+    return max((s.sidenet_offsets for s in SOLVERS.values()), default=0)

@@ -96,7 +96,7 @@ def test_inspect_prints_metadata_and_flags_a_changed_file(bundle_copy):
     out = CliRunner().invoke(cli, ["inspect", str(bundle_copy)])
     assert out.exit_code == 0, out.output
     for text in ("anchorflow.bundle/2", "null label 10", "t = 1 is noise", "x [batch,1,8,8] float32",
-                 "batch 1..8 (opt 8)", "batch 1..24", "PASS", "fp16", "sha256 ok", "../backbone"):
+                 "batch 1..8 (opt 8)", "batch 1..32", "PASS", "fp16", "sha256 ok", "../backbone"):
         assert text in out.output, text
     raw = CliRunner().invoke(cli, ["inspect", str(bundle_copy), "--json"])
     assert json.loads(raw.output) == json.loads((bundle_copy / "bundle.json").read_text())

@@ -68,7 +68,7 @@ def _tensor_entries(graph_io) -> list:
              "dtype": helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name} for v in graph_io]
 
 
-ROWS = {"backbone": (1, 8, 32), "sidenet": (1, 24, 96)}  # rows for 16 samples per solve (x2, x6), opt at 4 samples
+ROWS = {"backbone": (1, 8, 32), "sidenet": (1, 32, 128)}  # rows for 16 samples per solve (x2, x8), opt at 4 samples
 
 
 def write_bundle(folder: Path, rows=ROWS, null_label=CLASSES, precisions=()) -> Path:
@@ -136,21 +136,21 @@ def test_profiles_take_the_bundles_row_ranges(tmp_path: Path) -> None:
 
 def test_sidenet_without_range_gets_probe_rows(tmp_path: Path) -> None:
     _, meta = read_bundle(write_bundle(tmp_path / "b", rows={"backbone": (1, 8, 32)}))
-    assert derive_profiles(meta)["sidenet"].rows == (1, 24, 96)
+    assert derive_profiles(meta)["sidenet"].rows == (1, 32, 128)  # 4 offsets (BA merged probe) x backbone rows
 
 
 def test_profiles_from_samples_guided(bundle: Path) -> None:
     _, meta = read_bundle(bundle)
     assert sample_range(meta) == SampleRange(1, 4, 16)  # backbone rows / 2 (guidance)
-    profiles = derive_profiles(meta, SampleRange(2, 4, 16))  # guidance doubles rows, the forward probe triples
-    assert profiles["backbone"].rows == (2, 8, 32) and profiles["sidenet"].rows == (2, 24, 96)
+    profiles = derive_profiles(meta, SampleRange(2, 4, 16))  # guidance doubles rows, BA's merged probe x 4
+    assert profiles["backbone"].rows == (2, 8, 32) and profiles["sidenet"].rows == (2, 32, 128)
 
 
 def test_profiles_from_samples_unguided(tmp_path: Path) -> None:
     _, meta = read_bundle(write_bundle(tmp_path / "b", rows={"backbone": (1, 4, 16)}, null_label=None))
     assert sample_range(meta) == SampleRange(1, 4, 16)
     rows = {k: p.rows for k, p in derive_profiles(meta, sample_range(meta, max=8)).items()}
-    assert rows == {"backbone": (1, 4, 8), "sidenet": (1, 12, 24)}
+    assert rows == {"backbone": (1, 4, 8), "sidenet": (1, 16, 32)}
 
 
 @pytest.mark.parametrize("method, cfg, samples", [("ba", 1.5, 16), ("ba", 1.0, 1), ("ba-single", 1.5, 16), ("euler", 1.5, 16)])

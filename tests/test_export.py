@@ -121,7 +121,7 @@ def test_bundle_json_and_onnx_metadata(tiny_bundle):
     assert bb["inputs"][2]["dtype"] == "int64" and bb["inputs"][0]["shape"] == ["batch", 1, 8, 8]
     assert [i["role"] for i in sn["inputs"]] == ["state", "velocity", "time", "offset", "condition"]
     assert bb["batch"] == {"min": 1, "opt": 2 * MAX_BATCH, "max": 2 * MAX_BATCH}
-    assert sn["batch"]["max"] == 6 * MAX_BATCH  # 3 BA probe offsets x 2 guidance rows
+    assert sn["batch"]["max"] == 8 * MAX_BATCH  # 4 BA probe offsets (merged probe) x 2 guidance rows
     assert bb["checkpoint"]["path"] == "../backbone" and "loss_log" not in bb["checkpoint"]["training"]
     assert sn["checkpoint"]["backbone"]["weights_sha256"] == bb["checkpoint"]["weights_sha256"]
     assert bb["validation"]["passed"] and len(bb["validation"]["cases"]) == 6  # 3 batches x random/real

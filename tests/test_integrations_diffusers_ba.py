@@ -57,7 +57,7 @@ def test_run_ba_equals_solve_with_exactly_n_calls(pipe, cfg):
     finally:
         registry.remove_hook("count", recurse=False)
     assert count.calls == N and out.anchorflow.nfe == N
-    assert out.anchorflow.sidenet_calls == 2 * N - 1  # one 3-offset call per interval, one backward probe per corrector
+    assert out.anchorflow.sidenet_calls == N  # merged probes: one SideNet call per interval
     field = capture_pipeline(pipe, **inputs(pipe.kind, cfg, N))
     ref = solve("ba", field.velocity, field.noise, N, sidenet=toy_sidenet, **field.solve_kwargs())
     np.testing.assert_allclose(out.anchorflow.x, ref.x, rtol=0, atol=TOL)

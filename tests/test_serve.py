@@ -93,7 +93,8 @@ def run_sample(tmp: Path, *args: str) -> tuple[np.ndarray, bytes, str]:
 ])
 def test_results_equal_the_sample_command(service, tmp_path, solver, args):
     cli = ["--solver", solver, "--nfe", str(args["nfe"]), "--n", str(args["n"]), "--seed", str(args["seed"]),
-           "--labels", ",".join(map(str, args["labels"])), "--cfg", str(args["cfg"])]
+           "--labels", ",".join(map(str, args["labels"])), "--cfg", str(args["cfg"]),
+           "--grid", "uniform"]  # sample defaults to the bundle's tuned grid; the service runs the uniform one
     # fastflow twice: the first run calibrates a fresh bandit, the second uses what it learned;
     # the service's state file and the command's must evolve identically
     for _ in range(2 if solver == "fastflow" else 1):
@@ -141,7 +142,7 @@ def test_concurrent_requests_are_merged_into_fewer_solves(service):
 @pytest.mark.parametrize("body, words", [
     (b'{"solver": "ba", "nfe": ', "not valid JSON"),
     (b'{"solver": "dpm-fast"}', "unknown solver"),
-    (b'{"solver": "heun", "nfe": 3}', "multiple of 2"),
+    (b'{"solver": "heun", "nfe": 4}', "must be one of 3, 5, 7"),
     (b'{"solver": "ba", "nfe": -1}', "'nfe' must be"),
     (b'{"labels": [0, 12]}', "0..9"),
     (json.dumps({"n": MAX_N + 1}).encode(), f"'n' must be in 1..{MAX_N}"),

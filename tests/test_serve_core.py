@@ -65,7 +65,7 @@ def test_merged_and_split_requests_equal_lone_runs(service):
         assert rep.error is None and rep.x.shape == (r.n, 1, 8, 8)
         np.testing.assert_allclose(rep.x, lone(service, r), rtol=0, atol=BATCH_ATOL)
         assert rep.nfe == 4
-    assert replies[0].sidenet_calls == 7 and replies[2].sidenet_calls == 0  # BA: 2 N - 1 SideNet calls
+    assert replies[0].sidenet_calls == 4 and replies[2].sidenet_calls == 0  # BA (merged probes): N SideNet calls
 
 
 def test_plan_packs_by_key_and_never_splits_fastflow(service):
@@ -80,9 +80,9 @@ def test_plan_packs_by_key_and_never_splits_fastflow(service):
 
 
 def test_rows_limit_follows_the_bundle_batch_range():
-    # backbone max 128 rows, SideNet max 384: guided BA carries 2 x 3 SideNet rows per state row
-    assert rows_limit(1000, guided=True, sidenet=True, backbone_max=128, sidenet_max=384) == 64
-    assert rows_limit(1000, guided=False, sidenet=True, backbone_max=128, sidenet_max=384) == 128
+    # backbone max 128 rows, SideNet max 384: guided BA carries 2 x 4 SideNet rows per state row (merged probe)
+    assert rows_limit(1000, guided=True, sidenet=True, backbone_max=128, sidenet_max=384) == 48
+    assert rows_limit(1000, guided=False, sidenet=True, backbone_max=128, sidenet_max=384) == 96
     assert rows_limit(1000, guided=True, sidenet=False, backbone_max=128, sidenet_max=384) == 64
     assert rows_limit(5, guided=False, sidenet=False, backbone_max=128, sidenet_max=None) == 5
 
@@ -91,7 +91,7 @@ def test_rows_limit_follows_the_bundle_batch_range():
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "JSON object"),
     (b'{"solver": "nope"}', "unknown solver"),
-    (b'{"solver": "heun", "nfe": 5}', "multiple of 2"),
+    (b'{"solver": "heun", "nfe": 4}', "must be one of 3, 5, 7"),
     (b'{"nfe": 0}', "'nfe' must be"),
     (b'{"nfe": 2.5}', "'nfe' must be an integer"),
     (b'{"labels": [3, 10]}', "0..9"),

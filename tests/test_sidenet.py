@@ -307,7 +307,8 @@ def test_numpy_runtime_ba_matches_torch_reference(guidance, nfe):
     side = make_sidenet((1, 4, 4), classes=3)
     noise = np.random.default_rng(1).standard_normal((4, 1, 4, 4)).astype(np.float32)
     y = np.array([0, 1, 2, 0])
-    got = solve("ba", TorchVelocity(backbone), noise, nfe, y=y, sidenet=TorchSideNet(side), null_label=3, **guidance)
+    got = solve("ba", TorchVelocity(backbone), noise, nfe, y=y, sidenet=TorchSideNet(side), null_label=3,
+                probes="paper", **guidance)  # the torch oracle implements the paper's probes
     want = ba_sample_torch(backbone, side, torch.from_numpy(noise), torch.from_numpy(y), nfe, **guidance).numpy()
     assert got.nfe == nfe
     np.testing.assert_allclose(got.x, want, atol=1e-4, rtol=0)

@@ -17,7 +17,9 @@ import torch
 from ..errors import ConfigError
 from ..runtime.field import in_interval
 
-GAUSS_LOBATTO_A = (1 - 1 / math.sqrt(5)) / 2  # 4-point Gauss-Lobatto: weights 1/12, 5/12, 5/12, 1/12
+# 4-point Gauss-Lobatto node (weights 1/12, 5/12, 5/12, 1/12). Written here on purpose rather than
+# imported from runtime/solvers/ba.py: this torch sampler is the runtime's test oracle and shares no code with it.
+GAUSS_LOBATTO_A = (1 - 1 / math.sqrt(5)) / 2
 
 
 def quadrature_weights(a: float) -> tuple[float, float]:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import ConfigError
+from ..runtime.registry import max_sidenet_offsets
 
 FORMATS = ("npy", "png", "json")
 FIELDS = ("solver", "nfe", "n", "labels", "cfg", "cfg_interval", "seed", "grid", "format", "conditions",
@@ -42,8 +43,8 @@ class Limits:
     max_nfe: int = 512
 
 
-# The BA-solver's SideNet probe carries three offsets per state row (see runtime/solvers/ba.py).
-SIDENET_PROBES = 3
+# The most SideNet offsets per state row in one call, from the solver registry (BA's merged probe: 4).
+SIDENET_PROBES = max_sidenet_offsets()
 
 
 def rows_limit(cap: int, guided: bool, sidenet: bool, backbone_max: Optional[int], sidenet_max: Optional[int]) -> int:

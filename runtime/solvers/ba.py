@@ -106,7 +106,7 @@ def _interval(field: GuidedField, x: np.ndarray, v_raw: np.ndarray, fwd: list[np
 PROBES = ("merged", "paper")
 
 
-@register("ba", calls_per_step=1, order=None, needs_sidenet=True, min_nfe=2, nfe_rule="intervals",
+@register("ba", calls_per_step=1, order=None, needs_sidenet=True, min_nfe=2, nfe_rule="intervals", sidenet_offsets=4,
           summary="BA-solver: bi-anchor SideNet quadrature, N calls for N intervals")
 def ba(field: GuidedField, x: np.ndarray, grid: np.ndarray, a: float = LOBATTO_A, probes: str = "merged") -> SolverOutput:
     """BA-solver (arXiv 2601.21542, Algorithm 1): exactly N backbone calls for N intervals.
@@ -138,6 +138,7 @@ def ba(field: GuidedField, x: np.ndarray, grid: np.ndarray, a: float = LOBATTO_A
 
 
 @register("ba-single", calls_per_step=1, order=None, needs_sidenet=True, min_nfe=1, nfe_rule="intervals",
+          sidenet_offsets=3,
           summary="single-anchor ablation: 1 call + K SideNet nodes per interval")
 def ba_single(field: GuidedField, x: np.ndarray, grid: np.ndarray, k: int = 3) -> SolverOutput:
     """Single-anchor ablation of the BA-solver (arXiv 2601.21542): per interval one backbone call
