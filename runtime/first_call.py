@@ -80,9 +80,9 @@ class CachedStartField(GuidedField):
                               f"{', '.join(other)}; use first_call='backbone'")
         self.labels = None if self.cond is None else self.cond.get("y")
 
-    def raw(self, x: np.ndarray, t: float) -> np.ndarray:
+    def raw(self, x: np.ndarray, t: float, span=None) -> np.ndarray:
         """The table's rows at t = 1 (no NFE, no backbone time); a backbone call elsewhere."""
         if float(t) != 1.0:
-            return super().raw(x, t)
+            return super().raw(x, t, span)
         self.cached_calls += 1
         return self.table.velocity(self.expand(x).astype(self.dtype, copy=False), self.labels)

@@ -74,7 +74,7 @@ def test_digits_bundle_profiles_have_opt_below_max() -> None:
 
     _, meta = read_bundle(locate("default").bundle)  # a /1 bundle: batch 1/128/128, SideNet 1/384/384
     rows = {n: p.rows for n, p in derive_profiles(meta).items()}
-    assert rows == {"backbone": (1, 32, 128), "sidenet": (1, 96, 384)}
+    assert rows == {"backbone": (1, 32, 128), "sidenet": (1, 128, 384)}  # opt: 4 merged-probe offsets x 32
 
 
 def test_explicit_opt_is_kept() -> None:
