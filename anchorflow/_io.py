@@ -47,15 +47,14 @@ def check_output(path: str | os.PathLike, what: str = "--out", folder: bool = Fa
     if p == BUNDLED or BUNDLED in p.resolve().parents:
         raise ConfigError(f"{what} {path} is inside the installed package's bundled models, which are read-only; "
                           "pass --out FOLDER to write somewhere else")
+    if p.exists() and not (p.is_dir() or p.is_file()):
+        raise OutputError(f"{what} {path} is not a regular file or folder (a device, socket or pipe); "
+                          "choose another path")
     if p.exists() and folder and not p.is_dir():
         raise OutputError(f"{what} {path} is a file, not a folder; choose another {what}")
     if p.exists() and not folder and p.is_dir():
         raise OutputError(f"{what} {path} is a folder; give a file name")
-    parent = p.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {path}: {parent} is a file, not a folder")
+    parent = _make_parent(p, create=False)
     try:
         fd, probe = tempfile.mkstemp(prefix=".anchorflow-probe.", dir=parent)
         os.close(fd)
@@ -63,6 +62,19 @@ def check_output(path: str | os.PathLike, what: str = "--out", folder: bool = Fa
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {parent}: {_reason(exc)}") from None
     return Path(path)
+
+
+def _make_parent(target: Path, create: bool = True) -> Path:
+    """The nearest existing folder above ``target`` (after creating the missing ones if ``create``);
+    OutputError when a file stands where a folder must be."""
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {target}: {parent} is a file, not a folder")
+    if create:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    return parent
 
 
 def check_image_path(path: str | os.PathLike, what: str = "--out") -> str:
@@ -92,7 +104,7 @@ def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
     try:
         for target in targets:
             current = target
-            target.parent.mkdir(parents=True, exist_ok=True)
+            _make_parent(target)
             fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=target.parent)
             os.close(fd)
             tmps.append(Path(tmp))
@@ -191,7 +203,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     path = Path(path)
     recover_dir(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(path)
         tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {_reason(exc)}") from None

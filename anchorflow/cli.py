@@ -90,7 +90,8 @@ def exit_status(exc: BaseException) -> int:
     """
     if isinstance(exc, (click.exceptions.Abort, KeyboardInterrupt)):
         return 130
-    if isinstance(exc, click.BadParameter) and isinstance(getattr(exc.param, "type", None), click.Path):
+    if (isinstance(exc, click.BadParameter) and not isinstance(exc, click.MissingParameter)
+            and isinstance(getattr(exc.param, "type", None), click.Path)):
         return 1  # a file-system check (exists, file or folder), not a malformed command line
     if isinstance(exc, click.UsageError):
         return 2

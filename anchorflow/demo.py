@@ -1,7 +1,7 @@
 """`anchorflow demo`: what the toolkit does, on the bundled digits model, in one command.
 
 Torch-free: the bundled ONNX bundle runs on onnxruntime. The demo draws one batch of start
-noise, solves it with a reference (RK4, 512 steps) and with each few-step method at the same
+noise, solves it with a reference (RK4, 256 backbone calls) and with each few-step method at the same
 small NFE, and writes a folder with a comparison grid, per-method sample grids, a summary
 table (PSNR against the reference, class accuracy by the bundled classifier) and JSON.
 """
@@ -67,6 +67,7 @@ def run_demo(
     echo(f"reference: RK4 with {REFERENCE_NFE} calls ({time.perf_counter() - t0:.1f} s)")
     classify = _classifier(model.classifier)
     rows = {f"reference (rk4, {REFERENCE_NFE} calls)": ref.x}
+    files = {f"reference (rk4, {REFERENCE_NFE} calls)": f"samples_reference_rk4_{REFERENCE_NFE}.png"}
     table = []
     runs = [(m, nfe) for m in methods] + [("euler", 100)]
     for method, budget in runs:
@@ -88,13 +89,13 @@ def run_demo(
         }
         table.append(row)
         rows[f"{method} ({res.nfe} calls)"] = res.x
+        files[f"{method} ({res.nfe} calls)"] = f"samples_{method}_{res.nfe}.png"
         acc = "" if pred is None else f", class accuracy {row['class_accuracy']:.0%}"
         echo(f"{method:>8} @ {res.nfe:>3} calls: PSNR {row['psnr_db']:5.1f} dB vs reference{acc}")
 
     out.mkdir(parents=True, exist_ok=True)
     for name, x in rows.items():
-        save_grid(x, out / f"samples_{name.split(' ')[0]}_{name.split('(')[-1].split(' ')[0]}.png",
-                  nrow=min(n, 10), data_range=(lo, hi))
+        save_grid(x, out / files[name], nrow=min(n, 10), data_range=(lo, hi))
     save_labeled_rows({k: x[:10] for k, x in rows.items()}, out / "comparison.png", data_range=(lo, hi))
     summary = {
         "anchorflow": __version__, "model": meta["name"], "providers": model.providers, "nfe": nfe,

@@ -57,7 +57,10 @@ def resolve(spec: str | Path) -> Path:
         if not path.is_dir():
             raise CheckpointError(f"the bundled default model is missing from {path}; reinstall anchorflow")
         return path
+    from ._io import recover_dir
+
     path = Path(spec).expanduser()
+    recover_dir(path)  # a replacement interrupted by a crash is undone before anything is read
     if not path.exists():
         raise CheckpointError(f"model {spec!r} not found: give 'default', a checkpoint folder or a bundle folder")
     if not path.is_dir():
@@ -144,6 +147,7 @@ def open_model(
     if files.bundle is not None and backend != "torch":
         from .runtime.bundle import load_bundle
 
+        check_fresh(files)
         b = load_bundle(files.bundle, backend=backend, allow_fallback=allow_fallback, precision=precision,
                         threads=threads)
         meta = _bundle_meta(b.meta)
@@ -155,6 +159,41 @@ def open_model(
     if need_sidenet and model.sidenet is None:
         raise CheckpointError(f"{spec} has no SideNet; train one with 'anchorflow train sidenet --backbone {spec}'")
     return model
+
+
+def check_fresh(files: ModelFiles) -> None:
+    """Refuse a bundle exported from an older version of the checkpoint that sits next to it.
+
+    Compares the weights sha256 that bundle.json records per network with the ``config.json`` of
+    the checkpoint folder it was exported from, when that folder is the one beside the bundle.
+    MODEL naming the model root refuses (CheckpointError); naming the bundle folder itself is
+    taken as "this bundle, as it is" and only warns.
+    """
+    from ._io import read_json
+    from .errors import warn
+
+    meta = read_json(files.bundle / "bundle.json")
+    nets = meta.get("networks") if isinstance(meta, dict) else None
+    for name, folder in (("backbone", files.backbone), ("sidenet", files.sidenet)):
+        entry = (nets or {}).get(name)
+        record = entry.get("checkpoint") if isinstance(entry, dict) else None
+        if folder is None or not isinstance(record, dict) or not isinstance(record.get("path"), str):
+            continue
+        if (files.bundle / record["path"]).resolve() != folder.resolve():
+            continue  # exported from a checkpoint elsewhere: nothing beside it to compare with
+        try:
+            current = json.loads((folder / "config.json").read_text()).get("weights_sha256")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        recorded = record.get("weights_sha256")
+        if recorded and current and recorded != current:
+            why = (f"the bundle {files.bundle} is stale: its {name} was exported from weights {recorded[:12]}, but "
+                   f"the checkpoint in {folder} now holds {current[:12]}; re-export it with "
+                   f"'anchorflow export {files.root}'")
+            if Path(files.spec).expanduser().resolve() == files.bundle.resolve():
+                warn(why + "; sampling the bundle as it is, as asked")
+            else:
+                raise CheckpointError(why + ", or pass the bundle folder itself to sample it as it is")
 
 
 def _bundle_meta(meta: dict) -> dict:
@@ -171,6 +210,10 @@ def _bundle_meta(meta: dict) -> dict:
 
 
 def _open_torch(files: ModelFiles) -> OpenModel:
+    from ._deps import require_extra
+
+    require_extra("train", "sampling from torch checkpoints (--backend torch, or a model without a bundle)",
+                  ("torch", "safetensors"))
     from .trainers.checkpoint import load_checkpoint
     from .trainers.torch_wrappers import TorchSideNet, TorchVelocity
 

@@ -13,7 +13,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from ._io import atomic_path
+from ._io import atomic_path, check_image_path
 from .errors import ConfigError
 
 # A small image is upscaled (nearest neighbour) until its longer side is at least this many pixels.
@@ -64,6 +64,20 @@ def grid_array(images: np.ndarray, nrow: int, pad: int = 1, upscale: Optional[in
     return canvas
 
 
+def grid_image(
+    images: np.ndarray,
+    nrow: int = 8,
+    data_range: Sequence[float] = (-1.0, 1.0),
+    upscale: Optional[int] = None,
+    pad: int = 1,
+):
+    """A pillow image of the grid of ``images`` (see :func:`save_grid` for the arguments)."""
+    from PIL import Image
+
+    canvas = grid_array(_as_nhwc(to_uint8(images, data_range)), int(nrow), pad, upscale)
+    return Image.fromarray(canvas[..., 0] if canvas.shape[-1] == 1 else canvas)
+
+
 def save_grid(
     images: np.ndarray,
     path: str | os.PathLike,
@@ -72,24 +86,22 @@ def save_grid(
     upscale: Optional[int] = None,
     pad: int = 1,
 ) -> Path:
-    """Write images as one PNG grid with pillow only (no matplotlib), atomically.
+    """Write images as one grid image with pillow only (no matplotlib), atomically.
 
     Args:
         images: (N, H, W) or (N, C, H, W) (C = 1 grey, 3 RGB, else the first channel); float
             values in ``data_range`` (mapped to 0..255) or uint8.
-        path: the PNG file to write.
+        path: the image file to write; its suffix picks the format (.png, .jpg/.jpeg, .webp).
         nrow: images per row.
         data_range: (lo, hi) of float images, e.g. the model's ``meta["data_range"]``.
         upscale: integer nearest-neighbour factor; default: tiles at least 32 px (8x8 -> 32x32).
         pad: black pixels between tiles.
     """
-    from PIL import Image
-
-    canvas = grid_array(_as_nhwc(to_uint8(images, data_range)), int(nrow), pad, upscale)
-    img = Image.fromarray(canvas[..., 0] if canvas.shape[-1] == 1 else canvas)
+    fmt = check_image_path(path)
+    img = grid_image(images, nrow, data_range, upscale, pad)
     path = Path(path)
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format=fmt)
     return path
 
 

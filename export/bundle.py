@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import __version__
 from .._deps import require
-from .._io import atomic_dir, write_bytes
+from .._io import atomic_dir, check_output, write_bytes
 from ..errors import AnchorflowError, CheckpointError, ConfigError
 from ..runtime.bundle_format import SCHEMA, TIME_CONVENTION, file_record, write_bundle_json
 from .cleanup import CleanupReport, clean
@@ -275,6 +275,8 @@ def export_bundle(model: str | os.PathLike, out: Optional[str | os.PathLike] = N
     backbone_dir, sidenet_dir, default_out = resolve_sources(model, sidenet)
     if out is None and default_out is None:
         raise ConfigError(f"give --out: {model} is a checkpoint folder, not a model root with backbone/ inside")
+    check_output(out if out is not None else default_out, "--out" if out is not None else "the default output folder",
+                 folder=True)  # before any work; refuses the installed package's bundled models
     out = Path(out) if out is not None else default_out
     opts = Options(opset, tuple(parse_precisions(precisions)), int(max_batch), validate)
     BACKBONE.batch_range(opts.max_batch)  # refuses max_batch < 1 before any work
@@ -297,18 +299,8 @@ def export_bundle(model: str | os.PathLike, out: Optional[str | os.PathLike] = N
             meta = bundle_meta(info, networks, opts, real_note, command, time.perf_counter() - start)
             meta["versions"] = shared["versions"]
             write_bundle_json(tmp, meta)
-            _publishable(tmp)
             bar.update(1)
     return BundleExport(out, meta)
-
-
-def _publishable(folder: Path) -> None:
-    """Temporary folders and files are created 0700 / 0600; give the bundle ordinary modes (umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~mask)
 
 
 def bundle_meta(info: dict, networks: dict, opts: Options, real_note: Optional[str], command: Optional[str],

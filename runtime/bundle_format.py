@@ -172,8 +172,11 @@ class BundleFormat:
 
 def find_bundle(path: str | os.PathLike) -> Path:
     """The bundle folder for ``path``: the folder itself or a model root's ``bundle/``."""
+    from .._io import recover_dir
+
     path = Path(path).expanduser()
     for folder in (path, path / "bundle"):
+        recover_dir(folder)  # undo a replacement that a crash interrupted (see anchorflow._io.atomic_dir)
         if (folder / BUNDLE_JSON).is_file():
             return folder
     raise CheckpointError(f"{path} is not a bundle (no {BUNDLE_JSON}, nor bundle/{BUNDLE_JSON}); "

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .._deps import require
-from .._io import atomic_dir, read_json, sha256_file, write_json
+from .._io import atomic_dir, read_json, recover_dir, sha256_file, write_json
 from ..errors import AnchorflowError, CheckpointError
 
 FORMAT = "anchorflow.checkpoint/1"
@@ -55,6 +55,7 @@ def save_checkpoint(out: str | Path, module: Any, config: dict, extra_files: dic
 def read_config(path: str | Path) -> dict:
     """Read and check a checkpoint folder's config.json (no torch needed)."""
     path = Path(path)
+    recover_dir(path)  # undo a replacement that a crash interrupted (see anchorflow._io.atomic_dir)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     cfg = read_json(path / CONFIG)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import BACKENDS, thread_options
+from .common import BACKENDS, MAX_N, count, seed as seed_check, thread_options
 
 DEFAULT_NFE = "3,4,5,6,8,10,20,50,100"
 
@@ -17,7 +17,7 @@ DEFAULT_NFE = "3,4,5,6,8,10,20,50,100"
 @click.option("--nfe", default=DEFAULT_NFE, show_default=True,
               help="Comma-separated backbone-call budgets (fastflow: grid sizes T; its real calls are reported). "
                    "Budgets a solver cannot honour (odd NFE for heun) are skipped with the reason in the report.")
-@click.option("--n", "n", type=int, default=256, show_default=True,
+@click.option("--n", "n", type=int, default=256, show_default=True, callback=count(MAX_N),
               help="Samples per run (same noise for every solver).")
 @click.option("--cfg", "cfg", default="1.0", show_default=True,
               help="Comma-separated classifier-free guidance scales, e.g. 1.0,1.5; each gets its own reference.")
@@ -25,7 +25,7 @@ DEFAULT_NFE = "3,4,5,6,8,10,20,50,100"
 @click.option("--reference", default="rk4:512", show_default=True,
               help="Reference solver: 'rk4:N' (N uniform steps, checked against N/2) or 'dopri5[:TOL]' "
                    "(adaptive Dormand-Prince at rtol = atol = TOL, default 1e-6).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the start noise.")
+@click.option("--seed", type=int, default=0, show_default=True, callback=seed_check, help="Seed of the start noise.")
 @thread_options
 @click.option("--first-call", "first_call", default="backbone", show_default=True,
               help="'backbone', 'cached' or both ('backbone,cached'): with 'cached' every solver also runs with "
@@ -62,25 +62,32 @@ def bench(model, solvers, nfe, n, cfg, cfg_interval, reference, seed, first_call
     """
     import json
 
+    from .._io import check_output
     from ..bench import EULER_LADDER, check_counts, parse_reference, run_bench, select_solvers
     from ..runtime.tuned import read_tuning
+    from ..errors import ConfigError
     from ..modelref import open_model
-    from .common import apply_threads, parse_float_list, parse_int_list, parse_interval
+    from .common import (MAX_REFERENCE_STEPS, apply_threads, check_cfg, check_nfe, parse_float_list,
+                         parse_int_list, parse_interval)
 
-    nfes = parse_int_list(nfe, "--nfe")
+    check_output(out, "--out", folder=True)
+    nfes = check_nfe(parse_int_list(nfe, "--nfe"))
     check_counts(n, nfes)
+    interval = parse_interval(cfg_interval)
     names = None if solvers is None else [s.strip() for s in solvers.split(",") if s.strip()]
     if names is not None:
         select_solvers(names, has_sidenet=True)  # unknown names fail here, before the model loads
-    parse_reference(reference)
-    cfgs = parse_float_list(cfg, "--cfg")
+    method, steps = parse_reference(reference)
+    if method == "rk4" and steps > MAX_REFERENCE_STEPS:
+        raise ConfigError(f"--reference {reference}: at most rk4:{MAX_REFERENCE_STEPS} (4 backbone calls a step)")
+    cfgs = check_cfg(parse_float_list(cfg, "--cfg"))
     apply_threads(threads, thread_mode)
     ladder = EULER_LADDER if euler_ladder is None else parse_int_list(euler_ladder, "--euler-ladder")
     modes = [f.strip() for f in first_call.split(",") if f.strip()]
     m = open_model(model, backend=backend, allow_fallback=allow_fallback)
     tuning = read_tuning(m.files.bundle) if m.files.bundle is not None else None
     results = run_bench(m, names, nfes, n, cfgs, seed, out, reference=reference, progress=not quiet,
-                        cfg_interval=parse_interval(cfg_interval), euler_ladder=ladder, first_calls=modes,
+                        cfg_interval=interval, euler_ladder=ladder, first_calls=modes,
                         grids=grids, tuning=tuning, self_check=not no_self_check)
     if as_json:
         click.echo(json.dumps(results, indent=2))

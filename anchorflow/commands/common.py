@@ -21,6 +21,8 @@ MAX_NFE = 1000
 # Samples per command: beyond this the state alone outgrows a machine's memory for image models.
 MAX_N = 100_000
 MAX_SEED = 2**32 - 1
+# Steps of an RK4 reference (4 calls each): rk4:512 is the default, 4096 already costs 16384 calls.
+MAX_REFERENCE_STEPS = 4096
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
@@ -147,3 +149,35 @@ def apply_threads(threads: Optional[int], mode: str) -> None:
     from ..runtime.threads import configure
 
     configure(threads, mode)
+
+
+def check_sample_outputs(out: str, npy: Optional[str], extra: tuple[str, ...] = ()) -> str:
+    """Before any work: the grid image (format by suffix), the .npy and ``extra`` files can be written.
+
+    Returns the pillow format of ``out``.
+    """
+    from .._io import check_image_path, check_output
+
+    fmt = check_image_path(check_output(out, "--out"))
+    for path, what in ((npy, "--npy"), *((p, "output") for p in extra)):
+        if path is not None:
+            check_output(path, what)
+    return fmt
+
+
+def write_samples(x: np.ndarray, out: str, npy: Optional[str], data_range: tuple[float, float]) -> None:
+    """The sample grid image and (optionally) the raw samples, all-or-nothing (both or neither)."""
+    from .. import _io
+    from ..errors import NonFiniteError
+    from ..plots import grid_image
+
+    if not np.isfinite(x).all():
+        raise NonFiniteError(f"the samples hold NaN or Inf values ({int((~np.isfinite(x)).sum())} of {x.size}); "
+                             f"nothing was written to {out}")
+    fmt = _io.check_image_path(out)
+    img = grid_image(x, nrow=min(len(x), 10), data_range=data_range)
+    with _io.atomic_paths([out] + ([npy] if npy else [])) as tmps:
+        img.save(tmps[0], format=fmt)
+        if npy:
+            with open(tmps[1], "wb") as fh:
+                np.save(fh, x)

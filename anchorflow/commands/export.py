@@ -57,6 +57,9 @@ def export(model, out, sidenet, opset, precisions, max_batch, no_validate, axes)
       anchorflow export models/sd3/transformer --out sd3-bundle --axis L=1:333:512 --max-batch 4
       anchorflow export my_pkg.models:make_backbone --out my-bundle
     """
+    from .._deps import require_extra
+
+    require_extra("export", "anchorflow export")
     command = "anchorflow " + " ".join(sys.argv[1:])
     if _adapter_source(model):
         result = _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes, command)
@@ -109,6 +112,9 @@ def _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes,
         require(name, extra="diffusers", purpose="exporting diffusers and factory backbones")
     if out is None:
         raise ConfigError(f"give --out: {model} is a diffusers folder or a factory, not a model root")
+    from .._io import check_output
+
+    check_output(out, "--out", folder=True)  # before loading the model
     extra = [p for v in precisions for p in str(v).split(",") if p.strip() and p.strip() != "fp32"]
     if extra:
         raise ConfigError(f"diffusers and factory sources export fp32 only for now (asked for {', '.join(extra)}); "
@@ -132,25 +138,43 @@ def inspect(bundle, as_json) -> None:
     """Print an exported bundle's metadata: model, networks, I/O, batch ranges, parity, versions.
 
     BUNDLE is a bundle folder, a model root with bundle/ inside, or `default`. Each ONNX file is
-    also checked against the sha256 recorded in bundle.json.
+    also checked against the sha256 recorded in bundle.json; exit status 1 when any fails.
     """
     import json
 
+    from ..errors import CheckpointError
     from ..modelref import resolve
     from ..runtime.bundle import find_bundle, read_meta
 
     folder = find_bundle(resolve(bundle))
     meta = read_meta(folder)
-    if as_json:
-        click.echo(json.dumps(meta, indent=2))
-        return
-    click.echo(describe(folder, meta))
+    problems = integrity(folder, meta)
+    click.echo(json.dumps(meta, indent=2) if as_json else describe(folder, meta, problems))
+    if problems:
+        raise CheckpointError(f"{len(problems)} file(s) of {folder} fail their integrity check: "
+                              + "; ".join(problems.values()) + "; re-export the bundle")
 
 
-def describe(folder, meta: dict) -> str:
-    """A readable multi-line summary of a bundle (hashes checked)."""
+def integrity(folder, meta: dict) -> dict[tuple[str, str], str]:
+    """(network, precision) -> why its ONNX file is not the one bundle.json records (empty: all good)."""
+    from ..errors import AnchorflowError
     from ..runtime.bundle import network_file
 
+    problems = {}
+    for name, entry in meta["networks"].items():
+        if entry is None:
+            continue
+        for precision in ["fp32", *(entry.get("precisions") or {})]:
+            try:
+                network_file(folder, meta, name, precision)
+            except AnchorflowError as exc:
+                problems[(name, precision)] = str(exc)
+    return problems
+
+
+def describe(folder, meta: dict, problems: dict | None = None) -> str:
+    """A readable multi-line summary of a bundle; ``problems`` from :func:`integrity` (computed if None)."""
+    problems = integrity(folder, meta) if problems is None else problems
     model, exp, ver = meta.get("model", {}), meta.get("export", {}), meta.get("versions", {})
     lines = [
         f"bundle    {folder}  ({meta['schema']})",
@@ -165,12 +189,8 @@ def describe(folder, meta: dict) -> str:
     for name, entry in meta["networks"].items():
         lines.append(_network_lines(name, entry))
         for precision in ["fp32", *(entry.get("precisions") or {})]:
-            try:
-                network_file(folder, meta, name, precision)
-                state = "sha256 ok"
-            except Exception as exc:  # noqa: BLE001 - show the reason instead of stopping
-                state = f"NOT OK: {exc}"
-            lines.append(f"    {precision:<5} file {state}")
+            why = problems.get((name, precision))
+            lines.append(f"    {precision:<5} file {'sha256 ok' if why is None else 'NOT OK: ' + why}")
     return "\n".join(lines)
 
 

@@ -4,26 +4,26 @@ from __future__ import annotations
 
 import click
 
-from .common import BACKENDS, thread_options, positive
+from .common import BACKENDS, MAX_N, MAX_NFE, cfg_scale as cfg_check, count, seed as seed_check, thread_options
 
 
 @click.command("sample")
 @click.argument("model")
 @click.option("--solver", default="ba", show_default=True, help="Solver name (see `anchorflow solvers`).")
-@click.option("--nfe", type=int, default=7, show_default=True, callback=positive,
-              help="Backbone calls to spend (for fastflow: the grid size T).")
-@click.option("--n", "n", type=int, default=None, callback=positive,
+@click.option("--nfe", type=int, default=7, show_default=True, callback=count(MAX_NFE),
+              help=f"Backbone calls to spend (for fastflow: the grid size T); at most {MAX_NFE}.")
+@click.option("--n", "n", type=int, default=None, callback=count(MAX_N),
               help="Number of samples [default: 16, or the rows of --noise].")
 @click.option("--labels", default=None, help="Comma-separated class labels, cycled over the samples (default 0..C-1).")
-@click.option("--cfg", "cfg_scale", type=float, default=1.0, show_default=True,
-              help="Classifier-free guidance scale; 1.0 means none.")
+@click.option("--cfg", "cfg_scale", type=float, default=1.0, show_default=True, callback=cfg_check,
+              help="Classifier-free guidance scale (> 0); 1.0 means none.")
 @click.option("--cfg-interval", default="0,1", show_default=True, help="Guidance applies for t in (lo, hi].")
 @click.option("--grid", default=None,
               help="'uniform', 'shift:S' (SD3/FLUX time shift) or 'warp:S,P'. Default: the bundle's tuned grid for "
                    "this solver and NFE ('anchorflow tune'), else uniform.")
 @click.option("--first-call", type=click.Choice(["backbone", "cached"]), default="backbone", show_default=True,
               help="'cached': the t = 1 velocity from the bundle's tuned table, so NFE buys one more interval.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the start noise.")
+@click.option("--seed", type=int, default=0, show_default=True, callback=seed_check, help="Seed of the start noise.")
 @thread_options
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="Execution backend; 'auto' takes the best available and reports it.")
@@ -46,7 +46,7 @@ from .common import BACKENDS, thread_options, positive
 @click.option("--noise", "noise_file", type=click.Path(dir_okay=False), default=None,
               help="Start noise (n, *state) .npy instead of --seed's.")
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
-              help="Sample grid PNG to write.")
+              help="Sample grid image to write (.png, .jpg or .webp).")
 @click.option("--npy", type=click.Path(dir_okay=False), default=None, help="Also save the raw samples as .npy.")
 def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_call, seed, backend, allow_fallback,
            precision, bandit_state, calls, speedup, mu_factor, cond_file, null_file, noise_file, out, npy, threads,
@@ -63,16 +63,16 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
       anchorflow sample sd3-bundle --solver euler --nfe 28 --cond prompt.npz --null-cond empty.npz \
           --cfg 4 --noise noise.npy --npy latents.npy
     """
-    import numpy as np
-
-    from .. import _io
     from ..errors import ConfigError
     from ..modelref import open_model
-    from ..plots import save_grid
     from ..runtime import get_solver, solve
+    from ..runtime.grids import make_grid
     from ..sampling import start_noise
-    from .common import apply_threads, make_labels, parse_interval
+    from .common import apply_threads, check_sample_outputs, make_labels, parse_interval, write_samples
 
+    check_sample_outputs(out, npy, (bandit_state,) if bandit_state else ())
+    interval = parse_interval(cfg_interval)
+    make_grid(1, grid)  # a bad --grid fails here, before the model loads
     spec = get_solver(solver)
     if (bandit_state or mu_factor is not None or calls is not None or speedup is not None) and solver != "fastflow":
         raise ConfigError("--bandit-state, --calls, --speedup and --mu-factor only apply to --solver fastflow")
@@ -103,7 +103,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
         cfg_extra = {"first_call": fc}
     else:
         cfg_extra = {}
-    kwargs = dict(**cfg_extra, sidenet=m.sidenet, cfg_scale=cfg_scale, cfg_interval=parse_interval(cfg_interval), grid=grid,
+    kwargs = dict(**cfg_extra, sidenet=m.sidenet, cfg_scale=cfg_scale, cfg_interval=interval, grid=grid,
                   **_conditions(m, cond_file, null_file, y, n, cfg_scale))
     pending = None
     if solver == "fastflow" and bandit_state:
@@ -115,11 +115,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
     else:
         res = solve(solver, m.velocity, noise, nfe, **kwargs)
     lo, hi = meta.get("data_range") or [-1.0, 1.0]
-    save_grid(res.x, out, nrow=min(n, 10), data_range=(lo, hi))
-    if npy:
-        with _io.atomic_path(npy) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, res.x)
+    write_samples(res.x, out, npy, (lo, hi))
     if pending is not None:  # learn only once every output is written (all or nothing)
         pending.commit()
     t = res.timing

@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional
 import click
 import numpy as np
 
+from .common import non_negative, seed as seed_check
+
 BACKEND_NAMES = ("torch", "ort-cpu", "ort-cuda", "ort-trt", "trt")
 E2E_NFE = 7
 E2E_BATCH = 4
@@ -43,12 +45,12 @@ class Opened:
         return f"{self.name}/{self.precision}"
 
 
-def open_backend(folder: Path, meta: dict, name: str, precision: str) -> Opened:
+def open_backend(folder: Path, meta: dict, name: str, precision: str, allow_fallback: bool = False) -> Opened:
     """Open ``name`` (any backend of the runtime's registry, torch included) on a bundle; raises
     AnchorflowError (the reason it is unavailable)."""
     from ..runtime.bundle import load_bundle
 
-    b = load_bundle(folder, backend=name, allow_fallback=False, precision=precision)
+    b = load_bundle(folder, backend=name, allow_fallback=allow_fallback, precision=precision)
     return Opened(name, precision, b.velocity, b.sidenet, list(b.providers))
 
 
@@ -105,18 +107,25 @@ def e2e_name(meta: dict) -> str:
 
 @dataclass
 class VerifyReport:
+    """Comparisons run, skipped (``unavailable``: a missing provider, precision or dependency, with
+    the reason) and ``broken`` (a file that fails its integrity check: a failure, not a skip).
+
+    ``passed`` only when at least one comparison ran, all of them passed and nothing is broken.
+    """
+
     reference: str
     reports: list = field(default_factory=list)  # validate.NetworkReport
     unavailable: dict[str, str] = field(default_factory=dict)
     providers: dict[str, list[str]] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.reports)
+        return bool(self.reports) and not self.broken and all(r.passed for r in self.reports)
 
     def as_dict(self) -> dict[str, Any]:
         return {"reference": self.reference, "passed": self.passed, "unavailable": self.unavailable,
-                "providers": self.providers,
+                "broken": self.broken, "providers": self.providers,
                 "comparisons": [{"network": r.network, "backend": r.runtime, "precision": r.precision,
                                  **r.as_dict()} for r in self.reports]}
 
@@ -145,11 +154,11 @@ def _pick_reference(folder: Path, meta: dict, backends: list[str], reference: Op
 
 def verify_bundle(path: str | Path, backends: list[str], precisions: list[str], reference: Optional[str] = None,
                   atol: Optional[float] = None, rtol: Optional[float] = None, seed: int = 0,
-                  progress: bool = True) -> VerifyReport:
+                  progress: bool = True, allow_fallback: bool = False) -> VerifyReport:
     """Compare every backend x precision with the reference (fp32); see the module docstring."""
     from tqdm import tqdm
 
-    from ..errors import AnchorflowError
+    from ..errors import AnchorflowError, CheckpointError
     from ..export.validate import Case, NetworkReport, compare, run_report
     from ..runtime.bundle import find_bundle, read_meta
 
@@ -164,7 +173,10 @@ def verify_bundle(path: str | Path, backends: list[str], precisions: list[str], 
     todo = [(b, p) for b in backends for p in precisions if not (b == ref.name and p == "fp32")]
     for name, precision in tqdm(todo, desc="verify", disable=not progress, leave=False):
         try:
-            opened = open_backend(folder, meta, name, precision)
+            opened = open_backend(folder, meta, name, precision, allow_fallback)
+        except CheckpointError as exc:  # a tampered or missing ONNX file: the bundle is broken (a failure)
+            (report.unavailable if name == "torch" else report.broken)[f"{name}/{precision}"] = str(exc)
+            continue
         except AnchorflowError as exc:
             report.unavailable[f"{name}/{precision}"] = str(exc)
             continue
@@ -196,20 +208,26 @@ def _split(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
               help="Reference backend (fp32). Default: torch when it is in --backends and usable, else ort-cpu.")
 @click.option("--precision", "precisions", default="fp32", show_default=True,
               help="Comma list of bundle variants to check: fp32, fp16, bf16.")
-@click.option("--atol", type=float, default=None,
+@click.option("--atol", type=float, default=None, callback=non_negative,
               help="Override the absolute tolerance (default per precision: fp32 max abs error 1e-4; fp16 / bf16 "
                    "mean abs error u + 32 u |ref| with u = 2^-11 / 2^-8; end to end 10x).")
-@click.option("--rtol", type=float, default=None,
+@click.option("--rtol", type=float, default=None, callback=non_negative,
               help="Override the relative tolerance (times |ref|, added to --atol; fp32 default 0).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the inputs and the start noise.")
+@click.option("--seed", type=int, default=0, show_default=True, callback=seed_check,
+              help="Seed of the inputs and the start noise.")
+@click.option("--allow-fallback", is_flag=True,
+              help="Compare a GPU backend even when its provider fell back to the CPU (its row then names the "
+                   "providers it really ran on).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-def verify(bundle, backends, reference, precisions, atol, rtol, seed, as_json) -> None:
+def verify(bundle, backends, reference, precisions, atol, rtol, seed, allow_fallback, as_json) -> None:
     """Parity test BUNDLE across backends: per network and end to end (BA-solver, 7 NFE).
 
     BUNDLE is a bundle folder, a model root with bundle/ inside, or `default`. Prints max / mean /
     p99 absolute and relative errors against the reference and the smallest atol that would
-    pass; exits with status 1 when any comparison fails. The torch backend needs the checkpoints
-    recorded in bundle.json and torch; it is skipped with the reason otherwise.
+    pass. Exit status 0 only when at least one comparison ran and every one passed; 1 when any
+    failed, when a file fails its sha256 check, or when nothing could be compared. A backend or
+    precision that is not available here is skipped and listed with the reason. The torch
+    backend needs the checkpoints recorded in bundle.json and torch.
 
     \b
     Examples:
@@ -217,19 +235,20 @@ def verify(bundle, backends, reference, precisions, atol, rtol, seed, as_json) -
       anchorflow verify runs/bundle --backends ort-cpu --precision fp32,fp16
     """
     import json
-    import sys
 
+    from ..errors import CheckpointError
     from ..export.validate import format_table, report_rows
     from ..modelref import resolve
 
     result = verify_bundle(resolve(bundle), _split(backends, BACKEND_NAMES, "--backends"),
-                           _split(precisions, ("fp32", "fp16", "bf16"), "--precision"), reference, atol, rtol, seed)
+                           _split(precisions, ("fp32", "fp16", "bf16"), "--precision"), reference, atol, rtol, seed,
+                           allow_fallback=allow_fallback)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
     else:
         click.echo(_text(result, format_table, report_rows))
     if not result.passed:
-        sys.exit(1)
+        raise CheckpointError(f"verify failed for {bundle}: {_verdict(result)}")
 
 
 def _text(result: VerifyReport, format_table: Callable, report_rows: Callable) -> str:
@@ -237,9 +256,21 @@ def _text(result: VerifyReport, format_table: Callable, report_rows: Callable) -
             "p99_rel", "needed_atol", "tolerance", "result")
     lines = [f"reference: {result.reference} (fp32)"]
     lines += [f"  {label}: {', '.join(p)}" for label, p in result.providers.items()]
-    lines.append(format_table(report_rows(result.reports), cols) if result.reports else "nothing to compare")
+    if result.reports:
+        lines.append(format_table(report_rows(result.reports), cols))
     for label, why in result.unavailable.items():
-        lines.append(f"unavailable {label}: {why}")
-    fails = [r.failure() for r in result.reports if not r.passed]
-    lines.append("FAILED: " + "; ".join(fails) if fails else ("all comparisons passed" if result.reports else ""))
+        lines.append(f"skipped {label}: {why}")
+    for label, why in result.broken.items():
+        lines.append(f"BROKEN {label}: {why}")
+    lines.append(("FAILED: " if not result.passed else "") + _verdict(result))
     return "\n".join(line for line in lines if line)
+
+
+def _verdict(result: VerifyReport) -> str:
+    fails = [r.failure() for r in result.reports if not r.passed] + [f"{k} is broken ({why})" for k, why in result.broken.items()]
+    if fails:
+        return "; ".join(fails)
+    if not result.reports:
+        return (f"nothing was compared (reference {result.reference}/fp32; every other backend x precision was "
+                "skipped, see above): add --precision fp16, or install torch for the torch reference")
+    return f"all {len(result.reports)} comparisons passed"
