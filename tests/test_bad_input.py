@@ -1,0 +1,265 @@
+"""The bad-input matrix (issue 14): every command, the inputs a new user or a fault injector types.
+
+Each case runs ``anchorflow ARGV`` in-process (``anchorflow.cli.main``, as the script does) from an
+empty working folder and asserts: the exit status (2 only for a command line that cannot be
+parsed, else 1), exactly one ``error:`` line on stderr containing the expected words, no
+traceback, and that no file on disk changed (the fixture models, the working folder and the
+installed package's bundled models: paths, sizes and modification times). Inputs that need
+missing torch are in tests/test_robust.py (a fresh interpreter each).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from anchorflow.cli import main
+
+from _bundles import ROOT, copy_root, flip_byte, poison_onnx, train_further
+
+HAS_TORCH = __import__("importlib").util.find_spec("torch") is not None
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """Broken and healthy models, a plain file, an empty folder; made once for the matrix."""
+    base = tmp_path_factory.mktemp("world")
+    w = {"root": copy_root(base / "root")}
+    w["tampered"] = copy_root(base / "tampered", ("bundle",))
+    flip_byte(w["tampered"] / "bundle" / "backbone.onnx")
+    w["tampered16"] = copy_root(base / "tampered16", ("bundle",))
+    flip_byte(w["tampered16"] / "bundle" / "backbone.fp16.onnx")
+    w["nan"] = copy_root(base / "nan", ("bundle",))
+    poison_onnx(w["nan"] / "bundle", "backbone")
+    w["inf"] = copy_root(base / "inf", ("bundle",))
+    poison_onnx(w["inf"] / "bundle", "sidenet", float("inf"))
+    w["stale"] = copy_root(base / "stale", ("bundle", "backbone", "sidenet"))
+    train_further(w["stale"] / "backbone")
+    w["badjson"] = base / "badjson"
+    w["badjson"].mkdir()
+    (w["badjson"] / "bundle.json").write_text("{not json")
+    w["foreign"] = base / "foreign"
+    w["foreign"].mkdir()
+    (w["foreign"] / "bundle.json").write_text(json.dumps({"schema": "someone.else/9", "networks": {}}))
+    w["noonnx"] = copy_root(base / "noonnx", ("bundle",))
+    (w["noonnx"] / "bundle" / "sidenet.onnx").unlink()
+    w["file"] = base / "a-file"
+    w["file"].write_text("a plain file\n")
+    w["empty"] = base / "empty"
+    w["empty"].mkdir()
+    w["notjson"] = base / "state.json"
+    w["notjson"].write_text("garbage")
+    w["state"] = base / "bandit.json"
+    proc = subprocess.run([sys.executable, "-m", "anchorflow.cli", "sample", "default", "--solver", "fastflow",
+                           "--nfe", "10", "--n", "2", "--bandit-state", str(w["state"]), "--out",
+                           str(base / "ff.png")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (base / "ff.png").unlink()
+    w["cwd"] = base / "cwd"
+    w["cwd"].mkdir()
+    return w
+
+
+S = ["sample", "{root}", "--solver", "euler", "--nfe", "2", "--n", "2"]  # a good sample command to break
+B = ["bench", "{root}", "--solvers", "euler", "--nfe", "2", "--n", "4", "--reference", "rk4:8"]
+V = ["verify", "{root}", "--backends", "ort-cpu"]
+TORCH = pytest.mark.skipif(not HAS_TORCH, reason="needs torch (the [train] extra)")
+
+# (argv, exit status, words in the error line[, marks])
+CASES = [
+    # -- the command line itself (exit 2) --------------------------------------------------------
+    (["nosuchcommand"], 2, "No such command"),
+    (["sample"], 2, "Missing argument"),
+    (["sample", "default", "--nope"], 2, "No such option"),
+    (["sample", "default", "--n", "many"], 2, "not a valid integer"),
+    (["sample", "default", "--cfg", "strong"], 2, "not a valid float"),
+    (["sample", "default", "--backend", "gpu"], 2, "not one of"),
+    (["sample", "default", "--precision", "int8"], 2, "not one of"),
+    (["sample", "default", "--seed"], 2, "requires an argument"),
+    (["bench"], 2, "Missing argument"),
+    (["bench", "default", "--no-such-option"], 2, "No such option"),
+    (["bench", "default", "--n", "1.5"], 2, "not a valid integer"),
+    (["verify"], 2, "Missing argument"),
+    (["verify", "default", "--reference", "gpu"], 2, "not one of"),
+    (["verify", "default", "--atol", "tiny"], 2, "not a valid float"),
+    (["inspect"], 2, "Missing argument"),
+    (["inspect", "default", "--yaml"], 2, "No such option"),
+    (["export"], 2, "Missing argument"),
+    (["export", "default", "--opset", "x"], 2, "not a valid integer"),
+    (["build"], 2, "Missing argument"),
+    (["demo", "--nfe", "six"], 2, "not a valid integer"),
+    (["demo", "extra-arg"], 2, "unexpected extra argument"),
+    (["train"], 2, "Missing command"),
+    (["train", "nothing"], 2, "No such command"),
+    (["train", "backbone"], 2, "Missing option '--out'"),
+    (["train", "sidenet", "--iters", "x", "--out", "o"], 2, "not a valid integer"),
+    (["train", "classifier", "--epochs", "many", "--out", "o"], 2, "not a valid integer"),
+    (["bandit"], 2, "Missing command"),
+    (["bandit", "show"], 2, "Missing argument"),
+    (["solvers", "--all"], 2, "No such option"),
+    # -- values out of range (exit 1, before any work) -------------------------------------------
+    (S + ["--n", "0"], 1, "--n must be a positive integer"),
+    (S + ["--n", "-3"], 1, "--n must be a positive integer"),
+    (S + ["--n", "10000000000"], 1, "above the cap"),
+    (S + ["--nfe", "0"], 1, "--nfe must be a positive integer"),
+    (S + ["--nfe", "99999"], 1, "above the cap"),
+    (S + ["--seed", "-1"], 1, "--seed must be in 0.."),
+    (S + ["--seed", str(2**40)], 1, "--seed must be in 0.."),
+    (S + ["--cfg", "0"], 1, "--cfg must be finite and > 0"),
+    (S + ["--cfg", "-2"], 1, "--cfg must be finite and > 0"),
+    (S + ["--cfg", "nan"], 1, "--cfg must be finite and > 0"),
+    (S + ["--cfg", "inf"], 1, "--cfg must be finite and > 0"),
+    (S + ["--cfg-interval", "0,0.5,1"], 1, "exactly two numbers"),
+    (S + ["--cfg-interval", "0.7,0.2"], 1, "0 <= lo < hi <= 1"),
+    (S + ["--cfg-interval", "a,b"], 1, "comma-separated list of numbers"),
+    (S + ["--grid", "shift:inf"], 1, "must be > 0 and finite"),
+    (S + ["--grid", "shift:-1"], 1, "must be > 0 and finite"),
+    (S + ["--grid", "cosine"], 1, "unknown grid"),
+    (S + ["--solver", "nope"], 1, "unknown solver"),
+    (S + ["--solver", "heun", "--nfe", "5"], 1, "multiple of 2"),
+    (S + ["--labels", "42"], 1, "--labels must be integers in 0..9"),
+    (S + ["--labels", "one,two"], 1, "--labels must be integers"),
+    (S + ["--bandit-state", "b.json"], 1, "only apply to --solver fastflow"),
+    (S + ["--mu-factor", "3"], 1, "only apply to --solver fastflow"),
+    (S + ["--precision", "bf16"], 1, "no bf16 variant"),
+    (B + ["--n", "0"], 1, "--n must be a positive integer"),
+    (B + ["--nfe", "0,4"], 1, "positive integers"),
+    (B + ["--nfe", "4,5000"], 1, "above the cap"),
+    (B + ["--nfe", "four"], 1, "comma-separated list of integers"),
+    (B + ["--cfg", "1.0,0"], 1, "--cfg must be finite and > 0"),
+    (B + ["--cfg", ""], 1, "--cfg is empty"),
+    (B + ["--cfg-interval", "0,1,1"], 1, "exactly two numbers"),
+    (B + ["--seed", "-5"], 1, "--seed must be in 0.."),
+    (B + ["--reference", "rk4:7"], 1, "bad reference"),
+    (B + ["--reference", "rk4:1000000"], 1, "at most rk4:"),
+    (B + ["--reference", "magic"], 1, "bad reference"),
+    (B + ["--solvers", "euler,nope"], 1, "unknown solver"),
+    (V + ["--atol", "-1"], 1, "--atol must be >= 0"),
+    (V + ["--rtol", "-0.5"], 1, "--rtol must be >= 0"),
+    (V + ["--seed", "-1"], 1, "--seed must be in 0.."),
+    (V + ["--backends", "gpu"], 1, "--backends takes a comma list"),
+    (V + ["--precision", "fp8"], 1, "--precision takes a comma list"),
+    (["demo", "--n", "0"], 1, "--n must be a positive integer"),
+    (["demo", "--nfe", "100000"], 1, "above the cap"),
+    (["demo", "--cfg", "0"], 1, "--cfg must be finite and > 0"),
+    (["demo", "--seed", "-1"], 1, "--seed must be in 0.."),
+    (["export", "{root}", "--out", "{cwd}/b", "--max-batch", "0"], 1, "--max-batch must be a positive integer", TORCH),
+    (["export", "{root}", "--out", "{cwd}/b", "--precision", "fp8"], 1, "fp8", TORCH),
+    (["train", "backbone", "--out", "o", "--steps", "0"], 1, "--steps must be a positive integer"),
+    (["train", "backbone", "--out", "o", "--batch", "-1"], 1, "--batch must be a positive integer"),
+    (["train", "backbone", "--out", "o", "--seed", "-1"], 1, "--seed must be in 0.."),
+    (["train", "backbone", "--out", "o", "--data", "imagenet"], 1, "unknown data set", TORCH),
+    (["train", "sidenet", "--out", "o", "--iters", "0"], 1, "--iters must be a positive integer"),
+    (["train", "sidenet", "--out", "o", "--lr", "0"], 1, "--lr must be positive"),
+    (["train", "sidenet", "--out", "o", "--rate", "50,-5"], 1, "--rate must be positive", TORCH),
+    (["train", "classifier", "--out", "o", "--epochs", "0"], 1, "--epochs must be a positive integer"),
+    # -- missing, foreign, tampered, broken models (exit 1) ---------------------------------------
+    (["sample", "/no/such/model"], 1, "not found"),
+    (["sample", "{file}"], 1, "is a file"),
+    (["sample", "{empty}"], 1, "neither a bundle"),
+    (["sample", "{badjson}"], 1, "not readable JSON"),
+    (["sample", "{foreign}"], 1, "schema"),
+    (["sample", "{tampered}", "--solver", "euler", "--nfe", "2", "--n", "2"], 1, "sha256"),
+    (["sample", "{noonnx}", "--nfe", "4", "--n", "2"], 1, "missing from the bundle"),
+    (["sample", "{stale}", "--solver", "euler", "--nfe", "2", "--n", "2"], 1, "stale"),
+    (["sample", "{nan}", "--solver", "euler", "--nfe", "2", "--n", "2"], 1, "NaN"),
+    (["sample", "{inf}", "--solver", "ba", "--nfe", "4", "--n", "2"], 1, "NaN"),
+    (["bench", "{nan}", "--solvers", "euler", "--nfe", "2", "--n", "4", "--reference", "rk4:8"], 1, "NaN"),
+    (["bench", "/no/such/model"], 1, "not found"),
+    (["inspect", "/no/such/bundle"], 1, "not found"),
+    (["inspect", "{empty}"], 1, "neither a bundle"),
+    (["inspect", "{badjson}"], 1, "not readable JSON"),
+    (["inspect", "{tampered}"], 1, "integrity"),
+    (["inspect", "{noonnx}"], 1, "integrity"),
+    (["verify", "/no/such/bundle"], 1, "not found"),
+    (["verify", "{empty}"], 1, "neither a bundle"),
+    (["verify", "{tampered}", "--backends", "ort-cpu"], 1, "sha256"),
+    (["verify", "{tampered16}", "--backends", "ort-cpu", "--precision", "fp32,fp16"], 1, "is broken"),
+    (["verify", "{root}", "--backends", "ort-cpu", "--precision", "fp32,bf16"], 1, "nothing was compared"),
+    (["verify", "{root}", "--backends", "ort-cpu,ort-cuda", "--precision", "fp32"], 1, "nothing was compared"),
+    (["build", "/no/such/bundle"], 1, ""),
+    (["export", "/no/such/model", "--out", "{cwd}/b"], 1, "not found", TORCH),
+    (["export", "{empty}", "--out", "{cwd}/b"], 1, "neither a bundle", TORCH),
+    (["export", "{tampered}/bundle", "--out", "{cwd}/b"], 1, "no backbone checkpoint", TORCH),
+    (["export", "{root}", "--out", "{cwd}/b", "--sidenet", "/no/such/sidenet"], 1, "does not exist", TORCH),
+    (["train", "sidenet", "--backbone", "/no/such", "--out", "{cwd}/s"], 1, "not found", TORCH),
+    (["train", "sidenet", "--backbone", "{tampered}", "--out", "{cwd}/s"], 1, "no backbone checkpoint", TORCH),
+    (["train", "backbone", "--out", "{root}", "--steps", "1"], 1, "already exists", TORCH),
+    (["train", "backbone", "--out", "{cwd}/none", "--resume"], 1, "does not exist", TORCH),
+    (["bandit", "show", "/no/such/state.json"], 1, ""),
+    (["bandit", "show", "{notjson}"], 1, ""),
+    (["bandit", "show", "{empty}"], 1, ""),
+    # -- outputs that cannot be written: refused before any work (exit 1) ------------------------
+    (S + ["--out", ""], 1, "--out is empty"),
+    (S + ["--out", "o.gif"], 1, "unknown image type"),
+    (S + ["--out", "noext"], 1, "unknown image type"),
+    (S + ["--out", "{empty}"], 1, "is a folder"),
+    (S + ["--out", "{file}/x.png"], 1, "is a file, not a folder"),
+    (S + ["--out", "/proc/anchorflow-x.png"], 1, "cannot write"),
+    (S + ["--out", "/dev/null"], 1, "not a regular file"),
+    (S + ["--out", "ok.png", "--npy", "{file}/x.npy"], 1, "is a file, not a folder"),
+    (S + ["--out", "ok.png", "--npy", "/proc/x.npy"], 1, "cannot write"),
+    (["sample", "{root}", "--solver", "fastflow", "--nfe", "10", "--n", "2", "--out", "ok.png", "--bandit-state",
+      "{file}/b.json"], 1, "is a file, not a folder"),
+    (B + ["--out", "{file}"], 1, "is a file, not a folder"),
+    (B + ["--out", "{file}/sub"], 1, "is a file, not a folder"),
+    (B + ["--out", ""], 1, "--out is empty"),
+    (["demo", "--out", "{file}"], 1, "is a file, not a folder"),
+    (["demo", "--out", "/proc/demo"], 1, "cannot write"),
+    (["export", "default"], 1, "read-only", TORCH),
+    (["export", "{root}", "--out", "{file}"], 1, "is a file, not a folder", TORCH),
+    (["export", "{root}", "--out", "/proc/b"], 1, "cannot write", TORCH),
+    (["train", "backbone", "--out", "{file}", "--steps", "1"], 1, "is a file, not a folder"),
+    (["train", "sidenet", "--out", "/proc/side"], 1, "cannot write"),
+    (["train", "sidenet", "--out", "%s/sidenet" % (ROOT)], 1, "read-only"),
+    (["train", "classifier", "--out", "{file}/c"], 1, "is a file, not a folder"),
+    (["bandit", "show", "{state}", "--plot", "{file}/p.png"], 1, ""),
+]
+
+
+def _params():
+    for case in CASES:
+        argv, status, words, *marks = case
+        yield pytest.param(argv, status, words, marks=marks, id=" ".join(argv)[:90])
+
+
+def _disk(paths) -> dict[str, tuple[int, int]]:
+    out = {}
+    for base in paths:
+        for dirpath, dirnames, filenames in os.walk(base):
+            for name in dirnames + filenames:
+                p = os.path.join(dirpath, name)
+                st = os.lstat(p)
+                out[p] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_the_matrix_is_large_enough():
+    assert len(CASES) >= 80
+    commands = {c[0][0] if c[0][0] != "train" or len(c[0]) < 2 else f"train {c[0][1]}" for c in CASES}
+    assert {"demo", "sample", "bench", "verify", "inspect", "export", "build", "bandit", "solvers",
+            "train backbone", "train sidenet", "train classifier"} <= commands
+
+
+@pytest.mark.parametrize("argv, status, words", list(_params()))
+def test_bad_input(world, capsys, monkeypatch, argv, status, words):
+    argv = [a.format(**world) for a in argv]
+    watched = [world["root"].parent, ROOT]  # every fixture model, file and the working folder; the package
+    before = _disk(watched)
+    monkeypatch.chdir(world["cwd"])
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+        sys.exit(0)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    lines = [line.rsplit("\r", 1)[-1] for line in err.split("\n")]
+    lines = [line for line in lines if line.strip() and not line.startswith("warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert words in lines[0], lines[0]
+    assert (info.value.code or 0) == status, lines[0]
+    assert _disk(watched) == before, "files on disk changed"
