@@ -99,6 +99,9 @@ def exit_status(exc: BaseException) -> int:
 
 
 def _message(exc: BaseException) -> str:
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # a group without its command: help on stdout
+        click.echo(exc.ctx.get_help())
+        return f"missing command; choose one of the commands above (see '{exc.ctx.command_path} --help')"
     if isinstance(exc, click.UsageError):
         where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
         return _one_line(exc.format_message()) + where

@@ -94,12 +94,12 @@ CASES = [
     (["build"], 2, "Missing argument"),
     (["demo", "--nfe", "six"], 2, "not a valid integer"),
     (["demo", "extra-arg"], 2, "unexpected extra argument"),
-    (["train"], 2, "Missing command"),
+    (["train"], 2, "missing command"),
     (["train", "nothing"], 2, "No such command"),
     (["train", "backbone"], 2, "Missing option '--out'"),
     (["train", "sidenet", "--iters", "x", "--out", "o"], 2, "not a valid integer"),
     (["train", "classifier", "--epochs", "many", "--out", "o"], 2, "not a valid integer"),
-    (["bandit"], 2, "Missing command"),
+    (["bandit"], 2, "missing command"),
     (["bandit", "show"], 2, "Missing argument"),
     (["solvers", "--all"], 2, "No such option"),
     # -- values out of range (exit 1, before any work) -------------------------------------------
@@ -153,7 +153,7 @@ CASES = [
     (["train", "backbone", "--out", "o", "--steps", "0"], 1, "--steps must be a positive integer"),
     (["train", "backbone", "--out", "o", "--batch", "-1"], 1, "--batch must be a positive integer"),
     (["train", "backbone", "--out", "o", "--seed", "-1"], 1, "--seed must be in 0.."),
-    (["train", "backbone", "--out", "o", "--data", "imagenet"], 1, "unknown data set", TORCH),
+    (["train", "backbone", "--out", "o", "--data", "imagenet"], 1, "needs a download", TORCH),
     (["train", "sidenet", "--out", "o", "--iters", "0"], 1, "--iters must be a positive integer"),
     (["train", "sidenet", "--out", "o", "--lr", "0"], 1, "--lr must be positive"),
     (["train", "sidenet", "--out", "o", "--rate", "50,-5"], 1, "--rate must be positive", TORCH),
@@ -172,12 +172,12 @@ CASES = [
     (["bench", "{nan}", "--solvers", "euler", "--nfe", "2", "--n", "4", "--reference", "rk4:8"], 1, "NaN"),
     (["bench", "/no/such/model"], 1, "not found"),
     (["inspect", "/no/such/bundle"], 1, "not found"),
-    (["inspect", "{empty}"], 1, "neither a bundle"),
+    (["inspect", "{empty}"], 1, "is not a bundle"),
     (["inspect", "{badjson}"], 1, "not readable JSON"),
     (["inspect", "{tampered}"], 1, "integrity"),
     (["inspect", "{noonnx}"], 1, "integrity"),
     (["verify", "/no/such/bundle"], 1, "not found"),
-    (["verify", "{empty}"], 1, "neither a bundle"),
+    (["verify", "{empty}"], 1, "is not a bundle"),
     (["verify", "{tampered}", "--backends", "ort-cpu"], 1, "sha256"),
     (["verify", "{tampered16}", "--backends", "ort-cpu", "--precision", "fp32,fp16"], 1, "is broken"),
     (["verify", "{root}", "--backends", "ort-cpu", "--precision", "fp32,bf16"], 1, "nothing was compared"),
@@ -198,7 +198,7 @@ CASES = [
     (S + ["--out", ""], 1, "--out is empty"),
     (S + ["--out", "o.gif"], 1, "unknown image type"),
     (S + ["--out", "noext"], 1, "unknown image type"),
-    (S + ["--out", "{empty}"], 1, "is a folder"),
+    (S + ["--out", "{empty}"], 1, "is a directory"),
     (S + ["--out", "{file}/x.png"], 1, "is a file, not a folder"),
     (S + ["--out", "/proc/anchorflow-x.png"], 1, "cannot write"),
     (S + ["--out", "/dev/null"], 1, "not a regular file"),
@@ -206,15 +206,15 @@ CASES = [
     (S + ["--out", "ok.png", "--npy", "/proc/x.npy"], 1, "cannot write"),
     (["sample", "{root}", "--solver", "fastflow", "--nfe", "10", "--n", "2", "--out", "ok.png", "--bandit-state",
       "{file}/b.json"], 1, "is a file, not a folder"),
-    (B + ["--out", "{file}"], 1, "is a file, not a folder"),
+    (B + ["--out", "{file}"], 1, "is a file"),
     (B + ["--out", "{file}/sub"], 1, "is a file, not a folder"),
     (B + ["--out", ""], 1, "--out is empty"),
-    (["demo", "--out", "{file}"], 1, "is a file, not a folder"),
+    (["demo", "--out", "{file}"], 1, "is a file"),
     (["demo", "--out", "/proc/demo"], 1, "cannot write"),
     (["export", "default"], 1, "read-only", TORCH),
-    (["export", "{root}", "--out", "{file}"], 1, "is a file, not a folder", TORCH),
+    (["export", "{root}", "--out", "{file}"], 1, "is a file", TORCH),
     (["export", "{root}", "--out", "/proc/b"], 1, "cannot write", TORCH),
-    (["train", "backbone", "--out", "{file}", "--steps", "1"], 1, "is a file, not a folder"),
+    (["train", "backbone", "--out", "{file}", "--steps", "1"], 1, "is a file"),
     (["train", "sidenet", "--out", "/proc/side"], 1, "cannot write"),
     (["train", "sidenet", "--out", "%s/sidenet" % (ROOT)], 1, "read-only"),
     (["train", "classifier", "--out", "{file}/c"], 1, "is a file, not a folder"),
@@ -229,13 +229,14 @@ def _params():
 
 
 def _disk(paths) -> dict[str, tuple[int, int]]:
+    """Every file (size, modification time) and folder (presence) under ``paths``."""
     out = {}
     for base in paths:
         for dirpath, dirnames, filenames in os.walk(base):
-            for name in dirnames + filenames:
-                p = os.path.join(dirpath, name)
-                st = os.lstat(p)
-                out[p] = (st.st_size, st.st_mtime_ns)
+            out.update({os.path.join(dirpath, d): (0, 0) for d in dirnames})
+            for name in filenames:
+                st = os.lstat(os.path.join(dirpath, name))
+                out[os.path.join(dirpath, name)] = (st.st_size, st.st_mtime_ns)
     return out
 
 

@@ -171,7 +171,7 @@ def verify_bundle(path: str | Path, backends: list[str], precisions: list[str], 
     refs = {n: [_runner(ref, n)(c.feeds) for c in cs] for n, cs in cases.items()}
     ref_e2e = end_to_end(ref, meta, seed)
     todo = [(b, p) for b in backends for p in precisions if not (b == ref.name and p == "fp32")]
-    for name, precision in tqdm(todo, desc="verify", disable=not progress, leave=False):
+    for name, precision in tqdm(todo, desc="verify", disable=None if progress else True, leave=False):
         try:
             opened = open_backend(folder, meta, name, precision, allow_fallback)
         except CheckpointError as exc:  # a tampered or missing ONNX file: the bundle is broken (a failure)
