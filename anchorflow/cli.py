@@ -117,6 +117,13 @@ def _message(exc: BaseException) -> str:
     return _one_line(exc)
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars a failed command left open, so its error line starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or ()):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI; every user error ends in ONE ``error:`` line and :func:`exit_status`."""
     try:
@@ -127,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except (click.ClickException, AnchorflowError, OSError, MemoryError) as exc:
+        _close_progress_bars()
         click.echo(f"error: {_message(exc)}", err=True)
         sys.exit(exit_status(exc))
 

@@ -113,6 +113,17 @@ def expand_conditions(cond: Cond, null_cond: Cond, batch: int, guided: bool) -> 
     return out
 
 
+def _finite(out: np.ndarray, network: str, call: int, t: float) -> None:
+    """NonFiniteError naming the network, its call number and the time when ``out`` holds NaN/Inf."""
+    if not np.isfinite(out).all():
+        from ..errors import NonFiniteError
+
+        bad = int(out.size - np.count_nonzero(np.isfinite(out)))
+        raise NonFiniteError(f"the {network} returned NaN/Inf ({bad} of {out.size} values) at its call {call}, "
+                             f"t = {float(t):.4g}; its weights or inputs are broken (re-export or retrain it); "
+                             "nothing was written")
+
+
 class GuidedField:
     """Wraps a velocity callable (and optional SideNet) with CFG, counting and timing.
 
@@ -125,6 +136,8 @@ class GuidedField:
         cfg_interval: (lo, hi); guidance applies for t in (lo, hi] (see :func:`in_interval`).
         sidenet: optional SideNet callable.
         y, null_label: shorthand for ``cond={"y": y}``, ``null_cond={"y": null_label}``.
+        check_finite: refuse (NonFiniteError) any backbone or SideNet output holding NaN/Inf,
+            naming the network, the call and the time; one ``isfinite`` pass per call, off for speed.
     """
 
     def __init__(
@@ -140,6 +153,7 @@ class GuidedField:
         *,
         y: Optional[np.ndarray] = None,
         null_label: Optional[int] = None,
+        check_finite: bool = True,
     ) -> None:
         if not np.isfinite(cfg_scale):
             raise ConfigError(f"cfg_scale must be finite, got {cfg_scale}")
@@ -153,6 +167,7 @@ class GuidedField:
         self.cfg_interval = (lo, hi)
         self.guided = self.cfg_scale != 1.0
         self.dtype = dtype
+        self.check_finite = check_finite
         if y is not None and np.asarray(y).shape != (self.batch,):
             raise ConfigError(f"labels must have shape ({self.batch},), got {np.asarray(y).shape}")
         cond, null_cond = label_conditions(y, null_label, cond, null_cond)
@@ -204,6 +219,8 @@ class GuidedField:
         v = np.asarray(v).astype(self.dtype, copy=False)  # the state's precision, whatever the backend
         if v.shape != xe.shape:
             raise ConfigError(f"velocity returned shape {v.shape}, expected {xe.shape}")
+        if self.check_finite:
+            _finite(v, "backbone", self.nfe, t)
         return v
 
     def guide(self, v_raw: np.ndarray, t: float) -> np.ndarray:
@@ -261,4 +278,6 @@ class GuidedField:
         self.sidenet_calls += 1
         if d.shape != xs.shape:
             raise ConfigError(f"sidenet returned shape {d.shape}, expected {xs.shape}")
+        if self.check_finite:
+            _finite(d, "SideNet", self.sidenet_calls, t)
         return [d[i * n : (i + 1) * n] for i in range(k)]

@@ -31,6 +31,7 @@ def solve(
     null_label: Optional[int] = None,
     grid: GridSpec = None,
     first_call="backbone",
+    check_finite: bool = True,
     **options,
 ) -> Result:
     """Integrate ``dx/dt = v(x, t, cond)`` from t = 1 (``noise``) to t = 0 with ``method``.
@@ -54,6 +55,8 @@ def solve(
         first_call: "backbone" (default) or a :class:`~anchorflow.runtime.first_call.FirstCallTable`
             ("cached"): the solver's velocity at t = 1 comes from the table, costs no NFE, and the
             same budget buys one more interval (see :mod:`anchorflow.runtime.first_call`).
+        check_finite: refuse NaN/Inf from the backbone or SideNet at the call that made it
+            (:class:`GuidedField`); False skips that check for speed.
         options: method-specific options (e.g. ``a`` for ``ba``, ``bandit`` for ``fastflow``).
 
     Returns:
@@ -77,7 +80,7 @@ def solve(
     kinds = {} if table is None else {"table": table}
     field = (GuidedField if table is None else CachedStartField)(
         velocity, noise.shape[0], cond, null_cond, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
-        sidenet=sidenet, dtype=dtype, y=y, null_label=null_label, **kinds,
+        sidenet=sidenet, dtype=dtype, y=y, null_label=null_label, check_finite=check_finite, **kinds,
     )
     start = time.perf_counter()
     out = spec.fn(field, noise.astype(dtype, copy=True), t_grid, **options)

@@ -143,6 +143,20 @@ def test_a_nan_weight_stops_sampling_and_writes_nothing(root, tmp_path, capsys, 
     assert not out.exists() and not npy.exists()
 
 
+def test_the_runtime_names_the_network_call_and_time_of_the_first_nan():
+    from anchorflow.errors import NonFiniteError
+    from anchorflow.runtime import solve
+
+    def velocity(x, t, cond):  # v = x, except NaN once t drops below 0.5
+        return np.where(t.reshape(-1, 1) < 0.5, np.nan, x)
+
+    noise = np.ones((3, 2), np.float32)
+    # euler on 4 uniform steps calls at t = 1, 0.75, 0.5, 0.25: the 4th call (t = 0.25) is the first NaN
+    with pytest.raises(NonFiniteError, match=r"the backbone returned NaN/Inf \(6 of 6 values\) at its call 4, t = 0.25"):
+        solve("euler", velocity, noise, 4)
+    assert np.isnan(solve("euler", velocity, noise, 4, check_finite=False).x).all()  # off for speed: no check
+
+
 def test_an_infinite_grid_shift_is_refused(root, tmp_path, capsys):
     code, _, err = run(["sample", root, "--grid", "shift:inf", "--out", tmp_path / "s.png"], capsys)
     assert code == 1 and "finite" in one_error_line(err) and not (tmp_path / "s.png").exists()
