@@ -86,10 +86,14 @@ def test_frechet_distance_matches_scipy_sqrtm():
 
 
 def test_feature_statistics_and_accuracy():
-    f = RNG.standard_normal((30, 3))
+    # Hand-computed truth (not np.cov again): mean (1, 1); deviations (0, 1), (2, -1), (-2, 0), (0, 0);
+    # the unbiased covariance sums their outer products and divides by N - 1 = 3.
+    f = np.array([[1.0, 2.0], [3.0, 0.0], [-1.0, 1.0], [1.0, 1.0]])
     mu, s = M.feature_statistics(f)
-    np.testing.assert_allclose(mu, f.mean(0))
-    np.testing.assert_allclose(s, np.cov(f.T))
+    np.testing.assert_allclose(mu, [1.0, 1.0], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(s, [[8 / 3, -2 / 3], [-2 / 3, 2 / 3]], rtol=0, atol=1e-15)
+    # one feature (D = 1) is still a (1, 1) matrix: 1, 2, 3 has unbiased variance 1
+    assert M.feature_statistics(np.array([[1.0], [2.0], [3.0]]))[1].tolist() == [[1.0]]
     logits = np.array([[2.0, 1.0], [0.0, 3.0], [1.0, 0.5], [0.2, 0.1]])
     assert M.class_accuracy(logits, np.array([0, 1, 1, 1])) == 0.5
     with pytest.raises(ConfigError, match="labels"):
