@@ -57,15 +57,15 @@ def export(model, out, sidenet, opset, precisions, max_batch, no_validate, axes)
       anchorflow export models/sd3/transformer --out sd3-bundle --axis L=1:333:512 --max-batch 4
       anchorflow export my_pkg.models:make_backbone --out my-bundle
     """
-    from .._deps import require_extra
-
-    require_extra("export", "anchorflow export")
     command = "anchorflow " + " ".join(sys.argv[1:])
     if _adapter_source(model):
         result = _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes, command)
     else:
         if axes:
             raise ConfigError("--axis applies to diffusers and factory sources only")
+        from .._deps import require_extra
+
+        require_extra("export", "anchorflow export")
         from ..export.bundle import export_bundle
 
         result = export_bundle(model, out, sidenet=sidenet, opset=opset, precisions=precisions or ("fp32", "fp16"),
@@ -80,10 +80,14 @@ def _adapter_source(model: str) -> bool:
     import json
     from pathlib import Path
 
-    from ..trainers.adapters.factory import _FACTORY
-
+    try:
+        from ..trainers.adapters.factory import _FACTORY
+    except ImportError:  # no torch: a 'pkg.module:factory' source is still told apart, and refused one line later
+        factory = ":" in model
+    else:
+        factory = bool(_FACTORY.match(model))
     cfg = Path(model).expanduser() / "config.json"
-    if _FACTORY.match(model) and not Path(model).exists():
+    if factory and not Path(model).exists():
         return True
     try:
         return cfg.is_file() and "_class_name" in json.loads(cfg.read_text())
