@@ -303,6 +303,13 @@ def export_bundle(model: str | os.PathLike, out: Optional[str | os.PathLike] = N
     return BundleExport(out, meta)
 
 
+def _publishable(folder: Path) -> None:
+    """Ordinary modes for a finished temporary folder (``anchorflow._io.atomic_dir`` also does this on rename)."""
+    from .._io import _publish
+
+    _publish(folder)
+
+
 def bundle_meta(info: dict, networks: dict, opts: Options, real_note: Optional[str], command: Optional[str],
                 seconds: float) -> dict[str, Any]:
     return {
