@@ -263,7 +263,8 @@ def test_bad_input(world, capsys, monkeypatch, argv, status, words):
     # what a terminal shows: a bar redrawn with \r leaves its last state; bars and warnings aside,
     # exactly one line remains, the error, and it comes last
     lines = [line.rsplit("\r", 1)[-1] for line in err.split("\n")]
-    lines = [line for line in lines if line.strip() and not line.startswith("warning: ") and not BAR.search(line)]
+    lines = [line for line in lines if line.strip() and not line.startswith(("warning: ", "grid: ", "note: "))
+             and not BAR.search(line)]
     assert len(lines) == 1 and lines[0].startswith("error: ") and err.rstrip().endswith(lines[0]), err
     assert words in lines[0], lines[0]
     assert (info.value.code or 0) == status, lines[0]

@@ -37,7 +37,8 @@ def shown(err: str) -> list[str]:
 
 
 def one_error_line(err: str) -> str:
-    lines = shown(err)
+    # informational lines (a tuned grid's note, warnings) may precede; exactly one error line, last
+    lines = [line for line in shown(err) if not line.startswith(("grid: ", "note: ", "warning: "))]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
 
