@@ -8,12 +8,12 @@ Every user error prints one ``error:`` line; the exit status follows :func:`exit
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import click
 
 from . import __version__
+from .commands.lazygroup import LazyGroup
 from .errors import AnchorflowError
 
 # command name -> (module, attribute, one-line help shown by `anchorflow --help`)
@@ -33,37 +33,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-class LazyGroup(click.Group):
-    """A click group whose sub-commands are imported only when they run (or show their help).
+class RootGroup(LazyGroup):
+    """The ``anchorflow`` group: its sub-commands are the :data:`COMMANDS` table."""
 
-    ``commands`` maps a name to (module, attribute, one-line help); a module name without dots
-    is taken relative to ``anchorflow.commands``.
-    """
-
-    commands_table: dict[str, tuple[str, str, str]] = COMMANDS
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(self.commands_table)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in self.commands_table:
-            return None
-        module, attr, _ = self.commands_table[name]
-        module = module if "." in module else f"anchorflow.commands.{module}"
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            raise AnchorflowError(f"'{name}' is not available in this installation ({module} is missing)") from None
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, help_) for name, (_, _, help_) in self.commands_table.items()]
-        with formatter.section("Commands"):
-            formatter.write_dl(rows)
+    commands_table = COMMANDS
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=RootGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="anchorflow")
 def cli() -> None:
     """anchorflow: few-step sampling for flow-matching generators.

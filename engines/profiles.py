@@ -18,7 +18,7 @@ Rows versus samples. A solve on B samples sends more rows than B to the networks
   uncond rows into one call), else 1;
 * SideNet (BA-solver, arXiv 2601.21542, Algorithm 1): the merged probe evaluates four offsets
   ``-a*h, a*h', (1-a)*h', h'`` in ONE call on ``4 * g * B`` rows (the most of any registered solver,
-  ``runtime.registry.max_sidenet_offsets``); the paper's probes use ``3 * g * B`` and ``g * B``.
+  ``runtime.solvers.max_sidenet_offsets``); the paper's probes use ``3 * g * B`` and ``g * B``.
 
 ``bundle.json`` records each network's range in rows (the exporter's ``--max-batch N`` gives
 the backbone ``max = 2N`` and the SideNet ``max = 8N``); without overrides those ranges are the
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import ConfigError
-from ..runtime.registry import max_sidenet_offsets
+from ..runtime.solvers import max_sidenet_offsets
 
 BATCH = "batch"
 DEFAULT_SAMPLES = (1, 16, 64)  # samples per solve: the backbone range when bundle.json has none; [1] = expected

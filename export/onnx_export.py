@@ -27,7 +27,7 @@ import numpy as np
 
 from .._deps import require
 from ..errors import ConfigError
-from ..runtime.registry import max_sidenet_offsets
+from ..runtime.solvers import max_sidenet_offsets
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the dynamo exporter emits 18+; its down-conversion to 17 breaks Split (measured)

@@ -10,7 +10,8 @@ from .._lazy import lazy_attributes
 
 from .field import GuidedField, SideNet, Velocity
 from .grids import make_grid
-from .registry import SOLVERS, SolverSpec, get_solver, register, solver_names
+from .registry import SOLVERS, SolverSpec, register
+from .solvers import get_solver, solver_names
 from .result import Result, SolverOutput, StepRecord, Timing
 from .solve import solve
 

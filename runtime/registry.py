@@ -1,4 +1,9 @@
-"""One registry of solvers: the CLI's choices, the benchmark and the docs all read it."""
+"""One registry of solvers: the CLI's choices, the benchmark and the docs all read it.
+
+Pure data: :data:`SOLVERS` and :func:`register`. Look solvers up through :mod:`anchorflow.runtime.solvers`
+(``get_solver``, ``solver_names``, ``max_sidenet_offsets``), which imports every built-in solver
+module first; this module imports none of them, so no import cycle runs through it.
+"""
 
 from __future__ import annotations
 
@@ -98,27 +103,3 @@ def register(
         return fn
 
     return deco
-
-
-def get_solver(name: str) -> SolverSpec:
-    from . import solvers  # noqa: F401  (importing registers every built-in solver)
-
-    try:
-        return SOLVERS[name]
-    except KeyError:
-        known = ", ".join(sorted(SOLVERS))
-        raise ConfigError(f"unknown solver {name!r}; known solvers: {known}") from None
-
-
-def solver_names() -> list[str]:
-    from . import solvers  # noqa: F401
-
-    return list(SOLVERS)
-
-
-def max_sidenet_offsets() -> int:
-    """The most SideNet offsets any registered solver batches into one call (by default: ba's merged
-    probe, 4). Export and engine profiles size the SideNet's rows from it."""
-    from . import solvers  # noqa: F401
-
-    return max((s.sidenet_offsets for s in SOLVERS.values()), default=0)

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from .field import GuidedField
 from .first_call import CachedStartField, FirstCallTable
 from .grids import GridSpec, make_grid
-from .registry import get_solver
+from .solvers import get_solver
 from .result import Result, Timing
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import LazyGroup
+from .lazygroup import LazyGroup
 from .common import positive, seed as seed_check
 
 # sub-command -> (module, attribute or None for a command defined here, one-line help)

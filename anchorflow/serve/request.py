@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import ConfigError
-from ..runtime.registry import max_sidenet_offsets
+from ..runtime.solvers import max_sidenet_offsets
 
 FORMATS = ("npy", "png", "json")
 FIELDS = ("solver", "nfe", "n", "labels", "cfg", "cfg_interval", "seed", "grid", "format", "conditions",

@@ -24,7 +24,8 @@ from ..._deps import require
 from ...errors import ConfigError
 from ...runtime.field import GuidedField
 from ...runtime.grids import check_grid, make_grid
-from ...runtime.registry import SolverSpec, get_solver, solver_names
+from ...runtime.registry import SolverSpec
+from ...runtime.solvers import get_solver, solver_names
 from ...runtime.solve import _check_options
 
 torch = require("torch", extra="diffusers", purpose="the diffusers integration")
