@@ -123,7 +123,7 @@ CASES = [
     (S + ["--grid", "shift:-1"], 1, "must be > 0 and finite"),
     (S + ["--grid", "cosine"], 1, "unknown grid"),
     (S + ["--solver", "nope"], 1, "unknown solver"),
-    (S + ["--solver", "heun", "--nfe", "5"], 1, "multiple of 2"),
+    (S + ["--solver", "heun", "--nfe", "4"], 1, "nfe must be one of 3, 5, 7"),
     (S + ["--labels", "42"], 1, "--labels must be integers in 0..9"),
     (S + ["--labels", "one,two"], 1, "--labels must be integers"),
     (S + ["--bandit-state", "b.json"], 1, "only apply to --solver fastflow"),
