@@ -1,7 +1,8 @@
 """onnxruntime CPU thread policies for a bundle's two sessions: which one to choose, measured.
 
-For each policy (``session-1``: a pool of 1 non-spinning thread per session; ``session-2``: a
-pool of 2 spinning threads per session, onnxruntime's default on 2 cores; ``shared-2``: one
+For each policy (``session-1``: a pool of 1 non-spinning thread per session;
+``session-2-nospin``: 2 non-spinning threads per session; ``session-2``: a pool of 2 spinning
+threads per session, onnxruntime's default on 2 cores; ``shared-2``: one
 global pool of 2 threads joined by the backbone and SideNet sessions) and batch 1 and 16: the
 median latency of one backbone call and of a 10-NFE BA solve (guidance 1.5) on the bundled
 digits bundle, quiet and next to a busy neighbour (a second process running the same solve in
@@ -24,16 +25,18 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-POLICIES = {"session-1": ("session", 1), "session-2": ("session", 2), "shared-2": ("shared", 2)}
+POLICIES = {"session-1": ("session", 1, False), "session-2-nospin": ("session", 2, False),
+            "session-2": ("session", 2, True), "shared-2": ("shared", 2, True)}
 WORKER = r"""
 import json, sys, time, statistics
 import numpy as np
 from anchorflow.runtime import load_bundle, solve, threads
 from anchorflow.modelref import BUNDLED, DEFAULT_NAME
 mode, n, batches, repeats, loop = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "loop"
+spin = len(sys.argv) > 6 and sys.argv[6] == "spin"
 pol = threads.configure(n, mode)
-if mode == "session" and n > 1:  # onnxruntime's own default: spinning pools per session
-    object.__setattr__(pol, "spin", True)
+if mode == "session":  # spinning on is onnxruntime's own default for per-session pools
+    object.__setattr__(pol, "spin", spin)
 b = load_bundle(BUNDLED / DEFAULT_NAME / "bundle", backend="ort-cpu", threads=n)
 def run(batch):
     x = np.random.default_rng(0).standard_normal((batch, 1, 8, 8)).astype(np.float32)
@@ -59,8 +62,9 @@ print(json.dumps({"policy": pol.describe(), "results": out}))
 """
 
 
-def measure(mode: str, threads: int, batches: list[int], repeats: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", WORKER, mode, str(threads), json.dumps(batches), str(repeats), "once"],
+def measure(mode: str, threads: int, spin: bool, batches: list[int], repeats: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", WORKER, mode, str(threads), json.dumps(batches), str(repeats), "once",
+                           "spin" if spin else "nospin"],
                           capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -79,9 +83,9 @@ def main(argv=None) -> None:
             busy = subprocess.Popen([sys.executable, "-c", WORKER, "session", "1", "[]", "0", "loop"])
             time.sleep(3)
         try:
-            for name, (mode, n) in POLICIES.items():
+            for name, (mode, n, spin) in POLICIES.items():
                 load = os.getloadavg()[0]
-                got = measure(mode, n, batches, args.repeats)
+                got = measure(mode, n, spin, batches, args.repeats)
                 for batch, r in got["results"].items():
                     rows.append({"policy": name, "neighbour": neighbour, "batch": int(batch), "load_1min": round(load, 2),
                                  **{k: round(v, 3) for k, v in r.items()}})

@@ -1,18 +1,21 @@
 """How onnxruntime's CPU threads are shared between a bundle's sessions (backbone, SideNet).
 
-onnxruntime gives each session its own spinning intra-op pool by default; the BA-solver
-alternates two sessions whose pools then slow each other. Measured on 2 cores
-(``benchmarks/threads.py``, README): one process-wide pool shared by every session is faster
-on a quiet machine, and with busy neighbours one non-spinning thread per session is faster
-still. So the policy, decided once per process when the first session is made:
+onnxruntime gives each session its own *spinning* intra-op pool by default; the BA-solver
+alternates two sessions whose spinning pools then steal each other's cores. Measured on 2 cores
+(``benchmarks/threads.py``, README): turning spinning off is what matters, so the policy,
+decided once per process when the first session is made, is:
 
-- ``shared`` (default on a quiet machine): one global pool of ``threads`` (default: the CPUs
-  this process may use) that every session joins;
-- ``session`` (default when the machine is oversubscribed, i.e. the 1-minute load average is
-  at least the CPU count): a pool per session of ``threads`` (default 1), spinning off.
+- ``session`` (the ``auto`` default): a pool per session of ``threads`` threads, spinning off;
+  ``threads`` defaults to the CPUs this process may use on a quiet machine and to 1 when the
+  machine is oversubscribed (1-minute load average at least the CPU count);
+- ``shared`` (only when asked, e.g. ``--thread-mode shared``): one process-wide pool that every
+  anchorflow session joins.
 
-onnxruntime allows one global pool per process, created before any session that uses it and
-never replaced; once it exists every later session must join it, so the first decision holds
+``shared`` is never chosen automatically: onnxruntime allows one global pool per process,
+created before any session that uses it and never replaced, and once it exists *every* later
+session in the process (a user's own ``onnxruntime.InferenceSession``, an exporter's validation)
+must set ``use_per_session_threads = False`` or is refused. A library may not do that to its
+host process behind its back; a CLI command that owns its process may. The first decision holds
 for the life of the process (:func:`policy` reports it). numpy + onnxruntime only.
 """
 
@@ -70,14 +73,13 @@ def _check(threads: Optional[int], mode: str) -> None:
 def decide(threads: Optional[int] = None, mode: str = "auto") -> ThreadPolicy:
     """The policy a first session would get for these wishes (nothing is created)."""
     _check(threads, mode)
-    if mode == "auto":
-        mode = "session" if oversubscribed() else "shared"
-        reason = "auto: machine oversubscribed" if mode == "session" else "auto: machine not oversubscribed"
-    else:
-        reason = "asked"
+    busy = oversubscribed()
     if mode == "shared":
-        return ThreadPolicy("shared", threads or cpus(), True, reason)
-    return ThreadPolicy("session", threads or 1, threads is not None and not oversubscribed(), reason)
+        return ThreadPolicy("shared", threads or cpus(), True, "asked")
+    if mode == "auto":
+        reason = "auto: machine oversubscribed" if busy else "auto: machine not oversubscribed"
+        return ThreadPolicy("session", threads or (1 if busy else cpus()), False, reason)
+    return ThreadPolicy("session", threads or 1, threads is not None and not busy, "asked")
 
 
 def policy() -> Optional[ThreadPolicy]:

@@ -11,13 +11,40 @@ from anchorflow.errors import ConfigError
 from anchorflow.runtime import threads
 
 
-@pytest.mark.parametrize("load, mode, want", [(0.1, "shared", 2), (99.0, "session", 1)])
-def test_auto_follows_the_load(monkeypatch, load, mode, want):
+@pytest.mark.parametrize("load, want", [(0.1, 2), (99.0, 1)])
+def test_auto_follows_the_load(monkeypatch, load, want):
     monkeypatch.setattr(threads, "cpus", lambda: 2)
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (load, load, load))
     got = threads.decide()
-    assert (got.mode, got.threads) == (mode, want)
-    assert got.spin is (mode == "shared")  # no spinning next to busy neighbours
+    assert (got.mode, got.threads, got.spin) == ("session", want, False)  # never the global pool unasked
+
+
+AUTO_THEN_FOREIGN = r"""
+import numpy as np, onnxruntime as ort
+from anchorflow.runtime import load_bundle
+from anchorflow.modelref import BUNDLED, DEFAULT_NAME
+path = BUNDLED / DEFAULT_NAME / "bundle"
+b = load_bundle(path, backend="ort-cpu")
+x = np.zeros((2, 1, 8, 8), np.float32)
+b.velocity(x, np.ones(2, np.float32), {"y": np.array([0, 1])})
+onnx = sorted(path.glob("*.onnx"))[0]
+ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])  # a host's own session, default options
+print("foreign session ok")
+"""
+
+
+@pytest.mark.parametrize("load", ["quiet", "busy"])
+def test_the_default_policy_leaves_other_sessions_in_the_process_alone(load):
+    """Regression: ``auto`` once made onnxruntime's global pool on a quiet machine, after which every other
+    session in the process (the exporter's validation, a user's own) was refused by onnxruntime."""
+    code = AUTO_THEN_FOREIGN
+    if load == "busy":
+        code = "import os; os.getloadavg = lambda: (999.0,) * 3\n" + code
+    else:
+        code = "import os; os.getloadavg = lambda: (0.0,) * 3\n" + code
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "foreign session ok" in proc.stdout
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])

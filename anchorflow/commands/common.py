@@ -137,9 +137,11 @@ def thread_options(fn):
     :mod:`anchorflow.runtime.threads` and the README's thread table)."""
     fn = click.option("--thread-mode", type=click.Choice(["auto", "shared", "session"]), default="auto",
                       show_default=True,
-                      help="onnxruntime CPU threads: one pool shared by the backbone and SideNet sessions, or a "
-                           "pool per session (auto: shared on a quiet machine, 1 non-spinning thread per session "
-                           "when the load average is at least the CPU count).")(fn)
+                      help="onnxruntime CPU threads: a non-spinning pool per session (auto: one thread per CPU on a "
+                           "quiet machine, 1 thread when the load average is at least the CPU count), or one "
+                           "process-wide pool shared by the backbone and SideNet sessions (shared: fastest on a "
+                           "quiet machine, opt-in because other onnxruntime sessions in the process must then "
+                           "join it).")(fn)
     return click.option("--threads", type=int, default=None, callback=positive,
                         help="onnxruntime CPU threads (shared pool size, or threads per session).")(fn)
 
