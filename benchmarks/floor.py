@@ -113,9 +113,13 @@ def memory_check(n: int = 4096) -> dict:
             for k in ("backbone", "sidenet")}
     vel = lambda x, t, c: sess["backbone"].run(None, {"x": x, "t": t, "y": c["y"]})[0]  # noqa: E731
     side = lambda x, v, t, h, c: sess["sidenet"].run(None, {"x": x, "v": v, "t": t, "h": h, "y": c["y"]})[0]  # noqa: E731
+    from anchorflow.runtime.tuned import read_tuning
+
+    tuned = read_tuning(BUNDLE)  # sample's default grid: the bundle's tuned one for (ba, 5), else uniform
+    grid = None if tuned is None or tuned.grid_for("ba", 5) is None else np.asarray(tuned.grid_for("ba", 5).times)
     noise = start_noise(0, n, (1, 8, 8))
-    whole = solve("ba", vel, noise, 5, sidenet=side, y=np.arange(n) % 10, null_label=10).x
-    return {"command": " ".join(["anchorflow", *cmd[4:]]), "n": n, "peak_rss_mib": round(peak_mib, 1),
+    whole = solve("ba", vel, noise, 5, sidenet=side, y=np.arange(n) % 10, null_label=10, grid=grid).x
+    return {"command": f"anchorflow sample default --solver ba --nfe 5 --n {n} --npy out.npy", "n": n, "peak_rss_mib": round(peak_mib, 1),
             "measured_before_mib": round(before / 1024, 1), "goal_mib": 600,
             "max_abs_diff_vs_unchunked": float(np.abs(chunked - whole).max()),
             "identical": bool(np.array_equal(chunked, whole))}
