@@ -73,7 +73,7 @@ def resolve_sources(model: str | os.PathLike, sidenet: Optional[str | os.PathLik
     """(backbone checkpoint, SideNet checkpoint or None, default output folder or None) for MODEL:
     ``default``, a model root (backbone/, sidenet/ inside; output root/bundle) or a backbone
     checkpoint folder (with ``sidenet``, or a sibling sidenet/ folder)."""
-    from ..modelref import locate
+    from ..runtime.models import locate
 
     files = locate(model)
     if files.backbone is None:

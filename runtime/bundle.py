@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .._deps import require
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from .bundle_format import (  # noqa: F401  (re-exported: the format's names, for older imports)
     BUNDLE_JSON, PRECISIONS, SCHEMA, TIME_CONVENTION, BundleFormat, find_bundle, parse_meta, read_bundle)
+from .models import ModelFiles, OpenModel, check_fresh, model_meta, resolve
 from .networks import WRAPPERS
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt", "torch")
@@ -83,7 +84,7 @@ def network_file(folder: Path, meta: dict, network: str, precision: str = "fp32"
 
 def load_bundle(path: str | os.PathLike, backend: str = "auto", allow_fallback: bool = False,
                 precision: str = "fp32", threads: Optional[int] = None) -> LoadedBundle:
-    """Open a bundle folder (or a model root with ``bundle/``) on ``backend``.
+    """Open a bundle folder (or a model root with ``bundle/``, or ``"default"``: the bundled digits model).
 
     ``backend``: auto | ort-cpu | ort-cuda | ort-trt (onnxruntime) | trt (cached TensorRT engines
     via :mod:`anchorflow.engines`) | torch (the checkpoints recorded in bundle.json); the last two
@@ -94,7 +95,7 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", allow_fallback: 
         raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    bundle = read_bundle(path)
+    bundle = read_bundle(resolve(path) if str(path) == "default" else path)
     if backend in EXTERNAL:
         target, needs, extra = EXTERNAL[backend]
         require(needs, extra=extra, purpose=f"the {backend} backend")
@@ -108,6 +109,19 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", allow_fallback: 
             for name, run in runs.items()}
     return LoadedBundle(nets["backbone"], nets.get("sidenet"), bundle.meta, per_net["backbone"], bundle.folder,
                         precision, resolved, per_net, bundle)
+
+
+def open_bundle(files: ModelFiles, backend: str = "auto", allow_fallback: bool = False, precision: str = "fp32",
+                threads: Optional[int] = None) -> OpenModel:
+    """Open the exported bundle of ``files`` (refusing a stale one, see :func:`check_fresh`).
+
+    ``threads``: onnxruntime intra-op threads of the bundle's sessions (None: one per physical core).
+    """
+    if files.bundle is None:
+        raise CheckpointError(f"{files.spec} has no exported bundle; run 'anchorflow export {files.spec} --out BUNDLE'")
+    check_fresh(files)
+    b = load_bundle(files.bundle, backend=backend, allow_fallback=allow_fallback, precision=precision, threads=threads)
+    return OpenModel(b.velocity, b.sidenet, model_meta(b.meta), files, list(b.providers))
 
 
 def _ort_runs(bundle: BundleFormat, backend: str, allow_fallback: bool, precision: str,

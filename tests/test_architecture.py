@@ -41,12 +41,6 @@ RULES: dict[str, tuple[set, set, tuple, tuple]] = {
 ALLOWED: set[tuple[str, str]] = {
     # serve/deployment.py is the Ray module itself, imported only by `anchorflow serve` (lazily)
     ("anchorflow.serve.deployment", "ray"), ("anchorflow.serve.deployment", "starlette"),
-    # TODO(issue 17): the CLI's MODEL resolver used by library code (resolve a model root / bundle)
-    ("anchorflow.export.bundle", "anchorflow.modelref"),
-    ("anchorflow.serve.app", "anchorflow.modelref"),
-    ("anchorflow.serve.service", "anchorflow.modelref"),
-    ("anchorflow.trainers.adapters.factory", "anchorflow.modelref"),
-    ("anchorflow.trainers.sidenet_run", "anchorflow.modelref"),
     # TODO(issue 17): trainers reaching up into export (the SideNet ONNX check reuses the exporter)
     ("anchorflow.trainers.sidenet_onnx", "anchorflow.export.onnx_export"),
     # TODO(issue 17): the torch reference sampler (BA's oracle) shares GuidedField with the runtime

@@ -172,7 +172,7 @@ def test_lock_held_elsewhere_is_announced_then_times_out(mixture, tmp_path):
 def test_model_identity_is_the_weights_not_the_onnx_bytes():
     """The bundle's identity for FastFlow is the recorded weights hash: a copy of the bundle whose
     backbone.onnx bytes differ (re-exported elsewhere) keeps the same identity."""
-    from anchorflow.modelref import _bundle_meta
+    from anchorflow.runtime.models import model_meta as _bundle_meta
 
     meta = json.loads((BUNDLE / "bundle.json").read_text())
     weights = meta["networks"]["backbone"]["checkpoint"]["weights_sha256"]

@@ -54,7 +54,7 @@ def load_backbone(source: str | Path, out: str | Path) -> SourceBackbone:
     """Open SOURCE as a frozen backbone: our checkpoint or model folder (identity = its weights file's
     hash, as before), or what ``anchorflow export`` accepts besides (a diffusers transformer folder,
     ``pkg.module:factory``) through the same adapter (identity = sha256 of its weights)."""
-    from ..modelref import resolve_backbone_checkpoint
+    from ..runtime.models import resolve_backbone_checkpoint
     from .adapters.diffusers import is_diffusers_folder
     from .adapters.factory import is_factory
     from .checkpoint import load_checkpoint

@@ -50,7 +50,7 @@ class ServeOptions:
 
 def check(opts: ServeOptions) -> None:
     """Refuse bad options and models before Ray starts (cheap checks, no session opened)."""
-    from ..modelref import locate
+    from ..runtime.models import locate
     from ..runtime.bundle import network_file, read_meta
 
     for name in ("replicas", "max_batch_requests", "max_n", "max_queue", "port"):

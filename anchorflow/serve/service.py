@@ -46,8 +46,8 @@ class SamplerService:
                  allow_fallback: bool = False, max_batch: Optional[int] = None, max_n: int = DEFAULT_MAX_N,
                  max_queue: int = DEFAULT_MAX_QUEUE, bandit_dir: Optional[str] = None,
                  mu_factor: Optional[float] = None, threads: Optional[int] = None) -> None:
-        from ..modelref import locate, open_model
-        from ..runtime.bundle import read_bundle
+        from ..runtime.bundle import open_bundle, read_bundle
+        from ..runtime.models import locate
 
         files = locate(model)
         if files.bundle is None or backend == "torch":
@@ -56,8 +56,8 @@ class SamplerService:
         for name, value in (("max_n", max_n), ("max_queue", max_queue), ("max_batch", max_batch or 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        self.model = open_model(model, backend=backend, allow_fallback=allow_fallback, precision=precision,
-                                threads=threads)
+        self.model = open_bundle(files, backend=backend, allow_fallback=allow_fallback, precision=precision,
+                                 threads=threads)
         self.meta = self.model.meta
         fmt = read_bundle(files.bundle)
         self.batch_max = {k: (fmt.networks[k].batch[2] if k in fmt.networks and fmt.networks[k].batch else None)

@@ -102,7 +102,7 @@ def load_source(source: str, axes: Optional[dict] = None) -> BackboneAdapter:
         return from_factory(source)
     if source != "default" and is_diffusers_folder(Path(source).expanduser()):
         return load_diffusers(Path(source).expanduser(), axes)
-    from ...modelref import locate
+    from ...runtime.models import locate
     from ..checkpoint import load_checkpoint
     from .native import NativeAdapter
 
