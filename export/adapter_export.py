@@ -142,11 +142,13 @@ def _cond(feeds: dict) -> dict:
 
 def export_adapter(adapter: Any, out: str | os.PathLike, *, max_batch: int = 8, opset: int = DEFAULT_OPSET,
                    validate: bool = True, external_data: Optional[bool] = None, source: Optional[dict] = None,
-                   command: Optional[str] = None) -> Any:
+                   command: Optional[str] = None, sidenet: Any = None, sidenet_path: Optional[str] = None) -> Any:
     """Export ``adapter`` to the bundle folder ``out`` (see the module docstring).
 
     ``max_batch``: samples per solve; the backbone takes up to 2x rows with ``rows`` guidance.
-    ``external_data``: None = only above 2 GB. Returns :class:`~.bundle.BundleExport`.
+    ``external_data``: None = only above 2 GB. ``sidenet``: a SideNet module already checked to
+    belong to this backbone (``trainers.sidenet.load_sidenet(path, adapter)``), exported into the
+    same bundle as ``sidenet.onnx`` (:mod:`.sidenet_export`). Returns :class:`~.bundle.BundleExport`.
     """
     from .bundle import BundleExport, _publishable, versions
 
@@ -180,6 +182,12 @@ def export_adapter(adapter: Any, out: str | os.PathLike, *, max_batch: int = 8, 
                            "validated": validate, "command": command, "seconds": round(time.perf_counter() - start, 2),
                            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                 "versions": versions(opset)}
+        if sidenet is not None:
+            from .sidenet_export import sidenet_rows, write_sidenet
+
+            meta["networks"]["sidenet"] = write_sidenet(
+                sidenet, tmp, pieces["inputs"], dict(spec.axes), sidenet_rows(spec.guidance.get("mode"), max_batch),
+                validate=validate, path=sidenet_path)
         write_bundle_json(tmp, meta)
         _publishable(tmp)
     return BundleExport(out, meta)

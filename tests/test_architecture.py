@@ -41,8 +41,6 @@ RULES: dict[str, tuple[set, set, tuple, tuple]] = {
 ALLOWED: set[tuple[str, str]] = {
     # serve/deployment.py is the Ray module itself, imported only by `anchorflow serve` (lazily)
     ("anchorflow.serve.deployment", "ray"), ("anchorflow.serve.deployment", "starlette"),
-    # TODO(issue 17): trainers reaching up into export (the SideNet ONNX check reuses the exporter)
-    ("anchorflow.trainers.sidenet_onnx", "anchorflow.export.onnx_export"),
     # TODO(issue 17): the torch reference sampler (BA's oracle) shares GuidedField with the runtime
     ("anchorflow.trainers.reference_sampler", "anchorflow.runtime.field"),
 }

@@ -1,6 +1,7 @@
 """SideNets for third-party backbones: tiny random-init diffusers SD3 and FLUX (schnell) transformers
 through the adapter (trainers/adapters), data-free and with conditions from a file; exported to
-ONNX with their conditions declared and sampled with BA through the runtime."""
+ONNX with their conditions declared (`anchorflow export FOLDER --sidenet CKPT`, one bundle) and
+sampled with BA through the CLI and the runtime."""
 
 from __future__ import annotations
 
@@ -14,19 +15,16 @@ diffusers = pytest.importorskip("diffusers")
 
 from anchorflow.errors import CheckpointError  # noqa: E402
 from anchorflow.runtime import solve  # noqa: E402
-from anchorflow.runtime.bundle_format import SCHEMA, _network  # noqa: E402
-from anchorflow.runtime.networks import BundleSideNet  # noqa: E402
 from anchorflow.trainers.adapters import load_source  # noqa: E402
 from anchorflow.trainers.sidenet import load_sidenet  # noqa: E402
-from anchorflow.trainers.sidenet_onnx import export_sidenet  # noqa: E402
 from anchorflow.trainers.torch_wrappers import TorchSideNet  # noqa: E402
 
 torch.set_num_threads(1)
 TEXT_DIM, POOLED = 16, 8
 
 
-def _tiny(kind: str, folder) -> None:
-    torch.manual_seed(0)
+def _tiny(kind: str, folder, seed: int = 0) -> None:
+    torch.manual_seed(seed)
     if kind == "sd3":
         net = diffusers.SD3Transformer2DModel(
             sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
@@ -67,8 +65,27 @@ class Counting:
         return self.fn(x, t, cond)
 
 
+def _cli_error(args, monkeypatch, capsys) -> str:
+    from anchorflow.cli import main
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["anchorflow", *args])
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
-def test_data_free_sidenet_exports_and_samples_with_ba_in_exactly_n_calls(kind, tmp_path, monkeypatch):
+def test_folder_train_export_sample_one_bundle_with_exactly_n_calls(kind, tmp_path, monkeypatch, capsys):
+    """diffusers folder -> `train sidenet` (data-free, --cond FILE) -> `export FOLDER --sidenet CKPT`
+    -> `sample BUNDLE --solver ba`: N backbone calls, ONNX == torch, other backbones refused."""
+    import json
+
+    from anchorflow.modelref import open_model
+
     _tiny(kind, tmp_path / kind)
     cond = _conds(tmp_path / "cond.npz", 3, 0)
     null = _conds(tmp_path / "null.npz", 1, 1)
@@ -86,27 +103,51 @@ def test_data_free_sidenet_exports_and_samples_with_ba_in_exactly_n_calls(kind, 
     assert cfg["training"]["null_rows"] == (0.1 if kind == "sd3" else 0.0)
     assert cfg["arch"]["patch"] == (1 if kind == "sd3" else 2)  # FLUX: 16 x 16 latent, 2 x 2 packing
 
-    spec = adapter.spec
-    data, entry = export_sidenet(side, spec.inputs(), dict(spec.axes), top_rows=24)
+    bundle = tmp_path / "bundle"
+    _run_cli(["export", str(tmp_path / kind), "--sidenet", str(tmp_path / "side"), "--out", str(bundle),
+              "--max-batch", "2"], monkeypatch)
+    m = open_model(bundle, need_sidenet=True)
+    entry = json.loads((bundle / "bundle.json").read_text())["networks"]["sidenet"]
     assert [d["name"] for d in entry["inputs"]] == ["x", "v", "t", "h", "pooled_projections"]
-    import onnxruntime as ort
+    assert entry["validation"]["passed"] and entry["checkpoint"]["backbone"] == cfg["backbone"]
 
-    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    decl = _network("sidenet", {"file": "sidenet.onnx", "sha256": "-", **entry}, SCHEMA)
-    onnx_side = BundleSideNet(decl, lambda feeds: sess.run(["delta"], feeds)[0])
+    # the bundle's SideNet (onnxruntime) against the torch checkpoint on fresh inputs: fp32 parity,
+    # the export's own bound (1e-4 max abs; both compute the same fp32 graph, ~1e-6 measured)
+    r, n = np.random.default_rng(3), 2
+    shape = (n, *adapter.spec.state_shape())
+    x, v = r.standard_normal(shape).astype(np.float32), r.standard_normal(shape).astype(np.float32)
+    t = np.array([0.9, 0.4], np.float32)
+    h = np.array([0.2, -0.1], np.float32)
+    rows = {k: val[[0, 2]] for k, val in cond.items()}
+    np.testing.assert_allclose(m.sidenet(x, v, t, h, rows), TorchSideNet(side)(x, v, t, h, rows), atol=1e-4, rtol=0)
 
-    n, nfe = 2, 4
-    noise = np.random.default_rng(2).standard_normal((n, *spec.state_shape())).astype(np.float32)
-    rows = {k: v[[0, 2]] for k, v in cond.items()}
+    nfe = 4
+    noise = r.standard_normal(shape).astype(np.float32)
+    np.save(tmp_path / "noise.npy", noise)
+    np.savez(tmp_path / "rows.npz", **rows)
+    sample = ["sample", str(bundle), "--solver", "ba", "--nfe", str(nfe), "--noise", str(tmp_path / "noise.npy"),
+              "--cond", str(tmp_path / "rows.npz"), "--out", str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy")]
     guided = dict(cond=rows, null_cond=null, cfg_scale=2.0) if kind == "sd3" else dict(cond=rows)
-    vel = Counting(adapter.call_numpy)
-    res = solve("ba", vel, noise, nfe, sidenet=onnx_side, **guided)
-    assert vel.calls == res.nfe == nfe and res.sidenet_calls == nfe  # merged probes
+    if kind == "sd3":
+        sample += ["--null-cond", str(tmp_path / "null.npz"), "--cfg", "2"]
+    capsys.readouterr()
+    _run_cli(sample, monkeypatch)
+    assert f"ba: {nfe} backbone calls, {nfe} SideNet calls" in capsys.readouterr().out
+    got = np.load(tmp_path / "s.npy")
+    vel = Counting(m.velocity)  # the bundle's backbone, counted outside the solver
+    res = solve("ba", vel, noise, nfe, sidenet=m.sidenet, **guided)
+    assert vel.calls == res.nfe == nfe and res.sidenet_calls == nfe  # merged probes: one SideNet call per step
+    np.testing.assert_allclose(got, res.x, atol=1e-6, rtol=0)  # the CLI is this solve (same bundle, noise)
     ref = solve("ba", adapter.call_numpy, noise, nfe, sidenet=TorchSideNet(side), **guided)
-    # ONNX vs torch SideNet inside the same solve: fp32 parity (<= 1e-4 per call, checked at export)
-    # times a few O(1) quadrature weights per step over 4 steps -> well under 1e-3
-    np.testing.assert_allclose(res.x, ref.x, atol=1e-3, rtol=0)
-    assert np.isfinite(res.x).all()
+    # ONNX backbone + SideNet vs torch inside the same solve: fp32 parity (<= 1e-4 per call, checked
+    # at export) times a few O(1) quadrature weights per step over 4 steps -> well under 1e-3
+    np.testing.assert_allclose(got, ref.x, atol=1e-3, rtol=0)
+
+    _tiny(kind, tmp_path / "other", seed=1)  # same architecture, other weights
+    line = _cli_error(["export", str(tmp_path / "other"), "--sidenet", str(tmp_path / "side"), "--out",
+                       str(tmp_path / "b2")], monkeypatch, capsys)
+    assert "trained for another backbone" in line and "weights_sha256" in line
+    assert not (tmp_path / "b2").exists()
 
 
 def test_sidenet_on_a_latent_folder_with_file_conditions_leaves_the_backbone_bit_identical(tmp_path):

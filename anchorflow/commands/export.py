@@ -19,7 +19,9 @@ from .common import positive
               help="Bundle folder to write; replaced whole and only after every check passed. "
                    "Default: MODEL/bundle when MODEL is `default` or a model root.")
 @click.option("--sidenet", type=click.Path(exists=True, file_okay=False), default=None,
-              help="SideNet checkpoint folder (default: MODEL's sidenet/ folder, if any).")
+              help="SideNet checkpoint folder (default: MODEL's sidenet/ folder, if any). For a diffusers or "
+                   "factory MODEL: the folder `anchorflow train sidenet --backbone MODEL` wrote; refused when "
+                   "it was trained for another backbone (weights hash).")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18 or newer; the newest this onnx knows is the limit).")
 @click.option("--precision", "precisions", multiple=True, default=(),
               help="Precision variants, repeatable or comma-separated: fp32, fp16, bf16. fp32 is always "
@@ -55,11 +57,12 @@ def export(model, out, sidenet, opset, precisions, max_batch, no_validate, axes)
       anchorflow export runs/digits --precision fp16,bf16 --max-batch 16
       anchorflow export runs/dit/backbone --sidenet runs/side --out runs/bundle
       anchorflow export models/sd3/transformer --out sd3-bundle --axis L=1:333:512 --max-batch 4
+      anchorflow export models/sd3/transformer --sidenet runs/sd3-side --out sd3-bundle
       anchorflow export my_pkg.models:make_backbone --out my-bundle
     """
     command = "anchorflow " + " ".join(sys.argv[1:])
     if _adapter_source(model):
-        result = _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes, command)
+        result = _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes, command, sidenet)
     else:
         if axes:
             raise ConfigError("--axis applies to diffusers and factory sources only")
@@ -109,7 +112,7 @@ def _parse_axes(values: tuple) -> dict:
     return out
 
 
-def _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes, command):
+def _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes, command, sidenet=None):
     from .._deps import require
 
     for name in ("torch", "onnx", "onnxscript"):
@@ -127,12 +130,17 @@ def _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes,
     from ..trainers.adapters import load_source
 
     adapter = load_source(model, _parse_axes(axes))
+    side = None
+    if sidenet is not None:  # refused before any export work when trained for another backbone
+        from ..trainers.sidenet import load_sidenet
+
+        side = load_sidenet(sidenet, adapter)
     spec = adapter.spec
     source = {"kind": "factory" if ":" in model and not os.path.exists(model) else "diffusers",
               "path": model if ":" in model and not os.path.exists(model) else os.path.abspath(model),
               "family": spec.family}
     return export_adapter(adapter, out, max_batch=max_batch, opset=opset, validate=not no_validate,
-                          source=source, command=command)
+                          source=source, command=command, sidenet=side, sidenet_path=sidenet)
 
 
 @click.command("inspect")

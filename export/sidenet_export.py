@@ -1,0 +1,187 @@
+"""Export a SideNet next to a diffusers or factory backbone, its conditions declared like the backbone's.
+
+The SideNet ``delta = S(x, v, t, h, *conds)`` (BA-solver, arXiv 2601.21542; t = 1 noise, t = 0
+data, h > 0 toward data; ``v_hat(t - h) = v + delta``) becomes ``sidenet.onnx`` with inputs x, v
+(role state / velocity, the SideNet's fixed state shape (batch, *state)), t (time), h (offset)
+and exactly the conditions its arch names (``cond_inputs``), each declared as the backbone
+declares it (dtype, shape with named axes such as the text length ``L``, per_row). So the
+runtime (:mod:`anchorflow.runtime.networks`) feeds it from the same ``cond`` dict as the
+backbone, and a SideNet conditioned on nothing gets no conditions. Dynamic axes: ``batch``
+(1 .. the rows BA's merged probes need) and the named axes of those conditions (the backbone's
+ranges). Parity: onnxruntime against torch at 3 batch sizes (fp32: max abs error <= 1e-4),
+refused otherwise.
+
+Entry points: ``anchorflow export SOURCE --sidenet CKPT --out B`` (via
+:func:`~.adapter_export.export_adapter` ``sidenet=``, one atomic bundle), :func:`export_sidenet`
+(bytes + entry, for tests) and :func:`add_sidenet` (into an existing adapter bundle).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError
+from ..runtime.solvers import max_sidenet_offsets
+from .validate import Case, TOLERANCES, reference_outputs, run_report
+
+FILE = "sidenet.onnx"
+
+
+def sidenet_rows(guidance_mode: str, max_batch: int) -> int:
+    """Most SideNet rows per call for ``max_batch`` samples: the merged BA probe's offsets x rows."""
+    return (2 if guidance_mode == "rows" else 1) * max(max_sidenet_offsets(), 1) * int(max_batch)
+
+
+def declaration(side: Any, backbone_inputs: list[dict]) -> list[dict]:
+    """bundle.json ``inputs`` of the SideNet (see the module docstring); ``backbone_inputs`` the
+    backbone's declared inputs (bundle.json's, or an adapter spec's ``inputs()``)."""
+    state = ["batch", *(int(s) for s in side.state_shape)]
+    decls = [{"name": "x", "dtype": "float32", "shape": state, "role": "state", "per_row": True},
+             {"name": "v", "dtype": "float32", "shape": state, "role": "velocity", "per_row": True},
+             {"name": "t", "dtype": "float32", "shape": ["batch"], "role": "time", "per_row": True},
+             {"name": "h", "dtype": "float32", "shape": ["batch"], "role": "offset", "per_row": True}]
+    backbone = {i["name"]: i for i in backbone_inputs}
+    for name in side.cond_inputs:
+        if name not in backbone:
+            raise CheckpointError(f"the SideNet is conditioned on {name!r}, which the backbone does not take "
+                                  f"({', '.join(backbone)}); it belongs to another backbone")
+        d = backbone[name]
+        decls.append({"name": name, "dtype": d["dtype"], "shape": list(d["shape"]), "role": "condition",
+                      "per_row": bool(d.get("per_row", True))})
+    return decls
+
+
+def _example(decls: list[dict], rows: int, sizes: dict, rng: np.random.Generator, num_classes: int) -> dict:
+    out = {}
+    for d in decls:
+        shape = tuple(rows if a == "batch" else sizes[a] if isinstance(a, str) else int(a) for a in d["shape"])
+        if d["name"] == "t":
+            out["t"] = rng.random(shape).astype(np.float32)
+        elif d["name"] == "h":
+            out["h"] = (rng.random(shape) - (1.0 - out["t"])).astype(np.float32)  # t - h in (0, 1), either sign
+        elif d["dtype"].startswith("int"):
+            out[d["name"]] = rng.integers(0, max(num_classes, 1) + 1, shape).astype(d["dtype"])
+        else:
+            out[d["name"]] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
+def trace(side: Any, decls: list[dict], axes: dict, top_rows: int) -> tuple[Any, dict]:
+    """``torch.onnx.export(dynamo=True)`` of the SideNet with the declared inputs -> (ModelProto, traced axis sizes)."""
+    import torch
+
+    from .onnx_export import DEFAULT_OPSET, _quiet, check_opset
+
+    dims = {"batch": torch.export.Dim("batch", min=1, max=max(top_rows, 3))}
+    sizes = {}
+    for d in decls:
+        for a in d["shape"]:
+            if isinstance(a, str) and a != "batch" and a not in dims:
+                lo, opt, hi = axes[a]
+                dims[a] = torch.export.Dim(a, min=lo, max=hi)
+                sizes[a] = max(opt, 2) if hi >= 2 else opt  # torch.export specialises a size of 1
+    ex = _example(decls, 3, sizes, np.random.default_rng(0), int(side.num_classes))
+    args = tuple(torch.from_numpy(ex[d["name"]]) for d in decls)
+    shapes = tuple({j: dims[a] for j, a in enumerate(d["shape"]) if isinstance(a, str)} for d in decls)
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.onnx.export(side.eval(), args, None, input_names=[d["name"] for d in decls],
+                                        output_names=["delta"], dynamo=True, dynamic_shapes=shapes,
+                                        opset_version=check_opset(DEFAULT_OPSET), external_data=False, verbose=False)
+    except Exception as exc:  # torch.export raises many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"torch.onnx.export failed for the SideNet: {first[:400]}") from exc
+    return program.model_proto, sizes
+
+
+def _validate(side: Any, data: bytes, decls: list[dict], sizes: dict, top_rows: int) -> Any:
+    """onnxruntime vs torch at 1, 5 and the most rows (fp32 tolerance) -> NetworkReport; refused on failure."""
+    import onnxruntime as ort
+    import torch
+
+    rng = np.random.default_rng(1)
+    todo = [Case("random", b, _example(decls, b, sizes, rng, int(side.num_classes)))
+            for b in sorted({1, min(5, top_rows), top_rows})]
+
+    def torch_run(feeds: dict) -> np.ndarray:
+        with torch.no_grad():
+            return side(*(torch.from_numpy(feeds[d["name"]]) for d in decls)).numpy()
+
+    refs = reference_outputs("sidenet", torch_run, todo)
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    report = run_report("sidenet", "fp32", "ort-cpu", "torch", todo, refs, lambda f: sess.run(["delta"], f)[0],
+                        TOLERANCES["fp32"])
+    if not report.passed:
+        raise CheckpointError(f"SideNet export refused: {report.failure()}; nothing was written")
+    return report
+
+
+def export_sidenet(side: Any, backbone_inputs: list[dict], axes: dict, top_rows: int,
+                   validate: bool = True) -> tuple[bytes, dict]:
+    """The SideNet as ONNX bytes and its network entry (without file / sha256), parity-checked.
+
+    ``axes``: axis name -> (min, opt, max) of the backbone; ``top_rows``: most rows per call.
+    """
+    decls = declaration(side, backbone_inputs)
+    proto, sizes = trace(side, decls, axes, top_rows)
+    data = proto.SerializeToString()
+    report = _validate(side, data, decls, sizes, top_rows) if validate else None
+    used = {a for d in decls for a in d["shape"] if isinstance(a, str) and a != "batch"}
+    entry = {"inputs": decls,
+             "outputs": [{"name": "delta", "dtype": "float32", "shape": decls[0]["shape"], "role": "velocity",
+                          "per_row": True}],
+             "batch": {"min": 1, "opt": top_rows, "max": top_rows},
+             "axes": {a: dict(zip(("min", "opt", "max"), map(int, axes[a]))) for a in sorted(used)},
+             "precisions": {},
+             "validation": report.as_dict() if report else {"skipped": "--no-validate"}}
+    return data, entry
+
+
+def checkpoint_record(side: Any, path: Optional[str | Path]) -> dict:
+    """What the bundle records about the SideNet checkpoint (as the checkpoint exporter does)."""
+    cfg = dict(getattr(side, "checkpoint_config", None) or {})
+    training = {k: v for k, v in (cfg.get("training") or {}).items() if k != "loss_log"}
+    return {"path": None if path is None else str(Path(path).resolve()), "kind": "sidenet",
+            "weights_sha256": cfg.get("weights_sha256"), "arch": cfg.get("arch"), "data": cfg.get("data"),
+            "training": training, "backbone": cfg.get("backbone")}
+
+
+def write_sidenet(side: Any, folder: Path, backbone_inputs: list[dict], axes: dict, top_rows: int,
+                  validate: bool = True, path: Optional[str | Path] = None) -> dict:
+    """Export the SideNet into ``folder`` (a bundle being written) -> its bundle.json network entry."""
+    from .._io import write_bytes
+    from ..runtime.bundle_format import file_record
+
+    data, entry = export_sidenet(side, backbone_inputs, axes, top_rows, validate)
+    write_bytes(Path(folder) / FILE, data)
+    return {**file_record(Path(folder), FILE), **entry, "checkpoint": checkpoint_record(side, path)}
+
+
+def add_sidenet(bundle_dir: str | Path, sidenet_dir: str | Path) -> dict:
+    """Export the SideNet checkpoint into an existing adapter bundle; returns its network entry.
+
+    The bundle records no backbone weights hash, so only the state shape and conditions are
+    checked here: prefer ``anchorflow export SOURCE --sidenet CKPT``, which checks the identity.
+    """
+    from ..runtime.bundle_format import read_bundle, write_bundle_json
+    from ..trainers.checkpoint import load_checkpoint
+
+    bundle = read_bundle(bundle_dir)
+    side, cfg = load_checkpoint(sidenet_dir, kind="sidenet")
+    side.checkpoint_config = cfg
+    if list(side.state_shape) != list(bundle.state_shape):
+        raise CheckpointError(f"the SideNet in {sidenet_dir} is for states {list(side.state_shape)}, the bundle's "
+                              f"backbone takes {list(bundle.state_shape)}")
+    back = bundle.backbone.batch or (1, 16, 16)
+    axes = {a: r for a, r in bundle.backbone.axes.items() if r is not None}
+    inputs = [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape), "per_row": i.per_row}
+              for i in bundle.backbone.inputs]
+    entry = write_sidenet(side, Path(bundle.folder), inputs, axes, max(max_sidenet_offsets(), 1) * int(back[2]),
+                          path=sidenet_dir)
+    meta = dict(bundle.meta)
+    meta["networks"] = {**meta["networks"], "sidenet": entry}
+    write_bundle_json(Path(bundle.folder), meta)
+    return entry
