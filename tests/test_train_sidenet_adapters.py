@@ -84,7 +84,7 @@ def test_folder_train_export_sample_one_bundle_with_exactly_n_calls(kind, tmp_pa
     -> `sample BUNDLE --solver ba`: N backbone calls, ONNX == torch, other backbones refused."""
     import json
 
-    from anchorflow.modelref import open_model
+    from anchorflow.runtime.bundle import load_bundle
 
     _tiny(kind, tmp_path / kind)
     cond = _conds(tmp_path / "cond.npz", 3, 0)
@@ -106,7 +106,7 @@ def test_folder_train_export_sample_one_bundle_with_exactly_n_calls(kind, tmp_pa
     bundle = tmp_path / "bundle"
     _run_cli(["export", str(tmp_path / kind), "--sidenet", str(tmp_path / "side"), "--out", str(bundle),
               "--max-batch", "2"], monkeypatch)
-    m = open_model(bundle, need_sidenet=True)
+    m = load_bundle(bundle, backend="ort-cpu")  # torch-free runtime
     entry = json.loads((bundle / "bundle.json").read_text())["networks"]["sidenet"]
     assert [d["name"] for d in entry["inputs"]] == ["x", "v", "t", "h", "pooled_projections"]
     assert entry["validation"]["passed"] and entry["checkpoint"]["backbone"] == cfg["backbone"]
