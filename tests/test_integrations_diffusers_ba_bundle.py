@@ -1,5 +1,5 @@
-"""run_ba with a real SideNet: trained by ``anchorflow train sidenet`` for a tiny SD3 transformer and
-exported with it by ``anchorflow export`` into one bundle.
+"""run_ba with a real SideNet: trained by ``anchorflow train sidenet`` for a tiny SD3 or FLUX
+transformer and exported with it by ``anchorflow export`` into one bundle.
 
 Truth: the torch-free runtime's ``solve("ba")`` on that bundle (onnxruntime backbone and SideNet),
 started from the pipeline's own latents and prompts. run_ba runs the same SideNet graph but the
@@ -19,12 +19,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("onnxscript")
 
-from _tiny_pipelines import B, inputs, sd3_pipe  # noqa: E402
+from _tiny_pipelines import B, build, inputs  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from diffusers.hooks import HookRegistry, ModelHook  # noqa: E402
 
 from anchorflow.cli import cli  # noqa: E402
 from anchorflow.integrations.diffusers import capture_pipeline, run_ba  # noqa: E402
+from anchorflow.integrations.diffusers.capture import pack  # noqa: E402
 from anchorflow.runtime import solve  # noqa: E402
 from anchorflow.runtime.bundle import load_bundle  # noqa: E402
 
@@ -36,28 +37,34 @@ def _cli(args: list[str]) -> None:
     assert res.exit_code == 0, f"{args[:2]}: {res.output[-2000:]}"
 
 
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    """(pipeline, bundle folder): the tiny SD3 transformer, a data-free SideNet trained for it by the
-    CLI (8 iterations), both exported by the CLI into one bundle."""
-    root = tmp_path_factory.mktemp("ba_bundle")
-    pipe = sd3_pipe(root / "transformer")
+SIZE = {"sd3": 64, "flux": 128}  # pixels: the adapters' default latents, 8x8 (SD3) and 16x16 (FLUX)
+
+
+def _inputs(kind: str, cfg: float, steps: int) -> dict:
+    return {**inputs(kind, cfg, steps), "height": SIZE[kind], "width": SIZE[kind]}
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def tiny(request, tmp_path_factory):
+    """(kind, pipeline, bundle folder): a tiny SD3 or FLUX (schnell-like) transformer, a data-free
+    SideNet trained for it by the CLI (8 iterations), both exported by one ``anchorflow export FOLDER --sidenet CKPT``."""
+    kind = request.param
+    root = tmp_path_factory.mktemp(f"ba_bundle_{kind}")
+    pipe = build(kind, root / "transformer")
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(7)  # training prompts: not the ones the tests sample with
     np.savez(root / "cond.npz", encoder_hidden_states=torch.randn(4, 5, 16, generator=g).numpy(),
              pooled_projections=torch.randn(4, 8, generator=g).numpy())
     np.savez(root / "null.npz", encoder_hidden_states=torch.randn(1, 5, 16, generator=g).numpy(),
              pooled_projections=torch.randn(1, 8, generator=g).numpy())
+    null = ["--null-cond", str(root / "null.npz")] if kind == "sd3" else []  # FLUX: no guidance rows
     _cli(["train", "sidenet", "--backbone", str(root / "transformer"), "--out", str(root / "side"), "--data", "none",
-          "--cond", str(root / "cond.npz"), "--null-cond", str(root / "null.npz"), "--iters", "8", "--batch", "4",
-          "--chain", "2", "--width", "8", "--lr", "1e-2", "--start-states", "4", "--solve-steps", "2",
-          "--ckpt-every", "8", "--cache-dir", str(root / "cache")])
-    _cli(["export", str(root / "transformer"), "--out", str(root / "bundle"), "--max-batch", str(B),
-          "--axis", "L=1:5:8"])
-    from anchorflow.trainers.sidenet_onnx import add_sidenet
-
-    add_sidenet(root / "bundle", root / "side")
-    return pipe, root / "bundle"
+          "--cond", str(root / "cond.npz"), *null, "--iters", "8", "--batch", "4", "--chain", "2", "--width", "8",
+          "--lr", "1e-2", "--start-states", "4", "--solve-steps", "2", "--ckpt-every", "8",
+          "--cache-dir", str(root / "cache")])
+    _cli(["export", str(root / "transformer"), "--sidenet", str(root / "side"), "--out", str(root / "bundle"),
+          "--max-batch", str(B), "--axis", "L=1:5:8"])
+    return kind, pipe, root / "bundle"
 
 
 class _Count(ModelHook):
@@ -81,14 +88,14 @@ def _tolerance(bundle, cfg: float) -> float:
 
 
 @pytest.mark.parametrize("cfg", [1.0, 2.0])
-def test_run_ba_equals_solve_on_the_exported_bundle_with_exactly_n_calls(sd3, cfg):
-    pipe, folder = sd3
+def test_run_ba_equals_solve_on_the_exported_bundle_with_exactly_n_calls(tiny, cfg):
+    kind, pipe, folder = tiny
     bundle = load_bundle(folder, backend="ort-cpu")
     assert bundle.sidenet is not None
     count = _Count()
     registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
     registry.register_hook(count, "count")
-    kw = inputs("sd3", cfg, N)
+    kw = _inputs(kind, cfg, N)
     del kw["num_inference_steps"]
     try:
         out = run_ba(pipe, bundle.sidenet, N, **kw)
@@ -96,15 +103,19 @@ def test_run_ba_equals_solve_on_the_exported_bundle_with_exactly_n_calls(sd3, cf
         registry.remove_hook("count", recurse=False)
     assert count.calls == N and out.anchorflow.nfe == N and out.anchorflow.sidenet_calls == N
 
-    field = capture_pipeline(pipe, **inputs("sd3", cfg, N))  # the pipeline's latents, prompts and sigmas
-    ref = solve("ba", bundle.velocity, field.noise, N, sidenet=bundle.sidenet, **field.solve_kwargs())
+    field = capture_pipeline(pipe, **_inputs(kind, cfg, N))  # the pipeline's latents, prompts and sigmas
+    noise = field.latent_noise()  # FLUX: (B, 4, 16, 16), the bundle's layout
+    assert noise.shape[1:] == tuple(bundle.state_shape)
+    ref = solve("ba", bundle.velocity, noise, N, sidenet=bundle.sidenet, **field.solve_kwargs())
     assert ref.nfe == N
     tol = _tolerance(folder, cfg)
-    # measured: 7.2e-7 (cfg 1) and 8.3e-7 (cfg 2) against tol 4.3e-6 / 1.3e-5 (P = 1.07e-6)
+    # measured (cfg 1 / 2): SD3 7.2e-7 / 8.3e-7 against tol 4.3e-6 / 1.3e-5 (P = 1.07e-6); FLUX 7.2e-7 / 7.2e-7
+    # against 3.8e-6 / 1.1e-5 (P = 9.5e-7; the pipeline's float64 rotary embedding vs the bundle's float32 one included)
     np.testing.assert_allclose(out.anchorflow.x, ref.x, rtol=0, atol=tol)
-    np.testing.assert_array_equal(out.images.float().numpy(), out.anchorflow.x)  # output_type="latent"
+    # output_type="latent": the pipeline hands back its own latents as they are (FLUX: packed tokens)
+    np.testing.assert_array_equal(out.images.float().numpy(), pack(out.anchorflow.x) if field.packed else out.anchorflow.x)
 
-    # The trained SideNet matters far above that tolerance: BA without it is AB2 (measured 0.056-0.058).
-    ab2 = solve("ab2", bundle.velocity, field.noise, N, **field.solve_kwargs()).x
+    # The trained SideNet matters far above that tolerance: BA without it is AB2 (measured 0.056-0.062).
+    ab2 = solve("ab2", bundle.velocity, noise, N, **field.solve_kwargs()).x
     assert np.abs(ab2 - ref.x).max() > 100 * tol
     assert math.isfinite(float(np.abs(out.anchorflow.x).max()))

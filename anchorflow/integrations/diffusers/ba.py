@@ -5,7 +5,9 @@ corrects the unguided field, then guidance is applied per quadrature node), so B
 scheduler. Instead: the pipeline encodes the prompts and prepares the latents itself
 (:func:`capture_pipeline`, no transformer call), the runtime's ``solve("ba")`` integrates with the
 transformer on ``[cond; uncond]`` rows (exactly N transformer calls for N NFE), and the pipeline
-decodes the result with its own post-processing. Time: sigma = t, 1 noise -> 0 data.
+decodes the result with its own post-processing. BA integrates (B, C, H, W) latents, the layout of
+the SideNet ``anchorflow train sidenet`` makes and of the bundle ``anchorflow export`` writes (FLUX's
+2x2-packed tokens are unpacked around each transformer call and packed back for decoding). Time: sigma = t, 1 noise -> 0 data.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Callable
 from ..._deps import require
 from ...errors import ConfigError
 from ...runtime.solve import solve
-from .capture import PipelineField, _output, capture_pipeline, keywords
+from .capture import PipelineField, _output, capture_pipeline, keywords, pack
 
 
 def run_ba(pipe: Any, sidenet: Callable, nfe: int, *, solver: str = "ba", grid: Any = None,
@@ -25,8 +27,9 @@ def run_ba(pipe: Any, sidenet: Callable, nfe: int, *, solver: str = "ba", grid: 
     Args:
         pipe: a flow-matching diffusers pipeline (SD3, FLUX, ...).
         sidenet: the runtime SideNet ``sidenet(x, v, t, h, cond) -> delta`` trained for this transformer
-            (e.g. ``load_bundle(path).sidenet``); it sees the pipeline's latents and the conditions
-            of :class:`PipelineField`.
+            (e.g. ``load_bundle(path).sidenet``); it sees (B, C, H, W) latents (FLUX's packed
+            tokens unpacked, as ``anchorflow train sidenet`` and ``export`` lay them out) and the
+            conditions of :class:`PipelineField`.
         nfe: transformer calls (= BA intervals; the pipeline's schedule is built for ``nfe`` steps,
             its shift and FLUX's ``mu`` included).
         solver: "ba" or another SideNet solver of the registry ("ba-single").
@@ -36,8 +39,8 @@ def run_ba(pipe: Any, sidenet: Callable, nfe: int, *, solver: str = "ba", grid: 
             ``generator``, ``output_type``, ...); ``num_inference_steps`` is set from ``nfe``.
 
     The output has an ``anchorflow`` attribute: the runtime :class:`~anchorflow.runtime.Result`
-    (``nfe``, ``sidenet_calls``, ``steps``, ``timing``); with ``return_dict=False`` the Result is
-    the tuple's last item.
+    (``nfe``, ``sidenet_calls``, ``steps``, ``timing``; ``x`` (B, C, H, W) latents, FLUX's
+    unpacked); with ``return_dict=False`` the Result is the tuple's last item.
     """
     if "num_inference_steps" in pipeline_inputs:
         raise ConfigError("run_ba sets num_inference_steps from nfe; drop it")
@@ -45,8 +48,9 @@ def run_ba(pipe: Any, sidenet: Callable, nfe: int, *, solver: str = "ba", grid: 
     kwargs = field.solve_kwargs()
     if grid is not None:
         kwargs["grid"] = grid
-    res = solve(solver, field.velocity, field.noise, nfe, sidenet=sidenet, **kwargs, **(solver_options or {}))
-    out = finish(pipe, field, res.x, pipeline_inputs)
+    res = solve(solver, field.latent_velocity, field.latent_noise(), nfe, sidenet=sidenet, **kwargs,
+                **(solver_options or {}))
+    out = finish(pipe, field, pack(res.x) if field.packed else res.x, pipeline_inputs)
     if isinstance(out, tuple):
         return (*out, res)
     out.anchorflow = res

@@ -43,6 +43,8 @@ class PipelineField:
     ``null_cond`` name -> (B, ...) arrays; ``cfg_scale`` the pipeline's guidance scale (1.0:
     none); ``calls_per_step`` the transformer calls the pipeline itself makes per step (FLUX's
     true CFG: 2, one per branch; batched CFG: 1 call of 2B rows). ``calls`` counts this field's.
+    ``latent_shape`` (C, H, W) when the latents are FLUX's packed tokens (:meth:`latent_noise`,
+    :meth:`latent_velocity` give the (B, C, H, W) view bundles and SideNets use), else None.
     """
 
     transformer: Any
@@ -58,6 +60,12 @@ class PipelineField:
     dtype: Any = None
     device: Any = None
     calls: int = 0
+    latent_shape: Optional[tuple] = None
+
+    @property
+    def packed(self) -> bool:
+        """True when the pipeline's latents are FLUX's 2x2-packed tokens (B, HW/4, 4C)."""
+        return self.latent_shape is not None
 
     @property
     def batch(self) -> int:
@@ -93,6 +101,42 @@ class PipelineField:
             )[0]
         self.calls += 1
         return out.detach().to("cpu", torch.float32).numpy()
+
+    def latent_noise(self) -> np.ndarray:
+        """``noise`` as (B, C, H, W) latents (unpacked for FLUX; as is otherwise)."""
+        return unpack(self.noise, self.latent_shape) if self.packed else self.noise
+
+    def latent_velocity(self, x: np.ndarray, t: np.ndarray, cond: Optional[dict] = None) -> np.ndarray:
+        """:meth:`velocity` on (n, C, H, W) latents, the layout ``anchorflow export`` and
+        ``anchorflow train sidenet`` use for FLUX (packing to tokens and back around the call)."""
+        if not self.packed:
+            return self.velocity(x, t, cond)
+        return unpack(self.velocity(pack(x), t, cond), self.latent_shape)
+
+
+def pack(x: np.ndarray) -> np.ndarray:
+    """FluxPipeline's 2x2 packing: (B, C, H, W) -> (B, HW/4, 4C)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(x: np.ndarray, shape: tuple) -> np.ndarray:
+    """Inverse of :func:`pack`: (B, HW/4, 4C) -> (B, C, H, W) with ``shape`` = (C, H, W)."""
+    c, h, w = shape
+    return np.ascontiguousarray(x.reshape(x.shape[0], h // 2, w // 2, c, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+                                .reshape(x.shape[0], c, h, w))
+
+
+def _latent_shape(noise: np.ndarray, shared: dict) -> Optional[tuple]:
+    """(C, H, W) of 2x2-packed tokens, read off the pipeline's ``img_ids`` (row, column per token)."""
+    ids = shared.get("img_ids")
+    if ids is None or noise.ndim != 3 or noise.shape[-1] % 4:
+        return None
+    ids = ids.reshape(-1, ids.shape[-1])
+    rows, cols = int(ids[:, 1].max().item()) + 1, int(ids[:, 2].max().item()) + 1
+    if rows * cols != noise.shape[1]:
+        return None
+    return (noise.shape[-1] // 4, 2 * rows, 2 * cols)
 
 
 def capture_pipeline(pipe: Any, **inputs: Any) -> PipelineField:
@@ -186,9 +230,10 @@ def _build(pipe: Any, inputs: dict, calls: list, seen: dict, torch: Any) -> Pipe
     def arrays(d: Optional[dict]) -> Optional[dict]:
         return None if d is None else {k: v.detach().to("cpu", torch.float32).numpy() for k, v in d.items()}
 
-    return PipelineField(pipe.transformer, sample.detach().to("cpu", torch.float32).numpy(), grid, cfg, len(calls),
-                         mode, arrays(cond), arrays(null), shared, {k: kw0[k].dtype for k in per_row},
-                         hs.dtype, hs.device)
+    noise = sample.detach().to("cpu", torch.float32).numpy()
+    return PipelineField(pipe.transformer, noise, grid, cfg, len(calls), mode, arrays(cond), arrays(null), shared,
+                         {k: kw0[k].dtype for k in per_row}, hs.dtype, hs.device,
+                         latent_shape=_latent_shape(noise, shared))
 
 
 def _check_guidance(model_output: Any, outs: list, cfg: float, torch: Any) -> None:
