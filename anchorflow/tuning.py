@@ -133,17 +133,23 @@ def tune(model, solvers: Sequence[str], nfes: Sequence[int], first_calls: Sequen
 
 
 def sampling_setup(bundle_folder, method: str, nfe: int, grid: Optional[str], first_call: str = "backbone"):
-    """What ``sample`` and ``serve`` pass to ``solve`` for the grid and the first call.
-
-    ``grid`` None: the bundle's tuned grid for (method, nfe, first_call) when it has one, else
-    uniform. ``first_call="cached"`` needs the bundle's first-call table. Returns
-    (grid, first_call for solve, a note saying what was chosen, or None).
-    """
+    """What ``sample`` passes to ``solve`` for the grid and the first call: :func:`resolve_sampling`
+    on the bundle's recorded tuning (None for a model without a bundle or without tuning)."""
     from .runtime.tuned import read_tuning
 
+    tuning = None if bundle_folder is None else read_tuning(bundle_folder)
+    return resolve_sampling(tuning, method, nfe, grid, first_call)
+
+
+def resolve_sampling(tuning: Optional[Tuning], method: str, nfe: int, grid: Any, first_call: str = "backbone"):
+    """The grid and first call ``sample`` and ``serve`` both solve with (one rule for both).
+
+    ``grid`` None: the tuned grid for (method, nfe, first_call) when ``tuning`` has one, else
+    uniform. ``first_call="cached"`` needs the tuning's first-call table. Returns
+    (grid, first_call for solve, a note saying what was chosen, or None).
+    """
     if first_call not in FIRST_CALLS:
         raise ConfigError(f"first call must be one of {', '.join(FIRST_CALLS)}, got {first_call!r}")
-    tuning = None if bundle_folder is None else read_tuning(bundle_folder)
     fc: Any = "backbone"
     if first_call == "cached":
         if tuning is None or tuning.first_call is None:

@@ -117,14 +117,14 @@ def measure(method: str, velocity, sidenet, nfe: int, batch: int, repeats: int, 
     }
 
 
-def call_latency(net: Callable, feeds: dict, repeats: int = 200) -> float:
-    """Median wall time (ms) of one ``net(**feeds)`` call after 20 warm-up calls."""
+def call_latency(net: Callable, args: tuple, repeats: int = 200) -> float:
+    """Median wall time (ms) of one ``net(*args)`` call after 20 warm-up calls."""
     for _ in range(20):
-        net(**feeds)
+        net(*args)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        net(**feeds)
+        net(*args)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -141,12 +141,17 @@ def per_call(velocity, sidenet, batch: int, meta: dict) -> dict:
                 "h": (0.1 * rng.random(rows)).astype(np.float32), "y": np.arange(rows) % int(meta["num_classes"])}
 
     f = feeds(batch)
-    out = {"backbone_ms": call_latency(velocity, {k: f[k] for k in ("x", "t", "y")})}
+    out = {"backbone_ms": call_latency(velocity, (f["x"], f["t"], {"y": f["y"]}))}
     if sidenet is not None:
-        out |= {f"sidenet_{rows}_rows_ms": call_latency(sidenet, feeds(rows)) for rows in (batch, 3 * batch, 4 * batch)}
+        side_args = lambda f: (f["x"], f["v"], f["t"], f["h"], {"y": f["y"]})  # noqa: E731
+        out |= {f"sidenet_{rows}_rows_ms": call_latency(sidenet, side_args(feeds(rows)))
+                for rows in (batch, 3 * batch, 4 * batch)}
         out["sidenet_per_interval_over_backbone"] = (out[f"sidenet_{batch}_rows_ms"]
                                                      + out[f"sidenet_{3 * batch}_rows_ms"]) / out["backbone_ms"]
         out["merged_sidenet_per_interval_over_backbone"] = out[f"sidenet_{4 * batch}_rows_ms"] / out["backbone_ms"]
+        # why: the SideNet's cost per row against the backbone's, and BA feeds it 4 rows per state row
+        out["sidenet_row_over_backbone_row"] = out[f"sidenet_{4 * batch}_rows_ms"] / 4 / out["backbone_ms"]
+        out["sidenet_fixed_ms"] = (4 * out[f"sidenet_{batch}_rows_ms"] - out[f"sidenet_{4 * batch}_rows_ms"]) / 3
     return out
 
 
@@ -174,9 +179,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         vel, side, meta, providers, what = open_subject(args.threads, Path(tmp))
         rows = [measure("euler", vel, None, args.nfe, args.batch, args.repeats, cfg, meta) for cfg in (1.0, 1.5)]
         ba = paper = None
+        guided = []
         if side is not None:  # merged probes (the default, N SideNet calls) and the paper's (2N - 1)
             ba = measure("ba", vel, side, args.nfe, args.batch, args.repeats, 1.0, meta, probes="merged")
             paper = measure("ba", vel, side, args.nfe, args.batch, args.repeats, 1.0, meta, probes="paper")
+            # guidance 1.5: both row blocks everywhere, and the authors' interval (0, 0.7] (B rows above 0.7)
+            guided = [measure("ba", vel, side, args.nfe, args.batch, args.repeats, 1.5, meta, probes="merged",
+                              cfg_interval=interval) for interval in ((0.0, 1.0), (0.0, 0.7))]
         calls = per_call(vel, side, args.batch, meta)
     euler = rows[0]
     result = {
@@ -185,7 +194,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "euler": rows, "overhead_frac": euler["overhead_frac"], "goal_overhead_frac": GOAL_OVERHEAD,
         "overhead_ok": euler["overhead_frac"] <= GOAL_OVERHEAD,
         "ba": ba if ba is not None else "skipped: the bundled model has no SideNet yet",
-        "ba_paper_probes": paper, "load_average_1_5_15": list(os.getloadavg()),
+        "ba_paper_probes": paper, "ba_guided": guided, "load_average_1_5_15": list(os.getloadavg()),
         "goal_sidenet_over_backbone": GOAL_SIDENET,
         "sidenet_ok": None if ba is None else ba["sidenet_over_backbone"] <= GOAL_SIDENET,
         "per_call": calls,
@@ -196,8 +205,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
               f"{r['backbone_ms']:.2f} ms, overhead {r['overhead_ms']:.3f} ms = {r['overhead_frac']:.2%} "
               f"({r['overhead_us_per_nfe']:.1f} us per NFE); goal <= {GOAL_OVERHEAD:.0%}")
     if ba is not None:
-        for r in (ba, paper):
-            print(f"ba ({r['probes']} probes) nfe={r['nfe']}: SideNet {r['sidenet_ms']:.2f} ms vs backbone "
+        for r in (ba, paper, *guided):
+            print(f"ba ({r['probes']} probes, cfg {r['cfg']:g} on {tuple(r.get('cfg_interval', (0, 1)))}) "
+                  f"nfe={r['nfe']}: total {r['total_ms']:.2f} ms, SideNet {r['sidenet_ms']:.2f} ms vs backbone "
                   f"{r['backbone_ms']:.2f} ms = {r['sidenet_over_backbone']:.1%} (goal <= {GOAL_SIDENET:.0%})")
     print("per call (ms): " + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in calls.items() if k.endswith("_ms")))
     print(f"subject: {what}; wrote {args.out}")

@@ -81,8 +81,11 @@ class CachedStartField(GuidedField):
         self.labels = None if self.cond is None else self.cond.get("y")
 
     def raw(self, x: np.ndarray, t: float, span=None) -> np.ndarray:
-        """The table's rows at t = 1 (no NFE, no backbone time); a backbone call elsewhere."""
+        """The table's rows at t = 1 (no NFE, no backbone time); a backbone call elsewhere. Rows as
+        the backbone's would be: B conditional rows where guidance is off over ``span``, else 2B."""
         if float(t) != 1.0:
             return super().raw(x, t, span)
         self.cached_calls += 1
-        return self.table.velocity(self.expand(x).astype(self.dtype, copy=False), self.labels)
+        rows = self.rows_for(span)
+        labels = self.labels if self.labels is None or rows == self.rows else self.labels[: self.batch]
+        return self.table.velocity(self.expand(x, rows).astype(self.dtype, copy=False), labels)

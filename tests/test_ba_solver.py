@@ -28,6 +28,12 @@ class RecordingSideNet:
         return np.zeros_like(x)
 
 
+def call_rows(batch: int, grid, guided: bool) -> list[int]:
+    """Rows of BA's backbone call i (at t_i) with guidance on (0, 0.7]: its lowest guided time is
+    t_{i+1} (the forward probe's last node), so 2B iff t_{i+1} <= 0.7, else the B conditional rows."""
+    return [batch * (2 if guided and grid[i + 1] <= 0.7 else 1) for i in range(len(grid) - 1)]
+
+
 def slope(nfes, errors) -> float:
     return float(-np.polyfit(np.log(nfes), np.log(errors), 1)[0])
 
@@ -40,15 +46,17 @@ def test_paper_probes_make_n_backbone_calls_and_2n_minus_1_sidenet_calls(n, guid
     y = np.arange(len(noise)) % 2
     cfg = dict(cfg_scale=1.5, cfg_interval=(0.0, 0.7), null_label=NULL) if guided else {}
     out = solve("ba", field, noise, n, y=y, sidenet=side, probes="paper", **cfg)
-    rows = len(noise) * (2 if guided else 1)
-    assert out.nfe == len(field.calls) == n and all(c["rows"] == rows for c in field.calls)
+    rows = call_rows(len(noise), 1.0 - np.arange(n + 1) / n, guided)
+    assert out.nfe == len(field.calls) == n and [c["rows"] for c in field.calls] == rows
     assert out.sidenet_calls == len(side.calls) == 2 * n - 1
     assert [s.calls for s in out.steps] == [2] + [1] * (n - 2) + [0]
     assert [s.sidenet_calls for s in out.steps] == [3] + [2] * (n - 2) + [0]  # next forward probe included
+    # from anchor i: a forward probe (3 x its rows), then from anchor i + 1 the backward probe (1 x)
+    want = [3 * rows[0]] + [r * k for r in rows[1:] for k in (1, 3)]
+    assert [c["rows"] for c in side.calls] == want
     h, a = 1.0 / n, LOBATTO_A
     forward, backward = side.calls[0], side.calls[1]  # first interval: forward then backward probe
-    assert forward["rows"] == 3 * rows and backward["rows"] == rows
-    np.testing.assert_allclose(forward["h"], np.repeat([a * h, (1 - a) * h, h], rows))
+    np.testing.assert_allclose(forward["h"], np.repeat([a * h, (1 - a) * h, h], rows[0]))
     np.testing.assert_allclose(backward["h"], -a * h)
     np.testing.assert_allclose(backward["t"], 1.0 - h)
 
@@ -63,14 +71,14 @@ def test_merged_probes_make_n_sidenet_calls_for_n_intervals(n, guided, mixture, 
     cfg = dict(cfg_scale=1.5, cfg_interval=(0.0, 0.7), null_label=NULL) if guided else {}
     grid = np.concatenate([[1.0], np.sort(np.random.default_rng(n).uniform(0.05, 0.95, n - 1))[::-1], [0.0]])
     out = solve("ba", field, noise, n, y=y, sidenet=side, grid=grid, **cfg)  # merged is the default
-    rows = len(noise) * (2 if guided else 1)
-    assert out.nfe == len(field.calls) == n
+    rows = call_rows(len(noise), grid, guided)
+    assert out.nfe == len(field.calls) == n and [c["rows"] for c in field.calls] == rows
     assert out.sidenet_calls == len(side.calls) == n
-    assert [c["rows"] for c in side.calls] == [3 * rows] + [4 * rows] * (n - 1)
+    assert [c["rows"] for c in side.calls] == [3 * rows[0]] + [4 * r for r in rows[1:]]  # the anchor's rows
     a = LOBATTO_A
     for i, call in enumerate(side.calls[1:]):  # the call after backbone call i + 1, at t_{i+1}
         h, hn = grid[i] - grid[i + 1], grid[i + 1] - grid[i + 2]
-        np.testing.assert_allclose(call["h"], np.repeat([-a * h, a * hn, (1 - a) * hn, hn], rows))
+        np.testing.assert_allclose(call["h"], np.repeat([-a * h, a * hn, (1 - a) * hn, hn], rows[i + 1]))
         np.testing.assert_allclose(call["t"], grid[i + 1])
 
 

@@ -83,7 +83,7 @@ def run_sample(tmp: Path, *args: str) -> tuple[np.ndarray, bytes, str]:
     proc = subprocess.run([sys.executable, "-m", "anchorflow.cli", "sample", "default", "--backend", "ort-cpu",
                            "--out", str(out), "--npy", str(npy), *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    return np.load(npy), out.read_bytes(), proc.stdout
+    return np.load(npy), out.read_bytes(), proc.stdout + proc.stderr  # stderr: the tuned-grid note
 
 
 @pytest.mark.parametrize("solver, args", [
@@ -93,13 +93,13 @@ def run_sample(tmp: Path, *args: str) -> tuple[np.ndarray, bytes, str]:
 ])
 def test_results_equal_the_sample_command(service, tmp_path, solver, args):
     cli = ["--solver", solver, "--nfe", str(args["nfe"]), "--n", str(args["n"]), "--seed", str(args["seed"]),
-           "--labels", ",".join(map(str, args["labels"])), "--cfg", str(args["cfg"]),
-           "--grid", "uniform"]  # sample defaults to the bundle's tuned grid; the service runs the uniform one
+           "--labels", ",".join(map(str, args["labels"])), "--cfg", str(args["cfg"])]  # both: the default grid
     # fastflow twice: the first run calibrates a fresh bandit, the second uses what it learned;
     # the service's state file and the command's must evolve identically
     for _ in range(2 if solver == "fastflow" else 1):
         state = ["--bandit-state", str(tmp_path / "bandit.json")] if solver == "fastflow" else []
         x_cli, png_cli, text = run_sample(tmp_path, *cli, *state)
+        assert ("grid: tuned" in text) == (solver != "fastflow")  # BA and Euler are tuned in the bundle
         status, headers, body = service.post({"solver": solver, **args, "format": "npy"})
         assert status == 200, body
         assert np.array_equal(np.load(io.BytesIO(body)), x_cli)  # same noise, same batch: bit-identical

@@ -19,6 +19,7 @@ from anchorflow.sampling import cycle_labels, start_noise
 from anchorflow.serve.batching import plan
 from anchorflow.serve.encode import encode
 from anchorflow.serve.request import RequestError, SampleRequest, rows_limit
+from anchorflow.tuning import sampling_setup
 
 pytestmark = pytest.mark.skipif(not (BUNDLED / "digits" / "bundle" / "bundle.json").is_file(),
                                 reason="the bundled digits bundle is not exported")
@@ -47,7 +48,22 @@ def lone(service, r: SampleRequest) -> np.ndarray:
     y = cycle_labels(r.labels, r.n, m.meta["num_classes"])
     return solve(r.solver, m.velocity, start_noise(r.seed, r.n, m.meta["state_shape"]), r.nfe, y=y,
                  sidenet=m.sidenet, cfg_scale=r.cfg, cfg_interval=r.cfg_interval,
-                 null_label=m.meta["null_label"], grid="uniform").x
+                 null_label=m.meta["null_label"], grid=sampling_setup(m.files.bundle, r.solver, r.nfe, None)[0]).x
+
+
+def test_default_grid_is_the_tuned_one_sample_uses(service):
+    """No "grid": the bundle's tuned grid for the solver and NFE (as `anchorflow sample`); "uniform"
+    stays uniform, and the two never share a solve."""
+    from anchorflow.runtime.tuned import read_tuning
+
+    tuned, plain = req(service, solver="ba", nfe=4, n=2), req(service, solver="ba", nfe=4, n=2, grid="uniform")
+    want = read_tuning(service.model.files.bundle).grid_for("ba", 4).times
+    assert not np.allclose(want, np.linspace(1, 0, 5))  # else this test could not tell the two apart
+    np.testing.assert_array_equal(service.grid_for(tuned), want)
+    assert service.grid_for(plain) == "uniform" and tuned.key != plain.key
+    a, b = service.sample_batch([tuned, plain])
+    np.testing.assert_array_equal(a.x, lone(service, tuned))
+    assert not np.allclose(a.x, b.x)
 
 
 def test_merged_and_split_requests_equal_lone_runs(service):

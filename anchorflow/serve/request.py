@@ -6,7 +6,9 @@ Every problem raises :class:`RequestError` (an AnchorflowError, answered as HTTP
     {"solver": "ba", "nfe": 6, "n": 3, "labels": [0, 1, 2], "cfg": 1.5, "cfg_interval": [0, 1],
      "seed": 0, "grid": null, "format": "npy" | "png" | "json"}
 
-``grid`` is null / "uniform", "shift:S" or an explicit list of times from 1 (noise) to 0 (data).
+``grid`` is null (what ``anchorflow sample`` uses by default: the bundle's tuned grid for the solver
+and NFE where it has one, else uniform), "uniform", "shift:S" or an explicit list of times from 1
+(noise) to 0 (data).
 """
 
 from __future__ import annotations
@@ -82,8 +84,8 @@ class SampleRequest:
         from .conditions import signature
 
         interval = self.cfg_interval if self.cfg != 1.0 else (0.0, 1.0)
-        grid = "uniform" if self.grid is None else self.grid
-        return (self.solver, self.nfe, grid, self.cfg, interval, signature(self.conditions, self.null_conditions))
+        # grid None (the bundle's tuned default for this solver and NFE) is not "uniform" when tuned
+        return (self.solver, self.nfe, self.grid, self.cfg, interval, signature(self.conditions, self.null_conditions))
 
 
 def _fail(msg: str) -> RequestError:

@@ -60,6 +60,9 @@ class SamplerService:
                                  threads=threads)
         self.meta = self.model.meta
         fmt = read_bundle(files.bundle)
+        from ..runtime.tuned import read_tuning
+
+        self.tuning = read_tuning(fmt)  # tuned grids: a request without "grid" gets what `sample` would use
         self.batch_max = {k: (fmt.networks[k].batch[2] if k in fmt.networks and fmt.networks[k].batch else None)
                           for k in ("backbone", "sidenet")}
         decls = fmt.backbone.conditions
@@ -184,7 +187,7 @@ class SamplerService:
             guide = dict(cond=cond, null_cond={k: nulls.get(k, self.null_cond.get(k)) for k in cond
                                                if k in nulls or k in self.null_cond} or None)
         kwargs = dict(**guide, sidenet=self.model.sidenet, cfg_scale=req.cfg, cfg_interval=req.cfg_interval,
-                      grid="uniform" if req.grid is None else req.grid)
+                      grid=self.grid_for(req))
         if req.solver != "fastflow":
             return solve(req.solver, self.model.velocity, noise, req.nfe, **kwargs), None
         from ..runtime.fastflow import run_with_state
@@ -194,13 +197,20 @@ class SamplerService:
         res = run_with_state(self.model.velocity, noise, req.nfe, path, self.meta["model_id"], **extra, **kwargs)
         return res, path.name
 
+    def grid_for(self, req: SampleRequest):
+        """The request's grid, or ``anchorflow sample``'s default for its solver and NFE (the bundle's
+        tuned grid where it has one, else uniform; :func:`anchorflow.tuning.resolve_sampling`)."""
+        from ..tuning import resolve_sampling
+
+        return resolve_sampling(self.tuning, req.solver, req.nfe, req.grid)[0]
+
     def bandit_path(self, req: SampleRequest) -> Path:
         """The bandit state file shared by every FastFlow request with this grid and guidance."""
         from ..runtime.bandit import BanditKey
         from ..runtime.fastflow import guided_model_id
         from ..runtime.grids import make_grid
 
-        grid = make_grid(req.nfe, "uniform" if req.grid is None else req.grid)
+        grid = make_grid(req.nfe, self.grid_for(req))
         key = BanditKey.of(grid, guided_model_id(self.meta["model_id"], req.cfg, req.cfg_interval))
         digest = hashlib.sha256(f"{key.model_id}\n{key.grid_sha256}".encode()).hexdigest()[:16]
         return self.bandit_dir / f"fastflow-T{key.T}-{digest}.json"

@@ -5,7 +5,9 @@ Algorithm 1 of "Bi-Anchor Interpolation Solver for Accelerating Generative Model
 (data); an interval [t_i, t_{i+1}] has length ``h = t_i - t_{i+1} > 0`` and ``x -= h * (average
 velocity)``. The SideNet predicts the raw velocity at ``t - offset`` from an anchor:
 ``v_hat = v_raw + S(x, v_raw, t, offset, y)``; guidance is applied per node at the node's own time.
-States are (B, ...); with CFG the raw velocities have 2B rows (see :class:`GuidedField`).
+States are (B, ...); with CFG the raw velocities have 2B rows (see :class:`GuidedField`), or B rows
+where guidance is off over every time a backbone call's velocities (and the SideNet predictions
+from them) are guided at: each call passes that span to :meth:`GuidedField.raw`.
 """
 
 from __future__ import annotations
@@ -67,10 +69,15 @@ def _weighted(weights: Sequence[float], vs: Sequence[np.ndarray]) -> np.ndarray:
     return sum(float(w) * v for w, v in zip(weights, vs))
 
 
-def _forward(field: GuidedField, x: np.ndarray, v_raw: np.ndarray, t: float, tn: float, a: float) -> list[np.ndarray]:
-    """The forward probe of [t, tn] from the start anchor: guided v_hat at t - a h, t - (1-a) h, tn."""
+def _forward_nodes(t: float, tn: float, a: float) -> tuple[list[float], list[float]]:
+    """Offsets (a h, (1-a) h, h) and node times (t - a h, t - (1-a) h, tn) of [t, tn]'s forward probe."""
     h = t - tn
-    return _probe(field, x, v_raw, t, [a * h, (1 - a) * h, h], [t - a * h, t - (1 - a) * h, tn])
+    return [a * h, (1 - a) * h, h], [t - a * h, t - (1 - a) * h, tn]
+
+
+def _span(*times: float) -> tuple[float, float]:
+    """The (lo, hi) of the times a backbone call's velocities are guided at (for GuidedField.raw)."""
+    return min(times), max(times)
 
 
 def _interval(field: GuidedField, x: np.ndarray, v_raw: np.ndarray, fwd: list[np.ndarray], grid: np.ndarray,
@@ -88,18 +95,18 @@ def _interval(field: GuidedField, x: np.ndarray, v_raw: np.ndarray, fwd: list[np
     x_pred = x - h * _weighted(w, [v0, *fwd])  # predictor
     if i == len(grid) - 2:
         return x_pred, v_raw, None  # the final interval returns the predictor: no backbone call
-    v_end_raw = field.raw(x_pred, tn)
-    v1 = field.guide(v_end_raw, tn)
     t2 = float(grid[i + 2])
-    hn = tn - t2
+    offsets, times = _forward_nodes(tn, t2, a)  # the next interval's forward probe
+    # the terminal anchor is guided at tn (v1, next v0), tn + a h (backward node) and the next probe's nodes
+    v_end_raw = field.raw(x_pred, tn, span=_span(tn, tn + a * h, *times))
+    v1 = field.guide(v_end_raw, tn)
     if merged:  # the backward node lands on t - (1-a) h = tn + a h; the rest is the next forward probe
-        vb2, *nxt = _probe(field, x_pred, v_end_raw, tn, [-a * h, a * hn, (1 - a) * hn, hn],
-                           [tn + a * h, tn - a * hn, tn - (1 - a) * hn, t2])
+        vb2, *nxt = _probe(field, x_pred, v_end_raw, tn, [-a * h, *offsets], [tn + a * h, *times])
     else:
         (vb2,) = _probe(field, x_pred, v_end_raw, tn, [-a * h], [tn + a * h])  # lands on node t - (1-a) h
     x = x - h * _weighted(w, [v0, fwd[0], vb2, v1])  # bi-anchor corrector; state reuse
     if not merged:
-        nxt = _forward(field, x, v_end_raw, tn, t2, a)  # the paper: from the corrected state
+        nxt = _probe(field, x, v_end_raw, tn, offsets, times)  # the paper: from the corrected state
     return x, v_end_raw, nxt
 
 
@@ -127,8 +134,9 @@ def ba(field: GuidedField, x: np.ndarray, grid: np.ndarray, a: float = LOBATTO_A
     if n < 2:
         raise ConfigError(f"ba needs at least 2 intervals (nfe >= 2), got {n}; use nfe >= 2 or another solver")
     since = field.counts()
-    v_raw = field.raw(x, float(grid[0]))
-    fwd = _forward(field, x, v_raw, float(grid[0]), float(grid[1]), rule.nodes[1])
+    t0, offsets, times = float(grid[0]), *_forward_nodes(float(grid[0]), float(grid[1]), rule.nodes[1])
+    v_raw = field.raw(x, t0, span=_span(t0, *times))  # guided at t0 (v0) and at the forward probe's nodes
+    fwd = _probe(field, x, v_raw, t0, offsets, times)
     steps = []
     for i in range(n):
         x, v_raw, fwd = _interval(field, x, v_raw, fwd, grid, i, rule, probes == "merged")
@@ -150,8 +158,9 @@ def ba_single(field: GuidedField, x: np.ndarray, grid: np.ndarray, k: int = 3) -
         since = field.counts()
         t, tn = float(grid[i]), float(grid[i + 1])
         h = t - tn
-        v_raw = field.raw(x, t)
-        v_hat = _probe(field, x, v_raw, t, [c * h for c in rule.nodes], [t - c * h for c in rule.nodes])
+        times = [t - c * h for c in rule.nodes]  # v_raw itself is never guided, only the nodes' v_hat
+        v_raw = field.raw(x, t, span=_span(*times))
+        v_hat = _probe(field, x, v_raw, t, [c * h for c in rule.nodes], times)
         x = x - h * _weighted(rule.weights, v_hat)
         steps.append(field.record(i, t, tn, since))
     return SolverOutput(x, steps, {"k": len(rule.nodes)})
