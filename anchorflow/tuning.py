@@ -17,9 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from .errors import ConfigError
-from .runtime.tuned import TunedGrid, Tuning
-
-FIRST_CALLS = ("backbone", "cached")
+from .runtime.tuned import FIRST_CALLS, TunedGrid, Tuning, resolve_sampling
 
 
 def coordinate_descent(score: Callable[[float, float], float], step: float = 0.5, min_step: float = 0.06,
@@ -133,31 +131,10 @@ def tune(model, solvers: Sequence[str], nfes: Sequence[int], first_calls: Sequen
 
 
 def sampling_setup(bundle_folder, method: str, nfe: int, grid: Optional[str], first_call: str = "backbone"):
-    """What ``sample`` passes to ``solve`` for the grid and the first call: :func:`resolve_sampling`
-    on the bundle's recorded tuning (None for a model without a bundle or without tuning)."""
+    """What ``sample`` passes to ``solve`` for the grid and the first call:
+    :func:`anchorflow.runtime.tuned.resolve_sampling` (serve's rule too) on the bundle's recorded
+    tuning (None for a model without a bundle or without tuning)."""
     from .runtime.tuned import read_tuning
 
     tuning = None if bundle_folder is None else read_tuning(bundle_folder)
     return resolve_sampling(tuning, method, nfe, grid, first_call)
-
-
-def resolve_sampling(tuning: Optional[Tuning], method: str, nfe: int, grid: Any, first_call: str = "backbone"):
-    """The grid and first call ``sample`` and ``serve`` both solve with (one rule for both).
-
-    ``grid`` None: the tuned grid for (method, nfe, first_call) when ``tuning`` has one, else
-    uniform. ``first_call="cached"`` needs the tuning's first-call table. Returns
-    (grid, first_call for solve, a note saying what was chosen, or None).
-    """
-    if first_call not in FIRST_CALLS:
-        raise ConfigError(f"first call must be one of {', '.join(FIRST_CALLS)}, got {first_call!r}")
-    fc: Any = "backbone"
-    if first_call == "cached":
-        if tuning is None or tuning.first_call is None:
-            raise ConfigError("--first-call cached needs the bundle's first-call table; run 'anchorflow tune' on it")
-        fc = tuning.first_call
-    if grid is not None:
-        return grid, fc, None
-    tuned = None if tuning is None else tuning.grid_for(method, nfe, first_call)
-    if tuned is None:
-        return "uniform", fc, None
-    return np.asarray(tuned.times), fc, f"grid: tuned {tuned.spec} for {tuned.key} (from the bundle; --grid overrides)"

@@ -6,7 +6,7 @@ read, kept inside the bundle folder)::
 
     "tuned": {"schema": "anchorflow.tuned/1", "grids": FILE (tuned.json), "first_call": FILE? (first_call.npy)}
 
-``solve`` takes the grid and table explicitly; the CLI (sample, bench) looks them up here when
+``solve`` takes the grid and table explicitly; the CLI (sample, bench) and serve look them up here when
 the caller gives no grid, and says so. Time convention: t = 1 noise, t = 0 data. Torch-free.
 """
 
@@ -18,10 +18,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .first_call import FirstCallTable
 
 TUNE_SCHEMA = "anchorflow.tuned/1"
+FIRST_CALLS = ("backbone", "cached")
 GRIDS_FILE, TABLE_FILE = "tuned.json", "first_call.npy"
 
 
@@ -136,3 +137,25 @@ def write_tuning(bundle_dir: str | Path, tuning: Tuning) -> Path:
         parse_meta(meta, folder, "the tuned bundle.json")
         _io.write_json(folder / BUNDLE_JSON, meta)
     return folder
+
+
+def resolve_sampling(tuning: Optional[Tuning], method: str, nfe: int, grid: Any, first_call: str = "backbone"):
+    """The grid and first call ``sample`` and ``serve`` both solve with (one rule for both).
+
+    ``grid`` None: the tuned grid for (method, nfe, first_call) when ``tuning`` has one, else
+    uniform. ``first_call="cached"`` needs the tuning's first-call table. Returns
+    (grid, first_call for solve, a note saying what was chosen, or None).
+    """
+    if first_call not in FIRST_CALLS:
+        raise ConfigError(f"first call must be one of {', '.join(FIRST_CALLS)}, got {first_call!r}")
+    fc: Any = "backbone"
+    if first_call == "cached":
+        if tuning is None or tuning.first_call is None:
+            raise ConfigError("--first-call cached needs the bundle's first-call table; run 'anchorflow tune' on it")
+        fc = tuning.first_call
+    if grid is not None:
+        return grid, fc, None
+    tuned = None if tuning is None else tuning.grid_for(method, nfe, first_call)
+    if tuned is None:
+        return "uniform", fc, None
+    return np.asarray(tuned.times), fc, f"grid: tuned {tuned.spec} for {tuned.key} (from the bundle; --grid overrides)"

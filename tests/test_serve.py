@@ -119,6 +119,7 @@ def test_concurrent_requests_are_merged_into_fewer_solves(service):
     from anchorflow.modelref import open_model
     from anchorflow.runtime import solve
     from anchorflow.sampling import cycle_labels, start_noise
+    from anchorflow.tuning import sampling_setup
 
     before = json.loads(service.get("/v1/stats")[2])
     bodies = [{"solver": "ba", "nfe": 4, "n": 1 + i % 3, "labels": [i % 10], "cfg": 1.5, "seed": 100 + i}
@@ -132,9 +133,10 @@ def test_concurrent_requests_are_merged_into_fewer_solves(service):
     assert 1 <= solves < 20, f"{solves} solves for 20 concurrent compatible requests"
     assert max(int(h["x-anchorflow-batch-requests"]) for _, h, _ in replies) > 1
     m = open_model("default", backend="ort-cpu", need_sidenet=True)
+    grid = sampling_setup(m.files.bundle, "ba", 4, None)[0]  # no "grid" in the request: sample's default
     for b, (_, _, body) in zip(bodies, replies):
         ref = solve("ba", m.velocity, start_noise(b["seed"], b["n"], (1, 8, 8)), 4, sidenet=m.sidenet,
-                    y=cycle_labels(b["labels"], b["n"], 10), cfg_scale=1.5, null_label=10).x
+                    y=cycle_labels(b["labels"], b["n"], 10), cfg_scale=1.5, null_label=10, grid=grid).x
         # merged rows equal a lone run: bit-identical here; see tests/test_serve_core.py for the bound
         np.testing.assert_allclose(np.load(io.BytesIO(body)), ref, rtol=0, atol=1e-5)
 

@@ -199,8 +199,8 @@ class SamplerService:
 
     def grid_for(self, req: SampleRequest):
         """The request's grid, or ``anchorflow sample``'s default for its solver and NFE (the bundle's
-        tuned grid where it has one, else uniform; :func:`anchorflow.tuning.resolve_sampling`)."""
-        from ..tuning import resolve_sampling
+        tuned grid where it has one, else uniform; :func:`anchorflow.runtime.tuned.resolve_sampling`)."""
+        from ..runtime.tuned import resolve_sampling
 
         return resolve_sampling(self.tuning, req.solver, req.nfe, req.grid)[0]
 
