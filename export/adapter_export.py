@@ -65,19 +65,40 @@ def trace(adapter: Any, top_rows: int, opset: int) -> Any:
     decl = spec.inputs()
     args = tuple(torch.from_numpy(ex[d["name"]]) for d in decl)
     per_input = [{j: dims[a] for j, a in enumerate(d["shape"]) if isinstance(a, str)} or None for d in decl]
-    shapes = (per_input[0], per_input[1], tuple(per_input[2:]))  # forward(x, t, *conditions)
+    shapes = (per_input[0], per_input[1], tuple(per_input[2:]))[: 3 if len(decl) > 2 else 2]  # forward(x, t, *conds)
     module = Positional(adapter).eval()
     try:
         with _quiet(), torch.no_grad():
             program = torch.onnx.export(module, args, None, input_names=[d["name"] for d in decl], output_names=["v"],
                                         dynamo=True, dynamic_shapes=shapes, opset_version=check_opset(opset),
-                                        external_data=False, verbose=False)
+                                        external_data=False, verbose=False, optimize=False)
+            if not tiny_offsets(program.exported_program):
+                program.optimize()
     except Exception as exc:  # torch.export raises many types; the message is what helps
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
         first = next((ln for ln in lines if ln.startswith("<class")), lines[0])
         raise ConfigError(f"torch.onnx.export failed for the {spec.name} backbone: {first[:400]}; the adapter must "
                           "run without data-dependent Python control flow on its dynamic axes") from exc
     return program.model_proto
+
+
+TINY = 1e-8  # onnxscript's no-op rules match a pattern constant 0 with math.isclose(abs_tol=1e-8)
+
+
+def tiny_offsets(program: Any) -> list[str]:
+    """FX nodes adding or subtracting a scalar 0 < |c| <= 1e-8 (an epsilon such as ``d + 1e-15``).
+
+    The onnxscript optimizer run by ``torch.onnx.export`` deletes them as ``x + 0`` (rule ``add_0``,
+    onnxscript 0.7), turning ``n / (d + eps)`` into 0 / 0 = NaN; a graph with one is kept unoptimized
+    (onnxruntime and TensorRT fold constants themselves when they load it).
+    """
+    found = []
+    for node in program.graph.nodes:
+        name = str(node.target)
+        if node.op == "call_function" and ("aten.add" in name or "aten.sub" in name):
+            if any(isinstance(a, float) and 0 < abs(a) <= TINY for a in node.args[1:]):
+                found.append(node.name)
+    return found
 
 
 def doubles(model: Any) -> list[str]:

@@ -1,8 +1,8 @@
-"""Bring your own backbone: tiny random-init diffusers SD3 / FLUX-dev / FLUX-schnell and a factory module,
+"""Bring your own backbone: tiny random-init diffusers SD3 / FLUX-dev / FLUX-schnell / Sana and a factory module,
 exported through the CLI and sampled by the runtime.
 
 Truths: the torch adapter (ONNX parity), and the diffusers sampling convention computed in torch on the
-ORIGINAL transformer (timestep = 1000 sigma for SD3, sigma for FLUX with the pipeline's own packing and
+ORIGINAL transformer (timestep = 1000 sigma for SD3 and Sana, sigma for FLUX with the pipeline's own packing and
 ids; sigmas = linspace(1, 0, N + 1); x += (sigma_next - sigma) * v; CFG v = v_u + s (v_c - v_u)).
 Time convention: t = 1 noise (= sigma), t = 0 data.
 """
@@ -28,7 +28,7 @@ from anchorflow.errors import AnchorflowError  # noqa: E402
 from anchorflow.runtime import solve  # noqa: E402
 from anchorflow.runtime.bundle import load_bundle  # noqa: E402
 
-FAMILIES = ("sd3", "flux-dev", "flux-schnell")
+FAMILIES = ("sd3", "flux-dev", "flux-schnell", "sana")
 MAX_BATCH = 4
 PARITY = 1e-4  # the exporter's fp32 tolerance (measured on these models: <= 7e-6, see bundle.json)
 # Euler: N steps of |dt| = 1/N, each adding at most |dt| * (per-call error <= PARITY) to a state of
@@ -59,6 +59,10 @@ def _inputs(b, n: int, length: int, seed: int) -> tuple[np.ndarray, dict]:
     cond = {}
     for c in spec_like.conditions:
         shape = tuple(n if d == "batch" else length if d == "L" else int(d) for d in c.shape)
+        if c.name == "encoder_attention_mask":  # Sana: odd rows have their last token padded out
+            cond[c.name] = (np.arange(length)[None] < length - np.arange(n)[:, None] % 2).astype(np.int64)
+            cond[c.name][:, 0] = 1
+            continue
         cond[c.name] = (rng.uniform(1, 5, shape) if c.name == "guidance" else rng.standard_normal(shape)).astype(np.float32)
     return rng.standard_normal((n, *state)).astype(np.float32), cond
 
@@ -73,7 +77,8 @@ def test_export_records_parity_at_3_batches_and_2_text_lengths(exported, family)
     assert v["passed"] and v["worst"]["max_abs"] <= PARITY and len(sizes) == 2 and len(batches) == 3
     assert meta["schema"] == "anchorflow.bundle/2" and bb["axes"]["L"] == {"min": 1, "opt": 6, "max": 12}
     names = [i["name"] for i in bb["inputs"]]
-    assert names[:4] == ["x", "t", "encoder_hidden_states", "pooled_projections"]
+    second = "encoder_attention_mask" if family == "sana" else "pooled_projections"
+    assert names[:4] == ["x", "t", "encoder_hidden_states", second]
     assert ("guidance" in names) == (family == "flux-dev")
     assert meta["guidance"]["mode"] == {"flux-dev": "embedded", "flux-schnell": "none"}.get(family, "rows")
     out = CliRunner().invoke(cli, ["inspect", str(exported[family])])
@@ -113,16 +118,25 @@ def _diffusers_euler(family, model, x, cond, null=None, scale=1.0):
     return x.numpy()
 
 
-@pytest.mark.parametrize("family, guided", [("sd3", False), ("sd3", True), ("flux-dev", False), ("flux-schnell", False)])
+def _null(cond: dict) -> dict:
+    """One shared "empty prompt" row: zero embeddings, and (Sana) a mask keeping its first token."""
+    null = {k: np.zeros((1, *v.shape[1:]), v.dtype) for k, v in cond.items()}
+    if "encoder_attention_mask" in null:
+        null["encoder_attention_mask"][:, 0] = 1
+    return null
+
+
+@pytest.mark.parametrize("family, guided", [("sd3", False), ("sd3", True), ("flux-dev", False), ("flux-schnell", False),
+                                            ("sana", False), ("sana", True)])
 def test_anchorflow_euler_equals_the_diffusers_convention(exported, family, guided):
-    """SD3 with and without CFG rows; FLUX-dev with its embedded guidance (3.5 per sample); schnell plain."""
+    """SD3 and Sana with and without CFG rows; FLUX-dev with its embedded guidance (3.5 per sample); schnell plain."""
     b = load_bundle(exported[family], backend="ort-cpu")
     x, cond = _inputs(b, 3, 6, seed=7)
     if "guidance" in cond:
         cond["guidance"] = np.full(3, 3.5, np.float32)
     kw, null = {}, None
     if guided:  # one shared "empty prompt" row for the unconditional half
-        null = {k: np.zeros((1, *v.shape[1:]), np.float32) for k, v in cond.items()}
+        null = _null(cond)
         kw = dict(null_cond=null, cfg_scale=2.0)
     got = solve("euler", b.velocity, x, STEPS, cond=cond, **kw)
     assert got.nfe == STEPS
@@ -190,3 +204,24 @@ def test_sample_cli_with_condition_files_equals_solve(exported, tmp_path):
         # a user error (AnchorflowError): the CLI's main prints it as one `error:` line, exit 1
         assert res.exit_code == 1 and isinstance(res.exception, AnchorflowError), res.output
         assert message in str(res.exception) and "\n" not in str(res.exception)
+
+
+class Ratio(torch.nn.Module):
+    """v = relu(x) / (relu(x) + 1e-15): 1 where x > 0, 0 elsewhere; 0 / 0 = NaN were the epsilon lost."""
+
+    def forward(self, x, t):
+        r = torch.relu(x)
+        return r / (r + 1e-15) + 0.0 * t.reshape(-1, 1, 1, 1)
+
+
+def test_a_tiny_epsilon_survives_the_export(tmp_path):
+    """torch.onnx.export's optimizer deletes `x + c` for |c| <= 1e-8 as `x + 0` (what broke tiny Sana's linear
+    attention); the exporter keeps such a graph unoptimized. Exact truth: the step function of x."""
+    from anchorflow.export.adapter_export import export_adapter
+    from anchorflow.trainers.adapters.base import AdapterSpec
+    from anchorflow.trainers.adapters.factory import FactoryAdapter
+
+    export_adapter(FactoryAdapter(Ratio(), AdapterSpec(name="ratio", state=(1, 4, 4))), tmp_path / "r", max_batch=2)
+    b = load_bundle(tmp_path / "r", backend="ort-cpu")
+    x = np.random.default_rng(0).standard_normal((2, 1, 4, 4)).astype(np.float32)
+    assert np.array_equal(b.velocity(x, np.ones(2, np.float32), None), (x > 0).astype(np.float32))

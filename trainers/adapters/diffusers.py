@@ -17,7 +17,8 @@ return_dict=False)[0]`` with the diffusers forward argument names as condition n
   ``encoder_attention_mask`` (B, L) int64 (1 = token); timestep = 1000 * timestep_scale * t; the
   latent size is static (``sample_size``; torch.export cannot relate Sana's Mix-FFN reshape to a
   dynamic H x W), batch and text length are dynamic; the masked cross-attention runs diffusers'
-  plain ``AttnProcessor`` (the ONNX exporter's SDPA decomposition breaks a dynamic batch there).
+  plain ``AttnProcessor`` (the ONNX exporter's SDPA decomposition breaks a dynamic batch there);
+  the linear self-attention runs :class:`SanaLinearAttention` (its ``+ 1e-15`` as a clamp: see there).
 
 Velocity: diffusers' flow-matching schedulers step ``x += (sigma_next - sigma) * model_output``
 with sigma our t, so the model output is already dx/dt in our convention (t = 1 noise).
@@ -111,11 +112,46 @@ class SanaAdapter(DiffusersAdapter):
 
         for block in transformer.transformer_blocks:  # masked cross-attention without SDPA: the ONNX
             block.attn2.set_processor(AttnProcessor())  # exporter's SDPA decomposition breaks a dynamic batch
+            block.attn1.set_processor(SanaLinearAttention())
         return cls(transformer, spec)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[dict] = None) -> torch.Tensor:
         v = self._call(x, t, dict(cond or {}))
         return v[:, : x.shape[1]] if v.shape[1] == 2 * x.shape[1] else v  # learned-sigma heads: the mean half
+
+
+class SanaLinearAttention:
+    """Sana's ReLU linear attention (diffusers' ``SanaLinearAttnProcessor2_0``) with its denominator
+    ``d + 1e-15`` written as ``max(d, 1e-15)``: the same float32 values (d >= 0 is a sum of ReLU
+    products, and ``d + 1e-15 == d`` for every d above ~1e-8), but it survives the ONNX export.
+
+    Why: the onnxscript optimizer that ``torch.onnx.export(dynamo=True)`` runs removes ``x + c`` as
+    a no-op when ``math.isclose(c, 0, abs_tol=1e-8)`` (onnxscript 0.7 ``rewriter/rules/common/_no_op.py``
+    ``add_0``, pattern constants' ``abs_tol=1e-8`` in ``_pattern_ir.py``), so the graph divides
+    0 / 0 = NaN wherever a query's ReLU is all zero (a token whose head_dim projections are all
+    negative: 2**-head_dim per token and head at random init, 1 in 256 for head_dim 8; trained
+    weights can make it common). Per head: out_i = sum_j v_j (k_j . q_i) / sum_j (k_j . q_i) on
+    ReLU'd q, k; shapes (B, N, heads * head_dim) in and out.
+    """
+
+    EPS = 1e-15
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        heads = lambda a: a.transpose(1, 2).unflatten(1, (attn.heads, -1)).float()  # noqa: E731 (B, h, d, N)
+        q, k, v = torch.relu(heads(q)), torch.relu(heads(k)).transpose(2, 3), heads(v)
+        v = torch.nn.functional.pad(v, (0, 0, 0, 1), mode="constant", value=1.0)  # a row of ones: the denominator
+        out = torch.matmul(torch.matmul(v, k), q)  # (B, h, d + 1, N)
+        out = out[:, :, :-1] / out[:, :, -1:].clamp_min(self.EPS)
+        out = attn.to_out[1](attn.to_out[0](out.flatten(1, 2).transpose(1, 2).to(dtype)))
+        return out.clip(-65504, 65504) if dtype == torch.float16 else out
 
 
 class FluxAdapter(DiffusersAdapter):
