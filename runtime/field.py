@@ -113,6 +113,13 @@ def expand_conditions(cond: Cond, null_cond: Cond, batch: int, guided: bool) -> 
     return out
 
 
+def _filled(n: int, t: float, dtype) -> np.ndarray:
+    """``np.full(n, t, dtype)``, the same values, without np.full's overhead."""
+    out = np.empty(n, dtype)
+    out.fill(t)
+    return out
+
+
 def _finite(out: np.ndarray, network: str, call: int, t: float) -> None:
     """NonFiniteError naming the network, its call number and the time when ``out`` holds NaN/Inf."""
     if not np.isfinite(out).all():
@@ -176,6 +183,7 @@ class GuidedField:
         # the conditional rows alone, for calls whose velocities are never guided (outside the interval)
         self.cond_only = None if self.cond is None or not self.guided else {
             name: value[: self.batch] for name, value in self.cond.items()}
+        self._tiles: dict = {}  # (row blocks, offsets) -> tiled conditions for the SideNet
         self.rows_fed = 0  # backbone rows over all calls (B per unguided call, 2B per guided one)
         self.nfe = 0
         self.sidenet_calls = 0
@@ -196,6 +204,8 @@ class GuidedField:
         return 2 if overlaps(span, self.cfg_interval) else 1
 
     def _times(self, t: float | np.ndarray, n: int) -> np.ndarray:
+        if isinstance(t, float):  # the solvers' scalar times: one fill (np.full costs 4x more at batch 1)
+            return _filled(n, t, self.dtype)
         t = np.asarray(t, dtype=self.dtype)
         return np.full(n, t, self.dtype) if t.ndim == 0 else t.astype(self.dtype)
 
@@ -255,6 +265,15 @@ class GuidedField:
         return StepRecord(index, t_start, t_end, self.nfe - since[0], self.sidenet_calls - since[1], info)
 
     # -- SideNet ------------------------------------------------------------------------------
+    def _tiled(self, rows: int, k: int) -> Cond:
+        """The conditions of ``rows`` row blocks tiled ``k`` times (made once per (rows, k))."""
+        key = (rows, k)
+        if key not in self._tiles:
+            base = self.cond if rows == self.rows else self.cond_only
+            self._tiles[key] = None if base is None else {
+                name: np.concatenate([c] * k, axis=0) if k > 1 else c for name, c in base.items()}
+        return self._tiles[key]
+
     def side(self, x: np.ndarray, v_raw: np.ndarray, t: float, offsets: Sequence[float]) -> list[np.ndarray]:
         """ONE batched SideNet call for all ``offsets``; returns one raw delta (rows*B, ...) per offset.
 
@@ -268,10 +287,9 @@ class GuidedField:
         xs = np.concatenate([x] * (rows * k), axis=0) if rows * k > 1 else x
         xs = xs.astype(self.dtype, copy=False)
         vs = np.concatenate([v_raw] * k, axis=0) if k > 1 else v_raw
-        ts = np.full(n * k, t, self.dtype)
-        hs = np.repeat(np.asarray(offsets, self.dtype), n)
-        base = self.cond if rows == self.rows else self.cond_only
-        cs = None if base is None else {n: np.concatenate([c] * k, axis=0) if k > 1 else c for n, c in base.items()}
+        ts = _filled(n * k, t, self.dtype) if isinstance(t, float) else np.full(n * k, t, self.dtype)
+        hs = np.asarray(offsets, self.dtype).repeat(n)
+        cs = self._tiled(rows, k)
         start = time.perf_counter()
         d = np.asarray(self.sidenet(xs, vs.astype(self.dtype, copy=False), ts, hs, cs)).astype(self.dtype, copy=False)
         self.sidenet_s += time.perf_counter() - start

@@ -29,6 +29,7 @@ from .bundle_format import NetworkDecl, TensorDecl
 Run = Callable[[dict], np.ndarray]
 _NP = {"float32": np.float32, "float16": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 ROLES = {"backbone": ("state", "time"), "sidenet": ("state", "velocity", "time", "offset")}
+_OK_MAX = 256  # checked input signatures remembered per network (a solve uses a handful)
 
 
 def expected(decl: NetworkDecl) -> str:
@@ -50,6 +51,10 @@ class BundleNet:
                                f"{list(ROLES[self.KIND])} plus conditions); re-export the bundle")
         self.decl, self.run, self.null = decl, run, dict(null or {})
         self.providers = list(providers or [])
+        self._ok: dict = {}  # (input, shape, dtype, rows) already checked -> the declared dtype
+        # per input: its role (None: a condition), and the rank at which a shared input loses its row axis
+        self._plan = [(i, None if i.role == "condition" else i.role, 0 if i.per_row else len(i.shape) + 1)
+                      for i in decl.inputs]
 
     def _condition(self, inp: TensorDecl, cond: Optional[dict], rows: int) -> np.ndarray:
         if cond is not None and inp.name in cond:
@@ -68,14 +73,25 @@ class BundleNet:
         rows = int(tensors["state"].shape[0])
         self.decl.check_rows(rows)
         out = {}
-        for inp in self.decl.inputs:
-            value = tensors[inp.role] if inp.role != "condition" else self._condition(inp, cond, rows)
-            if not inp.per_row and value.ndim == len(inp.shape) + 1:
+        for inp, role, squeeze in self._plan:
+            value = tensors[role] if role is not None else self._condition(inp, cond, rows)
+            if squeeze and value.ndim == squeeze:
                 value = value[0]
             out[inp.name] = self._checked(inp, value, rows)
         return out
 
     def _checked(self, inp: TensorDecl, value: np.ndarray, rows: int) -> np.ndarray:
+        key = (inp.name, value.shape, value.dtype, rows)  # the check depends on nothing else
+        dtype = self._ok.get(key)
+        if dtype is None:
+            dtype = self._check(inp, value, rows)
+            if len(self._ok) >= _OK_MAX:
+                self._ok.clear()
+            self._ok[key] = dtype
+        return np.ascontiguousarray(value, dtype)
+
+    def _check(self, inp: TensorDecl, value: np.ndarray, rows: int) -> type:
+        """The declared numpy dtype of ``inp``, after checking ``value``'s rank, sizes and axis ranges."""
         dtype = _NP.get(inp.dtype)
         if dtype is None:
             raise BackendError(f"the {self.decl.name} input {inp.name!r} is {inp.dtype}, which numpy cannot feed")
@@ -92,7 +108,7 @@ class BundleNet:
             raise ConfigError(f"the {self.decl.name} input {inp.name!r} got shape {tuple(value.shape)}, expected "
                               f"{inp.describe()} (batch = {rows} rows{_ranges(self.decl, inp)}); it expects: "
                               f"{expected(self.decl)}")
-        return np.ascontiguousarray(value, dtype)
+        return dtype
 
     def _call(self, tensors: dict, cond: Optional[dict]) -> np.ndarray:
         rows = int(tensors["state"].shape[0])

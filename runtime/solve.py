@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from typing import Callable, Optional
@@ -73,7 +74,7 @@ def solve(
     table = _first_call_table(first_call)
     free = 0 if table is None else 1
     steps = spec.steps_for_nfe(nfe, free)
-    t_grid = make_grid(steps, grid)
+    t_grid = _grid(steps, grid)
     if spec.needs_sidenet and sidenet is None:
         raise ConfigError(f"solver {method!r} needs a SideNet (sidenet=...); train one with 'anchorflow train sidenet'")
     dtype = noise.dtype if noise.dtype in (np.float32, np.float64) else np.float32
@@ -112,12 +113,37 @@ def _first_call_table(first_call) -> Optional[FirstCallTable]:
     raise ConfigError(f"first_call must be 'backbone' or a FirstCallTable, got {first_call!r}")
 
 
+_ACCEPTED: dict = {}  # solver function -> the option names it takes (None: any, it has **kwargs)
+
+
+def _accepted(fn: Callable) -> Optional[list]:
+    """The option names ``fn`` takes after (field, x, grid), read once per function (inspect is slow)."""
+    if fn not in _ACCEPTED:
+        params = list(inspect.signature(fn).parameters.values())[3:]
+        _ACCEPTED[fn] = None if any(p.kind is p.VAR_KEYWORD for p in params) else [p.name for p in params]
+    return _ACCEPTED[fn]
+
+
+@functools.lru_cache(maxsize=256)
+def _named_grid(steps: int, grid: Optional[str]) -> np.ndarray:
+    out = make_grid(steps, grid)
+    out.flags.writeable = False
+    return out
+
+
+def _grid(steps: int, grid: GridSpec) -> np.ndarray:
+    """:func:`make_grid`; grids given by name (None, "uniform", "shift:S", "warp:S,P") are built
+    once per (steps, name) and copied, explicit lists are checked every time."""
+    if grid is None or isinstance(grid, str):
+        return _named_grid(int(steps), grid).copy()
+    return make_grid(steps, grid)
+
+
 def _check_options(name: str, fn: Callable, options: dict) -> None:
     """Refuse options the solver function does not take, naming the ones it does."""
-    params = list(inspect.signature(fn).parameters.values())[3:]  # after (field, x, grid)
-    if any(p.kind is p.VAR_KEYWORD for p in params):
+    accepted = _accepted(fn)
+    if accepted is None or not options:
         return
-    accepted = [p.name for p in params]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         takes = ", ".join(accepted) if accepted else "no options"

@@ -6,6 +6,7 @@ The state is (B, ...); the history holds guided velocities (one per earlier grid
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -31,6 +32,13 @@ def adams_weights(times: np.ndarray, t_next: float) -> np.ndarray:
     return np.linalg.solve(np.vander(u, m, increasing=True).T, 1.0 / np.arange(1, m + 1))
 
 
+@functools.lru_cache(maxsize=1024)
+def _weights(times: tuple[float, ...], t_next: float) -> tuple[float, ...]:
+    """:func:`adams_weights` as Python floats, computed once per (nodes, t_next): a solve on the
+    same grid again reuses them (np.linalg.solve costs more than the rest of a step at batch 1)."""
+    return tuple(float(w) for w in adams_weights(np.array(times), t_next))
+
+
 def _adams(field: GuidedField, x: np.ndarray, grid: np.ndarray, order: int) -> SolverOutput:
     """Adams-Bashforth of ``order`` with the lower-order warm start (Euler, AB2, ...)."""
     ts: list[float] = []
@@ -39,8 +47,8 @@ def _adams(field: GuidedField, x: np.ndarray, grid: np.ndarray, order: int) -> S
     for i in range(len(grid) - 1):
         t, t_next = float(grid[i]), float(grid[i + 1])
         ts, vs = (ts + [t])[-order:], (vs + [field(x, t)])[-order:]
-        w = adams_weights(np.array(ts), t_next)
-        x = x + (t_next - t) * sum(float(wj) * vj for wj, vj in zip(w, vs))
+        w = _weights(tuple(ts), t_next)
+        x = x + (t_next - t) * sum(wj * vj for wj, vj in zip(w, vs))
         steps.append(StepRecord(i, t, t_next, calls=1, info={"order": len(ts)}))
     return SolverOutput(x, steps)
 
