@@ -25,8 +25,8 @@ from .._deps import require
 from .._io import atomic_dir
 from ..errors import CheckpointError, ConfigError
 from ..runtime.bundle_format import SCHEMA, TIME_CONVENTION, file_record, write_bundle_json
+from ..runtime.parity import Case, reference_outputs, run_report
 from .onnx_export import DEFAULT_OPSET, _quiet, check_opset
-from .validate import Case, reference_outputs, run_report
 
 EXAMPLE_BATCH = 3  # not 0 or 1, which torch.export would specialise
 EXTERNAL_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB cap, less room for the graph itself

@@ -28,13 +28,11 @@ from .._deps import require
 from .._io import atomic_dir, check_output, write_bytes
 from ..errors import AnchorflowError, CheckpointError, ConfigError
 from ..runtime.bundle_format import SCHEMA, TIME_CONVENTION, file_record, write_bundle_json
+from ..runtime.parity import Case, NetworkReport, RealData, reference_outputs, run_report
 from .cleanup import CleanupReport, clean
 from .onnx_export import BACKBONE, DEFAULT_OPSET, SIDENET, NetSpec, export_onnx, random_inputs
 from .precision import convert, parse_precisions, variant_file
-from .validate import (
-    Case, NetworkReport, RealData, batches_for, check_graph, make_cases, onnx_reference_runner,
-    ort_runner, reference_outputs, run_report, torch_runner,
-)
+from .validate import batches_for, check_graph, make_cases, onnx_reference_runner, ort_runner, torch_runner
 
 DEFAULT_MAX_BATCH = 64
 REAL_POOL = 512  # data samples drawn for the real validation inputs

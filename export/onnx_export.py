@@ -27,6 +27,7 @@ import numpy as np
 
 from .._deps import require
 from ..errors import ConfigError
+from ..runtime.parity.cases import Domain, decls, random_feeds
 from ..runtime.solvers import max_sidenet_offsets
 
 DEFAULT_OPSET = 18
@@ -78,17 +79,10 @@ NETS = {spec.name: spec for spec in (BACKBONE, SIDENET)}
 def random_inputs(
     spec: NetSpec, state_shape: tuple[int, ...], num_classes: int, batch: int, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
-    """Random feeds in the nets' domain: x, v ~ N(0, 1); t ~ U(0, 1); h in [-(1 - t), t] so that
-    t - h stays in [0, 1]; y uniform over 0..num_classes (the last is the null label)."""
-    t = rng.random(batch).astype(np.float32)
-    feeds = {
-        "x": rng.standard_normal((batch, *state_shape)).astype(np.float32),
-        "v": rng.standard_normal((batch, *state_shape)).astype(np.float32),
-        "t": t,
-        "h": (rng.random(batch) * 1.0 - (1.0 - t)).astype(np.float32),
-        "y": rng.integers(0, num_classes + 1, batch).astype(np.int64),
-    }
-    return {name: feeds[name] for name in spec.inputs}
+    """Random feeds in the nets' domain (:func:`anchorflow.runtime.parity.cases.random_feeds`): x, v ~
+    N(0, 1); t ~ U(0, 1); h in [-(1 - t), t] so that t - h stays in [0, 1]; y uniform over
+    0..num_classes (the last is the null label)."""
+    return random_feeds(decls(spec.signature(state_shape)["inputs"]), batch, rng, Domain.for_labels(num_classes))
 
 
 @contextlib.contextmanager

@@ -27,6 +27,9 @@ from anchorflow.cli import cli  # noqa: E402
 from anchorflow.errors import AnchorflowError  # noqa: E402
 from anchorflow.runtime import solve  # noqa: E402
 from anchorflow.runtime.bundle import load_bundle  # noqa: E402
+from anchorflow.runtime.bundle_format import read_bundle  # noqa: E402
+from anchorflow.runtime.parity import TOLERANCES  # noqa: E402
+from anchorflow.runtime.parity.verify import E2E_FACTOR, build_cases, open_backend, verify_bundle  # noqa: E402
 
 FAMILIES = ("sd3", "flux-dev", "flux-schnell", "sana")
 MAX_BATCH = 4
@@ -225,3 +228,47 @@ def test_a_tiny_epsilon_survives_the_export(tmp_path):
     b = load_bundle(tmp_path / "r", backend="ort-cpu")
     x = np.random.default_rng(0).standard_normal((2, 1, 4, 4)).astype(np.float32)
     assert np.array_equal(b.velocity(x, np.ones(2, np.float32), None), (x > 0).astype(np.float32))
+
+
+@pytest.mark.parametrize("family", ("sd3", "flux-dev"))
+def test_verify_cases_follow_the_declared_inputs(exported, family):
+    """verify's cases come from the inputs bundle.json declares: text embeddings, pooled projections,
+    the guidance scale; text length and latent size at opt and at min."""
+    bundle = exported[family]
+    fmt = read_bundle(bundle)
+    cases = build_cases(fmt, open_backend(bundle, "ort-cpu", "fp32"), seed=0)["backbone"]
+    decl = {i.name: i for i in fmt.backbone.inputs}
+    lo = {a: r[0] for a, r in fmt.backbone.axes.items()}
+    opt = {a: r[1] for a, r in fmt.backbone.axes.items()}
+    seen = set()
+    for case in cases:
+        assert set(case.feeds) == set(decl)
+        for name, value in case.feeds.items():
+            sizes = opt if case.kind in ("random", "real") else lo  # the second set: every axis at its min
+            want = tuple(case.batch if d == "batch" else sizes[d] if isinstance(d, str) else d for d in decl[name].shape)
+            assert value.shape == want and value.dtype == np.dtype(decl[name].dtype), (case.label, name)
+        seen.add((case.kind.split()[0], case.kind != "random" and case.kind != "real"))
+    # random at opt and at min sizes, real (the reference's own samples, noised again) at opt
+    assert seen == {("random", False), ("random", True), ("real", False)}
+    if fmt.guidance.mode == "embedded":  # a guidance scale, not N(0, 1)
+        g = np.concatenate([c.feeds[fmt.guidance.input] for c in cases])
+        assert g.min() >= 1.0 and g.max() <= 5.0
+
+
+@pytest.mark.parametrize("family", ("sd3", "flux-dev"))
+def test_verify_compares_onnxruntime_with_the_torch_source(exported, family):
+    """`verify` on a diffusers-source bundle: the torch reference is the source's adapter, loaded again."""
+    bundle = exported[family]
+    r = verify_bundle(bundle, ["torch", "ort-cpu"], ["fp32"])
+    assert r.reference == "torch" and r.passed, r.text()
+    rows = {x.network: x for x in r.reports}
+    fmt = read_bundle(bundle)
+    e2e = "e2e euler@7"
+    assert set(rows) == {"backbone", e2e}
+    # 2 axis-size sets x batches (1, 7, the maximum 8 rows; FLUX-dev without CFG rows: 1, 4) random, plus real
+    assert len(rows["backbone"].results) == {"sd3": 9, "flux-dev": 6}[family]
+    # the exporter's fp32 tolerance: a wrong op or constant shows up at 1e-2 or more
+    assert 0 < rows["backbone"].worst().max_abs <= PARITY
+    assert rows[e2e].tolerance.atol == pytest.approx(TOLERANCES["fp32"].atol * E2E_FACTOR)
+    assert rows[e2e].worst().max_abs <= rows[e2e].tolerance.atol
+    assert fmt.guidance.mode == {"sd3": "rows", "flux-dev": "embedded"}[family]

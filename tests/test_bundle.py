@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from anchorflow.errors import CheckpointError, ConfigError
-from anchorflow.export.validate import TOLERANCES
+from anchorflow.runtime.parity import TOLERANCES
 from anchorflow.runtime.bundle import load_bundle
 
 from test_export import tiny_bundle, tiny_root  # noqa: F401  (session fixtures, exported once)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from anchorflow.errors import CheckpointError, ConfigError
-from anchorflow.export.validate import TOLERANCES, Tolerance, compare
+from anchorflow.runtime.parity import TOLERANCES, Tolerance, compare
 
 MAX_BATCH = 4  # backbone rows up to 8, SideNet rows up to 24
 DATA = {"name": "digits", "state_shape": [1, 8, 8], "num_classes": 10, "data_range": [-1.0, 1.0]}
@@ -258,7 +258,7 @@ def test_compare_flags_nan_inf_and_shape():
 def test_relative_error_uses_the_tensor_scale_near_zero():
     # A SideNet delta is exactly 0 at h = 0: relative error there is measured against the tensor's
     # RMS (times REL_FLOOR), not against 0, so it stays finite and meaningful.
-    from anchorflow.export.validate import REL_FLOOR
+    from anchorflow.runtime.parity.stats import REL_FLOOR
 
     ref = np.array([0.0, 1.0, -1.0, 1.0])
     s = compare(ref + np.array([1e-6, 0, 0, 0]), ref, TOLERANCES["fp32"])

@@ -14,15 +14,15 @@ import sys
 
 import pytest
 
-from anchorflow.commands.verify import E2E_FACTOR, verify_bundle
-from anchorflow.export.validate import TOLERANCES
+from anchorflow.runtime.parity.verify import E2E_FACTOR, verify_bundle
+from anchorflow.runtime.parity import TOLERANCES
 
 from test_export import tiny_bundle, tiny_root  # noqa: F401  (session fixtures, exported once)
 
 
 @pytest.fixture(scope="module")
 def torch_report(tiny_bundle):  # noqa: F811
-    return verify_bundle(tiny_bundle, ["torch", "ort-cpu", "ort-cuda"], ["fp32", "fp16"], progress=False)
+    return verify_bundle(tiny_bundle, ["torch", "ort-cpu", "ort-cuda"], ["fp32", "fp16"])
 
 
 def test_ort_matches_torch_per_network_and_end_to_end(torch_report):
@@ -66,7 +66,7 @@ def test_bundle_without_sidenet_is_checked_with_euler(tiny_bundle, tmp_path):  #
     meta = json.loads((folder / "bundle.json").read_text())
     del meta["networks"]["sidenet"]
     (folder / "bundle.json").write_text(json.dumps(meta))
-    r = verify_bundle(folder, ["ort-cpu"], ["fp16"], progress=False)
+    r = verify_bundle(folder, ["ort-cpu"], ["fp16"])
     assert r.reference == "ort-cpu" and r.passed
     assert [x.network for x in r.reports] == ["backbone", "e2e euler@7"]
 

@@ -8,6 +8,7 @@ under ``torch.no_grad``. :func:`bundle_runs` is the runtime's ``torch`` backend.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -72,7 +73,8 @@ def module_run(module: nn.Module, names: list) -> Callable[[dict], np.ndarray]:
 
 def bundle_runs(bundle: Any, precision: str = "fp32") -> tuple[dict, list[str]]:
     """The runtime's ``torch`` backend: the checkpoints bundle.json records (paths relative to the
-    bundle), each checked against its recorded weights sha256, as ``run(feeds)`` per network."""
+    bundle), each checked against its recorded weights sha256, as ``run(feeds)`` per network; a
+    backbone exported from a diffusers folder or a factory is its source's adapter, loaded again."""
     from ..errors import CheckpointError, ConfigError
     from .checkpoint import load_checkpoint
 
@@ -80,6 +82,10 @@ def bundle_runs(bundle: Any, precision: str = "fp32") -> tuple[dict, list[str]]:
         raise ConfigError("the torch backend runs the checkpoints in fp32 only")
     runs = {}
     for name, decl in bundle.networks.items():
+        source = bundle.meta["networks"][name].get("source") or {}
+        if not bundle.meta["networks"][name].get("checkpoint") and source.get("path"):
+            runs[name] = _source_run(source, decl)
+            continue
         record = bundle.meta["networks"][name].get("checkpoint") or {}
         path = (bundle.folder / str(record.get("path"))).resolve()
         if not record.get("path") or not path.is_dir():
@@ -89,3 +95,18 @@ def bundle_runs(bundle: Any, precision: str = "fp32") -> tuple[dict, list[str]]:
             raise CheckpointError(f"the {name} checkpoint at {path} changed since the export (weights sha256 differs)")
         runs[name] = module_run(module, [i.name for i in decl.inputs])
     return runs, ["torch-cpu"]
+
+
+def _source_run(source: dict, decl: Any) -> Callable[[dict], np.ndarray]:
+    """``run(feeds)`` of the adapter an exported backbone came from (``source.path``: a diffusers
+    folder or ``pkg.module:factory``), in our time like the graph."""
+    from ..errors import CheckpointError
+    from .adapters import load_source
+
+    path = str(source["path"])
+    if ":" not in path and not Path(path).is_dir():
+        raise CheckpointError(f"the source {path} recorded in bundle.json is not there")
+    adapter = load_source(path).eval()
+    roles = {i.role: i.name for i in decl.inputs}
+    names = [i.name for i in decl.conditions]
+    return lambda feeds: adapter.call_numpy(feeds[roles["state"]], feeds[roles["time"]], {n: feeds[n] for n in names})

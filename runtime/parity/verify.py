@@ -1,0 +1,217 @@
+"""``verify``'s library: one bundle, the same inputs through every available backend (torch-free).
+
+Per network (backbone, SideNet) on random and real inputs at batch 1, 7 and the bundle's maximum
+rows, built from the inputs bundle.json declares (:mod:`.cases`: any condition, of its dtype,
+shape and axis sizes: opt, and min where it differs), and end to end: a full BA-solver sample
+(arXiv 2601.21542) at 7 NFE from the same noise (Euler for a bundle without a SideNet). Each
+backend x precision is compared with the reference backend in fp32 (:mod:`.stats`). "Real"
+inputs are states of the reference's own 16-step Euler samples, noised again at several t
+(t = 1 noise, t = 0 data), so no data set and no torch is needed: with the ort-cpu backend alone
+this runs on numpy + onnxruntime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ...errors import AnchorflowError, CheckpointError, ConfigError
+from ..bundle_format import BundleFormat, read_bundle
+from .cases import Case, Domain, RealData, batches, conditions, make_cases, shape_of
+from .report import NetworkReport, format_table, report_rows, run_report
+from .stats import compare, tolerance
+
+BACKEND_NAMES = ("torch", "ort-cpu", "ort-cuda", "ort-trt", "trt")  # the runtime's backends but "auto"
+E2E_NFE = 7
+E2E_BATCH = 4
+# End to end the per-call error is integrated over E2E_NFE steps of size <= 1 / E2E_NFE through a
+# guided field with Lipschitz factor ~ cfg scale 1.5; 10x the per-call tolerance bounds that
+# growth ((1 + 1.5 / 7)^7 ~ 3.9, times the 1.5 guidance amplification of each call's error).
+E2E_FACTOR = 10.0
+CFG_SCALE, CFG_INTERVAL = 1.5, (0.0, 0.7)
+REAL_POOL = 256  # reference samples the real inputs are drawn from (at most one call's worth of rows)
+
+
+@dataclass
+class Opened:
+    """One backend x precision, opened: the runtime's callables and what it really runs on."""
+
+    name: str
+    precision: str
+    velocity: Callable
+    sidenet: Optional[Callable]
+    providers: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.precision}"
+
+
+def open_backend(folder: Path, name: str, precision: str, allow_fallback: bool = False) -> Opened:
+    """Open ``name`` (any backend of the runtime's registry, torch included) on a bundle; raises
+    AnchorflowError (the reason it is unavailable)."""
+    from ..bundle import load_bundle
+
+    b = load_bundle(folder, backend=name, allow_fallback=allow_fallback, precision=precision)
+    return Opened(name, precision, b.velocity, b.sidenet, list(b.providers))
+
+
+def _runner(opened: Opened, network: str) -> Callable[[dict], np.ndarray]:
+    if network == "backbone":
+        return lambda f: np.asarray(opened.velocity(f["x"], f["t"], _cond(f)))
+    return lambda f: np.asarray(opened.sidenet(f["x"], f["v"], f["t"], f["h"], _cond(f)))
+
+
+def _cond(feeds: dict) -> dict:
+    return {k: v for k, v in feeds.items() if k not in ("x", "v", "t", "h")}
+
+
+def _size_sets(fmt: BundleFormat) -> list[dict]:
+    """Axis sizes to test: every named axis at its opt, then (if any differs) at its min."""
+    axes = {a: r for net in fmt.networks.values() for a, r in net.axes.items()}
+    low = {a: r[0] for a, r in axes.items() if r[0] != r[1]}
+    return [{}, low] if low else [{}]
+
+
+def build_cases(fmt: BundleFormat, ref: Opened, seed: int) -> dict[str, list[Case]]:
+    """Per network: random cases (per set of axis sizes) and real ones at batch 1, 7 and the maximum."""
+    from .. import solve
+
+    rng = np.random.default_rng(seed)
+    dom = Domain.of_bundle(fmt)
+    pool = min(REAL_POOL, fmt.backbone.batch[2]) if fmt.backbone.batch else REAL_POOL
+    cond0 = conditions(fmt.backbone.inputs, pool, rng, dom, null=False)
+    noise = rng.standard_normal(shape_of(fmt.backbone.input("state"), pool, dom.sizes)).astype(np.float32)
+    labels = {k: cond0.pop(k) for k in list(cond0) if k in dom.labels and k in dom.null}
+    y0 = next(iter(labels.values()), None)
+    x0 = solve("euler", ref.velocity, noise, 16, cond={**cond0, **labels} or None).x
+    real = RealData(x0, y0, ref.velocity, cond0)
+    out: dict[str, list[Case]] = {}
+    for name, net in fmt.networks.items():
+        top = net.batch[2] if net.batch else 7
+        cases = []
+        for i, sizes in enumerate(_size_sets(fmt)):
+            tag = " ".join(f"{a}={s}" for a, s in sorted(sizes.items()))
+            cases += make_cases(net.inputs, batches(top), Domain.of_bundle(fmt, sizes), real if i == 0 else None,
+                                seed + i, tag)
+        out[name] = cases
+    return out
+
+
+def end_to_end(opened: Opened, fmt: BundleFormat, seed: int) -> np.ndarray:
+    """A full sample at E2E_NFE from fixed noise: BA-solver with a SideNet, else Euler; guided
+    (cfg 1.5 on [cond; null] rows) when the bundle has null values for every condition."""
+    from .. import solve
+
+    rng = np.random.default_rng(seed + 1)
+    dom = Domain.of_bundle(fmt)
+    cond = conditions(fmt.backbone.inputs, E2E_BATCH, rng, dom, null=False)
+    noise = rng.standard_normal(shape_of(fmt.backbone.input("state"), E2E_BATCH, dom.sizes))
+    nulls = fmt.guidance.null
+    guided = fmt.guidance.mode == "rows" and cond and all(k in nulls for k in cond)
+    extra = dict(cfg_scale=CFG_SCALE, cfg_interval=CFG_INTERVAL, null_cond=dict(nulls)) if guided else {}
+    return solve(e2e_method(fmt), opened.velocity, noise.astype(np.float32), E2E_NFE, cond=cond or None,
+                 sidenet=opened.sidenet, **extra).x
+
+
+def e2e_method(fmt: BundleFormat) -> str:
+    from ..solvers import solver_names
+
+    return "ba" if "sidenet" in fmt.networks and "ba" in solver_names() else "euler"
+
+
+@dataclass
+class VerifyReport:
+    """Comparisons run, skipped (``unavailable``: a missing provider, precision or dependency, with
+    the reason) and ``broken`` (a file that fails its integrity check: a failure, not a skip).
+
+    ``passed`` only when at least one comparison ran, all of them passed and nothing is broken.
+    """
+
+    reference: str
+    reports: list = field(default_factory=list)  # NetworkReport
+    unavailable: dict[str, str] = field(default_factory=dict)
+    providers: dict[str, list[str]] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.reports) and not self.broken and all(r.passed for r in self.reports)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference, "passed": self.passed, "unavailable": self.unavailable,
+                "broken": self.broken, "providers": self.providers,
+                "comparisons": [{"network": r.network, "backend": r.runtime, "precision": r.precision,
+                                 **r.as_dict()} for r in self.reports]}
+
+    def verdict(self) -> str:
+        fails = [r.failure() for r in self.reports if not r.passed]
+        fails += [f"{k} is broken ({why})" for k, why in self.broken.items()]
+        if fails:
+            return "; ".join(fails)
+        if not self.reports:
+            return (f"nothing was compared (reference {self.reference}/fp32; every other backend x precision was "
+                    "skipped, see above): add --precision fp16, or install torch for the torch reference")
+        return f"all {len(self.reports)} comparisons passed"
+
+    def text(self) -> str:
+        cols = ("network", "runtime", "precision", "cases", "max_abs", "mean_abs", "p99_abs", "max_rel", "mean_rel",
+                "p99_rel", "needed_atol", "tolerance", "result")
+        lines = [f"reference: {self.reference} (fp32)"]
+        lines += [f"  {label}: {', '.join(p)}" for label, p in self.providers.items()]
+        if self.reports:
+            lines.append(format_table(report_rows(self.reports), cols))
+        lines += [f"skipped {label}: {why}" for label, why in self.unavailable.items()]
+        lines += [f"BROKEN {label}: {why}" for label, why in self.broken.items()]
+        lines.append(("FAILED: " if not self.passed else "") + self.verdict())
+        return "\n".join(line for line in lines if line)
+
+
+def _pick_reference(folder: Path, backends: list[str], reference: Optional[str], report: VerifyReport) -> Opened:
+    choices = [reference] if reference else (["torch", "ort-cpu"] if "torch" in backends else ["ort-cpu"])
+    for name in choices:
+        try:
+            return open_backend(folder, name, "fp32")
+        except AnchorflowError as exc:
+            report.unavailable[f"{name}/fp32"] = str(exc)
+    raise ConfigError(f"the reference backend ({' or '.join(choices)}) is unavailable: "
+                      + "; ".join(report.unavailable.values()))
+
+
+def verify_bundle(path: str | Path, backends: list[str], precisions: list[str], reference: Optional[str] = None,
+                  atol: Optional[float] = None, rtol: Optional[float] = None, seed: int = 0,
+                  progress: Optional[Callable[[list], Any]] = None, allow_fallback: bool = False) -> VerifyReport:
+    """Compare every backend x precision with the reference (fp32); see the module docstring.
+
+    ``progress``: wraps the list of (backend, precision) pairs to show a bar (the CLI passes tqdm).
+    """
+    fmt = read_bundle(path)
+    folder = fmt.folder
+    report = VerifyReport(reference or "")
+    ref = _pick_reference(folder, backends, reference, report)
+    report.reference = ref.name
+    cases = build_cases(fmt, ref, seed)
+    refs = {n: [_runner(ref, n)(c.feeds) for c in cs] for n, cs in cases.items()}
+    ref_e2e = end_to_end(ref, fmt, seed)
+    e2e_name = f"e2e {e2e_method(fmt)}@{E2E_NFE}"
+    todo = [(b, p) for b in backends for p in precisions if not (b == ref.name and p == "fp32")]
+    for name, precision in (progress(todo) if progress else todo):
+        try:
+            opened = open_backend(folder, name, precision, allow_fallback)
+        except CheckpointError as exc:  # a tampered or missing ONNX file: the bundle is broken (a failure)
+            (report.unavailable if name == "torch" else report.broken)[f"{name}/{precision}"] = str(exc)
+            continue
+        except AnchorflowError as exc:
+            report.unavailable[f"{name}/{precision}"] = str(exc)
+            continue
+        report.providers[opened.label] = opened.providers
+        tol = tolerance(precision, atol, rtol)
+        for net, cs in cases.items():
+            report.reports.append(run_report(net, precision, name, ref.name, cs, refs[net], _runner(opened, net), tol))
+        e2e = NetworkReport(e2e_name, precision, name, ref.name, tolerance(precision, atol, rtol, E2E_FACTOR))
+        e2e.results.append((Case("noise", E2E_BATCH, {}), compare(end_to_end(opened, fmt, seed), ref_e2e, e2e.tolerance)))
+        report.reports.append(e2e)
+    return report
