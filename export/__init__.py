@@ -1,7 +1,7 @@
 """torch -> validated ONNX bundles (extra ``[export]``): export, parity, fp16/bf16 variants, clean-up.
 
-Nothing heavy is imported here, so ``anchorflow.export.validate`` (the parity statistics that
-``anchorflow verify`` also uses on torch-free installs) imports without torch or onnx.
+Nothing heavy is imported here. The parity statistics, tolerances, cases and reports the export
+checks use are the torch-free :mod:`anchorflow.runtime.parity` (``anchorflow verify`` uses them too).
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ _LAZY = {
     "export_onnx": ".onnx_export",
     "BACKBONE": ".onnx_export",
     "SIDENET": ".onnx_export",
-    "compare": ".validate",
-    "TOLERANCES": ".validate",
     "convert": ".precision",
     "clean": ".cleanup",
 }

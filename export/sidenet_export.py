@@ -24,8 +24,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
+from ..runtime.parity import TOLERANCES, Case, reference_outputs, run_report
 from ..runtime.solvers import max_sidenet_offsets
-from .validate import Case, TOLERANCES, reference_outputs, run_report
 
 FILE = "sidenet.onnx"
 

@@ -100,7 +100,7 @@ def test_torch_onnx_ort_round_trip_within_1e4(tiny_root, tiny_bundle, network, b
     got = _ort(tiny_bundle / spec.file).run([spec.output], feeds)[0]
     assert got.shape == want.shape == (rows, 1, 8, 8)
     assert np.abs(want).mean() > 1e-3  # the nets are not trivially zero
-    # fp32 parity tolerance, justified in anchorflow.export.validate.TOLERANCES
+    # fp32 parity tolerance, justified in anchorflow.runtime.parity.stats.TOLERANCES
     assert np.abs(got - want).max() <= TOLERANCES["fp32"].atol
 
 
