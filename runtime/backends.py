@@ -109,11 +109,14 @@ def _providers(backend: str, cache_dir: Optional[Path], profile: Optional[dict] 
 
 def make_session(path: str | os.PathLike, backend: str = "auto", allow_fallback: bool = False, *,
                  cache_dir: Optional[str | os.PathLike] = None, threads: Optional[int] = None,
-                 optimization: str = "all", profile: Optional[dict] = None) -> Any:
+                 optimization: str = "all", profile: Optional[dict] = None, graph_sha256: Optional[str] = None,
+                 graph_cache: bool = True) -> Any:
     """An ``onnxruntime.InferenceSession`` for the ONNX file ``path`` on ``backend``.
 
     ``cache_dir``: the TensorRT provider's engine cache (default ``<folder of path>/engines/ort-trt``).
     ``profile``: input -> (min, opt, max) shapes for the TensorRT provider (:func:`ort_gpu.declared_profile`).
+    ``graph_cache``: CPU-only sessions open onnxruntime's optimised graph from the cache of
+    :mod:`.graph_cache` (made on first use; ``graph_sha256``, the file's known hash, spares hashing it).
     Raises BackendError when an explicitly asked GPU provider is not what the session got (unless
     ``allow_fallback``), or when onnxruntime cannot run the graph (e.g. bf16 ops on the CPU).
     """
@@ -123,8 +126,17 @@ def make_session(path: str | os.PathLike, backend: str = "auto", allow_fallback:
     path = Path(path)
     cache = Path(cache_dir) if cache_dir is not None else path.parent / ORT_TRT_CACHE
     opts, providers = session_options(threads, optimization), _providers(backend, cache, profile)
+    def make(file: str, options: Any) -> Any:
+        return ort.InferenceSession(file, options, providers=providers)
+
     try:
-        session = ort.InferenceSession(str(path), opts, providers=providers)
+        if graph_cache and providers == [CPU]:
+            from .graph_cache import open_cached
+
+            session = open_cached(path, graph_sha256, opts, providers, optimization, make,
+                                  ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        else:
+            session = make(str(path), opts)
     except Exception as exc:  # onnxruntime raises its own Fail / NotImplemented / InvalidGraph types
         msg = _short(str(exc))
         raise BackendError(f"onnxruntime cannot run {path.name} on {backend}: {msg}; try another --precision "

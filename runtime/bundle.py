@@ -132,7 +132,9 @@ def _ort_runs(bundle: BundleFormat, backend: str, allow_fallback: bool, precisio
     resolved = resolve_backend(backend)
     runs, per_net = {}, {}
     for name, decl in bundle.networks.items():
+        entry = decl.entry(precision)
         session = make_session(bundle.network_file(name, precision), backend, allow_fallback, threads=threads,
-                               profile=declared_profile(decl.inputs, {"batch": decl.batch, **decl.axes}))
+                               profile=declared_profile(decl.inputs, {"batch": decl.batch, **decl.axes}),
+                               graph_sha256=entry.get("sha256"), graph_cache=not entry.get("external_data"))
         runs[name], per_net[name] = ort_run(session, decl), list(session.get_providers())
     return runs, per_net, resolved

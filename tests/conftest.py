@@ -5,8 +5,19 @@ Time convention: t = 1 noise, t = 0 data.
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
+
+# the suite's caches (onnxruntime's optimised graphs, data-free start states) go to a temporary
+# folder, never to the home of the machine running it
+if "ANCHORFLOW_CACHE" not in os.environ:
+    os.environ["ANCHORFLOW_CACHE"] = tempfile.mkdtemp(prefix="anchorflow-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["ANCHORFLOW_CACHE"], True)
 
 from anchorflow.runtime.analytic import GaussianMixture, exact_flow
 

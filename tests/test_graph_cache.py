@@ -1,0 +1,102 @@
+"""onnxruntime's optimised graphs, cached (runtime/graph_cache.py): the key, its invalidation,
+atomic entries, and sessions from the cache computing exactly what uncached sessions compute.
+
+Truth: an uncached session on the same graph (``ANCHORFLOW_ORT_GRAPH_CACHE=0``): the cached
+file is onnxruntime's own optimised graph, so the outputs must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from anchorflow.runtime import graph_cache, load_bundle
+
+FEEDS = dict(x=np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32),
+             t=np.array([0.9, 0.5, 0.1], np.float32), cond={"y": np.array([1, 2, 10])})
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANCHORFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ANCHORFLOW_ORT_GRAPH_CACHE", raising=False)
+    return tmp_path / "cache" / "ort-graphs"
+
+
+def _v(bundle):
+    return bundle.velocity(FEEDS["x"], FEEDS["t"], FEEDS["cond"])
+
+
+def _entries(root):
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def test_key_changes_with_every_field():
+    base = graph_cache.key_fields("ab" * 32, ["CPUExecutionProvider"], "all")
+    assert graph_cache.graph_key(base) == graph_cache.graph_key(dict(base))
+    for field, other in [("onnxruntime", "0.0.1"), ("graph_sha256", "cd" * 32), ("optimization", "basic"),
+                         ("providers", ["CUDAExecutionProvider"]), ("cpu", "other-cpu"), ("format", "x/2")]:
+        assert graph_cache.graph_key({**base, field: other}) != graph_cache.graph_key(base), field
+
+
+def test_cached_sessions_compute_what_uncached_ones_do(root, monkeypatch):
+    monkeypatch.setenv("ANCHORFLOW_ORT_GRAPH_CACHE", "0")
+    want = _v(load_bundle("default", backend="ort-cpu"))
+    assert _entries(root) == []  # switched off: nothing written
+    monkeypatch.delenv("ANCHORFLOW_ORT_GRAPH_CACHE")
+    first = _v(load_bundle("default", backend="ort-cpu"))  # builds the entries
+    names = _entries(root)
+    assert len(names) == 4 and not any(n.endswith(".tmp") for n in names)  # graph + record per network
+    second = _v(load_bundle("default", backend="ort-cpu"))  # opens the cached graphs
+    assert np.array_equal(first, want) and np.array_equal(second, want)
+    assert _entries(root) == names  # a hit writes nothing
+
+
+def test_a_hit_opens_the_cached_file(root, monkeypatch):
+    load_bundle("default", backend="ort-cpu")
+    opened = []
+    real = ort.InferenceSession
+
+    def spy(path, *args, **kwargs):
+        opened.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    load_bundle("default", backend="ort-cpu")
+    assert len(opened) == 2 and all(p.startswith(str(root)) for p in opened)
+
+
+def test_a_damaged_entry_is_rebuilt(root):
+    want = _v(load_bundle("default", backend="ort-cpu"))
+    record = next(p for p in root.glob("*.json") if json.loads(p.read_text())["source"].endswith("backbone.onnx"))
+    graph = record.with_suffix(".onnx")
+    good = graph.read_bytes()
+    graph.write_bytes(good[: len(good) // 2])  # truncated
+    assert graph_cache.lookup(root, json.loads(record.read_text())["key"]) is None
+    assert np.array_equal(_v(load_bundle("default", backend="ort-cpu")), want)
+    assert graph.read_bytes() == good  # rebuilt in place, and whole
+
+
+def test_a_new_onnxruntime_version_makes_a_new_entry(root, monkeypatch):
+    load_bundle("default", backend="ort-cpu")
+    before = set(_entries(root))
+    monkeypatch.setattr(ort, "__version__", ort.__version__ + ".test")
+    load_bundle("default", backend="ort-cpu")
+    after = set(_entries(root))
+    assert before < after and len(after - before) == 4  # the old entries are never read for the new key
+    fields = [json.loads((root / n).read_text())["key"]["onnxruntime"] for n in after - before if n.endswith(".json")]
+    assert fields == [ort.__version__] * 2
+
+
+def test_an_unwritable_cache_only_costs_the_speed_up(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("ANCHORFLOW_CACHE", str(blocker))  # ort-graphs cannot be made under a file
+    monkeypatch.setenv("ANCHORFLOW_ORT_GRAPH_CACHE", "0")
+    want = _v(load_bundle("default", backend="ort-cpu"))
+    monkeypatch.delenv("ANCHORFLOW_ORT_GRAPH_CACHE")
+    assert np.array_equal(_v(load_bundle("default", backend="ort-cpu")), want)
+    assert blocker.read_text() == "x"
