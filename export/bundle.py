@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import __version__
 from .._deps import require
-from .._io import atomic_dir, check_output, write_bytes
+from .._io import atomic_dir, check_output, read_json, write_bytes
 from ..errors import AnchorflowError, CheckpointError, ConfigError
 from ..runtime.bundle_format import SCHEMA, TIME_CONVENTION, file_record, write_bundle_json
 from ..runtime.parity import Case, NetworkReport, RealData, reference_outputs, run_report
@@ -55,6 +55,7 @@ class BundleExport:
 
     path: Path
     meta: dict
+    notes: tuple[str, ...] = ()  # e.g. whether the tuned grids of an earlier bundle were kept
 
 
 @dataclass
@@ -282,6 +283,7 @@ def export_bundle(model: str | os.PathLike, out: Optional[str | os.PathLike] = N
     info = model_info(jobs[0].module, jobs[0].config)
     real, real_note = real_data(jobs[0], info) if validate else (None, None)
     shared = {"model": info, "versions": versions(opts.opset), "out": out}
+    tuning, note = _previous_tuning(jobs, out, default_out)
     start = time.perf_counter()
     total = len(jobs) * (3 + len(opts.precisions) - 1)
     with tqdm(total=total, desc="export", disable=not progress, leave=False) as bar:
@@ -297,8 +299,22 @@ def export_bundle(model: str | os.PathLike, out: Optional[str | os.PathLike] = N
             meta = bundle_meta(info, networks, opts, real_note, command, time.perf_counter() - start)
             meta["versions"] = shared["versions"]
             write_bundle_json(tmp, meta)
+            if tuning is not None:
+                from ..runtime.tuned import write_tuning
+
+                write_tuning(tmp, tuning)
+                meta = read_json(tmp / "bundle.json")
             bar.update(1)
-    return BundleExport(out, meta)
+    return BundleExport(out, meta, (note,) if note else ())
+
+
+def _previous_tuning(jobs: list[NetJob], out: Path, default_out: Optional[Path]):
+    """Tuned grids to carry over: those of the bundle being replaced (``out``), else of the model
+    root's own bundle, when made from the same checkpoint weights (see ``runtime.tuned.carried_tuning``)."""
+    from ..runtime.tuned import carried_tuning
+
+    candidates = [out] + ([default_out] if default_out is not None and default_out != out else [])
+    return carried_tuning(candidates, {job.spec.name: job.config.get("weights_sha256") for job in jobs})
 
 
 def _publishable(folder: Path) -> None:

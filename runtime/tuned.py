@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -137,6 +137,33 @@ def write_tuning(bundle_dir: str | Path, tuning: Tuning) -> Path:
         parse_meta(meta, folder, "the tuned bundle.json")
         _io.write_json(folder / BUNDLE_JSON, meta)
     return folder
+
+
+def carried_tuning(candidates: Sequence[str | Path], weights: dict[str, Optional[str]]
+                   ) -> tuple[Optional[Tuning], Optional[str]]:
+    """The tuning a re-export keeps: that of the first candidate bundle holding one, when its networks
+    were exported from the same weights (``weights``: network name -> checkpoint weights sha256, as
+    each network's ``checkpoint.weights_sha256`` in bundle.json). Returns (tuning or None, a note
+    saying what was kept or dropped and why, or None when no candidate had a tuning)."""
+    from .bundle_format import BUNDLE_JSON, read_bundle
+
+    for folder in candidates:
+        if not (Path(folder) / BUNDLE_JSON).is_file():
+            continue
+        try:
+            fmt = read_bundle(folder)
+            if fmt.meta.get("tuned") is None:
+                continue
+            old = {name: (entry.get("checkpoint") or {}).get("weights_sha256")
+                   for name, entry in (fmt.meta.get("networks") or {}).items()}
+            if old != weights or None in weights.values():
+                return None, (f"tuned grids of {fmt.folder} not kept: they were tuned for other weights "
+                              f"({', '.join(sorted(old))}); run 'anchorflow tune' on the new bundle")
+            tuning = read_tuning(fmt)
+        except CheckpointError as exc:
+            return None, f"tuned grids of {folder} not kept ({exc}); run 'anchorflow tune' on the new bundle"
+        return tuning, f"kept the tuned grids of {fmt.folder} (same weights: {', '.join(sorted(weights))})"
+    return None, None
 
 
 def resolve_sampling(tuning: Optional[Tuning], method: str, nfe: int, grid: Any, first_call: str = "backbone"):

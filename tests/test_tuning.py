@@ -15,6 +15,7 @@ from anchorflow.modelref import BUNDLED
 from anchorflow.runtime.grids import make_grid, warped
 from anchorflow.runtime.tuned import read_tuning
 from anchorflow.tuning import coordinate_descent
+from test_export import tiny_bundle, tiny_root  # noqa: F401  (session fixtures, exported once)
 
 BUNDLE = BUNDLED / "digits" / "bundle"
 
@@ -89,3 +90,37 @@ def test_tuning_the_bundled_model_in_place_is_refused(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["tune", "default"])
     assert exc.value.code == 1 and "read-only" in capsys.readouterr().err
+
+
+# -- a re-export keeps the tuned grids of the same weights -------------------------------------------
+@pytest.fixture
+def tuned_root(tiny_root, tiny_bundle, tmp_path):  # noqa: F811
+    """A copy of the tiny exported model root, tuned (euler and ba at 3 calls; seconds)."""
+    root = tmp_path / "root"
+    for part in ("backbone", "sidenet", "bundle"):
+        shutil.copytree(tiny_root / part, root / part)
+    main(["tune", str(root / "bundle"), "--solvers", "euler,ba", "--nfe", "3", "--samples", "2", "--max-evals", "2",
+          "--reference-steps", "4", "--backend", "ort-cpu", "--quiet"])
+    return root
+
+
+def test_export_keeps_the_tuned_grids_of_the_same_weights_and_drops_stale_ones(tuned_root, tmp_path, capsys):
+    from anchorflow.export.bundle import export_bundle
+    from _bundles import train_further
+
+    before = read_tuning(tuned_root / "bundle")
+    assert before is not None and set(before.grids) == {"euler@3", "ba@3"}  # random weights: no t = 1 table
+    # to a new folder: the grids come from the model root's own bundle (the bundle being replaced,
+    # when there is one at --out, is looked at first; both by runtime.tuned.carried_tuning)
+    res = export_bundle(tuned_root, tmp_path / "elsewhere", precisions=["fp32"], validate=False, progress=False)
+    after = read_tuning(res.path)  # hash-checked against the new bundle.json
+    assert after is not None and set(after.grids) == set(before.grids) and "kept the tuned grids" in res.notes[0]
+    for key, grid in before.grids.items():
+        assert after.grids[key].times == grid.times
+    assert after.first_call is None and after.first_call_refused == before.first_call_refused
+    assert res.meta["tuned"] == json.loads((res.path / "bundle.json").read_text())["tuned"]
+    train_further(tuned_root / "sidenet")  # new SideNet weights: BA's grids were tuned for the old ones
+    main(["export", str(tuned_root), "--precision", "fp32", "--no-validate"])  # in place, through the CLI
+    err = capsys.readouterr().err
+    assert "tuned grids of" in err and "not kept" in err and "anchorflow tune" in err
+    assert read_tuning(tuned_root / "bundle") is None

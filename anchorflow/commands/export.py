@@ -74,6 +74,8 @@ def export(model, out, sidenet, opset, precisions, max_batch, no_validate, axes)
         result = export_bundle(model, out, sidenet=sidenet, opset=opset, precisions=precisions or ("fp32", "fp16"),
                                max_batch=max_batch, validate=not no_validate, command=command)
     meta = result.meta
+    for note in getattr(result, "notes", ()):
+        click.echo(note, err=True)
     click.echo(f"wrote {result.path} in {meta['export']['seconds']:.1f} s")
     for name, entry in meta["networks"].items():
         click.echo(_network_lines(name, entry))
