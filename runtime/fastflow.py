@@ -24,7 +24,7 @@ from .grids import GridSpec, make_grid
 from .result import Result
 from .solve import solve
 
-__all__ = ["FastFlowBandit", "PendingUpdate", "guided_model_id", "run_with_state", "solve_with_state"]
+__all__ = ["AskedSettings", "FastFlowBandit", "PendingUpdate", "guided_model_id", "run_with_state", "solve_with_state"]
 
 
 def guided_model_id(model_id: str, cfg_scale: float = 1.0, cfg_interval: Optional[Sequence[float]] = None) -> str:
@@ -36,8 +36,13 @@ def guided_model_id(model_id: str, cfg_scale: float = 1.0, cfg_interval: Optiona
 
 
 @dataclass
-class _Asked:
-    """The settings a run asks for; None means "whatever the state file holds"."""
+class AskedSettings:
+    """The bandit settings a run asks for; None means "whatever the state file holds".
+
+    :meth:`fresh` makes the bandits of a new state-file entry from them; :meth:`apply` checks
+    them against bandits loaded from the file (refusing a contradiction, taking a new calls
+    budget over). Used by :func:`solve_with_state` and by drivers with their own step loop.
+    """
 
     arms: Optional[tuple[int, ...]] = None
     gamma: Optional[float] = None
@@ -80,7 +85,7 @@ class PendingUpdate:
     result: Result
     path: str
     key: BanditKey
-    asked: _Asked
+    asked: AskedSettings
     create: Callable[[], FastFlowBandit]
     rng_state: Optional[dict]
     lock_timeout: float
@@ -136,7 +141,7 @@ def solve_with_state(
     t_grid = make_grid(T, grid)
     key = BanditKey.of(t_grid, model_id)
     target = None if calls is None and speedup is None else budget_target(T, calls, speedup)
-    asked = _Asked(None if arms is None else check_arms(arms), gamma, target, mu, mu_factor, tol, adapt)
+    asked = AskedSettings(None if arms is None else check_arms(arms), gamma, target, mu, mu_factor, tol, adapt)
     path = os.fspath(state_path)
 
     def create() -> FastFlowBandit:

@@ -57,8 +57,15 @@ def _bandit_for(grid: np.ndarray, bandit: Optional[FastFlowBandit], mu, arms, ga
     return bandit
 
 
-class _Run:
-    """Book-keeping of one FastFlow generation: anchors, pending decision, per-step facts."""
+class FastFlowRun:
+    """Book-keeping of one FastFlow generation: anchors, pending decision, per-step facts.
+
+    Public for drivers that own the step loop themselves (the diffusers transformer hook): per
+    step k of the T-step grid (t_k -> t_{k+1}, t = 1 noise), call :meth:`computed_step` with the
+    guided velocity (B, ...) of a computed step, then :meth:`decide` for the skip that follows;
+    a skipped step uses :func:`extrapolate` of ``anchors``. :func:`generation_info` turns the
+    run into ``Result.info``, the record ``FastFlowBandit.merge`` learns from.
+    """
 
     def __init__(self, T: int, tail: int, forced_zero: bool, fixed_skip: Optional[int]) -> None:
         self.T, self.tail, self.forced_zero, self.fixed_skip = T, tail, forced_zero, fixed_skip
@@ -97,7 +104,12 @@ class _Run:
         return a
 
 
-def _info(run: _Run, mu: Optional[float], calibrated: Optional[float], learn: bool) -> dict:
+def generation_info(run: FastFlowRun, mu: Optional[float], calibrated: Optional[float], learn: bool) -> dict:
+    """``Result.info`` of a finished run: calls, computed/skipped steps, arms, rewards, mu.
+
+    ``mu`` the skip reward used (None: the first, calibrating generation), ``calibrated`` the mu
+    measured by it, ``learn`` whether the bandits may merge this generation.
+    """
     chosen = [a for a in run.arms if a is not None]
     return {
         "calls": sum(run.computed),
@@ -114,7 +126,7 @@ def _info(run: _Run, mu: Optional[float], calibrated: Optional[float], learn: bo
     }
 
 
-def _records(grid: np.ndarray, run: _Run) -> list[StepRecord]:
+def _records(grid: np.ndarray, run: FastFlowRun) -> list[StepRecord]:
     return [
         StepRecord(k, float(grid[k]), float(grid[k + 1]), calls=int(run.computed[k]),
                    info={"computed": run.computed[k], "skipped": not run.computed[k], "arm": run.arms[k],
@@ -168,7 +180,7 @@ def fastflow(
         bandit = FastFlowBandit(T, grid, mu=0.0)
     bandit = _bandit_for(grid, bandit, mu, arms, gamma, seed)
     mu = bandit.mu
-    run = _Run(T, tail, forced_zero=mu is None or mu == 0.0, fixed_skip=fixed_skip)
+    run = FastFlowRun(T, tail, forced_zero=mu is None or mu == 0.0, fixed_skip=fixed_skip)
     skip = 0
     for k in range(T):
         t, t_next = float(grid[k]), float(grid[k + 1])
@@ -180,7 +192,7 @@ def fastflow(
             skip = run.decide(k, bandit)
         x = x + (t_next - t) * v
     calibrated = calibrated_mu(run.mse, T) if mu is None else None
-    info = _info(run, mu, calibrated, learn and fixed_skip is None)
+    info = generation_info(run, mu, calibrated, learn and fixed_skip is None)
     if info["learned"]:
         bandit.merge(info)
     return SolverOutput(x, _records(grid, run), info)

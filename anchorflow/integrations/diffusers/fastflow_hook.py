@@ -31,8 +31,8 @@ from ...errors import ConfigError
 from ...runtime import bandit_state
 from .capture import keywords
 from ...runtime.bandit import BanditKey, FastFlowBandit, budget_target, calibrated_mu, check_arms
-from ...runtime.fastflow import _Asked
-from ...runtime.solvers.fastflow import _info, _Run, extrapolate
+from ...runtime.fastflow import AskedSettings
+from ...runtime.solvers.fastflow import FastFlowRun, extrapolate, generation_info
 
 HOOK_NAME = "anchorflow_fastflow"
 
@@ -50,13 +50,13 @@ def model_fingerprint(module: Any) -> str:
 
 
 class _Generation:
-    """One pipeline call's FastFlow run: the runtime's ``_Run`` plus the per-step call rows."""
+    """One pipeline call's FastFlow run: the runtime's :class:`FastFlowRun` plus the per-step call rows."""
 
     def __init__(self, grid: np.ndarray, bandit: FastFlowBandit, tail: int) -> None:
         self.grid, self.bandit, self.T = grid, bandit, len(grid) - 1
         if not 1 <= tail <= self.T:
             raise ConfigError(f"tail must be an integer in 1..T ({self.T}): the last steps always computed; got {tail}")
-        self.run = _Run(self.T, tail, forced_zero=bandit.mu is None or bandit.mu == 0.0, fixed_skip=None)
+        self.run = FastFlowRun(self.T, tail, forced_zero=bandit.mu is None or bandit.mu == 0.0, fixed_skip=None)
         self.k = -1  # the step whose calls are being seen
         self.branch = 0  # calls seen so far at step k
         self.outs: list[np.ndarray] = []  # this step's computed outputs, one per call
@@ -98,7 +98,7 @@ class _Generation:
     def info(self, learn: bool) -> dict:
         mu = self.bandit.mu
         calibrated = calibrated_mu(self.run.mse, self.T) if mu is None else None
-        info = _info(self.run, mu, calibrated, learn)
+        info = generation_info(self.run, mu, calibrated, learn)
         info.update(transformer_calls=self.calls, steps=self.T, calls_per_step=len(self.branch_rows or [1]))
         return info
 
@@ -123,11 +123,11 @@ class FastFlowHook:
         self._registry = None
 
     # -- bandit state: as runtime.fastflow.solve_with_state / PendingUpdate.commit -----------------
-    def _asked(self, T: int) -> _Asked:
+    def _asked(self, T: int) -> AskedSettings:
         s = self.settings
         target = None if s["calls"] is None and s["speedup"] is None else budget_target(T, s["calls"], s["speedup"])
         arms = None if s["arms"] is None else check_arms(s["arms"])
-        return _Asked(arms, s["gamma"], target, s["mu"], s["mu_factor"], s["tol"], s["adapt"])
+        return AskedSettings(arms, s["gamma"], target, s["mu"], s["mu_factor"], s["tol"], s["adapt"])
 
     def _open(self, grid: np.ndarray) -> FastFlowBandit:
         """The bandit for this grid: the state file's (as ``anchorflow sample --bandit-state``) or in memory."""
