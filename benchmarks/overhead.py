@@ -167,6 +167,14 @@ def open_subject(threads: int, tmp: Path):
     return vel, None, meta, providers, "stand-in ONNX backbone (no bundled model yet): 16 tokens x width 256, 6 MatMuls"
 
 
+def _thread_policy() -> Optional[str]:
+    """The onnxruntime thread policy the bundle's sessions ran with (decided once per process)."""
+    from anchorflow.runtime.threads import policy
+
+    p = policy()
+    return None if p is None else p.describe()
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=30)
@@ -195,6 +203,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "overhead_ok": euler["overhead_frac"] <= GOAL_OVERHEAD,
         "ba": ba if ba is not None else "skipped: the bundled model has no SideNet yet",
         "ba_paper_probes": paper, "ba_guided": guided, "load_average_1_5_15": list(os.getloadavg()),
+        "thread_policy": _thread_policy(),
         "goal_sidenet_over_backbone": GOAL_SIDENET,
         "sidenet_ok": None if ba is None else ba["sidenet_over_backbone"] <= GOAL_SIDENET,
         "per_call": calls,
