@@ -13,7 +13,7 @@ Then peak memory of ``anchorflow sample default --solver ba --nfe 5 --n 4096 --n
 network evaluation on every row, same seed).
 
     python benchmarks/floor.py [--repeats 7] [--skip-memory]
-    python benchmarks/floor.py --backbone dit30m [--batches 1,16] [--repeats 3]
+    python benchmarks/floor.py --backbone dit30m    # batch 1 and 16, 3 repeats: ~7 min on 2 quiet cores
 
 Writes benchmarks/results/floor.json and floor.md (``--backbone dit30m``: floor_dit30m.json /
 .md); the load average is recorded with them. ``--backbone dit30m`` runs the same table on a
@@ -93,8 +93,7 @@ def floor_rows(b, args) -> list[dict]:
                     kw = dict(y=y, null_label=b.null_label, cfg_scale=cfg, cfg_interval=INTERVAL,
                               sidenet=b.sidenet if method == "ba" else None)
                     solve(method, counted, noise, nfe, **kw)  # warm-up, and the rows of each call
-                    calls = floor_inputs(counted.rows, shape, classes)
-                    floor_s(b.velocity, calls)  # warm-up
+                    calls = floor_inputs(counted.rows, shape, classes)  # the counted solve warmed every shape
                     runs, floors = [], []
                     for _ in range(args.repeats):
                         runs.append(solve(method, b.velocity, noise, nfe, **kw))
@@ -192,7 +191,7 @@ def dit30m_bundle(folder: Path, max_batch: int) -> tuple[Path, dict]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=None, help="default 7 (dit30m: 3)")
     p.add_argument("--solvers", default="euler,ab2,ba")
     p.add_argument("--nfe", default="5,10")
     p.add_argument("--batches", default=None, help="default 1,16,256 (dit30m: 1,16)")
@@ -201,8 +200,9 @@ def main(argv=None) -> None:
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--backbone", choices=("digits", "dit30m"), default="digits",
                    help="digits: the bundled bundle; dit30m: a ~33 M-parameter random-init DiT exported here "
-                        "(no memory check; try --batches 1,16 --repeats 3)")
+                        "(no memory check; default batches 1,16 and 3 repeats)")
     args = p.parse_args(argv)
+    args.repeats = args.repeats or (7 if args.backbone == "digits" else 3)
     args.solvers = args.solvers.split(",")
     args.nfe = [int(v) for v in args.nfe.split(",")]
     args.batches = [int(v) for v in (args.batches or ("1,16,256" if args.backbone == "digits" else "1,16")).split(",")]

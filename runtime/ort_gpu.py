@@ -25,7 +25,6 @@ import ctypes
 import importlib.util
 import os
 from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -37,6 +36,8 @@ NVINFER_MAJORS = (10, 11)  # libnvinfer sonames the TensorRT provider of current
 
 def installed_wheels() -> list[str]:
     """The onnxruntime distributions installed in this environment (each provides the ``onnxruntime`` module)."""
+    from importlib import metadata  # here: importing it costs the CPU path ~20 ms (email, zipfile...)
+
     found = []
     for name in WHEELS:
         try:
