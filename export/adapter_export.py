@@ -17,7 +17,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from ..errors import CheckpointError, ConfigError
 from ..runtime.bundle_format import SCHEMA, TIME_CONVENTION, file_record, write_bundle_json
 from ..runtime.parity import Case, reference_outputs, run_report
 from .onnx_export import DEFAULT_OPSET, _quiet, check_opset
+from .precision import convert, parse_precisions, variant_file
 
 EXAMPLE_BATCH = 3  # not 0 or 1, which torch.export would specialise
 EXTERNAL_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB cap, less room for the graph itself
@@ -116,16 +117,18 @@ def doubles(model: Any) -> list[str]:
     return found
 
 
-def save(model: Any, folder: Path, external: Optional[bool]) -> dict:
-    """Write the graph (external data above 2 GB or when asked); its bundle.json file record."""
+def save(model: Any, folder: Path, external: Optional[bool], file: str = FILE) -> dict:
+    """Write the graph (external data above 2 GB or when asked); its bundle.json file record.
+
+    The model's tensors become external references when written so: convert variants first."""
     onnx = require("onnx")
     size = sum(t.ByteSize() for t in model.graph.initializer)
     big = size > EXTERNAL_BYTES if external is None else external
-    onnx.save_model(model, str(folder / FILE), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=f"{FILE}.data", size_threshold=1024)  # small constants stay inline (ORT infers shapes)
-    record = file_record(folder, FILE)
+    onnx.save_model(model, str(folder / file), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=f"{file}.data", size_threshold=1024)  # small constants stay inline (ORT infers shapes)
+    record = file_record(folder, file)
     if big:
-        record["external_data"] = [file_record(folder, f"{FILE}.data")]
+        record["external_data"] = [file_record(folder, f"{file}.data")]
     return record
 
 
@@ -145,16 +148,23 @@ def cases(spec: Any, top_rows: int, seed: int = 0) -> list[Case]:
     return out
 
 
-def _parity(adapter: Any, folder: Path, spec: Any, top_rows: int) -> Any:
+def _parity(adapter: Any, spec: Any, top_rows: int) -> Callable[[Path, str], Any]:
+    """``check(file, precision) -> report``: the written graph on onnxruntime CPU vs the torch adapter in
+    fp32 on the same cases (3 batches x 2 axis sizes), refusing the export when it fails."""
     from ..runtime.backends import make_session
 
     todo = cases(spec, top_rows)
     refs = reference_outputs("backbone", lambda f: adapter.call_numpy(f["x"], f["t"], _cond(f)), todo)
-    session = make_session(folder / FILE, "ort-cpu", threads=1)
-    report = run_report("backbone", "fp32", "ort-cpu", "torch", todo, refs, lambda f: session.run(["v"], f)[0])
-    if not report.passed:
-        raise CheckpointError(f"export refused: {report.failure()}; nothing was written")
-    return report
+
+    def check(path: Path, precision: str) -> Any:
+        session = make_session(path, "ort-cpu", threads=1)
+        report = run_report("backbone", precision, "ort-cpu", "torch fp32", todo, refs, lambda f: session.run(["v"], f)[0])
+        if not report.passed:
+            drop = "" if precision == "fp32" else f"; drop --precision {precision}"
+            raise CheckpointError(f"export refused: {report.failure()}{drop}; nothing was written")
+        return report
+
+    return check
 
 
 def _cond(feeds: dict) -> dict:
@@ -163,18 +173,26 @@ def _cond(feeds: dict) -> dict:
 
 def export_adapter(adapter: Any, out: str | os.PathLike, *, max_batch: int = 8, opset: int = DEFAULT_OPSET,
                    validate: bool = True, external_data: Optional[bool] = None, source: Optional[dict] = None,
-                   command: Optional[str] = None, sidenet: Any = None, sidenet_path: Optional[str] = None) -> Any:
+                   command: Optional[str] = None, sidenet: Any = None, sidenet_path: Optional[str] = None,
+                   precisions: Sequence[str] = ("fp32",)) -> Any:
     """Export ``adapter`` to the bundle folder ``out`` (see the module docstring).
 
     ``max_batch``: samples per solve; the backbone takes up to 2x rows with ``rows`` guidance.
     ``external_data``: None = only above 2 GB. ``sidenet``: a SideNet module already checked to
     belong to this backbone (``trainers.sidenet.load_sidenet(path, adapter)``), exported into the
-    same bundle as ``sidenet.onnx`` (:mod:`.sidenet_export`). Returns :class:`~.bundle.BundleExport`.
+    same bundle as ``sidenet.onnx`` (:mod:`.sidenet_export`). ``precisions``: fp32 always, plus
+    ``fp16`` (:func:`.precision.convert`: float32 inputs and outputs, normalisations, reductions and
+    time embeddings in float32; checked against torch fp32 at the fp16 tolerance). bf16 is refused:
+    onnxruntime CPU has no bf16 kernels to check such a graph with here. Returns :class:`~.bundle.BundleExport`.
     """
     from .bundle import BundleExport, _publishable, versions
 
     if max_batch < 1:
         raise ConfigError(f"--max-batch must be a positive integer, got {max_batch}")
+    precisions = parse_precisions(precisions)
+    if "bf16" in precisions:
+        raise ConfigError("diffusers and factory sources export fp32 and fp16 only: onnxruntime CPU has no bf16 kernels "
+                          "to check a bf16 graph against torch; drop bf16 from --precision")
     spec = adapter.spec
     rows = 2 if spec.guidance.get("mode") == "rows" else 1
     top = rows * int(max_batch)
@@ -186,19 +204,27 @@ def export_adapter(adapter: Any, out: str | os.PathLike, *, max_batch: int = 8, 
                               "cannot import; cast to float32 in the adapter")
     pieces = spec.to_bundle()
     out = Path(out)
+    keep = getattr(adapter, "float32_scopes", ())  # blocks the model runs in float32 on purpose
+    low = {p: convert(model, p, keep) for p in precisions[1:]}  # before save() makes the weights external
     with atomic_dir(out) as tmp:
         entry = save(model, tmp, external_data)
-        report = _parity(adapter, tmp, spec, top) if validate else None
+        check = _parity(adapter, spec, top) if validate else None
+        report = check(tmp / FILE, "fp32") if check else None
+        variants = {}
+        for p, vmodel in low.items():
+            record = save(vmodel, tmp, external_data, variant_file(FILE, p))
+            variants[p] = {**record, "validation": check(tmp / record["file"], p).as_dict() if check
+                           else {"skipped": "--no-validate"}}
         entry.update({
             "inputs": pieces["inputs"], "outputs": [{"name": "v", "dtype": "float32", "shape": ["batch", *spec.state],
                                                     "role": "velocity", "per_row": True}],
-            "batch": {"min": 1, "opt": top, "max": top}, "axes": pieces["axes"], "precisions": {},
+            "batch": {"min": 1, "opt": top, "max": top}, "axes": pieces["axes"], "precisions": variants,
             "source": source or {"family": spec.family},
             "validation": report.as_dict() if report else {"skipped": "--no-validate"},
         })
         meta = {"schema": SCHEMA, "model": {**pieces["model"], "source": source}, "time_convention": TIME_CONVENTION,
                 "time": pieces["time"], "guidance": pieces["guidance"], "networks": {"backbone": entry},
-                "precisions": ["fp32"],
+                "precisions": list(precisions),
                 "export": {"exporter": "torch.onnx.export(dynamo=True)", "opset": opset, "max_batch": int(max_batch),
                            "validated": validate, "command": command, "seconds": round(time.perf_counter() - start, 2),
                            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},

@@ -64,13 +64,13 @@ def parse_precisions(values: Iterable[str]) -> list[str]:
     return out
 
 
-def convert(model: Any, precision: str) -> Any:
-    """The ``precision`` variant of an fp32 ``onnx.ModelProto`` (fp32 returns it unchanged)."""
+def convert(model: Any, precision: str, keep: Iterable[str] = ()) -> Any:
+    """The ``precision`` variant of an fp32 ``onnx.ModelProto`` (fp32 returns it unchanged); ``keep``: see to_low."""
     if precision == "fp32":
         return model
     if precision not in _TYPE_STR:
         raise ConfigError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    return to_low(model, precision)
+    return to_low(model, precision, keep)
 
 
 def time_embedding_nodes(graph: Any) -> set[str]:
@@ -87,8 +87,30 @@ def time_embedding_nodes(graph: Any) -> set[str]:
     return seen
 
 
-def to_low(model: Any, precision: str) -> Any:
-    """fp16 / bf16 variant of an fp32 model; float32 I/O (see the module docstring for the rules)."""
+def scoped_nodes(graph: Any, scopes: Iterable[str]) -> set[str]:
+    """Names of the nodes the dynamo exporter recorded inside a module whose path fully matches one of
+    the ``scopes`` regexes (its ``pkg.torch.onnx.name_scopes`` metadata, e.g. ``transformer_blocks.0.attn1``)."""
+    import json
+    import re
+
+    patterns = [re.compile(p) for p in scopes]
+    out = set()
+    for node in graph.node if patterns else ():
+        meta = {p.key: p.value for p in node.metadata_props}
+        try:
+            names = json.loads(meta.get("pkg.torch.onnx.name_scopes", "[]").replace("'", '"'))
+        except ValueError:
+            continue
+        if any(p.fullmatch(str(n)) for p in patterns for n in names):
+            out.add(node.name)
+    return out
+
+
+def to_low(model: Any, precision: str, keep: Iterable[str] = ()) -> Any:
+    """fp16 / bf16 variant of an fp32 model; float32 I/O (see the module docstring for the rules).
+
+    ``keep``: module-path regexes whose nodes also compute in float32 (:func:`scoped_nodes`), for
+    blocks a model runs in float32 on purpose (Sana's linear attention)."""
     onnx = require("onnx")
     model = _named(model)
     graph = model.graph
@@ -97,7 +119,7 @@ def to_low(model: Any, precision: str) -> Any:
     types = _elem_types(model)
     _route_outputs_through_casts(graph, types)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    blocked = time_embedding_nodes(graph) | {
+    blocked = time_embedding_nodes(graph) | scoped_nodes(graph, keep) | {
         n.name for n in graph.node
         if n.op_type in SENSITIVE_OPS or not _schema_allows(n, opset, types, _TYPE_STR[precision])
     }

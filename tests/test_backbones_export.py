@@ -49,7 +49,7 @@ def exported(tmp_path_factory) -> dict:
         src = save(family, root / f"{family}-transformer")
         bundle = root / f"{family}-bundle"
         res = CliRunner().invoke(cli, ["export", str(src), "--out", str(bundle), "--max-batch", str(MAX_BATCH),
-                                       "--axis", "L=1:6:12"])
+                                       "--axis", "L=1:6:12", "--precision", "fp16"])
         assert res.exit_code == 0, res.output
         out[family] = bundle
     return out
@@ -103,6 +103,39 @@ def test_runtime_velocity_matches_torch_at_new_sizes(exported, family, n, length
     want = _reference(family, build(family), torch.from_numpy(x), torch.from_numpy(t),
                       {k: torch.from_numpy(v) for k, v in cond.items()}).numpy()
     assert np.abs(b.velocity(x, t, cond) - want).max() <= PARITY
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp16_variant_matches_torch_fp32_with_float32_io(exported, family):
+    """The fp16 graph (float32 at its boundary) against the fp32 torch model at a new batch and text length.
+    Tolerance: the exporter's fp16 rule (runtime/parity/stats.py TOLERANCES: mean |err| <= u + 32 u mean |ref|,
+    u = 2^-11; 2x the worst measured on trained nets, while a wrong cast gives O(1) relative errors)."""
+    import onnx
+
+    meta = json.loads((exported[family] / "bundle.json").read_text())
+    assert meta["precisions"] == ["fp32", "fp16"]
+    v16 = meta["networks"]["backbone"]["precisions"]["fp16"]
+    assert v16["file"] == "backbone.fp16.onnx" and v16["validation"]["passed"]
+    graph = onnx.load(str(exported[family] / v16["file"])).graph
+    floats = {i.name: i.type.tensor_type.elem_type for i in [*graph.input, *graph.output]}
+    assert floats["x"] == floats["v"] == onnx.TensorProto.FLOAT  # float32 IO behind one Cast each
+    b = load_bundle(exported[family], backend="ort-cpu", precision="fp16")
+    x, cond = _inputs(b, 5, 9, seed=11)
+    t = np.linspace(0.95, 0.05, 5).astype(np.float32)
+    want = _reference(family, build(family), torch.from_numpy(x), torch.from_numpy(t),
+                      {k: torch.from_numpy(v) for k, v in cond.items()}).numpy()
+    err = np.abs(b.velocity(x, t, cond) - want)
+    u = 2.0**-11
+    assert np.isfinite(err).all() and err.mean() <= u + 32 * u * np.abs(want).mean()
+    assert err.mean() > 1e-6  # it is the fp16 graph, not the fp32 one (fp32 parity is <= 1e-5)
+
+
+def test_bf16_is_refused_for_diffusers_sources_in_one_line(tmp_path):
+    src = save("sd3", tmp_path / "sd3")
+    res = CliRunner().invoke(cli, ["export", str(src), "--out", str(tmp_path / "b"), "--precision", "fp16,bf16"])
+    assert res.exit_code == 1 and isinstance(res.exception, AnchorflowError)
+    assert "no bf16 kernels" in str(res.exception) and "\n" not in str(res.exception)
+    assert not (tmp_path / "b").exists()
 
 
 def _diffusers_euler(family, model, x, cond, null=None, scale=1.0):

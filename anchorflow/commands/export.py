@@ -26,7 +26,7 @@ from .common import positive
 @click.option("--precision", "precisions", multiple=True, default=(),
               help="Precision variants, repeatable or comma-separated: fp32, fp16, bf16. fp32 is always "
                    "exported; fp16/bf16 graphs keep float32 inputs and outputs. Default: fp32,fp16 for our "
-                   "checkpoints, fp32 for diffusers and factory sources (which export fp32 only).")
+                   "checkpoints, fp32 for diffusers and factory sources (which take fp16 too, not bf16).")
 @click.option("--max-batch", type=int, default=64, show_default=True, callback=positive,
               help="Samples per solve the bundle serves: backbone batch up to 2x (guidance rows), "
                    "SideNet up to 6x (3 BA probe offsets x 2).")
@@ -124,10 +124,12 @@ def _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes,
     from .._io import check_output
 
     check_output(out, "--out", folder=True)  # before loading the model
-    extra = [p for v in precisions for p in str(v).split(",") if p.strip() and p.strip() != "fp32"]
-    if extra:
-        raise ConfigError(f"diffusers and factory sources export fp32 only for now (asked for {', '.join(extra)}); "
-                          "drop --precision")
+    from ..export.precision import parse_precisions
+
+    precisions = parse_precisions(precisions)
+    if "bf16" in precisions:  # refused before loading the model (export_adapter refuses it too)
+        raise ConfigError("diffusers and factory sources export fp32 and fp16 only: onnxruntime CPU has no bf16 kernels "
+                          "to check a bf16 graph against torch; drop bf16 from --precision")
     from ..export.adapter_export import export_adapter
     from ..trainers.adapters import load_source
 
@@ -142,7 +144,7 @@ def _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes,
               "path": model if ":" in model and not os.path.exists(model) else os.path.abspath(model),
               "family": spec.family}
     return export_adapter(adapter, out, max_batch=max_batch, opset=opset, validate=not no_validate,
-                          source=source, command=command, sidenet=side, sidenet_path=sidenet)
+                          source=source, command=command, sidenet=side, sidenet_path=sidenet, precisions=precisions)
 
 
 @click.command("inspect")

@@ -138,6 +138,7 @@ class BackboneAdapter(nn.Module):
     """``forward(x, t, cond) -> v`` in our convention (see the module docstring); ``spec`` declares it."""
 
     spec: AdapterSpec
+    float32_scopes: tuple = ()  # module-path regexes kept float32 in fp16 exports (export.precision.to_low)
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         """Our t (t = 1 noise) -> the model's time input, by the declared map."""

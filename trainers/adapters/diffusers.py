@@ -92,6 +92,10 @@ def _gathered_crop(pe: Any) -> None:
 
 
 class SanaAdapter(DiffusersAdapter):
+    # the linear self-attention stays float32 in an fp16 graph, as diffusers runs it (query.float()...):
+    # its sums over all tokens overflow fp16's 65504 at real sizes
+    float32_scopes = (r"adapter\.transformer\.transformer_blocks\.\d+\.attn1",)
+
     @classmethod
     def build(cls, transformer: Any, name: str, axes: Optional[dict] = None) -> "SanaAdapter":
         c = transformer.config
@@ -122,8 +126,9 @@ class SanaAdapter(DiffusersAdapter):
 
 class SanaLinearAttention:
     """Sana's ReLU linear attention (diffusers' ``SanaLinearAttnProcessor2_0``) with its denominator
-    ``d + 1e-15`` written as ``max(d, 1e-15)``: the same float32 values (d >= 0 is a sum of ReLU
-    products, and ``d + 1e-15 == d`` for every d above ~1e-8), but it survives the ONNX export.
+    ``d + 1e-15`` written as ``where(d > 0, d, 1)``: the same float32 values (d >= 0 is a sum of ReLU
+    products, d = 0 only where every product and so the numerator is 0, and ``d + 1e-15 == d`` for
+    every d above ~1e-8), with no epsilon the ONNX export could drop or fp16 could round to 0.
 
     Why: the onnxscript optimizer that ``torch.onnx.export(dynamo=True)`` runs removes ``x + c`` as
     a no-op when ``math.isclose(c, 0, abs_tol=1e-8)`` (onnxscript 0.7 ``rewriter/rules/common/_no_op.py``
@@ -133,8 +138,6 @@ class SanaLinearAttention:
     weights can make it common). Per head: out_i = sum_j v_j (k_j . q_i) / sum_j (k_j . q_i) on
     ReLU'd q, k; shapes (B, N, heads * head_dim) in and out.
     """
-
-    EPS = 1e-15
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -149,7 +152,8 @@ class SanaLinearAttention:
         q, k, v = torch.relu(heads(q)), torch.relu(heads(k)).transpose(2, 3), heads(v)
         v = torch.nn.functional.pad(v, (0, 0, 0, 1), mode="constant", value=1.0)  # a row of ones: the denominator
         out = torch.matmul(torch.matmul(v, k), q)  # (B, h, d + 1, N)
-        out = out[:, :, :-1] / out[:, :, -1:].clamp_min(self.EPS)
+        den = out[:, :, -1:]
+        out = out[:, :, :-1] / torch.where(den > 0, den, torch.ones_like(den))
         out = attn.to_out[1](attn.to_out[0](out.flatten(1, 2).transpose(1, 2).to(dtype)))
         return out.clip(-65504, 65504) if dtype == torch.float16 else out
 
