@@ -180,6 +180,27 @@ def test_anchorflow_euler_equals_the_diffusers_convention(exported, family, guid
     assert np.abs(got.x - want).max() <= EULER
 
 
+def test_a_guided_batch_beyond_the_exported_rows_runs_in_chunks_equal_to_one_call(exported):
+    """6 samples with CFG rows = 12 rows per call on a bundle exported for 8: the runtime calls the graph on
+    8 + 4 rows, which equals one onnxruntime call on all 12 (the ONNX batch axis is symbolic, so ORT takes
+    12). Rows are independent, so only the kernels' blocking differs: the bound is the fp32 EULER one."""
+    from anchorflow.runtime.backends import make_session
+
+    b = load_bundle(exported["sd3"], backend="ort-cpu")
+    assert b.format.backbone.batch[2] == 2 * MAX_BATCH == 8
+    x, cond = _inputs(b, 6, 5, seed=5)
+    session = make_session(exported["sd3"] / "backbone.onnx", "ort-cpu", threads=1)
+    rows = []
+
+    def whole(x, t, c):
+        rows.append(x.shape[0])
+        return session.run(["v"], {"x": x, "t": t, **c})[0]
+
+    kw = dict(cond=cond, null_cond=_null(cond), cfg_scale=2.0)
+    chunked, one = solve("euler", b.velocity, x, STEPS, **kw).x, solve("euler", whole, x, STEPS, **kw).x
+    assert rows == [12] * STEPS and np.abs(chunked - one).max() <= EULER
+
+
 def test_factory_from_a_test_file_exports_and_samples(tmp_path):
     """The factory in test_adapters.py (time map flip, CFG rows, text of length L) through the CLI."""
     from test_adapters import Toy

@@ -257,7 +257,8 @@ def _network_lines(name: str, entry: dict) -> str:
         f"{name:<9} {entry['file']} {entry.get('bytes', 0) / 1e3:.0f} kB, sha256 {entry['sha256'][:16]}",
         f"    io    {_io(entry['inputs'])} -> {_io(entry['outputs'])}",
         _declared(entry),
-        f"    batch {b.get('min')}..{b.get('max')} (opt {b.get('opt')})",
+        f"    batch {b.get('min')}..{b.get('max')} (opt {b.get('opt')}); a call with more rows runs in chunks of "
+        f"{b.get('max')}",
         f"    fp32  {_parity(entry.get('validation'))}",
     ]
     for precision, v in (entry.get("precisions") or {}).items():
