@@ -1,8 +1,9 @@
 """Bring-your-own-backbone export per model family at two sizes: export time, ONNX size, parity, ORT latency.
 
 For SD3, FLUX-dev, FLUX-schnell and Sana (random-init diffusers transformers, built here and written
-with save_pretrained), ``anchorflow export FOLDER`` is timed end to end (torch.export, ONNX
-translation, parity at 3 batches x 2 axis sizes), then onnxruntime CPU latency per backbone call
+with save_pretrained), ``anchorflow export FOLDER --precision fp16`` is timed end to end (torch.export,
+ONNX translation, fp32 and fp16 graphs, parity of both against torch fp32 at 3 batches x 2 axis
+sizes), then onnxruntime CPU latency per backbone call
 is measured (median of ``--repeats`` calls after 3 warm-ups, batch 2 rows, text length 16, one
 thread). Results: ``benchmarks/results/backbones.json`` / ``.md``. Timings are noisy on a shared
 machine: the load average is recorded next to them.
@@ -88,7 +89,7 @@ def run_one(family: str, size: str, folder: Path, repeats: int) -> dict:
     src, bundle = folder / f"{family}-{size}", folder / f"{family}-{size}-bundle"
     model.save_pretrained(str(src))
     start = time.perf_counter()
-    res = CliRunner().invoke(cli, ["export", str(src), "--out", str(bundle), "--max-batch", "2"])
+    res = CliRunner().invoke(cli, ["export", str(src), "--out", str(bundle), "--max-batch", "2", "--precision", "fp16"])
     seconds = time.perf_counter() - start
     row = {"family": family, "size": size, "params": params, "export_s": round(seconds, 1)}
     if res.exit_code != 0:
@@ -98,21 +99,26 @@ def run_one(family: str, size: str, folder: Path, repeats: int) -> dict:
     onnx_bytes = bb["bytes"] + sum(e["bytes"] for e in bb.get("external_data") or [])
     return {**row, "status": "ok", "onnx_mb": round(onnx_bytes / 1e6, 3),
             "parity_max_abs": bb["validation"]["worst"]["max_abs"], "parity_cases": len(bb["validation"]["cases"]),
+            "fp16_parity_mean_abs": bb["precisions"]["fp16"]["validation"]["worst"]["mean_abs"],
             "ort_cpu_ms_per_call": round(latency_ms(bundle, repeats), 3)}
 
 
 def write(rows: list[dict], command: str, load: tuple) -> None:
     out = ROOT / "benchmarks" / "results"
     record = {"command": command, "load_average": load, "rows": rows,
-              "notes": "random-init diffusers transformers; export = the whole `anchorflow export` command; latency: "
-                       "onnxruntime CPU, 1 thread, 2 rows, text length 16, median"}
+              "notes": "random-init diffusers transformers; export = the whole `anchorflow export --precision fp16` "
+                       "command (fp32 + fp16 graphs, both checked); parity: fp32 max abs, fp16 mean abs, vs torch "
+                       "fp32; latency: the fp32 graph, onnxruntime CPU, 1 thread, 2 rows, text length 16, median"}
     (out / "backbones.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = [f"# Backbone export per family\n\n`{command}` (load average {load[0]:.1f} on 2 cores)\n",
-             "| family | size | params | export s | ONNX MB | parity max abs | ORT CPU ms/call | status |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = [f"# Backbone export per family\n\n`{command}` (load average {load[0]:.1f} on 2 cores at the end; "
+             f"per row {', '.join(str(r['load_1min']) for r in rows)})\n",
+             "| family | size | params | export s | ONNX MB (fp32) | fp32 parity max abs | fp16 parity mean abs "
+             "| ORT CPU ms/call (fp32) | status |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['family']} | {r['size']} | {r['params']:,} | {r['export_s']} | {r.get('onnx_mb', '')} | "
-                     f"{r.get('parity_max_abs', '')} | {r.get('ort_cpu_ms_per_call', '')} | "
+                     f"{r.get('parity_max_abs', '')} | {r.get('fp16_parity_mean_abs', '')} | "
+                     f"{r.get('ort_cpu_ms_per_call', '')} | "
                      f"{r['status']}{': ' + r['reason'] if r.get('reason') else ''} |")
     (out / "backbones.md").write_text("\n".join(lines) + "\n")
 
@@ -127,7 +133,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in a.sizes.split(","):
             for family in a.families.split(","):
-                rows.append(run_one(family, size, Path(tmp), a.repeats))
+                rows.append({**run_one(family, size, Path(tmp), a.repeats), "load_1min": round(os.getloadavg()[0], 1)})
                 print(json.dumps(rows[-1]), flush=True)
                 write(rows, "python benchmarks/backbones.py " + " ".join(sys.argv[1:]), os.getloadavg())
 
