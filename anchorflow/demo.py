@@ -28,11 +28,9 @@ def _classifier(classifier_dir: Optional[Path]) -> Optional[Callable[[np.ndarray
     """The bundled classifier as ``x -> predicted labels`` (one ONNX session), or None."""
     if classifier_dir is None:
         return None
-    import onnxruntime as ort
+    from .runtime.classifier import Classifier
 
-    sess = ort.InferenceSession(str(classifier_dir / "classifier.onnx"), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return lambda x: sess.run(["logits"], {name: x.astype(np.float32)})[0].argmax(axis=1)
+    return Classifier(classifier_dir).labels
 
 
 def run_demo(

@@ -38,14 +38,13 @@ class Judge:
     """The bundled classifier on onnxruntime: logits and features of (N, 1, 8, 8) digits."""
 
     def __init__(self, folder: Path) -> None:
-        import onnxruntime as ort
+        from anchorflow.runtime.classifier import Classifier, check_folder
 
-        self.sess = ort.InferenceSession(str(folder / "classifier.onnx"), providers=["CPUExecutionProvider"])
-        stats = np.load(folder / "real_stats.npz")
-        self.mu, self.sigma = stats["mu"], stats["sigma"]
+        self.classifier = Classifier(check_folder(folder))
+        self.mu, self.sigma = self.classifier.real
 
     def score(self, x: np.ndarray, labels: np.ndarray) -> dict:
-        logits, feats = self.sess.run(None, {"x": np.clip(x, -1, 1).astype(np.float32)})
+        logits, feats = self.classifier.outputs(np.clip(x, -1, 1))
         mu, sigma = feature_statistics(feats)
         pred = logits.argmax(axis=1)
         per_class = [float(np.mean(pred[labels == c] == c)) for c in range(logits.shape[1])]

@@ -89,10 +89,9 @@ def f64(velocity):
 
 
 def classifier():
-    import onnxruntime as ort
+    from anchorflow.runtime.classifier import Classifier
 
-    path = ROOT / "anchorflow" / "bundled" / "digits" / "classifier" / "classifier.onnx"
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return Classifier(ROOT / "anchorflow" / "bundled" / "digits" / "classifier")
 
 
 def evaluate(args: argparse.Namespace, model: Path) -> dict:
@@ -109,7 +108,7 @@ def evaluate(args: argparse.Namespace, model: Path) -> dict:
     cond = {k: v[labels] for k, v in prompts.items()}
     noise = np.random.default_rng(args.seed).standard_normal((args.n, 1, 8, 8)).astype(np.float32)
     clf, rng_ = classifier(), (-1.0, 1.0)
-    acc = lambda x: M.class_accuracy(clf.run(["logits"], {"x": x.astype(np.float32)})[0], labels)  # noqa: E731
+    acc = lambda x: M.class_accuracy(clf.outputs(x)[0], labels)  # noqa: E731
     rows, refs = [], {}
     for cfg in CFGS:
         common = dict(cond=cond, null_cond=null, cfg_scale=cfg)

@@ -23,11 +23,11 @@ from filelock import FileLock
 from .._deps import require
 from .._io import write_bytes
 from ..errors import BackendError, ConfigError
+from ..runtime.bundle_format import PRECISIONS
 from . import cache, compat, driver
 from .profiles import Profile, SampleRange, derive_profiles, network_specs, read_bundle, sample_range
 from .progress import ProgressDisplay, run_cancellable
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)

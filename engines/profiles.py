@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import ConfigError
-from ..runtime.solvers import max_sidenet_offsets
+from ..runtime.solvers import max_sidenet_offsets, rows_note
 
 BATCH = "batch"
 DEFAULT_SAMPLES = (1, 16, 64)  # samples per solve: the backbone range when bundle.json has none; [1] = expected
@@ -210,7 +210,7 @@ def _inside_export(spec: Any, rows: tuple[int, int, int]) -> None:
         lo, _, hi = spec.batch
         raise ConfigError(
             f"the {spec.name} was exported for {lo}..{hi} rows per call, but the batch options ask for "
-            f"{rows[0]}..{rows[2]} rows (guidance doubles the rows, the BA SideNet probe triples them); "
+            f"{rows[0]}..{rows[2]} rows ({rows_note()}); "
             "choose --min-batch/--max-batch inside it or re-export with a larger --max-batch"
         )
 

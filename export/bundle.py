@@ -266,7 +266,8 @@ def export_bundle(model: str | os.PathLike, out: Optional[str | os.PathLike] = N
                   validate: bool = True, progress: bool = True, command: Optional[str] = None) -> BundleExport:
     """Export MODEL (see :func:`resolve_sources`) to the bundle folder ``out``.
 
-    ``max_batch``: samples per solve the bundle must serve (backbone rows up to 2x, SideNet 6x).
+    ``max_batch``: samples per solve the bundle must serve (backbone rows up to 2x, SideNet 2x the registry's
+    ``max_sidenet_offsets()``).
     ``precisions``: fp32 always, plus fp16 / bf16 variants. Raises CheckpointError when a check
     fails; ``out`` is then left as it was.
     """

@@ -30,8 +30,8 @@ import numpy as np
 
 from .._deps import require
 from ..errors import ConfigError
+from ..runtime.bundle_format import PRECISIONS
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 SENSITIVE_OPS = (
     "LayerNormalization", "GroupNormalization", "InstanceNormalization", "BatchNormalization",
     "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp",

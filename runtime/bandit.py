@@ -1,7 +1,8 @@
 """FastFlow's bandits: one UCB1 bandit per grid step, and the budget that sets their price.
 
 Bajpai et al., "FastFlow: Accelerating The Generative Flow Matching Models with Bandit
-Inference" (arXiv 2602.11105, ICLR 2026), with the project's decisions from the FastFlow spec.
+Inference" (arXiv 2602.11105, ICLR 2026), with the project's decisions written out below (the
+calls budget that sets mu, the quality guard).
 After a computed Euler step k (t = 1 noise -> t = 0 data), bandit B_k picks an arm a: "skip
 the next a steps" (their velocities are extrapolated). B_k is paid at the next computed step
 m = k + a + 1 with ``r = mu * a - mse(v_hat_m, v_m)``; Q is the running mean of r, N the count.

@@ -112,9 +112,10 @@ class NetworkDecl:
         wrappers chunk larger calls before they get here)."""
         if self.batch is not None and not self.batch[0] <= rows <= self.batch[2]:
             lo, _, hi = self.batch
+            from .solvers import rows_note
+
             raise ConfigError(f"the {self.name} was exported for {lo}..{hi} rows per call, got {rows} "
-                              "(guidance doubles the rows, the BA SideNet probe triples them); use a smaller "
-                              "--n or re-export with a larger --max-batch")
+                              f"({rows_note()}); use a smaller --n or re-export with a larger --max-batch")
 
 
 @dataclass(frozen=True)

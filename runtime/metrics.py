@@ -1,6 +1,6 @@
 """Quality metrics for generated samples, in numpy only (no scipy, no torch).
 
-Used by the benchmark (``anchorflow.bench``) as defined in the project's evaluation spec:
+Used by the benchmark (``anchorflow.bench``), defined here:
 PSNR / RMSE against a reference solution of the same noise, the empirical convergence order,
 a Frechet distance between classifier-feature statistics (as FID, Heusel et al. 2017,
 "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium", with a

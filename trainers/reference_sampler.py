@@ -15,11 +15,17 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError
-from ..runtime.field import in_interval
 
 # 4-point Gauss-Lobatto node (weights 1/12, 5/12, 5/12, 1/12). Written here on purpose rather than
 # imported from runtime/solvers/ba.py: this torch sampler is the runtime's test oracle and shares no code with it.
 GAUSS_LOBATTO_A = (1 - 1 / math.sqrt(5)) / 2
+
+
+def in_interval(t: float, interval: tuple[float, float]) -> bool:
+    """Guidance is active for ``lo < t <= hi``; with ``lo == 0`` the end point t = 0 is included
+    (the rule of the runtime's GuidedField, written again here: the oracle shares no code with it)."""
+    lo, hi = interval
+    return t <= hi and (t > lo or lo <= 0.0)
 
 
 def quadrature_weights(a: float) -> tuple[float, float]:

@@ -284,14 +284,3 @@ def _train_step(run: _Run, s: SideNetTrainSettings, x_all: torch.Tensor, cond_al
     run.opt.step()
     run.ema.update(run.model)
     return d.mean(float(loss.detach()))
-
-
-def train_sidenet_for_checkpoint(backbone_path: str | Path, out: str | Path, settings: SideNetTrainSettings,
-                                 resume: bool = False, command: Optional[str] = None,
-                                 progress: bool = True, dist: Optional[Dist] = None) -> dict:
-    """Train a SideNet for the backbone checkpoint at ``backbone_path`` on that backbone's data set
-    (its config's ``data`` entry, train split); see :func:`.sidenet_run.train_sidenet_for_source`."""
-    from .sidenet_run import train_sidenet_for_source
-
-    return train_sidenet_for_source(backbone_path, out, settings, data="auto", resume=resume, command=command,
-                                    progress=progress, dist=dist)

@@ -7,8 +7,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import ConfigError
 from ..runtime import metrics as M
+from ..runtime.classifier import Classifier, check_folder
 
 
 def data_range(model) -> tuple[float, float]:
@@ -20,15 +20,7 @@ def data_range(model) -> tuple[float, float]:
 def classifier_dir(model) -> Optional[Path]:
     """The model's classifier folder (classifier.onnx + real_stats.npz), or None when it has none."""
     folder = getattr(model, "classifier", None) or model.meta.get("classifier")
-    if folder is None:
-        return None
-    folder = Path(folder)
-    missing = [f for f in ("classifier.onnx", "real_stats.npz") if not (folder / f).is_file()]
-    if missing:
-        raise ConfigError(
-            f"classifier folder {folder} lacks {', '.join(missing)}; retrain it with 'anchorflow train classifier'"
-        )
-    return folder
+    return None if folder is None else check_folder(folder)
 
 
 class Evaluator:
@@ -41,24 +33,16 @@ class Evaluator:
 
     def __init__(self, data_range, labels, classifier: Optional[Path] = None, held_out: Optional[np.ndarray] = None):
         self.data_range, self.labels, self.held_out = data_range, labels, held_out
-        self.session = self.real = None
+        self.classifier = Classifier(check_folder(classifier)) if classifier is not None else None
         self.ref: Optional[np.ndarray] = None
-        if classifier is not None:
-            from .._deps import require
-
-            ort = require("onnxruntime")
-            onnx_file = str(Path(classifier) / "classifier.onnx")
-            self.session = ort.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
-            with np.load(Path(classifier) / "real_stats.npz") as stats:
-                self.real = (stats["mu"], stats["sigma"])
 
     def distribution(self, x: np.ndarray) -> dict[str, Any]:
         """FD / accuracy (classifier) and SWD (held-out data) of samples x; empty where unavailable."""
         out: dict[str, Any] = {}
-        if self.session is not None:
-            logits, feats = self.session.run(["logits", "features"], {"x": x.astype(np.float32)})
+        if self.classifier is not None:
+            logits, feats = self.classifier.outputs(x)
             if x.shape[0] >= 2:
-                out["fd"] = M.frechet_distance(*M.feature_statistics(feats), *self.real)
+                out["fd"] = M.frechet_distance(*M.feature_statistics(feats), *self.classifier.real)
             if self.labels is not None:
                 out["accuracy"] = M.class_accuracy(logits, self.labels)
         if self.held_out is not None:

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import click
 
+from ..runtime.solvers import rows_note
+from .common import PRECISIONS
+
 
 @click.command("build")
 @click.argument("bundle")
-@click.option("--precision", "precisions", type=click.Choice(["fp32", "fp16", "bf16"]), multiple=True,
+@click.option("--precision", "precisions", type=click.Choice(PRECISIONS), multiple=True,
               help="Engine precision; repeat for several. fp16/bf16 use the bundle's reduced-precision ONNX "
                    "variants (strongly typed: the precision comes from the graph). Default: fp32.")
 @click.option("--workspace-mb", type=int, default=None,
@@ -20,8 +23,8 @@ import click
 @click.option("--min-batch", type=int, default=None, help="Smallest samples per solve the engines accept (default: from bundle.json).")
 @click.option("--opt-batch", type=int, default=None, help="Samples per solve the engines are tuned for (default: from bundle.json).")
 @click.option("--max-batch", type=int, default=None,
-              help="Largest samples per solve (default: bundle.json's row ranges as exported). Guidance doubles "
-                   "the backbone's rows and the SideNet's forward probe triples them again; the profiles account for both.")
+              help="Largest samples per solve (default: bundle.json's row ranges as exported). Rows per call: "
+                   f"{rows_note()}; the profiles account for both.")
 @click.option("--force", is_flag=True, help="Rebuild even when a matching engine is cached.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Tactic timing cache to load and update (default: one per TensorRT version and GPU in the bundle).")

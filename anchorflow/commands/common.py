@@ -13,8 +13,10 @@ import click
 import numpy as np
 
 from ..errors import ConfigError
+from ..runtime.bundle import BACKENDS as _BACKENDS, PRECISIONS as _PRECISIONS
 
-BACKENDS = ["auto", "ort-cpu", "ort-cuda", "ort-trt", "trt", "torch"]
+BACKENDS = list(_BACKENDS)  # the runtime's registry (runtime/bundle.py), for click.Choice
+PRECISIONS = list(_PRECISIONS)  # the precisions a bundle may hold (runtime/bundle_format.py)
 # Backbone calls per solve: RK4 at 256 calls already agrees with RK4-512 to > 60 dB on the bundled
 # model, so a budget beyond this buys nothing but hours.
 MAX_NFE = 1000

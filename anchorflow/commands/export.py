@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError
+from ..runtime.solvers import max_sidenet_offsets
 
 from .common import positive
 
@@ -29,7 +30,7 @@ from .common import positive
                    "checkpoints, fp32 for diffusers and factory sources (which take fp16 too, not bf16).")
 @click.option("--max-batch", type=int, default=64, show_default=True, callback=positive,
               help="Samples per solve the bundle serves: backbone batch up to 2x (guidance rows), "
-                   "SideNet up to 6x (3 BA probe offsets x 2).")
+                   f"SideNet up to {2 * max_sidenet_offsets()}x ({max_sidenet_offsets()} BA probe offsets x 2).")
 @click.option("--no-validate", is_flag=True,
               help="Skip the onnxruntime-vs-torch parity checks (onnx.checker still runs).")
 @click.option("--axis", "axes", multiple=True, metavar="NAME=MIN:OPT:MAX",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import BACKENDS, MAX_N, MAX_NFE, cfg_scale as cfg_check, count, seed as seed_check, thread_options
+from .common import BACKENDS, MAX_N, PRECISIONS, MAX_NFE, cfg_scale as cfg_check, count, seed as seed_check, thread_options
 
 
 @click.command("sample")
@@ -28,7 +28,7 @@ from .common import BACKENDS, MAX_N, MAX_NFE, cfg_scale as cfg_check, count, see
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="Execution backend; 'auto' takes the best available and reports it.")
 @click.option("--allow-fallback", is_flag=True, help="Fall back to CPU when a GPU provider fails to load.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Which of the bundle's ONNX variants to run.")
 @click.option("--bandit-state", type=click.Path(dir_okay=False), default=None,
               help="fastflow: JSON file the bandit learns into across invocations (created if missing).")

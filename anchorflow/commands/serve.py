@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import positive
+from .common import BACKENDS, PRECISIONS, positive
 
 
 @click.command("serve")
@@ -26,9 +26,9 @@ from .common import positive
               help="Requests admitted at once per replica; beyond: HTTP 503 with Retry-After.")
 @click.option("--address", default=None, help="Join the Ray cluster at this address (default: start Ray locally).")
 @click.option("--num-cpus", type=int, default=None, callback=positive, help="CPUs of the local Ray instance.")
-@click.option("--backend", type=click.Choice(["auto", "ort-cpu", "ort-cuda", "ort-trt", "trt"]), default="auto",
+@click.option("--backend", type=click.Choice([b for b in BACKENDS if b != "torch"]), default="auto",
               show_default=True, help="Execution backend of the replicas (torch-free).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Which of the bundle's ONNX variants to run.")
 @click.option("--bandit-dir", type=click.Path(file_okay=False), default=None,
               help="fastflow: folder of the shared bandit state files [default: ~/.cache/anchorflow/serve/bandits].")

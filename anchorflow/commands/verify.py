@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import click
 
-from ..runtime.bundle_format import PRECISIONS
 from ..runtime.parity.verify import BACKEND_NAMES, E2E_FACTOR, verify_bundle
-from .common import non_negative, seed as seed_check
+from .common import PRECISIONS, non_negative, seed as seed_check
 
 
 def _split(text: str, allowed: tuple[str, ...], what: str) -> list[str]:

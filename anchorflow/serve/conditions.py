@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .request import RequestError
+from .errors import RequestError
 
 _KINDS = {"float32": "f", "float16": "f", "int64": "iu", "int32": "iu", "bool": "b"}
 _NP = {"float32": np.float32, "float16": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_}

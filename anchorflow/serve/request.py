@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..runtime.solvers import max_sidenet_offsets
+from .errors import RequestError  # noqa: F401  (raised here; its home is below conditions)
 
 FORMATS = ("npy", "png", "json")
 FIELDS = ("solver", "nfe", "n", "labels", "cfg", "cfg_interval", "seed", "grid", "format", "conditions",
@@ -29,10 +30,6 @@ FIELDS = ("solver", "nfe", "n", "labels", "cfg", "cfg_interval", "seed", "grid",
 DEFAULTS: dict[str, Any] = {"solver": "ba", "nfe": 7, "n": 16, "labels": None, "cfg": 1.0,
                             "cfg_interval": [0.0, 1.0], "seed": 0, "grid": None, "format": "npy",
                             "conditions": None, "null_conditions": None}
-
-
-class RequestError(ConfigError):
-    """A request the service cannot serve as asked; the message says what to change (HTTP 400)."""
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ...errors import AnchorflowError, CheckpointError, ConfigError
+from ..bundle import BACKENDS
 from ..bundle_format import BundleFormat, read_bundle
 from .cases import Case, Domain, RealData, batches, conditions, make_cases, shape_of
 from .report import NetworkReport, format_table, report_rows, run_report
 from .stats import compare, tolerance
 
-BACKEND_NAMES = ("torch", "ort-cpu", "ort-cuda", "ort-trt", "trt")  # the runtime's backends but "auto"
+BACKEND_NAMES = tuple(b for b in BACKENDS if b != "auto")  # every backend of the runtime's registry
 E2E_NFE = 7
 E2E_BATCH = 4
 # End to end the per-call error is integrated over E2E_NFE steps of size <= 1 / E2E_NFE through a

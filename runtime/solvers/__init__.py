@@ -29,3 +29,9 @@ def max_sidenet_offsets() -> int:
     """The most SideNet offsets any registered solver batches into one call (by default: ba's merged
     probe, 4). Export and engine profiles size the SideNet's rows from it."""
     return max((s.sidenet_offsets for s in SOLVERS.values()), default=0)
+
+
+def rows_note() -> str:
+    """Why a network sees more rows than samples, from the registry (for messages and help texts)."""
+    return (f"guidance doubles the rows, the BA SideNet's merged probe multiplies them by {max_sidenet_offsets()} "
+            "offsets")

@@ -1,7 +1,7 @@
 """BA-solver (bi-anchor interpolation) and its single-anchor ablation.
 
 Algorithm 1 of "Bi-Anchor Interpolation Solver for Accelerating Generative Modeling"
-(arXiv 2601.21542), as fixed in ``spec/ba-solver.md``. Time runs from t = 1 (noise) to t = 0
+(arXiv 2601.21542), with the choices written out here and in the functions below. Time runs from t = 1 (noise) to t = 0
 (data); an interval [t_i, t_{i+1}] has length ``h = t_i - t_{i+1} > 0`` and ``x -= h * (average
 velocity)``. The SideNet predicts the raw velocity at ``t - offset`` from an anchor:
 ``v_hat = v_raw + S(x, v_raw, t, offset, y)``; guidance is applied per node at the node's own time.
