@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from anchorflow.runtime.parity.verify import E2E_FACTOR, verify_bundle
+from anchorflow.runtime.parity.verify import BACKEND_NAMES, E2E_FACTOR, verify_bundle
 from anchorflow.runtime.parity import TOLERANCES
 
 from test_export import tiny_bundle, tiny_root  # noqa: F401  (session fixtures, exported once)
@@ -100,4 +100,6 @@ def test_verify_on_ort_cpu_runs_without_torch(tiny_bundle):  # noqa: F811
 def test_bad_backend_name_is_a_usage_error(tiny_bundle):  # noqa: F811
     proc = subprocess.run([sys.executable, "-m", "anchorflow.cli", "verify", str(tiny_bundle), "--backends", "gpu"],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and "--backends takes a comma list of torch, ort-cpu" in proc.stderr
+    # the choices are the runtime's backend registry, less "auto"
+    assert proc.returncode == 1 and f"--backends takes a comma list of {', '.join(BACKEND_NAMES)};" in proc.stderr
+    assert "torch" in BACKEND_NAMES and "auto" not in BACKEND_NAMES

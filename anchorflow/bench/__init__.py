@@ -1,4 +1,4 @@
-"""The evaluation harness behind ``anchorflow bench`` (see the project's evaluation spec).
+"""The evaluation harness behind ``anchorflow bench``: what it measures is written out below.
 
 Every solver is judged on the same backbone, noise, labels and guidance in one run:
 
