@@ -18,7 +18,7 @@ return_dict=False)[0]`` with the diffusers forward argument names as condition n
   latent size is static (``sample_size``; torch.export cannot relate Sana's Mix-FFN reshape to a
   dynamic H x W), batch and text length are dynamic; the masked cross-attention runs diffusers'
   plain ``AttnProcessor`` (the ONNX exporter's SDPA decomposition breaks a dynamic batch there);
-  the linear self-attention runs :class:`SanaLinearAttention` (its ``+ 1e-15`` as a clamp: see there).
+  the linear self-attention runs :class:`SanaLinearAttention` (no ``+ 1e-15`` epsilon: see there).
 
 Velocity: diffusers' flow-matching schedulers step ``x += (sigma_next - sigma) * model_output``
 with sigma our t, so the model output is already dx/dt in our convention (t = 1 noise).
