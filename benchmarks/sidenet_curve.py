@@ -11,12 +11,10 @@ the SideNet runs in torch from each checkpoint. Time convention: t = 1 noise, t 
     python benchmarks/sidenet_curve.py [--lrs 1e-4,3e-3] [--iters 600] [--every 100] [--work DIR]
 
 Writes benchmarks/results/sidenet_curve.json and sidenet_curve.png (PSNR and training loss
-against iterations, one line per learning rate), rewritten after every chunk. Not run to its
-default length yet: at batch 128 one iteration took ~8 s on the shared machine (load average ~10),
-so 600 iterations at two rates did not fit the session; a smoke run (``--iters 10 --every 5
---batch 16 --n 4 --reference-steps 8``) checked the whole path. Earlier measurement at 250
-iterations (benchmarks/sidenet_training.py docstring): lr 1e-4 gives BA@5 33.3 dB (delta = 0:
-33.1 dB), lr 3e-3 gives 36.9 dB.
+against iterations, one line per learning rate), rewritten after every chunk. Committed run: ``--iters 200 --every 50`` (the default 600 did not
+fit the session: ~8 s per iteration at batch 128 on the shared machine, load average 3-11).
+Earlier measurement at 250 iterations (benchmarks/sidenet_training.py docstring): lr 1e-4 gives
+BA@5 33.3 dB (delta = 0: 33.1 dB), lr 3e-3 gives 36.9 dB.
 """
 
 from __future__ import annotations
