@@ -11,9 +11,10 @@ backbone, and a SideNet conditioned on nothing gets no conditions. Dynamic axes:
 ranges). Parity: onnxruntime against torch at 3 batch sizes (fp32: max abs error <= 1e-4),
 refused otherwise.
 
-Entry points: ``anchorflow export SOURCE --sidenet CKPT --out B`` (via
-:func:`~.adapter_export.export_adapter` ``sidenet=``, one atomic bundle), :func:`export_sidenet`
-(bytes + entry, for tests) and :func:`add_sidenet` (into an existing adapter bundle).
+Entry points: ``anchorflow export SOURCE --sidenet CKPT --out B``, i.e.
+:func:`~.adapter_export.export_adapter` with ``sidenet=`` (one bundle, written atomically, the
+SideNet's backbone identity checked by the caller before any export work), and
+:func:`export_sidenet` (ONNX bytes + entry).
 """
 
 from __future__ import annotations
@@ -158,30 +159,3 @@ def write_sidenet(side: Any, folder: Path, backbone_inputs: list[dict], axes: di
     data, entry = export_sidenet(side, backbone_inputs, axes, top_rows, validate)
     write_bytes(Path(folder) / FILE, data)
     return {**file_record(Path(folder), FILE), **entry, "checkpoint": checkpoint_record(side, path)}
-
-
-def add_sidenet(bundle_dir: str | Path, sidenet_dir: str | Path) -> dict:
-    """Export the SideNet checkpoint into an existing adapter bundle; returns its network entry.
-
-    The bundle records no backbone weights hash, so only the state shape and conditions are
-    checked here: prefer ``anchorflow export SOURCE --sidenet CKPT``, which checks the identity.
-    """
-    from ..runtime.bundle_format import read_bundle, write_bundle_json
-    from ..trainers.checkpoint import load_checkpoint
-
-    bundle = read_bundle(bundle_dir)
-    side, cfg = load_checkpoint(sidenet_dir, kind="sidenet")
-    side.checkpoint_config = cfg
-    if list(side.state_shape) != list(bundle.state_shape):
-        raise CheckpointError(f"the SideNet in {sidenet_dir} is for states {list(side.state_shape)}, the bundle's "
-                              f"backbone takes {list(bundle.state_shape)}")
-    back = bundle.backbone.batch or (1, 16, 16)
-    axes = {a: r for a, r in bundle.backbone.axes.items() if r is not None}
-    inputs = [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape), "per_row": i.per_row}
-              for i in bundle.backbone.inputs]
-    entry = write_sidenet(side, Path(bundle.folder), inputs, axes, max(max_sidenet_offsets(), 1) * int(back[2]),
-                          path=sidenet_dir)
-    meta = dict(bundle.meta)
-    meta["networks"] = {**meta["networks"], "sidenet": entry}
-    write_bundle_json(Path(bundle.folder), meta)
-    return entry
