@@ -19,12 +19,18 @@ bundle) they run on onnxruntime instead.
     python benchmarks/sd3_digits_bench.py [--train-sidenet] [--iters 250] [--n 64] [--ref 256]
 
 Writes benchmarks/results/sd3_digits/bench.json and bench.md.
+
+``--variants DIR...``: BA only, at ``--variant-nfes`` (same noise, prompts and reference as the
+full run), for other SideNet checkpoints of the same backbone (offset rates, iterations, body
+patch), each with its training settings and the Euler NFE matching it (the Euler ladder is
+recomputed here, Euler's settings unchanged); writes ``sidenet_variants.json`` / ``.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import shlex
 import subprocess
 import sys
@@ -138,6 +144,67 @@ def evaluate(args: argparse.Namespace, model: Path) -> dict:
     return {"reference": refs, "rows": rows}
 
 
+def _setup(model: Path):
+    with np.load(model / "prompts.npz") as z:
+        prompts = {k: z[k] for k in ("encoder_hidden_states", "pooled_projections")}
+    with np.load(model / "null_prompt.npz") as z:
+        null = {k: z[k] for k in ("encoder_hidden_states", "pooled_projections")}
+    return prompts, null
+
+
+def variants(args: argparse.Namespace, model: Path) -> dict:
+    """BA PSNR at ``--variant-nfes`` for each SideNet checkpoint in ``--variants`` (see the docstring)."""
+    from anchorflow.bench import euler_nfe_to_match
+    from anchorflow.runtime import metrics as M
+    from anchorflow.runtime import solve
+    from anchorflow.trainers.sidenet import load_sidenet
+    from anchorflow.trainers.torch_wrappers import TorchSideNet
+
+    import torch
+
+    from anchorflow.trainers.adapters import load_source
+
+    torch.set_num_threads(1)
+    adapter = load_source(str(model / "transformer"))
+    velocity = adapter.call_numpy
+    prompts, null = _setup(model)
+    labels = np.arange(args.n) % 10
+    cond = {k: v[labels] for k, v in prompts.items()}
+    noise = np.random.default_rng(args.seed).standard_normal((args.n, 1, 8, 8)).astype(np.float32)
+    nfes = [int(k) for k in args.variant_nfes.split(",")]
+    sides = {d: load_sidenet(d, adapter) for d in args.variants}
+    rows = []
+    for cfg in CFGS:
+        common = dict(cond=cond, null_cond=null, cfg_scale=cfg)
+        ref = solve("rk4", f64(velocity), noise.astype(np.float64), args.ref, **common).x
+        ladder = [(k, M.psnr(solve("euler", velocity, noise, k, **common).x, ref, (-1, 1))) for k in LADDER]
+        for d, side in sides.items():
+            c = side.checkpoint_config
+            st = c["training"]["settings"]
+            for nfe in nfes:
+                p = M.psnr(solve("ba", velocity, noise, nfe, sidenet=TorchSideNet(side), **common).x, ref, (-1, 1))
+                rows.append({"sidenet": os.path.relpath(d, ROOT), "cfg": cfg, "nfe": nfe, "psnr": round(p, 2),
+                             "euler_nfe_equivalent": euler_nfe_to_match(ladder, p)["nfe"], "rates": st["rates"],
+                             "iters": c["training"]["step"], "lr": st["lr"], "patch": c["arch"].get("patch"),
+                             "final_loss": c["training"]["final_loss"], "command": c["training"]["command"]})
+                print(f"cfg {cfg} {d}: nfe {nfe} {p:.2f} dB", flush=True)
+        rows += [{"cfg": cfg, "method": "euler-ladder", "nfe": k, "psnr": round(p, 2)} for k, p in ladder]
+    return {"rows": rows}
+
+
+def variants_markdown(result: dict) -> str:
+    lines = ["# SideNet variants for the SD3 digits model: BA PSNR (dB) vs RK4 reference "
+             "(benchmarks/sd3_digits_bench.py --variants)", "", f"Command: `{result['command']}`  ",
+             f"Load average: {result['loadavg']}", "",
+             "| SideNet | rates | iters | patch | guidance | NFE | PSNR | Euler NFE matching |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        if "sidenet" in r:
+            eq = "-" if r["euler_nfe_equivalent"] is None else f"{r['euler_nfe_equivalent']:.1f}"
+            lines.append(f"| {r['sidenet']} | {','.join(f'{x:g}' for x in r['rates'])} | {r['iters']} | {r['patch']} | "
+                         f"{r['cfg']} | {r['nfe']} | {r['psnr']:.2f} | {eq} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict) -> str:
     lines = ["# SD3-architecture digits model, data-free SideNet (benchmarks/sd3_digits_bench.py)", "",
              f"Command: `{result['command']}`  ", f"Load average: {result['loadavg']}", ""]
@@ -168,9 +235,18 @@ def main() -> None:
     ap.add_argument("--ref", type=int, default=256)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--variants", nargs="+", default=None, help="SideNet checkpoint folders: BA only (see docstring)")
+    ap.add_argument("--variant-nfes", default="5,10")
     args = ap.parse_args()
     model = Path(args.model)
     result = {"command": shlex.join(["python", *sys.argv]), "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
+    if args.variants:
+        result.update(variants(args, model))
+        result["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+        _io.write_json(Path(args.out) / "sidenet_variants.json", result)
+        _io.write_text(Path(args.out) / "sidenet_variants.md", variants_markdown(result))
+        print((Path(args.out) / "sidenet_variants.md").read_text())
+        return
     if args.train_sidenet:
         result["sidenet_training"] = train_sidenet(args, model)
     result.update(evaluate(args, model))
