@@ -16,7 +16,7 @@ The backbone and the SideNet run in torch through the adapter (``trainers/adapte
 :class:`~anchorflow.trainers.torch_wrappers.TorchSideNet`; with ``--bundle DIR`` (an exported
 bundle) they run on onnxruntime instead.
 
-    python benchmarks/sd3_digits_bench.py [--train-sidenet] [--iters 250] [--n 64] [--ref 256]
+    python benchmarks/sd3_digits_bench.py [--train-sidenet] [--iters 400] [--rate 50,5] [--n 64] [--ref 256]
 
 Writes benchmarks/results/sd3_digits/bench.json and bench.md.
 
@@ -224,10 +224,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(MODEL))
     ap.add_argument("--train-sidenet", action="store_true")
-    ap.add_argument("--iters", type=int, default=250)
+    ap.add_argument("--iters", type=int, default=400)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--rate", default="50")
+    ap.add_argument("--rate", default="50,5")
     ap.add_argument("--start-states", type=int, default=1024)
     ap.add_argument("--solve-steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
