@@ -3,8 +3,10 @@
 Everything runs inside a real ``StableDiffusion3Pipeline`` (no text encoders or VAE: random prompt
 embeddings are given, ``output_type="latent"``), on the same noise, prompts and guidance:
 
-- diffusers' default scheduler (FlowMatchEulerDiscreteScheduler, shift 3) at N steps;
-- ``AnchorflowScheduler`` with ab2, ipndm and dpmpp2m at N steps (same sigmas);
+- diffusers' default scheduler (FlowMatchEulerDiscreteScheduler) at N steps, on SD3's shift-3
+  schedule and on the uniform one (sigmas linspace(1, 0, N + 1) given to the pipeline, shift 1);
+  every method below steps on the same sigmas;
+- ``AnchorflowScheduler`` with ab2, ipndm, dpmpp2m and unipc at N steps (same sigmas);
 - ``run_ba`` with the model's SideNet at N calls (when the model has one);
 - ``apply_fastflow`` on the default scheduler's T-step grid: the bandits learn over a stream of
   generations (fresh noise and prompts each), then run on the evaluation batch; compared with the
@@ -46,9 +48,22 @@ from anchorflow.runtime.metrics import psnr
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
 STEPS = (4, 6, 8, 10, 14, 20)
-SOLVERS = ("ab2", "ipndm", "dpmpp2m")
+SOLVERS = ("ab2", "ipndm", "dpmpp2m", "unipc")
 FASTFLOW_T = (20, 28)
-GUIDANCE = (1.0, 4.0)
+GUIDANCE = {"random": (1.0, 4.0), "sd3-digits": (1.0, 1.5)}  # digits: the guidance of its own bench (issue 11)
+# SD3's default schedule (FlowMatchEuler, shift 3) and the uniform one the digits model's own bench used
+# (shift 1 with sigmas = linspace(1, 0, N + 1) given to the pipeline; diffusers' own shift-1 sigmas end
+# at sigma_min = 0.001 with a last step of 0.001, one call spent on nothing)
+SCHEDULES = ("shift 3", "uniform")
+
+
+def steps(schedule: str, n: int) -> dict:
+    """Pipeline arguments for n steps of ``schedule`` (the same sigmas for every method)."""
+    if schedule == "uniform":
+        return {"num_inference_steps": n, "sigmas": [float(v) for v in np.linspace(1.0, 0.0, n + 1)[:-1]]}
+    return {"num_inference_steps": n}
+
+
 TEXT_LEN, TEXT_DIM, POOLED = 8, 32, 16
 
 
@@ -132,24 +147,24 @@ def run(pipe, count: Count, scheduler, kw: dict) -> tuple[np.ndarray, int]:
     return x, count.calls - before
 
 
-def reference(pipe, kw: dict) -> tuple[np.ndarray, float]:
+def reference(pipe, kw: dict, schedule: str) -> tuple[np.ndarray, float]:
     """RK4 with 128 steps of the pipeline's schedule, and its PSNR against RK4 with 64 steps."""
     outs = []
-    for steps in (128, 64):
-        f = capture_pipeline(pipe, **{**kw, "num_inference_steps": steps})
-        outs.append(solve("rk4", f.velocity, f.noise, 4 * steps, **f.solve_kwargs()).x)
+    for n in (128, 64):
+        f = capture_pipeline(pipe, **{**kw, **steps(schedule, n)})
+        outs.append(solve("rk4", f.velocity, f.noise, 4 * n, **f.solve_kwargs()).x)
     return outs[0], psnr(outs[1], outs[0], (outs[0].min(), outs[0].max()))
 
 
 def fastflow_rows(setup: Setup, count: Count, kw_eval: dict, ref: np.ndarray, span, cfg: float, batch: int,
-                  stream: int) -> list[dict]:
+                  stream: int, schedule: str) -> list[dict]:
     pipe, rows = setup.pipe, []
     for T in FASTFLOW_T:
-        hook = apply_fastflow(pipe, model_id=f"random-sd3|cfg {cfg}")
+        hook = apply_fastflow(pipe, model_id=f"{setup.model}-sd3|{schedule}|cfg {cfg}")
         try:
             for g in tqdm(range(stream), desc=f"FastFlow T={T} cfg {cfg} learning", leave=False):
-                run(pipe, count, None, setup.inputs(batch, 1000 + g, cfg, T))
-            x, calls = run(pipe, count, None, {**kw_eval, "num_inference_steps": T})
+                run(pipe, count, None, {**setup.inputs(batch, 1000 + g, cfg, T), **steps(schedule, T)})
+            x, calls = run(pipe, count, None, {**kw_eval, **steps(schedule, T)})
         finally:
             hook.remove()
         settled = [h["transformer_calls"] for h in hook.history[-10:-1]]
@@ -158,17 +173,18 @@ def fastflow_rows(setup: Setup, count: Count, kw_eval: dict, ref: np.ndarray, sp
         n = max(2, int(round(calls)))
         for name, sched in [("diffusers default (Euler)", None)] + [
                 (s, AnchorflowScheduler.from_config(pipe.scheduler.config, solver=s)) for s in SOLVERS]:
-            x, c = run(pipe, count, sched, {**kw_eval, "num_inference_steps": n})
+            x, c = run(pipe, count, sched, {**kw_eval, **steps(schedule, n)})
             rows.append({"method": f"{name} at FastFlow's calls", "steps": n, "calls": c, "psnr": psnr(x, ref, span)})
     return rows
 
 
-def ba_rows(setup: Setup, count: Count, kw: dict, ref: np.ndarray, span) -> list[dict]:
+def ba_rows(setup: Setup, count: Count, kw: dict, ref: np.ndarray, span, schedule: str) -> list[dict]:
     """run_ba with the model's SideNet at each N (exactly N transformer calls)."""
     rows = []
     for n in STEPS:
         before = count.calls
-        out = run_ba(setup.pipe, setup.sidenet, n, **{k: v for k, v in kw.items() if k != "num_inference_steps"})
+        args = {k: v for k, v in {**kw, **steps(schedule, n)}.items() if k != "num_inference_steps"}
+        out = run_ba(setup.pipe, setup.sidenet, n, **args)
         rows.append({"method": "ba (run_ba)", "steps": n, "calls": count.calls - before,
                      "psnr": psnr(out.images.float().numpy(), ref, span)})
     return rows
@@ -179,21 +195,29 @@ def bench(setup: Setup, batch: int, stream: int) -> dict:
     count = Count()
     HookRegistry.check_if_exists_or_initialize(pipe.transformer).register_hook(count, "count")
     results = []
-    for cfg in GUIDANCE:
-        kw = setup.inputs(batch, 0, cfg, 8)
-        ref, ref_check = reference(pipe, kw)
-        span = (float(ref.min()), float(ref.max()))
-        rows = []
-        for n in tqdm(STEPS, desc=f"schedulers cfg {cfg}", leave=False):
-            for name, sched in [("diffusers default (Euler)", None)] + [
-                    (s, AnchorflowScheduler.from_config(pipe.scheduler.config, solver=s)) for s in SOLVERS]:
-                x, c = run(pipe, count, sched, {**kw, "num_inference_steps": n})
-                rows.append({"method": name, "steps": n, "calls": c, "psnr": psnr(x, ref, span)})
-        if setup.sidenet is not None:
-            rows += ba_rows(setup, count, kw, ref, span)
-        rows += fastflow_rows(setup, count, kw, ref, span, cfg, batch, stream)
-        results.append({"guidance": cfg, "reference_self_psnr": ref_check, "rows": rows})
+    for schedule in SCHEDULES:  # every method steps on these sigmas
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0 if schedule == "shift 3" else 1.0)
+        for cfg in GUIDANCE[setup.model]:
+            results.append(one_setting(setup, count, batch, stream, schedule, cfg))
     return {"results": results, "batch": batch, "stream": stream}
+
+
+def one_setting(setup: Setup, count: Count, batch: int, stream: int, schedule: str, cfg: float) -> dict:
+    """Every method at one schedule and guidance scale, on the same noise and prompts."""
+    pipe = setup.pipe
+    kw = setup.inputs(batch, 0, cfg, 8)
+    ref, ref_check = reference(pipe, kw, schedule)
+    span = (float(ref.min()), float(ref.max()))
+    rows = []
+    for n in tqdm(STEPS, desc=f"schedulers {schedule} cfg {cfg}", leave=False):
+        for name, sched in [("diffusers default (Euler)", None)] + [
+                (s, AnchorflowScheduler.from_config(pipe.scheduler.config, solver=s)) for s in SOLVERS]:
+            x, c = run(pipe, count, sched, {**kw, **steps(schedule, n)})
+            rows.append({"method": name, "steps": n, "calls": c, "psnr": psnr(x, ref, span)})
+    if setup.sidenet is not None:
+        rows += ba_rows(setup, count, kw, ref, span, schedule)
+    rows += fastflow_rows(setup, count, kw, ref, span, cfg, batch, stream, schedule)
+    return {"schedule": schedule, "guidance": cfg, "reference_self_psnr": ref_check, "rows": rows}
 
 
 def markdown(rep: dict) -> str:
@@ -204,7 +228,8 @@ def markdown(rep: dict) -> str:
              "(512 calls) of the pipeline's schedule; calls = transformer forward calls the pipeline made "
              "(one call carries the cond and uncond rows).\n"]
     for r in rep["results"]:
-        lines.append(f"\n## guidance {r['guidance']:g} (reference vs RK4-64: {r['reference_self_psnr']:.1f} dB)\n")
+        lines.append(f"\n## {r.get('schedule', 'shift 3')} schedule, guidance {r['guidance']:g} "
+                     f"(reference vs RK4-64: {r['reference_self_psnr']:.1f} dB)\n")
         methods = ["diffusers default (Euler)", *SOLVERS, "ba (run_ba)"]
         lines.append("| scheduler | " + " | ".join(f"{n} calls" for n in STEPS) + " |")
         lines.append("|---|" + "---:|" * len(STEPS))
@@ -234,7 +259,7 @@ def main() -> None:
     setup = Setup(args.model)
     rep = bench(setup, args.batch, args.stream)
     rep.update(command="python " + " ".join(sys.argv), seconds=time.time() - start, load=load,
-               model=setup.name + ", shift 3", torch=torch.__version__, machine=platform.machine())
+               model=setup.name, torch=torch.__version__, machine=platform.machine())
     write_json(args.out / "diffusers_pipeline.json", rep)
     write_text(args.out / "diffusers_pipeline.md", markdown(rep))
     print(markdown(rep))
