@@ -12,9 +12,22 @@ import torch
 from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        FluxTransformer2DModel, SanaPipeline, SanaTransformer2DModel, SD3Transformer2DModel,
                        StableDiffusion3Pipeline)
+from diffusers.hooks import ModelHook
 
 torch.set_num_threads(1)  # tiny models: threads only contend (30x slower on this shared 2-core machine)
 B = 2  # prompts per call
+
+
+class CallCount(ModelHook):
+    """A diffusers hook that counts the transformer's forward calls (``.calls``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def new_forward(self, module, *args, **kwargs):
+        self.calls += 1
+        return self.fn_ref.original_forward(*args, **kwargs)
 
 
 def sd3_pipe(path) -> StableDiffusion3Pipeline:

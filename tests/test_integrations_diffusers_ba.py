@@ -12,8 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from _tiny_pipelines import build, inputs, pipe  # noqa: E402,F401  (pipe: the shared fixture)
-from diffusers.hooks import HookRegistry, ModelHook  # noqa: E402
+from _tiny_pipelines import CallCount as _Count, build, inputs, pipe  # noqa: E402,F401  (pipe: the shared fixture)
+from diffusers.hooks import HookRegistry  # noqa: E402
 
 from anchorflow.errors import ConfigError  # noqa: E402
 from anchorflow.integrations.diffusers import capture_pipeline, run_ba  # noqa: E402
@@ -29,16 +29,6 @@ def toy_sidenet(x, v, t, h, y):
     """A smooth nonzero SideNet (delta = h * tanh(...)), zero at h = 0 as the contract requires."""
     shape = (-1,) + (1,) * (x.ndim - 1)
     return (h.reshape(shape) * np.tanh(0.3 * x - 0.2 * v + t.reshape(shape))).astype(np.float32)
-
-
-class _Count(ModelHook):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def new_forward(self, module, *args, **kwargs):
-        self.calls += 1
-        return self.fn_ref.original_forward(*args, **kwargs)
 
 
 def _inputs(kind, cfg):

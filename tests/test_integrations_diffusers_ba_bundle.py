@@ -19,9 +19,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("onnxscript")
 
-from _tiny_pipelines import B, build, inputs  # noqa: E402
+from _tiny_pipelines import B, CallCount as _Count, build, inputs  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from diffusers.hooks import HookRegistry, ModelHook  # noqa: E402
+from diffusers.hooks import HookRegistry  # noqa: E402
 
 from anchorflow.cli import cli  # noqa: E402
 from anchorflow.integrations.diffusers import capture_pipeline, run_ba  # noqa: E402
@@ -65,16 +65,6 @@ def tiny(request, tmp_path_factory):
     _cli(["export", str(root / "transformer"), "--sidenet", str(root / "side"), "--out", str(root / "bundle"),
           "--max-batch", str(B), "--axis", "L=1:5:8"])
     return kind, pipe, root / "bundle"
-
-
-class _Count(ModelHook):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def new_forward(self, module, *args, **kwargs):
-        self.calls += 1
-        return self.fn_ref.original_forward(*args, **kwargs)
 
 
 def _tolerance(bundle, cfg: float) -> float:
