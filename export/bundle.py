@@ -30,7 +30,7 @@ from ..errors import AnchorflowError, CheckpointError, ConfigError
 from ..runtime.bundle_format import SCHEMA, TIME_CONVENTION, file_record, write_bundle_json
 from ..runtime.parity import Case, NetworkReport, RealData, reference_outputs, run_report
 from .cleanup import CleanupReport, clean
-from .onnx_export import BACKBONE, DEFAULT_OPSET, SIDENET, NetSpec, export_onnx, random_inputs
+from .onnx_export import BACKBONE, DEFAULT_OPSET, NetSpec, export_onnx, random_inputs, sidenet_spec
 from .precision import convert, parse_precisions, variant_file
 from .validate import batches_for, check_graph, make_cases, onnx_reference_runner, ort_runner, torch_runner
 
@@ -93,7 +93,7 @@ def load_jobs(backbone_dir: Path, sidenet_dir: Optional[Path]) -> list[NetJob]:
         from ..trainers.sidenet import load_sidenet
 
         side = load_sidenet(sidenet_dir, cfg)
-        jobs.append(NetJob(SIDENET, side, side.checkpoint_config, sidenet_dir))
+        jobs.append(NetJob(sidenet_spec(side), side, side.checkpoint_config, sidenet_dir))
     return jobs
 
 
@@ -140,7 +140,7 @@ def _checkpoint_record(job: NetJob, out: Path) -> dict[str, Any]:
     record = {"path": rel, "kind": cfg.get("kind"), "weights_sha256": cfg.get("weights_sha256"),
               "arch": cfg.get("arch"), "data": cfg.get("data"), "param_count": cfg.get("param_count"),
               "training": training}
-    if job.spec is SIDENET:
+    if job.spec.name == "sidenet":
         record["backbone"] = cfg.get("backbone")
     return record
 
@@ -221,6 +221,7 @@ def export_network(job: NetJob, folder: Path, opts: Options, shared: dict, real:
         refs = reference_outputs(spec.name, torch_runner(job.module, spec), cases)
     model, cleanup, report = _fp32_model(job, opts, info, cases, refs, step)
     entry = {"file": spec.file, **spec.signature(shape), "batch": spec.batch_range(opts.max_batch),
+             **({"axes": spec.axes()} if spec.axes() else {}),
              "checkpoint": _checkpoint_record(job, shared["out"]), "cleanup": cleanup.as_dict(),
              "validation": report.as_dict() if report else {"skipped": "--no-validate"}}
     variants = {}

@@ -27,12 +27,13 @@ import numpy as np
 
 from .._deps import require
 from ..errors import ConfigError
-from ..runtime.parity.cases import Domain, decls, random_feeds
+from ..runtime.parity.cases import OFFSETS, Domain, decls, random_feeds
 from ..runtime.solvers import max_sidenet_offsets
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the dynamo exporter emits 18+; its down-conversion to 17 breaks Split (measured)
 EXAMPLE_BATCH = 3  # not 0 or 1, which torch.export would specialise
+EXAMPLE_OFFSETS = 2  # likewise for a shared-body SideNet's offsets axis
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class NetSpec:
     output: str
     rows: int
     file: str
+    offsets: int = 0  # > 0: a shared-body SideNet, h (offsets, batch) with up to this many offsets per row
 
     def batch_range(self, max_batch: int) -> dict[str, int]:
         """Batch range of the dynamic axis for ``max_batch`` samples per solve (TensorRT profile too)."""
@@ -60,6 +62,9 @@ class NetSpec:
         """Names, shapes (``"batch"`` for the dynamic axis) and dtypes of inputs and output."""
         def entry(name: str) -> dict[str, Any]:
             role = ROLES.get(name, "condition")
+            if self.offsets and name in ("h", "delta"):  # K offsets per row: (offsets, batch[, *state])
+                shape = [OFFSETS, "batch", *(map(int, state_shape) if name == "delta" else ())]
+                return {"name": name, "shape": shape, "dtype": "float32", "role": role, "per_row": True}
             if name == "y":
                 return {"name": name, "shape": ["batch"], "dtype": "int64", "role": role, "per_row": True}
             if name in ("t", "h"):
@@ -69,11 +74,23 @@ class NetSpec:
 
         return {"inputs": [entry(n) for n in self.inputs], "outputs": [entry(self.output)]}
 
+    def axes(self) -> dict[str, dict[str, int]]:
+        """Named axes besides ``batch`` (bundle.json ``axes``): the offsets of a shared-body SideNet."""
+        return {OFFSETS: {"min": 1, "opt": self.offsets, "max": self.offsets}} if self.offsets else {}
+
 
 ROLES = {"x": "state", "t": "time", "v": "velocity", "h": "offset", "delta": "velocity"}
 BACKBONE = NetSpec("backbone", ("x", "t", "y"), "v", 2, "backbone.onnx")
 SIDENET = NetSpec("sidenet", ("x", "v", "t", "h", "y"), "delta", 2 * max_sidenet_offsets(), "sidenet.onnx")
+# a polynomial-offset SideNet: the body runs on the anchor rows once, h (offsets, batch) -> delta (offsets, batch, ...)
+SIDENET_SHARED = NetSpec("sidenet", ("x", "v", "t", "h", "y"), "delta", 2, "sidenet.onnx",
+                         offsets=max_sidenet_offsets())
 NETS = {spec.name: spec for spec in (BACKBONE, SIDENET)}
+
+
+def sidenet_spec(module: Any) -> NetSpec:
+    """The export spec of a SideNet module: :data:`SIDENET_SHARED` for shared-body (polynomial) forms."""
+    return SIDENET_SHARED if getattr(module, "shared_body", False) else SIDENET
 
 
 def random_inputs(
@@ -82,7 +99,10 @@ def random_inputs(
     """Random feeds in the nets' domain (:func:`anchorflow.runtime.parity.cases.random_feeds`): x, v ~
     N(0, 1); t ~ U(0, 1); h in [-(1 - t), t] so that t - h stays in [0, 1]; y uniform over
     0..num_classes (the last is the null label)."""
-    return random_feeds(decls(spec.signature(state_shape)["inputs"]), batch, rng, Domain.for_labels(num_classes))
+    dom = Domain.for_labels(num_classes)
+    if spec.offsets:
+        dom = Domain(sizes={OFFSETS: EXAMPLE_OFFSETS}, labels=dom.labels, null=dom.null)
+    return random_feeds(decls(spec.signature(state_shape)["inputs"]), batch, rng, dom)
 
 
 @contextlib.contextmanager
@@ -126,7 +146,7 @@ def export_onnx(module: Any, spec: NetSpec, state_shape: tuple[int, ...], num_cl
         with _quiet(), torch.no_grad():
             program = torch.onnx.export(
                 module, args, None, input_names=list(spec.inputs), output_names=[spec.output],
-                dynamo=True, dynamic_shapes={name: {0: batch} for name in spec.inputs},
+                dynamo=True, dynamic_shapes=_dynamic(spec, batch, torch),
                 opset_version=check_opset(opset), external_data=False, verbose=False,
             )
     except Exception as exc:  # torch.export raises many types; the message is what helps
@@ -136,3 +156,12 @@ def export_onnx(module: Any, spec: NetSpec, state_shape: tuple[int, ...], num_cl
             "data-dependent Python control flow on a dynamic batch axis"
         ) from exc
     return program.model_proto
+
+
+def _dynamic(spec: NetSpec, batch: Any, torch: Any) -> dict:
+    """torch.export dynamic shapes: axis 0 of every input is ``batch``, except a shared-body
+    SideNet's h (offsets, batch)."""
+    shapes = {name: {0: batch} for name in spec.inputs}
+    if spec.offsets:
+        shapes["h"] = {0: torch.export.Dim(OFFSETS, min=1, max=max(spec.offsets, EXAMPLE_OFFSETS)), 1: batch}
+    return shapes

@@ -284,6 +284,8 @@ class GuidedField:
         k = len(offsets)
         rows = v_raw.shape[0] // x.shape[0]  # the anchor call's row blocks (1 where guidance was off)
         n = x.shape[0] * rows
+        if getattr(self.sidenet, "shared_body", False):
+            return self._side_shared(x, v_raw, t, offsets, rows, n)
         xs = np.concatenate([x] * (rows * k), axis=0) if rows * k > 1 else x
         xs = xs.astype(self.dtype, copy=False)
         vs = np.concatenate([v_raw] * k, axis=0) if k > 1 else v_raw
@@ -299,3 +301,21 @@ class GuidedField:
         if self.check_finite:
             _finite(d, "SideNet", self.sidenet_calls, t)
         return [d[i * n : (i + 1) * n] for i in range(k)]
+
+    def _side_shared(self, x: np.ndarray, v_raw: np.ndarray, t: float, offsets: Sequence[float], rows: int,
+                     n: int) -> list[np.ndarray]:
+        """A shared-body SideNet: the n anchor rows once, h (K, n) -> delta (K, n, ...)."""
+        k = len(offsets)
+        xs = (self.expand(x, rows) if rows > 1 else x).astype(self.dtype, copy=False)
+        ts = _filled(n, t, self.dtype) if isinstance(t, float) else np.full(n, t, self.dtype)
+        hs = np.asarray(offsets, self.dtype).repeat(n).reshape(k, n)
+        start = time.perf_counter()
+        d = np.asarray(self.sidenet(xs, v_raw.astype(self.dtype, copy=False), ts, hs, self._tiled(rows, 1)))
+        d = d.astype(self.dtype, copy=False)
+        self.sidenet_s += time.perf_counter() - start
+        self.sidenet_calls += 1
+        if d.shape != (k, *xs.shape):
+            raise ConfigError(f"sidenet returned shape {d.shape}, expected {(k, *xs.shape)}")
+        if self.check_finite:
+            _finite(d, "SideNet", self.sidenet_calls, t)
+        return list(d)

@@ -135,12 +135,35 @@ class BundleVelocity(BundleNet):
 
 
 class BundleSideNet(BundleNet):
-    """``sidenet(x, v, t, h, cond) -> delta`` for a bundle's SideNet (v_hat(t - h) = v + delta)."""
+    """``sidenet(x, v, t, h, cond) -> delta`` for a bundle's SideNet (v_hat(t - h) = v + delta).
+
+    A shared-body SideNet (``h`` declared (offsets, batch): the polynomial offset forms) takes K
+    offsets per row, h (K, B), and returns delta (K, B, ...): its body runs once on the B rows.
+    """
 
     KIND, LABEL = "sidenet", "SideNet"
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        h = next(i for i in self.decl.inputs if i.role == "offset")
+        self.shared_body = len(h.shape) == 2 and h.shape[1] == "batch"
+
     def __call__(self, x: np.ndarray, v: np.ndarray, t: np.ndarray, h: np.ndarray, cond: Optional[dict]) -> np.ndarray:
-        return self._call({"state": x, "velocity": v, "time": t, "offset": h}, cond)
+        tensors = {"state": x, "velocity": v, "time": t, "offset": h}
+        if not self.shared_body:
+            return self._call(tensors, cond)
+        rows = int(x.shape[0])
+        top = self.decl.batch[2] if self.decl.batch is not None else rows
+        if rows <= top:
+            return np.asarray(self.run(self.feeds(tensors, cond)))
+        parts = []  # chunks of the anchor rows, every offset of each chunk (h's axis 1 is the row axis)
+        for lo in range(0, rows, top):
+            cut = slice(lo, lo + top)
+            part = {"state": x[cut], "velocity": v[cut], "time": t[cut], "offset": h[:, cut]}
+            part_cond = None if cond is None else {
+                k: (c[cut] if np.ndim(c) and np.shape(c)[0] == rows else c) for k, c in cond.items()}
+            parts.append(np.asarray(self.run(self.feeds(part, part_cond))))
+        return np.concatenate(parts, axis=1)
 
 
 WRAPPERS = {"backbone": BundleVelocity, "sidenet": BundleSideNet}

@@ -28,7 +28,9 @@ nn = torch.nn
 F = torch.nn.functional
 
 # Arch defaults (the digits SideNet); ``sidenet_arch`` fills in the backbone's facts and a width.
-DEFAULTS = {"width": 16, "cond_dim": 32, "blocks": 2, "groups": 4, "heads": 2, "freq_dim": 32, "patch": 1}
+DEFAULTS = {"width": 16, "cond_dim": 32, "blocks": 2, "groups": 4, "heads": 2, "freq_dim": 32, "patch": 1,
+            "offset": "film"}
+OFFSET_FORMS = ("film", "poly2", "poly3", "poly4")
 RATIO = 0.015  # SideNet size / backbone size; the paper: 1-2 % (6M next to a 675M SiT-XL/2)
 TIME_SCALE = 1000.0  # t and h in [-1, 1] are scaled before the sinusoidal embedding (as in DiT)
 
@@ -121,8 +123,13 @@ class SideNet(nn.Module):
         if width % groups:
             raise ConfigError(f"SideNet width {width} must be divisible by groups {groups}")
         self.patch = p = _patch(arch, hgt, wid)
+        self.offset_form = form = str(arch.get("offset", "film"))
+        if form not in OFFSET_FORMS:
+            raise ConfigError(f"SideNet offset form must be one of {', '.join(OFFSET_FORMS)}, got {form!r}")
+        self.degree = 1 if form == "film" else int(form[4:])  # poly<d>: delta = sum_j h^j f_j, j = 1..d
         self.t_embed = ScalarEmbed(int(arch["freq_dim"]), cond)
-        self.h_embed = ScalarEmbed(int(arch["freq_dim"]), cond)
+        if form == "film":
+            self.h_embed = ScalarEmbed(int(arch["freq_dim"]), cond)
         if self.cond_spec["kind"] == "label":
             self.y_embed = nn.Embedding(int(self.cond_spec["num_classes"]) + 1, cond)
         elif self.cond_spec["kind"] != "none":
@@ -133,7 +140,7 @@ class SideNet(nn.Module):
         self.mid = n // 2
         self.attn = SelfAttention(width, groups, int(arch["heads"]), (hgt // p, wid // p))
         self.norm_out = nn.GroupNorm(groups, width)
-        self.conv_out = nn.Conv2d(width, c * p * p, 3, padding=1)
+        self.conv_out = nn.Conv2d(width, self.degree * c * p * p, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -142,9 +149,15 @@ class SideNet(nn.Module):
         """x, v (B, *state_shape); t, h (B,) float; y, y2 the :attr:`cond_inputs` in order (label kind:
         y (B,) int64 labels; pooled: y (B, P); mean: y (B, L, D) and the mask y2 (B, L) if declared;
         none: nothing) -> delta (B, *state_shape), 0 where h = 0. Named arguments, so exporters can
-        key dynamic shapes by name."""
+        key dynamic shapes by name.
+
+        Polynomial forms (``offset="poly<d>"``) also take K offsets per row: h (K, B) -> delta
+        (K, B, *state), or h of K*B values (block k: rows k*B .. (k+1)*B - 1) -> (K*B, *state); the
+        body runs once on the B rows whatever K is (the exported graph's interface: h (offsets, batch))."""
         conds = tuple(c for c in (y, y2) if c is not None)
-        c = self.t_embed(t) + self.h_embed(h)
+        c = self.t_embed(t)
+        if self.offset_form == "film":
+            c = c + self.h_embed(h)
         kind = self.cond_spec["kind"]
         if kind == "label":
             c = c + self.y_embed(conds[0])
@@ -162,7 +175,28 @@ class SideNet(nn.Module):
             a = self.attn(a)
         f = self.conv_out(F.silu(self.norm_out(a)))
         f = F.pixel_shuffle(f, self.patch) if self.patch > 1 else f
-        return (h.to(f.dtype).reshape(-1, 1, 1, 1) * f).reshape(x.shape)
+        if self.offset_form == "film":
+            return (h.to(f.dtype).reshape(-1, 1, 1, 1) * f).reshape(x.shape)
+        return self._polynomial(f, h, x)
+
+    def _polynomial(self, f: "torch.Tensor", h: "torch.Tensor", x: "torch.Tensor") -> "torch.Tensor":
+        """``delta_k = sum_{j=1..d} h_k^j f_j`` for the K offsets of every row (Horner's rule)."""
+        n = x.shape[0]
+        c = self.image_shape[0]
+        f = f.reshape(n, self.degree, c, *f.shape[2:])  # (B, d, C, H, W)
+        hk = h.to(f.dtype).reshape(-1, n, 1, 1, 1)  # (K, B, 1, 1, 1)
+        out = f[:, self.degree - 1]
+        out = out.unsqueeze(0) * hk
+        for j in range(self.degree - 2, -1, -1):
+            out = (out + f[:, j]) * hk
+        if h.dim() == 2:  # (K, B) offsets: (K, B, *state), as the exported graph returns it
+            return out.reshape(h.shape[0], n, *x.shape[1:])
+        return out.reshape(-1, *x.shape[1:])
+
+    @property
+    def shared_body(self) -> bool:
+        """True when K offsets per row cost one body row (polynomial forms): h may be (K, B)."""
+        return self.offset_form != "film"
 
 
 def _image_shape(state_shape: tuple[int, ...]) -> tuple[int, int, int]:

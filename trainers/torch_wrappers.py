@@ -46,7 +46,12 @@ class TorchVelocity(_Wrapper):
 
 class TorchSideNet(_Wrapper):
     """``sidenet(x, v, t, h, cond) -> delta`` for a torch SideNet ``module(x, v, t, h, *conds)``, fed
-    the conditions it declares (``module.cond_inputs``; the labels ``y`` when it declares none)."""
+    the conditions it declares (``module.cond_inputs``; the labels ``y`` when it declares none).
+    A shared-body SideNet (polynomial offset form) takes h (K, B) and returns (K, B, *state)."""
+
+    @property
+    def shared_body(self) -> bool:
+        return bool(getattr(self.module, "shared_body", False))
 
     @torch.no_grad()
     def __call__(self, x: np.ndarray, v: np.ndarray, t: np.ndarray, h: np.ndarray,

@@ -30,6 +30,10 @@ from .common import parse_float_list, positive, seed as seed_check
 @click.option("--patch", type=int, default=None, callback=positive,
               help="Run the SideNet body on an (H/p, W/p) grid (space-to-depth stem); 1 = full resolution (paper).")
 @click.option("--blocks", type=int, default=None, callback=positive, help="ResBlocks in the SideNet body.")
+@click.option("--offset", "offset_form", type=click.Choice(["film", "poly2", "poly3", "poly4"]), default=None,
+              help="How the offset h enters: 'film' (the paper: h embedded into every block's FiLM), or 'polyD' "
+                   "(delta = h f1 + ... + h^D fD, the body sees no h: BA's 4 offsets per interval cost ONE body "
+                   "row instead of four).  [default: film]")
 @click.option("--data", default="auto", show_default=True,
               help="Start states: 'auto' (the backbone checkpoint's own data set if it names one, else data-free), "
                    "'none' (data-free: the backbone's own many-step samples for the --cond rows), a bundled data "
@@ -57,7 +61,7 @@ from .common import parse_float_list, positive, seed as seed_check
               help="Write the checkpoint (and resume state) every N iterations.")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out (same settings; --iters may grow).")
 @click.option("--threads", type=int, default=None, callback=positive, help="torch CPU threads (default: torch's).")
-def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, data, cond_file, null_file, sidenet_cond,
+def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, offset_form, data, cond_file, null_file, sidenet_cond,
             start_states, solve_steps, cache_dir, seed, ckpt_every, resume, threads) -> None:
     """Train a SideNet for a frozen backbone by chain-based simulation (BA-solver, arXiv 2601.21542).
 
@@ -78,7 +82,8 @@ def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, dat
 
     settings = SideNetTrainSettings(iters=iters, chain=chain, batch=batch, rates=tuple(parse_float_list(rate, "--rate")),
                                     lr=lr, width=width, seed=seed, ckpt_every=ckpt_every,
-                                    arch={k: v for k, v in (("patch", patch), ("blocks", blocks)) if v is not None},
+                                    arch={k: v for k, v in (("patch", patch), ("blocks", blocks), ("offset", offset_form))
+                                          if v is not None},
                                     sidenet_cond=sidenet_cond)
     with session() as dist:
         cfg = train_sidenet_for_source(model, out, settings, data=data, cond_file=cond_file, null_file=null_file,

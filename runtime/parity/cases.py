@@ -127,7 +127,21 @@ def random_feeds(inputs: Sequence[TensorDecl], batch: int, rng: np.random.Genera
     by_role = {"time": t, "state": rng.standard_normal(shape_of(state, batch, dom.sizes)).astype(np.float32)}
     by_role["velocity"] = rng.standard_normal(by_role["state"].shape).astype(np.float32)
     by_role["offset"] = (rng.random(batch) * 1.0 - (1.0 - t)).astype(np.float32)
+    k = _offsets(inputs, dom)
+    if k:  # a shared-body SideNet: K offsets per row, each in [-(1 - t), t]
+        by_role["offset"] = (rng.random((k, batch)) - (1.0 - t)).astype(np.float32)
     return {i.name: by_role[i.role] if i.role in by_role else _condition(i, batch, rng, dom) for i in inputs}
+
+
+OFFSETS = "offsets"  # the axis of a shared-body SideNet's h (offsets, batch): K offsets per row
+
+
+def _offsets(inputs: Sequence[TensorDecl], dom: Domain) -> int:
+    """K when the offset input is declared (offsets, batch) (``dom.sizes["offsets"]``, default 4), else 0."""
+    h = next((i for i in inputs if i.role == "offset"), None)
+    if h is None or len(h.shape) != 2:
+        return 0
+    return int(dom.sizes.get(OFFSETS, 4))
 
 
 def conditions(inputs: Sequence[TensorDecl], batch: int, rng: np.random.Generator, dom: Optional[Domain] = None,
@@ -168,7 +182,9 @@ def real_feeds(inputs: Sequence[TensorDecl], real: RealData, batch: int, rng: np
     if "velocity" in roles:
         by_role["velocity"] = np.asarray(real.velocity(by_role["state"], t, cond), np.float32)
     if "offset" in roles:
-        h = rng.choice(BA_FRACTIONS, batch) * rng.choice(STEP_SIZES, batch)
+        k = _offsets(inputs, dom)
+        size = (k, batch) if k else batch
+        h = rng.choice(BA_FRACTIONS, size) * rng.choice(STEP_SIZES, size)
         by_role["offset"] = np.clip(h, -(1.0 - t), t).astype(np.float32)
     return {i.name: by_role[i.role] if i.role in by_role else cond[i.name] for i in inputs}
 
