@@ -13,7 +13,10 @@ sample against the DiT's ~13 M). The figures come from the runtime's own timing 
 overhead is the rest. Medians over ``--repeats`` solves after warm-up; ``per_call`` adds the
 median latency of single calls (backbone on B rows, SideNet on B and 3B rows).
 
-    python benchmarks/overhead.py [--repeats 30] [--batch 16] [--nfe 10] [--threads 1]
+    python benchmarks/overhead.py [--repeats 30] [--batch 16] [--nfe 10] [--threads 1] [--bundle B]
+
+``--bundle B --out F``: another bundle, e.g. one with a shared-body (polynomial-offset) SideNet,
+whose merged probe is one call on B rows with h (4, B) (``per_call`` then times that call).
 
 Writes benchmarks/results/overhead.json.
 """
@@ -142,6 +145,11 @@ def per_call(velocity, sidenet, batch: int, meta: dict) -> dict:
 
     f = feeds(batch)
     out = {"backbone_ms": call_latency(velocity, (f["x"], f["t"], {"y": f["y"]}))}
+    if getattr(sidenet, "shared_body", False):  # one body row per state row: h (4, B) on B rows
+        h4 = (0.1 * rng.random((4, batch))).astype(np.float32)
+        out[f"sidenet_{batch}_rows_4_offsets_ms"] = call_latency(sidenet, (f["x"], f["v"], f["t"], h4, {"y": f["y"]}))
+        out["merged_sidenet_per_interval_over_backbone"] = out[f"sidenet_{batch}_rows_4_offsets_ms"] / out["backbone_ms"]
+        return out
     if sidenet is not None:
         side_args = lambda f: (f["x"], f["v"], f["t"], f["h"], {"y": f["y"]})  # noqa: E731
         out |= {f"sidenet_{rows}_rows_ms": call_latency(sidenet, side_args(feeds(rows)))
@@ -155,8 +163,14 @@ def per_call(velocity, sidenet, batch: int, meta: dict) -> dict:
     return out
 
 
-def open_subject(threads: int, tmp: Path):
-    """(velocity, sidenet, meta, providers, description): the bundled bundle, else the stand-in."""
+def open_subject(threads: int, tmp: Path, bundle: Optional[str] = None):
+    """(velocity, sidenet, meta, providers, description): ``bundle``, else the bundled bundle, else the stand-in."""
+    if bundle is not None:
+        from anchorflow.modelref import open_model
+
+        m = open_model(bundle, backend="ort-cpu")
+        form = ((m.meta.get("networks") or {}).get("sidenet") or {}).get("checkpoint", {}).get("arch", {}).get("offset")
+        return m.velocity, m.sidenet, m.meta, m.providers, f"bundle {bundle} (ort-cpu, SideNet offset form {form or 'film'})"
     if (BUNDLED / DEFAULT_NAME / "bundle" / "bundle.json").is_file():
         from anchorflow.modelref import open_model
 
@@ -182,9 +196,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--nfe", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of the stand-in session")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--bundle", default=None, help="a bundle to measure instead of the bundled digits bundle")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        vel, side, meta, providers, what = open_subject(args.threads, Path(tmp))
+        vel, side, meta, providers, what = open_subject(args.threads, Path(tmp), args.bundle)
         rows = [measure("euler", vel, None, args.nfe, args.batch, args.repeats, cfg, meta) for cfg in (1.0, 1.5)]
         ba = paper = None
         guided = []

@@ -40,6 +40,7 @@ def train_cmd(args, lr: str, out: Path, iters: int) -> list[str]:
     cmd = [sys.executable, "-m", "anchorflow.cli", "train", "sidenet", "--backbone", "default", "--out", str(out),
            "--iters", str(iters), "--batch", str(args.batch), "--chain", "8", "--rate", "50", "--lr", lr,
            "--seed", "0", "--threads", str(args.threads), "--ckpt-every", str(args.every)]
+    cmd += ["--offset", args.offset] if args.offset else []
     return cmd + (["--resume"] if iters > args.every else [])
 
 
@@ -103,6 +104,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--nfe", default="5,10")
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--reference-steps", type=int, default=128)
+    ap.add_argument("--offset", default=None, help="SideNet offset form (train sidenet --offset), default film")
     ap.add_argument("--work", type=Path, default=None, help="checkpoint folders (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
