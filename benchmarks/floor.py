@@ -14,6 +14,7 @@ network evaluation on every row, same seed).
 
     python benchmarks/floor.py [--repeats 7] [--skip-memory]
     python benchmarks/floor.py --backbone dit30m    # batch 1 and 16, 3 repeats: ~7 min on 2 quiet cores
+    python benchmarks/floor.py --bundle B --name poly3  # another digits bundle (no memory check)
 
 Writes benchmarks/results/floor.json and floor.md (``--backbone dit30m``: floor_dit30m.json /
 .md); the load average is recorded with them. ``--backbone dit30m`` runs the same table on a
@@ -201,6 +202,10 @@ def main(argv=None) -> None:
     p.add_argument("--backbone", choices=("digits", "dit30m"), default="digits",
                    help="digits: the bundled bundle; dit30m: a ~33 M-parameter random-init DiT exported here "
                         "(no memory check; default batches 1,16 and 3 repeats)")
+    p.add_argument("--bundle", default=None,
+                   help="digits only: measure this bundle instead of the bundled one (e.g. a shared-body "
+                        "poly3 SideNet); results go to floor_<--name>.json / .md")
+    p.add_argument("--name", default=None, help="with --bundle: results file suffix (default: the folder name)")
     args = p.parse_args(argv)
     args.repeats = args.repeats or (7 if args.backbone == "digits" else 3)
     args.solvers = args.solvers.split(",")
@@ -213,6 +218,9 @@ def main(argv=None) -> None:
     configure(args.threads)  # before any session (the dit30m export validates nothing, but opens one)
     tmp, built, name = None, None, "floor"
     bundle = BUNDLE
+    if args.bundle is not None and args.backbone == "digits":
+        bundle, name = Path(args.bundle), f"floor_{args.name or Path(args.bundle).name}"
+        args.skip_memory = True  # the memory check runs `anchorflow sample default`
     if args.backbone == "dit30m":
         tmp = tempfile.TemporaryDirectory()
         bundle, built = dit30m_bundle(Path(tmp.name), max(args.batches))

@@ -169,7 +169,10 @@ def open_subject(threads: int, tmp: Path, bundle: Optional[str] = None):
         from anchorflow.modelref import open_model
 
         m = open_model(bundle, backend="ort-cpu")
-        form = ((m.meta.get("networks") or {}).get("sidenet") or {}).get("checkpoint", {}).get("arch", {}).get("offset")
+        from anchorflow.runtime.bundle_format import read_bundle
+
+        side = read_bundle(bundle).meta["networks"].get("sidenet") or {}
+        form = ((side.get("checkpoint") or {}).get("arch") or {}).get("offset")
         return m.velocity, m.sidenet, m.meta, m.providers, f"bundle {bundle} (ort-cpu, SideNet offset form {form or 'film'})"
     if (BUNDLED / DEFAULT_NAME / "bundle" / "bundle.json").is_file():
         from anchorflow.modelref import open_model

@@ -6,7 +6,9 @@ and the time split (backbone / SideNet / rest) are handled once for every method
 Shapes: the state ``x`` is (B, ...). Conditions are a dict name -> (B, ...) array (class labels
 are the condition ``y`` int64 (B,)). With guidance (``cfg_scale != 1``) the backbone is called on
 ``[x; x]`` with every condition ``[cond; null]`` (2B rows, one NFE); such per-row outputs are
-"raw". The SideNet's k offsets are one call on k copies of those rows, conditions tiled alike.
+"raw". The SideNet's k offsets are one call on k copies of those rows, conditions tiled alike,
+or, for a shared-body SideNet (``sidenet.shared_body``: the polynomial offset forms), one call on
+those rows once with h (k, rows) -> delta (k, rows, ...).
 Time convention: t = 1 noise, t = 0 data.
 """
 

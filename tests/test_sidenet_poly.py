@@ -173,3 +173,16 @@ def test_shared_body_calls_with_more_rows_than_exported_run_in_chunks(poly_bundl
     whole = sess.run(None, {"x": x, "v": v, "t": t, "h": h, "y": y.astype(np.int64)})[0]
     assert chunked.shape == (4, n, 1, 8, 8)
     np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=0)
+
+
+def test_tensorrt_profile_covers_the_offsets_axis(poly_bundle):
+    import json
+
+    from anchorflow.engines.profiles import bundle_rows, network_specs, profile_for
+
+    meta = json.loads((poly_bundle / "bundle" / "bundle.json").read_text())
+    rows = bundle_rows(meta)["sidenet"]
+    profile = profile_for(network_specs(meta)["sidenet"], rows)
+    lo, _, hi = profile.shapes["h"]
+    assert lo == (1, rows[0]) and hi == (4, rows[2])  # 1..4 offsets (BA's merged probe) on every row count
+    assert profile.shapes["x"][2] == (rows[2], 1, 8, 8)  # x keeps the anchor rows: no K x tiling
