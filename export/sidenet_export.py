@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import CheckpointError, ConfigError
 from ..runtime.parity import TOLERANCES, Case, reference_outputs, run_report
+from ..runtime.parity.cases import OFFSETS
 from ..runtime.solvers import max_sidenet_offsets
 
 FILE = "sidenet.onnx"
@@ -43,7 +44,8 @@ def declaration(side: Any, backbone_inputs: list[dict]) -> list[dict]:
     decls = [{"name": "x", "dtype": "float32", "shape": state, "role": "state", "per_row": True},
              {"name": "v", "dtype": "float32", "shape": state, "role": "velocity", "per_row": True},
              {"name": "t", "dtype": "float32", "shape": ["batch"], "role": "time", "per_row": True},
-             {"name": "h", "dtype": "float32", "shape": ["batch"], "role": "offset", "per_row": True}]
+             {"name": "h", "dtype": "float32", "shape": [OFFSETS, "batch"] if _shared(side) else ["batch"],
+              "role": "offset", "per_row": True}]
     backbone = {i["name"]: i for i in backbone_inputs}
     for name in side.cond_inputs:
         if name not in backbone:
@@ -53,6 +55,17 @@ def declaration(side: Any, backbone_inputs: list[dict]) -> list[dict]:
         decls.append({"name": name, "dtype": d["dtype"], "shape": list(d["shape"]), "role": "condition",
                       "per_row": bool(d.get("per_row", True))})
     return decls
+
+
+def _shared(side: Any) -> bool:
+    """A shared-body (polynomial-offset) SideNet: h (offsets, batch) -> delta (offsets, batch, ...)."""
+    return bool(getattr(side, "shared_body", False))
+
+
+def _with_offsets(side: Any, axes: dict) -> dict:
+    """The backbone's axes plus, for a shared-body SideNet, ``offsets`` 1..(BA's merged-probe offsets)."""
+    k = max(max_sidenet_offsets(), 1)
+    return {**axes, OFFSETS: (1, k, k)} if _shared(side) else dict(axes)
 
 
 def _example(decls: list[dict], rows: int, sizes: dict, rng: np.random.Generator, num_classes: int) -> dict:
@@ -78,6 +91,7 @@ def trace(side: Any, decls: list[dict], axes: dict, top_rows: int) -> tuple[Any,
 
     dims = {"batch": torch.export.Dim("batch", min=1, max=max(top_rows, 3))}
     sizes = {}
+    axes = _with_offsets(side, axes)
     for d in decls:
         for a in d["shape"]:
             if isinstance(a, str) and a != "batch" and a not in dims:
@@ -128,11 +142,16 @@ def export_sidenet(side: Any, backbone_inputs: list[dict], axes: dict, top_rows:
     """
     decls = declaration(side, backbone_inputs)
     proto, sizes = trace(side, decls, axes, top_rows)
+    axes = _with_offsets(side, axes)
+    if _shared(side):
+        sizes = {**sizes, OFFSETS: axes[OFFSETS][2]}  # parity at the most offsets per row
+        top_rows = max(1, top_rows // axes[OFFSETS][2])  # anchor rows: the offsets no longer tile them
     data = proto.SerializeToString()
     report = _validate(side, data, decls, sizes, top_rows) if validate else None
     used = {a for d in decls for a in d["shape"] if isinstance(a, str) and a != "batch"}
+    out_shape = [OFFSETS, *decls[0]["shape"]] if _shared(side) else decls[0]["shape"]
     entry = {"inputs": decls,
-             "outputs": [{"name": "delta", "dtype": "float32", "shape": decls[0]["shape"], "role": "velocity",
+             "outputs": [{"name": "delta", "dtype": "float32", "shape": out_shape, "role": "velocity",
                           "per_row": True}],
              "batch": {"min": 1, "opt": top_rows, "max": top_rows},
              "axes": {a: dict(zip(("min", "opt", "max"), map(int, axes[a]))) for a in sorted(used)},

@@ -186,3 +186,54 @@ def test_tensorrt_profile_covers_the_offsets_axis(poly_bundle):
     lo, _, hi = profile.shapes["h"]
     assert lo == (1, rows[0]) and hi == (4, rows[2])  # 1..4 offsets (BA's merged probe) on every row count
     assert profile.shapes["x"][2] == (rows[2], 1, 8, 8)  # x keeps the anchor rows: no K x tiling
+
+
+def test_diffusers_backbone_poly_sidenet_trains_exports_and_runs_on_anchor_rows(tmp_path, monkeypatch):
+    """`train sidenet --offset poly3` on a tiny SD3 transformer (data-free) -> `export --sidenet`:
+    h declared (offsets, batch), onnxruntime == torch per call, and a guided BA solve feeds the
+    SideNet the anchor rows only."""
+    pytest.importorskip("diffusers")
+    import json
+
+    from test_train_sidenet_adapters import _conds, _run_cli, _tiny
+
+    from anchorflow.runtime import load_bundle, solve
+    from anchorflow.trainers.adapters import load_source
+    from anchorflow.trainers.sidenet import load_sidenet
+    from anchorflow.trainers.torch_wrappers import TorchSideNet
+
+    _tiny("sd3", tmp_path / "sd3")
+    cond = _conds(tmp_path / "cond.npz", 3, 0)
+    null = _conds(tmp_path / "null.npz", 1, 1)
+    _run_cli(["train", "sidenet", "--backbone", str(tmp_path / "sd3"), "--out", str(tmp_path / "side"), "--data", "none",
+              "--cond", str(tmp_path / "cond.npz"), "--null-cond", str(tmp_path / "null.npz"), "--iters", "2",
+              "--batch", "4", "--chain", "2", "--width", "8", "--lr", "1e-2", "--start-states", "4",
+              "--solve-steps", "2", "--cache-dir", str(tmp_path / "cache"), "--offset", "poly3"], monkeypatch)
+    adapter = load_source(str(tmp_path / "sd3"))
+    side = load_sidenet(tmp_path / "side", adapter)
+    assert side.shared_body and side.checkpoint_config["arch"]["offset"] == "poly3"
+    with torch.no_grad():  # 2 iterations barely move the zero-initialised head: give it weights
+        torch.nn.init.normal_(side.conv_out.weight, std=0.1)
+    bundle = tmp_path / "bundle"
+    from anchorflow.export.adapter_export import export_adapter
+
+    export_adapter(adapter, bundle, max_batch=2, sidenet=side)
+    entry = json.loads((bundle / "bundle.json").read_text())["networks"]["sidenet"]
+    h = next(i for i in entry["inputs"] if i["name"] == "h")
+    assert h["shape"] == ["offsets", "batch"] and entry["validation"]["passed"]
+    m = load_bundle(bundle, backend="ort-cpu")
+    assert m.sidenet.shared_body
+    r, n = np.random.default_rng(3), 2
+    shape = (n, *adapter.spec.state_shape())
+    x, v = r.standard_normal(shape).astype(np.float32), r.standard_normal(shape).astype(np.float32)
+    t = np.array([0.9, 0.4], np.float32)
+    hh = np.array([[0.2, -0.1], [0.05, 0.3], [-0.2, 0.1]], np.float32)
+    rows = {k: val[[0, 2]] for k, val in cond.items()}
+    np.testing.assert_allclose(m.sidenet(x, v, t, hh, rows), TorchSideNet(side)(x, v, t, hh, rows), atol=1e-4, rtol=0)
+    calls = _counted(m.sidenet)
+    noise = r.standard_normal(shape).astype(np.float32)
+    guided = dict(cond=rows, null_cond=null, cfg_scale=2.0)
+    got = solve("ba", m.velocity, noise, 4, sidenet=m.sidenet, **guided)
+    assert len(calls) == 4 and all(rows_ in (n, 2 * n) and hs[1] == rows_ for rows_, hs in calls)
+    ref = solve("ba", adapter.call_numpy, noise, 4, sidenet=TorchSideNet(side), **guided)
+    np.testing.assert_allclose(got.x, ref.x, atol=1e-3, rtol=0)  # <= 1e-4 per call over 4 steps

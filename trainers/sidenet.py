@@ -106,6 +106,13 @@ class SideNet(nn.Module):
             1 thread, batch 16): patch 2 with one ResBlock costs ~12 % of a backbone call per BA
             interval (full-resolution default: ~45 %) but loses ~2 dB PSNR at 5 and 10 NFE
             (benchmarks/sidenet_training.py), so the bundled SideNet keeps patch 1.
+            ``offset``: how h enters. ``"film"`` (the paper): h is embedded next to t and y and
+            drives every block's FiLM; ``delta = h f(x, v, t, h, y)``. ``"poly<d>"`` (d = 2..4,
+            beyond the paper): the body sees only (x, v, t, y) and outputs d fields,
+            ``delta = h f_1 + h^2 f_2 + ... + h^d f_d`` -- a Taylor form of v(t - h) along the
+            trajectory (BA's 4-node rule integrates cubics exactly, so d = 3 is all it can use) --
+            so K offsets from one anchor cost ONE body row: BA's merged probe (4 offsets per
+            interval) runs on B rows instead of 4B. Measured on the digits: see the README.
     """
 
     def __init__(self, arch: dict) -> None:
