@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -70,7 +72,9 @@ def test_merged_probes_make_n_sidenet_calls_for_n_intervals(n, guided, mixture, 
     y = np.arange(len(noise)) % 2
     cfg = dict(cfg_scale=1.5, cfg_interval=(0.0, 0.7), null_label=NULL) if guided else {}
     grid = np.concatenate([[1.0], np.sort(np.random.default_rng(n).uniform(0.05, 0.95, n - 1))[::-1], [0.0]])
-    out = solve("ba", field, noise, n, y=y, sidenet=side, grid=grid, **cfg)  # merged is the default
+    # merged is the default; corrector_limit=inf: every interval but the last corrects on these random
+    # grids (the default keeps the predictor where h > 2.5 t_{i+1}, tests/test_ba_tail.py)
+    out = solve("ba", field, noise, n, y=y, sidenet=side, grid=grid, corrector_limit=math.inf, **cfg)
     rows = call_rows(len(noise), grid, guided)
     assert out.nfe == len(field.calls) == n and [c["rows"] for c in field.calls] == rows
     assert out.sidenet_calls == len(side.calls) == n
