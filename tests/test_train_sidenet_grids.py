@@ -99,8 +99,9 @@ def test_settings_check_the_grids_and_the_share():
     s = SideNetTrainSettings(offset_grids=([1, 0.5, 0],))
     s.validate()
     assert s.offset_grids == ((1.0, 0.5, 0.0),) and s.grid_share == 0.5
-    for kw, msg in [({"offset_grids": ((1.0, 0.5, 0.6, 0.0),)}, "decrease"), ({"offset_grids": ((0.9, 0.0),)}, "from 1 to 0"),
-                    ({"grid_share": 0.5}, "--offset-grids"), ({"offset_grids": (GRID,), "grid_share": 1.5}, r"\[0, 1\]")]:
+    for kw, msg in [({"offset_grids": ((1.0, 0.5, 0.6, 0.0),)}, "decrease"),
+                    ({"offset_grids": ((0.9, 0.0),)}, "from 1 to 0"), ({"grid_share": 0.5}, "--offset-grids"),
+                    ({"offset_grids": (GRID,), "grid_share": 1.5}, r"\[0, 1\]")]:
         with pytest.raises(ConfigError, match=msg):
             SideNetTrainSettings(**kw).validate()
 
@@ -117,15 +118,16 @@ def test_a_run_records_the_grids_and_resume_refuses_other_ones(tmp_path):
     backbone, (x, y) = tiny_backbone(), tiny_data(16)
     cfg = train_sidenet(backbone, x, y, tmp_path / "g", settings(iters=1, chain=2, batch=8, offset_grids=(GRID,)),
                         progress=False)
-    assert cfg["training"]["settings"]["offset_grids"] == [list(GRID)] and cfg["training"]["settings"]["grid_share"] == 0.5
+    recorded = cfg["training"]["settings"]
+    assert recorded["offset_grids"] == [list(GRID)] and recorded["grid_share"] == 0.5
     with pytest.raises(ConfigError, match="grid_share"):
         train_sidenet(backbone, x, y, tmp_path / "g", settings(iters=2, chain=2, batch=8, offset_grids=(GRID,),
                                                                grid_share=0.25), resume=True, progress=False)
 
 
 @pytest.mark.parametrize("content, message", [
-    (None, "does not exist"), ("{not json", "not a tuned.json"), ('{"grids": {"euler@5": {"solver": "euler", '
-                                                                  '"times": [1.0, 0.0]}}}', "no grids of solver 'ba'"),
+    (None, "does not exist"), ("{not json", "not a tuned.json"),
+    ('{"grids": {"euler@5": {"solver": "euler", "times": [1.0, 0.0]}}}', "no grids of solver 'ba'"),
 ])
 def test_cli_bad_offset_grids_are_one_line_errors(content, message, tmp_path, capsys, monkeypatch):
     from anchorflow.cli import main

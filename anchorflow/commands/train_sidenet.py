@@ -95,7 +95,8 @@ def read_ba_grids(path: str) -> tuple[tuple[float, ...], ...]:
               help="Write the checkpoint (and resume state) every N iterations.")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out (same settings; --iters may grow).")
 @click.option("--threads", type=int, default=None, callback=positive, help="torch CPU threads (default: torch's).")
-def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, offset_form, offset_grids, grid_share, data, cond_file, null_file, sidenet_cond,
+def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, offset_form, offset_grids, grid_share,
+            data, cond_file, null_file, sidenet_cond,
             start_states, solve_steps, cache_dir, seed, ckpt_every, resume, threads) -> None:
     """Train a SideNet for a frozen backbone by chain-based simulation (BA-solver, arXiv 2601.21542).
 
