@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import ConfigError
+from ..runtime.solvers.ba import LOBATTO_A
 from .checkpoint import read_config, save_checkpoint
 from .cond_rows import Cond, as_cond_backbone, drop_to_null, take, uses_null_rows
 from .distributed import Dist, from_env, unwrap
@@ -35,7 +36,11 @@ from .sidenet_cond import choose, pick
 GL3_NODES = ((1 - math.sqrt(0.6)) / 2, 0.5, (1 + math.sqrt(0.6)) / 2)
 GL3_WEIGHTS = (5 / 18, 8 / 18, 5 / 18)
 # Settings a resumed run must share with the saved one (the rest may change, e.g. iters).
-RESUME_KEYS = ("chain", "batch", "rates", "lr", "seed", "label_dropout", "ema_decay", "width", "ratio", "sidenet_cond")
+RESUME_KEYS = ("chain", "batch", "rates", "lr", "seed", "label_dropout", "ema_decay", "width", "ratio", "sidenet_cond",
+               "offset_grids", "grid_share")
+# BA's probe offsets in units of the interval length L (runtime/solvers/ba.py): a L, (1 - a) L and
+# L toward data, a L toward noise (the backward probe); a grid-mode sample picks one uniformly.
+GRID_PROBES = (LOBATTO_A, 1.0 - LOBATTO_A, 1.0, -LOBATTO_A)
 
 
 @dataclass
@@ -45,6 +50,9 @@ class SideNetTrainSettings:
     ``rates``: rates of the truncated exponential for |h|; several values make a mixture (each
     sample picks one uniformly), e.g. (50, 5) adds the large offsets a 5-NFE sampler asks for.
     ``width``: SideNet width (None: sized to ``ratio`` of the backbone's parameters).
+    ``offset_grids``: decreasing time grids (1 -> 0) a sampler will use, e.g. the tuned BA grids;
+    ``grid_share`` of the samples (default 0.5 when grids are given) then take BA's probe offsets
+    on the interval of a random grid that holds their t, the rest the exponential (:func:`sample_h`).
     """
 
     iters: int = 250
@@ -62,9 +70,20 @@ class SideNetTrainSettings:
     ratio: float = RATIO
     arch: dict = field(default_factory=dict)
     sidenet_cond: str = "auto"
+    offset_grids: tuple[tuple[float, ...], ...] = ()
+    grid_share: Optional[float] = None
 
     def validate(self) -> None:
         check_settings(self, ("iters", "chain", "batch", "ckpt_every"))
+        self.offset_grids = check_grids(self.offset_grids)
+        if self.offset_grids and self.grid_share is None:
+            self.grid_share = 0.5
+        if self.grid_share is not None:
+            if not self.offset_grids:
+                raise ConfigError("--grid-share needs --offset-grids (the grids to draw offsets from)")
+            self.grid_share = float(self.grid_share)
+            if not 0.0 <= self.grid_share <= 1.0:
+                raise ConfigError(f"--grid-share must be in [0, 1], got {self.grid_share}")
         self.rates = tuple(float(r) for r in self.rates)
         if not self.rates or not all(math.isfinite(r) and r > 0 for r in self.rates):
             raise ConfigError(f"--rate must be positive numbers, got {self.rates}")
@@ -72,22 +91,66 @@ class SideNetTrainSettings:
             raise ConfigError(f"--lr and the gradient clip must be positive, got {self.lr} and {self.grad_clip}")
 
 
+def check_grids(grids) -> tuple[tuple[float, ...], ...]:
+    """Grids as tuples of floats, each strictly decreasing from 1 to 0 (exact duplicates dropped)."""
+    out: list[tuple[float, ...]] = []
+    for i, grid in enumerate(grids or ()):
+        try:
+            g = tuple(float(v) for v in grid)
+        except (TypeError, ValueError):
+            raise ConfigError(f"offset grid {i} must be a list of numbers, got {grid!r}") from None
+        if len(g) < 2 or g[0] != 1.0 or g[-1] != 0.0 or any(not b < a for a, b in zip(g, g[1:])):
+            raise ConfigError(f"offset grid {i} must decrease strictly from 1 to 0, got {list(g)}; "
+                              "pass the times of a sampler's grid (t = 1 noise, t = 0 data)")
+        if g not in out:
+            out.append(g)
+    return tuple(out)
+
+
+def grid_interval(t: torch.Tensor, grid: tuple[float, ...]) -> torch.Tensor:
+    """Length (B,) float64 of the interval [t_{i+1}, t_i] of the decreasing ``grid`` holding each t
+    (t in (t_{i+1}, t_i]; t = 0 in the last interval)."""
+    asc = torch.tensor(grid[::-1], dtype=torch.float64, device=t.device)
+    k = torch.searchsorted(asc, t.double().contiguous()).clamp(1, len(grid) - 1)
+    return asc[k] - asc[k - 1]
+
+
 def sample_h(t: torch.Tensor, rates: tuple[float, ...], gen: torch.Generator,
-             dist: Optional[Dist] = None) -> torch.Tensor:
+             dist: Optional[Dist] = None, grids: tuple[tuple[float, ...], ...] = (),
+             grid_share: Optional[float] = None) -> torch.Tensor:
     """Signed offsets (B,) for times t (B,): toward data (h > 0) or noise (h < 0) with prob. 1/2.
 
     |h| follows an exponential of rate r (mean 1/r) truncated to the room left in that direction
     (t toward data, 1 - t toward noise): ``d = -log1p(u expm1(-r room)) / r``, ``d = min(d, room)``,
     so ``t - h`` never leaves [0, 1]. With several rates each sample draws its rate uniformly.
     This is the trainer's one offset sampler; ``dist``: t holds this rank's rows of the global batch.
+
+    ``grids`` (decreasing 1 -> 0, see :func:`check_grids`): each sample takes grid mode with prob.
+    ``grid_share`` (default 0.5): a uniformly chosen grid, the length L of its interval holding t
+    (:func:`grid_interval`) and one of BA's probe offsets :data:`GRID_PROBES` times L, uniformly
+    (3/4 toward data, 1/4 toward noise), clipped to the same room. Without grids no extra numbers
+    are drawn (the draws are the exponential sampler's, bit for bit); with grids every sample draws
+    the same global tensors on every rank, whichever mode it takes.
     """
     d, b = dist or SINGLE, t.shape[0]
     toward_data = d.draw(torch.rand, gen, b).to(t.device) < 0.5
-    room = torch.where(toward_data, t, 1 - t).double()
     rate = torch.tensor(rates, dtype=torch.float64, device=t.device)
     rate = rate[d.draw(lambda shape, **kw: torch.randint(0, len(rates), shape, **kw), gen, b).to(t.device)]
     u = d.draw(torch.rand, gen, b, dtype=torch.float64).to(t.device)
-    d = torch.minimum(-torch.log1p(u * torch.expm1(-rate * room)) / rate, room).to(t.dtype)
+    if grids:
+        use_grid = d.draw(torch.rand, gen, b, dtype=torch.float64).to(t.device) < (
+            0.5 if grid_share is None else grid_share)
+        which = d.draw(lambda shape, **kw: torch.randint(0, len(grids), shape, **kw), gen, b).to(t.device)
+        probe = d.draw(lambda shape, **kw: torch.randint(0, len(GRID_PROBES), shape, **kw), gen, b).to(t.device)
+        lengths = torch.stack([grid_interval(t, g) for g in grids])  # (G, B)
+        length = lengths.gather(0, which[None, :])[0]
+        signed = torch.tensor(GRID_PROBES, dtype=torch.float64, device=t.device)[probe] * length
+        toward_data = torch.where(use_grid, signed > 0, toward_data)
+    room = torch.where(toward_data, t, 1 - t).double()
+    mag = -torch.log1p(u * torch.expm1(-rate * room)) / rate
+    if grids:
+        mag = torch.where(use_grid, signed.abs(), mag)
+    d = torch.minimum(mag, room).to(t.dtype)
     return torch.where(toward_data, d, -d)
 
 
@@ -131,7 +194,7 @@ def chain_loss(backbone, sidenet, x_data, cond: Cond, gen: torch.Generator, s: S
         v = backbone(x, t, cond)
     steps = []
     for _ in range(s.chain):
-        h = sample_h(t, s.rates, gen, d)
+        h = sample_h(t, s.rates, gen, d, s.offset_grids, s.grid_share)
         x_next = simulate_step(plain, x, v, t, h, *side_cond)
         t_next = (t - h).clamp(0.0, 1.0)
         with torch.no_grad():
@@ -169,10 +232,19 @@ def _check_resume(out: Path, s: SideNetTrainSettings, identity: dict) -> None:
     check_backbone(cfg, identity, where=f"the run in {out}")
     old = cfg.get("training", {}).get("settings", {})
     for key in RESUME_KEYS:
-        new = list(getattr(s, key)) if key == "rates" else getattr(s, key)
+        new = _record(key, getattr(s, key))
         if key in old and old[key] != new:
             raise ConfigError(f"--resume: {key} {new!r} differs from the saved run's {old[key]!r}; "
                               "pass the saved value or train into a new --out")
+
+
+def _record(key: str, value: Any) -> Any:
+    """A setting as config.json holds it (tuples as lists)."""
+    if key == "rates":
+        return list(value)
+    if key == "offset_grids":
+        return [list(g) for g in value]
+    return value
 
 
 def _config(run: _Run, s: SideNetTrainSettings, identity: dict, data: Any, command: Optional[str],
@@ -187,7 +259,7 @@ def _config(run: _Run, s: SideNetTrainSettings, identity: dict, data: Any, comma
         "param_count": n_side,
         "param_ratio": n_side / max(n_back, 1),
         "training": {
-            "command": command, "settings": {**asdict(s), "rates": list(s.rates)}, "step": run.step,
+            "command": command, "settings": {k: _record(k, v) for k, v in asdict(s).items()}, "step": run.step,
             "iters": s.iters, "finished": done, "wall_s": round(run.wall_s, 1),
             "threads": torch.get_num_threads(), "loss_log": run.loss_log, "null_rows": run.null_p,
             "start_states": (data or {}).get("source", "dataset") if isinstance(data, dict) else "dataset",

@@ -7,7 +7,35 @@ from __future__ import annotations
 
 import click
 
+from ..errors import ConfigError
 from .common import parse_float_list, positive, seed as seed_check
+
+
+def read_ba_grids(path: str) -> tuple[tuple[float, ...], ...]:
+    """The time grids of solver ``ba`` in a bundle's tuned.json (PATH: the bundle folder or the file)."""
+    import json
+    import math
+    from pathlib import Path
+
+    file = Path(path)
+    file = file / "tuned.json" if file.is_dir() else file
+    if not file.is_file():
+        raise ConfigError(f"--offset-grids: {file} does not exist; pass a bundle folder holding tuned.json "
+                          "(written by `anchorflow tune`) or the tuned.json itself")
+    try:
+        entries = json.loads(file.read_text())["grids"]
+        grids = [tuple(float(v) for v in e["times"]) for e in entries.values() if e.get("solver") == "ba"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"--offset-grids: {file} is not a tuned.json with grids ({type(exc).__name__}: {exc}); "
+                          "pass the tuned.json of a bundle tuned by `anchorflow tune`") from None
+    if not grids:
+        raise ConfigError(f"--offset-grids: {file} holds no grids of solver 'ba'; tune the bundle with BA first")
+    for g in grids:
+        if len(g) < 2 or g[0] != 1.0 or g[-1] != 0.0 or not all(math.isfinite(v) for v in g) \
+                or any(not b < a for a, b in zip(g, g[1:])):
+            raise ConfigError(f"--offset-grids: {file} has a BA grid that does not decrease strictly from 1 to 0: "
+                              f"{list(g)}")
+    return tuple(dict.fromkeys(grids))
 
 
 @click.command("sidenet")
@@ -34,6 +62,12 @@ from .common import parse_float_list, positive, seed as seed_check
               help="How the offset h enters: 'film' (the paper: h embedded into every block's FiLM), or 'polyD' "
                    "(delta = h f1 + ... + h^D fD, the body sees no h: BA's 4 offsets per interval cost ONE body "
                    "row instead of four).  [default: film]")
+@click.option("--offset-grids", "offset_grids", default=None,
+              help="A bundle folder or its tuned.json: draw part of the offsets from its tuned BA grids (every "
+                   "'ba@N' entry, both first-call variants): BA's probe offsets a L, (1-a) L, L toward data and a L "
+                   "toward noise on the grid interval of length L that holds t.")
+@click.option("--grid-share", type=float, default=None,
+              help="Share of the offsets drawn from --offset-grids (the rest: the exponential).  [default: 0.5]")
 @click.option("--data", default="auto", show_default=True,
               help="Start states: 'auto' (the backbone checkpoint's own data set if it names one, else data-free), "
                    "'none' (data-free: the backbone's own many-step samples for the --cond rows), a bundled data "
@@ -61,7 +95,8 @@ from .common import parse_float_list, positive, seed as seed_check
               help="Write the checkpoint (and resume state) every N iterations.")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out (same settings; --iters may grow).")
 @click.option("--threads", type=int, default=None, callback=positive, help="torch CPU threads (default: torch's).")
-def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, offset_form, data, cond_file, null_file, sidenet_cond,
+def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, offset_form, offset_grids, grid_share,
+            data, cond_file, null_file, sidenet_cond,
             start_states, solve_steps, cache_dir, seed, ckpt_every, resume, threads) -> None:
     """Train a SideNet for a frozen backbone by chain-based simulation (BA-solver, arXiv 2601.21542).
 
@@ -75,6 +110,11 @@ def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, off
     """
     from .train import _start, command_line
 
+    grids = read_ba_grids(offset_grids) if offset_grids is not None else ()
+    if grid_share is not None and not grids:
+        raise ConfigError("--grid-share needs --offset-grids (a bundle folder or its tuned.json)")
+    if grid_share is not None and not 0.0 <= grid_share <= 1.0:
+        raise ConfigError(f"--grid-share must be in [0, 1], got {grid_share}")
     _start(out, threads, "sidenet")
     from anchorflow.trainers.distributed import session
     from anchorflow.trainers.sidenet_run import train_sidenet_for_source
@@ -84,7 +124,7 @@ def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, off
                                     lr=lr, width=width, seed=seed, ckpt_every=ckpt_every,
                                     arch={k: v for k, v in (("patch", patch), ("blocks", blocks), ("offset", offset_form))
                                           if v is not None},
-                                    sidenet_cond=sidenet_cond)
+                                    sidenet_cond=sidenet_cond, offset_grids=grids, grid_share=grid_share)
     with session() as dist:
         cfg = train_sidenet_for_source(model, out, settings, data=data, cond_file=cond_file, null_file=null_file,
                                        n_states=start_states, solve_steps=solve_steps, cache_dir=cache_dir,
