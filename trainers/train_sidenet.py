@@ -24,7 +24,6 @@ from typing import Any, Optional
 import torch
 
 from ..errors import ConfigError
-from ..runtime.solvers.ba import LOBATTO_A
 from .checkpoint import read_config, save_checkpoint
 from .cond_rows import Cond, as_cond_backbone, drop_to_null, take, uses_null_rows
 from .distributed import Dist, from_env, unwrap
@@ -40,7 +39,11 @@ RESUME_KEYS = ("chain", "batch", "rates", "lr", "seed", "label_dropout", "ema_de
                "offset_grids", "grid_share")
 # BA's probe offsets in units of the interval length L (runtime/solvers/ba.py): a L, (1 - a) L and
 # L toward data, a L toward noise (the backward probe); a grid-mode sample picks one uniformly.
-GRID_PROBES = (LOBATTO_A, 1.0 - LOBATTO_A, 1.0, -LOBATTO_A)
+def grid_probes() -> tuple[float, ...]:
+    """BA's probe offsets in units of the interval length: a, 1 - a, 1 (forward) and -a (backward)."""
+    from ..runtime.solvers.ba import LOBATTO_A  # lazily: trainers reach the runtime only at call time
+
+    return (LOBATTO_A, 1.0 - LOBATTO_A, 1.0, -LOBATTO_A)
 
 
 @dataclass
@@ -127,7 +130,7 @@ def sample_h(t: torch.Tensor, rates: tuple[float, ...], gen: torch.Generator,
 
     ``grids`` (decreasing 1 -> 0, see :func:`check_grids`): each sample takes grid mode with prob.
     ``grid_share`` (default 0.5): a uniformly chosen grid, the length L of its interval holding t
-    (:func:`grid_interval`) and one of BA's probe offsets :data:`GRID_PROBES` times L, uniformly
+    (:func:`grid_interval`) and one of BA's probe offsets :func:`grid_probes` times L, uniformly
     (3/4 toward data, 1/4 toward noise), clipped to the same room. Without grids no extra numbers
     are drawn (the draws are the exponential sampler's, bit for bit); with grids every sample draws
     the same global tensors on every rank, whichever mode it takes.
@@ -138,13 +141,14 @@ def sample_h(t: torch.Tensor, rates: tuple[float, ...], gen: torch.Generator,
     rate = rate[d.draw(lambda shape, **kw: torch.randint(0, len(rates), shape, **kw), gen, b).to(t.device)]
     u = d.draw(torch.rand, gen, b, dtype=torch.float64).to(t.device)
     if grids:
+        probes = grid_probes()
         use_grid = d.draw(torch.rand, gen, b, dtype=torch.float64).to(t.device) < (
             0.5 if grid_share is None else grid_share)
         which = d.draw(lambda shape, **kw: torch.randint(0, len(grids), shape, **kw), gen, b).to(t.device)
-        probe = d.draw(lambda shape, **kw: torch.randint(0, len(GRID_PROBES), shape, **kw), gen, b).to(t.device)
+        probe = d.draw(lambda shape, **kw: torch.randint(0, len(probes), shape, **kw), gen, b).to(t.device)
         lengths = torch.stack([grid_interval(t, g) for g in grids])  # (G, B)
         length = lengths.gather(0, which[None, :])[0]
-        signed = torch.tensor(GRID_PROBES, dtype=torch.float64, device=t.device)[probe] * length
+        signed = torch.tensor(probes, dtype=torch.float64, device=t.device)[probe] * length
         toward_data = torch.where(use_grid, signed > 0, toward_data)
     room = torch.where(toward_data, t, 1 - t).double()
     mag = -torch.log1p(u * torch.expm1(-rate * room)) / rate
