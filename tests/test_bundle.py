@@ -135,6 +135,6 @@ def test_the_bundled_bundle_loads_and_matches_its_metadata():
     assert b.model["name"] == "digits" and b.state_shape == (1, 8, 8) and b.sidenet is not None
     assert b.meta["networks"]["backbone"]["validation"]["passed"]
     x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
-    assert b.format.schema == "anchorflow.bundle/1" and b.null_cond == {"y": 10}  # a /1 bundle still loads
+    assert b.format.schema == "anchorflow.bundle/2" and b.null_cond == {"y": 10}  # /1: test_bundle_format.py
     v = b.velocity(x, np.ones(2, np.float32), {"y": np.array([3, 10])})
     assert v.shape == x.shape and np.isfinite(v).all()

@@ -190,10 +190,14 @@ def test_hand_edited_bundle_json_is_refused_in_one_line(edited, edit, match):
     assert "\n" not in str(info.value)
 
 
-def test_the_bundled_v1_bundle_reads_as_v2():
-    from anchorflow.modelref import BUNDLED
+def test_a_v1_bundle_reads_as_v2(tmp_path):
+    """The bundled digits bundle.json as the /1 exporter wrote it (tests/data, kept from before its
+    re-export as /2): guidance, time map and input roles are inferred."""
+    import shutil
+    from pathlib import Path
 
-    fmt = read_bundle(BUNDLED / "digits")
+    shutil.copy(Path(__file__).parent / "data" / "digits_bundle_v1.json", tmp_path / "bundle.json")
+    fmt = read_bundle(tmp_path)
     assert fmt.schema == "anchorflow.bundle/1" and fmt.guidance.null == {"y": 10} and fmt.time.map == "identity"
     assert [(i.name, i.role) for i in fmt.networks["sidenet"].inputs] == [
         ("x", "state"), ("v", "velocity"), ("t", "time"), ("h", "offset"), ("y", "condition")]

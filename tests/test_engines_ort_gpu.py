@@ -136,6 +136,6 @@ def test_load_bundle_passes_the_declared_rows_as_profile(monkeypatch) -> None:
     from anchorflow.modelref import locate
 
     load_bundle(locate("default").bundle, backend="ort-cpu")
-    # the digits bundle declares backbone rows 1..128 and SideNet rows 1..384 (bundle.json)
+    # the digits bundle declares backbone rows 1..128 and SideNet rows 1..512 (bundle.json: 4 merged-probe offsets x 128)
     assert seen["backbone.onnx"]["x"] == ((1, 1, 8, 8), (128, 1, 8, 8), (128, 1, 8, 8))
-    assert seen["sidenet.onnx"]["h"] == ((1,), (384,), (384,))
+    assert seen["sidenet.onnx"]["h"] == ((1,), (512,), (512,))

@@ -72,9 +72,9 @@ def test_opt_is_moved_below_max() -> None:
 def test_digits_bundle_profiles_have_opt_below_max() -> None:
     from anchorflow.modelref import locate
 
-    _, meta = read_bundle(locate("default").bundle)  # a /1 bundle: batch 1/128/128, SideNet 1/384/384
+    _, meta = read_bundle(locate("default").bundle)  # batch 1/128/128, SideNet 1/512/512 (4 offsets x 128)
     rows = {n: p.rows for n, p in derive_profiles(meta).items()}
-    assert rows == {"backbone": (1, 32, 128), "sidenet": (1, 128, 384)}  # opt: 4 merged-probe offsets x 32
+    assert rows == {"backbone": (1, 32, 128), "sidenet": (1, 128, 512)}  # opt: 4 merged-probe offsets x 32
 
 
 def test_explicit_opt_is_kept() -> None:
