@@ -1,18 +1,16 @@
 """SideNets trained with offsets from the tuned grids against the bundled one, on the digits.
 
-A copy of benchmarks/sidenet_offsets.py keyed by the SideNet's folder name (both SideNets here
-have the FiLM offset form, so keying by form would collide). ``sidenet`` (the bundled SideNet,
+benchmarks/sidenet_offsets.py keyed by the SideNet's folder name (both SideNets here have the
+FiLM offset form, so keying by form would collide). ``sidenet`` (the bundled SideNet,
 arXiv 2601.21542): offsets |h| from the truncated exponential of rate 50. ``sidenet_gridh``
 (``--offset-grids anchorflow/bundled/digits/bundle``): half of the offsets are BA's probe offsets
 (a L, (1-a) L, L toward data, a L toward noise) on the interval of length L that holds t in one of
 the bundle's tuned BA grids. Both by the same recipe otherwise (250 iterations, batch 128, chain
-8, rate 50, lr 3e-3, seed 0; commands in each checkpoint's config.json).
+8, rate 50, lr 3e-3, seed 0; commands in each checkpoint's config.json). The committed run scored
+the bundled SideNet of that time (250 iterations); the bundled one now has 1000.
 
-Quality: BA (merged probes) at 3 / 5 / 10 calls on the uniform grid and on the bundle's tuned BA
-grid (``tuned.json``, ``ba@N``), guidance 1.0 and 1.5 (interval (0, 0.7]), PSNR against RK4 with
-256 steps on the same 64 noise draws and labels (seed 0); the SideNets run in torch, the bundled
-backbone too. Cost: ``python benchmarks/overhead.py --bundle B`` on an exported bundle (see the
-README); not measured here.
+What is scored and how: see benchmarks/sidenet_offsets.py (BA at 3 / 5 / 10 calls, uniform and tuned
+grids, guidance 1.0 and 1.5, 64 samples, RK4-256 reference).
 
     python benchmarks/sidenet_gridh_eval.py [--n 64] [SIDENET_DIR ...]
 
@@ -21,84 +19,20 @@ Writes benchmarks/results/digits/sidenet_gridh_eval.json and .md. Time conventio
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shlex
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sidenet_offsets  # noqa: E402
 
-from anchorflow import _io
-
-ROOT = Path(__file__).resolve().parent.parent
-DIGITS = ROOT / "anchorflow" / "bundled" / "digits"
+ROOT = sidenet_offsets.ROOT
 OUT = ROOT / "benchmarks" / "results" / "digits" / "sidenet_gridh_eval"
-DEFAULT = [DIGITS / "sidenet", ROOT / "benchmarks/results/digits/sidenet_gridh"]
+DEFAULT = (sidenet_offsets.DIGITS / "sidenet", ROOT / "benchmarks/results/digits/sidenet_gridh")
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("sidenets", nargs="*", type=Path, default=DEFAULT)
-    ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--nfe", default="3,5,10")
-    ap.add_argument("--reference-steps", type=int, default=256)
-    args = ap.parse_args(argv)
-    import torch
-
-    from anchorflow.runtime import solve
-    from anchorflow.runtime.metrics import psnr
-    from anchorflow.trainers.checkpoint import load_checkpoint
-    from anchorflow.trainers.sidenet import load_sidenet
-    from anchorflow.trainers.torch_wrappers import TorchSideNet, TorchVelocity
-
-    torch.set_num_threads(1)
-    start, load = time.perf_counter(), os.getloadavg()
-    backbone, cfg = load_checkpoint(DIGITS / "backbone", kind="backbone")
-    velocity = TorchVelocity(backbone)
-    tuned = json.loads((DIGITS / "bundle" / "tuned.json").read_text())["grids"]
-    noise = np.random.default_rng(0).standard_normal((args.n, *backbone.state_shape)).astype(np.float32)
-    y = np.arange(args.n) % int(backbone.num_classes)
-    sides = {}
-    for folder in args.sidenets:
-        module = load_sidenet(folder, cfg)
-        form = Path(folder).resolve().name
-        if form in sides:
-            raise SystemExit(f"two SideNets in folders named {form!r}; pass folders with distinct names")
-        sides[form] = (TorchSideNet(module), folder, sum(p.numel() for p in module.parameters()))
-    rows = []
-    for scale in (1.0, 1.5):
-        kw = {"y": y, "null_label": int(backbone.null_label), "cfg_scale": scale,
-              "cfg_interval": (0.0, 0.7) if scale != 1.0 else (0.0, 1.0)}
-        ref = solve("rk4", velocity, noise, 4 * args.reference_steps, **kw).x
-        for nfe in (int(v) for v in args.nfe.split(",")):
-            for grid_name in ("uniform", "tuned"):
-                grid = None if grid_name == "uniform" else list(tuned[f"ba@{nfe}"]["times"])
-                row = {"cfg": scale, "nfe": nfe, "grid": grid_name}
-                for form, (side, _, _) in sides.items():
-                    x = solve("ba", velocity, noise, nfe, sidenet=side, **({"grid": grid} if grid else {}), **kw).x
-                    row[form] = round(float(psnr(x, ref, (-1.0, 1.0))), 2)
-                rows.append(row)
-                print(row, flush=True)
-    forms = list(sides)
-    result = {"command": shlex.join(["python", "benchmarks/sidenet_gridh_eval.py", *(argv if argv is not None else sys.argv[1:])]),
-              "samples": args.n, "reference": f"rk4, {args.reference_steps} uniform steps",
-              "sidenets": {f: {"path": str(Path(p).resolve().relative_to(ROOT)), "params": n,
-                               "command": load_sidenet(p, cfg).checkpoint_config["training"]["command"],
-                               "offset": load_sidenet(p, cfg).checkpoint_config["arch"].get("offset", "film")}
-                           for f, (_, p, n) in sides.items()},
-              "rows": rows, "seconds": round(time.perf_counter() - start, 1), "load_before": load,
-              "load_after": os.getloadavg()}
-    _io.write_json(OUT.with_suffix(".json"), result)
-    md = [f"`{result['command']}` ({args.n} samples, reference {result['reference']}, {result['seconds']} s, load "
-          f"{load[0]:.1f} -> {result['load_after'][0]:.1f}). PSNR (dB) of BA, merged probes:", "",
-          "| guidance | NFE | grid | " + " | ".join(forms) + " |", "|---:|---:|---|" + "---:|" * len(forms)]
-    md += [f"| {r['cfg']} | {r['nfe']} | {r['grid']} | " + " | ".join(f"{r[f]:.2f}" for f in forms) + " |" for r in rows]
-    _io.write_bytes(OUT.with_suffix(".md"), ("\n".join(md) + "\n").encode())
-    print(f"wrote {OUT}.json / .md")
-    return result
+    return sidenet_offsets.main(argv, script="benchmarks/sidenet_gridh_eval.py", out=OUT, key="folder",
+                                default=DEFAULT, description=__doc__)
 
 
 if __name__ == "__main__":

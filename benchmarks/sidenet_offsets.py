@@ -38,9 +38,12 @@ DEFAULT = [DIGITS / "sidenet", ROOT / "benchmarks/results/digits/sidenet_poly3",
            ROOT / "benchmarks/results/digits/sidenet_poly4"]
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("sidenets", nargs="*", type=Path, default=DEFAULT)
+def main(argv=None, *, script: str = "benchmarks/sidenet_offsets.py", out: Path = OUT, key: str = "form",
+         default: tuple = tuple(DEFAULT), description: str = __doc__) -> dict:
+    """Score the SideNets named on the command line; each column is keyed by the SideNet's offset
+    form (``key="form"``) or its folder name (``key="folder"``, for SideNets of one form)."""
+    ap = argparse.ArgumentParser(description=description.split("\n")[0])
+    ap.add_argument("sidenets", nargs="*", type=Path, default=list(default))
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--nfe", default="3,5,10")
     ap.add_argument("--reference-steps", type=int, default=256)
@@ -64,7 +67,10 @@ def main(argv=None) -> dict:
     for folder in args.sidenets:
         module = load_sidenet(folder, cfg)
         form = module.checkpoint_config["arch"].get("offset", "film")
-        sides[form] = (TorchSideNet(module), folder, sum(p.numel() for p in module.parameters()))
+        name = form if key == "form" else Path(folder).resolve().name
+        if name in sides:
+            raise SystemExit(f"two SideNets keyed {name!r} ({key}); pass SideNets with distinct {key}s")
+        sides[name] = (TorchSideNet(module), folder, module.checkpoint_config, form)
     rows = []
     for scale in (1.0, 1.5):
         kw = {"y": y, "null_label": int(backbone.null_label), "cfg_scale": scale,
@@ -74,26 +80,26 @@ def main(argv=None) -> dict:
             for grid_name in ("uniform", "tuned"):
                 grid = None if grid_name == "uniform" else list(tuned[f"ba@{nfe}"]["times"])
                 row = {"cfg": scale, "nfe": nfe, "grid": grid_name}
-                for form, (side, _, _) in sides.items():
+                for name, (side, *_) in sides.items():
                     x = solve("ba", velocity, noise, nfe, sidenet=side, **({"grid": grid} if grid else {}), **kw).x
-                    row[form] = round(float(psnr(x, ref, (-1.0, 1.0))), 2)
+                    row[name] = round(float(psnr(x, ref, (-1.0, 1.0))), 2)
                 rows.append(row)
                 print(row, flush=True)
-    forms = list(sides)
-    result = {"command": shlex.join(["python", "benchmarks/sidenet_offsets.py", *(argv if argv is not None else sys.argv[1:])]),
+    names = list(sides)
+    result = {"command": shlex.join(["python", script, *(argv if argv is not None else sys.argv[1:])]),
               "samples": args.n, "reference": f"rk4, {args.reference_steps} uniform steps",
-              "sidenets": {f: {"path": str(Path(p).resolve().relative_to(ROOT)), "params": n,
-                               "command": load_sidenet(p, cfg).checkpoint_config["training"]["command"]}
-                           for f, (_, p, n) in sides.items()},
+              "sidenets": {name: {"path": str(Path(p).resolve().relative_to(ROOT)), "params": c.get("param_count"),
+                                  "command": c["training"]["command"], "offset": form}
+                           for name, (_, p, c, form) in sides.items()},
               "rows": rows, "seconds": round(time.perf_counter() - start, 1), "load_before": load,
               "load_after": os.getloadavg()}
-    _io.write_json(OUT.with_suffix(".json"), result)
+    _io.write_json(out.with_suffix(".json"), result)
     md = [f"`{result['command']}` ({args.n} samples, reference {result['reference']}, {result['seconds']} s, load "
           f"{load[0]:.1f} -> {result['load_after'][0]:.1f}). PSNR (dB) of BA, merged probes:", "",
-          "| guidance | NFE | grid | " + " | ".join(forms) + " |", "|---:|---:|---|" + "---:|" * len(forms)]
-    md += [f"| {r['cfg']} | {r['nfe']} | {r['grid']} | " + " | ".join(f"{r[f]:.2f}" for f in forms) + " |" for r in rows]
-    _io.write_bytes(OUT.with_suffix(".md"), ("\n".join(md) + "\n").encode())
-    print(f"wrote {OUT}.json / .md")
+          "| guidance | NFE | grid | " + " | ".join(names) + " |", "|---:|---:|---|" + "---:|" * len(names)]
+    md += [f"| {r['cfg']} | {r['nfe']} | {r['grid']} | " + " | ".join(f"{r[f]:.2f}" for f in names) + " |" for r in rows]
+    _io.write_bytes(out.with_suffix(".md"), ("\n".join(md) + "\n").encode())
+    print(f"wrote {out}.json / .md")
     return result
 
 

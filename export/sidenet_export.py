@@ -91,7 +91,6 @@ def trace(side: Any, decls: list[dict], axes: dict, top_rows: int) -> tuple[Any,
 
     dims = {"batch": torch.export.Dim("batch", min=1, max=max(top_rows, 3))}
     sizes = {}
-    axes = _with_offsets(side, axes)
     for d in decls:
         for a in d["shape"]:
             if isinstance(a, str) and a != "batch" and a not in dims:
@@ -141,8 +140,8 @@ def export_sidenet(side: Any, backbone_inputs: list[dict], axes: dict, top_rows:
     ``axes``: axis name -> (min, opt, max) of the backbone; ``top_rows``: most rows per call.
     """
     decls = declaration(side, backbone_inputs)
-    proto, sizes = trace(side, decls, axes, top_rows)
     axes = _with_offsets(side, axes)
+    proto, sizes = trace(side, decls, axes, top_rows)
     if _shared(side):
         sizes = {**sizes, OFFSETS: axes[OFFSETS][2]}  # parity at the most offsets per row
         top_rows = max(1, top_rows // axes[OFFSETS][2])  # anchor rows: the offsets no longer tile them

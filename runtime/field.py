@@ -171,6 +171,7 @@ class GuidedField:
             raise ConfigError(f"cfg_interval must satisfy 0 <= lo < hi <= 1, got {cfg_interval}")
         self.velocity = velocity
         self.sidenet = sidenet
+        self.shared_body = bool(getattr(sidenet, "shared_body", False))  # h (K, rows): see side()
         self.batch = int(batch)
         self.cfg_scale = float(cfg_scale)
         self.cfg_interval = (lo, hi)
@@ -286,22 +287,14 @@ class GuidedField:
         k = len(offsets)
         rows = v_raw.shape[0] // x.shape[0]  # the anchor call's row blocks (1 where guidance was off)
         n = x.shape[0] * rows
-        if getattr(self.sidenet, "shared_body", False):
+        if self.shared_body:
             return self._side_shared(x, v_raw, t, offsets, rows, n)
         xs = np.concatenate([x] * (rows * k), axis=0) if rows * k > 1 else x
         xs = xs.astype(self.dtype, copy=False)
         vs = np.concatenate([v_raw] * k, axis=0) if k > 1 else v_raw
         ts = _filled(n * k, t, self.dtype) if isinstance(t, float) else np.full(n * k, t, self.dtype)
         hs = np.asarray(offsets, self.dtype).repeat(n)
-        cs = self._tiled(rows, k)
-        start = time.perf_counter()
-        d = np.asarray(self.sidenet(xs, vs.astype(self.dtype, copy=False), ts, hs, cs)).astype(self.dtype, copy=False)
-        self.sidenet_s += time.perf_counter() - start
-        self.sidenet_calls += 1
-        if d.shape != xs.shape:
-            raise ConfigError(f"sidenet returned shape {d.shape}, expected {xs.shape}")
-        if self.check_finite:
-            _finite(d, "SideNet", self.sidenet_calls, t)
+        d = self._side_call(xs, vs, ts, hs, self._tiled(rows, k), t, xs.shape)
         return [d[i * n : (i + 1) * n] for i in range(k)]
 
     def _side_shared(self, x: np.ndarray, v_raw: np.ndarray, t: float, offsets: Sequence[float], rows: int,
@@ -311,13 +304,17 @@ class GuidedField:
         xs = (self.expand(x, rows) if rows > 1 else x).astype(self.dtype, copy=False)
         ts = _filled(n, t, self.dtype) if isinstance(t, float) else np.full(n, t, self.dtype)
         hs = np.asarray(offsets, self.dtype).repeat(n).reshape(k, n)
+        return list(self._side_call(xs, v_raw, ts, hs, self._tiled(rows, 1), t, (k, *xs.shape)))
+
+    def _side_call(self, xs: np.ndarray, vs: np.ndarray, ts: np.ndarray, hs: np.ndarray, cs: Cond, t: float,
+                   shape: tuple) -> np.ndarray:
+        """The one SideNet call: timed, counted, its shape (``shape``) and finiteness checked."""
         start = time.perf_counter()
-        d = np.asarray(self.sidenet(xs, v_raw.astype(self.dtype, copy=False), ts, hs, self._tiled(rows, 1)))
-        d = d.astype(self.dtype, copy=False)
+        d = np.asarray(self.sidenet(xs, vs.astype(self.dtype, copy=False), ts, hs, cs)).astype(self.dtype, copy=False)
         self.sidenet_s += time.perf_counter() - start
         self.sidenet_calls += 1
-        if d.shape != (k, *xs.shape):
-            raise ConfigError(f"sidenet returned shape {d.shape}, expected {(k, *xs.shape)}")
+        if d.shape != tuple(shape):
+            raise ConfigError(f"sidenet returned shape {d.shape}, expected {tuple(shape)}")
         if self.check_finite:
             _finite(d, "SideNet", self.sidenet_calls, t)
-        return list(d)
+        return d

@@ -110,19 +110,22 @@ class BundleNet:
                               f"{expected(self.decl)}")
         return dtype
 
-    def _call(self, tensors: dict, cond: Optional[dict]) -> np.ndarray:
+    def _call(self, tensors: dict, cond: Optional[dict], row_axis: Optional[dict] = None, out_axis: int = 0) -> np.ndarray:
+        """Run on ``tensors`` (by role; rows on axis 0, or ``row_axis[role]``), in chunks of at most
+        the exported rows; the output's row axis is ``out_axis``."""
         rows = int(tensors["state"].shape[0])
         top = self.decl.batch[2] if self.decl.batch is not None else rows
         if rows <= top:
             return np.asarray(self.run(self.feeds(tensors, cond)))
+        axes = row_axis or {}
         parts = []  # more rows than exported: chunks of at most `top` rows (rows are independent)
         for lo in range(0, rows, top):
             cut = slice(lo, lo + top)
-            part = {k: v[cut] for k, v in tensors.items()}
+            part = {k: v[(slice(None),) * axes.get(k, 0) + (cut,)] for k, v in tensors.items()}
             part_cond = None if cond is None else {
                 k: (v[cut] if np.ndim(v) and np.shape(v)[0] == rows else v) for k, v in cond.items()}
             parts.append(np.asarray(self.run(self.feeds(part, part_cond))))
-        return np.concatenate(parts, axis=0)
+        return np.concatenate(parts, axis=out_axis)
 
 
 class BundleVelocity(BundleNet):
@@ -152,18 +155,7 @@ class BundleSideNet(BundleNet):
         tensors = {"state": x, "velocity": v, "time": t, "offset": h}
         if not self.shared_body:
             return self._call(tensors, cond)
-        rows = int(x.shape[0])
-        top = self.decl.batch[2] if self.decl.batch is not None else rows
-        if rows <= top:
-            return np.asarray(self.run(self.feeds(tensors, cond)))
-        parts = []  # chunks of the anchor rows, every offset of each chunk (h's axis 1 is the row axis)
-        for lo in range(0, rows, top):
-            cut = slice(lo, lo + top)
-            part = {"state": x[cut], "velocity": v[cut], "time": t[cut], "offset": h[:, cut]}
-            part_cond = None if cond is None else {
-                k: (c[cut] if np.ndim(c) and np.shape(c)[0] == rows else c) for k, c in cond.items()}
-            parts.append(np.asarray(self.run(self.feeds(part, part_cond))))
-        return np.concatenate(parts, axis=1)
+        return self._call(tensors, cond, row_axis={"offset": 1}, out_axis=1)  # h (K, B), delta (K, B, ...)
 
 
 WRAPPERS = {"backbone": BundleVelocity, "sidenet": BundleSideNet}

@@ -37,10 +37,11 @@ GL3_WEIGHTS = (5 / 18, 8 / 18, 5 / 18)
 # Settings a resumed run must share with the saved one (the rest may change, e.g. iters).
 RESUME_KEYS = ("chain", "batch", "rates", "lr", "seed", "label_dropout", "ema_decay", "width", "ratio", "sidenet_cond",
                "offset_grids", "grid_share")
-# BA's probe offsets in units of the interval length L (runtime/solvers/ba.py): a L, (1 - a) L and
-# L toward data, a L toward noise (the backward probe); a grid-mode sample picks one uniformly.
+
+
 def grid_probes() -> tuple[float, ...]:
-    """BA's probe offsets in units of the interval length: a, 1 - a, 1 (forward) and -a (backward)."""
+    """BA's probe offsets in units of the interval length L (runtime/solvers/ba.py): a, 1 - a, 1
+    toward data and -a toward noise (the backward probe); a grid-mode sample picks one uniformly."""
     from ..runtime.solvers.ba import LOBATTO_A  # lazily: trainers reach the runtime only at call time
 
     return (LOBATTO_A, 1.0 - LOBATTO_A, 1.0, -LOBATTO_A)
