@@ -538,8 +538,8 @@ def _fastflow(solver: str, nfe: int, bandit_state, calls, speedup, mu_factor, nm
         raise ConfigError(f"{', '.join(given)} only apply to {nm['solver']} fastflow")
     if calls is not None and speedup is not None:
         raise ConfigError(f"give the FastFlow budget as {nm['calls']} or as {nm['speedup']}, not both")
-    calls = check_positive(calls, nm["calls"], float(nfe), optional=True)
-    speedup = check_positive(speedup, nm["speedup"], float(nfe), optional=True)
+    calls = check_positive(calls, nm["calls"], optional=True)  # its range (3..T) and speedup's: the bandit's
+    speedup = check_positive(speedup, nm["speedup"], optional=True)
     mu_factor = check_positive(mu_factor, nm["mu_factor"], MAX_MU_FACTOR, optional=True)
     if calls is not None or speedup is not None:
         from .bandit import budget_target
