@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -137,7 +138,7 @@ def test_plan_run_equals_sample_npy_bit_for_bit(digits, base, tmp_path, variant)
 
 
 def _same(a, b) -> bool:
-    if isinstance(a, dict) or isinstance(b, dict):
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
         return a is not None and b is not None and set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         return a is not None and b is not None and np.array_equal(a, b)
