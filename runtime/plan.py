@@ -420,11 +420,12 @@ def _conditions(meta: dict, fmt, labels, cond, null_cond, n: int, guided: bool, 
             if name in declared:
                 _check_values(name, value, declared[name].dtype, num_classes, null_label, is_label(name),
                               nm["null_cond"], True)
-        null.update(check_conditions(decl, given, n, inline, nm["null_cond"]))
+        # null values may be given for some conditions only (the others: the bundle's, or refused below)
+        null.update(check_conditions(decl, given, n, dict.fromkeys(declared), nm["null_cond"]))
         missing = sorted(set(cond) - set(null)) if guided else []
         if missing:
             raise ConfigError(f"guidance needs a null value for {', '.join(missing)} and this bundle has none; "
-                              "pass {nm['null_cond']}")
+                              f"pass {nm['null_cond']}")
     rows, shared = {}, {}
     for name, value in cond.items():
         inp = declared[name]
