@@ -51,11 +51,31 @@ def check_condition(decl, value: np.ndarray, n: int, axis_range) -> np.ndarray:
         rng = axis_range(dim) if isinstance(dim, str) else None
         if rng is not None and not rng[0] <= size <= rng[2]:
             raise RequestError(f"condition {decl.name!r}: axis {dim} is {size}, the bundle takes {rng[0]}..{rng[2]}")
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        raise RequestError(f"condition {decl.name!r} holds NaN or infinite values")
+    if value.dtype.kind == "u" and decl.dtype in ("int64", "int32") and value.size and value.max() > np.iinfo(decl.dtype).max:
+        raise RequestError(f"condition {decl.name!r} holds values beyond {decl.dtype}")
     return value.astype(_NP.get(decl.dtype, value.dtype), copy=False)
 
 
-def parse_conditions(body: dict, n: int, decls: Sequence, axis_range, null_values: dict, guided: bool):
-    """``(conditions, null_conditions)`` as sorted tuples of (name, array, per_row), or (None, None)."""
+def check_labels(name: str, value: np.ndarray, num_classes: int, null_label: Optional[int] = None) -> None:
+    """Class labels sent as the condition ``y``: integers in [0, C) exactly (the null label too for a null
+    row), so a negative label cannot wrap to another class and a large one cannot fail a shared solve."""
+    allowed = f"0..{num_classes - 1}" + ("" if null_label is None else f" or the null label {null_label}")
+    bad = (value < 0) | (value >= num_classes)
+    if null_label is not None:
+        bad &= value != null_label
+    if bad.any():
+        raise RequestError(f"condition {name!r} holds class labels, which must be in {allowed}; "
+                           f"got {value[bad].ravel()[0]}")
+
+
+def parse_conditions(body: dict, n: int, decls: Sequence, axis_range, null_values: dict, guided: bool,
+                     num_classes: int = 0):
+    """``(conditions, null_conditions)`` as sorted tuples of (name, array, per_row), or (None, None).
+
+    Every array is checked here, before the request can share a solve: declared dtype (an integer
+    condition takes integers only), shape, axis ranges and, for class labels ``y``, their range."""
     given, nulls = body.get("conditions"), body.get("null_conditions")
     if given is None:
         if nulls is not None:
@@ -77,6 +97,10 @@ def parse_conditions(body: dict, n: int, decls: Sequence, axis_range, null_value
         if not isinstance(nulls, dict) or set(nulls) - set(cond):
             raise RequestError("'null_conditions' must be an object over names given in 'conditions'")
         null = {k: (check_condition(by_name[k], decode_npy(k, v), 1, axis_range), True) for k, v in nulls.items()}
+    if num_classes and "y" in cond and by_name["y"].dtype in ("int64", "int32"):
+        check_labels("y", cond["y"][0], num_classes)
+        if "y" in null:
+            check_labels("null_conditions.y", null["y"][0], num_classes, null_values.get("y", num_classes))
     if guided:
         lacking = sorted(k for k in cond if k not in null and k not in null_values)
         if lacking:

@@ -10,6 +10,7 @@ Time convention: t = 1 noise, t = 0 data; NFE counts backbone calls.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import sys
 import threading
@@ -26,6 +27,27 @@ from .request import FORMATS, FIELDS, DEFAULTS, Limits, RequestError, SampleRequ
 
 DEFAULT_MAX_N = 1024
 DEFAULT_MAX_QUEUE = 256
+DEFAULT_MAX_COST = 16384  # n x nfe of one request: 16384 row-calls take ~20 s on the digits model, 2 loaded cores
+DEFAULT_MAX_BODY = 16 * 1024**2  # bytes of one request body (HTTP 413 above)
+DEFAULT_TIME_BUDGET_S = 60.0  # a request's wall time from arrival; its remaining solves are dropped past it (504)
+# Requests of at most max_cost / FAST_LANE_SHARE row-calls are "small": the deployment solves them in
+# their own lane, so a large request in progress cannot hold a small one back for its whole duration.
+FAST_LANE_SHARE = 16
+log = logging.getLogger("anchorflow.serve")
+
+
+class NonFinite(AnchorflowError):
+    """A solve whose samples are not finite (answered 500: the model or its inputs diverged)."""
+
+
+def _failure(exc: BaseException) -> tuple[int, str]:
+    """(status, message) for a solve that failed: 400 for a user error, else 500 without internals."""
+    if isinstance(exc, ConfigError):
+        return 400, str(exc)
+    if isinstance(exc, NonFinite):
+        return 500, "the solve returned NaN or infinite samples; try a smaller cfg or another solver"
+    log.error("a solve failed", exc_info=exc)
+    return 500, "the solve failed inside the service; its log has the details"
 
 
 class SamplerService:
@@ -45,7 +67,9 @@ class SamplerService:
     def __init__(self, model: str = "default", *, backend: str = "auto", precision: str = "fp32",
                  allow_fallback: bool = False, max_batch: Optional[int] = None, max_n: int = DEFAULT_MAX_N,
                  max_queue: int = DEFAULT_MAX_QUEUE, bandit_dir: Optional[str] = None,
-                 mu_factor: Optional[float] = None, threads: Optional[int] = None) -> None:
+                 mu_factor: Optional[float] = None, threads: Optional[int] = None,
+                 max_cost: int = DEFAULT_MAX_COST, max_body: int = DEFAULT_MAX_BODY,
+                 time_budget_s: float = DEFAULT_TIME_BUDGET_S) -> None:
         from ..runtime.bundle import open_bundle, read_bundle
         from ..runtime.models import locate
 
@@ -53,9 +77,12 @@ class SamplerService:
         if files.bundle is None or backend == "torch":
             raise CheckpointError(f"{model}: the service runs exported bundles only (torch-free); "
                                   f"export one with 'anchorflow export {model} --out BUNDLE' and serve that")
-        for name, value in (("max_n", max_n), ("max_queue", max_queue), ("max_batch", max_batch or 1)):
+        for name, value in (("max_n", max_n), ("max_queue", max_queue), ("max_batch", max_batch or 1),
+                            ("max_cost", max_cost), ("max_body", max_body)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(time_budget_s, (int, float)) and math.isfinite(time_budget_s) and time_budget_s > 0):
+            raise ConfigError(f"time_budget_s must be a finite number > 0, got {time_budget_s!r}")
         self.model = open_bundle(files, backend=backend, allow_fallback=allow_fallback, precision=precision,
                                  threads=threads)
         self.meta = self.model.meta
@@ -69,7 +96,8 @@ class SamplerService:
         self.null_cond = dict(fmt.guidance.null)
         self.model_conditions = (decls, fmt.backbone.axis_range, self.null_cond) if decls else None
         cap = max_batch or self.batch_max["backbone"] or 128
-        self.limits = Limits(max_rows=cap, max_n=max_n)
+        self.limits = Limits(max_rows=cap, max_n=max_n, max_cost=max_cost, max_body=max_body,
+                             time_budget_s=float(time_budget_s))
         self.max_queue = max_queue
         self.bandit_dir = Path(bandit_dir or Path.home() / ".cache" / "anchorflow" / "serve" / "bandits")
         self.mu_factor = mu_factor
@@ -116,8 +144,16 @@ class SamplerService:
             self._pending -= 1
 
     # -- sampling --------------------------------------------------------------------------------
+    def small(self, req: SampleRequest) -> bool:
+        """Whether ``req`` goes to the fast lane (at most max_cost / FAST_LANE_SHARE row-calls)."""
+        return req.n * req.nfe <= max(1, self.limits.max_cost // FAST_LANE_SHARE)
+
     def sample_batch(self, requests: Sequence[SampleRequest]) -> list[Reply]:
-        """Solve concurrent requests in as few solves as fit; one :class:`Reply` per request, in order."""
+        """Solve concurrent requests in as few solves as fit; one :class:`Reply` per request, in order.
+
+        Every request was validated alone (:meth:`parse`) before it got here. Should a merged solve
+        still fail, each of its requests is solved again alone, so only the one at fault fails; a
+        request whose time budget ran out gets 504 and its remaining solves are dropped."""
         num_classes = int(self.meta.get("num_classes", 0) or 0)
         from ..sampling import cycle_labels, start_noise
 
@@ -130,7 +166,7 @@ class SamplerService:
         replies = [Reply(wait_s=time.perf_counter() - r.arrived if r.arrived else 0.0) for r in requests]
         solves = plan(requests, self.rows_for)
         for solve in solves:
-            self._run_one(solve, requests, (noises, labels, conds), parts, replies)
+            self._run_checked(solve, requests, (noises, labels, conds), parts, replies)
         for reply, got, req in zip(replies, parts, requests):
             if reply.error is None:
                 reply.x = np.concatenate([x for _, x in sorted(got, key=lambda p: p[0])], axis=0)
@@ -139,7 +175,31 @@ class SamplerService:
             self.stats["batches"] += 1
             self.stats["solves"] += len(solves)
             self.stats["merged_requests"] += sum(s.requests for s in solves if s.requests > 1)
+            self.stats["failed"] += sum(r.error is not None for r in replies)
         return replies
+
+    def _run_checked(self, solve: Solve, requests, inputs, parts, replies) -> None:
+        """Run one planned solve: drop failed or late requests first, isolate a failure to its request."""
+        now = time.perf_counter()
+        for p in solve.pieces:
+            r, req = replies[p.index], requests[p.index]
+            if r.error is None and req.arrived and now - req.arrived > self.limits.time_budget_s:
+                r.status, r.error = 504, (f"the request ran past this service's time budget of "
+                                          f"{self.limits.time_budget_s:g} s ('anchorflow serve --time-budget-s'); "
+                                          "send fewer samples or NFE per request")
+        live = Solve(solve.key, [p for p in solve.pieces if replies[p.index].error is None])
+        if not live.pieces:
+            return
+        try:
+            self._run_one(live, requests, inputs, parts, replies)
+        except Exception as exc:  # noqa: BLE001 - isolate, then answer each request on its own
+            if live.requests > 1:
+                for i in dict.fromkeys(p.index for p in live.pieces):
+                    self._run_checked(Solve(live.key, [p for p in live.pieces if p.index == i]), requests, inputs,
+                                      parts, replies)
+                return
+            for p in live.pieces:
+                replies[p.index].status, replies[p.index].error = _failure(exc)
 
     def _run_one(self, solve: Solve, requests, inputs, parts, replies) -> None:
         noises, labels, conds = inputs
@@ -150,15 +210,9 @@ class SamplerService:
         if req.conditions:
             cond = {name: gather(solve, [c and c[name] for c in conds]) if per_row else value
                     for name, value, per_row in req.conditions}
-        try:
-            res, state = self._solve(req, gather(solve, noises), y, cond)
-        except AnchorflowError as exc:
-            status = 400 if isinstance(exc, ConfigError) else 500
-            for p in solve.pieces:
-                replies[p.index].status, replies[p.index].error = status, str(exc)
-            with self._lock:
-                self.stats["failed"] += solve.requests
-            return
+        res, state = self._solve(req, gather(solve, noises), y, cond)
+        if not np.isfinite(res.x).all():
+            raise NonFinite("the solve returned NaN or infinite samples")
         scatter(solve, res.x, parts)
         with self._lock:
             self.stats["rows"] += solve.rows
@@ -239,11 +293,34 @@ class SamplerService:
             return {**self.stats, "pending": self._pending}
 
     def get(self, path: str) -> HttpReply:
-        """Answer ``GET /healthz``, ``/v1/model`` and ``/v1/stats``; 404 otherwise."""
-        if path == "/healthz":
-            return json_reply(200, {"status": "ok"})
-        if path == "/v1/model":
-            return json_reply(200, self.info())
-        if path == "/v1/stats":
-            return json_reply(200, self.stats_snapshot())
-        return error_reply(404, f"no such endpoint GET {path}; try /healthz, /v1/model, /v1/stats or POST /v1/sample")
+        """Answer ``GET /healthz``, ``/v1/model`` and ``/v1/stats``; 405 for ``/v1/sample``, 404 otherwise."""
+        return self.route("GET", path)
+
+    def route(self, method: str, path: str) -> Optional[HttpReply]:
+        """The reply to any request but ``POST /v1/sample`` (None for that one: the caller samples).
+
+        GET and HEAD on the GET endpoints (HEAD: the same status and headers, no body); 405 with an
+        ``Allow`` header for a known path asked with another method; 404 for an unknown path."""
+        path = path.rstrip("/") or "/"
+        allowed = ENDPOINTS.get(path)
+        if allowed is None:
+            return error_reply(404, f"no such endpoint {method} {_short(path)}; try GET /healthz, /v1/model, "
+                                    "/v1/stats or POST /v1/sample")
+        if method not in allowed:
+            return error_reply(405, f"{method} {path} is not allowed; use {' or '.join(allowed)} {path}",
+                               {"Allow": ", ".join(allowed)})
+        if path == "/v1/sample":
+            return None
+        reply = {"/healthz": lambda: json_reply(200, {"status": "ok"}),
+                 "/v1/model": lambda: json_reply(200, self.info()),
+                 "/v1/stats": lambda: json_reply(200, self.stats_snapshot())}[path]()
+        return HttpReply(reply.status, b"", reply.media_type, {**reply.headers, "Content-Length": str(len(reply.body))}) \
+            if method == "HEAD" else reply
+
+
+ENDPOINTS = {"/healthz": ("GET", "HEAD"), "/v1/model": ("GET", "HEAD"), "/v1/stats": ("GET", "HEAD"),
+             "/v1/sample": ("POST",)}
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 80 else text[:77] + "..."
