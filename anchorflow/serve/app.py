@@ -29,6 +29,8 @@ from ..errors import AnchorflowError, BackendError, ConfigError
 APP_NAME = "anchorflow"
 # A cluster address (--address) that does not accept a TCP connection within this time is refused.
 ADDRESS_TIMEOUT_S = 10.0
+# ray.init joining a cluster that answered the probe gives up after this long (Ray's own limit is ~20 s).
+JOIN_TIMEOUT_S = 45.0
 MAX_BATCH_WAIT_MS = 10_000.0
 MAX_BODY_MB = 1024.0
 
@@ -109,17 +111,35 @@ def _parse_address(address: str) -> tuple[Optional[str], Optional[int]]:
     return m.group(1), int(m.group(2))
 
 
+# An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, the Ray Client server)
+# answers with its own SETTINGS frame (type 4); a port that merely accepts TCP does not.
+_H2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
 def check_address(address: str, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
-    """Refuse a cluster address that does not accept a TCP connection within ``timeout_s``."""
+    """Refuse a cluster address that does not answer as a gRPC server within ``timeout_s`` (else
+    ``ray.init`` would wait on it without end)."""
     host, port = _parse_address(address)
     if host is None:
         return
+    deadline = time.monotonic() + timeout_s
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            pass
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.sendall(_H2_HELLO)
+            head = b""
+            while len(head) < 9:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = sock.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
     except OSError as exc:
-        raise BackendError(f"no Ray cluster answers at {address} within {timeout_s:g} s ({exc.strerror or exc}); "
+        reason = "no answer" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
+        raise BackendError(f"no Ray cluster answers at {address} within {timeout_s:g} s ({reason}); "
                            "check --address, or leave it out to start Ray locally") from None
+    if len(head) < 9 or head[3] != 4:
+        raise BackendError(f"no Ray cluster answers at {address} within {timeout_s:g} s (the port answered, but "
+                           "not as Ray's gRPC server); check --address, or leave it out to start Ray locally")
 
 
 def check(opts: ServeOptions) -> None:
@@ -138,14 +158,14 @@ def check(opts: ServeOptions) -> None:
 
 
 def open_sampler(opts: ServeOptions, threads: Optional[int] = None):
-    """The replica's sampler core; any failure as one AnchorflowError line."""
-    from .service import SamplerService
+    """What a replica opens (:func:`.service.open_replica`); any failure as one AnchorflowError line."""
+    from .service import open_replica
 
     kwargs = opts.service_kwargs()
     if threads is not None:
         kwargs["threads"] = threads
     try:
-        return SamplerService(**kwargs)
+        return open_replica(kwargs)
     except AnchorflowError:
         raise
     except Exception as exc:  # noqa: BLE001 - the replica would die of it: say what it was, in one line
@@ -172,11 +192,9 @@ def start(opts: ServeOptions, guard=None) -> str:
         check_address(opts.address)
     init = dict(address="local", num_cpus=opts.num_cpus, object_store_memory=128 * 1024**2) if local \
         else dict(address=opts.address)
-    try:
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **init)
-    except Exception as exc:  # noqa: BLE001 - Ray's own errors: one line
-        raise BackendError(f"Ray did not start{'' if local else f' at {opts.address}'}: {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
+    _bounded(lambda: ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **init),
+             opts.start_timeout_s if local else JOIN_TIMEOUT_S, "Ray did not start" if local
+             else f"could not join the Ray cluster at {opts.address}")
     if guard is not None and local:
         guard.watch_children()
     try:
@@ -198,6 +216,27 @@ def start(opts: ServeOptions, guard=None) -> str:
         raise BackendError(f"Ray Serve could not start the sampler on {opts.host}:{opts.port}: "
                            f"{type(exc).__name__}: {_first_line(str(exc))}") from None
     return f"http://{opts.host}:{opts.port}"
+
+
+def _bounded(fn: Callable[[], object], timeout_s: float, what: str) -> None:
+    """Run ``fn`` in a daemon thread; BackendError (one line) if it raises or takes over ``timeout_s``."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            out["error"] = exc
+        out["end"] = True
+
+    thread = threading.Thread(target=run, name="anchorflow-ray-init", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if "end" not in out:
+        raise BackendError(f"{what} within {timeout_s:g} s")
+    if "error" in out:
+        exc = out["error"]
+        raise BackendError(f"{what}: {type(exc).__name__}: {_first_line(str(exc))}") from None
 
 
 def _first_line(text: str) -> str:

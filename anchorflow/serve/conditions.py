@@ -83,9 +83,10 @@ def parse_conditions(body: dict, n: int, decls: Sequence, axis_range, null_value
         return None, None
     if not isinstance(given, dict) or not given:
         raise RequestError("'conditions' must be an object: condition name -> base64 .npy")
-    if body.get("labels") is not None:
-        raise RequestError("give class labels either as 'labels' or as the condition 'y', not both")
     by_name = {d.name: d for d in decls}
+    if body.get("labels") is not None:
+        raise RequestError("give class labels either as 'labels' or as the condition 'y', not both" if "y" in by_name
+                           else "this model takes no class labels; drop 'labels' (its conditions go in 'conditions')")
     unknown = sorted(set(given) - set(by_name))
     if unknown:
         have = ", ".join(d.describe() for d in decls) or "none"

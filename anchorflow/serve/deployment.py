@@ -22,8 +22,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .encode import HttpReply, encode, error_reply
-from .request import RequestError, SampleRequest, check_body_size, image_range
-from .service import SamplerService
+from .request import RequestError, SampleRequest, check_body_size
+from .service import open_replica
 
 log = logging.getLogger("anchorflow.serve")
 # Seconds a stopping replica waits for its requests in flight (SIGTERM drains; see app.stop).
@@ -34,8 +34,8 @@ class SamplerDeployment:
     """Ray Serve ingress for one model. ``options``: see :func:`anchorflow.serve.app.build_app`."""
 
     def __init__(self, options: dict[str, Any]) -> None:
-        self.core = SamplerService(**options["service"])
-        self.data_range = image_range(self.core.meta)  # None: latents (PNG refused at parse time)
+        # exactly what `anchorflow serve` opened once before starting Ray (app.check): a failure here was seen there
+        self.core, self.data_range = open_replica(options["service"])
         self.pools = {lane: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"anchorflow-{lane}")
                       for lane in ("small", "large")}
         for method in (self.sample_small, self.sample_large):
@@ -67,16 +67,21 @@ class SamplerDeployment:
         return Response(reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers)
 
     async def _read(self, request: Request) -> bytes:
-        """The body, refused (413) as soon as it passes the limit: never held whole when too large."""
+        """The body, or BodyTooLarge (413) once it passes the limit: the rest is read and dropped (so the
+        client, still sending, gets the answer instead of a reset connection), never held."""
         limit = self.core.limits.max_body
         declared = request.headers.get("content-length", "")
-        if declared.isdigit():
-            check_body_size(int(declared), limit)
         chunks, size = [], 0
+        too_large = declared.isdigit() and int(declared) > limit
         async for chunk in request.stream():
             size += len(chunk)
-            check_body_size(size, limit)
-            chunks.append(chunk)
+            too_large = too_large or size > limit
+            if not too_large:
+                chunks.append(chunk)
+            else:
+                chunks.clear()
+        if too_large:
+            check_body_size(max(size, int(declared) if declared.isdigit() else 0), limit)
         return b"".join(chunks)
 
     async def _sample(self, request: Request) -> HttpReply:

@@ -116,7 +116,7 @@ def _int(body: dict, name: str, lo: int, hi: Optional[int] = None) -> int:
 
 
 def _number(v: Any, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > 1e300:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or abs(v) > 1e300 or not math.isfinite(v):
         raise _fail(f"{name!r} must be a finite number, got {_show(v)}")
     return float(v)
 
@@ -134,7 +134,7 @@ def check_body_size(size: int, limit: int) -> None:
     """BodyTooLarge (HTTP 413) when a body of ``size`` bytes is over ``limit``."""
     if size > limit:
         raise BodyTooLarge(f"the request body is {size} bytes or more, over this service's limit of {limit} bytes "
-                           f"({limit / 1024**2:g} MiB, 'anchorflow serve --max-body-mb'); send fewer or smaller "
+                           f"({limit / 1024**2:.3g} MiB, 'anchorflow serve --max-body-mb'); send fewer or smaller "
                            "conditions per request")
 
 

@@ -21,9 +21,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import AnchorflowError, CheckpointError, ConfigError
-from .batching import Solve, gather, plan, scatter
+from .batching import Piece, Solve, gather, plan, scatter
 from .encode import HttpReply, Reply, error_reply, json_reply
-from .request import FORMATS, FIELDS, DEFAULTS, Limits, RequestError, SampleRequest, parse_request, rows_limit
+from .request import (DEFAULTS, FIELDS, FORMATS, Limits, RequestError, SampleRequest, image_range, parse_request,
+                      rows_limit)
 
 DEFAULT_MAX_N = 1024
 DEFAULT_MAX_QUEUE = 256
@@ -48,6 +49,13 @@ def _failure(exc: BaseException) -> tuple[int, str]:
         return 500, "the solve returned NaN or infinite samples; try a smaller cfg or another solver"
     log.error("a solve failed", exc_info=exc)
     return 500, "the solve failed inside the service; its log has the details"
+
+
+def open_replica(service_kwargs: dict) -> tuple["SamplerService", Optional[tuple[float, float]]]:
+    """What one replica holds: the sampler and its image range (None: latents, PNG refused at parse time).
+    ``anchorflow serve`` calls this once before Ray starts, so a replica cannot fail where it did not."""
+    core = SamplerService(**service_kwargs)
+    return core, image_range(core.meta)
 
 
 class SamplerService:
@@ -159,12 +167,19 @@ class SamplerService:
 
         from .conditions import rows_of
 
-        noises = [start_noise(r.seed, r.n, self.meta["state_shape"]) for r in requests]
-        labels = [None if r.conditions else cycle_labels(r.labels, r.n, num_classes) for r in requests]
-        conds = [rows_of(r.conditions, r.n) if r.conditions else None for r in requests]
-        parts: list[list[tuple[int, np.ndarray]]] = [[] for _ in requests]
         replies = [Reply(wait_s=time.perf_counter() - r.arrived if r.arrived else 0.0) for r in requests]
-        solves = plan(requests, self.rows_for)
+        noises, labels, conds = [None] * len(requests), [None] * len(requests), [None] * len(requests)
+        for i, r in enumerate(requests):
+            try:
+                noises[i] = start_noise(r.seed, r.n, self.meta["state_shape"])
+                labels[i] = None if r.conditions else cycle_labels(r.labels, r.n, num_classes)
+                conds[i] = rows_of(r.conditions, r.n) if r.conditions else None
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                replies[i].status, replies[i].error = _failure(exc)
+        parts: list[list[tuple[int, np.ndarray]]] = [[] for _ in requests]
+        ok = [i for i, r in enumerate(replies) if r.error is None]
+        solves = [Solve(s.key, [Piece(ok[p.index], p.start, p.stop) for p in s.pieces])
+                  for s in plan([requests[i] for i in ok], self.rows_for)]
         for solve in solves:
             self._run_checked(solve, requests, (noises, labels, conds), parts, replies)
         for reply, got, req in zip(replies, parts, requests):
