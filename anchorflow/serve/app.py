@@ -29,8 +29,6 @@ from ..errors import AnchorflowError, BackendError, ConfigError
 APP_NAME = "anchorflow"
 # A cluster address (--address) that does not accept a TCP connection within this time is refused.
 ADDRESS_TIMEOUT_S = 10.0
-# ray.init joining a cluster that answered the probe gives up after this long (Ray's own limit is ~20 s).
-JOIN_TIMEOUT_S = 45.0
 MAX_BATCH_WAIT_MS = 10_000.0
 MAX_BODY_MB = 1024.0
 
@@ -192,9 +190,11 @@ def start(opts: ServeOptions, guard=None) -> str:
         check_address(opts.address)
     init = dict(address="local", num_cpus=opts.num_cpus, object_store_memory=128 * 1024**2) if local \
         else dict(address=opts.address)
-    _bounded(lambda: ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **init),
-             opts.start_timeout_s if local else JOIN_TIMEOUT_S, "Ray did not start" if local
-             else f"could not join the Ray cluster at {opts.address}")
+    try:  # in the main thread: Ray installs signal handlers and its core worker there
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **init)
+    except Exception as exc:  # noqa: BLE001 - Ray's own errors (a cluster that does not answer: ~20 s): one line
+        raise BackendError(f"{'Ray did not start' if local else f'could not join the Ray cluster at {opts.address}'}"
+                           f": {type(exc).__name__}: {_first_line(str(exc))}") from None
     if guard is not None and local:
         guard.watch_children()
     try:
@@ -216,27 +216,6 @@ def start(opts: ServeOptions, guard=None) -> str:
         raise BackendError(f"Ray Serve could not start the sampler on {opts.host}:{opts.port}: "
                            f"{type(exc).__name__}: {_first_line(str(exc))}") from None
     return f"http://{opts.host}:{opts.port}"
-
-
-def _bounded(fn: Callable[[], object], timeout_s: float, what: str) -> None:
-    """Run ``fn`` in a daemon thread; BackendError (one line) if it raises or takes over ``timeout_s``."""
-    out: dict = {}
-
-    def run() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            out["error"] = exc
-        out["end"] = True
-
-    thread = threading.Thread(target=run, name="anchorflow-ray-init", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if "end" not in out:
-        raise BackendError(f"{what} within {timeout_s:g} s")
-    if "error" in out:
-        exc = out["error"]
-        raise BackendError(f"{what}: {type(exc).__name__}: {_first_line(str(exc))}") from None
 
 
 def _first_line(text: str) -> str:
