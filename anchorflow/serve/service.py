@@ -295,7 +295,7 @@ class SamplerService:
                     "nfe_rule": s.nfe_rule, "available": self.model.sidenet is not None or not s.needs_sidenet}
                    for s in SOLVERS.values()]
         return {"model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.meta.items() if k in keep},
-                "providers": list(self.model.providers), "solvers": solvers, "formats": list(FORMATS),
+                "providers": list(self.model.providers), "solvers": solvers, "formats": [f for f in FORMATS if f != "png" or image_range(self.meta) is not None],
                 "conditions": [{"name": d.name, "dtype": d.dtype, "shape": list(d.shape), "per_row": d.per_row,
                                 "null": self.null_cond.get(d.name)} for d in (self.model_conditions or [()])[0]],
                 "request": {k: DEFAULTS[k] for k in FIELDS},
