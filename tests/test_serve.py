@@ -228,6 +228,33 @@ def test_a_bad_label_merged_with_good_requests_fails_alone(service):
             np.testing.assert_allclose(np.load(io.BytesIO(reply)), ref, rtol=0, atol=1e-5)
 
 
+def test_a_request_whose_client_disconnected_is_not_solved(service):
+    """A slow request occupies the large lane; a second large request is sent on a raw socket that is
+    closed at once. Ray Serve cancels it while it waits for its batch, so only the first is solved."""
+    import socket
+
+    slow_body = {"solver": "euler", "nfe": 40, "n": 64, "seed": 2}
+    before = service.client.stats()["requests"]
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(service.post, slow_body)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and service.client.stats()["solving"] < 1:
+            time.sleep(0.05)
+        data = json.dumps({**slow_body, "seed": 3}).encode()
+        with socket.create_connection(("127.0.0.1", service.port)) as sock:
+            sock.sendall(b"POST /v1/sample HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+            while time.monotonic() < deadline and service.client.stats()["pending"] < 2:
+                time.sleep(0.05)  # admitted by the replica, queued behind the slow one
+            assert service.client.stats()["solving"] == 1, "the slow request ended before the test could close"
+        assert slow.result(timeout=120)[0] == 200
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and service.client.stats()["pending"] > 0:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert service.client.stats()["requests"] - before == 1
+
+
 def test_sigterm_drains_the_request_in_flight_and_leaves_no_ray_processes(service):
     """SIGTERM while a ~2-5 s request is being solved: it still gets its 200 and its samples; then the
     service exits 0 and every process it started is gone."""

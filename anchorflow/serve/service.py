@@ -112,6 +112,7 @@ class SamplerService:
         self.stats = {"requests": 0, "solves": 0, "batches": 0, "rows": 0, "merged_requests": 0,
                       "bad_requests": 0, "rejected": 0, "failed": 0}
         self._pending = 0
+        self._solving = 0  # requests inside sample_batch now
         self._lock = threading.Lock()
         self._solve_s = 0.05  # running mean of one solve's wall time, for Retry-After
 
@@ -180,8 +181,14 @@ class SamplerService:
         ok = [i for i, r in enumerate(replies) if r.error is None]
         solves = [Solve(s.key, [Piece(ok[p.index], p.start, p.stop) for p in s.pieces])
                   for s in plan([requests[i] for i in ok], self.rows_for)]
-        for solve in solves:
-            self._run_checked(solve, requests, (noises, labels, conds), parts, replies)
+        with self._lock:
+            self._solving += len(requests)
+        try:
+            for solve in solves:
+                self._run_checked(solve, requests, (noises, labels, conds), parts, replies)
+        finally:
+            with self._lock:
+                self._solving -= len(requests)
         for reply, got, req in zip(replies, parts, requests):
             if reply.error is None:
                 reply.x = np.concatenate([x for _, x in sorted(got, key=lambda p: p[0])], axis=0)
@@ -305,7 +312,7 @@ class SamplerService:
 
     def stats_snapshot(self) -> dict:
         with self._lock:
-            return {**self.stats, "pending": self._pending}
+            return {**self.stats, "pending": self._pending, "solving": self._solving}
 
     def get(self, path: str) -> HttpReply:
         """Answer ``GET /healthz``, ``/v1/model`` and ``/v1/stats``; 405 for ``/v1/sample``, 404 otherwise."""
