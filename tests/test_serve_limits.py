@@ -68,7 +68,8 @@ BAD_FIELDS = [
     (body(seed=2**32), "'seed' must be in 0..4294967295"),        # the CLI's --seed range, not 2^63
     (body(seed=2**63), "'seed' must be in 0..4294967295"),
     (body(labels=[-5]), "must be integers in 0..9"),               # no wrap to class 5
-    (body(labels=[1.0]), "must be integers in 0..9"),
+    (body(labels=[1.0]), "'labels' must be integers, got 1.0"),
+    (body(cfg=1e300), "'cfg' 1e\\+300 is above the cap of 1000"),  # runtime.plan's cap, as for --cfg
     (body(n=10**30), "'n' must be in 1..64"),
     (body(solver="euler", nfe=40, n=64), "n x nfe = 64 x 40 = 2560"),  # the per-request cost limit (2000)
     (b"[" * 3000, "nests deeper"),                                # under the 8192-byte body limit here
@@ -122,7 +123,9 @@ def test_a_request_that_fails_in_a_merged_solve_fails_alone(digits):
     the good ones are solved again without it and equal lone runs; the bad one gets a 500 that names
     no internal exception. (Validation refuses such a row at parse time; this is the second line.)"""
     good = [digits.parse(body(solver="euler", nfe=4, n=2, seed=s, labels=[s])) for s in (1, 2, 3)]
-    bad = dataclasses.replace(good[0], seed=9, conditions=(("y", np.array([12]), True),))
+    p = good[0].plan
+    bad = dataclasses.replace(good[0], seed=9, plan=dataclasses.replace(p, rows={"y": np.array([12, 12])}, seed=9))
+    assert bad.key == good[0].key  # rows are row data: the bad one merges with the good ones
     replies = digits.sample_batch([good[0], bad, good[1], good[2]])
     assert [r.status for r in replies] == [200, 500, 200, 200]
     assert "Gather" not in replies[1].error and "onnxruntime" not in replies[1].error.lower()
@@ -214,11 +217,11 @@ def test_exported_bundles_messages_name_http_fields(served, kind):
         msg = str(info.value)
         assert "unconditional" not in msg and "--cond" not in msg and "'conditions'" in msg
         assert all(n in msg for n in names)
-    with pytest.raises(RequestError, match="takes no class labels; drop 'labels' \\(its conditions go in"):
+    with pytest.raises(RequestError, match="takes no class labels.*drop 'labels'.*its conditions go in 'conditions'"):
         core.parse(body(solver="euler", nfe=3, labels=[1], conditions={k: npy64(v) for k, v in
                                                                        _conds(core, 1, 2, 0).items()}))
     nan = {k: npy64(np.full_like(v, np.nan)) for k, v in _conds(core, 1, 2, 0).items()}
-    with pytest.raises(RequestError, match="NaN or infinite"):
+    with pytest.raises(RequestError, match="holds NaN or Inf"):
         core.parse(body(solver="euler", nfe=3, conditions=nan))
 
 

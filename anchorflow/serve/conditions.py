@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import io
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -51,31 +50,16 @@ def check_condition(decl, value: np.ndarray, n: int, axis_range) -> np.ndarray:
         rng = axis_range(dim) if isinstance(dim, str) else None
         if rng is not None and not rng[0] <= size <= rng[2]:
             raise RequestError(f"condition {decl.name!r}: axis {dim} is {size}, the bundle takes {rng[0]}..{rng[2]}")
-    if value.dtype.kind == "f" and not np.isfinite(value).all():
-        raise RequestError(f"condition {decl.name!r} holds NaN or infinite values")
     if value.dtype.kind == "u" and decl.dtype in ("int64", "int32") and value.size and value.max() > np.iinfo(decl.dtype).max:
         raise RequestError(f"condition {decl.name!r} holds values beyond {decl.dtype}")
     return value.astype(_NP.get(decl.dtype, value.dtype), copy=False)
 
 
-def check_labels(name: str, value: np.ndarray, num_classes: int, null_label: Optional[int] = None) -> None:
-    """Class labels sent as the condition ``y``: integers in [0, C) exactly (the null label too for a null
-    row), so a negative label cannot wrap to another class and a large one cannot fail a shared solve."""
-    allowed = f"0..{num_classes - 1}" + ("" if null_label is None else f" or the null label {null_label}")
-    bad = (value < 0) | (value >= num_classes)
-    if null_label is not None:
-        bad &= value != null_label
-    if bad.any():
-        raise RequestError(f"condition {name!r} holds class labels, which must be in {allowed}; "
-                           f"got {value[bad].ravel()[0]}")
-
-
-def parse_conditions(body: dict, n: int, decls: Sequence, axis_range, null_values: dict, guided: bool,
-                     num_classes: int = 0):
+def parse_conditions(body: dict, n: int, decls: Sequence, axis_range, null_values: dict, guided: bool):
     """``(conditions, null_conditions)`` as sorted tuples of (name, array, per_row), or (None, None).
 
-    Every array is checked here, before the request can share a solve: declared dtype (an integer
-    condition takes integers only), shape, axis ranges and, for class labels ``y``, their range."""
+    The transport and layout are checked here (base64 .npy, declared dtype kind, shape, axis ranges);
+    the values (label ranges, finiteness) by :func:`anchorflow.runtime.plan.plan`, as for the CLI."""
     given, nulls = body.get("conditions"), body.get("null_conditions")
     if given is None:
         if nulls is not None:
@@ -86,7 +70,8 @@ def parse_conditions(body: dict, n: int, decls: Sequence, axis_range, null_value
     by_name = {d.name: d for d in decls}
     if body.get("labels") is not None:
         raise RequestError("give class labels either as 'labels' or as the condition 'y', not both" if "y" in by_name
-                           else "this model takes no class labels; drop 'labels' (its conditions go in 'conditions')")
+                           else "this model takes no class labels (a model with classes takes them either as 'labels' "
+                                "or as the condition 'y'); drop 'labels', its conditions go in 'conditions'")
     unknown = sorted(set(given) - set(by_name))
     if unknown:
         have = ", ".join(d.describe() for d in decls) or "none"
@@ -98,10 +83,6 @@ def parse_conditions(body: dict, n: int, decls: Sequence, axis_range, null_value
         if not isinstance(nulls, dict) or set(nulls) - set(cond):
             raise RequestError("'null_conditions' must be an object over names given in 'conditions'")
         null = {k: (check_condition(by_name[k], decode_npy(k, v), 1, axis_range), True) for k, v in nulls.items()}
-    if num_classes and "y" in cond and by_name["y"].dtype in ("int64", "int32"):
-        check_labels("y", cond["y"][0], num_classes)
-        if "y" in null:
-            check_labels("null_conditions.y", null["y"][0], num_classes, null_values.get("y", num_classes))
     if guided:
         lacking = sorted(k for k in cond if k not in null and k not in null_values)
         if lacking:
@@ -109,26 +90,3 @@ def parse_conditions(body: dict, n: int, decls: Sequence, axis_range, null_value
                                "none, so send it in 'null_conditions'")
     flat = lambda d: tuple((k, v, per_row) for k, (v, per_row) in sorted(d.items(), key=lambda kv: kv[0]))  # noqa: E731
     return flat(cond), (flat(null) or None)
-
-
-def _digest(items: Sequence) -> str:
-    h = hashlib.sha256()
-    for k, v, _ in items:
-        h.update(k.encode() + str(v.shape).encode() + str(v.dtype).encode() + np.ascontiguousarray(v).tobytes())
-    return h.hexdigest()
-
-
-def signature(conditions: Optional[tuple], nulls: Optional[tuple]) -> tuple:
-    """What must agree for two requests to share a solve: names, per-row shapes and dtypes; the values
-    of conditions without a row axis; the null values."""
-    if conditions is None:
-        return ()
-    rows = tuple((k, v.shape[1:], str(v.dtype)) for k, v, per_row in conditions if per_row)
-    shared = _digest([c for c in conditions if not c[2]])
-    return rows + (shared, None if nulls is None else _digest(nulls))
-
-
-def rows_of(conditions: tuple, n: int) -> dict:
-    """Condition name -> (n, ...) rows (a one-row condition repeated); row-less conditions as given."""
-    return {k: (np.broadcast_to(v, (n, *v.shape[1:])) if per_row and v.shape[0] == 1 and n != 1 else v)
-            for k, v, per_row in conditions}

@@ -23,11 +23,17 @@ from ..runtime.solvers import max_sidenet_offsets
 from .errors import BodyTooLarge, RequestError  # noqa: F401  (raised here; their home is below conditions)
 
 FORMATS = ("npy", "png", "json")
-FIELDS = ("solver", "nfe", "n", "labels", "cfg", "cfg_interval", "seed", "grid", "format", "conditions",
-          "null_conditions")
+FIELDS = ("solver", "nfe", "n", "labels", "cfg", "cfg_interval", "seed", "grid", "first_call", "format",
+          "conditions", "null_conditions")
 DEFAULTS: dict[str, Any] = {"solver": "ba", "nfe": 7, "n": 16, "labels": None, "cfg": 1.0,
-                            "cfg_interval": [0.0, 1.0], "seed": 0, "grid": None, "format": "npy",
-                            "conditions": None, "null_conditions": None}
+                            "cfg_interval": [0.0, 1.0], "seed": 0, "grid": None, "first_call": "backbone",
+                            "format": "npy", "conditions": None, "null_conditions": None}
+# How runtime.plan's messages name each argument over HTTP (the CLI says --cfg, the API says 'cfg').
+HTTP_NAMES = {"solver": "'solver'", "nfe": "'nfe'", "grid": "'grid'", "first_call": "'first_call'",
+              "cfg_scale": "'cfg'", "cfg_interval": "'cfg_interval'", "labels": "'labels'", "cond": "'conditions'",
+              "null_cond": "'null_conditions'", "n": "'n'", "seed": "'seed'", "noise": "the start noise",
+              "bandit_state": "the service's bandit state", "calls": "calls", "speedup": "speedup",
+              "mu_factor": "the service's --mu-factor"}
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,9 @@ def rows_limit(cap: int, guided: bool, sidenet: bool, backbone_max: Optional[int
 
 @dataclass(frozen=True)
 class SampleRequest:
-    """One validated request. ``key`` groups requests that may share one solve."""
+    """One validated request: its HTTP fields and the :class:`~anchorflow.runtime.plan.SamplePlan`
+    they mean on this model (set by :meth:`SamplerService.parse`). ``key`` groups requests that may
+    share one solve."""
 
     solver: str
     nfe: int
@@ -84,15 +92,17 @@ class SampleRequest:
     # named conditions: sorted ((name, array), ...) with n or 1 rows each, and their null values
     conditions: Optional[tuple] = field(default=None, compare=False)
     null_conditions: Optional[tuple] = field(default=None, compare=False)
+    first_call: str = "backbone"
+    plan: Any = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> tuple:
-        """Solver, NFE, grid, guidance and condition layout: requests with equal keys share one solve."""
-        from .conditions import signature
-
-        interval = self.cfg_interval if self.cfg != 1.0 else (0.0, 1.0)
-        # grid None (the bundle's tuned default for this solver and NFE) is not "uniform" when tuned
-        return (self.solver, self.nfe, self.grid, self.cfg, interval, signature(self.conditions, self.null_conditions))
+        """The plan's key (every field that changes the numbers, derived from the plan's fields) and
+        the layout of its per-row conditions (names, trailing shapes, dtypes: rows must concatenate)."""
+        if self.plan is None:
+            raise ValueError("a SampleRequest has a key once SamplerService.parse has planned it")
+        layout = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(self.plan.rows.items()))
+        return (self.plan.key, layout)
 
 
 def _fail(msg: str) -> RequestError:
@@ -181,7 +191,7 @@ def parse_request(raw: bytes, meta: dict, limits: Limits, has_sidenet: bool, arr
         raise _fail(f"n x nfe = {n} x {nfe} = {n * nfe} backbone row-calls is over this service's per-request "
                     f"limit of {limits.max_cost}; send several smaller requests")
     seed = _int(body, "seed", 0, MAX_SEED)
-    cfg = _cfg(body["cfg"])
+    cfg = _number(body["cfg"], "cfg")  # JSON-level: a number Python can hold; its range is runtime.plan's
     interval = body["cfg_interval"]
     if not isinstance(interval, (list, tuple)) or len(interval) != 2:
         raise _fail(f"'cfg_interval' must be two numbers [lo, hi], got {_show(interval)}")
@@ -202,36 +212,29 @@ def parse_request(raw: bytes, meta: dict, limits: Limits, has_sidenet: bool, arr
 
         if not decls:
             raise _fail("this model declares no named conditions; drop 'conditions'")
-        conds, nulls = parse_conditions(body, n, *model_conditions, guided=cfg != 1.0, num_classes=num_classes)
+        conds, nulls = parse_conditions(body, n, *model_conditions, guided=cfg != 1.0)
     else:
         _require_conditions(decls, model_conditions[2] if model_conditions else {}, num_classes)
-    labels = _labels(body["labels"], n, num_classes, decls)
-    if cfg != 1.0 and not num_classes and conds is None:
-        raise _fail("this model is unconditional, so classifier-free guidance does not apply; send cfg 1")
+    labels = _labels(body["labels"], num_classes, decls)
+    first_call = body["first_call"]
+    if first_call not in ("backbone", "cached"):
+        raise _fail(f"'first_call' must be 'backbone' or 'cached', got {_show(first_call)}")
     grid = body["grid"]
     if isinstance(grid, list):
         grid = tuple(_number(v, "grid") for v in grid)
     elif grid is not None and not isinstance(grid, str):
         raise _fail(f"'grid' must be null, 'uniform', 'shift:S' or a list of times, got {_show(grid)}")
     try:
-        make_grid(spec.steps_for_nfe(nfe), grid)
+        make_grid(spec.steps_for_nfe(nfe, 1 if first_call == "cached" else 0), grid)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    return SampleRequest(solver, nfe, n, labels, cfg, (lo, hi), seed, grid, fmt, arrived, conds, nulls)
+    return SampleRequest(solver, nfe, n, labels, cfg, (lo, hi), seed, grid, fmt, arrived, conds, nulls, first_call)
 
 
 def image_range(meta: dict) -> Optional[tuple[float, float]]:
     """(lo, hi) of an image state, or None: bundle.json's ``data_range`` null means latents."""
     rng = meta.get("data_range")
     return None if rng is None else (float(rng[0]), float(rng[1]))
-
-
-def _cfg(value: Any) -> float:
-    """The guidance scale, refused exactly as ``anchorflow sample --cfg`` refuses it."""
-    cfg = _number(value, "cfg")
-    if not cfg > 0:
-        raise _fail(f"'cfg' must be finite and > 0 (1.0 = no guidance), got {_show(value)}")
-    return cfg
 
 
 def _require_conditions(decls, null_values: dict, num_classes: int) -> None:
@@ -243,16 +246,13 @@ def _require_conditions(decls, null_values: dict, num_classes: int) -> None:
                     "(GET /v1/model lists them)")
 
 
-def _labels(value: Any, n: int, num_classes: int, decls=()) -> Optional[tuple[int, ...]]:
-    from ..sampling import cycle_labels
-
-    if value is not None and (not isinstance(value, list) or not value):
+def _labels(value: Any, num_classes: int, decls=()) -> Optional[tuple]:
+    """The JSON shape of 'labels' (a non-empty list); their type and range are runtime.plan's."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
         raise _fail(f"'labels' must be a non-empty list of integers (cycled over the n samples), got {_show(value)}")
-    if value is not None and not num_classes:
+    if not num_classes:
         raise _fail("this model takes no class labels; drop 'labels'" +
                     (" (its conditions go in 'conditions')" if decls else ""))
-    try:
-        cycle_labels(value, 1, num_classes, "'labels'")
-    except ConfigError as exc:
-        raise _fail(str(exc)[:200]) from None
-    return None if value is None else tuple(int(v) for v in value)
+    return tuple(value)

@@ -9,6 +9,7 @@ Time convention: t = 1 noise, t = 0 data; NFE counts backbone calls.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -23,7 +24,7 @@ import numpy as np
 from ..errors import AnchorflowError, CheckpointError, ConfigError
 from .batching import Piece, Solve, gather, plan, scatter
 from .encode import HttpReply, Reply, error_reply, json_reply
-from .request import (DEFAULTS, FIELDS, FORMATS, Limits, RequestError, SampleRequest, image_range, parse_request,
+from .request import (DEFAULTS, FIELDS, FORMATS, HTTP_NAMES, Limits, RequestError, SampleRequest, image_range, parse_request,
                       rows_limit)
 
 DEFAULT_MAX_N = 1024
@@ -124,10 +125,13 @@ class SamplerService:
                           self.batch_max["backbone"], self.batch_max["sidenet"])
 
     def parse(self, raw: bytes) -> SampleRequest:
-        """Validate a body (RequestError -> HTTP 400), including the per-solve row limit for FastFlow."""
+        """Validate a body alone (RequestError -> HTTP 400/413): its JSON here, its meaning by
+        :func:`anchorflow.runtime.plan.plan` (the checks ``anchorflow sample`` runs), and the per-solve
+        row limit for FastFlow. Nothing of a request reaches a shared solve unless it passed."""
         try:
             req = parse_request(raw, self.meta, self.limits, self.model.sidenet is not None, time.perf_counter(),
                                 self.model_conditions)
+            req = dataclasses.replace(req, plan=self.plan_for(req))
             if req.solver == "fastflow" and req.n > self.rows_for(req):
                 raise RequestError(
                     f"fastflow requests are solved as one batch (its skip decisions are per batch), so n must be "
@@ -137,6 +141,28 @@ class SamplerService:
                 self.stats["bad_requests"] += 1
             raise
         return req
+
+    def plan_for(self, req: SampleRequest):
+        """The request's :class:`~anchorflow.runtime.plan.SamplePlan` on this model (FastFlow: on the
+        service's shared bandit state for its grid and guidance, with the service's mu factor)."""
+        from ..runtime.plan import plan
+
+        kw = dict(solver=req.solver, nfe=req.nfe, grid=None if req.grid is None else
+                  (req.grid if isinstance(req.grid, str) else list(req.grid)), first_call=req.first_call,
+                  cfg_scale=req.cfg, cfg_interval=req.cfg_interval, labels=None if req.labels is None else
+                  list(req.labels), n=req.n, seed=req.seed, tuning=self.tuning, names=HTTP_NAMES)
+        if req.conditions:
+            kw["cond"] = {k: v for k, v, _ in req.conditions}
+            kw["null_cond"] = {k: v for k, v, _ in req.null_conditions} if req.null_conditions else None
+        if req.solver == "fastflow" and self.mu_factor is not None:
+            kw["mu_factor"] = self.mu_factor
+        try:
+            p = plan(self.model, **kw)
+        except ConfigError as exc:
+            raise RequestError(str(exc)[:400]) from None
+        if p.solver == "fastflow":
+            p = dataclasses.replace(p, bandit_state=str(self.bandit_path(p)))
+        return p
 
     # -- admission (bounded queue) ---------------------------------------------------------------
     def admit(self) -> Optional[int]:
@@ -163,18 +189,13 @@ class SamplerService:
         Every request was validated alone (:meth:`parse`) before it got here. Should a merged solve
         still fail, each of its requests is solved again alone, so only the one at fault fails; a
         request whose time budget ran out gets 504 and its remaining solves are dropped."""
-        num_classes = int(self.meta.get("num_classes", 0) or 0)
-        from ..sampling import cycle_labels, start_noise
-
-        from .conditions import rows_of
-
         replies = [Reply(wait_s=time.perf_counter() - r.arrived if r.arrived else 0.0) for r in requests]
-        noises, labels, conds = [None] * len(requests), [None] * len(requests), [None] * len(requests)
+        noises: list = [None] * len(requests)
         for i, r in enumerate(requests):
             try:
-                noises[i] = start_noise(r.seed, r.n, self.meta["state_shape"])
-                labels[i] = None if r.conditions else cycle_labels(r.labels, r.n, num_classes)
-                conds[i] = rows_of(r.conditions, r.n) if r.conditions else None
+                if r.plan is None:
+                    raise ConfigError("the request was not planned (SamplerService.parse)")
+                noises[i] = r.plan.start_noise()
             except Exception as exc:  # noqa: BLE001 - this request fails alone
                 replies[i].status, replies[i].error = _failure(exc)
         parts: list[list[tuple[int, np.ndarray]]] = [[] for _ in requests]
@@ -185,7 +206,7 @@ class SamplerService:
             self._solving += len(requests)
         try:
             for solve in solves:
-                self._run_checked(solve, requests, (noises, labels, conds), parts, replies)
+                self._run_checked(solve, requests, noises, parts, replies)
         finally:
             with self._lock:
                 self._solving -= len(requests)
@@ -223,18 +244,20 @@ class SamplerService:
             for p in live.pieces:
                 replies[p.index].status, replies[p.index].error = _failure(exc)
 
-    def _run_one(self, solve: Solve, requests, inputs, parts, replies) -> None:
-        noises, labels, conds = inputs
-        first = solve.pieces[0].index
-        req = requests[first]
-        y = None if labels[first] is None else gather(solve, labels)
-        cond = None
-        if req.conditions:
-            cond = {name: gather(solve, [c and c[name] for c in conds]) if per_row else value
-                    for name, value, per_row in req.conditions}
-        res, state = self._solve(req, gather(solve, noises), y, cond)
+    def _run_one(self, solve: Solve, requests, noises, parts, replies) -> None:
+        """One solve: the first piece's plan with the pieces' rows and noise concatenated (equal keys:
+        the same numbers per row), run exactly as ``SamplePlan.run`` runs it."""
+        first = requests[solve.pieces[0].index].plan
+        rows = {k: np.concatenate([requests[p.index].plan.rows[k][p.start:p.stop] for p in solve.pieces], axis=0)
+                for k in first.rows}
+        noise = gather(solve, noises)
+        merged = dataclasses.replace(first, rows=rows, n=int(noise.shape[0]), noise=None)
+        pending = merged.begin(noise)
+        res = pending.result
         if not np.isfinite(res.x).all():
             raise NonFinite("the solve returned NaN or infinite samples")
+        pending.commit()
+        state = None if first.bandit_state is None else Path(first.bandit_state).name
         scatter(solve, res.x, parts)
         with self._lock:
             self.stats["rows"] += solve.rows
@@ -248,46 +271,18 @@ class SamplerService:
             r.batch_rows = max(r.batch_rows, solve.rows)
             r.bandit_state = state
 
-    def _solve(self, req: SampleRequest, noise: np.ndarray, y: Optional[np.ndarray], cond: Optional[dict] = None):
-        """One solve exactly as ``anchorflow sample`` runs it (FastFlow: on the shared bandit state).
+    def grid_for(self, req: SampleRequest) -> np.ndarray:
+        """The request's time grid (1 -> 0): its plan's, i.e. ``anchorflow sample``'s for the same
+        arguments (the bundle's tuned grid where it has one and the request gives none)."""
+        return np.asarray(req.plan.grid, np.float64)
 
-        Named conditions go in as ``cond=``, their null values (the request's, else the bundle's) as
-        ``null_cond=``; class labels as ``y=`` with the model's null label.
-        """
-        from ..runtime import solve
-
-        if cond is None:
-            guide = dict(y=y, null_label=self.meta.get("null_label"))
-        else:
-            nulls = {k: v for k, v, _ in (req.null_conditions or ())}
-            guide = dict(cond=cond, null_cond={k: nulls.get(k, self.null_cond.get(k)) for k in cond
-                                               if k in nulls or k in self.null_cond} or None)
-        kwargs = dict(**guide, sidenet=self.model.sidenet, cfg_scale=req.cfg, cfg_interval=req.cfg_interval,
-                      grid=self.grid_for(req))
-        if req.solver != "fastflow":
-            return solve(req.solver, self.model.velocity, noise, req.nfe, **kwargs), None
-        from ..runtime.fastflow import run_with_state
-
-        path = self.bandit_path(req)
-        extra = {} if self.mu_factor is None else {"mu_factor": self.mu_factor}
-        res = run_with_state(self.model.velocity, noise, req.nfe, path, self.meta["model_id"], **extra, **kwargs)
-        return res, path.name
-
-    def grid_for(self, req: SampleRequest):
-        """The request's grid, or ``anchorflow sample``'s default for its solver and NFE (the bundle's
-        tuned grid where it has one, else uniform; :func:`anchorflow.runtime.tuned.resolve_sampling`)."""
-        from ..runtime.tuned import resolve_sampling
-
-        return resolve_sampling(self.tuning, req.solver, req.nfe, req.grid)[0]
-
-    def bandit_path(self, req: SampleRequest) -> Path:
-        """The bandit state file shared by every FastFlow request with this grid and guidance."""
+    def bandit_path(self, p) -> Path:
+        """The bandit state file shared by every FastFlow plan with this grid and guidance."""
         from ..runtime.bandit import BanditKey
         from ..runtime.fastflow import guided_model_id
-        from ..runtime.grids import make_grid
 
-        grid = make_grid(req.nfe, self.grid_for(req))
-        key = BanditKey.of(grid, guided_model_id(self.meta["model_id"], req.cfg, req.cfg_interval))
+        key = BanditKey.of(np.asarray(p.grid, np.float64), guided_model_id(self.meta["model_id"], p.cfg_scale,
+                                                                          p.cfg_interval))
         digest = hashlib.sha256(f"{key.model_id}\n{key.grid_sha256}".encode()).hexdigest()[:16]
         return self.bandit_dir / f"fastflow-T{key.T}-{digest}.json"
 
