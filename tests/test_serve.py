@@ -105,6 +105,13 @@ def test_results_equal_the_sample_command(service, tmp_path, solver, args):
         status, headers, body = service.post({"solver": solver, **args, "format": "npy"})
         assert status == 200, body
         assert np.array_equal(np.load(io.BytesIO(body)), x_cli)  # same noise, same batch: bit-identical
+        if solver != "fastflow":  # and SamplePlan.run in-process (tests/test_serve_plan.py varies every field)
+            from anchorflow.modelref import open_model
+            from anchorflow.runtime.plan import plan
+
+            p = plan(open_model("default", backend="ort-cpu"), solver=solver, nfe=args["nfe"], n=args["n"],
+                     seed=args["seed"], labels=args["labels"], cfg_scale=args["cfg"])
+            assert np.array_equal(np.load(io.BytesIO(body)), p.run().x)
         calls = re.search(r"(\d+) backbone calls, (\d+) SideNet calls", text).groups()
         assert (headers["x-anchorflow-backbone-calls"], headers["x-anchorflow-sidenet-calls"]) == calls
         assert float(headers["x-anchorflow-time-ms"]) > 0
