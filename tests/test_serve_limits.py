@@ -285,3 +285,43 @@ def test_a_bundle_a_replica_could_not_open_fails_in_one_line_before_ray(tmp_path
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "Ray" not in proc.stdout and time.monotonic() - t0 < 60
+
+
+class _FakeServe:
+    """What app._deploy reads from ray.serve: run() blocking, status() reporting a failing replica."""
+
+    def __init__(self, message: str, status: str = "UPDATING", run_s: float = 600.0) -> None:
+        import threading
+
+        self.message, self.state, self.release = message, status, threading.Event()
+        self.run_s = run_s
+
+    def run(self, app, name, route_prefix):
+        self.release.wait(self.run_s)
+
+    def status(self):
+        from types import SimpleNamespace as NS
+
+        dep = NS(status=f"DeploymentStatus.{self.state}", message=self.message)
+        return NS(applications={"anchorflow": NS(status="ApplicationStatus.DEPLOYING", message="",
+                                                 deployments={"anchorflow-sampler": dep})})
+
+
+def test_a_replica_failing_under_ray_is_reported_at_once_with_its_own_error():
+    """Ray retries a failing constructor for minutes; the CLI reads the deployment status while it
+    waits and fails on the first report, with the replica's last traceback line."""
+    from anchorflow.errors import BackendError
+    from anchorflow.serve.app import _deploy
+
+    fake = _FakeServe("The deployment failed to start 2 times in a row. Error:\nTraceback (most recent call last):\n"
+                      "  File x\nKeyError: 'data_range'")
+    t0 = time.monotonic()
+    with pytest.raises(BackendError, match=r"a sampler replica failed to start: KeyError: 'data_range'$"):
+        _deploy(fake, None, timeout_s=60)
+    assert time.monotonic() - t0 < 5
+    fake.release.set()
+    pending = _FakeServe("Deployment 'anchorflow-sampler' has 1 replicas that have taken more than 30s to be "
+                         "scheduled: resources {'CPU': 1000.0} are not available")
+    with pytest.raises(BackendError, match=r"not running within 1 s .*resources \{'CPU': 1000.0\}"):
+        _deploy(pending, None, timeout_s=1.0)
+    pending.release.set()

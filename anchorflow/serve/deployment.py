@@ -112,5 +112,8 @@ def deployment(replicas: int, replica_cpus: float, max_queue: int):
         max_queued_requests=max_queue,
         backpressure_config={"status_code": 503, "retry_after_s": 1},
         graceful_shutdown_timeout_s=DRAIN_S,
+        # a constructor that fails twice fails the deployment (Ray's default retries for minutes); the CLI
+        # reports its error at once (app._deploy), having run the same constructor once itself (app.check)
+        max_constructor_retry_count=2,
         graceful_shutdown_wait_loop_s=0.5,
     )
