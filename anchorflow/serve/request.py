@@ -191,7 +191,13 @@ def parse_request(raw: bytes, meta: dict, limits: Limits, has_sidenet: bool, arr
         raise _fail(f"n x nfe = {n} x {nfe} = {n * nfe} backbone row-calls is over this service's per-request "
                     f"limit of {limits.max_cost}; send several smaller requests")
     seed = _int(body, "seed", 0, MAX_SEED)
-    cfg = _number(body["cfg"], "cfg")  # JSON-level: a number Python can hold; its range is runtime.plan's
+    cfg = _number(body["cfg"], "cfg")  # JSON-level: a number Python can hold; then the CLI's own rule
+    try:
+        from ..runtime.plan import check_cfg_scale
+
+        cfg = check_cfg_scale(cfg, HTTP_NAMES["cfg_scale"])  # before the conditions: their null rows depend on it
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
     interval = body["cfg_interval"]
     if not isinstance(interval, (list, tuple)) or len(interval) != 2:
         raise _fail(f"'cfg_interval' must be two numbers [lo, hi], got {_show(interval)}")
