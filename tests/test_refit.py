@@ -299,3 +299,43 @@ def test_a_bundle_without_a_weight_map_is_refused(tmp_path, capsys):
                "blocks.0.attn.qkv.lora_B.weight": np.zeros((4, 2), np.float32)}, str(lora))
     msg = _bad(["refit", "default", "--lora", str(lora), "--out", str(tmp_path / "o")], bundled, capsys)
     assert "re-export" in msg and not (tmp_path / "o").exists()
+
+
+# -- a SideNet fine-tuned from the base one (`train sidenet --init`) -------------------------------------------
+def _train(src: Path, out: Path, extra: list[str], root: Path) -> None:
+    cond = root / "prompts.npz"
+    if not cond.exists():
+        rng = np.random.default_rng(0)
+        np.savez(cond, encoder_hidden_states=rng.standard_normal((4, 3, 16)).astype(np.float32),
+                 pooled_projections=rng.standard_normal((4, 8)).astype(np.float32))
+        np.savez(root / "null.npz", encoder_hidden_states=np.zeros((1, 3, 16), np.float32),
+                 pooled_projections=np.zeros((1, 8), np.float32))
+    args = ["train", "sidenet", "--backbone", str(src), "--out", str(out), "--data", "none", "--iters", "1",
+            "--cond", str(cond), "--null-cond", str(root / "null.npz"),
+            "--batch", "4", "--chain", "2", "--start-states", "8", "--solve-steps", "2", "--threads", "1",
+            "--cache-dir", str(root / "cache"), "--ckpt-every", "1", *extra]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+
+
+def test_train_sidenet_init_starts_from_the_given_checkpoint(families, tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    f = families["sd3"]
+    _train(f["src"], tmp_path / "base", [], tmp_path)
+    _train(f["src"], tmp_path / "tuned", ["--init", str(tmp_path / "base"), "--lr", "1e-12", "--seed", "7"], tmp_path)
+    _train(f["src"], tmp_path / "fresh", ["--lr", "1e-12", "--seed", "7"], tmp_path)
+    base, tuned, fresh = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("base", "tuned", "fresh"))
+    assert max(float(np.abs(tuned[k] - base[k]).max()) for k in base) <= 1e-6  # one step of lr 1e-12 from base (seed 7 as fresh: only --init makes it base)
+    assert max(float(np.abs(fresh[k] - base[k]).max()) for k in base) > 1e-3  # else the test could not fail
+    cfg = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert cfg["training"]["settings"]["init"] == str(tmp_path / "base")
+    before = _files(tmp_path)
+    from anchorflow.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "sidenet", "--backbone", str(f["src"]), "--out", str(tmp_path / "wide"), "--data", "none",
+              "--iters", "1", "--width", "64", "--init", str(tmp_path / "base"), "--cond", str(tmp_path / "prompts.npz"),
+              "--null-cond", str(tmp_path / "null.npz"), "--cache-dir", str(tmp_path / "cache")])
+    assert exc.value.code == 1 and "architecture differs" in capsys.readouterr().err
+    assert _files(tmp_path) == before
