@@ -18,12 +18,15 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, StateFileError
 from .first_call import FirstCallTable
 
 TUNE_SCHEMA = "anchorflow.tuned/1"
 FIRST_CALLS = ("backbone", "cached")
 GRIDS_FILE, TABLE_FILE = "tuned.json", "first_call.npy"
+LOCK_FILE = ".tune.lock"  # inside the bundle folder: tune's read-modify-write holds it
+LOCK_TIMEOUT_S = 600.0
+MAX_GRID_POINTS = 100_001  # a tuned grid has nfe + 1 (or + 2) points; nfe is capped at 1000
 
 
 def grid_key(solver: str, nfe: int, first_call: str = "backbone") -> str:
@@ -79,8 +82,7 @@ class Tuning:
 
     @classmethod
     def from_json(cls, data: Any, means: Optional[np.ndarray] = None, where: str = GRIDS_FILE) -> "Tuning":
-        if not isinstance(data, dict) or data.get("schema") != TUNE_SCHEMA:
-            raise CheckpointError(f"{where} is not an {TUNE_SCHEMA} file; rerun 'anchorflow tune'")
+        check_grids(data, where)
         try:
             grids = {k: TunedGrid(**{**g, "times": tuple(float(t) for t in g["times"])})
                      for k, g in data["grids"].items()}
@@ -88,8 +90,67 @@ class Tuning:
             table = None if fc is None or means is None else FirstCallTable(
                 np.asarray(means, np.float32), float(fc["residual"]), int(fc["samples"]), float(fc["bound"]))
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{where} is malformed ({exc}); rerun 'anchorflow tune'") from None
+            raise StateFileError(f"{where} is malformed ({exc}); rerun 'anchorflow tune'") from None
         return cls(grids, table, data.get("first_call_refused"), dict(data.get("settings") or {}))
+
+
+_GRID_FIELDS = {"solver": str, "nfe": int, "first_call": str, "shift": float, "power": float, "times": list,
+                "psnr": float, "uniform_psnr": float, "evals": int}
+
+
+def _bad(where: str, what: str) -> StateFileError:
+    return StateFileError(f"{where}: {what}; rerun 'anchorflow tune' on the bundle")
+
+
+def check_grids(data: Any, where: str = GRIDS_FILE) -> None:
+    """Validate a tuned.json document (one-line StateFileError): the schema; per grid its fields and
+    types, its key, finite shift and power > 0, and times: a list of 2..MAX_GRID_POINTS finite
+    numbers strictly decreasing from exactly 1 (noise) to exactly 0 (data)."""
+    if not isinstance(data, dict) or data.get("schema") != TUNE_SCHEMA:
+        raise _bad(where, f"not an {TUNE_SCHEMA} file")
+    grids = data.get("grids")
+    if not isinstance(grids, dict):
+        raise _bad(where, "'grids' must be an object of key -> grid")
+    for key, g in grids.items():
+        if not isinstance(g, dict) or set(g) != set(_GRID_FIELDS):
+            raise _bad(where, f"grid {key!r} must have exactly the fields {', '.join(_GRID_FIELDS)}")
+        for name, kind in _GRID_FIELDS.items():
+            v = g[name]
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float else
+                  isinstance(v, int) and not isinstance(v, bool) if kind is int else isinstance(v, kind))
+            if not ok:
+                raise _bad(where, f"grid {key!r}: {name} must be {kind.__name__}, got {type(v).__name__}")
+        if g["first_call"] not in FIRST_CALLS or g["nfe"] < 1 or key != grid_key(g["solver"], g["nfe"], g["first_call"]):
+            raise _bad(where, f"grid {key!r} does not match its solver, nfe and first call")
+        for name in ("shift", "power"):
+            if not (np.isfinite(g[name]) and g[name] > 0):
+                raise _bad(where, f"grid {key!r}: {name} must be finite and > 0, got {g[name]!r}")
+        times = g["times"]
+        if not 2 <= len(times) <= MAX_GRID_POINTS or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
+            raise _bad(where, f"grid {key!r}: times must be a list of 2..{MAX_GRID_POINTS} numbers")
+        t = np.asarray(times, np.float64)
+        if not np.all(np.isfinite(t)) or t[0] != 1.0 or t[-1] != 0.0 or not np.all(np.diff(t) < 0):
+            raise _bad(where, f"grid {key!r}: times must be finite and strictly decreasing from 1 to 0")
+
+
+def check_table(means: Any, fmt, where: str = TABLE_FILE) -> np.ndarray:
+    """The first-call table's rows: float, finite, (C + 1, *state) (or (1, *state) unconditional)."""
+    model = fmt.meta.get("model") or {}
+    shape = tuple(int(v) for v in model.get("state_shape", ()))
+    c = int(model.get("num_classes") or 0)
+    a = np.asarray(means)
+    if a.dtype.kind != "f" or tuple(a.shape) != (c + 1 if c else 1, *shape) or not np.all(np.isfinite(a)):
+        raise _bad(where, f"the first-call table must be finite floats of shape {(c + 1 if c else 1, *shape)}, "
+                          f"got {a.dtype} {a.shape}")
+    return a
+
+
+def check_tuning(bundle) -> Optional[Tuning]:
+    """Everything about a bundle's tuning that can be checked (``inspect`` and ``verify`` call it): the
+    files against bundle.json's sha256 (CheckpointError), tuned.json's grids and the first-call table
+    (StateFileError, one line). Returns the tuning, None when the bundle has none."""
+    return read_tuning(bundle)
 
 
 def read_tuning(bundle) -> Optional[Tuning]:
@@ -112,17 +173,66 @@ def read_tuning(bundle) -> Optional[Tuning]:
         if rec is not None:
             path = inside(fmt.folder, str(rec.get("file")), f"the tuned {key} file")
             files[key] = verify_file(path, str(rec.get("sha256")))
-    means = np.load(files["first_call"], allow_pickle=False) if "first_call" in files else None
-    return Tuning.from_json(read_json(files["grids"]), means, str(files["grids"]))
+    means = None
+    if "first_call" in files:
+        try:
+            means = np.load(files["first_call"], allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise _bad(str(files["first_call"]), f"not a readable .npy array ({exc})") from None
+        means = check_table(means, fmt, str(files["first_call"]))
+    try:
+        data = read_json(files["grids"])
+    except (ValueError, RecursionError) as exc:
+        raise _bad(str(files["grids"]), f"not readable JSON ({exc})") from None
+    return Tuning.from_json(data, means, str(files["grids"]))
 
 
-def write_tuning(bundle_dir: str | Path, tuning: Tuning) -> Path:
-    """Store ``tuning`` in the bundle: tuned.json, first_call.npy (when measured), bundle.json's entry."""
+def bundle_lock(folder: str | Path, timeout: float = LOCK_TIMEOUT_S):
+    """The lock tune's read-modify-write of a bundle's tuning holds (filelock, inside the folder)."""
+    from filelock import FileLock
+
+    return FileLock(str(Path(folder) / LOCK_FILE), timeout=timeout)
+
+
+def merged(old: Optional[Tuning], new: Tuning) -> Tuning:
+    """``new``'s grids over ``old``'s (grids ``new`` did not tune are kept), the new first-call table
+    when it measured one (else the old), and the settings of every run that made a kept grid."""
+    if old is None:
+        return new
+    grids = {**old.grids, **new.grids}
+    runs = list(old.settings.get("runs", [old.settings] if old.settings else []))
+    runs.append({**new.settings, "grids": sorted(new.grids)})
+    table, refused = (new.first_call, new.first_call_refused) if (
+        new.first_call is not None or new.first_call_refused) else (old.first_call, old.first_call_refused)
+    return Tuning(grids, table, refused, {**new.settings, "runs": runs})
+
+
+def write_tuning(bundle_dir: str | Path, tuning: Tuning, merge: bool = True) -> Path:
+    """Store ``tuning`` in the bundle: tuned.json, first_call.npy (when measured), bundle.json's entry.
+
+    ``merge``: read-modify-write under the bundle's lock (:func:`bundle_lock`): the grids already
+    stored that ``tuning`` did not tune are kept, so concurrent tunes lose nothing. A stored tuning
+    that cannot be read (damaged) is replaced, with a warning."""
+    from ..errors import warn
+    from .bundle_format import read_bundle
+
+    folder = read_bundle(bundle_dir).folder
+    with bundle_lock(folder):
+        fmt = read_bundle(folder)  # re-read under the lock: another writer may have just finished
+        if merge:
+            try:
+                tuning = merged(read_tuning(fmt), tuning)
+            except (CheckpointError, StateFileError) as exc:
+                warn(f"the stored tuning could not be read ({exc}); it is replaced by this run's")
+        return _write(fmt, tuning)
+
+
+def _write(fmt, tuning: Tuning) -> Path:
     from .. import _io
-    from .bundle_format import BUNDLE_JSON, SCHEMA, file_record, parse_meta, read_bundle, write_bundle_json
+    from .bundle_format import BUNDLE_JSON, SCHEMA, file_record, parse_meta, write_bundle_json
 
-    fmt = read_bundle(bundle_dir)
     folder = fmt.folder
+    check_grids(tuning.to_json(), "the tuning to store")
     _io.write_json(folder / GRIDS_FILE, tuning.to_json())
     entry: dict[str, Any] = {"schema": TUNE_SCHEMA, "grids": file_record(folder, GRIDS_FILE)}
     if tuning.first_call is not None:
@@ -160,7 +270,7 @@ def carried_tuning(candidates: Sequence[str | Path], weights: dict[str, Optional
                 return None, (f"tuned grids of {fmt.folder} not kept: they were tuned for other weights "
                               f"({', '.join(sorted(old))}); run 'anchorflow tune' on the new bundle")
             tuning = read_tuning(fmt)
-        except CheckpointError as exc:
+        except (CheckpointError, StateFileError) as exc:
             return None, f"tuned grids of {folder} not kept ({exc}); run 'anchorflow tune' on the new bundle"
         return tuning, f"kept the tuned grids of {fmt.folder} (same weights: {', '.join(sorted(weights))})"
     return None, None
