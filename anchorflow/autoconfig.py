@@ -234,3 +234,49 @@ def record(bundle_dir, found: AutoConfig) -> None:
     write_tuning(bundle_dir, Tuning(settings={"autoconfig": {**found.settings, "preset": found.preset.name,
                                                               "cost": found.cost}},
                                     presets={found.preset.name: found.preset}))
+
+
+def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: str, nfe: Optional[str], grids: str,
+                   samples: int, seed: int, cfg: float, confidence: float, name: Optional[str], backend: str,
+                   dry_run: bool) -> list[str]:
+    """``anchorflow tune MODEL --target-psnr Q``: search, record the preset in the bundle, return the lines to print."""
+    from .modelref import open_model
+    from .runtime.tuned import read_tuning
+
+    names = [s.strip() for s in solvers.split(",") if s.strip()]
+    try:
+        nfes = DEFAULT_NFES if nfe is None else [int(v) for v in nfe.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--nfe must be comma-separated integers, got {nfe!r}") from None
+    grid_names = [g.strip() for g in grids.split(",") if g.strip()]
+    check_settings(target_psnr, confidence, samples, 2000, 3, seed)
+    parse_reference(reference)
+    if name is not None:
+        check_name(name)
+    if model == "default" and not dry_run:
+        raise ConfigError("the bundled model is read-only; pass a copy of its bundle folder or use --dry-run")
+    m = open_model(model, backend=backend)
+    folder = m.files.bundle
+    if not dry_run and folder is None:
+        raise ConfigError(f"{model} is not an exported bundle; export it first ('anchorflow export {model} --out DIR')")
+    tuning = None if folder is None else read_tuning(folder)
+    found = autoconfigure(m, target_psnr, reference=reference, solvers=names, nfes=nfes, grids=grid_names,
+                          samples=samples, seed=seed, cfg=cfg, confidence=confidence, name=name, tuning=tuning,
+                          backend=", ".join(m.providers) or backend)
+    p = found.preset
+    lines = [f"{'config':<28} {'mean':>7} {'bound':>7} {'p10':>7} {'ms':>8}"]
+    for c in sorted(found.candidates, key=lambda c: (c.latency_s is None, c.latency_s or 0.0, c.nfe)):
+        ms = "" if c.latency_s is None else f"{c.latency_s * 1e3:8.1f}"
+        lines.append(f"{c.solver + '@' + str(c.nfe) + ' ' + c.grid_label:<28} {c.mean_psnr:7.2f} {c.lower_bound:7.2f} "
+                     f"{c.quantile_psnr:7.2f} {ms}")
+    lines.append(f"quality {p.name}: {p.solver}@{p.nfe} {p.grid_label}: {p.confidence:.0%} lower bound "
+                 f"{p.lower_bound:.2f} dB >= {p.target_psnr:g} dB against {p.reference} (mean {p.mean_psnr:.2f}, "
+                 f"10% quantile {p.quantile_psnr:.2f}), {p.latency_s * 1e3:.1f} ms per {p.batch} samples")
+    c = found.cost
+    lines.append(f"search cost: {c['configurations']} configurations, {c['solves']} solves, {c['backbone_calls']} "
+                 f"backbone calls, {c['seconds']:.1f} s")
+    if not dry_run:
+        record(folder, found)
+        lines.append(f"stored in {folder}/tuned.json (presets: {p.name}); use it with 'anchorflow sample "
+                     f"{model} --quality {p.name}'")
+    return lines

@@ -116,3 +116,48 @@ def test_spearman():
     assert spearman(a, -a) == pytest.approx(-1.0)
     assert spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)  # ties
     assert np.isnan(spearman(np.ones(4), a[:4]))
+
+
+class _Mixture:
+    """A closed-form model as plan() takes it (no bundle: labels only)."""
+
+    def __init__(self):
+        self.gm = GaussianMixture.random((4,), 4, seed=2, std=(0.2, 0.5))
+        self.velocity, self.sidenet = self.gm.velocity, zero_sidenet
+        self.meta = {"state_shape": [4], "num_classes": 0, "null_label": None, "model_id": "mixture",
+                     "data_range": [-3.0, 3.0]}
+        self.files = None
+
+
+def test_autoconfigure_meets_its_bound_and_refuses_the_impossible():
+    from anchorflow.autoconfig import autoconfigure
+    from anchorflow.errors import ConfigError
+
+    m = _Mixture()
+    found = autoconfigure(m, 30.0, reference="rk4@64", solvers=("euler", "ab2", "ba"), nfes=(2, 4, 8),
+                          grids=("uniform",), samples=16, resamples=200, repeats=1)
+    p = found.preset
+    assert p.lower_bound >= 30.0 and p.reference == "rk4@64" and p.confidence == 0.95
+    assert all(c.lower_bound <= c.mean_psnr for c in found.candidates)  # a lower bound, below the mean
+    met = [c for c in found.candidates if c.meets]
+    assert all(c.lower_bound >= 30.0 for c in met) and all(c.latency_s is not None for c in met)
+    assert p.latency_s == min(c.latency_s for c in met)
+    keys = [(c.solver, c.nfe, c.times) for c in found.candidates]
+    assert len(keys) == len(set(keys)) == found.cost["configurations"]  # no configuration solved twice
+    with pytest.raises(ConfigError, match=r"not reachable .* best 95% lower bound is [0-9.]+ dB"):
+        autoconfigure(m, 150.0, reference="rk4@64", solvers=("euler",), nfes=(2, 4), grids=("uniform",),
+                      samples=8, resamples=200, repeats=1)
+
+
+def test_preset_round_trips_and_is_checked_on_read(tmp_path):
+    from anchorflow.errors import StateFileError
+    from anchorflow.runtime.presets import Preset, presets_from_json
+    from anchorflow.runtime.tuned import Tuning
+
+    p = Preset("fast", "ba", 5, "backbone", "uniform", (1.0, 0.5, 0.0), 30.0, "euler@50", 0.95, 31.0, 32.0, 0.1,
+               29.0, 0.01, 16, "cpu")
+    data = Tuning(presets={"fast": p}).to_json()
+    assert Tuning.from_json(data).presets == {"fast": p}
+    bad = {**data["presets"]["fast"], "times": [1.0, 0.7, 0.8, 0.0]}
+    with pytest.raises(StateFileError, match="decrease strictly"):
+        presets_from_json({"fast": bad}, "tuned.json")
