@@ -66,6 +66,7 @@ class Tuning:
     first_call: Optional[FirstCallTable] = None
     first_call_refused: Optional[str] = None
     settings: dict[str, Any] = field(default_factory=dict)
+    presets: dict[str, Any] = field(default_factory=dict)  # auto (issue 26): name -> runtime.presets.Preset
 
     def grid_for(self, solver: str, nfe: int, first_call: str = "backbone") -> Optional[TunedGrid]:
         """The tuned grid for this solver and budget, or None when it was not tuned."""
@@ -78,7 +79,8 @@ class Tuning:
                 "first_call": None if fc is None else {"residual": fc.residual, "bound": fc.bound,
                                                        "samples": fc.samples, "rows": int(fc.means.shape[0])},
                 "first_call_refused": self.first_call_refused,
-                "grids": {k: {**asdict(g), "times": list(g.times)} for k, g in sorted(self.grids.items())}}
+                "grids": {k: {**asdict(g), "times": list(g.times)} for k, g in sorted(self.grids.items())},
+                **({"presets": {k: p.to_json() for k, p in sorted(self.presets.items())}} if self.presets else {})}
 
     @classmethod
     def from_json(cls, data: Any, means: Optional[np.ndarray] = None, where: str = GRIDS_FILE) -> "Tuning":
@@ -91,7 +93,10 @@ class Tuning:
                 np.asarray(means, np.float32), float(fc["residual"]), int(fc["samples"]), float(fc["bound"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise StateFileError(f"{where} is malformed ({exc}); rerun 'anchorflow tune'") from None
-        return cls(grids, table, data.get("first_call_refused"), dict(data.get("settings") or {}))
+        from .presets import presets_from_json  # auto (issue 26)
+
+        return cls(grids, table, data.get("first_call_refused"), dict(data.get("settings") or {}),
+                   presets_from_json(data.get("presets"), where))
 
 
 _GRID_FIELDS = {"solver": str, "nfe": int, "first_call": str, "shift": float, "power": float, "times": list,
@@ -204,7 +209,7 @@ def merged(old: Optional[Tuning], new: Tuning) -> Tuning:
     runs.append({**new.settings, "grids": sorted(new.grids)})
     table, refused = (new.first_call, new.first_call_refused) if (
         new.first_call is not None or new.first_call_refused) else (old.first_call, old.first_call_refused)
-    return Tuning(grids, table, refused, {**new.settings, "runs": runs})
+    return Tuning(grids, table, refused, {**new.settings, "runs": runs}, {**old.presets, **new.presets})
 
 
 def write_tuning(bundle_dir: str | Path, tuning: Tuning, merge: bool = True) -> Path:
