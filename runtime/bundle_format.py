@@ -166,9 +166,32 @@ class BundleFormat:
             raise CheckpointError(f"the bundle in {self.folder} has no {network}")
         entry = decl.entry(precision)
         path = inside(self.folder, entry["file"], f"the {network} {precision} file")
+        declared = set()
         for extra in entry.get("external_data") or ():
-            verify_file(inside(self.folder, extra["file"], f"the {network} weights"), extra["sha256"], verify)
-        return verify_file(path, entry["sha256"], verify)
+            declared.add(verify_file(inside(self.folder, extra["file"], f"the {network} weights"), extra["sha256"],
+                                     verify))
+        verify_file(path, entry["sha256"], verify)
+        check_external_data(path, self.folder, declared)
+        return path
+
+
+def check_external_data(path: Path, folder: Path, declared: set) -> None:
+    """Refuse an ONNX file whose external-data locations leave the bundle folder (``..``, absolute,
+    a symlink out) or name a file bundle.json does not record (and hash); onnxruntime would read them."""
+    from .onnx_scan import ScanError, outside, resolve_location, scan
+
+    try:
+        locations = scan(path, stats=False).locations
+    except (ScanError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a well-formed ONNX file ({exc}); re-export the bundle") from None
+    bad = outside(folder, locations, path.parent)
+    if bad:
+        raise CheckpointError(f"{path} reads external data from {bad[0][:200]!r}, outside the bundle folder "
+                              f"{Path(folder).resolve()}; refused (a bundle's files must sit inside it)")
+    unknown = sorted({loc for loc in locations if resolve_location(path.parent, loc) not in declared})
+    if unknown:
+        raise CheckpointError(f"{path} reads external data from {unknown[0][:200]!r}, which bundle.json does not "
+                              "record (no sha256 to check it against); re-export the bundle")
 
 
 def find_bundle(path: str | os.PathLike) -> Path:
@@ -244,7 +267,10 @@ def _network(name: str, e: dict, schema: str) -> NetworkDecl:
 def inside(folder: Path, file: str, what: str) -> Path:
     """``folder / file``, refused when it would leave the bundle folder (``../../etc/passwd``)."""
     root = Path(folder).resolve()
-    path = (root / file).resolve()
+    try:
+        path = (root / file).resolve()
+    except (OSError, ValueError):  # a NUL byte, a name too long, a symlink loop
+        path = root
     if Path(file).is_absolute() or root not in path.parents:
         raise CheckpointError(f"bundle.json names {what} as {file!r}, which lies outside the bundle folder {root}; "
                               "a bundle's files must sit inside it (re-export the bundle)")

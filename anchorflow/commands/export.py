@@ -154,44 +154,43 @@ def _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes,
 def inspect(bundle, as_json) -> None:
     """Print an exported bundle's metadata: model, networks, I/O, batch ranges, parity, versions.
 
-    BUNDLE is a bundle folder, a model root with bundle/ inside, or `default`. Each ONNX file is
-    also checked against the sha256 recorded in bundle.json; exit status 1 when any fails.
+    BUNDLE is a bundle folder, a model root with bundle/ inside, or `default`. What is printed is
+    also checked: each ONNX file against its sha256, its inputs and outputs against the
+    declaration, its external data (inside the bundle and recorded), its weights (no NaN / Inf,
+    not all zero); the tuned grids and the first-call table. Exit status 1 on any mismatch.
+    Nothing named in bundle.json is imported or run.
     """
     import json
 
     from ..errors import CheckpointError
     from ..modelref import resolve
-    from ..runtime.bundle import find_bundle, read_meta
+    from ..runtime.bundle import find_bundle
 
     folder = find_bundle(resolve(bundle))
-    meta = read_meta(folder)
-    problems = integrity(folder, meta)
+    meta, problems = integrity(folder)
     click.echo(json.dumps(meta, indent=2) if as_json else describe(folder, meta, problems))
     if problems:
-        raise CheckpointError(f"{len(problems)} file(s) of {folder} fail their integrity check: "
-                              + "; ".join(problems.values()) + "; re-export the bundle")
+        raise CheckpointError(f"{len(problems)} part(s) of {folder} fail their integrity check: "
+                              + "; ".join(problems.values()))
 
 
-def integrity(folder, meta: dict) -> dict[tuple[str, str], str]:
-    """(network, precision) -> why its ONNX file is not the one bundle.json records (empty: all good)."""
-    from ..errors import AnchorflowError
-    from ..runtime.bundle import network_file
+def integrity(folder, meta: dict | None = None) -> tuple[dict, dict]:
+    """(bundle.json dict, problems): role (``(network, precision)`` or ``"tuned grids"``...) -> why it
+    is not what bundle.json records (empty: all good); see :func:`anchorflow.runtime.audit.audit`."""
+    from ..runtime.audit import audit
+    from ..runtime.bundle_format import read_bundle
 
+    fmt = read_bundle(folder)
     problems = {}
-    for name, entry in meta["networks"].items():
-        if entry is None:
-            continue
-        for precision in ["fp32", *(entry.get("precisions") or {})]:
-            try:
-                network_file(folder, meta, name, precision)
-            except AnchorflowError as exc:
-                problems[(name, precision)] = str(exc)
-    return problems
+    for key, why in audit(fmt).items():
+        network, sep, precision = key.partition("/")
+        problems[(network, precision) if sep else key] = why
+    return fmt.meta, problems
 
 
 def describe(folder, meta: dict, problems: dict | None = None) -> str:
     """A readable multi-line summary of a bundle; ``problems`` from :func:`integrity` (computed if None)."""
-    problems = integrity(folder, meta) if problems is None else problems
+    problems = integrity(folder)[1] if problems is None else problems
     model, exp, ver = meta.get("model", {}), meta.get("export", {}), meta.get("versions", {})
     lines = [
         f"bundle    {folder}  ({meta['schema']})",
@@ -207,7 +206,15 @@ def describe(folder, meta: dict, problems: dict | None = None) -> str:
         lines.append(_network_lines(name, entry))
         for precision in ["fp32", *(entry.get("precisions") or {})]:
             why = problems.get((name, precision))
-            lines.append(f"    {precision:<5} file {'sha256 ok' if why is None else 'NOT OK: ' + why}")
+            lines.append(f"    {precision:<5} file {'sha256, io, weights ok' if why is None else 'NOT OK: ' + why}")
+    if meta.get("tuned") is not None:
+        for part in ("tuned grids", "first-call table"):
+            if part == "first-call table" and not (meta.get("tuned") or {}).get("first_call"):
+                continue
+            why = problems.get(part)
+            lines.append(f"{part:<17} {'ok' if why is None else 'NOT OK: ' + why}")
+    if problems.get("tuned"):
+        lines.append(f"tuned     NOT OK: {problems['tuned']}")
     return "\n".join(lines)
 
 
