@@ -15,6 +15,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -244,13 +245,59 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def read_json(path: str | os.PathLike) -> Any:
+MAX_JSON_BYTES = 64 << 20  # bundle.json, tuned.json, configs: kilobytes; a bigger file is not ours
+MAX_JSON_DEPTH = 64  # nesting of a bundle.json is < 10; a deeper file is refused before it is parsed
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of ``[`` / ``{`` in a JSON text (strings skipped), without recursion."""
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(_JSON_STRING.sub("", text)):
+        if m.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def parse_json(text: str, where: Any, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` that refuses, as one CheckpointError naming ``where``: nesting deeper than
+    ``max_depth``, integers of more than 4300 digits, and anything that is not JSON."""
+    from .errors import CheckpointError
+
+    if json_depth(text) > max_depth:
+        raise CheckpointError(f"{where} is nested more than {max_depth} levels deep; not a file anchorflow wrote")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise CheckpointError(f"{where} is nested too deeply to read; not a file anchorflow wrote") from None
+    except ValueError as exc:  # JSONDecodeError, and int() refusing a number of thousands of digits
+        raise CheckpointError(f"{where} is not readable JSON ({str(exc)[:200]})") from None
+
+
+def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """A JSON file, read defensively: size, encoding (UTF-8), nesting and number limits; one
+    CheckpointError naming the file and what is wrong otherwise."""
     from .errors import CheckpointError
 
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        if not path.is_file() and path.exists():
+            raise CheckpointError(f"{path} is not a regular file")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise CheckpointError(f"{path} is {size} bytes, more than the {max_bytes >> 20} MiB a JSON file of "
+                                  "anchorflow may have; not a file anchorflow wrote")
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not readable JSON ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); not readable JSON") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path} is not readable JSON ({_reason(exc)})") from None
+    return parse_json(text, path)

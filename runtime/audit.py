@@ -55,18 +55,21 @@ def check_graph(decl: NetworkDecl, path: Path) -> None:
                               "(the sha256 matches: they were exported so); re-export from trained weights")
 
 
-def compare_io(network: str, part: str, declared: tuple, got: list, path: Path) -> None:
+FIX = "re-export the bundle (or undo the edit to bundle.json)"
+
+
+def compare_io(network: str, part: str, declared: tuple, got: list, path: Any, fix: str = FIX) -> None:
     want = {t.name: t for t in declared}
     have = {name: (_ORT_TYPES.get(dtype, dtype), list(dims)) for name, dtype, dims in got}
     if set(have) != set(want):
         raise CheckpointError(f"{path} has {part} {sorted(have)}, but bundle.json declares {sorted(want)} for the "
-                              f"{network} (a graph of another network, or an edited bundle.json); re-export the bundle")
+                              f"{network} (a graph of another network, or an edited bundle.json); {fix}")
     for name, (dtype, dims) in have.items():
         t = want[name]
         static_differs = any(isinstance(w, int) and isinstance(g, int) and w != g for w, g in zip(t.shape, dims))
         if dtype != t.dtype or len(dims) != len(t.shape) or static_differs:
             raise CheckpointError(f"{path}: {part[:-1]} {name!r} is {dtype} {dims}, but bundle.json declares "
-                                  f"{t.dtype} {list(t.shape)}; re-export the bundle (or undo the edit)")
+                                  f"{t.dtype} {list(t.shape)}; {fix}")
 
 
 def audit_tuning(fmt: BundleFormat) -> dict[str, str]:

@@ -305,8 +305,34 @@ def write_bundle_json(folder: Path, meta: dict) -> BundleFormat:
     if meta.get("schema") != SCHEMA:
         raise ValueError(f"internal error: new bundles are written as {SCHEMA}")
     parsed = parse_meta(meta, folder, "the new bundle.json")
+    check_written_graphs(parsed)
     write_json(Path(folder) / BUNDLE_JSON, meta)
     return parsed
+
+
+def check_written_graphs(fmt: BundleFormat) -> None:
+    """Refuse to publish a bundle whose graphs do not compute what it declares: each graph's inputs
+    and outputs against the declaration, and the backbone's velocity of the state's shape."""
+    from .audit import compare_io
+    from .onnx_scan import ScanError, scan
+
+    bb = fmt.backbone
+    state, v = bb.input("state"), bb.outputs[0]
+    if state is not None and list(v.shape[1:]) != list(state.shape[1:]):
+        raise CheckpointError(f"the backbone returns {v.name} of shape {list(v.shape)}, but its state {state.name} is "
+                              f"{list(state.shape)}: a velocity has the state's shape (check what the model returns)")
+    for name, decl in fmt.networks.items():
+        for precision in ["fp32", *sorted(decl.variants)]:
+            path = fmt.folder / decl.entry(precision)["file"]
+            if not path.is_file():
+                continue
+            try:
+                s = scan(path, stats=False)
+            except (ScanError, OSError) as exc:
+                raise CheckpointError(f"{path} is not a well-formed ONNX file ({exc})") from None
+            fix = "the exported graph does not compute what the model declares (check its outputs' shapes)"
+            compare_io(name, "inputs", decl.inputs, s.inputs, f"the exported {path.name}", fix)
+            compare_io(name, "outputs", decl.outputs, s.outputs, f"the exported {path.name}", fix)
 
 
 # -- the graph against the declaration -----------------------------------------------------------

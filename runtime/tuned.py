@@ -112,7 +112,13 @@ def read_tuning(bundle) -> Optional[Tuning]:
         if rec is not None:
             path = inside(fmt.folder, str(rec.get("file")), f"the tuned {key} file")
             files[key] = verify_file(path, str(rec.get("sha256")))
-    means = np.load(files["first_call"], allow_pickle=False) if "first_call" in files else None
+    # trust (issue 31): both files parsed defensively, one line naming the file and the fault
+    from .audit import check_grids
+    from .first_call import load_means
+
+    check_grids(files["grids"])
+    means = (load_means(files["first_call"], fmt.state_shape, fmt.model.get("num_classes"))
+             if "first_call" in files else None)
     return Tuning.from_json(read_json(files["grids"]), means, str(files["grids"]))
 
 
