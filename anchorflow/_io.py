@@ -4,7 +4,8 @@ Nothing that is already on disk is lost or half-written: every writer goes to a 
 sibling first and is renamed into place (``os.replace`` is atomic on POSIX). A folder is
 replaced in two renames (old -> ``.NAME.<pid>.<rand>.old``, new -> NAME); a crash between them
 is repaired by :func:`recover_dir` on the next open, which also removes the temporary folders
-that killed writers left behind. Write failures become one :class:`OutputError` line naming the
+that killed writers left behind: a writer is alive while it holds its lease (a flock()ed
+``.lease`` file), never judged by a pid, which another PID namespace or host cannot see. Write failures become one :class:`OutputError` line naming the
 path and the operating system's reason.
 """
 
@@ -92,6 +93,29 @@ def _tmp_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}."
 
 
+def refuse_special(target: Path, folder: bool = False) -> None:
+    """OutputError when ``target`` exists as something a write must not replace: a device, socket
+    or pipe (``/dev/full``, ``/dev/null``: as root, a rename would put a file in the node's place),
+    or a file where a folder is written (and the reverse). A symlink itself is replaced, never followed."""
+    import stat
+
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputError(f"cannot write {target}: {_reason(exc)}") from None
+    if stat.S_ISLNK(mode):
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OutputError(f"{target} is not a regular file or folder (a device, socket or pipe); nothing was written "
+                          "there; choose another path")
+    if folder and not stat.S_ISDIR(mode):
+        raise OutputError(f"{target} is a file, not a folder; nothing was replaced")
+    if not folder and stat.S_ISDIR(mode):
+        raise OutputError(f"{target} is a folder; give a file name")
+
+
 @contextlib.contextmanager
 def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
     """Temporary file paths next to each of ``paths``; renamed over them only when all were written.
@@ -102,6 +126,8 @@ def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
     targets = [Path(p) for p in paths]
     tmps: list[Path] = []
     current = targets[0] if targets else Path(".")
+    for target in targets:
+        refuse_special(target)
     try:
         for target in targets:
             current = target
@@ -150,39 +176,75 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 # -- folders ----------------------------------------------------------------------------------
-def _owner_alive(sibling: Path, name: str) -> bool:
-    """Whether the process that made ``.NAME.<pid>.<rand>.tmp|old`` still runs (unknown: by age)."""
-    middle = sibling.name[len(name) + 2 :].split(".")
-    try:
-        pid = int(middle[0])
-    except (ValueError, IndexError):
-        return time.time() - sibling.stat().st_mtime < STALE_S
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's live process
-        return True
-    return True
+# A writer of a folder holds a lease for its whole life: ``.NAME.<pid>.<rand>.lease``, a file it
+# keeps flock()ed. Its temporary folder (``.tmp``) and the old folder it moves aside (``.old``)
+# share that stem. Whether a writer is alive is asked of the kernel's lock table, never of a pid:
+# a pid means nothing in another PID namespace (a second container on a shared volume) or on
+# another host, while a flock held by any process on this kernel (and, on Linux NFS, by the
+# server's lock manager for every client) refuses a second one. A folder without a lease (an
+# older anchorflow, or a lease removed) counts as stale only after STALE_S.
 
 
-def recover_dir(path: str | os.PathLike) -> None:
-    """Repair what an interrupted :func:`atomic_dir` left next to ``path``.
+def _lease_of(sibling: Path) -> Path:
+    return sibling.with_suffix(".lease")
+
+
+def _owner_alive(sibling: Path, name: str = "") -> bool:
+    """Whether the writer of ``.NAME.<pid>.<rand>.tmp|old`` still holds its lease (no lease: by age)."""
+    import fcntl
+
+    try:
+        fd = os.open(_lease_of(sibling), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        try:
+            return time.time() - sibling.stat().st_mtime < STALE_S
+        except OSError:
+            return True
+    except OSError:
+        return True  # cannot tell: leave it alone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # EWOULDBLOCK: the writer (in any process, namespace or, on NFS, host) holds it
+        return True
+    finally:
+        os.close(fd)  # also releases the probe's own lock
+    return False
+
+
+@contextlib.contextmanager
+def _lease(tmp: Path) -> Iterator[None]:
+    """Hold the lease of the writer of ``tmp`` (``.NAME.<pid>.<rand>.tmp``, and its ``.old``)."""
+    import fcntl
+
+    lease = _lease_of(tmp)
+    fd = os.open(lease, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lease)
+        os.close(fd)
+
+
+def recover_dir(path: str | os.PathLike) -> bool:
+    """Repair what an interrupted :func:`atomic_dir` left next to ``path``; True when ``path`` is
+    missing because a live writer is replacing it right now (retry shortly).
 
     A folder moved aside (``.NAME.<pid>.*.old``) by a writer that died before the new folder
-    was renamed in is moved back; stale ``.NAME.*.tmp`` / ``.old`` siblings of dead writers are
-    removed. Live writers' folders are left alone; a read-only parent is left as it is.
+    was renamed in is moved back; the ``.tmp`` / ``.old`` folders and leases of dead writers are
+    removed. Live writers (holding their lease) are left alone; a read-only parent is left as it is.
     """
     path = Path(path)
     parent = path.parent
     if not path.name or not parent.is_dir():
-        return
+        return False
     pattern = glob.escape(f".{path.name}.") + "*"
     try:
-        siblings = [p for p in parent.glob(pattern) if p.suffix in (".tmp", ".old") and p.is_dir()]
-        dead = [p for p in siblings if not _owner_alive(p, path.name)]
+        entries = list(parent.glob(pattern))
+        siblings = [p for p in entries if p.suffix in (".tmp", ".old") and p.is_dir() and not p.is_symlink()]
+        alive = {p for p in siblings if _owner_alive(p, path.name)}
+        dead = [p for p in siblings if p not in alive]
         olds = sorted((p for p in dead if p.suffix == ".old"), key=lambda p: p.stat().st_mtime)
         if olds and not path.exists():
             os.replace(olds.pop(), path)
@@ -190,8 +252,29 @@ def recover_dir(path: str | os.PathLike) -> None:
         for p in dead:
             if p.exists():
                 shutil.rmtree(p, ignore_errors=True)
+        for lease in (p for p in entries if p.suffix == ".lease" and p.is_file()):
+            if not any(s.with_suffix(".lease") == lease for s in alive) and not _lease_held(lease):
+                with contextlib.suppress(OSError):
+                    lease.unlink()
+        return not path.exists() and any(p.suffix == ".old" for p in alive)
     except OSError:
-        return
+        return False
+
+
+def _lease_held(lease: Path) -> bool:
+    import fcntl
+
+    try:
+        fd = os.open(lease, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -199,9 +282,11 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     """Yield a temporary folder; on success it replaces ``path`` whole, on failure it is removed.
 
     An existing folder at ``path`` stays untouched until the new one is complete; a crash during
-    the swap is repaired by :func:`recover_dir` on the next open.
+    the swap is repaired by :func:`recover_dir` on the next open. The writer holds a lease (see
+    above) for the folder's whole life, so no reader anywhere takes its folders for stale ones.
     """
     path = Path(path)
+    refuse_special(path, folder=True)
     recover_dir(path)
     try:
         _make_parent(path)
@@ -209,20 +294,24 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {_reason(exc)}") from None
     try:
-        yield tmp
-        _publish(tmp)
-        if path.exists():
-            if not overwrite:
-                raise ConfigError(f"{path} already exists; choose another --out or remove it")
-            old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".old", dir=path.parent))
-            old.rmdir()
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        with _lease(tmp):
+            ino = tmp.stat().st_ino
+            yield tmp
+            if not tmp.is_dir() or tmp.stat().st_ino != ino:
+                raise OutputError(f"cannot write {path}: its temporary folder {tmp.name} was removed by another "
+                                  "process while it was being written; nothing was replaced")
+            _publish(tmp)
+            if path.exists():
+                if not overwrite:
+                    raise ConfigError(f"{path} already exists; choose another --out or remove it")
+                old = tmp.with_suffix(".old")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
     except OSError as exc:
-        if exc.filename is not None and not str(exc.filename).startswith((str(tmp), str(path))):
+        if exc.filename is not None and not str(exc.filename).startswith((str(tmp.with_suffix("")), str(path))):
             raise
         raise OutputError(f"cannot write {path}: {_reason(exc)}") from None
     finally:

@@ -200,7 +200,9 @@ def find_bundle(path: str | os.PathLike) -> Path:
 
     path = Path(path).expanduser()
     for folder in (path, path / "bundle"):
-        recover_dir(folder)  # undo a replacement that a crash interrupted (see anchorflow._io.atomic_dir)
+        if recover_dir(folder):  # undo a replacement that a crash interrupted (see anchorflow._io.atomic_dir)
+            raise CheckpointError(f"{folder} is being replaced by a running export right now; retry when it has "
+                                  "finished")
         if (folder / BUNDLE_JSON).is_file():
             return folder
     raise CheckpointError(f"{path} is not a bundle (no {BUNDLE_JSON}, nor bundle/{BUNDLE_JSON}); "

@@ -98,9 +98,23 @@ def _sub(root: Path, name: str, marker: str) -> Optional[Path]:
     return p if (p / marker).is_file() else None
 
 
+def _recover_parts(path: Path) -> None:
+    """Undo interrupted replacements of a model root's parts (an export killed mid-swap), and
+    refuse while a live writer is swapping one in: a model root whose bundle is missing for that
+    moment must not be sampled from its torch checkpoints instead."""
+    from .._io import recover_dir
+
+    for part in ("bundle", "backbone", "sidenet"):
+        if recover_dir(path / part):
+            raise CheckpointError(f"{path / part} is being replaced by a running export or training right now; "
+                                  "retry when it has finished")
+
+
 def locate(spec: str | Path) -> ModelFiles:
     """Find the bundle, checkpoints and evaluation classifier that a MODEL argument names."""
     path = resolve(spec)
+    if path.resolve() != (BUNDLED / DEFAULT_NAME).resolve():
+        _recover_parts(path)
     if (path / BUNDLE_JSON).is_file():
         root = path.parent if (path.parent / "backbone").is_dir() else path
         bundle, backbone, sidenet = path, _sub(root, "backbone", "config.json"), _sub(root, "sidenet", "config.json")

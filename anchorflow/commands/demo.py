@@ -16,7 +16,8 @@ from .common import MAX_N, MAX_NFE, cfg_scale as cfg_check, count, seed as seed_
 @click.option("--cfg", "cfg_scale", type=float, default=1.5, show_default=True, callback=cfg_check,
               help="Guidance scale (> 0; 1.0 = none).")
 @click.option("--seed", type=int, default=0, show_default=True, callback=seed_check, help="Seed of the start noise.")
-@click.option("--backend", default="auto", show_default=True, help="auto, ort-cpu, ort-cuda, ort-trt or trt.")
+@click.option("--backend", type=click.Choice(["auto", "ort-cpu", "ort-cuda", "ort-trt", "trt"]), default="auto",
+              show_default=True, help="The demo is torch-free (torch's reference solve takes minutes).")
 def demo(out, nfe, n, cfg_scale, seed, backend) -> None:
     """Show what anchorflow does, on the bundled digits model (torch-free).
 
