@@ -182,7 +182,8 @@ class VerifyReport:
             return "; ".join(fails)
         if not self.reports:
             return (f"nothing was compared (reference {self.reference}/fp32; every other backend x precision was "
-                    "skipped, see above): add --precision fp16, or install torch for the torch reference")
+                    "skipped, see above): add --precision fp16, or make the torch reference available (the skipped "
+                    "torch row says how)")
         return f"all {len(self.reports)} comparisons passed"
 
     def text(self) -> str:
