@@ -390,3 +390,124 @@ def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> Any:
     except OSError as exc:
         raise CheckpointError(f"{path} is not readable JSON ({_reason(exc)})") from None
     return parse_json(text, path)
+
+
+# -- several files of one folder replaced together (trust, issue 31) ----------------------------
+# A folder's writer holds a flock of its commit record (bundle.json) from reading the current state to
+# the last rename, so two writers never read the same old state (read-modify-write) and a reader that
+# found a file half-way through a replacement can wait for the writer. The lock is taken on the file
+# that is there *after* the lock was granted (a writer that waited re-locks the newly renamed-in file),
+# so no lock file is ever added to the folder. The replacement is journaled: every new file is first
+# written whole as ``.NAME.next``, the commit record last; then each is renamed over its target, the
+# commit record last. A writer killed before the commit record exists left only ``.next`` files
+# (removed: nothing happened); one killed after it left a complete journal (rolled forward: the new
+# state). :func:`recover_files` does either.
+LOCK_WAIT_S = 600.0
+
+
+def _next_of(folder: Path, name: str) -> Path:
+    return folder / f".{name}.next"
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, shared: bool = False, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Hold a flock of the file now at ``path`` (exclusive, or ``shared`` for readers), waiting up to
+    ``wait_s`` seconds (then one OutputError line). Opened read-only: a read-only folder can be
+    locked too. A file replaced by rename while we waited is re-locked, so every holder saw the
+    latest version of ``path`` when it got its lock."""
+    import fcntl
+
+    path = Path(path)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as exc:
+            raise OutputError(f"cannot lock {path}: {_reason(exc)}") from None
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise OutputError(f"{path.parent} is being written by another anchorflow process (for over "
+                                          f"{wait_s:g} s); retry when it has finished") from None
+                    time.sleep(0.02)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(current, os.fstat(fd)):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # renamed over while we waited: lock the file that is there now
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def replace_files(folder: str | os.PathLike, files: dict[str, bytes], last: str) -> None:
+    """Replace ``files`` (name -> new bytes) in ``folder`` as one change: all of them or none, also
+    across a kill at any step. ``last`` names the commit record (renamed last). Call it holding
+    :func:`file_lock` of ``folder / last``."""
+    folder = Path(folder)
+    order = [n for n in files if n != last] + [last]
+    try:
+        for name in order:
+            target = folder / name
+            refuse_special(target)
+            write_bytes(_next_of(folder, name), files[name])  # atomic: a .next file is whole or absent
+        for name in order:
+            os.replace(_next_of(folder, name), folder / name)
+    except OSError as exc:
+        raise OutputError(f"cannot write {folder}: {_reason(exc)}") from None
+
+
+def _partial_next(folder: Path, names: Sequence[str]) -> list[Path]:
+    out: list[Path] = []
+    for n in names:
+        out += folder.glob(glob.escape(_tmp_prefix(_next_of(folder, n)).rsplit(".", 2)[0]) + ".*.tmp")
+    return out
+
+
+def recover_files(folder: str | os.PathLike, names: Sequence[str], last: str) -> bool:
+    """Finish or undo a :func:`replace_files` a kill interrupted (caller holds the lock): roll forward
+    when the commit record ``.LAST.next`` exists, else remove the stray ``.next`` files. True when
+    anything was repaired; a read-only folder is left as it is."""
+    folder = Path(folder)
+    record = _next_of(folder, last)
+    stray = [n for n in names if _next_of(folder, n).is_file()]
+    partial = _partial_next(folder, names)  # a .next file a kill caught while it was written
+    for p in partial:
+        with contextlib.suppress(OSError):
+            p.unlink()
+    if not stray:
+        return bool(partial)
+    try:
+        if record.is_file():
+            for name in [n for n in stray if n != last] + [last]:
+                os.replace(_next_of(folder, name), folder / name)
+            warn(f"{folder}: finished a replacement of {', '.join(stray)} that a killed writer had left complete")
+        else:
+            for name in stray:
+                _next_of(folder, name).unlink()
+    except OSError:
+        return False
+    return True
+
+
+def recover_journal(folder: str | os.PathLike, names: Sequence[str], last: str) -> bool:
+    """:func:`recover_files` under the lock of ``folder / last``, when any ``.NAME.next`` is there
+    (one stat per name otherwise); a folder that cannot be repaired (read-only) is left as it is."""
+    folder = Path(folder)
+    if not any(_next_of(folder, n).exists() for n in names) and not _partial_next(folder, names):
+        return False
+    try:
+        with file_lock(folder / last, wait_s=60.0):
+            return recover_files(folder, names, last)
+    except OutputError:
+        return False

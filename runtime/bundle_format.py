@@ -194,9 +194,13 @@ def check_external_data(path: Path, folder: Path, declared: set) -> None:
                               "record (no sha256 to check it against); re-export the bundle")
 
 
+# files that `tune` replaces together (anchorflow._io.replace_files), bundle.json last
+JOURNALED = ("tuned.json", "first_call.npy", BUNDLE_JSON)
+
+
 def find_bundle(path: str | os.PathLike) -> Path:
     """The bundle folder for ``path``: the folder itself or a model root's ``bundle/``."""
-    from .._io import recover_dir
+    from .._io import recover_dir, recover_journal
 
     path = Path(path).expanduser()
     for folder in (path, path / "bundle"):
@@ -204,6 +208,7 @@ def find_bundle(path: str | os.PathLike) -> Path:
             raise CheckpointError(f"{folder} is being replaced by a running export right now; retry when it has "
                                   "finished")
         if (folder / BUNDLE_JSON).is_file():
+            recover_journal(folder, JOURNALED, BUNDLE_JSON)  # a tune killed mid-write (trust, issue 31)
             return folder
     raise CheckpointError(f"{path} is not a bundle (no {BUNDLE_JSON}, nor bundle/{BUNDLE_JSON}); "
                           "create one with 'anchorflow export MODEL --out FOLDER'")
@@ -315,7 +320,6 @@ def write_bundle_json(folder: Path, meta: dict) -> BundleFormat:
 def check_written_graphs(fmt: BundleFormat) -> None:
     """Refuse to publish a bundle whose graphs do not compute what it declares: each graph's inputs
     and outputs against the declaration, and the backbone's velocity of the state's shape."""
-    from .audit import compare_io
     from .onnx_scan import ScanError, scan
 
     bb = fmt.backbone
@@ -338,6 +342,23 @@ def check_written_graphs(fmt: BundleFormat) -> None:
 
 
 # -- the graph against the declaration -----------------------------------------------------------
+FIX = "re-export the bundle (or undo the edit to bundle.json)"
+
+
+def compare_io(network: str, part: str, declared: tuple, got: list, path: Any, fix: str = FIX) -> None:
+    want = {t.name: t for t in declared}
+    have = {name: (_ORT_TYPES.get(dtype, dtype), list(dims)) for name, dtype, dims in got}
+    if set(have) != set(want):
+        raise CheckpointError(f"{path} has {part} {sorted(have)}, but bundle.json declares {sorted(want)} for the "
+                              f"{network} (a graph of another network, or an edited bundle.json); {fix}")
+    for name, (dtype, dims) in have.items():
+        t = want[name]
+        static_differs = any(isinstance(w, int) and isinstance(g, int) and w != g for w, g in zip(t.shape, dims))
+        if dtype != t.dtype or len(dims) != len(t.shape) or static_differs:
+            raise CheckpointError(f"{path}: {part[:-1]} {name!r} is {dtype} {dims}, but bundle.json declares "
+                                  f"{t.dtype} {list(t.shape)}; {fix}")
+
+
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
 

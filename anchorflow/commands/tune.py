@@ -55,9 +55,9 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, reference_steps, 
     names = [s.strip() for s in solvers.split(",") if s.strip()]
     nfes = parse_int_list(nfe, "--nfe")
     modes = [f.strip() for f in first_calls.split(",") if f.strip()]
-    for value, what in ((samples, "--samples"), (reference_steps, "--reference-steps"), (max_evals, "--max-evals")):
-        if value < 1:
-            raise ConfigError(f"{what} must be a positive integer, got {value}")
+    from ..tuning import check_tune_options
+
+    check_tune_options(names, nfes, cfg, samples, seed, reference_steps, max_evals)  # before any work (issue 31)
     if model == "default" and not dry_run:
         raise ConfigError(f"the bundled model is read-only; pass a copy of its bundle folder "
                           f"({BUNDLED / DEFAULT_NAME / 'bundle'}) or use --dry-run")
@@ -65,7 +65,10 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, reference_steps, 
     folder = m.files.bundle
     if not dry_run and folder is None:
         raise ConfigError(f"{model} is not an exported bundle; export it first ('anchorflow export {model} --out DIR')")
-    names = [s for s in names if m.sidenet is not None or not _needs_sidenet(s)]
+    skipped = [s for s in names if m.sidenet is None and _needs_sidenet(s)]
+    names = [s for s in names if s not in skipped]
+    if not names:
+        raise ConfigError(f"{model} has no SideNet, which {', '.join(skipped)} need(s); nothing was tuned or stored")
     result = run_tune(m, names, nfes, modes, cfg=cfg, samples=samples, seed=seed, reference_steps=reference_steps,
                       max_evals=max_evals, progress=not quiet)
     if result.first_call is not None:
@@ -77,7 +80,10 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, reference_steps, 
     if not dry_run:
         if result.first_call_refused:
             result.first_call = None
-        write_tuning(folder, result)
+        notes: list = []
+        write_tuning(folder, result, notes=notes)  # merged with the grids already there, under the bundle's lock
+        for line in notes:
+            click.echo(f"note: {line}", err=True)
         click.echo(f"stored in {folder}/bundle.json (tuned.json" + (", first_call.npy)" if result.first_call else ")"))
 
 
