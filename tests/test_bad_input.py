@@ -119,6 +119,19 @@ def _trust_world(w: dict, base: Path) -> None:
     facs.mkdir()
     (facs / "bad.py").write_text(BAD_FACTORIES)
     w["files"], w["facs"] = files, facs
+    good = json.loads(w["state"].read_text())  # the fastflow state made above, broken three ways
+    for name, edit in (("hugecount", lambda d: d["N"][0].__setitem__(0, 10**200)),
+                       ("hugeeta", lambda d: d["budget"].__setitem__("eta", 1e308))):
+        d = json.loads(json.dumps(good))
+        edit(d)
+        w[name] = base / f"{name}.json"
+        w[name].write_text(json.dumps(d))
+    w["deepstate"] = base / "deepstate.json"
+    w["deepstate"].write_text('{"schema": "anchorflow.fastflow-bandit", "version": 2, "key": ' + "[" * 5000 + "]" * 5000
+                              + "}")
+    for name in ("hugecount", "hugeeta", "deepstate"):  # the bandit's own (empty) lock file, as the good state has
+        (base / f"{name}.json.lock").touch()
+    w["deepstate"] = base / "deepstate.json"
 
 
 BAD_FACTORIES = '''
@@ -139,6 +152,7 @@ def wrong_state():
 S = ["sample", "{root}", "--solver", "euler", "--nfe", "2", "--n", "2"]  # a good sample command to break
 B = ["bench", "{root}", "--solvers", "euler", "--nfe", "2", "--n", "4", "--reference", "rk4:8"]
 V = ["verify", "{root}", "--backends", "ort-cpu"]
+FF = ["sample", "{root}", "--solver", "fastflow", "--nfe", "10", "--n", "2", "--out", "ff.png"]
 TORCH = pytest.mark.skipif(not HAS_TORCH, reason="needs torch (the [train] extra)")
 
 # (argv, exit status, words in the error line[, marks])
@@ -335,6 +349,23 @@ CASES = [
     (["export", "{facs}/bad.py:raises", "--out", "{cwd}/b"], 1, "ValueError: the factory failed", TORCH),
     (["export", "{facs}/bad.py:wrong_state", "--out", "{cwd}/b", "--max-batch", "2", "--no-validate"], 1,
      "does not compute what the model declares", TORCH),
+    # -- bandit states: one line, the state left as it was (a huge eta used to turn it into mu = inf)
+    (FF + ["--bandit-state", "{hugecount}"], 1, "missing or non-numeric N"),
+    (FF + ["--bandit-state", "{hugeeta}"], 1, "budget.eta must be in (0, 10]"),
+    (FF + ["--bandit-state", "{deepstate}"], 1, "nested more than 64 levels"),
+    (["bandit", "show", "{hugecount}"], 1, "missing or non-numeric N"),
+    (["bandit", "show", "{deepstate}"], 1, "nested more than 64 levels"),
+    # -- fastflow options: finite, in range, not both budgets ---------------------------------------
+    (FF + ["--speedup", "0"], 1, "--speedup must be a finite number > 0"),
+    (FF + ["--speedup", "nan"], 1, "--speedup must be a finite number > 0"),
+    (FF + ["--speedup", "1e9"], 1, "above the cap"),
+    (FF + ["--calls", "-3"], 1, "--calls must be a finite number > 0"),
+    (FF + ["--calls", "1e9"], 1, "above the cap"),
+    (FF + ["--mu-factor", "-1"], 1, "--mu-factor must be a finite number > 0"),
+    (FF + ["--mu-factor", "inf"], 1, "--mu-factor must be a finite number > 0"),
+    (FF + ["--calls", "2", "--speedup", "2"], 1, "not both"),
+    (S + ["--cfg", "1e300"], 1, "above the cap"),
+    (S + ["--out", "same.png", "--npy", "same.png"], 1, "names the same file as --out"),
     # -- a refused tune writes nothing (it used to store 0 grids, or tune at cfg 0) -----------------
     (["tune", "{root}", "--solvers", "bogus", "--nfe", "2"], 1, "unknown solver 'bogus'"),
     (["tune", "{root}", "--cfg", "0", "--nfe", "2"], 1, "--cfg must be finite and > 0"),
