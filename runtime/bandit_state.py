@@ -123,7 +123,7 @@ def read(path: str | os.PathLike) -> Any:
     try:
         return parse_json(text, path)
     except CheckpointError as exc:
-        raise _bad(str(path), f"corrupt JSON: {str(exc).replace(str(path), 'it', 1)}") from None
+        raise _bad(str(path), f"corrupt or truncated JSON: {str(exc).replace(f'{path} ', '', 1)}") from None
 
 
 def load(path: str | os.PathLike, key: Optional[BanditKey] = None) -> FastFlowBandit:
