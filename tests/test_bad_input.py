@@ -113,6 +113,7 @@ def _trust_world(w: dict, base: Path) -> None:
     np.savez(files / "noise.npz", x=np.zeros((2, 1, 8, 8), np.float32))
     for name, y in (("neg", [-5, 3]), ("big", [3, 2**62]), ("float", [1.0, 2.5]), ("null", [10, 3])):
         np.savez(files / f"{name}.npz", y=np.array(y))
+    np.savez(files / "null11.npz", y=np.array([11]))
     (files / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"not json" * 4)
     (files / "huge.safetensors").write_bytes((2**60).to_bytes(8, "little") + b"{}")
     facs = base / "factories"
@@ -152,6 +153,7 @@ def wrong_state():
 S = ["sample", "{root}", "--solver", "euler", "--nfe", "2", "--n", "2"]  # a good sample command to break
 B = ["bench", "{root}", "--solvers", "euler", "--nfe", "2", "--n", "4", "--reference", "rk4:8"]
 V = ["verify", "{root}", "--backends", "ort-cpu"]
+TS = ["train", "sidenet", "--backbone", "%s/backbone" % ROOT, "--out", "{cwd}/sn", "--data", "none", "--iters", "1"]
 FF = ["sample", "{root}", "--solver", "fastflow", "--nfe", "10", "--n", "2", "--out", "ff.png"]
 TORCH = pytest.mark.skipif(not HAS_TORCH, reason="needs torch (the [train] extra)")
 
@@ -374,6 +376,13 @@ CASES = [
     (["tune", "{root}", "--samples", "100000", "--nfe", "2"], 1, "--samples must be in 1..4096"),
     (["tune", "{root}", "--solvers", "heun", "--nfe", "4", "--first-call", "backbone", "--samples", "2",
       "--reference-steps", "2"], 1, "no grid could be tuned"),
+    # -- training: labels in range, batches bounded ------------------------------------------------
+    (TS + ["--cond", "{files}/neg.npz"], 1, "y labels must be in 0..9, got -5", TORCH),
+    (TS + ["--cond", "{files}/big.npz"], 1, "y labels must be in 0..9, got 4611686018427387904", TORCH),
+    (TS + ["--cond", "{files}/float.npz"], 1, "y must hold integer labels", TORCH),
+    (TS + ["--null-cond", "{files}/null11.npz"], 1, "y labels must be in 0..10 (10 = the null label), got 11", TORCH),
+    (["train", "backbone", "--out", "{cwd}/bb", "--batch", "1000000000000"], 1, "above the cap of 65536"),
+    (TS + ["--batch", "100000"], 1, "above the cap of 65536"),
     # -- hangs: bounded before any work ------------------------------------------------------------
     (S + ["--threads", "100000"], 1, "--threads 100000 is more than"),
     (["demo", "--backend", "torch"], 2, "not one of"),
