@@ -88,6 +88,11 @@ def test_no_command_imports_the_factory_a_bundle_names(evil, form, capsys):
     for backend in ("auto", "torch"):
         run(["tune", b, "--solvers", "euler", "--nfe", "2", "--samples", "2", "--max-evals", "1",
              "--reference-steps", "2", "--quiet", "--backend", backend], capsys)
+    # serve: the pre-flight of `anchorflow serve` opens the sampler exactly as each replica does
+    from anchorflow.serve.app import ServeOptions, check
+
+    for backend in ("auto", "ort-cpu"):
+        check(ServeOptions(model=str(b), backend=backend, port=1))
     assert not marker.exists()
     # the comparison with torch works with the source given on the command line ...
     code, out, err = run(["verify", b, "--backends", "torch,ort-cpu", "--source", evil["good"]], capsys)
