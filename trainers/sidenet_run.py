@@ -92,8 +92,25 @@ def _null(backbone: Any, null_file: Optional[str]) -> Optional[Cond]:
         _check_names(null, backbone, f"--null-cond {null_file}")
         if row_count(null) != 1:
             raise ConfigError(f"--null-cond {null_file} must hold ONE row per condition (the null/empty prompt)")
+        _check_labels(null, backbone, f"--null-cond {null_file}", null=True)
         return null
     return backbone.null_cond() if hasattr(backbone, "null_cond") else None
+
+
+def _check_labels(cond: Cond, backbone: Any, what: str, null: bool = False) -> None:
+    """trust (issue 31): class labels ``y`` are integers in 0..C-1 (0..C for the null row, C = the
+    null label); out of range they used to fail deep in the embedding (or wrap to another class)."""
+    classes = int(getattr(backbone, "num_classes", 0) or 0)
+    y = cond.get("y")
+    if y is None or classes <= 0:
+        return
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ConfigError(f"{what}: y must hold integer labels, got {str(y.dtype).replace('torch.', '')}")
+    top = classes if null else classes - 1
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) > top):
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise ConfigError(f"{what}: y labels must be in 0..{top}" + (f" ({classes} = the null label)" if null else "")
+                          + f", got {bad}")
 
 
 def _cond_rows(backbone: Any, cond_file: Optional[str]) -> Cond:
@@ -101,6 +118,7 @@ def _cond_rows(backbone: Any, cond_file: Optional[str]) -> Cond:
         cond = load_cond_file(cond_file)
         _check_names(cond, backbone, f"--cond {cond_file}")
         row_count(cond)
+        _check_labels(cond, backbone, f"--cond {cond_file}")
         return cond
     if not getattr(backbone, "conditions", None):
         return {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from ..errors import ConfigError
-from .common import parse_float_list, positive, seed as seed_check
+from .common import MAX_BATCH, count, parse_float_list, positive, seed as seed_check
 
 
 def read_ba_grids(path: str) -> tuple[tuple[float, ...], ...]:
@@ -40,7 +40,7 @@ def read_ba_grids(path: str) -> tuple[tuple[float, ...], ...]:
               help="Optimizer iterations (the paper: 250 at batch 4096 on ImageNet-256).")
 @click.option("--chain", type=int, default=8, show_default=True, callback=positive,
               help="Simulated steps per iteration (each one backbone call).")
-@click.option("--batch", type=int, default=256, show_default=True, callback=positive, help="Batch size.")
+@click.option("--batch", type=int, default=256, show_default=True, callback=count(MAX_BATCH), help="Batch size.")
 @click.option("--rate", default="50", show_default=True,
               help="Rate of the truncated exponential for the offset |h| (mean 1/rate). A comma list, e.g. "
                    "'50,5', draws each sample's rate from the list: larger offsets for 5-10 NFE sampling.")

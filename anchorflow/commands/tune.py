@@ -112,7 +112,10 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
     if not dry_run:
         if result.first_call_refused:
             result.first_call = None
-        write_tuning(folder, result)  # merged under the bundle's lock: grids tuned before are kept
+        notes: list = []
+        write_tuning(folder, result, notes=notes)  # merged with the grids already there, under the bundle's lock
+        for line in notes:
+            click.echo(f"note: {line}", err=True)
         click.echo(f"stored in {folder}/bundle.json (tuned.json" + (", first_call.npy)" if result.first_call else ")"))
 
 
