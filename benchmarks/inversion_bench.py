@@ -1,21 +1,23 @@
 """Few-step inversion and editing, measured: reconstruction PSNR, the SideNet backwards, digit edits.
 
-1. Reconstruction: ``invert`` (N calls, t = 0 -> 1, the image's own label) then ``regenerate`` (N calls,
-   same label, same grid); PSNR against the input at N = 3, 5, 8, 10, 20 for every inverting solver
-   (budgets a solver cannot honour exactly are left blank), against Euler at 50 + 50 calls. Models:
-   the bundled digits model (real test digits, onnxruntime CPU), the closed-form Gaussian mixture
-   (``--mixture``: exact inverse known, so the inversion error itself is reported too) and, with
-   ``--sd3``, the SD3-architecture digits model (torch through the adapter; see sd3_digits_bench.py).
-2. The BA SideNet backwards (digits): inversion error of ``ba`` with the forward-trained SideNet,
-   with a zero SideNet (= AB2's iterates on a uniform grid), and AB2, against a reference inversion
-   (RK4, ``--ref`` calls).
-3. Edits (digits): every test digit of class a regenerated as class b = (a + 1) mod 10 (or ``--pairs``)
-   at N = 5 and 10 per solver, with ``--strength`` / ``--switch`` / ``--inject``: the bundled
-   classifier's accuracy on b, and the PSNR to the source on the pixels that are background in both
-   the source and the mean training image of class b (the "outside the changed strokes" region);
-   a picture grid (sources, inversions, edits) in docs/inversion_grid.png.
+Parts (``--parts``, comma-separated; each one run of a few minutes on 2 cores):
 
-    python benchmarks/inversion_bench.py [--n 360] [--mixture] [--sd3] [--out benchmarks/results/inversion]
+- ``reconstruction``: ``invert`` (N calls, t = 0 -> 1, the image's own label) then ``regenerate`` (N
+  calls, same label, same grid) on the bundled digits model (real test digits, onnxruntime CPU); PSNR
+  against the input at N = 3, 5, 8, 10, 20 for every inverting solver, against Euler at 50 + 50 calls.
+- ``mixture``: the same on the closed-form Gaussian mixture, where the exact inverse is known, so the
+  inversion error itself is reported too (SideNet: the exact one scaled by 0.9).
+- ``sd3``: the same on the SD3-architecture digits model (torch through the adapter; sd3_digits_bench.py).
+- ``backwards``: the forward-trained BA SideNet asked for negative offsets: inversion RMSE of ``ba``,
+  of ``ba`` with a zero SideNet (= AB2's iterates on a uniform grid), of AB2 and Euler, against a
+  reference inversion (RK4, ``--ref`` calls).
+- ``edits``: every test digit of class a regenerated as class b = (a + 1) mod 10 at N = 5 and 10 per
+  solver, per ``--strengths``, with ``--switch`` / ``--inject``: the bundled classifier's accuracy on b
+  and the PSNR to the source on the pixels that are background in both the source and the mean
+  training image of class b (the "outside the changed strokes" region); baselines SDEdit (forward
+  noising, no inversion) and a fresh sample of b; a picture (sources, inversions, edits) at ``--grid``.
+
+    python benchmarks/inversion_bench.py --parts reconstruction --n 120 --out benchmarks/results/inversion_digits
 
 Time convention: t = 1 noise, t = 0 data. Calls are the runtime's own counts (checked per run).
 """
@@ -98,59 +100,101 @@ def reconstruction_table(name, velocity, x0, cond, sidenet, data_range, exact_no
     return {"rows": rows, "euler50": p50}
 
 
-def digits(args, out):
+def _digits_data(args):
     from anchorflow.runtime import load_bundle
-    from anchorflow.runtime.classifier import Classifier
     from anchorflow.trainers.data import load_dataset
 
     bundle = load_bundle("default", backend="ort-cpu")
-    dr = tuple(bundle.meta["model"]["data_range"])
     x_test, y_test = load_dataset("digits", "test")
-    x_train, y_train = load_dataset("digits", "train")
-    x0, y = x_test[: args.n], y_test[: args.n]
+    return bundle, tuple(bundle.meta["model"]["data_range"]), x_test[: args.n], y_test[: args.n]
+
+
+def digits_reconstruction(args):
+    bundle, dr, x0, y = _digits_data(args)
     cond = {"y": y}
-    res = {"n": int(len(x0)), "data_range": list(dr)}
     start = time.perf_counter()
-    res["reconstruction"] = reconstruction_table("digits", bundle.velocity, x0, cond, bundle.sidenet, dr)
+    res = {"n": int(len(x0)), "data_range": list(dr),
+           "reconstruction": reconstruction_table("digits", bundle.velocity, x0, cond, bundle.sidenet, dr)}
     res["reconstruction_s"] = time.perf_counter() - start
-    # the SideNet backwards: inversion error against a reference inversion
+    return res
+
+
+def digits_backwards(args):
+    """The forward-trained SideNet asked for negative offsets: inversion error against a reference inversion."""
+    bundle, dr, x0, y = _digits_data(args)
+    cond = {"y": y}
     ref = invert("rk4", bundle.velocity, x0, args.ref, cond=cond).x
     half = invert("rk4", bundle.velocity, x0, 4 * (args.ref // 8), cond=cond).x
-    back = {"reference": f"rk4 at {args.ref} calls", "reference_self_rmse": rmse(half, ref), "rows": {}}
+    back = {"n": int(len(x0)), "reference": f"rk4 at {args.ref} calls", "reference_self_rmse": rmse(half, ref),
+            "rows": {}}
     for row, m, kw in [("ba", "ba", {"sidenet": bundle.sidenet}), ("ba (zero SideNet)", "ba", {"sidenet": ZeroSideNet()}),
                        ("ab2", "ab2", {}), ("euler", "euler", {})]:
         back["rows"][row] = {n: rmse(invert(m, bundle.velocity, x0, n, cond=cond, **kw).x, ref) for n in NFES}
-    res["backwards"] = back
-    # edits
+        print(f"[backwards] {row}: " + ", ".join(f"{n}:{e:.4f}" for n, e in back["rows"][row].items()), flush=True)
+    return back
+
+
+def digits_edits(args):
+    """Every test digit of class a regenerated as b = (a + 1) mod 10, per solver, N = 5 and 10, each strength.
+
+    Baselines at the same strength, with the BA solver: ``sdedit`` (the forward noising
+    x_s = (1 - s) x0 + s eps instead of an inversion: N calls in all) and ``fresh noise`` (a sample of
+    class b from unrelated noise at t = 1: what keeping nothing of the source scores)."""
+    from anchorflow.runtime import solve
+    from anchorflow.runtime.classifier import Classifier
+    from anchorflow.trainers.data import load_dataset
+
+    bundle, dr, x0, y = _digits_data(args)
     clf = Classifier(ROOT / "anchorflow" / "bundled" / "digits" / "classifier")
+    x_train, y_train = load_dataset("digits", "train")
     means = np.stack([x_train[y_train == c].mean(axis=0) for c in range(10)])
     tgt = (y + 1) % 10
     keep = (x0 < 0.0) & (means[tgt] < 0.0)  # background in the source and in the target class's mean
-    edits = {"pairs": "b = (a + 1) mod 10", "strength": args.strength, "switch": args.switch, "inject": args.inject,
-             "inject_weight": args.inject_weight, "kept_pixels": float(keep.mean()), "rows": {}}
+    null = bundle.meta["model"]["null_label"]
+    eps = np.random.default_rng(0).standard_normal(x0.shape).astype(np.float32)
+
+    def score(x):
+        mse = float(np.sum(((x - x0) ** 2) * keep) / max(1, keep.sum()))
+        return {"target_accuracy": float(np.mean(clf.labels(x) == tgt)),
+                "psnr_kept": 10 * np.log10((dr[1] - dr[0]) ** 2 / max(mse, 1e-12))}
+
+    edits = {"n": int(len(x0)), "pairs": "b = (a + 1) mod 10", "switch": args.switch, "inject": args.inject,
+             "inject_weight": args.inject_weight, "kept_pixels": float(keep.mean()),
+             "source_accuracy": float(np.mean(clf.labels(x0) == y)), "strengths": {}}
     pictures = {}
-    for row, m, kw in methods(bundle.sidenet):
-        cells = {}
-        for n in EDIT_NFES:
-            if not honours(m, n):
-                continue
-            e = edit(m, bundle.velocity, x0, n, source=y, target=tgt, null_label=bundle.meta["model"]["null_label"],
-                     strength=args.strength, switch=args.switch, inject=args.inject,
-                     inject_weight=args.inject_weight, **kw)
-            acc = float(np.mean(clf.labels(e.x) == tgt))
-            mse = float(np.sum(((e.x - x0) ** 2) * keep) / max(1, keep.sum()))
-            cells[n] = {"target_accuracy": acc, "psnr_kept": 10 * np.log10((dr[1] - dr[0]) ** 2 / max(mse, 1e-12)),
-                        "nfe": e.nfe}
-            if n == 10:
-                pictures[row] = e
-        edits["rows"][row] = cells
-        print(f"[edit] {row}: " + ", ".join(f"{n}: acc {c['target_accuracy']:.2f} psnr {c['psnr_kept']:.2f}"
-                                            for n, c in cells.items()), flush=True)
-    edits["source_accuracy"] = float(np.mean(clf.labels(x0) == y))
-    res["edits"] = edits
+    for strength in (float(s) for s in args.strengths.split(",")):
+        rows = {}
+        for row, m, kw in methods(bundle.sidenet):
+            cells = {}
+            for n in EDIT_NFES:
+                if not honours(m, n):
+                    continue
+                e = edit(m, bundle.velocity, x0, n, source=y, target=tgt, null_label=null, strength=strength,
+                         switch=args.switch, inject=args.inject, inject_weight=args.inject_weight, **kw)
+                assert e.inversion.nfe == n and e.regeneration.nfe == n, (m, e.inversion.nfe, e.regeneration.nfe)
+                cells[n] = {**score(e.x), "nfe": e.nfe}
+                if n == 10 and strength == float(args.strengths.split(",")[-1]):
+                    pictures[row] = e
+            rows[row] = cells
+        for row, start in (("sdedit (ba, no inversion)", (1.0 - strength) * x0 + strength * eps),
+                           ("fresh noise (ba)", None)):
+            cells = {}
+            for n in EDIT_NFES:
+                if start is None:
+                    r = solve("ba", bundle.velocity, eps, n, y=tgt, sidenet=bundle.sidenet)
+                else:
+                    r = regenerate("ba", bundle.velocity, start, n, t_start=strength, cond={"y": tgt},
+                                   sidenet=bundle.sidenet)
+                cells[n] = {**score(r.x), "nfe": r.nfe}
+            rows[row] = cells
+        for row, cells in rows.items():
+            print(f"[edit {strength}] {row}: " + ", ".join(
+                f"{n}: acc {c['target_accuracy']:.2f} psnr {c['psnr_kept']:.2f}" for n, c in cells.items()), flush=True)
+        edits["strengths"][str(strength)] = rows
     if args.grid:
         picture(pictures, x0, dr, args.grid)
-    return res
+        edits["grid"] = os.path.relpath(args.grid, ROOT)
+    return edits
 
 
 def picture(pictures, x0, dr, path):
@@ -175,10 +219,9 @@ def mixture(args):
     x0 = exact_flow(mix, noise, cond={"y": y}, steps=400)
     dr = (float(x0.min()), float(x0.max()))
     side = ExactSideNet(mix, scale=0.9, steps=40)  # a 0.9-scaled exact SideNet: an imperfect learned one
-    res = reconstruction_table("mixture", mix, x0, {"y": y}, side, dr, exact_noise=noise)
-    res["data_range"] = list(dr)
-    res["sidenet"] = "ExactSideNet(scale=0.9)"
-    return res
+    rec = reconstruction_table("mixture", mix, x0, {"y": y}, side, dr, exact_noise=noise)
+    return {"n": int(args.n_mix), "data_range": list(dr), "reconstruction": rec,
+            "sidenet": "the exact SideNet scaled by 0.9 (an imperfect learned one)"}
 
 
 def sd3(args):
@@ -199,80 +242,99 @@ def sd3(args):
     global NFES
     keep, NFES = NFES, tuple(int(v) for v in args.sd3_nfes.split(","))
     try:
-        return reconstruction_table("sd3", velocity, x0, cond, side, (-1.0, 1.0))
+        return {"n": int(n), "sidenet": "the data-free SideNet of sd3_digits_bench.py",
+                "reconstruction": reconstruction_table("sd3", velocity, x0, cond, side, (-1.0, 1.0))}
     finally:
         NFES = keep
 
 
+def _table(head, nfes, rows, fmt):
+    out = ["| " + head + " | " + " | ".join(f"N={n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
+    for row, cells in rows.items():
+        out.append(f"| {row} | " + " | ".join(fmt(cells[n]) if n in cells else "" for n in nfes) + " |")
+    return out
+
+
 def markdown(res) -> str:
-    lines = [f"# Inversion and editing\n\nCommand: `{res['command']}`  \nMachine: {res['machine']}\n"]
-    for key, title in (("digits", "bundled digits model (real test digits)"), ("mixture", "closed-form mixture"),
-                       ("sd3", "SD3-architecture digits model")):
+    lines = [f"# Inversion and editing (benchmarks/inversion_bench.py)\n\nCommand: `{res['command']}`  \n"
+             f"Machine: {res['machine']}; wall time {res['wall_s']:.0f} s\n",
+             "Time: t = 1 noise, t = 0 data. Calls are the runtime's counts (checked in every run). A blank cell: "
+             "the solver cannot spend exactly that budget (refused, never rounded).\n"]
+    for key, title in (("reconstruction", "bundled digits model (real test digits)"),
+                       ("mixture", "closed-form Gaussian mixture (exact inverse known)"),
+                       ("sd3", "SD3-architecture digits model (torch through the adapter)")):
         if key not in res:
             continue
-        rec = res[key]["reconstruction"] if key == "digits" else res[key]
+        rec = res[key]["reconstruction"]
         nfes = sorted({int(n) for r in rec["rows"].values() for n in r})
-        lines += [f"## Reconstruction PSNR (dB), {title}: invert N + regenerate N calls\n",
-                  f"Euler at 50 + 50 calls: **{rec['euler50']:.2f} dB**\n",
-                  "| solver | " + " | ".join(f"N={n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
-        for row, cells in rec["rows"].items():
-            lines.append(f"| {row} | " + " | ".join(
-                f"{cells[n]['psnr']:.2f}" if n in cells else "" for n in nfes) + " |")
+        lines += [f"## Reconstruction PSNR (dB), {title}, {res[key]['n']} samples: invert N + regenerate N calls\n",
+                  f"Euler at 50 + 50 calls: **{rec['euler50']:.2f} dB**"
+                  + (f"; SideNet: {res[key]['sidenet']}" if "sidenet" in res[key] else "") + "\n"]
+        lines += _table("solver", nfes, rec["rows"], lambda c: f"{c['psnr']:.2f}")
         if key == "mixture":
-            lines += ["", "Inversion RMSE against the exact noise:", "",
-                      "| solver | " + " | ".join(f"N={n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
-            for row, cells in rec["rows"].items():
-                lines.append(f"| {row} | " + " | ".join(
-                    f"{cells[n]['inversion_rmse']:.2e}" if n in cells else "" for n in nfes) + " |")
+            lines += ["", "Inversion RMSE against the exact noise:", ""]
+            lines += _table("solver", nfes, rec["rows"], lambda c: f"{c['inversion_rmse']:.2e}")
         lines.append("")
-    if "digits" in res:
-        b = res["digits"]["backwards"]
-        lines += [f"## BA backwards (digits): inversion RMSE against {b['reference']} "
-                  f"(reference self-check {b['reference_self_rmse']:.1e})\n",
-                  "| inverter | " + " | ".join(f"N={n}" for n in NFES) + " |", "|---" * (len(NFES) + 1) + "|"]
-        for row, cells in b["rows"].items():
-            lines.append(f"| {row} | " + " | ".join(f"{cells[n]:.4f}" for n in NFES) + " |")
-        e = res["digits"]["edits"]
-        lines += ["", f"## Edits (digits): class a -> {e['pairs']}, strength {e['strength']}, switch {e['switch']}, "
+    if "backwards" in res:
+        b = res["backwards"]
+        lines += [f"## BA backwards (digits, {b['n']} test digits): inversion RMSE against {b['reference']} "
+                  f"(reference vs half its calls: {b['reference_self_rmse']:.1e})\n"]
+        lines += _table("inverter", NFES, b["rows"], lambda c: f"{c:.4f}")
+        lines.append("")
+    if "edits" in res:
+        e = res["edits"]
+        lines += [f"## Edits (digits, {e['n']} test digits): class a -> {e['pairs']}, switch {e['switch']}, "
                   f"inject {e['inject']} (weight {e['inject_weight']})\n",
-                  f"Source digits classified correctly: {e['source_accuracy']:.3f}; kept region: "
-                  f"{e['kept_pixels']:.2f} of the pixels. Calls: N to invert + N to regenerate.\n",
-                  "| solver | acc@5 | PSNR kept@5 | acc@10 | PSNR kept@10 |", "|---|---|---|---|---|"]
-        for row, cells in e["rows"].items():
-            f = [(f"{cells[n]['target_accuracy']:.3f}", f"{cells[n]['psnr_kept']:.2f}") if n in cells else ("", "")
-                 for n in EDIT_NFES]
-            lines.append(f"| {row} | {f[0][0]} | {f[0][1]} | {f[1][0]} | {f[1][1]} |")
+                  f"Source digits classified correctly: {e['source_accuracy']:.3f}; kept region (background in the "
+                  f"source and in class b's mean training image): {e['kept_pixels']:.2f} of the pixels. Calls: N to "
+                  "invert + N to regenerate (sdedit and fresh noise: N in all)." +
+                  (f" Picture: {e['grid']}." if "grid" in e else "") + "\n"]
+        for strength, rows in e["strengths"].items():
+            lines += [f"### strength {strength}: target-class accuracy / PSNR (dB) to the source on the kept region\n",
+                      "| solver | acc N=5 | PSNR N=5 | acc N=10 | PSNR N=10 |", "|---|---|---|---|---|"]
+            for row, cells in rows.items():
+                f = [(f"{cells[n]['target_accuracy']:.3f}", f"{cells[n]['psnr_kept']:.2f}") if n in cells else ("", "")
+                     for n in EDIT_NFES]
+                lines.append(f"| {row} | {f[0][0]} | {f[0][1]} | {f[1][0]} | {f[1][1]} |")
+            lines.append("")
     return "\n".join(lines) + "\n"
+
+
+PARTS = ("reconstruction", "backwards", "edits", "mixture", "sd3")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", default="reconstruction,backwards,edits",
+                   help="comma-separated: " + ", ".join(PARTS) + " (each fits one run of a few minutes)")
     p.add_argument("--n", type=int, default=360, help="test digits (the test split has 360)")
     p.add_argument("--ref", type=int, default=400, help="reference inversion calls (RK4)")
-    p.add_argument("--strength", type=float, default=0.8)
+    p.add_argument("--strengths", default="0.6,0.8", help="edit strengths (the picture uses the last)")
     p.add_argument("--switch", type=float, default=None)
     p.add_argument("--inject", type=int, default=0)
     p.add_argument("--inject-weight", type=float, default=1.0)
-    p.add_argument("--mixture", action="store_true")
     p.add_argument("--n-mix", type=int, default=64)
-    p.add_argument("--no-digits", action="store_true")
-    p.add_argument("--sd3", action="store_true")
     p.add_argument("--sd3-model", default=str(ROOT / "benchmarks" / "results" / "sd3_digits" / "model"))
     p.add_argument("--n-sd3", type=int, default=32)
     p.add_argument("--sd3-nfes", default="3,5,8,10,20")
-    p.add_argument("--grid", default=str(ROOT / "docs" / "inversion_grid.png"))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "inversion"))
+    p.add_argument("--grid", default=str(ROOT / "docs" / "inversion_grid.png"), help="edit picture ('' for none)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "inversion"), help="writes OUT.json, OUT.md")
     args = p.parse_args(argv)
+    parts = [s for s in args.parts.split(",") if s]
+    bad = [s for s in parts if s not in PARTS]
+    if bad:
+        p.error(f"unknown part(s) {bad}; choose from {PARTS}")
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     res = {"command": "python benchmarks/inversion_bench.py " + shlex.join(sys.argv[1:] if argv is None else argv),
            "machine": f"{os.cpu_count()} cores, loadavg {' '.join(load)} at start (shared machine)"}
-    if not args.no_digits:
-        res["digits"] = digits(args, args.out)
-    if args.mixture:
-        res["mixture"] = mixture(args)
-    if args.sd3:
-        res["sd3"] = sd3(args)
+    start = time.perf_counter()
+    for part in parts:
+        res[part] = {"reconstruction": digits_reconstruction, "backwards": digits_backwards, "edits": digits_edits,
+                     "mixture": mixture, "sd3": sd3}[part](args)
+    res["wall_s"] = time.perf_counter() - start
+    with open("/proc/loadavg") as f:
+        res["machine"] += f", {' '.join(f.read().split()[:3])} at the end"
     _io.write_json(args.out + ".json", res)
     _io.write_bytes(args.out + ".md", markdown(res).encode())
     print(markdown(res))
