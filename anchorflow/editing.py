@@ -166,6 +166,10 @@ def invert_image(model, image: str, *, solver: str = "ba", nfe: int = 10, labels
     """Read ``image`` and invert it to noise on ``model`` (a LoadedBundle / OpenModel): the runtime Result."""
     from .runtime.invert import invert
 
+    if labels is None and not cond and int(model.meta.get("num_classes") or 0) > 0:
+        # sampling cycles the labels 0..C-1 by default; an image has ONE class, which only the user knows
+        raise ConfigError(f"this model is class-conditional: give the image's class with --labels "
+                          f"(0..{int(model.meta['num_classes']) - 1}), or its conditions with --cond")
     x0 = read_image(image, model.meta["state_shape"], model.meta.get("data_range") or (-1.0, 1.0), codec)
     kw = _condition_args(model, labels, cond, null_cond, len(x0), solver, nfe, grid, cfg_scale, cfg_interval)
     return invert(solver, model.velocity, x0, nfe, t_end=t_end, **kw)

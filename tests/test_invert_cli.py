@@ -143,6 +143,7 @@ CASES = [
     (["invert"] + B + ["--labels", "3", "--image", "{three}", "--out", "{cwd}/noise.png"], "ending in .npy"),
     (EDIT[:-1] + ["{cwd}/edit.txt", "--image", "{three}"], "unknown image type"),
     (INV + ["--image", "{three}", "--labels", "12"], "--labels must be integers in 0..9"),
+    (["invert"] + B + ["--image", "{three}", "--out", "{cwd}/noise.npy"], "give the image's class with --labels"),
     (EDIT + ["--image", "{three}", "--strength", "0"], "trajectory fraction"),
     (EDIT + ["--image", "{three}", "--switch", "0.95"], "switch"),
     (EDIT + ["--image", "{three}", "--target", "11"], "--target"),
