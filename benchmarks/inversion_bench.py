@@ -177,7 +177,7 @@ def digits_edits(args):
                          switch=args.switch, inject=args.inject, inject_weight=args.inject_weight, **kw)
                 assert e.inversion.nfe == n and e.regeneration.nfe == n, (m, e.inversion.nfe, e.regeneration.nfe)
                 cells[n] = {**score(e.x), "nfe": e.nfe}
-                if n == 10 and strength == float(args.strengths.split(",")[-1]):
+                if n == 10 and strength == args.grid_strength:
                     pictures[row] = e
             rows[row] = cells
         for row, start in (("sdedit (ba, no inversion)", (1.0 - strength) * x0 + strength * eps),
@@ -197,7 +197,7 @@ def digits_edits(args):
         edits["strengths"][str(strength)] = rows
     if args.grid:
         picture(pictures, x0, dr, args.grid)
-        edits["grid"] = os.path.relpath(args.grid, ROOT)
+        edits["grid"] = f"{os.path.relpath(args.grid, ROOT)} (strength {args.grid_strength}, N = 10)"
     return edits
 
 
@@ -316,7 +316,8 @@ def main(argv=None) -> int:
     p.add_argument("--ref", type=int, default=400, help="reference inversion calls (RK4)")
     p.add_argument("--ref-grid", default="shift:0.1", help="its grid (steps crowded near t = 0, where v is stiff)")
     p.add_argument("--recon-grid", default="uniform", help="the grid of every reconstruction (invert and regenerate)")
-    p.add_argument("--strengths", default="0.6,0.8", help="edit strengths (the picture uses the last)")
+    p.add_argument("--strengths", default="0.6,0.8", help="edit strengths")
+    p.add_argument("--grid-strength", type=float, default=0.8, help="the strength the picture shows (N = 10)")
     p.add_argument("--switch", type=float, default=None)
     p.add_argument("--inject", type=int, default=0)
     p.add_argument("--inject-weight", type=float, default=1.0)
