@@ -216,7 +216,7 @@ def _build_one(trt: Any, folder: Path, spec: Any, precision: str, profile: Profi
     if options.refit:
         from .refit import refit_cached
 
-        return refit_cached(trt, folder, spec, precision, key, onnx_path)
+        return BuildRecord(spec.name, precision, *refit_cached(trt, folder, spec, precision, key, onnx_path))
     display = ProgressDisplay(label=f"{spec.name} {precision}: ", quiet=not options.progress)
     start = time.perf_counter()
     data = build_serialized(trt, onnx_path, profile, options, timing, display)

@@ -77,15 +77,14 @@ def refit_key(key: cache.EngineKey, base: dict) -> cache.EngineKey:
 
 
 def refit_cached(trt: Any, folder: Path, spec: Any, precision: str, key: cache.EngineKey, onnx_path: Path,
-                 runtime_factory: Callable[[Any], Any] | None = None) -> Any:
-    """``build --refit`` for one network: a refit of the newest refittable engine, recorded in the cache."""
-    from .build import BuildRecord
-
+                 runtime_factory: Callable[[Any], Any] | None = None) -> tuple[str, Path, float, int, bool]:
+    """``build --refit`` for one network: a refit of the newest refittable engine, recorded in the cache.
+    Returns (key name, engine path, seconds, bytes, cached) for build.py's BuildRecord."""
     base = base_entry(folder, spec.name, precision, key)
     new_key = refit_key(key, base)
     hit = cache.cached(folder, new_key)
     if hit is not None:
-        return BuildRecord(spec.name, precision, new_key.name, hit, 0.0, hit.stat().st_size, True)
+        return new_key.name, hit, 0.0, hit.stat().st_size, True
     start = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
     runtime = (runtime_factory or trt.Runtime)(logger)
@@ -95,4 +94,4 @@ def refit_cached(trt: Any, folder: Path, spec: Any, precision: str, key: cache.E
     fill_weights(trt, trt.Refitter(engine, logger), onnx_weights(onnx_path), f"{spec.name} {precision}")
     data = bytes(engine.serialize())
     path = cache.record_engine(folder, new_key, data, time.perf_counter() - start, onnx_file=onnx_path.name)
-    return BuildRecord(spec.name, precision, new_key.name, path, time.perf_counter() - start, len(data), False)
+    return new_key.name, path, time.perf_counter() - start, len(data), False
