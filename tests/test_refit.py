@@ -322,14 +322,14 @@ def test_train_sidenet_init_starts_from_the_given_checkpoint(families, tmp_path,
     from safetensors.numpy import load_file
 
     f = families["sd3"]
-    _train(f["src"], tmp_path / "base", [], tmp_path)
+    _train(f["src"], tmp_path / "base", ["--blocks", "1"], tmp_path)  # not the default: --init keeps its arch
     _train(f["src"], tmp_path / "tuned", ["--init", str(tmp_path / "base"), "--lr", "1e-12", "--seed", "7"], tmp_path)
-    _train(f["src"], tmp_path / "fresh", ["--lr", "1e-12", "--seed", "7"], tmp_path)
+    _train(f["src"], tmp_path / "fresh", ["--lr", "1e-12", "--seed", "7", "--blocks", "1"], tmp_path)
     base, tuned, fresh = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("base", "tuned", "fresh"))
     assert max(float(np.abs(tuned[k] - base[k]).max()) for k in base) <= 1e-6  # one step of lr 1e-12 from base (seed 7 as fresh: only --init makes it base)
     assert max(float(np.abs(fresh[k] - base[k]).max()) for k in base) > 1e-3  # else the test could not fail
     cfg = json.loads((tmp_path / "tuned" / "config.json").read_text())
-    assert cfg["training"]["settings"]["init"] == str(tmp_path / "base")
+    assert cfg["training"]["settings"]["init"] == str(tmp_path / "base") and cfg["arch"]["blocks"] == 1
     before = _files(tmp_path)
     from anchorflow.cli import main
 

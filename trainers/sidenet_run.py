@@ -162,7 +162,7 @@ def train_sidenet_for_source(source: str | Path, out: str | Path, settings: Any,
 
     dist = dist or from_env()
     src = load_backbone(source, out)
-    if getattr(settings, "init", None) and not resume:
+    if getattr(settings, "init", None):
         check_init(src.module, settings)  # a wrong --init fails before the start states are computed
     ts = training_set(src, data, cond_file=cond_file, null_file=null_file, n_states=n_states,
                       solve_steps=solve_steps, seed=settings.seed, cache_dir=cache_dir, dist=dist, progress=progress)

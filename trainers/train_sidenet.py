@@ -217,10 +217,10 @@ class _Run(ResumableRun):
 
     kind = "sidenet"
 
-    def __init__(self, backbone, s: SideNetTrainSettings, dist: Dist) -> None:
+    def __init__(self, backbone, s: SideNetTrainSettings, dist: Dist, arch: Optional[dict] = None) -> None:
         self.backbone = backbone.eval().requires_grad_(False).to(dist.device)
         torch.manual_seed(s.seed)
-        self.arch = run_arch(backbone, s)
+        self.arch = dict(arch) if arch is not None else run_arch(backbone, s)
         self.model = SideNet(self.arch).to(dist.device)
         self.ema = EMA(self.model, s.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
@@ -307,11 +307,12 @@ def train_sidenet(backbone, x_data: torch.Tensor, cond_data: torch.Tensor | Cond
     cond_data = {"y": cond_data} if torch.is_tensor(cond_data) else dict(cond_data)
     if null_cond is None and hasattr(backbone, "null_cond"):
         null_cond = backbone.null_cond()
-    run = _Run(backbone, settings, dist)
+    init = check_init(backbone, settings) if settings.init else None  # its architecture, also on --resume
+    run = _Run(backbone, settings, dist, arch=None if init is None else init[1])
     # null rows only where sampling guides on [cond; null] rows (not FLUX's embedded guidance, not 'none')
     run.null, run.null_p = null_cond, settings.label_dropout if uses_null_rows(backbone) and cond_data else 0.0
     if settings.init and not resume:
-        _start_from(run, check_init(backbone, settings))
+        _start_from(run, init[0])
     if resume:
         _check_resume(out, settings, identity)
         run.restore(out)
@@ -345,21 +346,24 @@ def run_arch(backbone, s: SideNetTrainSettings) -> dict:
     return sidenet_arch(backbone, width=s.width, ratio=s.ratio, **arch)
 
 
-def check_init(backbone, s: SideNetTrainSettings):
-    """``--init``: load the checkpoint to start from and check its architecture matches this run's
-    (called before any start states are computed, so a mismatch costs nothing and writes nothing).
+def check_init(backbone, s: SideNetTrainSettings) -> tuple[Any, dict]:
+    """``--init``: the checkpoint to start from and the architecture the run keeps (the checkpoint's),
+    checked before any start states are computed, so a mismatch costs nothing and writes nothing.
 
-    Its backbone may differ (e.g. the base weights before a LoRA was fused): that is the point; the
-    architecture, derived from the backbone's shapes, may not. Returns the SideNet module."""
+    Its backbone may differ (e.g. the base weights before a LoRA was fused): that is the point. What
+    the backbone's shapes fix (state shape, classes, the conditions the SideNet reads) must agree, and
+    so must every option given explicitly (--width/--patch/--blocks/--offset); the rest of the
+    architecture is the checkpoint's. Returns (SideNet module, arch)."""
     from .checkpoint import load_checkpoint
 
     module, cfg = load_checkpoint(s.init, kind="sidenet")
-    arch, want = cfg.get("arch") or {}, run_arch(backbone, s)
-    if arch != want:
-        diff = sorted(k for k in set(arch) | set(want) if arch.get(k) != want.get(k))
+    arch, fresh = dict(cfg.get("arch") or {}), run_arch(backbone, s)
+    keys = ("state_shape", "num_classes", "null_label", "cond", *s.arch, *(("width",) if s.width is not None else ()))
+    diff = sorted({k for k in keys if arch.get(k) != fresh.get(k)})
+    if diff:
         raise ConfigError(f"--init {s.init}: its SideNet architecture differs from this run's ({', '.join(diff[:4])}); "
-                          "give the same --width/--patch/--blocks/--offset, or train from scratch")
-    return module
+                          "drop the options that differ, give its backbone's shapes, or train from scratch")
+    return module, arch
 
 
 def _start_from(run: _Run, module) -> None:

@@ -89,8 +89,8 @@ def read_ba_grids(path: str) -> tuple[tuple[float, ...], ...]:
               help="Write the checkpoint (and resume state) every N iterations.")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out (same settings; --iters may grow).")
 @click.option("--init", "init", default=None, type=click.Path(file_okay=False, exists=True),
-              help="Start from this SideNet checkpoint (same architecture), e.g. to fine-tune the base SideNet for a "
-                   "backbone with a LoRA fused in (`anchorflow refit`); a fraction of the iterations usually does.")
+              help="Start from this SideNet checkpoint (its architecture is kept; the backbone's shapes must fit it), "
+                   "e.g. to fine-tune the base SideNet for a backbone with a LoRA fused in (`anchorflow refit`).")
 @click.option("--threads", type=int, default=None, callback=positive, help="torch CPU threads (default: torch's).")
 def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, offset_form, offset_grids, grid_share,
             data, cond_file, null_file, sidenet_cond,
