@@ -79,6 +79,7 @@ class SideNetTrainSettings:
     sidenet_cond: str = "auto"
     offset_grids: tuple[tuple[float, ...], ...] = ()
     grid_share: Optional[float] = None
+    init: Optional[str] = None  # a SideNet checkpoint to start from (fine-tuning after a LoRA refit)
 
     def validate(self) -> None:
         check_settings(self, ("iters", "chain", "batch", "ckpt_every"))
@@ -222,9 +223,7 @@ class _Run(ResumableRun):
     def __init__(self, backbone, s: SideNetTrainSettings, dist: Dist) -> None:
         self.backbone = backbone.eval().requires_grad_(False).to(dist.device)
         torch.manual_seed(s.seed)
-        arch = dict(s.arch)
-        arch.setdefault("cond", choose(backbone.conditions, s.sidenet_cond, int(getattr(backbone, "num_classes", 0))))
-        self.arch = sidenet_arch(backbone, width=s.width, ratio=s.ratio, **arch)
+        self.arch = run_arch(backbone, s)
         self.model = SideNet(self.arch).to(dist.device)
         self.ema = EMA(self.model, s.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
@@ -326,6 +325,8 @@ def train_sidenet(backbone, x_data: torch.Tensor, cond_data: torch.Tensor | Cond
     run = _Run(backbone, settings, dist)
     # null rows only where sampling guides on [cond; null] rows (not FLUX's embedded guidance, not 'none')
     run.null, run.null_p = null_cond, settings.label_dropout if uses_null_rows(backbone) and cond_data else 0.0
+    if settings.init and not resume:
+        _start_from(run, check_init(backbone, settings))
     if resume:
         _check_resume(out, settings, identity)
         run.restore(out)
@@ -444,6 +445,38 @@ class _Interrupts:
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def run_arch(backbone, s: SideNetTrainSettings) -> dict:
+    """The SideNet architecture a run with settings ``s`` builds for ``backbone`` (from its shapes)."""
+    arch = dict(s.arch)
+    arch.setdefault("cond", choose(backbone.conditions, s.sidenet_cond, int(getattr(backbone, "num_classes", 0))))
+    return sidenet_arch(backbone, width=s.width, ratio=s.ratio, **arch)
+
+
+def check_init(backbone, s: SideNetTrainSettings):
+    """``--init``: load the checkpoint to start from and check its architecture matches this run's
+    (called before any start states are computed, so a mismatch costs nothing and writes nothing).
+
+    Its backbone may differ (e.g. the base weights before a LoRA was fused): that is the point; the
+    architecture, derived from the backbone's shapes, may not. Returns the SideNet module."""
+    from .checkpoint import load_checkpoint
+
+    module, cfg = load_checkpoint(s.init, kind="sidenet")
+    arch, want = cfg.get("arch") or {}, run_arch(backbone, s)
+    if arch != want:
+        diff = sorted(k for k in set(arch) | set(want) if arch.get(k) != want.get(k))
+        raise ConfigError(f"--init {s.init}: its SideNet architecture differs from this run's ({', '.join(diff[:4])}); "
+                          "give the same --width/--patch/--blocks/--offset, or train from scratch")
+    return module
+
+
+def _start_from(run: _Run, module) -> None:
+    """The SideNet (and its EMA) start from ``module``'s weights (see check_init)."""
+    from .flow import EMA
+
+    run.model.load_state_dict(module.state_dict())
+    run.ema = EMA(run.model, run.ema.decay)
 
 
 def _save(out: Path, run: _Run, s: SideNetTrainSettings, identity: dict, data: Any, command: Optional[str],
