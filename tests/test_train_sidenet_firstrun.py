@@ -160,3 +160,56 @@ def test_cli_sigint_exits_130_with_a_checkpoint(tmp_path):
     assert "Traceback" not in err and "wrote the checkpoint of iteration" in err and "--resume" in err, err
     cfg = read_config(out)
     assert cfg["training"]["step"] >= 1 and not cfg["training"]["finished"]
+
+
+FACTORY = '''
+import torch
+
+
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((2,), 0.5))
+
+    def forward(self, x, tau, text):
+        return torch.tanh(x * self.w[None, :, None, None] * tau[:, None, None, None] + text.mean(1)[:, :, None, None])
+
+
+def make():
+    spec = {"name": "toy", "state": (2, "H", "W"), "axes": {"H": (2, 4, 8), "W": (2, 4, 8), "L": (1, 3, 6)},
+            "conditions": [{"name": "text", "dtype": "float32", "shape": ("batch", "L", 2)}],
+            "time": {"map": "flip"}, "guidance": {"mode": "rows"}}
+    return Toy(), spec
+'''
+
+
+def test_conditions_without_a_null_row_fail_first_naming_options_that_exist(tmp_path, capsys, monkeypatch):
+    """Guidance on [cond; null] rows needs a null row: one line before any work, naming --null-cond
+    (there is no --label-dropout option), and nothing written."""
+    import numpy as np
+
+    from anchorflow.cli import main
+    from anchorflow.trainers.sidenet_run import load_backbone
+
+    (tmp_path / "toy.py").write_text(FACTORY)
+    np.savez(tmp_path / "cond.npz", text=np.ones((2, 3, 2), np.float32))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "sidenet", "--backbone", "toy.py:make", "--out", "side", "--cond", "cond.npz", "--data", "none",
+              "--iters", "1", "--batch", "2", "--chain", "1", "--start-states", "2", "--solve-steps", "1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and err.startswith("error:") and err.count("\n") == 1, err
+    assert "--null-cond FILE" in err and "label_dropout=0" in err, err
+    from anchorflow.commands.train_sidenet import sidenet
+
+    options = {o for p in sidenet.params for o in p.opts}
+    assert "--null-cond" in options and not any("dropout" in o for o in options)  # the message names what exists
+    assert sorted(set(os.listdir(tmp_path)) - {"__pycache__"}) == ["cond.npz", "toy.py"]
+    # the library refuses too, before writing (a caller passing conditions and no null row)
+    src = load_backbone("toy.py:make", tmp_path / "lib")
+    with pytest.raises(ConfigError, match="--null-cond"):
+        ts.train_sidenet(src.module, torch.zeros(2, 2, 4, 4), {"text": torch.ones(2, 3, 2)}, tmp_path / "lib",
+                         settings(iters=1, arch={}), progress=False)
+    assert not (tmp_path / "lib").exists()
+    ts.train_sidenet(src.module, torch.zeros(2, 2, 4, 4), {"text": torch.ones(2, 3, 2)}, tmp_path / "lib",
+                     settings(iters=1, arch={}, label_dropout=0.0), progress=False)  # the named way out works

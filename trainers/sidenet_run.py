@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .cond_rows import Cond, as_cond_backbone
+from .cond_rows import NULL_NEEDED, Cond, as_cond_backbone, uses_null_rows
 from .datafree import load_cond_file, row_count, start_states
 from .distributed import Dist, from_env
 
@@ -171,6 +171,10 @@ def train_sidenet_for_source(source: str | Path, out: str | Path, settings: Any,
     src = load_backbone(source, out)
     if getattr(settings, "init", None) and not resume:
         check_init(src.module, settings)  # a wrong --init fails before the start states are computed
+    if cond_file and not null_file and getattr(settings, "label_dropout", 0) > 0:
+        view = as_cond_backbone(src.module)  # no null rows to drop to: fail before the start states
+        if uses_null_rows(view) and (not hasattr(view, "null_cond") or view.null_cond() is None):
+            raise ConfigError(NULL_NEEDED)
     ts = training_set(src, data, cond_file=cond_file, null_file=null_file, n_states=n_states,
                       solve_steps=solve_steps, seed=settings.seed, cache_dir=cache_dir, dist=dist, progress=progress)
     return train_sidenet(src.module, ts.x, ts.cond, out, settings, null_cond=ts.null, identity=src.identity,

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import ConfigError
 from .checkpoint import read_config, save_checkpoint
-from .cond_rows import Cond, as_cond_backbone, drop_to_null, take, uses_null_rows
+from .cond_rows import NULL_NEEDED, Cond, as_cond_backbone, drop_to_null, take, uses_null_rows
 from .distributed import Dist, from_env, unwrap
 from .flow import EMA, SINGLE, STATE_JSON, STATE_TENSORS, ResumableRun, check_settings, finite_loss
 from .sidenet import RATIO, SideNet, backbone_identity, check_backbone, count_params, sidenet_arch
@@ -325,6 +325,8 @@ def train_sidenet(backbone, x_data: torch.Tensor, cond_data: torch.Tensor | Cond
     run = _Run(backbone, settings, dist)
     # null rows only where sampling guides on [cond; null] rows (not FLUX's embedded guidance, not 'none')
     run.null, run.null_p = null_cond, settings.label_dropout if uses_null_rows(backbone) and cond_data else 0.0
+    if run.null_p > 0 and run.null is None:  # before anything is written (not at the first dropped row)
+        raise ConfigError(NULL_NEEDED)
     if settings.init and not resume:
         _start_from(run, check_init(backbone, settings))
     if resume:
