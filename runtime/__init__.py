@@ -22,6 +22,7 @@ _LAZY = {
     "LoadedBundle": ".bundle",
     "OrtVelocity": ".backends",
     "OrtSideNet": ".backends",
+    "load_pipeline": ".pipeline",  # pipeline bundles: prompt -> image (runtime/pipeline.py)
 }
 
 

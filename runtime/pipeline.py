@@ -45,6 +45,7 @@ class Generation:
     prompts: list
     calls: dict = field(default_factory=dict)  # part -> calls (transformer = NFE)
     timing: dict = field(default_factory=dict)  # part -> seconds: tokenise, encode, denoise, decode
+    grid: str = ""  # where the time grid came from: scheduler sigmas, the bundle's tuned grid, or given
 
     def __len__(self) -> int:
         return len(self.images)
@@ -122,6 +123,9 @@ class Pipeline:
         self._encode = None
         self.backend, self.threads = backend, threads
         self.calls = {"vae_decoder": 0, "vae_encoder": 0}
+        from .tuned import read_tuning
+
+        self.tuning = read_tuning(self.bundle.format)  # grids 'anchorflow tune' recorded, or None
 
     # -- parts -----------------------------------------------------------------------------------
     @property
@@ -214,7 +218,14 @@ class Pipeline:
             if x0.shape != shape:
                 raise ConfigError(f"latents have shape {x0.shape}, but {len(rows)} images of {height}x{width} need "
                                   f"{shape} (N, C, H/{self.factor}, W/{self.factor})")
-        t_grid = self.sigmas(steps, height, width) if grid is None else grid
+        grid_note = "given"
+        if grid is None:
+            from .tuned import resolve_sampling
+
+            tuned, _, note = resolve_sampling(self.tuning, solver, nfe, None)
+            t_grid, grid_note = (tuned, note) if note else (self.sigmas(steps, height, width), "scheduler sigmas")
+        else:
+            t_grid = grid
         side = self.bundle.sidenet if sidenet else None
         t0 = time.perf_counter()
         res = solve(solver, self.bundle.velocity, x0, nfe, cond=cond, null_cond=null,
@@ -225,7 +236,7 @@ class Pipeline:
         after = {**self.text.calls, **self.calls}
         calls = {**{k: after[k] - before[k] for k in after}, "transformer": res.nfe, "sidenet": res.sidenet_calls}
         timing = {"tokenise": emb.tokenise_s, "encode": emb.encode_s, "denoise": t1 - t0, "decode": t2 - t1}
-        return Generation(images, pixels, res.x, res, rows, calls, timing)
+        return Generation(images, pixels, res.x, res, rows, calls, timing, grid_note)
 
 
 def load_pipeline(path: str | os.PathLike, backend: str = "ort-cpu", threads: Optional[int] = None,
