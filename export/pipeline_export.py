@@ -50,15 +50,30 @@ TEXT = {
             ("text_encoder_3", "tokenizer_3", "t5", ("hidden",), -1)),
     "flux": (("text_encoder", "tokenizer", "clip", ("pooled",), -1),
              ("text_encoder_2", "tokenizer_2", "t5", ("hidden",), -1)),
+    "sana": (("text_encoder", "tokenizer", "gemma", ("hidden",), -1),),
 }
 DEFAULTS = {  # the pipeline's own __call__ defaults
     "sd3": {"guidance_scale": 7.0, "num_inference_steps": 28, "max_sequence_length": 256},
     "flux-dev": {"guidance_scale": 3.5, "num_inference_steps": 28, "max_sequence_length": 512},
     "flux-schnell": {"guidance_scale": 1.0, "num_inference_steps": 4, "max_sequence_length": 512},
+    "sana": {"guidance_scale": 4.5, "num_inference_steps": 20, "max_sequence_length": 300},
 }
 
 
-def _max_length(family: str, kind: str, tokenizer: Any, text_len: int) -> int:
+def _sana_instruction(pipe: Any) -> tuple[str, int]:
+    """SanaPipeline's default complex human instruction (joined as its encode step joins it) and its
+    token count with special tokens (``len(tokenizer.encode(chi))``)."""
+    import inspect
+
+    chi = inspect.signature(type(pipe).__call__).parameters["complex_human_instruction"].default
+    text = "\n".join(chi) if chi else ""
+    return text, (len(pipe.tokenizer.encode(text)) if text else 0)
+
+
+def _max_length(family: str, kind: str, tokenizer: Any, text_len: int, chi_tokens: int = 0) -> int:
+    if kind == "gemma":  # Sana: the instruction's tokens + max_sequence_length - 2 (its select_index keeps 300)
+        return (chi_tokens + int(DEFAULTS[family]["max_sequence_length"]) - 2) if chi_tokens else \
+            int(DEFAULTS[family]["max_sequence_length"])
     if kind == "clip":
         return int(tokenizer.model_max_length)
     return min(int(DEFAULTS[family]["max_sequence_length"]), text_len)
@@ -108,6 +123,16 @@ def _encode_reference(pipe: Any, family: str, prompts: list, negative: Optional[
             out = {"encoder_hidden_states": pe, "pooled_projections": pp}
             if negative is not None:
                 out.update({"null:encoder_hidden_states": ne, "null:pooled_projections": npool})
+        elif family == "sana":
+            import inspect
+
+            chi = inspect.signature(type(pipe).__call__).parameters["complex_human_instruction"].default
+            pe, pm, ne, nm = pipe.encode_prompt(prompts, do_classifier_free_guidance=negative is not None,
+                                                negative_prompt=negative, device="cpu", max_sequence_length=max_seq,
+                                                complex_human_instruction=chi)  # as __call__ passes it
+            out = {"encoder_hidden_states": pe, "encoder_attention_mask": pm}
+            if negative is not None:
+                out.update({"null:encoder_hidden_states": ne, "null:encoder_attention_mask": nm})
         else:
             pe, pp, _ = pipe.encode_prompt(prompts, prompts, device="cpu", max_sequence_length=max_seq)
             out = {"encoder_hidden_states": pe, "pooled_projections": pp}
@@ -120,8 +145,9 @@ def _check_recipe(bundle_dir: Path, pipe: Any, family: str, max_seq: int) -> dic
 
     text = load_text(bundle_dir)
     prompts, negative = list(PROBES[1:]), ["", "blurry"]
-    ours = text.encode(prompts, negative if family == "sd3" else None)
-    ref = _encode_reference(pipe, family, prompts, negative if family == "sd3" else None, max_seq)
+    guided = family in ("sd3", "sana")
+    ours = text.encode(prompts, negative if guided else None)
+    ref = _encode_reference(pipe, family, prompts, negative if guided else None, max_seq)
     worst = 0.0
     for key, r in ref.items():
         name, null = (key.split(":", 1)[1], True) if key.startswith("null:") else (key, False)
@@ -151,10 +177,6 @@ def export_pipeline(folder: str | os.PathLike, out: str | os.PathLike, *, max_ba
     index = check_pipeline_folder(folder)
     cls_name = index["_class_name"]
     family = FAMILY_OF[cls_name]
-    if family not in TEXT:
-        raise ConfigError(f"{cls_name} pipeline bundles are not supported yet (this anchorflow exports "
-                          "StableDiffusion3Pipeline and FluxPipeline); export its transformer folder instead: "
-                          f"anchorflow export {folder / 'transformer'} --out BUNDLE")
     if max_batch < 1:
         raise ConfigError(f"--max-batch must be a positive integer, got {max_batch}")
     diffusers = require("diffusers", extra="diffusers", purpose="exporting diffusers pipelines")
@@ -179,7 +201,9 @@ def export_pipeline(folder: str | os.PathLike, out: str | os.PathLike, *, max_ba
         side = load_sidenet(sidenet, adapter)
     text_len = int(spec.axes.get("L", (1, 16, 512))[2])
     vae = pipe.vae
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    vc = dict(vae.config)
+    factor = 2 ** (len(vc.get("block_out_channels") or vc["encoder_block_out_channels"]) - 1)
+    chi, chi_tokens = _sana_instruction(pipe) if family == "sana" else ("", 0)
     channels = int(spec.state[0])
     if int(vae.config.latent_channels) != channels:
         raise CheckpointError(f"the VAE has {vae.config.latent_channels} latent channels but the transformer takes "
@@ -205,11 +229,14 @@ def export_pipeline(folder: str | os.PathLike, out: str | os.PathLike, *, max_ba
             if model is None or tokenizer is None:
                 raise CheckpointError(f"{folder} has no {enc_name if model is None else tok_name}; a {cls_name} "
                                       "bundle needs every text encoder and tokenizer")
-            length = _max_length(variant, kind, tokenizer, text_len)
+            length = _max_length(variant, kind, tokenizer, text_len, chi_tokens)
+            masked = kind == "gemma"
+            if masked:
+                tokenizer.padding_side = "right"  # as SanaPipeline sets it before every call
             part = text_part(enc_name, model.float(), kind, length, rows, int(model.config.vocab_size), outputs, layer,
-                             False)
+                             masked)
             entry = export_part(part, tmp, opset, validate)
-            entry["tokenizer"] = _tokenizer_entry(tmp, tok_name, tokenizer, length, False)
+            entry["tokenizer"] = _tokenizer_entry(tmp, tok_name, tokenizer, length, masked)
             entry["tokenizer"]["validation"] = _check_tokenizer(tmp, tok_name, entry["tokenizer"], tokenizer)
             texts[enc_name] = entry
             parts_log[enc_name] = entry["seconds"]
@@ -225,11 +252,14 @@ def export_pipeline(folder: str | os.PathLike, out: str | os.PathLike, *, max_ba
         section = {
             "format": PIPELINE_FORMAT, "class": cls_name, "family": family, "variant": variant,
             "text_encoders": texts,
-            "recipe": {"family": family, "max_sequence_length": int(texts[TEXT[family][-1][0]]["tokenizer"]["max_length"]),
+            "recipe": {"family": family,
+                       "max_sequence_length": int(DEFAULTS[variant]["max_sequence_length"]) if family == "sana"
+                       else int(texts[TEXT[family][-1][0]]["tokenizer"]["max_length"]),
                        "joint_attention_dim": int(getattr(pipe.transformer.config, "joint_attention_dim", 0) or 0),
-                       "negative_prompt": ""},
+                       "negative_prompt": "", **({"complex_human_instruction": chi, "instruction_tokens": chi_tokens,
+                                                  "preprocess": "lower-strip"} if family == "sana" else {})},
             "vae": {**vae_entries, "scaling_factor": float(vae.config.scaling_factor),
-                    "shift_factor": float(vae.config.shift_factor or 0.0), "spatial_factor": int(factor),
+                    "shift_factor": float(vc.get("shift_factor") or 0.0), "spatial_factor": int(factor),
                     "latent_channels": channels},
             "scheduler": {"class": type(pipe.scheduler).__name__, "config": json.loads(json.dumps(sched, default=str))},
             "image": {"min": lat[0] * factor, "opt": lat[1] * factor, "max": lat[2] * factor, "multiple": mult},

@@ -166,7 +166,7 @@ class EncodeMean(torch.nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple:
         out = self.vae.encode(image, return_dict=False)[0]
-        return ((out.mean if hasattr(out, "mean") else out).float(),)
+        return ((out if isinstance(out, torch.Tensor) else out.mean).float(),)
 
 
 def vae_parts(vae: Any, factor: int, channels: int, latent: tuple, max_rows: int, static: bool) -> list[Part]:

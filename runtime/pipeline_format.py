@@ -5,13 +5,14 @@ A transformer-only bundle has no ``pipeline`` key and is read exactly as before 
 
     "pipeline": {
       "format": "anchorflow.pipeline/1", "class": "StableDiffusion3Pipeline", "family": "sd3",
-      "variant": "sd3" | "flux-dev" | "flux-schnell",
-      "text_encoders": {NAME: {"file", "sha256", "bytes", "inputs", "outputs", "class", "kind": "clip"|"t5",
+      "variant": "sd3" | "flux-dev" | "flux-schnell" | "sana",
+      "text_encoders": {NAME: {"file", "sha256", "bytes", "inputs", "outputs", "class", "kind": "clip"|"t5"|"gemma",
                                "layer", "validation",
                                "tokenizer": {"file": "tokenizer/tokenizer.json", "sha256", "bytes",
                                              "max_length", "pad_id", "pad_token", "padding_side",
                                              "attention_mask"}}},
-      "recipe": {"family", "max_sequence_length", "joint_attention_dim", "negative_prompt", "validation"?},
+      "recipe": {"family", "max_sequence_length", "joint_attention_dim", "negative_prompt", "validation"?,
+                 Sana: "complex_human_instruction", "instruction_tokens", "preprocess": "lower-strip"},
       "vae": {"decoder": FILE, "encoder": FILE, "scaling_factor", "shift_factor", "spatial_factor",
               "latent_channels"},
       "scheduler": {"class": "FlowMatchEulerDiscreteScheduler", "config": {...}},
@@ -35,8 +36,8 @@ from .bundle_format import inside, verify_file
 
 PIPELINE_FORMAT = "anchorflow.pipeline/1"
 FAMILY_OF = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "SanaPipeline": "sana"}
-VARIANTS = ("sd3", "flux-dev", "flux-schnell")
-KINDS = ("clip", "t5")
+VARIANTS = ("sd3", "flux-dev", "flux-schnell", "sana")
+KINDS = ("clip", "t5", "gemma")
 # components each pipeline class needs (model_index.json entries that must name a saved folder)
 COMPONENTS = {
     "StableDiffusion3Pipeline": ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2",

@@ -64,6 +64,8 @@ def flow_match_sigmas(config: dict, steps: int, sigmas: Optional[np.ndarray] = N
 def pipeline_sigmas(family: str, scheduler: dict, steps: int, latent_hw: tuple[int, int]) -> np.ndarray:
     """The grid the diffusers pipeline of ``family`` would run for ``steps`` steps at this latent size."""
     cls, config = scheduler.get("class"), dict(scheduler.get("config") or {})
+    if cls == "DPMSolverMultistepScheduler" and config.get("use_flow_sigmas"):
+        return dpm_flow_sigmas(config, steps)
     if cls != "FlowMatchEulerDiscreteScheduler":
         raise ConfigError(f"the bundle's scheduler is {cls}; generate replays FlowMatchEulerDiscreteScheduler "
                           "sigmas only (pass an explicit --grid)")
@@ -78,3 +80,16 @@ def pipeline_sigmas(family: str, scheduler: dict, steps: int, latent_hw: tuple[i
     g = flow_match_sigmas(config, steps, sig, mu)
     g[0] = 1.0 if abs(g[0] - 1.0) < 1e-6 else g[0]
     return g
+
+
+def dpm_flow_sigmas(config: dict, steps: int) -> np.ndarray:
+    """Sana's default ``DPMSolverMultistepScheduler(use_flow_sigmas=True)`` sigmas, ``1 - linspace(1, 1/T,
+    N + 1)`` shifted by ``flow_shift`` and flipped, the last dropped, then 0 appended; its first
+    sigma (1 - 1/T shifted, 0.99967 for shift 3) is set to exactly 1 (our grids start at the noise)."""
+    T = int(config.get("num_train_timesteps", 1000))
+    shift = float(config.get("flow_shift") or 1.0)
+    s = 1.0 - np.linspace(1, 1 / T, steps + 1)
+    s = np.flip(shift * s / (1 + (shift - 1) * s))[:-1].copy()
+    out = np.concatenate([s.astype(np.float32), np.zeros(1, np.float32)]).astype(np.float64)
+    out[0] = 1.0
+    return out

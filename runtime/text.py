@@ -12,6 +12,11 @@ Recipes (what diffusers' ``encode_prompt`` computes, written from its definition
   ``pooled_projections`` = the two CLIP projections concatenated. Negative prompt: "" by default.
 - ``flux``: ``encoder_hidden_states`` = T5's last hidden state (M tokens), ``pooled_projections`` =
   CLIP's pooled output. No negative prompt (FLUX-dev guidance is embedded, schnell has none).
+- ``sana``: prompts lower-cased and stripped, prefixed with the pipeline's complex human
+  instruction (C tokens), tokenised to C + M - 2 tokens (right padding, attention mask); Gemma's last
+  hidden state and the mask at rows ``[0] + [-M+1 .. -1]`` (M = 300); negative prompts ("" by
+  default) without the instruction at M tokens. One Gemma call carries both: the negative rows are
+  padded (mask 0) to the prompt length, which a causal encoder's first M outputs do not see.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ class TextTokenizer:
 
     def __init__(self, path: str | Path, entry: dict, name: str = "tokenizer") -> None:
         tokenizers = require("tokenizers", extra="pipeline", purpose="tokenising prompts of a pipeline bundle")
-        self.name, self.max_length = name, int(entry["max_length"])
+        self.name, self.max_length, self.path, self.entry = name, int(entry["max_length"]), Path(path), dict(entry)
         self.full = tokenizers.Tokenizer.from_file(str(path))
         self.full.no_padding()
         self.full.no_truncation()
@@ -65,6 +70,7 @@ def flux_recipe(out: dict, recipe: dict) -> dict:
 
 
 RECIPES: dict[str, Callable[[dict, dict], dict]] = {"sd3": sd3_recipe, "flux": flux_recipe}
+FAMILIES = (*RECIPES, "sana")  # Sana's rows differ per prompt kind: TextStack._encode_sana
 
 
 @dataclass
@@ -86,12 +92,14 @@ class TextStack:
     prompts in the same call)."""
 
     def __init__(self, family: str, recipe: dict, encoders: dict) -> None:
-        if family not in RECIPES:
+        if family not in FAMILIES:
             raise ConfigError(f"no prompt recipe for the {family!r} family")
         self.family, self.recipe, self.encoders = family, recipe, encoders
         self.calls = {name: 0 for name in encoders}
 
     def encode(self, prompts: Sequence[str], negative: Optional[Sequence[str]] = None) -> Embeddings:
+        if self.family == "sana":
+            return self._encode_sana([str(p) for p in prompts], None if negative is None else [str(p) for p in negative])
         prompts = [str(p) for p in prompts]
         rows = prompts + ([str(p) for p in negative] if negative is not None else [])
         outs, cut, tok_s, enc_s = {}, [], 0.0, 0.0
@@ -115,3 +123,34 @@ class TextStack:
         cond = {k: np.ascontiguousarray(v[:b]) for k, v in both.items()}
         null = {k: np.ascontiguousarray(v[b:]) for k, v in both.items()} if negative is not None else None
         return Embeddings(cond, null, cut, tok_s, enc_s)
+
+    def _encode_sana(self, prompts: list, negative: Optional[list]) -> Embeddings:
+        name = "text_encoder"
+        tok, run, _ = self.encoders[name]
+        chi, m = str(self.recipe.get("complex_human_instruction") or ""), int(self.recipe["max_sequence_length"])
+        t0 = time.perf_counter()
+        ids, mask, lengths = tok([chi + p.lower().strip() for p in prompts])
+        cut = [(name, i, n) for i, n in enumerate(lengths) if n > tok.max_length]
+        if negative is not None:
+            if not hasattr(self, "_short"):
+                self._short = TextTokenizer(tok.path, {**tok.entry, "max_length": m}, name)
+            nids, nmask, nlen = self._short([p.lower().strip() for p in negative])
+            cut += [(name, len(prompts) + i, n) for i, n in enumerate(nlen) if n > m]
+            pad = ids.shape[1] - m
+            nids = np.pad(nids, ((0, 0), (0, pad)), constant_values=int(tok.entry["pad_id"]))
+            ids, mask = np.concatenate([ids, nids]), np.concatenate([mask, np.pad(nmask, ((0, 0), (0, pad)))])
+        t1 = time.perf_counter()
+        hidden = run({"input_ids": ids, "attention_mask": mask})["hidden"]
+        self.calls[name] += 1
+        t2 = time.perf_counter()
+        for _, i, n in cut:
+            which = f"prompt {i + 1}" if i < len(prompts) else f"negative prompt {i - len(prompts) + 1}"
+            warn(f"{which} is {n} tokens for the {name} (the instruction included), which takes "
+                 f"{tok.max_length if i < len(prompts) else m}: truncated as diffusers does (the rest is ignored)")
+        b = len(prompts)
+        sel = [0, *range(ids.shape[1] - m + 1, ids.shape[1])] if chi else list(range(m))
+        cond = {"encoder_hidden_states": np.ascontiguousarray(hidden[:b][:, sel]),
+                "encoder_attention_mask": np.ascontiguousarray(mask[:b][:, sel])}
+        null = None if negative is None else {"encoder_hidden_states": np.ascontiguousarray(hidden[b:, :m]),
+                                              "encoder_attention_mask": np.ascontiguousarray(mask[b:, :m])}
+        return Embeddings(cond, null, cut, t1 - t0, t2 - t1)

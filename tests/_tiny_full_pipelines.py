@@ -130,4 +130,48 @@ def build(family: str, folder: Path) -> Path:
         return sd3(folder)
     if family.startswith("flux"):
         return flux(folder, dev=family == "flux-dev")
+    if family == "sana":
+        return sana(folder)
     raise ValueError(family)
+
+
+def _gemma(vocab: int, hidden: int, seed: int):
+    import torch
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    cfg = Gemma2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=4096,
+                       sliding_window=4096, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    return Gemma2Model(cfg).eval()
+
+
+def _dcae(seed: int):
+    import torch
+    from diffusers import AutoencoderDC
+
+    torch.manual_seed(seed)
+    return AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=8,
+                         encoder_block_types=("ResBlock", "ResBlock"), decoder_block_types=("ResBlock", "ResBlock"),
+                         encoder_block_out_channels=(8, 16), decoder_block_out_channels=(8, 16),
+                         encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+                         encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()),
+                         upsample_block_type="interpolate", downsample_block_type="Conv",
+                         decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407).eval()
+
+
+def sana(folder: Path):
+    """Sana: Gemma2 (hidden 16), DC-AE (4 latent channels, factor 2), Sana transformer (16x16 latents = 32x32 pixels,
+    static), FlowMatchEulerDiscreteScheduler(shift=3) (the Euler counterpart of Sana's flow DPM-Solver)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+
+    tok, v = _gemma_tokenizer()
+    torch.manual_seed(0)
+    tr = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                cross_attention_dim=16, caption_channels=16, sample_size=16, patch_size=1).eval()
+    pipe = SanaPipeline(tokenizer=tok, text_encoder=_gemma(v, 16, 2), vae=_dcae(1), transformer=tr,
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.save_pretrained(str(folder))
+    return folder
