@@ -67,7 +67,8 @@ def export(model, out, sidenet, opset, precisions, max_batch, no_validate, axes)
     if is_pipeline_folder(model):
         from .generate import export_pipeline_command
 
-        result = export_pipeline_command(model, out, opset, precisions, max_batch, no_validate, axes, command, sidenet)
+        result = export_pipeline_command(model, out, opset, precisions, max_batch, no_validate, _parse_axes(axes), command,
+                                         sidenet)
     elif _adapter_source(model):  # -- end pipeline bundles --
         result = _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes, command, sidenet)
     else:

@@ -123,7 +123,7 @@ def run_generate(bundle, prompt, prompts_file, negative_prompt, height, width, n
 
 
 def export_pipeline_command(model, out, opset, precisions, max_batch, no_validate, axes, command, sidenet):
-    """`anchorflow export PIPELINE_FOLDER --out B` (called from commands/export.py)."""
+    """`anchorflow export PIPELINE_FOLDER --out B` (called from commands/export.py; ``axes`` parsed there)."""
     from .._deps import require_extra
     from .._io import check_output
     from ..errors import ConfigError
@@ -136,8 +136,7 @@ def export_pipeline_command(model, out, opset, precisions, max_batch, no_validat
     require_extra("diffusers", "exporting diffusers pipelines",
                   ("torch", "onnx", "onnxscript", "diffusers", "transformers", "tokenizers"))
     from ..export.pipeline_export import export_pipeline
-    from .export import _parse_axes
 
     precisions = tuple(precisions) or ("fp32",)
     return export_pipeline(model, out, max_batch=max_batch, opset=opset, validate=not no_validate,
-                           axes=_parse_axes(axes), command=command, sidenet=sidenet, precisions=precisions)
+                           axes=axes, command=command, sidenet=sidenet, precisions=precisions)
