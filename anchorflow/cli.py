@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "invert": ("invert", "invert", "Invert an image to its noise (t = 0 -> 1) in N backbone calls."),
     "edit": ("invert", "edit", "Edit an image: invert under one condition, regenerate under another."),
     "refit": ("refit", "refit", "Fuse LoRAs into a bundle's backbone weights without re-export (--unfuse undoes it)."),
+    "generate": ("generate", "generate", "Prompt -> image on a pipeline bundle, torch-free (needs [pipeline])."),
 }
 
 

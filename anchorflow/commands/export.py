@@ -62,7 +62,14 @@ def export(model, out, sidenet, opset, precisions, max_batch, no_validate, axes)
       anchorflow export my_pkg.models:make_backbone --out my-bundle
     """
     command = "anchorflow " + " ".join(sys.argv[1:])
-    if _adapter_source(model):
+    from ..runtime.pipeline_format import is_pipeline_folder  # -- pipeline bundles (issue 23, pipeline helper) --
+
+    if is_pipeline_folder(model):
+        from .generate import export_pipeline_command
+
+        result = export_pipeline_command(model, out, opset, precisions, max_batch, no_validate, _parse_axes(axes), command,
+                                         sidenet)
+    elif _adapter_source(model):  # -- end pipeline bundles --
         result = _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes, command, sidenet)
     else:
         if axes:
