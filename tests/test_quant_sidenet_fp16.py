@@ -14,6 +14,8 @@ pytest.importorskip("diffusers")
 
 from test_train_sidenet_adapters import _conds, _run_cli, _tiny  # noqa: E402
 
+pytestmark = pytest.mark.slow  # ~50 s: trains and exports a tiny SD3 SideNet through the CLI
+
 
 @pytest.fixture(scope="module")
 def sd3_fp16_bundle(tmp_path_factory):
@@ -38,7 +40,7 @@ def test_sidenet_fp16_variant_is_exported_and_checked(sd3_fp16_bundle):
     meta = json.loads((sd3_fp16_bundle / "bundle" / "bundle.json").read_text())
     side = meta["networks"]["sidenet"]["precisions"]
     assert set(side) == {"fp16"} and side["fp16"]["file"] == "sidenet.fp16.onnx"
-    assert side["fp16"]["validation"]["passed"] and "fp16" in json.dumps(side["fp16"]["validation"])
+    assert side["fp16"]["validation"]["passed"] and side["fp16"]["validation"]["tolerance"]["atol"] == 2.0**-11  # fp16 row
     import onnx
 
     graph = onnx.load(str(sd3_fp16_bundle / "bundle" / "sidenet.fp16.onnx")).graph
