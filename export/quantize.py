@@ -438,11 +438,25 @@ class Judge:
 
     def quality(self, backbone: Any, sidenet: Any = None) -> Quality:
         """``backbone``/``sidenet``: ONNX bytes (None: fp32) of the variant to judge."""
-        nets = open_nets(self.nets.fmt.folder, backbone, sidenet)
-        x = run_config(nets, self.cfg, self.noise, self.kwargs)
+        x = run_config(self.variant(backbone, sidenet), self.cfg, self.noise, self.kwargs)
         if not np.isfinite(x).all():
             return Quality(self.fp32, float("-inf"))
         return Quality(self.fp32, self.psnr(x))
+
+    def variant(self, backbone: Any = None, sidenet: Any = None) -> Nets:
+        """The fp32 networks with ``backbone`` / ``sidenet`` (ONNX bytes) swapped in."""
+        from ..runtime.backends import ort_run
+        from ..runtime.networks import WRAPPERS
+
+        fmt, nets = self.nets.fmt, self.nets
+        out = Nets(fmt, nets.velocity, nets.sidenet, nets.recorder, dict(nets.sessions))
+        for name, src in (("backbone", backbone), ("sidenet", sidenet)):
+            if src is not None:
+                out.sessions[name] = _session(src)
+                wrapped = WRAPPERS[name](fmt.networks[name], ort_run(out.sessions[name], fmt.networks[name]),
+                                         fmt.guidance.null, ["CPUExecutionProvider"])
+                setattr(out, "velocity" if name == "backbone" else "sidenet", wrapped)
+        return out
 
 
 def choose(quantizer: Quantizer, judge: Judge, budget_db: float = BUDGET_DB, keep_db: float = KEEP_DB
@@ -540,7 +554,7 @@ def add_quantized(folder: str | Path, precisions: Sequence[str], *, guard_db: fl
             "quantization": {
                 "tool": f"onnxruntime.quantization.quantize_static {require('onnxruntime').__version__} (QDQ)",
                 "weights": f"{precision} per channel, symmetric", "activations": f"{precision} per tensor, symmetric",
-                "calibration": {"method": "Distribution" if precision == "fp8" else "MinMax",
+                "calibration": {"method": quantizer.method, "percentile": PERCENTILE if quantizer.method == "Percentile" else None,
                                 "source": "solver trajectories (fp32 ORT backbone, recorded feeds)",
                                 "solves": [c.label() for c in configs], "samples": CAL_SAMPLES, "calls": len(rows),
                                 "rows": int(sum(len(r["t"]) for r in rows)), "times": len(times)},
