@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tune": ("tune", "tune", "Tune each solver's time grid per budget (and the cached first call) into a bundle."),
     "bandit": ("bandit", "bandit", "Inspect FastFlow bandit state files."),
     "solvers": ("info", "solvers", "List the solvers the runtime knows."),
+    "refit": ("refit", "refit", "Fuse LoRAs into a bundle's backbone weights without re-export (--unfuse undoes it)."),
 }
 
 

@@ -81,11 +81,17 @@ class BuildOptions:
     timing_cache: Optional[Path] = None
     progress: bool = True
     tf32: bool = False  # fp32 MatMul/Gemm in TF32 (faster, ~5e-4 relative error); off by default
+    refittable: bool = False  # BuilderFlag.REFIT: weights can be swapped later (engines/refit.py, LoRAs)
+    strip_weights: bool = False  # BuilderFlag.STRIP_PLAN: a weight-stripped plan, refitted from the ONNX on load
+    refit: bool = False  # refit a cached refittable engine with the bundle's current weights instead of building
 
     def builder_fields(self) -> dict:
         """Every option that changes the engine TensorRT builds: part of the cache key."""
-        return {"opt_level": int(self.opt_level), "workspace_mb": None if self.workspace_mb is None else int(self.workspace_mb),
-                "tf32": bool(self.tf32)}
+        fields = {"opt_level": int(self.opt_level),
+                  "workspace_mb": None if self.workspace_mb is None else int(self.workspace_mb), "tf32": bool(self.tf32)}
+        if self.refittable or self.strip_weights or self.refit:  # absent for plain engines: keys stay as they were
+            fields.update({"refittable": True, "strip_weights": bool(self.strip_weights)})
+        return fields
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -95,6 +101,10 @@ class BuildOptions:
             raise ConfigError(f"--opt-level must be 0..5 (TensorRT builder optimisation level), got {self.opt_level}")
         if self.workspace_mb is not None and int(self.workspace_mb) < 1:
             raise ConfigError(f"--workspace-mb must be a positive number of MiB, got {self.workspace_mb}")
+        if self.strip_weights and not self.refittable:
+            raise ConfigError("--strip-weights needs --refittable (a stripped plan gets its weights by a refit)")
+        if self.refit and self.force:
+            raise ConfigError("--refit reuses a cached refittable engine; it cannot be combined with --force")
 
 
 @dataclass(frozen=True)
@@ -182,7 +192,8 @@ def build_serialized(trt: Any, onnx_path: Path, profile: Profile, options: Build
     _check_inputs(network, profile)
     monitor = compat.progress_monitor(trt, display)
     workspace = None if options.workspace_mb is None else int(options.workspace_mb) << 20
-    kwargs = compat.config_kwargs(trt, workspace_bytes=workspace, opt_level=options.opt_level, tf32=options.tf32)
+    kwargs = compat.config_kwargs(trt, workspace_bytes=workspace, opt_level=options.opt_level, tf32=options.tf32,
+                                  refittable=options.refittable, strip=options.strip_weights)
     load = str(timing_cache) if timing_cache is not None and timing_cache.is_file() else None
     data = None
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1):  # our messages, not Polygraphy's log lines
@@ -240,6 +251,10 @@ def _build_one(trt: Any, folder: Path, spec: Any, precision: str, profile: Profi
     hit = None if options.force else cache.cached(folder, key)
     if hit is not None:
         return BuildRecord(spec.name, precision, key.name, hit, 0.0, hit.stat().st_size, True)
+    if options.refit:
+        from .refit import refit_cached
+
+        return BuildRecord(spec.name, precision, *refit_cached(trt, folder, spec, precision, key, onnx_path))
     display = ProgressDisplay(label=f"{spec.name} {precision}: ", quiet=not options.progress)
     start = time.perf_counter()
     data = build_serialized(trt, onnx_path, profile, options, timing, display)

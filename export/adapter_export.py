@@ -187,6 +187,7 @@ def export_adapter(adapter: Any, out: str | os.PathLike, *, max_batch: int = 8, 
     onnxruntime CPU has no bf16 kernels to check such a graph with here. Returns :class:`~.bundle.BundleExport`.
     """
     from .bundle import BundleExport, _publishable, versions
+    from .refit_map import map_for_export
 
     if max_batch < 1:
         raise ConfigError(f"--max-batch must be a positive integer, got {max_batch}")
@@ -204,6 +205,7 @@ def export_adapter(adapter: Any, out: str | os.PathLike, *, max_batch: int = 8, 
         raise CheckpointError(f"export refused: the graph computes in float64 ({', '.join(bad[:3])}...), which TensorRT "
                               "cannot import; cast to float32 in the adapter")
     pieces = spec.to_bundle()
+    weights = map_for_export(adapter, model)  # where each weight lives, for LoRA refits (before save() moves them)
     out = Path(out)
     keep = getattr(adapter, "float32_scopes", ())  # blocks the model runs in float32 on purpose
     low = {p: convert(model, p, keep) for p in float_precisions(precisions)[1:]}  # before save() makes the weights external
@@ -221,6 +223,7 @@ def export_adapter(adapter: Any, out: str | os.PathLike, *, max_batch: int = 8, 
                                                     "role": "velocity", "per_row": True}],
             "batch": {"min": 1, "opt": top, "max": top}, "axes": pieces["axes"], "precisions": variants,
             "source": source or {"family": spec.family},
+            "parameters": weights,
             "validation": report.as_dict() if report else {"skipped": "--no-validate"},
         })
         meta = {"schema": SCHEMA, "model": {**pieces["model"], "source": source}, "time_convention": TIME_CONVENTION,

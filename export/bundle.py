@@ -225,6 +225,10 @@ def export_network(job: NetJob, folder: Path, opts: Options, shared: dict, real:
              **({"axes": spec.axes()} if spec.axes() else {}),
              "checkpoint": _checkpoint_record(job, shared["out"]), "cleanup": cleanup.as_dict(),
              "validation": report.as_dict() if report else {"skipped": "--no-validate"}}
+    if spec.name == BACKBONE.name:  # where each weight lives in the graph, for LoRA refits (.refit_map)
+        from .refit_map import map_for_export
+
+        entry["parameters"] = map_for_export(job.module, model)
     variants = {}
     for precision in float_precisions(opts.precisions)[1:]:  # int8 / fp8: export/quantize.py, after the bundle
         step(f"{spec.name}: {precision}")

@@ -20,6 +20,7 @@ _LAZY = {
     "FastFlowBandit": ".bandit",
     "load_bundle": ".bundle",
     "LoadedBundle": ".bundle",
+    "SamplePlan": ".plan",
     "OrtVelocity": ".backends",
     "OrtSideNet": ".backends",
 }

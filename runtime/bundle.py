@@ -11,6 +11,7 @@ Time convention: t = 1 noise, t = 0 data.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -70,6 +71,25 @@ class LoadedBundle:
     @property
     def null_label(self) -> Optional[int]:
         return self.model.get("null_label")
+
+    @functools.cached_property
+    def tuning(self):
+        """The bundle's tuned grids and first-call table (``anchorflow tune``), None when untuned."""
+        from .tuned import read_tuning
+
+        return None if self.format is None else read_tuning(self.format)
+
+    def plan(self, **kwargs: Any):
+        """A checked :class:`~anchorflow.runtime.plan.SamplePlan` on this bundle (its tuned grid by
+        default); the keywords of :func:`anchorflow.runtime.plan.plan`."""
+        from .plan import plan
+
+        kwargs.setdefault("tuning", self.tuning)
+        return plan(self, **kwargs)
+
+    def sample(self, **kwargs: Any):
+        """``self.plan(**kwargs).run()``: samples as ``anchorflow sample`` draws them -> Result."""
+        return self.plan(**kwargs).run()
 
 
 def read_meta(folder: str | os.PathLike) -> dict:

@@ -158,10 +158,12 @@ def train_sidenet_for_source(source: str | Path, out: str | Path, settings: Any,
                              resume: bool = False, command: Optional[str] = None, progress: bool = True,
                              dist: Optional[Dist] = None) -> dict:
     """``anchorflow train sidenet``: load SOURCE, pick the start states, train; returns the config."""
-    from .train_sidenet import train_sidenet
+    from .train_sidenet import check_init, train_sidenet
 
     dist = dist or from_env()
     src = load_backbone(source, out)
+    if getattr(settings, "init", None):
+        check_init(src.module, settings)  # a wrong --init fails before the start states are computed
     ts = training_set(src, data, cond_file=cond_file, null_file=null_file, n_states=n_states,
                       solve_steps=solve_steps, seed=settings.seed, cache_dir=cache_dir, dist=dist, progress=progress)
     return train_sidenet(src.module, ts.x, ts.cond, out, settings, null_cond=ts.null, identity=src.identity,

@@ -76,6 +76,7 @@ class SideNetTrainSettings:
     sidenet_cond: str = "auto"
     offset_grids: tuple[tuple[float, ...], ...] = ()
     grid_share: Optional[float] = None
+    init: Optional[str] = None  # a SideNet checkpoint to start from (fine-tuning after a LoRA refit)
 
     def validate(self) -> None:
         check_settings(self, ("iters", "chain", "batch", "ckpt_every"))
@@ -216,12 +217,10 @@ class _Run(ResumableRun):
 
     kind = "sidenet"
 
-    def __init__(self, backbone, s: SideNetTrainSettings, dist: Dist) -> None:
+    def __init__(self, backbone, s: SideNetTrainSettings, dist: Dist, arch: Optional[dict] = None) -> None:
         self.backbone = backbone.eval().requires_grad_(False).to(dist.device)
         torch.manual_seed(s.seed)
-        arch = dict(s.arch)
-        arch.setdefault("cond", choose(backbone.conditions, s.sidenet_cond, int(getattr(backbone, "num_classes", 0))))
-        self.arch = sidenet_arch(backbone, width=s.width, ratio=s.ratio, **arch)
+        self.arch = dict(arch) if arch is not None else run_arch(backbone, s)
         self.model = SideNet(self.arch).to(dist.device)
         self.ema = EMA(self.model, s.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
@@ -308,9 +307,12 @@ def train_sidenet(backbone, x_data: torch.Tensor, cond_data: torch.Tensor | Cond
     cond_data = {"y": cond_data} if torch.is_tensor(cond_data) else dict(cond_data)
     if null_cond is None and hasattr(backbone, "null_cond"):
         null_cond = backbone.null_cond()
-    run = _Run(backbone, settings, dist)
+    init = check_init(backbone, settings) if settings.init else None  # its architecture, also on --resume
+    run = _Run(backbone, settings, dist, arch=None if init is None else init[1])
     # null rows only where sampling guides on [cond; null] rows (not FLUX's embedded guidance, not 'none')
     run.null, run.null_p = null_cond, settings.label_dropout if uses_null_rows(backbone) and cond_data else 0.0
+    if settings.init and not resume:
+        _start_from(run, init[0])
     if resume:
         _check_resume(out, settings, identity)
         run.restore(out)
@@ -335,6 +337,41 @@ def train_sidenet(backbone, x_data: torch.Tensor, cond_data: torch.Tensor | Cond
             saved = run.step
     bar.close()
     return cfg if cfg is not None else _save(out, run, settings, identity, data, command, done=True)
+
+
+def run_arch(backbone, s: SideNetTrainSettings) -> dict:
+    """The SideNet architecture a run with settings ``s`` builds for ``backbone`` (from its shapes)."""
+    arch = dict(s.arch)
+    arch.setdefault("cond", choose(backbone.conditions, s.sidenet_cond, int(getattr(backbone, "num_classes", 0))))
+    return sidenet_arch(backbone, width=s.width, ratio=s.ratio, **arch)
+
+
+def check_init(backbone, s: SideNetTrainSettings) -> tuple[Any, dict]:
+    """``--init``: the checkpoint to start from and the architecture the run keeps (the checkpoint's),
+    checked before any start states are computed, so a mismatch costs nothing and writes nothing.
+
+    Its backbone may differ (e.g. the base weights before a LoRA was fused): that is the point. What
+    the backbone's shapes fix (state shape, classes, the conditions the SideNet reads) must agree, and
+    so must every option given explicitly (--width/--patch/--blocks/--offset); the rest of the
+    architecture is the checkpoint's. Returns (SideNet module, arch)."""
+    from .checkpoint import load_checkpoint
+
+    module, cfg = load_checkpoint(s.init, kind="sidenet")
+    arch, fresh = dict(cfg.get("arch") or {}), run_arch(backbone, s)
+    keys = ("state_shape", "num_classes", "null_label", "cond", *s.arch, *(("width",) if s.width is not None else ()))
+    diff = sorted({k for k in keys if arch.get(k) != fresh.get(k)})
+    if diff:
+        raise ConfigError(f"--init {s.init}: its SideNet architecture differs from this run's ({', '.join(diff[:4])}); "
+                          "drop the options that differ, give its backbone's shapes, or train from scratch")
+    return module, arch
+
+
+def _start_from(run: _Run, module) -> None:
+    """The SideNet (and its EMA) start from ``module``'s weights (see check_init)."""
+    from .flow import EMA
+
+    run.model.load_state_dict(module.state_dict())
+    run.ema = EMA(run.model, run.ema.decay)
 
 
 def _save(out: Path, run: _Run, s: SideNetTrainSettings, identity: dict, data: Any, command: Optional[str],

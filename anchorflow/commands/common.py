@@ -13,18 +13,20 @@ import click
 import numpy as np
 
 from ..errors import ConfigError
+from ..runtime import plan as _plan
 from ..runtime.bundle import BACKENDS as _BACKENDS, PRECISIONS as _PRECISIONS
 
 BACKENDS = list(_BACKENDS)  # the runtime's registry (runtime/bundle.py), for click.Choice
 PRECISIONS = list(_PRECISIONS)  # the precisions a bundle may hold (runtime/bundle_format.py)
-# Backbone calls per solve: RK4 at 256 calls already agrees with RK4-512 to > 60 dB on the bundled
-# model, so a budget beyond this buys nothing but hours.
-MAX_NFE = 1000
-# Samples per command: beyond this the state alone outgrows a machine's memory for image models.
-MAX_N = 100_000
-MAX_SEED = 2**32 - 1
+# The caps live with the rules, in the sampling plan (runtime/plan.py): the CLI and the service share them.
+MAX_NFE, MAX_N, MAX_SEED = _plan.MAX_NFE, _plan.MAX_N, _plan.MAX_SEED
 # Steps of an RK4 reference (4 calls each): rk4:512 is the default, 4096 already costs 16384 calls.
 MAX_REFERENCE_STEPS = 4096
+# How the CLI names each argument of runtime.plan.plan in its messages.
+CLI_NAMES = {"solver": "--solver", "nfe": "--nfe", "grid": "--grid", "first_call": "--first-call", "cfg_scale": "--cfg",
+             "cfg_interval": "--cfg-interval", "labels": "--labels", "cond": "--cond", "null_cond": "--null-cond",
+             "n": "--n", "seed": "--seed", "noise": "--noise", "bandit_state": "--bandit-state", "calls": "--calls",
+             "speedup": "--speedup", "mu_factor": "--mu-factor"}
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
@@ -48,23 +50,14 @@ def parse_float_list(text: str, what: str) -> list[float]:
     return values
 
 
-def parse_interval(text: str) -> tuple[float, float]:
-    """'lo,hi' with 0 <= lo < hi <= 1: guidance applies for t in (lo, hi]."""
-    values = parse_float_list(text, "--cfg-interval")
-    if len(values) != 2:
-        raise ConfigError(f"--cfg-interval takes exactly two numbers 'lo,hi', got {text!r}")
-    lo, hi = values
-    if not 0.0 <= lo < hi <= 1.0:
-        raise ConfigError(f"--cfg-interval must satisfy 0 <= lo < hi <= 1, got {text!r}")
-    return lo, hi
+def parse_interval(text: str, what: str = "--cfg-interval") -> tuple[float, float]:
+    """'lo,hi' with 0 <= lo < hi <= 1: guidance applies for t in (lo, hi] (the plan's rule)."""
+    return _plan.check_interval(text, what)
 
 
 def check_cfg(scales: list[float], what: str = "--cfg") -> list[float]:
-    """Guidance scales must be finite and > 0 (1.0 means no guidance)."""
-    bad = [s for s in scales if not (np.isfinite(s) and s > 0)]
-    if bad:
-        raise ConfigError(f"{what} must be finite and > 0 (1.0 = no guidance), got {bad[0]}")
-    return scales
+    """Guidance scales: finite, > 0 and capped (1.0 means no guidance); the plan's rule."""
+    return [_plan.check_cfg_scale(s, what) for s in scales]
 
 
 def check_nfe(values: list[int], what: str = "--nfe") -> list[int]:
@@ -76,17 +69,7 @@ def check_nfe(values: list[int], what: str = "--nfe") -> list[int]:
 
 def make_labels(labels: Optional[str], n: int, num_classes: int) -> Optional[np.ndarray]:
     """Labels for n samples: given list (cycled) or 0..C-1 cycled; None for unconditional models."""
-    from ..sampling import cycle_labels
-
-    if num_classes <= 0 or not labels:
-        return cycle_labels(None if not labels else [0], n, num_classes, "--labels")
-    try:
-        values = [int(v) for v in labels.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        raise ConfigError(f"--labels must be integers in 0..{num_classes - 1}, got {labels!r}")
-    return cycle_labels(values, n, num_classes, "--labels")
+    return _plan.label_rows(_plan.parse_labels(labels or None, "--labels"), n, num_classes, CLI_NAMES)
 
 
 def _name(param: click.Parameter) -> str:
@@ -122,15 +105,15 @@ def non_negative(ctx: click.Context, param: click.Parameter, value):
 
 def seed(ctx: click.Context, param: click.Parameter, value):
     """click callback: a seed in 0 .. 2^32 - 1."""
-    if value is not None and not 0 <= value <= MAX_SEED:
-        raise ConfigError(f"{_name(param)} must be in 0..{MAX_SEED}, got {value}")
+    if value is not None:
+        _plan.check_int(value, _name(param), 0, MAX_SEED)
     return value
 
 
 def cfg_scale(ctx: click.Context, param: click.Parameter, value):
     """click callback: one guidance scale, finite and > 0."""
     if value is not None:
-        check_cfg([value], _name(param))
+        _plan.check_cfg_scale(value, _name(param))
     return value
 
 
@@ -163,10 +146,22 @@ def check_sample_outputs(out: str, npy: Optional[str], extra: tuple[str, ...] = 
     from .._io import check_image_path, check_output
 
     fmt = check_image_path(check_output(out, "--out"))
+    seen = {_same(out): "--out"}
     for path, what in ((npy, "--npy"), *((p, "output") for p in extra)):
         if path is not None:
             check_output(path, what)
+            if _same(path) in seen:
+                raise ConfigError(f"{what} {path} names the same file as {seen[_same(path)]}; give each output its "
+                                  "own file")
+            seen[_same(path)] = what
     return fmt
+
+
+def _same(path: str) -> str:
+    """A path's identity for "the same file" checks (symlinks and relative parts resolved)."""
+    import os
+
+    return os.path.realpath(os.path.expanduser(str(path)))
 
 
 def write_samples(x: np.ndarray, out: str, npy: Optional[str], data_range: tuple[float, float]) -> None:

@@ -63,61 +63,34 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
       anchorflow sample sd3-bundle --solver euler --nfe 28 --cond prompt.npz --null-cond empty.npz \
           --cfg 4 --noise noise.npy --npy latents.npy
     """
-    from ..errors import ConfigError
     from ..modelref import open_model
-    from ..runtime import get_solver, solve
-    from ..runtime.grids import make_grid
-    from ..sampling import start_noise
-    from .common import apply_threads, check_sample_outputs, make_labels, parse_interval, write_samples
+    from ..runtime.plan import check_request, plan
+    from .common import CLI_NAMES, apply_threads, check_sample_outputs, write_samples
+    from .cond_files import read_arrays, read_noise
 
     check_sample_outputs(out, npy, (bandit_state,) if bandit_state else ())
-    interval = parse_interval(cfg_interval)
-    make_grid(1, grid)  # a bad --grid fails here, before the model loads
-    spec = get_solver(solver)
-    if (bandit_state or mu_factor is not None or calls is not None or speedup is not None) and solver != "fastflow":
-        raise ConfigError("--bandit-state, --calls, --speedup and --mu-factor only apply to --solver fastflow")
+    asked = dict(solver=solver, nfe=nfe, grid=grid, first_call=first_call, cfg_scale=cfg_scale,
+                 cfg_interval=cfg_interval, labels=labels or None, n=n, seed=seed, bandit_state=bandit_state,
+                 calls=calls, speedup=speedup, mu_factor=mu_factor)
+    check_request(**asked, names=CLI_NAMES)  # every number checked before the model loads
     if solver == "fastflow" and not bandit_state:
         click.echo("note: without --bandit-state FastFlow cannot learn across runs; this run is its calibration "
                    "pass (every step computed)", err=True)
     apply_threads(threads, thread_mode)
+    from ..runtime import get_solver
+
     m = open_model(model, backend=backend, allow_fallback=allow_fallback, precision=precision,
-                   need_sidenet=spec.needs_sidenet)
-    meta = m.meta
-    if noise_file:
-        from .cond_files import read_noise
-
-        noise = read_noise(noise_file, meta["state_shape"])
-        if n is not None and n != noise.shape[0]:
-            raise ConfigError(f"--n {n} differs from the {noise.shape[0]} rows of --noise {noise_file}")
-        n = noise.shape[0]
-    else:
-        n = n or 16
-        noise = start_noise(seed, n, meta["state_shape"])
-    y = make_labels(labels, n, int(meta.get("num_classes") or 0))
-    from ..tuning import sampling_setup
-
-    grid, fc, note = sampling_setup(m.files.bundle, solver, nfe, grid, first_call)
-    if note:
-        click.echo(note, err=True)
-    if first_call != "backbone":
-        cfg_extra = {"first_call": fc}
-    else:
-        cfg_extra = {}
-    kwargs = dict(**cfg_extra, sidenet=m.sidenet, cfg_scale=cfg_scale, cfg_interval=interval, grid=grid,
-                  **_conditions(m, cond_file, null_file, y, n, cfg_scale))
-    pending = None
-    if solver == "fastflow" and bandit_state:
-        from ..runtime.fastflow import solve_with_state
-
-        extra = {k: v for k, v in dict(mu_factor=mu_factor, calls=calls, speedup=speedup).items() if v is not None}
-        pending = solve_with_state(m.velocity, noise, nfe, bandit_state, meta["model_id"], **extra, **kwargs)
-        res = pending.result
-    else:
-        res = solve(solver, m.velocity, noise, nfe, **kwargs)
-    lo, hi = meta.get("data_range") or [-1.0, 1.0]
-    write_samples(res.x, out, npy, (lo, hi))
-    if pending is not None:  # learn only once every output is written (all or nothing)
-        pending.commit()
+                   need_sidenet=get_solver(solver).needs_sidenet)
+    noise = read_noise(noise_file, m.meta["state_shape"]) if noise_file else None
+    p = plan(m, **asked, noise=noise, names=CLI_NAMES,
+             cond=read_arrays(cond_file, "--cond") if cond_file else None,
+             null_cond=read_arrays(null_file, "--null-cond") if null_file else None)
+    if grid is None and p.grid_source != "uniform":
+        click.echo(p.grid_source, err=True)
+    pending = p.begin()
+    res = pending.result
+    write_samples(res.x, out, npy, tuple(m.meta.get("data_range") or (-1.0, 1.0)))
+    pending.commit()  # learn only once every output is written (all or nothing)
     t = res.timing
     click.echo(
         f"{solver}: {res.nfe} backbone calls, {res.sidenet_calls} SideNet calls, {t.total_s * 1e3:.1f} ms "
@@ -125,27 +98,3 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
         f"on {', '.join(m.providers) or 'unknown backend'}"
     )
     click.echo(f"wrote {out}" + (f" and {npy}" if npy else ""))
-
-
-def _conditions(m, cond_file, null_file, y, n: int, cfg_scale: float) -> dict:
-    """solve()'s condition arguments: y= shorthand, or cond=/null_cond= checked against the bundle."""
-    from ..errors import ConfigError
-
-    if not cond_file and not null_file:
-        return dict(y=y, null_label=m.meta.get("null_label"))
-    if m.files.bundle is None:
-        raise ConfigError("--cond / --null-cond need an exported bundle (they are checked against its declaration)")
-    from ..runtime.bundle_format import read_bundle
-    from ..runtime.networks import check_conditions
-    from .cond_files import read_arrays
-
-    fmt = read_bundle(m.files.bundle)
-    decl, inline = fmt.backbone, dict(fmt.guidance.null)
-    cond = read_arrays(cond_file, "--cond") if cond_file else {}
-    if y is not None and "y" in {c.name for c in decl.conditions}:
-        cond.setdefault("y", y)
-    cond = check_conditions(decl, cond, n, inline, "--cond")
-    null = {k: v for k, v in inline.items() if k in cond} if cfg_scale != 1.0 or null_file else None
-    if null_file:
-        null.update(check_conditions(decl, read_arrays(null_file, "--null-cond"), n, inline, "--null-cond"))
-    return dict(cond=cond, null_cond=null)

@@ -88,10 +88,13 @@ def read_ba_grids(path: str) -> tuple[tuple[float, ...], ...]:
 @click.option("--ckpt-every", type=int, default=50, show_default=True, callback=positive,
               help="Write the checkpoint (and resume state) every N iterations.")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out (same settings; --iters may grow).")
+@click.option("--init", "init", default=None, type=click.Path(file_okay=False, exists=True),
+              help="Start from this SideNet checkpoint (its architecture is kept; the backbone's shapes must fit it), "
+                   "e.g. to fine-tune the base SideNet for a backbone with a LoRA fused in (`anchorflow refit`).")
 @click.option("--threads", type=int, default=None, callback=positive, help="torch CPU threads (default: torch's).")
 def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, offset_form, offset_grids, grid_share,
             data, cond_file, null_file, sidenet_cond,
-            start_states, solve_steps, cache_dir, seed, ckpt_every, resume, threads) -> None:
+            start_states, solve_steps, cache_dir, seed, ckpt_every, resume, threads, init=None) -> None:
     """Train a SideNet for a frozen backbone by chain-based simulation (BA-solver, arXiv 2601.21542).
 
     Each iteration starts a batch on the path x_t = (1-t) x + t noise (t = 1 noise, t = 0 data)
@@ -114,7 +117,8 @@ def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, off
                                     lr=lr, width=width, seed=seed, ckpt_every=ckpt_every,
                                     arch={k: v for k, v in (("patch", patch), ("blocks", blocks), ("offset", offset_form))
                                           if v is not None},
-                                    sidenet_cond=sidenet_cond, offset_grids=grids, grid_share=grid_share)
+                                    sidenet_cond=sidenet_cond, offset_grids=grids, grid_share=grid_share,
+                                    init=init)
     settings.validate()  # bad grids or --grid-share: one line, before any work
     with session() as dist:
         cfg = train_sidenet_for_source(model, out, settings, data=data, cond_file=cond_file, null_file=null_file,
