@@ -43,11 +43,14 @@ Time convention: t = 1 noise, t = 0 data.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -303,6 +306,23 @@ def random_calibration(fmt: Any, like: Sequence[dict], seed: int = 12) -> list[d
 
 
 # -- quantising --------------------------------------------------------------------------------------
+def rebatch(rows: Sequence[dict]) -> list[dict]:
+    """The same calibration rows as feeds of one batch size (ORT's histogram collectors stack each
+    tensor over all feeds, so mixed batch sizes -- BA's SideNet calls over several offsets -- fail):
+    concatenated and cut into chunks of the batch sizes' gcd (their smallest when that is < 8, the
+    tail then dropped). A no-op when every row already has one batch size."""
+    import math
+
+    sizes = {len(next(iter(r.values()))) for r in rows}
+    if len(sizes) <= 1:
+        return list(rows)
+    size = math.gcd(*sizes)
+    size = size if size >= 8 else min(sizes)
+    whole = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    total = len(next(iter(whole.values())))
+    return [{k: v[i:i + size] for k, v in whole.items()} for i in range(0, total - size + 1, size)]
+
+
 class _Reader:
     """onnxruntime's CalibrationDataReader protocol over a list of feeds (restartable)."""
 
@@ -322,6 +342,19 @@ class _Reader:
         return len(self.rows)
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence onnxruntime.quantization's stdout progress and root-logger warnings for one call."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
 class Quantizer:
     """Q/DQ variants of one fp32 graph; activation ranges are calibrated once (ORT's calibration
     cache) and reused for every choice of quantised classes."""
@@ -335,7 +368,7 @@ class Quantizer:
         self.method = method or ("Distribution" if precision == "fp8" else METHOD)
         self.model = self._opset(named(model), 19 if precision == "fp8" else 13)
         self.classes = node_classes(self.model, state_inputs)
-        self.rows = list(rows)
+        self.rows = rebatch(rows)
         self._tmp = tempfile.TemporaryDirectory(prefix="anchorflow-quant-")
         self.cache = Path(self._tmp.name) / "ranges.json"
         self.source = Path(self._tmp.name) / "fp32.onnx"
@@ -358,16 +391,22 @@ class Quantizer:
             raise ConfigError(f"nothing to quantise: the classes {classes} have no nodes in this graph")
         ops = sorted({n.op_type for n in self.model.graph.node})
         fp8 = self.precision == "fp8"
+        if fp8:  # ORT's quantiser pins Softmax outputs to a [0, 1] range without the avg/std its fp8 scales need
+            op_of = {n.name: n.op_type for n in self.model.graph.node}
+            nodes = [n for n in nodes if op_of.get(n) != "Softmax"]
+            if not nodes:
+                raise ConfigError(f"nothing to quantise to fp8: only Softmax nodes in {classes}")
         kind = q.QuantType.QFLOAT8E4M3FN if fp8 else q.QuantType.QInt8
         act = kind if fp8 or self.symmetric else q.QuantType.QUInt8
         out = Path(self._tmp.name) / "q.onnx"
-        q.quantize_static(
-            str(self.source), str(out), _Reader(self.rows), quant_format=q.QuantFormat.QDQ,
-            op_types_to_quantize=[o for o in ops if o in (*WEIGHT_OPS, *NORM_OPS, "Softmax")],
-            nodes_to_quantize=nodes, per_channel=True, activation_type=act, weight_type=kind,
-            calibrate_method=getattr(q.CalibrationMethod, self.method), calibration_cache_path=str(self.cache),
-            extra_options={"ActivationSymmetric": self.symmetric, "WeightSymmetric": True,
-                           "CalibPercentile": PERCENTILE, "OpTypesToExcludeOutputQuantization": list(OUTPUT_FP32)})
+        with _quiet():  # ORT's quantiser prints progress and pre-processing advice on every call
+            q.quantize_static(
+                str(self.source), str(out), _Reader(self.rows), quant_format=q.QuantFormat.QDQ,
+                op_types_to_quantize=[o for o in ops if o in (*WEIGHT_OPS, *NORM_OPS, "Softmax")],
+                nodes_to_quantize=nodes, per_channel=True, activation_type=act, weight_type=kind,
+                calibrate_method=getattr(q.CalibrationMethod, self.method), calibration_cache_path=str(self.cache),
+                extra_options={"ActivationSymmetric": self.symmetric, "WeightSymmetric": True,
+                               "CalibPercentile": PERCENTILE, "OpTypesToExcludeOutputQuantization": list(OUTPUT_FP32)})
         return self.onnx.load(str(out))
 
     def close(self) -> None:

@@ -272,3 +272,41 @@ def test_add_quantized_records_the_rule_and_samples_through_the_cli(quantised_bu
     from anchorflow.runtime.metrics import psnr
 
     assert 30.0 < psnr(b, a, 2.0) < 80.0  # close to fp32, but not the fp32 graph
+
+
+def test_fp8_graph_structure_runs_on_ort_and_the_trt_check_accepts_it(tmp_path, rows, base):
+    """fp8 (E4M3) Q/DQ: zero points FLOAT8E4M3FN, opset >= 19, Softmax left out (ORT pins its range
+    without the avg/std fp8 scales need), the graph runs on ORT CPU (fake-quantised) with finite
+    outputs that differ from fp32, and the TensorRT build check takes it as fp8, not int8."""
+    from anchorflow.engines.build import check_qdq_graph
+
+    q = Q.Quantizer(base, "fp8", rows)
+    try:
+        model = q.quantize(["attention", "softmax", "final_projection"])
+        softmax = set(q.classes["softmax"])
+    finally:
+        q.close()
+    assert Q.qdq_summary(model)["types"] == ["FLOAT8E4M3FN"]
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        if n.name in softmax:
+            assert producer[n.input[0]].op_type != "DequantizeLinear"
+    feeds = rows[len(rows) // 2]
+    out, ref = _run(model.SerializeToString(), feeds), _run(base.SerializeToString(), feeds)
+    assert np.isfinite(out).all() and not np.allclose(out, ref, atol=1e-6)
+    onnx.save(model, str(tmp_path / "f.onnx"))
+    check_qdq_graph(tmp_path / "f.onnx", "fp8")
+    with pytest.raises(BackendError, match="no int8 QuantizeLinear"):
+        check_qdq_graph(tmp_path / "f.onnx", "int8")
+
+
+def test_rebatch_keeps_every_row_in_order_at_one_batch_size():
+    r = np.random.default_rng(0)
+    rows = [{"x": r.standard_normal((b, 2)).astype(np.float32), "t": r.random(b).astype(np.float32)} for b in (64, 48, 64)]
+    out = Q.rebatch(rows)
+    assert {len(o["x"]) for o in out} == {16} and len(out) == 11
+    for k in ("x", "t"):
+        assert np.array_equal(np.concatenate([o[k] for o in out]), np.concatenate([x[k] for x in rows]))
+    same = [rows[0], rows[2]]
+    assert Q.rebatch(same) == same  # one size: untouched
