@@ -310,3 +310,22 @@ def test_rebatch_keeps_every_row_in_order_at_one_batch_size():
         assert np.array_equal(np.concatenate([o[k] for o in out]), np.concatenate([x[k] for x in rows]))
     same = [rows[0], rows[2]]
     assert Q.rebatch(same) == same  # one size: untouched
+
+
+def test_export_parity_record_passes_the_rule_variant_and_refuses_a_broken_one(nets, quantizer, attn_variant, rows, base):
+    """add_quantized's per-call parity (TOLERANCES[int8] / [fp8] against fp32 ORT, held-out calls):
+    the record export prints; a broken variant (every class quantised) is refused in one line; an
+    fp8 variant of the rule's kind passes the fp8 bound while fp8 MLPs too (5 dB end to end) fail it."""
+    rec = Q.parity(nets, attn_variant.SerializeToString(), "int8")
+    assert rec["passed"] and rec["tolerance"]["stat"] == "mean" and len(rec["cases"]) == 4
+    assert rec["worst"]["mean_abs"] > 1e-4  # measured a quantised graph, not fp32
+    broken = quantizer.quantize(["norm", "input_projection", "embedding", "body"]).SerializeToString()
+    with pytest.raises(CheckpointError, match="fails parity against fp32.*nothing was written"):
+        Q.parity(nets, broken, "int8")
+    q = Q.Quantizer(base, "fp8", rows)
+    try:
+        assert Q.parity(nets, q.quantize(["attention", "final_projection"]).SerializeToString(), "fp8")["passed"]
+        with pytest.raises(CheckpointError, match="fails parity"):
+            Q.parity(nets, q.quantize(["attention", "final_projection", "body"]).SerializeToString(), "fp8")
+    finally:
+        q.close()
