@@ -29,6 +29,41 @@ from .profiles import Profile, SampleRange, derive_profiles, network_specs, read
 from .progress import ProgressDisplay, run_cancellable
 
 
+# -- precision (quant) -----------------------------------------------------------------------------
+# Strongly typed networks (the only kind TensorRT 11 builds, and what anchorflow asks 10.x for) take
+# every tensor's type from the graph: fp16 / bf16 variants carry Cast nodes, int8 / fp8 variants
+# carry QuantizeLinear / DequantizeLinear pairs whose zero point's type (INT8, FLOAT8E4M3FN) is the
+# precision. No builder flag (BuilderFlag.FP16 / INT8 / FP8 are gone in 11 and ignored by strongly
+# typed 10.x networks) and no calibrator: the scales were calibrated at export (export/quantize.py).
+GRAPH_TYPES = {"fp32": "FLOAT", "fp16": "HALF", "bf16": "BF16", "int8": "INT8", "fp8": "FP8"}
+_QDQ_ZERO_POINT = {"int8": 3, "fp8": 17}  # onnx.TensorProto INT8, FLOAT8E4M3FN
+
+
+def precision_flags(trt: Any, precision: str) -> list:
+    """The builder flags ``precision`` needs on this TensorRT: always none (strongly typed networks),
+    after checking that these bindings have the data type the graph will carry (an older TensorRT
+    without ``DataType.FP8`` cannot build an fp8 graph)."""
+    if precision not in GRAPH_TYPES:
+        raise ConfigError(f"precision must be one of {', '.join(GRAPH_TYPES)}, got {precision!r}")
+    if not hasattr(getattr(trt, "DataType", None), GRAPH_TYPES[precision]):
+        raise BackendError(f"TensorRT {getattr(trt, '__version__', '?')} has no {GRAPH_TYPES[precision]} data type, "
+                           f"so it cannot build the bundle's {precision} graph; upgrade TensorRT or choose another --precision")
+    return []
+
+
+def check_qdq_graph(onnx_path: Path, precision: str) -> None:
+    """Refuse an int8 / fp8 build from a graph without Q/DQ nodes of that type: a strongly typed
+    network would silently build it in the graph's float type instead."""
+    if precision not in _QDQ_ZERO_POINT:
+        return
+    onnx = require("onnx", extra="export", purpose=f"checking the {precision} graph before a TensorRT build")
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    found = {types.get(n.input[2]) for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+    if _QDQ_ZERO_POINT[precision] not in found:
+        raise BackendError(f"{onnx_path.name} has no {precision} QuantizeLinear/DequantizeLinear nodes; it is not an "
+                           f"{precision} graph (re-export with 'anchorflow export MODEL --precision {precision}')")
+
 
 @dataclass(frozen=True)
 class BuildOptions:
@@ -192,6 +227,7 @@ def build_engines(bundle: str | Path, options: BuildOptions = BuildOptions(),
     env = cache.current_env(trt)
     for precision in options.precisions:
         compat.check_precision(precision, env.compute_capability)
+        precision_flags(trt, precision)
     samples: Optional[SampleRange] = sample_range(meta, **options.batch) if options.batch else None
     profiles = derive_profiles(meta, samples, explicit_opt="opt" in options.batch)
     timing = Path(options.timing_cache) if options.timing_cache else cache.timing_cache_path(folder, env)
@@ -208,6 +244,8 @@ def build_engines(bundle: str | Path, options: BuildOptions = BuildOptions(),
 def _build_one(trt: Any, folder: Path, spec: Any, precision: str, profile: Profile, env: cache.EngineEnv,
                options: BuildOptions, timing: Path) -> BuildRecord:
     onnx_path, sha = cache.onnx_file(folder, spec, precision)  # hash-checked, external weights included
+    if spec.entry(precision).get("computes", precision) == precision:  # a SideNet kept fp32 next to int8 is not Q/DQ
+        check_qdq_graph(onnx_path, precision)
     file = onnx_path.name
     key = cache.EngineKey(spec.name, precision, sha, profile.to_json(), env, options.builder_fields())
     hit = None if options.force else cache.cached(folder, key)

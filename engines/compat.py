@@ -32,7 +32,8 @@ from ..errors import BackendError
 
 MIN_MAJOR = 10
 # Smallest compute capability that runs each precision's kernels in TensorRT 10/11.
-_PRECISION_MIN_CC = {"fp32": (0, 0), "fp16": (5, 3), "bf16": (8, 0)}
+_PRECISION_MIN_CC = {"fp32": (0, 0), "fp16": (5, 3), "bf16": (8, 0),
+                     "int8": (6, 1), "fp8": (8, 9)}  # quant: int8 Q/DQ from sm_61, fp8 (E4M3) Ada/Hopper sm_89+
 
 
 def version_tuple(version: str) -> tuple[int, ...]:

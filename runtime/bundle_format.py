@@ -46,7 +46,7 @@ SCHEMA_V1 = "anchorflow.bundle/1"
 READABLE = (SCHEMA_V1, SCHEMA)
 BUNDLE_JSON = "bundle.json"
 BATCH = "batch"
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")  # quant: int8 / fp8 = Q/DQ backbone variants (export/quantize.py)
 GUIDANCE_MODES = ("rows", "embedded", "none")
 TIME_MAPS = ("identity", "scale", "flip")
 TIME_CONVENTION = (

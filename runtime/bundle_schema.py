@@ -113,8 +113,8 @@ def _network(c: _Checker, name: str, obj: Any, v1: bool) -> None:
     if not v1 and ("state" not in roles or "time" not in roles):
         c.fail(f"{key}.inputs", roles, "one input of role 'state' and one of role 'time'")
     for precision, variant in c.dict(e.get("precisions") or {}, f"{key}.precisions").items():
-        if precision not in ("fp16", "bf16"):
-            c.fail(f"{key}.precisions", precision, "fp16 or bf16")
+        if precision not in ("fp16", "bf16", "int8", "fp8"):  # quant: int8 / fp8 (export/quantize.py)
+            c.fail(f"{key}.precisions", precision, "fp16, bf16, int8 or fp8")
         c.file(variant, f"{key}.precisions.{precision}")
 
 

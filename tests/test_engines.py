@@ -446,7 +446,7 @@ def test_progress_display(use_tqdm: bool) -> None:
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(precisions=("int8",)), "precision must be one of"), (dict(opt_level=7), "0..5"), (dict(workspace_mb=0), "positive"),
+    (dict(precisions=("int4",)), "precision must be one of"), (dict(opt_level=7), "0..5"), (dict(workspace_mb=0), "positive"),
 ])
 def test_build_options_validation(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
