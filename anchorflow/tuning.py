@@ -183,7 +183,32 @@ def tune(model, solvers: Sequence[str], nfes: Sequence[int], first_calls: Sequen
         except ConfigError:
             continue  # a budget this solver cannot spend exactly (e.g. even NFE for heun)
         out.grids[g.key] = g
+    if not out.grids:
+        raise ConfigError(f"no grid could be tuned for solvers {', '.join(solvers)} at nfe {', '.join(map(str, nfes))} "
+                          "(no budget any of them can spend exactly); nothing was stored")
     return out
+
+
+# trust (issue 31): every tune option checked before any work, with runtime.plan's rules (the
+# sample CLI's and the service's); a refused tune writes nothing
+MAX_TUNE_SAMPLES, MAX_REFERENCE_STEPS, MAX_EVALS = 4096, 10_000, 1000
+
+
+def check_tune_options(solvers, nfes, cfg, samples, seed, reference_steps, max_evals) -> tuple:
+    from .runtime import get_solver
+    from .runtime.plan import MAX_NFE, MAX_SEED, check_cfg_scale, check_int
+
+    solvers = list(solvers)
+    if not solvers:
+        raise ConfigError("--solvers names no solver (see `anchorflow solvers`)")
+    for name in solvers:
+        get_solver(name)  # unknown: ConfigError naming the known ones
+    nfes = [check_int(k, "--nfe", 1, MAX_NFE) for k in nfes]
+    if not nfes:
+        raise ConfigError("--nfe names no budget")
+    return (solvers, nfes, check_cfg_scale(cfg, "--cfg"), check_int(samples, "--samples", 1, MAX_TUNE_SAMPLES),
+            check_int(seed, "--seed", 0, MAX_SEED), check_int(reference_steps, "--reference-steps", 1, MAX_REFERENCE_STEPS),
+            check_int(max_evals, "--max-evals", 1, MAX_EVALS))
 
 
 def sampling_setup(bundle_folder, method: str, nfe: int, grid: Optional[str], first_call: str = "backbone"):

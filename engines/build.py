@@ -29,6 +29,41 @@ from .profiles import Profile, SampleRange, derive_profiles, network_specs, read
 from .progress import ProgressDisplay, run_cancellable
 
 
+# -- precision (quant) -----------------------------------------------------------------------------
+# Strongly typed networks (the only kind TensorRT 11 builds, and what anchorflow asks 10.x for) take
+# every tensor's type from the graph: fp16 / bf16 variants carry Cast nodes, int8 / fp8 variants
+# carry QuantizeLinear / DequantizeLinear pairs whose zero point's type (INT8, FLOAT8E4M3FN) is the
+# precision. No builder flag (BuilderFlag.FP16 / INT8 / FP8 are gone in 11 and ignored by strongly
+# typed 10.x networks) and no calibrator: the scales were calibrated at export (export/quantize.py).
+GRAPH_TYPES = {"fp32": "FLOAT", "fp16": "HALF", "bf16": "BF16", "int8": "INT8", "fp8": "FP8"}
+_QDQ_ZERO_POINT = {"int8": 3, "fp8": 17}  # onnx.TensorProto INT8, FLOAT8E4M3FN
+
+
+def precision_flags(trt: Any, precision: str) -> list:
+    """The builder flags ``precision`` needs on this TensorRT: always none (strongly typed networks),
+    after checking that these bindings have the data type the graph will carry (an older TensorRT
+    without ``DataType.FP8`` cannot build an fp8 graph)."""
+    if precision not in GRAPH_TYPES:
+        raise ConfigError(f"precision must be one of {', '.join(GRAPH_TYPES)}, got {precision!r}")
+    if not hasattr(getattr(trt, "DataType", None), GRAPH_TYPES[precision]):
+        raise BackendError(f"TensorRT {getattr(trt, '__version__', '?')} has no {GRAPH_TYPES[precision]} data type, "
+                           f"so it cannot build the bundle's {precision} graph; upgrade TensorRT or choose another --precision")
+    return []
+
+
+def check_qdq_graph(onnx_path: Path, precision: str) -> None:
+    """Refuse an int8 / fp8 build from a graph without Q/DQ nodes of that type: a strongly typed
+    network would silently build it in the graph's float type instead."""
+    if precision not in _QDQ_ZERO_POINT:
+        return
+    onnx = require("onnx", extra="export", purpose=f"checking the {precision} graph before a TensorRT build")
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    found = {types.get(n.input[2]) for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+    if _QDQ_ZERO_POINT[precision] not in found:
+        raise BackendError(f"{onnx_path.name} has no {precision} QuantizeLinear/DequantizeLinear nodes; it is not an "
+                           f"{precision} graph (re-export with 'anchorflow export MODEL --precision {precision}')")
+
 
 @dataclass(frozen=True)
 class BuildOptions:
@@ -46,11 +81,17 @@ class BuildOptions:
     timing_cache: Optional[Path] = None
     progress: bool = True
     tf32: bool = False  # fp32 MatMul/Gemm in TF32 (faster, ~5e-4 relative error); off by default
+    refittable: bool = False  # BuilderFlag.REFIT: weights can be swapped later (engines/refit.py, LoRAs)
+    strip_weights: bool = False  # BuilderFlag.STRIP_PLAN: a weight-stripped plan, refitted from the ONNX on load
+    refit: bool = False  # refit a cached refittable engine with the bundle's current weights instead of building
 
     def builder_fields(self) -> dict:
         """Every option that changes the engine TensorRT builds: part of the cache key."""
-        return {"opt_level": int(self.opt_level), "workspace_mb": None if self.workspace_mb is None else int(self.workspace_mb),
-                "tf32": bool(self.tf32)}
+        fields = {"opt_level": int(self.opt_level),
+                  "workspace_mb": None if self.workspace_mb is None else int(self.workspace_mb), "tf32": bool(self.tf32)}
+        if self.refittable or self.strip_weights or self.refit:  # absent for plain engines: keys stay as they were
+            fields.update({"refittable": True, "strip_weights": bool(self.strip_weights)})
+        return fields
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -60,6 +101,10 @@ class BuildOptions:
             raise ConfigError(f"--opt-level must be 0..5 (TensorRT builder optimisation level), got {self.opt_level}")
         if self.workspace_mb is not None and int(self.workspace_mb) < 1:
             raise ConfigError(f"--workspace-mb must be a positive number of MiB, got {self.workspace_mb}")
+        if self.strip_weights and not self.refittable:
+            raise ConfigError("--strip-weights needs --refittable (a stripped plan gets its weights by a refit)")
+        if self.refit and self.force:
+            raise ConfigError("--refit reuses a cached refittable engine; it cannot be combined with --force")
 
 
 @dataclass(frozen=True)
@@ -147,14 +192,15 @@ def build_serialized(trt: Any, onnx_path: Path, profile: Profile, options: Build
     _check_inputs(network, profile)
     monitor = compat.progress_monitor(trt, display)
     workspace = None if options.workspace_mb is None else int(options.workspace_mb) << 20
-    kwargs = compat.config_kwargs(trt, workspace_bytes=workspace, opt_level=options.opt_level, tf32=options.tf32)
+    kwargs = compat.config_kwargs(trt, workspace_bytes=workspace, opt_level=options.opt_level, tf32=options.tf32,
+                                  refittable=options.refittable, strip=options.strip_weights)
     load = str(timing_cache) if timing_cache is not None and timing_cache.is_file() else None
     data = None
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1):  # our messages, not Polygraphy's log lines
         try:
             config = CreateConfig(profiles=[polygraphy_profile(profile)], load_timing_cache=load,
                                   progress_monitor=monitor, **kwargs)(builder, network)
-            data = run_cancellable(lambda: engine_bytes_from_network((builder, network, parser), config=config), display)
+            data = run_cancellable(lambda: engine_bytes_from_network((builder, network, parser), config=config), display)  # noqa: F821 (called before the del below)
         except PolygraphyException as exc:
             logger.errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
     if not data:
@@ -181,6 +227,7 @@ def build_engines(bundle: str | Path, options: BuildOptions = BuildOptions(),
     env = cache.current_env(trt)
     for precision in options.precisions:
         compat.check_precision(precision, env.compute_capability)
+        precision_flags(trt, precision)
     samples: Optional[SampleRange] = sample_range(meta, **options.batch) if options.batch else None
     profiles = derive_profiles(meta, samples, explicit_opt="opt" in options.batch)
     timing = Path(options.timing_cache) if options.timing_cache else cache.timing_cache_path(folder, env)
@@ -197,11 +244,17 @@ def build_engines(bundle: str | Path, options: BuildOptions = BuildOptions(),
 def _build_one(trt: Any, folder: Path, spec: Any, precision: str, profile: Profile, env: cache.EngineEnv,
                options: BuildOptions, timing: Path) -> BuildRecord:
     onnx_path, sha = cache.onnx_file(folder, spec, precision)  # hash-checked, external weights included
+    if spec.entry(precision).get("computes", precision) == precision:  # a SideNet kept fp32 next to int8 is not Q/DQ
+        check_qdq_graph(onnx_path, precision)
     file = onnx_path.name
     key = cache.EngineKey(spec.name, precision, sha, profile.to_json(), env, options.builder_fields())
     hit = None if options.force else cache.cached(folder, key)
     if hit is not None:
         return BuildRecord(spec.name, precision, key.name, hit, 0.0, hit.stat().st_size, True)
+    if options.refit:
+        from .refit import refit_cached
+
+        return BuildRecord(spec.name, precision, *refit_cached(trt, folder, spec, precision, key, onnx_path))
     display = ProgressDisplay(label=f"{spec.name} {precision}: ", quiet=not options.progress)
     start = time.perf_counter()
     data = build_serialized(trt, onnx_path, profile, options, timing, display)

@@ -32,7 +32,8 @@ from ..errors import BackendError
 
 MIN_MAJOR = 10
 # Smallest compute capability that runs each precision's kernels in TensorRT 10/11.
-_PRECISION_MIN_CC = {"fp32": (0, 0), "fp16": (5, 3), "bf16": (8, 0)}
+_PRECISION_MIN_CC = {"fp32": (0, 0), "fp16": (5, 3), "bf16": (8, 0),
+                     "int8": (6, 1), "fp8": (8, 9)}  # quant: int8 Q/DQ from sm_61, fp8 (E4M3) Ada/Hopper sm_89+
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -75,7 +76,8 @@ def network_flags(trt: ModuleType) -> int:
     return 1 << int(flag)
 
 
-def config_kwargs(trt: ModuleType, *, workspace_bytes: Optional[int], opt_level: int, tf32: bool) -> dict:
+def config_kwargs(trt: ModuleType, *, workspace_bytes: Optional[int], opt_level: int, tf32: bool,
+                  refittable: bool = False, strip: bool = False) -> dict:
     """Keyword arguments of Polygraphy's ``CreateConfig`` for anchorflow's builder options (10.x and 11.x alike).
 
     Sets no fp16/bf16/int8 flag: strongly typed networks take precision from the graph. ``tf32``
@@ -84,6 +86,14 @@ def config_kwargs(trt: ModuleType, *, workspace_bytes: Optional[int], opt_level:
     and miss ``anchorflow verify``'s 1e-4 fp32 tolerance.
     """
     kwargs: dict = {"builder_optimization_level": int(opt_level), "tf32": bool(tf32)}
+    if refittable or strip:  # BuilderFlag.REFIT / STRIP_PLAN, both in TensorRT 10.x and 11.x
+        for flag in ("REFIT",) + (("STRIP_PLAN",) if strip else ()):
+            if not hasattr(trt.BuilderFlag, flag):
+                raise BackendError(f"TensorRT {trt.__version__} has no BuilderFlag.{flag}; refittable engines need "
+                                   "TensorRT >= 10.0")
+        kwargs["refittable"] = True
+        if strip:
+            kwargs["strip_plan"] = True
     if workspace_bytes is not None:
         kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(workspace_bytes)}
     return kwargs

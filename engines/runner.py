@@ -52,7 +52,8 @@ class TrtEngine:
         label: a name for error messages (e.g. ``"backbone fp16"``).
     """
 
-    def __init__(self, trt: Any, data: bytes, stream: Optional[Stream], label: str) -> None:
+    def __init__(self, trt: Any, data: bytes, stream: Optional[Stream], label: str,
+                 weights_from: Optional[Path] = None) -> None:
         self.label = label
         self.stream = stream
         self._buffers: dict[str, DeviceBuffer] = {}
@@ -63,6 +64,10 @@ class TrtEngine:
         if self.engine is None:
             raise BackendError(f"TensorRT could not load the {label} engine ({'; '.join(self._logger.errors[-2:])}); "
                                "rebuild it with `anchorflow build BUNDLE --force`")
+        if weights_from is not None:  # a weight-stripped plan: its weights come from the ONNX graph (engines/refit.py)
+            from .refit import fill_weights, onnx_weights
+
+            fill_weights(trt, trt.Refitter(self.engine, self._logger), onnx_weights(weights_from), label)
         self.context = self.engine.create_execution_context()
         self.inputs, self.outputs = compat.io_tensors(trt, self.engine)
         # input name -> (min shape, max shape) of profile 0
@@ -236,7 +241,9 @@ class TrtEngines:
         nets: dict[str, TrtEngine] = {}
         try:
             for name, (_, entry) in chosen.items():
-                nets[name] = TrtEngine(trt, cache.read_engine(folder, entry), stream, f"{name} {precision}")
+                stripped = (entry.get("builder") or {}).get("strip_weights")
+                source = cache.onnx_file(folder, network_specs(meta)[name], precision)[0] if stripped else None
+                nets[name] = TrtEngine(trt, cache.read_engine(folder, entry), stream, f"{name} {precision}", source)
         except BaseException:
             for engine in nets.values():
                 engine.close()

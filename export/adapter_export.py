@@ -28,6 +28,7 @@ from ..runtime.bundle_format import SCHEMA, TIME_CONVENTION, file_record, write_
 from ..runtime.parity import Case, reference_outputs, run_report
 from .onnx_export import DEFAULT_OPSET, _quiet, check_opset
 from .precision import convert, parse_precisions, variant_file
+from .quantize import add_quantized, float_precisions
 
 EXAMPLE_BATCH = 3  # not 0 or 1, which torch.export would specialise
 EXTERNAL_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB cap, less room for the graph itself
@@ -186,6 +187,7 @@ def export_adapter(adapter: Any, out: str | os.PathLike, *, max_batch: int = 8, 
     onnxruntime CPU has no bf16 kernels to check such a graph with here. Returns :class:`~.bundle.BundleExport`.
     """
     from .bundle import BundleExport, _publishable, versions
+    from .refit_map import map_for_export
 
     if max_batch < 1:
         raise ConfigError(f"--max-batch must be a positive integer, got {max_batch}")
@@ -203,9 +205,10 @@ def export_adapter(adapter: Any, out: str | os.PathLike, *, max_batch: int = 8, 
         raise CheckpointError(f"export refused: the graph computes in float64 ({', '.join(bad[:3])}...), which TensorRT "
                               "cannot import; cast to float32 in the adapter")
     pieces = spec.to_bundle()
+    weights = map_for_export(adapter, model)  # where each weight lives, for LoRA refits (before save() moves them)
     out = Path(out)
     keep = getattr(adapter, "float32_scopes", ())  # blocks the model runs in float32 on purpose
-    low = {p: convert(model, p, keep) for p in precisions[1:]}  # before save() makes the weights external
+    low = {p: convert(model, p, keep) for p in float_precisions(precisions)[1:]}  # before save() makes the weights external
     with atomic_dir(out) as tmp:
         entry = save(model, tmp, external_data)
         check = _parity(adapter, spec, top) if validate else None
@@ -220,6 +223,7 @@ def export_adapter(adapter: Any, out: str | os.PathLike, *, max_batch: int = 8, 
                                                     "role": "velocity", "per_row": True}],
             "batch": {"min": 1, "opt": top, "max": top}, "axes": pieces["axes"], "precisions": variants,
             "source": source or {"family": spec.family},
+            "parameters": weights,
             "validation": report.as_dict() if report else {"skipped": "--no-validate"},
         })
         meta = {"schema": SCHEMA, "model": {**pieces["model"], "source": source}, "time_convention": TIME_CONVENTION,
@@ -234,8 +238,9 @@ def export_adapter(adapter: Any, out: str | os.PathLike, *, max_batch: int = 8, 
 
             meta["networks"]["sidenet"] = write_sidenet(
                 sidenet, tmp, pieces["inputs"], dict(spec.axes), sidenet_rows(spec.guidance.get("mode"), max_batch),
-                validate=validate, path=sidenet_path)
+                validate=validate, path=sidenet_path, precisions=float_precisions(precisions))
         write_bundle_json(tmp, meta)
+        meta = add_quantized(tmp, precisions)  # int8 / fp8 variants, guarded (quant)
         _publishable(tmp)
     return BundleExport(out, meta)
 

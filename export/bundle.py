@@ -32,6 +32,7 @@ from ..runtime.parity import Case, NetworkReport, RealData, reference_outputs, r
 from .cleanup import CleanupReport, clean
 from .onnx_export import BACKBONE, DEFAULT_OPSET, NetSpec, export_onnx, random_inputs, sidenet_spec
 from .precision import convert, parse_precisions, variant_file
+from .quantize import add_quantized, float_precisions
 from .validate import batches_for, check_graph, make_cases, onnx_reference_runner, ort_runner, torch_runner
 
 DEFAULT_MAX_BATCH = 64
@@ -224,8 +225,12 @@ def export_network(job: NetJob, folder: Path, opts: Options, shared: dict, real:
              **({"axes": spec.axes()} if spec.axes() else {}),
              "checkpoint": _checkpoint_record(job, shared["out"]), "cleanup": cleanup.as_dict(),
              "validation": report.as_dict() if report else {"skipped": "--no-validate"}}
+    if spec.name == BACKBONE.name:  # where each weight lives in the graph, for LoRA refits (.refit_map)
+        from .refit_map import map_for_export
+
+        entry["parameters"] = map_for_export(job.module, model)
     variants = {}
-    for precision in opts.precisions[1:]:
+    for precision in float_precisions(opts.precisions)[1:]:  # int8 / fp8: export/quantize.py, after the bundle
         step(f"{spec.name}: {precision}")
         variants[precision] = _variant(job, model, precision, cases, refs, opts)
     step(f"{spec.name}: write")
@@ -306,6 +311,7 @@ def export_bundle(model: str | os.PathLike, out: Optional[str | os.PathLike] = N
 
                 write_tuning(tmp, tuning)
                 meta = read_json(tmp / "bundle.json")
+            meta = add_quantized(tmp, opts.precisions, step=step)  # int8 / fp8 variants, guarded (quant)
             bar.update(1)
     return BundleExport(out, meta, (note,) if note else ())
 

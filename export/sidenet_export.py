@@ -28,6 +28,7 @@ from ..errors import CheckpointError, ConfigError
 from ..runtime.parity import TOLERANCES, Case, reference_outputs, run_report
 from ..runtime.parity.cases import OFFSETS
 from ..runtime.solvers import max_sidenet_offsets
+from .precision import convert
 
 FILE = "sidenet.onnx"
 
@@ -111,8 +112,9 @@ def trace(side: Any, decls: list[dict], axes: dict, top_rows: int) -> tuple[Any,
     return program.model_proto, sizes
 
 
-def _validate(side: Any, data: bytes, decls: list[dict], sizes: dict, top_rows: int) -> Any:
-    """onnxruntime vs torch at 1, 5 and the most rows (fp32 tolerance) -> NetworkReport; refused on failure."""
+def _validate(side: Any, data: bytes, decls: list[dict], sizes: dict, top_rows: int, precision: str = "fp32") -> Any:
+    """onnxruntime vs torch fp32 at 1, 5 and the most rows (``precision``'s tolerance) -> NetworkReport;
+    refused on failure."""
     import onnxruntime as ort
     import torch
 
@@ -126,16 +128,21 @@ def _validate(side: Any, data: bytes, decls: list[dict], sizes: dict, top_rows: 
 
     refs = reference_outputs("sidenet", torch_run, todo)
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    report = run_report("sidenet", "fp32", "ort-cpu", "torch", todo, refs, lambda f: sess.run(["delta"], f)[0],
-                        TOLERANCES["fp32"])
+    report = run_report("sidenet", precision, "ort-cpu", "torch", todo, refs, lambda f: sess.run(["delta"], f)[0],
+                        TOLERANCES[precision])
     if not report.passed:
-        raise CheckpointError(f"SideNet export refused: {report.failure()}; nothing was written")
+        drop = "" if precision == "fp32" else f"; drop --precision {precision}"
+        raise CheckpointError(f"SideNet export refused: {report.failure()}{drop}; nothing was written")
     return report
 
 
 def export_sidenet(side: Any, backbone_inputs: list[dict], axes: dict, top_rows: int,
-                   validate: bool = True) -> tuple[bytes, dict]:
-    """The SideNet as ONNX bytes and its network entry (without file / sha256), parity-checked.
+                   validate: bool = True, precisions: tuple = ("fp32",)) -> tuple[bytes, dict, dict]:
+    """The SideNet as ONNX bytes, its network entry (without file / sha256), parity-checked, and
+    precision -> (bytes, validation) of its fp16 variants (:func:`.precision.convert`, checked
+    against torch fp32 at that precision's tolerance), so ``sample --precision fp16`` finds a
+    SideNet of the backbone's precision (issue 24). int8 / fp8 are not made here (the SideNet
+    stays fp32 next to a quantised backbone, :mod:`.quantize`).
 
     ``axes``: axis name -> (min, opt, max) of the backbone; ``top_rows``: most rows per call.
     """
@@ -147,6 +154,13 @@ def export_sidenet(side: Any, backbone_inputs: list[dict], axes: dict, top_rows:
         top_rows = max(1, top_rows // axes[OFFSETS][2])  # anchor rows: the offsets no longer tile them
     data = proto.SerializeToString()
     report = _validate(side, data, decls, sizes, top_rows) if validate else None
+    variants = {}
+    for p in [p for p in precisions if p not in ("fp32", "int8", "fp8")]:
+        if p == "bf16":
+            raise ConfigError("the SideNet exports fp32 and fp16 only: onnxruntime CPU has no bf16 kernels to check it")
+        vdata = convert(proto, p).SerializeToString()
+        vreport = _validate(side, vdata, decls, sizes, top_rows, p) if validate else None
+        variants[p] = (vdata, vreport.as_dict() if vreport else {"skipped": "--no-validate"})
     used = {a for d in decls for a in d["shape"] if isinstance(a, str) and a != "batch"}
     out_shape = [OFFSETS, *decls[0]["shape"]] if _shared(side) else decls[0]["shape"]
     entry = {"inputs": decls,
@@ -156,7 +170,7 @@ def export_sidenet(side: Any, backbone_inputs: list[dict], axes: dict, top_rows:
              "axes": {a: dict(zip(("min", "opt", "max"), map(int, axes[a]))) for a in sorted(used)},
              "precisions": {},
              "validation": report.as_dict() if report else {"skipped": "--no-validate"}}
-    return data, entry
+    return data, entry, variants
 
 
 def checkpoint_record(side: Any, path: Optional[str | Path]) -> dict:
@@ -169,11 +183,16 @@ def checkpoint_record(side: Any, path: Optional[str | Path]) -> dict:
 
 
 def write_sidenet(side: Any, folder: Path, backbone_inputs: list[dict], axes: dict, top_rows: int,
-                  validate: bool = True, path: Optional[str | Path] = None) -> dict:
-    """Export the SideNet into ``folder`` (a bundle being written) -> its bundle.json network entry."""
+                  validate: bool = True, path: Optional[str | Path] = None, precisions: tuple = ("fp32",)) -> dict:
+    """Export the SideNet (and its ``precisions`` variants) into ``folder`` (a bundle being written)
+    -> its bundle.json network entry."""
     from .._io import write_bytes
     from ..runtime.bundle_format import file_record
+    from .precision import variant_file
 
-    data, entry = export_sidenet(side, backbone_inputs, axes, top_rows, validate)
+    data, entry, variants = export_sidenet(side, backbone_inputs, axes, top_rows, validate, tuple(precisions))
     write_bytes(Path(folder) / FILE, data)
+    for p, (vdata, validation) in variants.items():
+        write_bytes(Path(folder) / variant_file(FILE, p), vdata)
+        entry["precisions"][p] = {**file_record(Path(folder), variant_file(FILE, p)), "validation": validation}
     return {**file_record(Path(folder), FILE), **entry, "checkpoint": checkpoint_record(side, path)}

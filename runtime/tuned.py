@@ -66,6 +66,7 @@ class Tuning:
     first_call: Optional[FirstCallTable] = None
     first_call_refused: Optional[str] = None
     settings: dict[str, Any] = field(default_factory=dict)
+    presets: dict[str, Any] = field(default_factory=dict)  # auto (issue 26): name -> runtime.presets.Preset
 
     def grid_for(self, solver: str, nfe: int, first_call: str = "backbone") -> Optional[TunedGrid]:
         """The tuned grid for this solver and budget, or None when it was not tuned."""
@@ -78,7 +79,8 @@ class Tuning:
                 "first_call": None if fc is None else {"residual": fc.residual, "bound": fc.bound,
                                                        "samples": fc.samples, "rows": int(fc.means.shape[0])},
                 "first_call_refused": self.first_call_refused,
-                "grids": {k: {**asdict(g), "times": list(g.times)} for k, g in sorted(self.grids.items())}}
+                "grids": {k: {**asdict(g), "times": list(g.times)} for k, g in sorted(self.grids.items())},
+                **({"presets": {k: p.to_json() for k, p in sorted(self.presets.items())}} if self.presets else {})}
 
     @classmethod
     def from_json(cls, data: Any, means: Optional[np.ndarray] = None, where: str = GRIDS_FILE) -> "Tuning":
@@ -91,7 +93,10 @@ class Tuning:
                 np.asarray(means, np.float32), float(fc["residual"]), int(fc["samples"]), float(fc["bound"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise StateFileError(f"{where} is malformed ({exc}); rerun 'anchorflow tune'") from None
-        return cls(grids, table, data.get("first_call_refused"), dict(data.get("settings") or {}))
+        from .presets import presets_from_json  # auto (issue 26)
+
+        return cls(grids, table, data.get("first_call_refused"), dict(data.get("settings") or {}),
+                   presets_from_json(data.get("presets"), where))
 
 
 _GRID_FIELDS = {"solver": str, "nfe": int, "first_call": str, "shift": float, "power": float, "times": list,
@@ -156,11 +161,30 @@ def check_tuning(bundle) -> Optional[Tuning]:
 def read_tuning(bundle) -> Optional[Tuning]:
     """The tuning recorded in a bundle (a folder or a :class:`BundleFormat`), None when it has none.
 
-    Both files are checked against bundle.json's sha256 (CheckpointError when modified)."""
-    from .._io import read_json
-    from .bundle_format import BundleFormat, inside, read_bundle, verify_file
+    Both files are checked against bundle.json's sha256 (CheckpointError when modified). A file
+    found half-way through a running ``tune``'s replacement is read again once that writer is done."""
+    from .bundle_format import BundleFormat, read_bundle
 
     fmt = bundle if isinstance(bundle, BundleFormat) else read_bundle(bundle)
+    try:
+        return _read_tuning(fmt)
+    except CheckpointError:
+        # trust (issue 31): a concurrent tune may have renamed tuned.json in before bundle.json; wait
+        # for its lock (held until its last rename), then read the state it left
+        from .. import _io
+        from .bundle_format import BUNDLE_JSON
+
+        with _io.file_lock(fmt.folder / BUNDLE_JSON, shared=True, wait_s=60.0):
+            fresh = read_bundle(fmt.folder)
+            if fresh.meta.get("tuned") == fmt.meta.get("tuned"):
+                raise
+            return _read_tuning(fresh)
+
+
+def _read_tuning(fmt) -> Optional[Tuning]:
+    from .._io import read_json
+    from .bundle_format import inside, verify_file
+
     entry = fmt.meta.get("tuned")
     if entry is None:
         return None
@@ -173,79 +197,94 @@ def read_tuning(bundle) -> Optional[Tuning]:
         if rec is not None:
             path = inside(fmt.folder, str(rec.get("file")), f"the tuned {key} file")
             files[key] = verify_file(path, str(rec.get("sha256")))
-    means = None
-    if "first_call" in files:
-        try:
-            means = np.load(files["first_call"], allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise _bad(str(files["first_call"]), f"not a readable .npy array ({exc})") from None
-        means = check_table(means, fmt, str(files["first_call"]))
-    try:
-        data = read_json(files["grids"])
-    except (ValueError, RecursionError) as exc:
-        raise _bad(str(files["grids"]), f"not readable JSON ({exc})") from None
-    return Tuning.from_json(data, means, str(files["grids"]))
+    # trust (issue 31): both files parsed defensively, one line naming the file and the fault
+    from .first_call import load_means
+    from .grid_check import check_grids_file
+
+    check_grids_file(files["grids"], TUNE_SCHEMA, grid_key)
+    means = (load_means(files["first_call"], fmt.state_shape, fmt.model.get("num_classes"))
+             if "first_call" in files else None)
+    return Tuning.from_json(read_json(files["grids"]), means, str(files["grids"]))
 
 
-def bundle_lock(folder: str | Path, timeout: float = LOCK_TIMEOUT_S):
-    """The lock tune's read-modify-write of a bundle's tuning holds (filelock, inside the folder)."""
-    from filelock import FileLock
+# -- trust (issue 31): tune never loses grids ---------------------------------------------------------
+# write_tuning reads the bundle's current tuning and writes the merge under bundle.json's lock (so
+# concurrent tunes each add their grids), and replaces tuned.json, first_call.npy and bundle.json as
+# one journaled change (anchorflow._io.replace_files): a kill at any step leaves the old state or
+# the new one, repaired on the next open (runtime.bundle_format.find_bundle).
 
-    return FileLock(str(Path(folder) / LOCK_FILE), timeout=timeout)
 
-
-def merged(old: Optional[Tuning], new: Tuning) -> Tuning:
-    """``new``'s grids over ``old``'s (grids ``new`` did not tune are kept), the new first-call table
-    when it measured one (else the old), and the settings of every run that made a kept grid."""
+def merge_tuning(old: Optional[Tuning], new: Tuning) -> tuple[Tuning, list[str]]:
+    """``new``'s grids added to ``old``'s (a key tuned again is replaced); the first-call table is
+    the new one when measured, else the old one. Old ``+cached`` grids are kept only with the table
+    they were tuned against (dropped, and said so, when a different table replaces it). Returns the
+    merge and notes on what was kept or dropped."""
     if old is None:
-        return new
-    grids = {**old.grids, **new.grids}
-    runs = list(old.settings.get("runs", [old.settings] if old.settings else []))
-    runs.append({**new.settings, "grids": sorted(new.grids)})
-    table, refused = (new.first_call, new.first_call_refused) if (
-        new.first_call is not None or new.first_call_refused) else (old.first_call, old.first_call_refused)
-    return Tuning(grids, table, refused, {**new.settings, "runs": runs})
+        return new, []
+    notes: list[str] = []
+    table = new.first_call if new.first_call is not None else old.first_call
+    same_table = (new.first_call is None or old.first_call is None
+                  or np.array_equal(np.asarray(new.first_call.means), np.asarray(old.first_call.means)))
+    kept = {}
+    for key, g in old.grids.items():
+        if key in new.grids:
+            continue
+        if g.first_call != "backbone" and not same_table:
+            notes.append(f"dropped the tuned grid {key}: it was tuned for the previous first-call table")
+            continue
+        kept[key] = g
+    if kept:
+        notes.append(f"kept {len(kept)} earlier tuned grid(s) not tuned this time ({', '.join(sorted(kept)[:6])}"
+                     + (", ..." if len(kept) > 6 else "") + ")")
+    refused = None if table is not None else (new.first_call_refused or old.first_call_refused)
+    return Tuning({**kept, **new.grids}, table, refused, dict(new.settings), {**old.presets, **new.presets}), notes
 
 
-def write_tuning(bundle_dir: str | Path, tuning: Tuning, merge: bool = True) -> Path:
-    """Store ``tuning`` in the bundle: tuned.json, first_call.npy (when measured), bundle.json's entry.
+def write_tuning(bundle_dir: str | Path, tuning: Tuning, merge: bool = True,
+                 notes: Optional[list] = None) -> Path:
+    """Store ``tuning`` in the bundle (tuned.json, first_call.npy when measured, bundle.json's entry),
+    merged into the grids already there (``merge``); what the merge kept or dropped is appended to
+    ``notes``. Returns the bundle folder."""
+    import io
+    import json
 
-    ``merge``: read-modify-write under the bundle's lock (:func:`bundle_lock`): the grids already
-    stored that ``tuning`` did not tune are kept, so concurrent tunes lose nothing. A stored tuning
-    that cannot be read (damaged) is replaced, with a warning."""
+    from .. import _io
     from ..errors import warn
-    from .bundle_format import read_bundle
+    from .bundle_format import BUNDLE_JSON, JOURNALED, SCHEMA, check_written_graphs, parse_meta, read_bundle
 
     folder = read_bundle(bundle_dir).folder
-    with bundle_lock(folder):
-        fmt = read_bundle(folder)  # re-read under the lock: another writer may have just finished
-        if merge:
+    with _io.file_lock(folder / BUNDLE_JSON):
+        _io.recover_files(folder, JOURNALED, BUNDLE_JSON)
+        fmt = read_bundle(folder)  # the state as it is now, under the lock: read-modify-write
+        old = None
+        if merge and fmt.meta.get("tuned") is not None:
             try:
-                tuning = merged(read_tuning(fmt), tuning)
-            except (CheckpointError, StateFileError) as exc:
-                warn(f"the stored tuning could not be read ({exc}); it is replaced by this run's")
-        return _write(fmt, tuning)
+                old = _read_tuning(fmt)
+            except CheckpointError as exc:
+                warn(f"the bundle's earlier tuning is unreadable and is replaced ({exc})")
+        tuning, merged = merge_tuning(old, tuning)
+        if notes is not None:
+            notes += merged
+        files: dict[str, bytes] = {GRIDS_FILE: (json.dumps(tuning.to_json(), indent=2) + "\n").encode()}
+        if tuning.first_call is not None:
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(tuning.first_call.means, np.float32))
+            files[TABLE_FILE] = buf.getvalue()
 
+        def record(name: str) -> dict[str, Any]:
+            import hashlib
 
-def _write(fmt, tuning: Tuning) -> Path:
-    from .. import _io
-    from .bundle_format import BUNDLE_JSON, SCHEMA, file_record, parse_meta, write_bundle_json
+            return {"file": name, "sha256": hashlib.sha256(files[name]).hexdigest(), "bytes": len(files[name])}
 
-    folder = fmt.folder
-    check_grids(tuning.to_json(), "the tuning to store")
-    _io.write_json(folder / GRIDS_FILE, tuning.to_json())
-    entry: dict[str, Any] = {"schema": TUNE_SCHEMA, "grids": file_record(folder, GRIDS_FILE)}
-    if tuning.first_call is not None:
-        with _io.atomic_path(folder / TABLE_FILE) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, np.asarray(tuning.first_call.means, np.float32))
-        entry["first_call"] = file_record(folder, TABLE_FILE)
-    meta = {**fmt.meta, "tuned": entry}
-    if fmt.schema == SCHEMA:
-        write_bundle_json(folder, meta)
-    else:  # an /1 bundle keeps its schema: the optional entry is validated and added as is
-        parse_meta(meta, folder, "the tuned bundle.json")
-        _io.write_json(folder / BUNDLE_JSON, meta)
+        entry: dict[str, Any] = {"schema": TUNE_SCHEMA, "grids": record(GRIDS_FILE)}
+        if TABLE_FILE in files:
+            entry["first_call"] = record(TABLE_FILE)
+        meta = {**fmt.meta, "tuned": entry}
+        parsed = parse_meta(meta, folder, "the tuned bundle.json")
+        if fmt.schema == SCHEMA:
+            check_written_graphs(parsed)
+        files[BUNDLE_JSON] = (json.dumps(meta, indent=2, sort_keys=False) + "\n").encode()
+        _io.replace_files(folder, files, BUNDLE_JSON)
     return folder
 
 

@@ -33,7 +33,7 @@ CLASSES = 3  # labels 0..2, null label 3
 
 # -- a real tiny bundle (ONNX via onnx.helper, bundle.json in the export's layout) -----------------
 def _graphs():
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
     def inp(name, shape, ty=TensorProto.FLOAT):
@@ -243,7 +243,8 @@ def test_cache_key_is_stable(bundle: Path) -> None:
     dict(env=cache.EngineEnv("10.3.0", "Orin", (9, 0))), dict(env=cache.EngineEnv("10.3.0", "H100", (8, 7))),
     # every builder option (issue 15 item 4: --opt-level / --workspace-mb / --tf32 used to be ignored)
     dict(builder=BuildOptions(opt_level=5).builder_fields()), dict(builder=BuildOptions(workspace_mb=512).builder_fields()),
-    dict(builder=BuildOptions(tf32=True).builder_fields()),
+    dict(builder=BuildOptions(tf32=True).builder_fields()), dict(builder=BuildOptions(refittable=True).builder_fields()),
+    dict(builder=BuildOptions(refittable=True, strip_weights=True).builder_fields()),
 ])
 def test_cache_key_changes_with_every_component(bundle: Path, change: dict) -> None:
     base = _key(bundle)
@@ -257,8 +258,9 @@ def test_cache_key_holds_every_build_option() -> None:
     import dataclasses
 
     not_in_key = {"precisions", "batch", "force", "timing_cache", "progress"}  # precision/profile are key fields of their own
+    not_in_key |= {"refit"}  # a refit engine's key gets builder.refit_of instead (engines/refit.py)
     options = {f.name for f in dataclasses.fields(BuildOptions)}
-    assert options - not_in_key == set(BuildOptions().builder_fields())
+    assert options - not_in_key == set(BuildOptions(refittable=True, strip_weights=True).builder_fields())
     assert cache.KEY_VERSION == 2
 
 
@@ -444,7 +446,7 @@ def test_progress_display(use_tqdm: bool) -> None:
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(precisions=("int8",)), "precision must be one of"), (dict(opt_level=7), "0..5"), (dict(workspace_mb=0), "positive"),
+    (dict(precisions=("int4",)), "precision must be one of"), (dict(opt_level=7), "0..5"), (dict(workspace_mb=0), "positive"),
 ])
 def test_build_options_validation(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

@@ -32,9 +32,18 @@ from .common import PRECISIONS
               help="Let fp32 MatMul/Gemm run in TF32 (faster on Ampere+, ~5e-4 relative error: fails verify's 1e-4 "
                    "fp32 tolerance). Off by default; part of the cache key.")
 @click.option("--no-progress", is_flag=True, help="Do not show the builder's progress bars (Ctrl-C still cancels).")
+@click.option("--refittable", is_flag=True,
+              help="Build engines whose weights can be swapped later (BuilderFlag.REFIT; for LoRAs: `anchorflow refit`, "
+                   "then `build --refit`). Part of the cache key.")
+@click.option("--strip-weights", is_flag=True,
+              help="With --refittable: a weight-stripped plan (STRIP_PLAN), filled from the bundle's ONNX on load.")
+@click.option("--refit", is_flag=True,
+              help="Refit the newest cached refittable engine with the bundle's current weights instead of "
+                   "building (seconds, not minutes); the result is cached under its own key.")
 def build(bundle: str, precisions: tuple[str, ...], workspace_mb: int | None, opt_level: int,
           min_batch: int | None, opt_batch: int | None, max_batch: int | None, force: bool,
-          timing_cache: Path | None, tf32: bool, no_progress: bool) -> None:
+          timing_cache: Path | None, tf32: bool, no_progress: bool, refittable: bool, strip_weights: bool,
+          refit: bool) -> None:
     """Build TensorRT engines for BUNDLE: `default`, a bundle folder or a model root with bundle/ inside.
 
     One engine per network (backbone, SideNet) and precision, with one optimisation profile
@@ -47,20 +56,19 @@ def build(bundle: str, precisions: tuple[str, ...], workspace_mb: int | None, op
     (CUDA 13 drivers); see docs/tensorrt.md.
     """
     from anchorflow._deps import require
-
-    require("tensorrt", extra="trt", purpose="building TensorRT engines")
     from anchorflow.engines.build import BuildOptions, build_engines
+
+    batch = {k: v for k, v in (("min", min_batch), ("opt", opt_batch), ("max", max_batch)) if v is not None}
+    options = BuildOptions(precisions=precisions or ("fp32",), workspace_mb=workspace_mb, opt_level=opt_level,
+                           batch=batch, force=force, timing_cache=timing_cache, progress=not no_progress,
+                           tf32=tf32, refittable=refittable, strip_weights=strip_weights, refit=refit)
+    require("tensorrt", extra="trt", purpose="building TensorRT engines")  # after the options' own checks
     from anchorflow.errors import CheckpointError
     from anchorflow.modelref import locate
 
     folder = locate(bundle).bundle
     if folder is None:
         raise CheckpointError(f"{bundle} has no exported bundle; create one with `anchorflow export {bundle} --out BUNDLE`")
-
-    batch = {k: v for k, v in (("min", min_batch), ("opt", opt_batch), ("max", max_batch)) if v is not None}
-    options = BuildOptions(precisions=precisions or ("fp32",), workspace_mb=workspace_mb, opt_level=opt_level,
-                           batch=batch, force=force, timing_cache=timing_cache, progress=not no_progress,
-                           tf32=tf32)
     start = time.perf_counter()
     records = build_engines(folder, options, echo=click.echo)
     built = sum(not r.cached for r in records)

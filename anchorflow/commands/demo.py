@@ -25,7 +25,6 @@ def demo(out, nfe, n, cfg_scale, seed, backend) -> None:
     BA-solver at a few backbone calls, against a 256-call RK4 reference and Euler at 100 calls,
     and writes comparison.png, one grid per method, summary.md and summary.json to --out.
     """
-    from pathlib import Path
 
     from .._io import check_output
     from ..demo import run_demo

@@ -35,11 +35,21 @@ from .common import BACKENDS, PRECISIONS, positive
 @click.option("--mu-factor", type=float, default=None, help="fastflow: mu factor of new bandit states.")
 @click.option("--threads", type=int, default=None, callback=positive,
               help="onnxruntime threads per replica [default: --replica-cpus, at least 1].")
+@click.option("--max-cost", type=int, default=16384, show_default=True, callback=positive,
+              help="Most n x nfe (backbone row-calls) per request; more: HTTP 400.")
+@click.option("--max-body-mb", type=float, default=16.0, show_default=True,
+              help="Most MiB per request body; more: HTTP 413.")
+@click.option("--time-budget-s", type=float, default=60.0, show_default=True,
+              help="Wall time a request may take from arrival; past it its remaining solves are dropped (HTTP 504).")
+@click.option("--start-timeout-s", type=float, default=180.0, show_default=True,
+              help="Fail if the replicas are not running within this time (e.g. not enough CPUs in the cluster).")
 def serve(model, host, port, replicas, replica_cpus, max_batch, max_batch_requests, batch_wait_ms, max_n,
-          max_queue, address, num_cpus, backend, precision, bandit_dir, mu_factor, threads) -> None:
+          max_queue, address, num_cpus, backend, precision, bandit_dir, mu_factor, threads, max_cost, max_body_mb,
+          time_budget_s, start_timeout_s) -> None:
     """Serve MODEL (an exported bundle; `default` = the bundled digits model) over HTTP on Ray Serve.
 
-    Runs in the foreground until Ctrl-C or SIGTERM, then stops Ray (no process left). Concurrent
+    Runs in the foreground until Ctrl-C or SIGTERM, then lets the requests in flight finish and
+    stops Ray (no process left, even after SIGKILL). Concurrent
     requests with the same solver, NFE, grid and guidance are merged into one solve; each result
     equals `anchorflow sample` with the same arguments and seed.
 
@@ -47,7 +57,9 @@ def serve(model, host, port, replicas, replica_cpus, max_batch, max_batch_reques
     Endpoints:
       POST /v1/sample  {"solver": "ba", "nfe": 6, "n": 4, "labels": [0, 1], "cfg": 1.5, "seed": 0,
                         "format": "npy" | "png" | "json"}
-      GET  /healthz, /v1/model, /v1/stats
+      GET  /healthz, /v1/model, /v1/stats  (HEAD too)
+    Status codes: 400 bad request, 405 wrong method, 413 body over --max-body-mb,
+    503 queue full (Retry-After), 504 over --time-budget-s; errors are {"error": "..."}.
     \b
     Example:
       anchorflow serve default --port 8000 &
@@ -61,6 +73,8 @@ def serve(model, host, port, replicas, replica_cpus, max_batch, max_batch_reques
     opts = ServeOptions(model=model, host=host, port=port, replicas=replicas, replica_cpus=replica_cpus,
                         max_batch=max_batch, max_batch_requests=max_batch_requests, batch_wait_ms=batch_wait_ms,
                         max_n=max_n, max_queue=max_queue, address=address, num_cpus=num_cpus, backend=backend,
-                        precision=precision, bandit_dir=bandit_dir, mu_factor=mu_factor, threads=threads)
+                        precision=precision, bandit_dir=bandit_dir, mu_factor=mu_factor, threads=threads,
+                        max_cost=max_cost, max_body_mb=max_body_mb, time_budget_s=time_budget_s,
+                        start_timeout_s=start_timeout_s)
     run_forever(opts, announce=lambda url: click.echo(f"anchorflow serve: {model} at {url} (Ctrl-C to stop)"))
     click.echo("anchorflow serve: stopped")

@@ -34,10 +34,23 @@ DEFAULT_SOLVERS = "euler,ab2,unipc,ba"
               help="Solves per (solver, budget) in the coordinate descent over the grid's (shift, power).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="Execution backend; 'auto' takes the best available.")
+# -- auto (issue 26): --target-psnr searches for the fastest configuration that keeps a quality
+@click.option("--target-psnr", type=float, default=None,
+              help="Instead of tuning grids: record a quality preset, the fastest configuration (solvers x --nfe x "
+                   "--grids) whose bootstrap lower bound on the mean PSNR against --reference meets this many dB.")
+@click.option("--reference", default="euler@50", show_default=True,
+              help="With --target-psnr: what the PSNR is measured against, SOLVER@NFE on a uniform grid.")
+@click.option("--confidence", type=float, default=0.95, show_default=True, help="With --target-psnr: bound level.")
+@click.option("--grids", default="uniform,tuned", show_default=True,
+              help="With --target-psnr: grids to try ('tuned' = the bundle's grid where recorded, shift:S, warp:S,P).")
+@click.option("--name", default=None, help="With --target-psnr: the preset's name for `sample --quality` "
+                                           "[default: psnrQ].")
+# -- end auto
 @click.option("--dry-run", is_flag=True, help="Print the grids without storing them in the bundle.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_file, reference_steps, max_evals,
-         backend, dry_run, quiet) -> None:
+         backend, dry_run, quiet, target_psnr=None, reference="euler@50", confidence=0.95, grids="uniform,tuned",
+         name=None) -> None:
     """Tune the time grid of each solver and budget on MODEL (an exported bundle) and record it.
 
     For every solver and NFE the grid ``warp:S,P`` (the SD3 shift S of u^P; (1, 1) is uniform)
@@ -59,6 +72,15 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
     from .common import parse_int_list
     from .cond_files import read_arrays
 
+    if target_psnr is not None:  # auto (issue 26): one library call
+        from ..autoconfig import tune_to_target
+
+        explicit = click.get_current_context().get_parameter_source("nfe").name != "DEFAULT"
+        for line in tune_to_target(model, target_psnr, reference=reference, solvers=solvers,
+                                   nfe=nfe if explicit else None, grids=grids, samples=samples, seed=seed, cfg=cfg,
+                                   confidence=confidence, name=name, backend=backend, dry_run=dry_run):
+            click.echo(line)
+        return
     names = [s.strip() for s in solvers.split(",") if s.strip()]
     nfes = parse_int_list(nfe, "--nfe")
     modes = [f.strip() for f in first_calls.split(",") if f.strip()]
@@ -90,7 +112,10 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
     if not dry_run:
         if result.first_call_refused:
             result.first_call = None
-        write_tuning(folder, result)  # merged under the bundle's lock: grids tuned before are kept
+        notes: list = []
+        write_tuning(folder, result, notes=notes)  # merged with the grids already there, under the bundle's lock
+        for line in notes:
+            click.echo(f"note: {line}", err=True)
         click.echo(f"stored in {folder}/bundle.json (tuned.json" + (", first_call.npy)" if result.first_call else ")"))
 
 

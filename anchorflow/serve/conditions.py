@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import io
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -51,11 +50,16 @@ def check_condition(decl, value: np.ndarray, n: int, axis_range) -> np.ndarray:
         rng = axis_range(dim) if isinstance(dim, str) else None
         if rng is not None and not rng[0] <= size <= rng[2]:
             raise RequestError(f"condition {decl.name!r}: axis {dim} is {size}, the bundle takes {rng[0]}..{rng[2]}")
+    if value.dtype.kind == "u" and decl.dtype in ("int64", "int32") and value.size and value.max() > np.iinfo(decl.dtype).max:
+        raise RequestError(f"condition {decl.name!r} holds values beyond {decl.dtype}")
     return value.astype(_NP.get(decl.dtype, value.dtype), copy=False)
 
 
 def parse_conditions(body: dict, n: int, decls: Sequence, axis_range, null_values: dict, guided: bool):
-    """``(conditions, null_conditions)`` as sorted tuples of (name, array, per_row), or (None, None)."""
+    """``(conditions, null_conditions)`` as sorted tuples of (name, array, per_row), or (None, None).
+
+    The transport and layout are checked here (base64 .npy, declared dtype kind, shape, axis ranges);
+    the values (label ranges, finiteness) by :func:`anchorflow.runtime.plan.plan`, as for the CLI."""
     given, nulls = body.get("conditions"), body.get("null_conditions")
     if given is None:
         if nulls is not None:
@@ -63,9 +67,11 @@ def parse_conditions(body: dict, n: int, decls: Sequence, axis_range, null_value
         return None, None
     if not isinstance(given, dict) or not given:
         raise RequestError("'conditions' must be an object: condition name -> base64 .npy")
-    if body.get("labels") is not None:
-        raise RequestError("give class labels either as 'labels' or as the condition 'y', not both")
     by_name = {d.name: d for d in decls}
+    if body.get("labels") is not None:
+        raise RequestError("give class labels either as 'labels' or as the condition 'y', not both" if "y" in by_name
+                           else "this model takes no class labels (a model with classes takes them either as 'labels' "
+                                "or as the condition 'y'); drop 'labels', its conditions go in 'conditions'")
     unknown = sorted(set(given) - set(by_name))
     if unknown:
         have = ", ".join(d.describe() for d in decls) or "none"
@@ -84,26 +90,3 @@ def parse_conditions(body: dict, n: int, decls: Sequence, axis_range, null_value
                                "none, so send it in 'null_conditions'")
     flat = lambda d: tuple((k, v, per_row) for k, (v, per_row) in sorted(d.items(), key=lambda kv: kv[0]))  # noqa: E731
     return flat(cond), (flat(null) or None)
-
-
-def _digest(items: Sequence) -> str:
-    h = hashlib.sha256()
-    for k, v, _ in items:
-        h.update(k.encode() + str(v.shape).encode() + str(v.dtype).encode() + np.ascontiguousarray(v).tobytes())
-    return h.hexdigest()
-
-
-def signature(conditions: Optional[tuple], nulls: Optional[tuple]) -> tuple:
-    """What must agree for two requests to share a solve: names, per-row shapes and dtypes; the values
-    of conditions without a row axis; the null values."""
-    if conditions is None:
-        return ()
-    rows = tuple((k, v.shape[1:], str(v.dtype)) for k, v, per_row in conditions if per_row)
-    shared = _digest([c for c in conditions if not c[2]])
-    return rows + (shared, None if nulls is None else _digest(nulls))
-
-
-def rows_of(conditions: tuple, n: int) -> dict:
-    """Condition name -> (n, ...) rows (a one-row condition repeated); row-less conditions as given."""
-    return {k: (np.broadcast_to(v, (n, *v.shape[1:])) if per_row and v.shape[0] == 1 and n != 1 else v)
-            for k, v, per_row in conditions}

@@ -4,12 +4,16 @@ One replica holds one :class:`~anchorflow.serve.service.SamplerService` (numpy +
 no torch). Concurrent ``POST /v1/sample`` requests reaching a replica are gathered by
 ``serve.batch`` (up to ``max_batch_requests`` requests or ``batch_wait_s`` seconds) and handed
 to the core, which merges compatible ones into single solves in a worker thread, so the replica
-keeps accepting (and batching) requests while it solves. Needs ``anchorflow[serve]``.
+keeps accepting (and batching) requests while it solves. Small requests (see
+:meth:`SamplerService.small`) have their own batch queue and worker thread: a large request in
+progress cannot hold them back. A request whose client disconnects while it waits for its batch
+is cancelled by Ray Serve and dropped from the batch before solving. Needs ``anchorflow[serve]``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,40 +22,67 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .encode import HttpReply, encode, error_reply
-from .request import RequestError, SampleRequest
-from .service import SamplerService
+from .request import RequestError, SampleRequest, check_body_size
+from .service import open_replica
+
+log = logging.getLogger("anchorflow.serve")
+# Seconds a stopping replica waits for its requests in flight (SIGTERM drains; see app.stop).
+DRAIN_S = 120.0
 
 
 class SamplerDeployment:
     """Ray Serve ingress for one model. ``options``: see :func:`anchorflow.serve.app.build_app`."""
 
     def __init__(self, options: dict[str, Any]) -> None:
-        self.core = SamplerService(**options["service"])
-        self.data_range = tuple(self.core.meta.get("data_range", (-1.0, 1.0)))
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anchorflow-solve")
-        self.sample_many.set_max_batch_size(int(options["max_batch_requests"]))
-        self.sample_many.set_batch_wait_timeout_s(float(options["batch_wait_s"]))
+        # exactly what `anchorflow serve` opened once before starting Ray (app.check): a failure here was seen there
+        self.core, self.data_range = open_replica(options["service"])
+        self.pools = {lane: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"anchorflow-{lane}")
+                      for lane in ("small", "large")}
+        for method in (self.sample_small, self.sample_large):
+            method.set_max_batch_size(int(options["max_batch_requests"]))
+            method.set_batch_wait_timeout_s(float(options["batch_wait_s"]))
+
+    async def _solve_in(self, lane: str, requests: list[SampleRequest]) -> list:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pools[lane], self.core.sample_batch, requests)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
-    async def sample_many(self, requests: list[SampleRequest]) -> list:
-        """A batch of requests -> one Reply each, solved off the event loop."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self.core.sample_batch, requests)
+    async def sample_small(self, requests: list[SampleRequest]) -> list:
+        """A batch of small requests -> one Reply each, solved off the event loop in the small lane."""
+        return await self._solve_in("small", requests)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
+    async def sample_large(self, requests: list[SampleRequest]) -> list:
+        """A batch of the other requests -> one Reply each, in the large lane."""
+        return await self._solve_in("large", requests)
 
     async def __call__(self, request: Request) -> Response:
-        path = request.url.path.rstrip("/") or "/"
         try:
-            if request.method == "GET":
-                reply = self.core.get(path)
-            elif path == "/v1/sample" and request.method == "POST":
+            reply = self.core.route(request.method, request.url.path)
+            if reply is None:
                 reply = await self._sample(request)
-            else:
-                reply = error_reply(405 if path == "/v1/sample" else 404,
-                                    f"{request.method} {path} is not served; use POST /v1/sample, "
-                                    "GET /healthz, GET /v1/model or GET /v1/stats")
-        except Exception as exc:  # noqa: BLE001 - a bug must still answer JSON, not a stack trace
-            reply = error_reply(500, f"internal error ({type(exc).__name__}: {exc}); see the replica's log")
+        except Exception:  # noqa: BLE001 - a bug must still answer JSON, not a stack trace
+            log.exception("request failed")
+            reply = error_reply(500, "internal error in the service; its log has the details")
         return Response(reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers)
+
+    async def _read(self, request: Request) -> bytes:
+        """The body, or BodyTooLarge (413) once it passes the limit: the rest is read and dropped (so the
+        client, still sending, gets the answer instead of a reset connection), never held."""
+        limit = self.core.limits.max_body
+        declared = request.headers.get("content-length", "")
+        chunks, size = [], 0
+        too_large = declared.isdigit() and int(declared) > limit
+        async for chunk in request.stream():
+            size += len(chunk)
+            too_large = too_large or size > limit
+            if not too_large:
+                chunks.append(chunk)
+            else:
+                chunks.clear()
+        if too_large:
+            check_body_size(max(size, int(declared) if declared.isdigit() else 0), limit)
+        return b"".join(chunks)
 
     async def _sample(self, request: Request) -> HttpReply:
         retry = self.core.admit()
@@ -59,12 +90,12 @@ class SamplerDeployment:
             return error_reply(503, f"the service is at its queue limit ({self.core.max_queue} requests); "
                                f"retry after {retry} s", {"Retry-After": str(retry)})
         try:
-            body = await request.body()
             try:
-                req = self.core.parse(body)
+                req = self.core.parse(await self._read(request))
             except RequestError as exc:
-                return error_reply(400, str(exc))
-            reply = await self.sample_many(req)
+                return error_reply(exc.status, str(exc))
+            lane = self.sample_small if self.core.small(req) else self.sample_large
+            reply = await lane(req)
             return encode(reply, req.solver, req.format, self.data_range)
         finally:
             self.core.release()
@@ -80,4 +111,9 @@ def deployment(replicas: int, replica_cpus: float, max_queue: int):
         max_ongoing_requests=max_queue + 8,
         max_queued_requests=max_queue,
         backpressure_config={"status_code": 503, "retry_after_s": 1},
+        graceful_shutdown_timeout_s=DRAIN_S,
+        # a constructor that fails twice fails the deployment (Ray's default retries for minutes); the CLI
+        # reports its error at once (app._deploy), having run the same constructor once itself (app.check)
+        max_constructor_retry_count=2,
+        graceful_shutdown_wait_loop_s=0.5,
     )

@@ -18,28 +18,44 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import numpy as np
-
 from ..errors import ConfigError
 from ..runtime.solvers import max_sidenet_offsets
-from .errors import RequestError  # noqa: F401  (raised here; its home is below conditions)
+from .errors import BodyTooLarge, RequestError  # noqa: F401  (raised here; their home is below conditions)
 
 FORMATS = ("npy", "png", "json")
-FIELDS = ("solver", "nfe", "n", "labels", "cfg", "cfg_interval", "seed", "grid", "format", "conditions",
-          "null_conditions")
+FIELDS = ("solver", "nfe", "n", "labels", "cfg", "cfg_interval", "seed", "grid", "first_call", "format",
+          "conditions", "null_conditions")
 DEFAULTS: dict[str, Any] = {"solver": "ba", "nfe": 7, "n": 16, "labels": None, "cfg": 1.0,
-                            "cfg_interval": [0.0, 1.0], "seed": 0, "grid": None, "format": "npy",
-                            "conditions": None, "null_conditions": None}
+                            "cfg_interval": [0.0, 1.0], "seed": 0, "grid": None, "first_call": "backbone",
+                            "format": "npy", "conditions": None, "null_conditions": None}
+# How runtime.plan's messages name each argument over HTTP (the CLI says --cfg, the API says 'cfg').
+HTTP_NAMES = {"solver": "'solver'", "nfe": "'nfe'", "grid": "'grid'", "first_call": "'first_call'",
+              "cfg_scale": "'cfg'", "cfg_interval": "'cfg_interval'", "labels": "'labels'", "cond": "'conditions'",
+              "null_cond": "'null_conditions'", "n": "'n'", "seed": "'seed'", "noise": "the start noise",
+              "bandit_state": "the service's bandit state", "calls": "calls", "speedup": "speedup",
+              "mu_factor": "the service's --mu-factor"}
 
 
 @dataclass(frozen=True)
 class Limits:
     """What the service accepts: ``max_rows`` per solve (state rows, before CFG doubling), ``max_n``
-    per request (larger non-FastFlow requests are split into several solves), ``max_nfe``."""
+    per request (larger non-FastFlow requests are split into several solves), ``max_nfe``,
+    ``max_cost`` (n x nfe: backbone row-calls of one request, before CFG doubling), ``max_body``
+    (bytes of one request body; more: HTTP 413) and ``time_budget_s`` (wall time a request may take
+    from arrival; its remaining solves are dropped past it: HTTP 504)."""
 
     max_rows: int
     max_n: int
     max_nfe: int = 512
+    max_cost: int = 16384
+    max_body: int = 16 * 1024**2
+    time_budget_s: float = 60.0
+
+
+# JSON nesting a request body may have: {"conditions": {"name": "..."}} and {"grid": [...]} are depth 2.
+MAX_DEPTH = 4
+# Seeds as ``anchorflow sample --seed`` takes them.
+MAX_SEED = 2**32 - 1
 
 
 # The most SideNet offsets per state row in one call, from the solver registry (BA's merged probe: 4).
@@ -59,7 +75,9 @@ def rows_limit(cap: int, guided: bool, sidenet: bool, backbone_max: Optional[int
 
 @dataclass(frozen=True)
 class SampleRequest:
-    """One validated request. ``key`` groups requests that may share one solve."""
+    """One validated request: its HTTP fields and the :class:`~anchorflow.runtime.plan.SamplePlan`
+    they mean on this model (set by :meth:`SamplerService.parse`). ``key`` groups requests that may
+    share one solve."""
 
     solver: str
     nfe: int
@@ -74,117 +92,173 @@ class SampleRequest:
     # named conditions: sorted ((name, array), ...) with n or 1 rows each, and their null values
     conditions: Optional[tuple] = field(default=None, compare=False)
     null_conditions: Optional[tuple] = field(default=None, compare=False)
+    first_call: str = "backbone"
+    plan: Any = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> tuple:
-        """Solver, NFE, grid, guidance and condition layout: requests with equal keys share one solve."""
-        from .conditions import signature
-
-        interval = self.cfg_interval if self.cfg != 1.0 else (0.0, 1.0)
-        # grid None (the bundle's tuned default for this solver and NFE) is not "uniform" when tuned
-        return (self.solver, self.nfe, self.grid, self.cfg, interval, signature(self.conditions, self.null_conditions))
+        """The plan's key (every field that changes the numbers, derived from the plan's fields) and
+        the layout of its per-row conditions (names, trailing shapes, dtypes: rows must concatenate)."""
+        if self.plan is None:
+            raise ValueError("a SampleRequest has a key once SamplerService.parse has planned it")
+        layout = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(self.plan.rows.items()))
+        return (self.plan.key, layout)
 
 
 def _fail(msg: str) -> RequestError:
     return RequestError(msg)
 
 
+def _show(v: Any) -> str:
+    """A JSON value for a message, cut to 60 characters (a 4000-digit integer stays readable)."""
+    text = json.dumps(v)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
+
+
 def _int(body: dict, name: str, lo: int, hi: Optional[int] = None) -> int:
     v = body[name]
     if isinstance(v, bool) or not isinstance(v, int):
-        raise _fail(f"{name!r} must be an integer, got {json.dumps(v)}")
+        raise _fail(f"{name!r} must be an integer, got {_show(v)}")
     if v < lo or (hi is not None and v > hi):
         rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
-        raise _fail(f"{name!r} must be {rng}, got {v}")
+        raise _fail(f"{name!r} must be {rng}, got {_show(v)}")
     return v
 
 
 def _number(v: Any, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _fail(f"{name!r} must be a finite number, got {json.dumps(v)}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or abs(v) > 1e300 or not math.isfinite(v):
+        raise _fail(f"{name!r} must be a finite number, got {_show(v)}")
     return float(v)
 
 
-def decode_body(raw: bytes) -> dict:
-    """The JSON object of a request body (RequestError for anything else)."""
+def _depth(v: Any, limit: int, level: int = 1) -> None:
+    """RequestError when ``v`` nests deeper than ``limit`` (iterative over siblings, recursion <= limit)."""
+    if level > limit:
+        raise _fail(f"the body nests deeper than {limit} levels; a request is a flat JSON object (see GET /v1/model)")
+    for child in (v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()):
+        if isinstance(child, (dict, list)):
+            _depth(child, limit, level + 1)
+
+
+def check_body_size(size: int, limit: int) -> None:
+    """BodyTooLarge (HTTP 413) when a body of ``size`` bytes is over ``limit``."""
+    if size > limit:
+        raise BodyTooLarge(f"the request body is {size} bytes or more, over this service's limit of {limit} bytes "
+                           f"({limit / 1024**2:.3g} MiB, 'anchorflow serve --max-body-mb'); send fewer or smaller "
+                           "conditions per request")
+
+
+def decode_body(raw: bytes, max_body: Optional[int] = None) -> dict:
+    """The JSON object of a request body (RequestError for anything else, BodyTooLarge over ``max_body``)."""
+    if max_body is not None:
+        check_body_size(len(raw), max_body)
     try:
         body = json.loads(raw.decode("utf-8") if raw else "{}")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(f"the body is not valid JSON ({exc}); send a JSON object such as "
+    except RecursionError:
+        raise _fail(f"the body nests deeper than {MAX_DEPTH} levels; a request is a flat JSON object") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and ints over Python's digit limit
+        raise _fail(f"the body is not valid JSON ({str(exc)[:120]}); send a JSON object such as "
                     '{"solver": "ba", "nfe": 6, "n": 4}') from None
     if not isinstance(body, dict):
         raise _fail(f"the body must be a JSON object, got {type(body).__name__}")
+    _depth(body, MAX_DEPTH)
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
-        raise _fail(f"unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(FIELDS)}")
+        raise _fail(f"unknown field(s) {', '.join(_show(k) for k in unknown[:5])}; known: {', '.join(FIELDS)}")
     return {**DEFAULTS, **{k: v for k, v in body.items() if v is not None or k == "grid"}}
 
 
 def parse_request(raw: bytes, meta: dict, limits: Limits, has_sidenet: bool, arrived: float = 0.0,
                   model_conditions: Optional[tuple] = None) -> SampleRequest:
-    """Validate a request body against the model (``meta``: state_shape, num_classes) and the limits.
+    """Validate a request body against the model (``meta``: state_shape, num_classes, data_range) and
+    the limits, alone: nothing of it reaches a solve shared with other requests unless it passed.
 
     ``model_conditions``: (declared conditions, axis_range(name) -> (min, opt, max) or None, the
     bundle's null values) of a bundle whose backbone declares conditions; None: labels only.
     """
     from ..runtime import get_solver, make_grid, solver_names
 
-    body = decode_body(raw)
+    body = decode_body(raw, limits.max_body)
     solver = body["solver"]
     if not isinstance(solver, str) or solver not in solver_names():
-        raise _fail(f"unknown solver {json.dumps(solver)}; choose from {', '.join(solver_names())}")
+        raise _fail(f"unknown solver {_show(solver)}; choose from {', '.join(solver_names())}")
     spec = get_solver(solver)
     if spec.needs_sidenet and not has_sidenet:
         raise _fail(f"solver {solver!r} needs a SideNet and this model has none; pick another solver")
     nfe = _int(body, "nfe", 1, limits.max_nfe)
     n = _int(body, "n", 1, limits.max_n)
-    seed = _int(body, "seed", 0, 2**63 - 1)
-    cfg = _number(body["cfg"], "cfg")
+    if n * nfe > limits.max_cost:
+        raise _fail(f"n x nfe = {n} x {nfe} = {n * nfe} backbone row-calls is over this service's per-request "
+                    f"limit of {limits.max_cost}; send several smaller requests")
+    seed = _int(body, "seed", 0, MAX_SEED)
+    cfg = _number(body["cfg"], "cfg")  # JSON-level: a number Python can hold; then the CLI's own rule
+    try:
+        from ..runtime.plan import check_cfg_scale
+
+        cfg = check_cfg_scale(cfg, HTTP_NAMES["cfg_scale"])  # before the conditions: their null rows depend on it
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
     interval = body["cfg_interval"]
     if not isinstance(interval, (list, tuple)) or len(interval) != 2:
-        raise _fail(f"'cfg_interval' must be two numbers [lo, hi], got {json.dumps(interval)}")
+        raise _fail(f"'cfg_interval' must be two numbers [lo, hi], got {_show(interval)}")
     lo, hi = (_number(v, "cfg_interval") for v in interval)
     if not 0.0 <= lo < hi <= 1.0:
         raise _fail(f"'cfg_interval' must satisfy 0 <= lo < hi <= 1, got [{lo:g}, {hi:g}]")
     fmt = body["format"]
     if fmt not in FORMATS:
-        raise _fail(f"unknown format {json.dumps(fmt)}; choose from {', '.join(FORMATS)}")
+        raise _fail(f"unknown format {_show(fmt)}; choose from {', '.join(FORMATS)}")
+    if fmt == "png" and image_range(meta) is None:
+        raise _fail("this model's state is not an image (bundle.json data_range is null: latents) and the service "
+                    "has no decoder for it, so it cannot answer 'format': 'png'; ask for 'npy' or 'json'")
+    num_classes = int(meta.get("num_classes", 0) or 0)
+    decls = model_conditions[0] if model_conditions else ()
     conds = nulls = None
     if body["conditions"] is not None or body["null_conditions"] is not None:
         from .conditions import parse_conditions
 
-        if not model_conditions or not model_conditions[0]:
+        if not decls:
             raise _fail("this model declares no named conditions; drop 'conditions'")
         conds, nulls = parse_conditions(body, n, *model_conditions, guided=cfg != 1.0)
-    labels = _labels(body["labels"], n, int(meta.get("num_classes", 0) or 0))
-    if cfg != 1.0 and not int(meta.get("num_classes", 0) or 0) and conds is None:
-        raise _fail("this model is unconditional, so classifier-free guidance does not apply; send cfg 1")
+    else:
+        _require_conditions(decls, model_conditions[2] if model_conditions else {}, num_classes)
+    labels = _labels(body["labels"], num_classes, decls)
+    first_call = body["first_call"]
+    if first_call not in ("backbone", "cached"):
+        raise _fail(f"'first_call' must be 'backbone' or 'cached', got {_show(first_call)}")
     grid = body["grid"]
     if isinstance(grid, list):
         grid = tuple(_number(v, "grid") for v in grid)
     elif grid is not None and not isinstance(grid, str):
-        raise _fail(f"'grid' must be null, 'uniform', 'shift:S' or a list of times, got {json.dumps(grid)}")
+        raise _fail(f"'grid' must be null, 'uniform', 'shift:S' or a list of times, got {_show(grid)}")
     try:
-        make_grid(spec.steps_for_nfe(nfe), grid)
+        make_grid(spec.steps_for_nfe(nfe, 1 if first_call == "cached" else 0), grid)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    return SampleRequest(solver, nfe, n, labels, cfg, (lo, hi), seed, grid, fmt, arrived, conds, nulls)
+    return SampleRequest(solver, nfe, n, labels, cfg, (lo, hi), seed, grid, fmt, arrived, conds, nulls, first_call)
 
 
-def _labels(value: Any, n: int, num_classes: int) -> Optional[tuple[int, ...]]:
-    from ..sampling import cycle_labels
-
-    if value is not None and (not isinstance(value, list) or not value):
-        raise _fail(f"'labels' must be a non-empty list of integers (cycled over the n samples), got {json.dumps(value)}")
-    try:
-        cycle_labels(value, 1, num_classes, "'labels'")
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
-    return None if value is None else tuple(int(v) for v in value)
+def image_range(meta: dict) -> Optional[tuple[float, float]]:
+    """(lo, hi) of an image state, or None: bundle.json's ``data_range`` null means latents."""
+    rng = meta.get("data_range")
+    return None if rng is None else (float(rng[0]), float(rng[1]))
 
 
-def request_labels(req: SampleRequest, num_classes: int) -> Optional[np.ndarray]:
-    """The (n,) labels of a request, exactly as ``anchorflow sample --labels`` cycles them."""
-    from ..sampling import cycle_labels
+def _require_conditions(decls, null_values: dict, num_classes: int) -> None:
+    """A request without 'conditions' on a model that needs some (e.g. text embeddings): 400 saying which."""
+    lacking = [d for d in decls if d.name not in null_values and not (d.name == "y" and num_classes)]
+    if lacking:
+        want = "; ".join(d.describe() for d in lacking)
+        raise _fail(f"this model needs the condition(s) {want}: send them in 'conditions' as base64 .npy "
+                    "(GET /v1/model lists them)")
 
-    return cycle_labels(req.labels, req.n, num_classes)
+
+def _labels(value: Any, num_classes: int, decls=()) -> Optional[tuple]:
+    """The JSON shape of 'labels' (a non-empty list); their type and range are runtime.plan's."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise _fail(f"'labels' must be a non-empty list of integers (cycled over the n samples), got {_show(value)}")
+    if not num_classes:
+        raise _fail("this model takes no class labels; drop 'labels'" +
+                    (" (its conditions go in 'conditions')" if decls else ""))
+    return tuple(value)
