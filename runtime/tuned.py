@@ -153,8 +153,8 @@ def check_table(means: Any, fmt, where: str = TABLE_FILE) -> np.ndarray:
 
 def check_tuning(bundle) -> Optional[Tuning]:
     """Everything about a bundle's tuning that can be checked (``inspect`` and ``verify`` call it): the
-    files against bundle.json's sha256 (CheckpointError), tuned.json's grids and the first-call table
-    (StateFileError, one line). Returns the tuning, None when the bundle has none."""
+    files against bundle.json's sha256 and tuned.json's grids (CheckpointError), the first-call table
+    (StateFileError); each one line. Returns the tuning, None when the bundle has none."""
     return read_tuning(bundle)
 
 
