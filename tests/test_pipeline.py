@@ -221,7 +221,25 @@ def test_bad_input_one_line_nothing_written(sd3_folder, sd3_bundle, tmp_path, mo
                       str(out)], monkeypatch, capsys)
     assert "latents have shape" in line
     assert "exactly one of --prompt" in cli_error(["generate", str(sd3_bundle), "--out", str(out)], monkeypatch, capsys)
+    # numbers checked by runtime.plan (the caps and messages of sample and serve), named as the CLI names them
+    line = cli_error(["generate", str(sd3_bundle), "--prompt", "a", "--cfg", "5000", "--out", str(out)], monkeypatch,
+                     capsys)
+    assert line == "error: --cfg 5000.0 is above the cap of 1000"
+    line = cli_error(["generate", str(sd3_bundle), "--prompt", "a", "--out", str(out), "--npy", str(out)], monkeypatch,
+                     capsys)
+    assert "--out and --npy name the same file" in line
     assert not out.exists()
+    from anchorflow.errors import ConfigError
+    from anchorflow.runtime import load_pipeline
+    from anchorflow.runtime.plan import MAX_CFG_SCALE
+
+    pipe = load_pipeline(sd3_bundle)
+    for kw, msg in (({"cfg": MAX_CFG_SCALE * 2}, "cfg 2000.0 is above the cap of 1000"),
+                    ({"n": True}, "n must be an integer"), ({"seed": -1}, "seed must be in 0..4294967295"),
+                    ({"nfe": 0}, "nfe must be in 1..1000"), ({"grid": "shifty:3"}, "grid")):
+        with pytest.raises(ConfigError, match=msg):
+            pipe("a cat", height=16, width=16, **kw)
+    assert pipe.text.calls == dict.fromkeys(pipe.text.calls, 0) and pipe.calls["vae_decoder"] == 0  # refused before work
     # an unknown pipeline class, a missing component: refused before torch work, nothing written
     bad = tmp_path / "bad"
     bad.mkdir()
