@@ -38,7 +38,7 @@ from ..errors import CheckpointError, ConfigError
 from ..runtime.bundle_format import file_record, read_bundle, write_bundle_json
 from ..runtime.pipeline_format import FAMILY_OF, PIPELINE_FORMAT, check_pipeline_folder, parse_pipeline
 from .onnx_export import DEFAULT_OPSET
-from .pipeline_parts import TOL, export_part, text_part, vae_parts
+from .pipeline_parts import export_part, text_part, vae_parts
 
 PROBES = ("", "a red cat", "a dog and a cat on a red car, photo, 4k")
 EMBED_TOL = 1e-4  # recipe parity: max |ours - encode_prompt| / max(1, max |encode_prompt|)

@@ -47,7 +47,6 @@ def _torch_outputs(part: Part, feeds: dict) -> list[np.ndarray]:
 def export_part(part: Part, folder: Path, opset: int, validate: bool = True) -> dict:
     """Write ``folder/<part.name>.onnx``; its bundle.json entry (file record, declarations, validation)."""
     from ..runtime.backends import make_session
-    from ..runtime.bundle_format import file_record
     from .adapter_export import doubles, save
 
     start = time.perf_counter()

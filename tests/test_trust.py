@@ -7,17 +7,13 @@ and copies of the bundled digits bundle. Each command runs in-process through ``
 
 from __future__ import annotations
 
-import json
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from anchorflow.cli import main
 
-from _bundles import ROOT, copy_root
 from _trust_bundles import point_source_at, write_evil, write_factory
 
 torch = pytest.importorskip("torch")

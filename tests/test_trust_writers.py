@@ -17,7 +17,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ import pytest
 from anchorflow.errors import CheckpointError
 from anchorflow.runtime.tuned import read_tuning
 
-from _bundles import ROOT, copy_root
+from _bundles import copy_root
 
 KILLER = '''
 import os, signal, sys
