@@ -169,20 +169,23 @@ class Pipeline:
                  nfe: Optional[int] = None, solver: str = "euler", cfg: Optional[float] = None,
                  height: Optional[int] = None, width: Optional[int] = None, seed: int = 0, n: int = 1,
                  latents: Optional[np.ndarray] = None, grid: Any = None, sidenet: bool = True,
-                 **options: Any) -> Generation:
+                 names: Optional[dict] = None, **options: Any) -> Generation:
         from .solve import solve
         from .solvers import get_solver
+
+        from .plan import check_request
 
         prompts = [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
         if not prompts:
             raise ConfigError("give at least one prompt")
-        if isinstance(n, bool) or int(n) < 1:
-            raise ConfigError(f"n (images per prompt) must be a positive integer, got {n!r}")
         d = self.decl.defaults
-        cfg = float(d["guidance_scale"] if cfg is None else cfg)
-        if not np.isfinite(cfg) or cfg <= 0:
-            raise ConfigError(f"cfg must be a positive number, got {cfg}")
-        nfe = int(d["num_inference_steps"] if nfe is None else nfe)
+        # every number through runtime.plan's checks (the same caps and messages as sample / serve);
+        # the plan itself is not built: a pipeline's state shape follows --height/--width
+        a = check_request(solver=solver, nfe=int(d["num_inference_steps"]) if nfe is None else nfe,
+                          grid=grid if isinstance(grid, str) else None,
+                          cfg_scale=float(d["guidance_scale"]) if cfg is None else cfg, n=n, seed=seed,
+                          names={**{"cfg_scale": "cfg"}, **(names or {})})
+        solver, nfe, cfg, n, seed = a["solver"], a["nfe"], a["cfg_scale"], a["n"], a["seed"]
         height = int(self.decl.image["opt"] if height is None else height)
         width = int(self.decl.image["opt"] if width is None else width)
         self.decl.check_size(height, width)

@@ -96,3 +96,24 @@ def measured_parity(meta: dict) -> float:
     errs += [e["validation"]["max_rel_err"] for e in p["text_encoders"].values()]
     errs += [p["vae"][k]["validation"]["max_rel_err"] for k in ("decoder", "encoder")]
     return max(errs)
+
+
+def generate_torch_free(bundle, tmp_path, prompts, lat: np.ndarray, *args: str) -> tuple[np.ndarray, str]:
+    """`anchorflow generate BUNDLE --prompts FILE --latents L.npy --npy P.npy ARGS` in a fresh interpreter
+    with torch, diffusers and transformers blocked; (the --npy pixels, stdout). Fails when any of them
+    was imported or even attempted."""
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    np.save(tmp_path / "lat.npy", lat)
+    argv = ["generate", str(bundle), "--prompts", str(tmp_path / "prompts.txt"), "--latents", str(tmp_path / "lat.npy"),
+            "--out", str(tmp_path / "x.png"), "--npy", str(tmp_path / "x.npy"), *args]
+    proc = torch_free(f"""
+from anchorflow.cli import main
+try:
+    main({argv!r})
+except SystemExit as exc:
+    assert not exc.code, exc.code
+print("ATTEMPTS", attempts, [m for m in BLOCKED if m in sys.modules])
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert "ATTEMPTS [] []" in proc.stdout, proc.stdout
+    return np.load(tmp_path / "x.npy"), proc.stdout

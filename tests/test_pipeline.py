@@ -221,7 +221,25 @@ def test_bad_input_one_line_nothing_written(sd3_folder, sd3_bundle, tmp_path, mo
                       str(out)], monkeypatch, capsys)
     assert "latents have shape" in line
     assert "exactly one of --prompt" in cli_error(["generate", str(sd3_bundle), "--out", str(out)], monkeypatch, capsys)
+    # numbers checked by runtime.plan (the caps and messages of sample and serve), named as the CLI names them
+    line = cli_error(["generate", str(sd3_bundle), "--prompt", "a", "--cfg", "5000", "--out", str(out)], monkeypatch,
+                     capsys)
+    assert line == "error: --cfg 5000.0 is above the cap of 1000"
+    line = cli_error(["generate", str(sd3_bundle), "--prompt", "a", "--out", str(out), "--npy", str(out)], monkeypatch,
+                     capsys)
+    assert "--out and --npy name the same file" in line
     assert not out.exists()
+    from anchorflow.errors import ConfigError
+    from anchorflow.runtime import load_pipeline
+    from anchorflow.runtime.plan import MAX_CFG_SCALE
+
+    pipe = load_pipeline(sd3_bundle)
+    for kw, msg in (({"cfg": MAX_CFG_SCALE * 2}, "cfg 2000.0 is above the cap of 1000"),
+                    ({"n": True}, "n must be an integer"), ({"seed": -1}, "seed must be in 0..4294967295"),
+                    ({"nfe": 0}, "nfe must be in 1..1000"), ({"grid": "shifty:3"}, "grid")):
+        with pytest.raises(ConfigError, match=msg):
+            pipe("a cat", height=16, width=16, **kw)
+    assert pipe.text.calls == dict.fromkeys(pipe.text.calls, 0) and pipe.calls["vae_decoder"] == 0  # refused before work
     # an unknown pipeline class, a missing component: refused before torch work, nothing written
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -233,3 +251,33 @@ def test_bad_input_one_line_nothing_written(sd3_folder, sd3_bundle, tmp_path, mo
     line = cli_error(["export", str(tmp_path / "partial"), "--out", str(tmp_path / "b2")], monkeypatch, capsys)
     assert "tokenizer_3" in line
     assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists()
+
+
+def _doc_example() -> tuple[str, str]:
+    """The ``load_pipeline`` Python example of README.md (once the lead pastes it there), else of
+    docs/pipeline.md: the first ```python block that calls load_pipeline."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    for doc in ("README.md", "docs/pipeline.md"):
+        text = (root / doc).read_text(encoding="utf-8") if (root / doc).exists() else ""
+        for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+            if "load_pipeline(" in block:
+                return doc, block
+    raise AssertionError("no load_pipeline example in README.md or docs/pipeline.md")
+
+
+def test_load_pipeline_doc_example_runs_as_written_torch_free(sd3_bundle, sd3_pipe, meta, tmp_path):
+    """The documented example, only the bundle path replaced, with torch/diffusers/transformers blocked;
+    its images equal the diffusers pipeline's on the same start latents (seed 0's normal draw)."""
+    doc, code = _doc_example()
+    assert '"sd3-bundle"' in code, doc
+    code = code.replace('"sd3-bundle"', repr(str(sd3_bundle)))
+    proc = torch_free(code + f"\nimport numpy as _np; _np.save({str(tmp_path / 'px.npy')!r}, gen.pixels)\n"
+                      "print('ATTEMPTS', attempts, [m for m in BLOCKED if m in sys.modules])\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "(2, 16, 16, 3) uint8" in proc.stdout and "ATTEMPTS [] []" in proc.stdout, proc.stdout
+    lat = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    ref = sd3_pipe(PROMPTS, num_inference_steps=8, latents=torch.from_numpy(lat), guidance_scale=4.0, height=16,
+                   width=16, output_type="np").images
+    assert np.abs(np.load(tmp_path / "px.npy") - ref).max() <= _tolerance(meta, 4.0)

@@ -19,7 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("tokenizers")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _pipeline_fixtures import cli_error, count_parts, measured_parity, pack, run_cli  # noqa: E402
+from _pipeline_fixtures import cli_error, count_parts, generate_torch_free, measured_parity, pack, run_cli  # noqa: E402
 from _tiny_full_pipelines import flux  # noqa: E402
 
 torch.set_num_threads(1)
@@ -77,6 +77,19 @@ def test_flux_generate_equals_the_diffusers_pipeline(flux_case, hw):
     assert counters["transformer"].calls == 3 * runs  # nfe 3 each, no guidance rows
     for name in ("text_encoder", "text_encoder_2", "vae_decoder"):
         assert counters[name].calls == runs, name
+
+
+def test_flux_generate_cli_torch_free(flux_case, tmp_path):
+    """`anchorflow generate` with torch/diffusers/transformers blocked equals the diffusers pipeline."""
+    variant, bundle, pipe, meta = flux_case
+    lat = np.random.default_rng(4).standard_normal((2, 4, 8, 12)).astype(np.float32)
+    cfg = 3.0 if variant == "flux-dev" else 1.0
+    got, out = generate_torch_free(bundle, tmp_path, PROMPTS, lat, "--height", "16", "--width", "24", "--nfe", "2",
+                                   *(["--cfg", "3"] if variant == "flux-dev" else []))
+    assert "2 transformer calls" in out
+    ref = pipe(PROMPTS, num_inference_steps=2, latents=torch.from_numpy(pack(lat)), guidance_scale=cfg, height=16,
+               width=24, output_type="np").images
+    assert np.abs(got - ref).max() <= 20 * 3 * measured_parity(meta)
 
 
 def test_flux_refuses_what_it_cannot_guide(flux_case, tmp_path, monkeypatch, capsys):

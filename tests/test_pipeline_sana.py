@@ -20,7 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("tokenizers")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _pipeline_fixtures import cli_error, count_parts, measured_parity, run_cli  # noqa: E402
+from _pipeline_fixtures import cli_error, count_parts, generate_torch_free, measured_parity, run_cli  # noqa: E402
 from _tiny_full_pipelines import sana  # noqa: E402
 
 torch.set_num_threads(1)
@@ -73,6 +73,18 @@ def test_sana_generate_equals_the_diffusers_pipeline(sana_case, cfg):
     assert gen.pixels.shape == ref.shape and np.abs(gen.pixels - ref).max() <= tol, np.abs(gen.pixels - ref).max()
     np.testing.assert_array_equal(gen.result.grid, pipe.scheduler.sigmas.numpy().astype(np.float64))
     assert counters["transformer"].calls == 3 and counters["text_encoder"].calls == counters["vae_decoder"].calls == 1
+
+
+def test_sana_generate_cli_torch_free(sana_case, tmp_path):
+    """`anchorflow generate` with torch/diffusers/transformers blocked equals the diffusers pipeline (CFG rows)."""
+    bundle, pipe, meta = sana_case
+    lat = np.random.default_rng(6).standard_normal((2, 4, 16, 16)).astype(np.float32)
+    got, out = generate_torch_free(bundle, tmp_path, PROMPTS, lat, "--nfe", "2", "--cfg", "3", "--negative-prompt",
+                                   "blurry")
+    assert "2 transformer calls" in out
+    ref = pipe(PROMPTS, negative_prompt="blurry", num_inference_steps=2, latents=torch.from_numpy(lat),
+               guidance_scale=3.0, height=32, width=32, use_resolution_binning=False, output_type="np").images
+    assert np.abs(got - ref).max() <= 20 * 7 * measured_parity(meta)
 
 
 def test_sana_static_size_is_refused_otherwise(sana_case, tmp_path, monkeypatch, capsys):

@@ -13,6 +13,9 @@ import numpy as np
 from .common import MAX_N, MAX_NFE, cfg_scale as cfg_check, count, seed as seed_check
 
 
+NAMES = {"solver": "--solver", "nfe": "--nfe", "grid": "--grid", "cfg_scale": "--cfg", "n": "--n", "seed": "--seed"}
+
+
 @click.command("generate")
 @click.argument("bundle")
 @click.option("--prompt", default=None, help="The prompt (or give --prompts FILE).")
@@ -81,8 +84,8 @@ def run_generate(bundle, prompt, prompts_file, negative_prompt, height, width, n
     """The library call behind `generate`: check every input and output, generate, write all or nothing."""
     from .. import _io
     from ..errors import ConfigError, NonFiniteError
-    from ..runtime import get_solver
-    from ..runtime.grids import make_grid
+    from ..runtime.plan import check_request
+    from .common import _same
 
     prompts = _prompts(prompt, prompts_file)
     fmt = _io.check_image_path(out)
@@ -90,9 +93,10 @@ def run_generate(bundle, prompt, prompts_file, negative_prompt, height, width, n
         _io.check_output(npy, "--npy")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be a positive integer, got {threads}")
-    get_solver(solver)
-    if grid is not None:
-        make_grid(1, grid)
+    check_request(solver=solver, nfe=1 if nfe is None else nfe, grid=grid, cfg_scale=1.0 if cfg is None else cfg, n=n,
+                  seed=seed, names=NAMES)  # before any model is opened; the pipeline checks again with its defaults
+    if npy and _same(npy) == _same(out):
+        raise ConfigError(f"--out and --npy name the same file ({out}); give two paths")
     latents = None
     if latents_file:
         try:
@@ -104,7 +108,7 @@ def run_generate(bundle, prompt, prompts_file, negative_prompt, height, width, n
     pipe = load_pipeline(bundle, backend=backend, threads=threads)
     click.echo(f"generating {len(prompts) * n} image(s) from {len(prompts)} prompt(s)...", err=True)
     gen = pipe(prompts, negative_prompt, nfe=nfe, solver=solver, cfg=cfg, height=height, width=width, seed=seed, n=n,
-               latents=latents, grid=grid)
+               latents=latents, grid=grid, names=NAMES)
     if not np.isfinite(gen.pixels).all():
         raise NonFiniteError(f"the decoded images hold NaN or Inf; nothing was written to {out}")
     from PIL import Image
