@@ -38,6 +38,7 @@ _EXTRAS = {
     "matplotlib": ("plot", "plots"),
     "diffusers": ("diffusers", "the diffusers integration"),
     "transformers": ("diffusers", "the diffusers integration"),
+    "tokenizers": ("pipeline", "tokenising prompts of a pipeline bundle"),
 }
 
 

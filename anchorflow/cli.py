@@ -30,7 +30,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tune": ("tune", "tune", "Tune each solver's time grid per budget (and the cached first call) into a bundle."),
     "bandit": ("bandit", "bandit", "Inspect FastFlow bandit state files."),
     "solvers": ("info", "solvers", "List the solvers the runtime knows."),
+    "invert": ("invert", "invert", "Invert an image to its noise (t = 0 -> 1) in N backbone calls."),
+    "edit": ("invert", "edit", "Edit an image: invert under one condition, regenerate under another."),
     "refit": ("refit", "refit", "Fuse LoRAs into a bundle's backbone weights without re-export (--unfuse undoes it)."),
+    "generate": ("generate", "generate", "Prompt -> image on a pipeline bundle, torch-free (needs [pipeline])."),
 }
 
 

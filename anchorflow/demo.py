@@ -8,7 +8,6 @@ table (PSNR against the reference, class accuracy by the bundled classifier) and
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
@@ -45,8 +44,9 @@ def run_demo(
 ) -> dict:
     """Run the demo and write its folder; returns the summary dict."""
     from .plots import save_grid, save_labeled_rows
-    from .runtime import get_solver, solve
+    from .runtime import get_solver
     from .runtime.metrics import psnr
+    from .runtime.plan import plan
 
     if nfe < 2 or n < 1:
         raise ConfigError("the demo needs --nfe >= 2 and --n >= 1")
@@ -54,14 +54,14 @@ def run_demo(
     meta = model.meta
     echo(f"model: bundled '{meta['name']}' backbone on {', '.join(model.providers)}; "
          f"{n} samples, guidance {cfg_scale}, NFE {nfe}")
-    rng = np.random.default_rng(seed)
-    noise = rng.standard_normal((n, *meta["state_shape"])).astype(np.float32)
-    y = np.resize(np.arange(meta["num_classes"], dtype=np.int64), n)
-    common = dict(y=y, cfg_scale=cfg_scale, null_label=meta["null_label"], sidenet=model.sidenet)
-    lo, hi = meta.get("data_range", [-1.0, 1.0])
+    def run(method: str, budget: int):  # every run on the uniform grid, the same noise and labels (0..C-1 cycled)
+        return plan(model, solver=method, nfe=budget, grid="uniform", cfg_scale=cfg_scale, n=n, seed=seed,
+                    tuning=None, names={"cfg_scale": "--cfg", "n": "--n", "nfe": "--nfe", "seed": "--seed"}).run()
 
+    lo, hi = meta.get("data_range") or (-1.0, 1.0)
     t0 = time.perf_counter()
-    ref = solve("rk4", model.velocity, noise, REFERENCE_NFE, **common)
+    ref = run("rk4", REFERENCE_NFE)
+    y = plan(model, solver="euler", nfe=1, grid="uniform", n=n, tuning=None).labels
     echo(f"reference: RK4 with {REFERENCE_NFE} calls ({time.perf_counter() - t0:.1f} s)")
     classify = _classifier(model.classifier)
     rows = {f"reference (rk4, {REFERENCE_NFE} calls)": ref.x}
@@ -77,7 +77,7 @@ def run_demo(
             spec.steps_for_nfe(budget)
         except ConfigError:
             budget = budget + 1  # e.g. Heun needs an even NFE: say so in the table
-        res = solve(method, model.velocity, noise, budget, **common)
+        res = run(method, budget)
         pred = None if classify is None else classify(res.x)
         row = {
             "method": method, "nfe": res.nfe, "sidenet_calls": res.sidenet_calls,
@@ -122,6 +122,3 @@ def _markdown(summary: dict) -> str:
     lines += ["", "`comparison.png` rows, top to bottom: " + "; ".join(summary["rows_of_comparison_png"]), ""]
     return "\n".join(lines)
 
-
-def summary_json(summary: dict) -> str:
-    return json.dumps(summary, indent=2)

@@ -21,10 +21,17 @@ MIN_TILE_PX = 32
 
 
 def to_uint8(images: np.ndarray, data_range: Sequence[float] = (-1.0, 1.0)) -> np.ndarray:
-    """Map float images from ``data_range`` (lo, hi) linearly to 0..255 (clipped); uint8 passes through."""
+    """Map float images from ``data_range`` (lo, hi) linearly to 0..255 (clipped); uint8 passes through.
+
+    ``data_range`` None: the state is latents, not an image (bundle.json ``data_range: null``); the
+    images' own (min, max) is used so the picture still shows structure."""
     images = np.asarray(images)
     if images.dtype == np.uint8:
         return images
+    if data_range is None:
+        finite = images[np.isfinite(images)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        data_range = (lo, hi if hi > lo else lo + 1.0)
     lo, hi = float(data_range[0]), float(data_range[1])
     if not hi > lo:
         raise ConfigError(f"data_range must be (lo, hi) with hi > lo, got {data_range!r}")

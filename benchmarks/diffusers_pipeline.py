@@ -221,7 +221,7 @@ def one_setting(setup: Setup, count: Count, batch: int, stream: int, schedule: s
 
 
 def markdown(rep: dict) -> str:
-    lines = [f"# anchorflow inside a diffusers StableDiffusion3Pipeline\n",
+    lines = ["# anchorflow inside a diffusers StableDiffusion3Pipeline\n",
              f"Command: `{rep['command']}` ({rep['seconds']:.0f} s; load before: {rep['load']}). "
              f"Model: {rep['model']}. Batch {rep['batch']}; FastFlow learned over {rep['stream']} generations "
              "(fresh noise and prompts) before the evaluation batch. PSNR (dB) against RK4 with 128 steps "

@@ -210,7 +210,10 @@ def evaluate(args: argparse.Namespace, fused: Path, side_ft: Path) -> list[dict]
     labels = np.arange(args.n) % 10
     cond = {k: v[labels] for k, v in prompts.items()}
     noise = np.random.default_rng(args.seed).standard_normal((args.n, 1, 8, 8)).astype(np.float32)
-    sides = {"ba (base SideNet)": TorchSideNet(load_sidenet(MODEL / "sidenet", adapter)),
+    from anchorflow.trainers.checkpoint import load_checkpoint
+
+    base_side, _ = load_checkpoint(MODEL / "sidenet", kind="sidenet")  # trained for the base weights, on purpose
+    sides = {"ba (base SideNet)": TorchSideNet(base_side),
              f"ba (SideNet fine-tuned {args.ft_iters} it)": TorchSideNet(load_sidenet(side_ft, adapter))}
     rows = []
     for cfg in CFGS:
@@ -267,6 +270,7 @@ def main() -> None:
     ap.add_argument("--ref", type=int, default=256)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--reuse", action="store_true", help="evaluate only, from result.partial.json of an earlier run")
     args = ap.parse_args()
     from anchorflow import _io
 
@@ -274,13 +278,24 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": shlex.join(["python", *sys.argv]).replace(str(ROOT) + "/", ""),
               "loadavg": os.getloadavg()}
+    prev = out / "result.partial.json"
+    if args.reuse and prev.exists():  # the LoRA, refit figures and fine-tuned SideNet of an earlier run
+        result.update({k: v for k, v in _io.read_json(prev).items() if k in ("lora", "refit", "fine_tune")})
+        fused = out / "transformer_lora"
+        result["rows"] = evaluate(args, fused, ROOT / result["fine_tune"]["folder"])
+        return _finish(out, result, _io)
     result["lora"] = train_lora(args, out)
     lora = ROOT / result["lora"]["file"]
     with tempfile.TemporaryDirectory() as tmp:
         fused = fused_transformer(lora, out / "transformer_lora")
         result["refit"] = refit_vs_export(lora, fused, Path(tmp))
     result["fine_tune"] = fine_tune(args, fused, out)
+    _io.write_json(prev, result)
     result["rows"] = evaluate(args, fused, ROOT / result["fine_tune"]["folder"])
+    _finish(out, result, _io)
+
+
+def _finish(out: Path, result: dict, _io) -> None:
     result["loadavg_end"] = os.getloadavg()
     _io.write_json(out / "result.json", result)
     _io.write_text(out / "result.md", markdown(result))

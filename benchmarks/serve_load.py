@@ -18,7 +18,6 @@ Writes benchmarks/results/serve_load.json and serve_load.md (``--name`` changes 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile

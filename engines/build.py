@@ -200,7 +200,7 @@ def build_serialized(trt: Any, onnx_path: Path, profile: Profile, options: Build
         try:
             config = CreateConfig(profiles=[polygraphy_profile(profile)], load_timing_cache=load,
                                   progress_monitor=monitor, **kwargs)(builder, network)
-            data = run_cancellable(lambda: engine_bytes_from_network((builder, network, parser), config=config), display)
+            data = run_cancellable(lambda: engine_bytes_from_network((builder, network, parser), config=config), display)  # noqa: F821 (called before the del below)
         except PolygraphyException as exc:
             logger.errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
     if not data:

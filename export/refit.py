@@ -117,6 +117,76 @@ def _save(model: Any, folder: Path, file: str, external: bool) -> dict:
     return record
 
 
+def overlay_file(file: str) -> str:
+    """The external-data file a refit writes the changed weights of ``file`` to (beside ``file``.data)."""
+    return f"{file}.lora.data"
+
+
+def _load_overlay(path: Path, targets: dict[str, list], weights: dict[str, list], file: str) -> Any:
+    """``path``'s graph with only the tensors a refit rewrites loaded: those the LoRAs touch and those an
+    earlier refit put into the overlay file (rewritten whole). The other weights stay references into
+    the base ``.data`` file, which is shared with the base bundle (a hard link), never written."""
+    onnx = require("onnx", extra="export", purpose="refitting a bundle")
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    wanted = {init for name in targets for init, _ in weights[name]}
+    for t in model.graph.initializer:
+        info = {e.key: e.value for e in t.external_data} if uses_external_data(t) else {}
+        if info and (t.name in wanted or info.get("location") == overlay_file(file)):
+            t.raw_data = _external_bytes(path.parent, t.name, info)
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+    return model
+
+
+def _external_bytes(folder: Path, name: str, info: dict) -> bytes:
+    """A tensor's bytes from its external-data file (a plain file name beside the graph, in bounds).
+
+    Read here rather than by onnx's loader, which refuses files with several hard links: the base
+    bundle and its refits share their weights file by hard links on purpose."""
+    loc = info.get("location", "")
+    try:
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+    except (KeyError, ValueError):
+        raise CheckpointError(f"the backbone graph's tensor {name!r} has no valid external-data offset/length; "
+                              "re-export the bundle") from None
+    path = folder / loc
+    if not loc or Path(loc).name != loc or not path.is_file() or offset < 0 or offset + length > path.stat().st_size:
+        raise CheckpointError(f"the backbone graph's tensor {name!r} points outside its data files ({loc!r}, "
+                              f"offset {offset}, length {length}); re-export the bundle")
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read(length)
+
+
+def _save_overlay(model: Any, folder: Path, file: str) -> dict:
+    """Write the graph with every in-memory weight moved to the overlay file (see :func:`_load_overlay`)."""
+    onnx = require("onnx")
+    from onnx.external_data_helper import set_external_data
+
+    for name in (file, overlay_file(file)):
+        if (folder / name).exists():
+            os.unlink(folder / name)  # hard links to the source bundle's files: never write through them
+    offset, chunks = 0, []
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.DEFAULT and t.HasField("raw_data") and len(t.raw_data) > 1024:
+            offset += -offset % 64  # aligned like onnx's own writer
+            chunks.append((offset, t.raw_data))
+            set_external_data(t, overlay_file(file), offset=offset, length=len(t.raw_data))
+            offset += len(t.raw_data)
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+    with open(folder / overlay_file(file), "wb") as fh:
+        for off, data in chunks:
+            fh.seek(off)
+            fh.write(data)
+    write_bytes(folder / file, model.SerializeToString())
+    record = file_record(folder, file)
+    record["external_data"] = [file_record(folder, f"{file}.data"), file_record(folder, overlay_file(file))]
+    return record
+
+
 def _link_tree(src: Path, dst: Path) -> None:
     """Fill ``dst`` with ``src``'s files, hard-linked where the file system allows (nothing copied twice)."""
     for p in src.rglob("*"):
@@ -263,13 +333,16 @@ def refit_bundle(bundle: str | os.PathLike, loras: Sequence[str | os.PathLike], 
         entry = meta["networks"]["backbone"]
         touched = 0
         for precision, file in _backbone_files(meta):
-            model = _load(src / file)
+            ext = _external(entry if precision == "fp32" else entry["precisions"][precision])
+            model = _load_overlay(src / file, targets, weights, file) if ext else _load(src / file)
             fresh: dict[str, np.ndarray] = {}
             touched += _fuse(model, targets, weights, fresh, precision)
             for k, v in fresh.items():
                 base.setdefault(k, v)
-            ext = _external(entry if precision == "fp32" else entry["precisions"][precision])
-            rec = _save(model, tmp, file, ext)
+            if ext and not (tmp / BASE_DIR / file).exists():  # the base graph (small: weights are external)
+                (tmp / BASE_DIR).mkdir(exist_ok=True)
+                shutil.copy2(src / file, tmp / BASE_DIR / file)
+            rec = _save_overlay(model, tmp, file) if ext else _save(model, tmp, file, ext)
             target = entry if precision == "fp32" else entry["precisions"][precision]
             target.update({k: rec[k] for k in ("sha256", "bytes")})
             if ext:
@@ -333,14 +406,21 @@ def unfuse_bundle(bundle: str | os.PathLike, out: Optional[str | os.PathLike] = 
         _link_tree(src, tmp)
         os.unlink(tmp / BUNDLE_JSON)
         for precision, file in _backbone_files(base_meta):
-            model = _load(src / file)
-            for t in model.graph.initializer:
-                arr = base.get(f"{precision}/{t.name}")
-                if arr is not None:
-                    t.raw_data = numpy_helper.from_array(arr).raw_data
             entry = base_meta["networks"]["backbone"]
             target = entry if precision == "fp32" else entry["precisions"][precision]
-            rec = _save(model, tmp, file, _external(target))
+            if _external(target):  # the base graph kept under lora/; its .data file was never written
+                for name in (file, overlay_file(file)):
+                    if (tmp / name).exists():
+                        os.unlink(tmp / name)
+                shutil.copy2(src / BASE_DIR / file, tmp / file)
+                rec = file_record(tmp, file)
+            else:
+                model = _load(src / file)
+                for t in model.graph.initializer:
+                    arr = base.get(f"{precision}/{t.name}")
+                    if arr is not None:
+                        t.raw_data = numpy_helper.from_array(arr).raw_data
+                rec = _save(model, tmp, file, False)
             if rec["sha256"] != target["sha256"]:
                 raise CheckpointError(f"unfusing did not restore {file} exactly (sha256 {rec['sha256'][:12]} != "
                                       f"{target['sha256'][:12]}); the bundle is left as it was")

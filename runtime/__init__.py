@@ -23,6 +23,7 @@ _LAZY = {
     "SamplePlan": ".plan",
     "OrtVelocity": ".backends",
     "OrtSideNet": ".backends",
+    "load_pipeline": ".pipeline",  # pipeline bundles: prompt -> image (runtime/pipeline.py)
 }
 
 

@@ -69,7 +69,7 @@ def migrate(d: dict, source: str) -> dict:
 def _matrix(d: dict, name: str, shape: tuple[int, int], dtype: type, source: str) -> np.ndarray:
     try:
         m = np.asarray(d[name], dtype=dtype)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise _bad(source, f"missing or non-numeric {name}") from None
     if m.shape != shape or not np.all(np.isfinite(m)):
         raise _bad(source, f"{name} must be a finite {shape[0]}x{shape[1]} table, got shape {m.shape}")
@@ -93,8 +93,10 @@ def from_dict(d: Any, source: str = "bandit state") -> FastFlowBandit:
         b.generations = int(d["generations"])
         b.history = [[float(c), None if m is None else float(m)] for c, m in d["history"]][-HISTORY:]
         b.rng.bit_generator.state = d["rng"]
-    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError, ConfigError) as exc:
         raise _bad(source, f"bad or missing field: {exc}") from None
+    if adapt and not 0 < b.eta <= MAX_ETA:  # trust (issue 31): a huge eta drove mu to inf on the next update
+        raise _bad(source, f"budget.eta must be in (0, {MAX_ETA:g}], got {b.eta!r}")
     if b.key.grid_sha256 != key.get("grid_sha256"):
         raise _bad(source, "grid hash does not match its grid values")
     shape = (b.T, len(b.arms))
@@ -114,10 +116,14 @@ def read(path: str | os.PathLike) -> Any:
         raise StateFileError(f"{path} does not exist; run fastflow with this --bandit-state to create it") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise _bad(str(path), f"unreadable: {exc}") from None
+    # trust (issue 31): nesting, huge integers and garbage refused by the one defensive JSON reader
+    from .._io import parse_json
+    from ..errors import CheckpointError
+
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _bad(str(path), f"corrupt or truncated JSON: {exc}") from None
+        return parse_json(text, path)
+    except CheckpointError as exc:
+        raise _bad(str(path), f"corrupt or truncated JSON: {str(exc).replace(f'{path} ', '', 1)}") from None
 
 
 def load(path: str | os.PathLike, key: Optional[BanditKey] = None) -> FastFlowBandit:
@@ -133,8 +139,12 @@ def load(path: str | os.PathLike, key: Optional[BanditKey] = None) -> FastFlowBa
     return b
 
 
+MAX_ETA = 10.0  # log mu moves by at most eta x the relative calls error per generation
+
+
 def write(b: FastFlowBandit, path: str | os.PathLike) -> None:
     """Replace ``path`` atomically with the version-2 document (caller holds the lock)."""
+    from_dict(json.loads(json.dumps(to_dict(b))), f"{path} (the updated state, not written)")  # trust (issue 31)
     try:
         write_json(path, to_dict(b))
     except OSError as exc:

@@ -166,19 +166,49 @@ class BundleFormat:
             raise CheckpointError(f"the bundle in {self.folder} has no {network}")
         entry = decl.entry(precision)
         path = inside(self.folder, entry["file"], f"the {network} {precision} file")
+        declared = set()
         for extra in entry.get("external_data") or ():
-            verify_file(inside(self.folder, extra["file"], f"the {network} weights"), extra["sha256"], verify)
-        return verify_file(path, entry["sha256"], verify)
+            declared.add(verify_file(inside(self.folder, extra["file"], f"the {network} weights"), extra["sha256"],
+                                     verify))
+        verify_file(path, entry["sha256"], verify)
+        check_external_data(path, self.folder, declared)
+        return path
+
+
+def check_external_data(path: Path, folder: Path, declared: set) -> None:
+    """Refuse an ONNX file whose external-data locations leave the bundle folder (``..``, absolute,
+    a symlink out) or name a file bundle.json does not record (and hash); onnxruntime would read them."""
+    from .onnx_scan import ScanError, outside, resolve_location, scan
+
+    try:
+        locations = scan(path, stats=False).locations
+    except (ScanError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a well-formed ONNX file ({exc}); re-export the bundle") from None
+    bad = outside(folder, locations, path.parent)
+    if bad:
+        raise CheckpointError(f"{path} reads external data from {bad[0][:200]!r}, outside the bundle folder "
+                              f"{Path(folder).resolve()}; refused (a bundle's files must sit inside it)")
+    unknown = sorted({loc for loc in locations if resolve_location(path.parent, loc) not in declared})
+    if unknown:
+        raise CheckpointError(f"{path} reads external data from {unknown[0][:200]!r}, which bundle.json does not "
+                              "record (no sha256 to check it against); re-export the bundle")
+
+
+# files that `tune` replaces together (anchorflow._io.replace_files), bundle.json last
+JOURNALED = ("tuned.json", "first_call.npy", BUNDLE_JSON)
 
 
 def find_bundle(path: str | os.PathLike) -> Path:
     """The bundle folder for ``path``: the folder itself or a model root's ``bundle/``."""
-    from .._io import recover_dir
+    from .._io import recover_dir, recover_journal
 
     path = Path(path).expanduser()
     for folder in (path, path / "bundle"):
-        recover_dir(folder)  # undo a replacement that a crash interrupted (see anchorflow._io.atomic_dir)
+        if recover_dir(folder):  # undo a replacement that a crash interrupted (see anchorflow._io.atomic_dir)
+            raise CheckpointError(f"{folder} is being replaced by a running export right now; retry when it has "
+                                  "finished")
         if (folder / BUNDLE_JSON).is_file():
+            recover_journal(folder, JOURNALED, BUNDLE_JSON)  # a tune killed mid-write (trust, issue 31)
             return folder
     raise CheckpointError(f"{path} is not a bundle (no {BUNDLE_JSON}, nor bundle/{BUNDLE_JSON}); "
                           "create one with 'anchorflow export MODEL --out FOLDER'")
@@ -244,7 +274,10 @@ def _network(name: str, e: dict, schema: str) -> NetworkDecl:
 def inside(folder: Path, file: str, what: str) -> Path:
     """``folder / file``, refused when it would leave the bundle folder (``../../etc/passwd``)."""
     root = Path(folder).resolve()
-    path = (root / file).resolve()
+    try:
+        path = (root / file).resolve()
+    except (OSError, ValueError):  # a NUL byte, a name too long, a symlink loop
+        path = root
     if Path(file).is_absolute() or root not in path.parents:
         raise CheckpointError(f"bundle.json names {what} as {file!r}, which lies outside the bundle folder {root}; "
                               "a bundle's files must sit inside it (re-export the bundle)")
@@ -279,11 +312,53 @@ def write_bundle_json(folder: Path, meta: dict) -> BundleFormat:
     if meta.get("schema") != SCHEMA:
         raise ValueError(f"internal error: new bundles are written as {SCHEMA}")
     parsed = parse_meta(meta, folder, "the new bundle.json")
+    check_written_graphs(parsed)
     write_json(Path(folder) / BUNDLE_JSON, meta)
     return parsed
 
 
+def check_written_graphs(fmt: BundleFormat) -> None:
+    """Refuse to publish a bundle whose graphs do not compute what it declares: each graph's inputs
+    and outputs against the declaration, and the backbone's velocity of the state's shape."""
+    from .onnx_scan import ScanError, scan
+
+    bb = fmt.backbone
+    state, v = bb.input("state"), bb.outputs[0]
+    if state is not None and list(v.shape[1:]) != list(state.shape[1:]):
+        raise CheckpointError(f"the backbone returns {v.name} of shape {list(v.shape)}, but its state {state.name} is "
+                              f"{list(state.shape)}: a velocity has the state's shape (check what the model returns)")
+    for name, decl in fmt.networks.items():
+        for precision in ["fp32", *sorted(decl.variants)]:
+            path = fmt.folder / decl.entry(precision)["file"]
+            if not path.is_file():
+                continue
+            try:
+                s = scan(path, stats=False)
+            except (ScanError, OSError) as exc:
+                raise CheckpointError(f"{path} is not a well-formed ONNX file ({exc})") from None
+            fix = "the exported graph does not compute what the model declares (check its outputs' shapes)"
+            compare_io(name, "inputs", decl.inputs, s.inputs, f"the exported {path.name}", fix)
+            compare_io(name, "outputs", decl.outputs, s.outputs, f"the exported {path.name}", fix)
+
+
 # -- the graph against the declaration -----------------------------------------------------------
+FIX = "re-export the bundle (or undo the edit to bundle.json)"
+
+
+def compare_io(network: str, part: str, declared: tuple, got: list, path: Any, fix: str = FIX) -> None:
+    want = {t.name: t for t in declared}
+    have = {name: (_ORT_TYPES.get(dtype, dtype), list(dims)) for name, dtype, dims in got}
+    if set(have) != set(want):
+        raise CheckpointError(f"{path} has {part} {sorted(have)}, but bundle.json declares {sorted(want)} for the "
+                              f"{network} (a graph of another network, or an edited bundle.json); {fix}")
+    for name, (dtype, dims) in have.items():
+        t = want[name]
+        static_differs = any(isinstance(w, int) and isinstance(g, int) and w != g for w, g in zip(t.shape, dims))
+        if dtype != t.dtype or len(dims) != len(t.shape) or static_differs:
+            raise CheckpointError(f"{path}: {part[:-1]} {name!r} is {dtype} {dims}, but bundle.json declares "
+                                  f"{t.dtype} {list(t.shape)}; {fix}")
+
+
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
 

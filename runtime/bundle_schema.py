@@ -7,6 +7,7 @@ See :mod:`anchorflow.runtime.bundle_format` for the layout. Torch-free, no jsons
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -14,6 +15,7 @@ from ..errors import CheckpointError
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+MAX_INT = 2**31 - 1  # sizes, batch ranges and labels: a larger number is not a model's (and overflows int32)
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 ROLES = ("state", "time", "velocity", "offset", "condition")
 
@@ -34,8 +36,13 @@ class _Checker:
         return obj
 
     def int(self, obj: Any, key: str, lo: int | None = None) -> int:
-        if isinstance(obj, bool) or not isinstance(obj, int) or (lo is not None and obj < lo):
-            self.fail(key, obj, "an integer" + (f" >= {lo}" if lo is not None else ""))
+        if isinstance(obj, bool) or not isinstance(obj, int) or (lo is not None and obj < lo) or abs(obj) > MAX_INT:
+            self.fail(key, obj, "an integer" + (f" in {lo}..{MAX_INT}" if lo is not None else f" of at most {MAX_INT}"))
+        return obj
+
+    def number(self, obj: Any, key: str, expected: str = "a finite number") -> float:
+        if isinstance(obj, bool) or not isinstance(obj, (int, float)) or not math.isfinite(obj) or abs(obj) > 1e30:
+            self.fail(key, obj, expected)
         return obj
 
     def str(self, obj: Any, key: str) -> str:
@@ -127,9 +134,12 @@ def _model(c: _Checker, obj: Any, v1: bool) -> None:
         if classes is not None and null > classes:
             c.fail("model.null_label", null, f"an integer in 0..{classes} (num_classes)")
     data_range = m.get("data_range")
-    if data_range is not None and (not isinstance(data_range, list) or len(data_range) != 2
-                                   or not all(isinstance(v, (int, float)) for v in data_range)):
+    if data_range is not None and (not isinstance(data_range, list) or len(data_range) != 2):
         c.fail("model.data_range", data_range, "[lo, hi]")
+    for j, v in enumerate(data_range or ()):
+        c.number(v, f"model.data_range[{j}]", "[lo, hi] with finite numbers")
+    if data_range is not None and not data_range[0] < data_range[1]:
+        c.fail("model.data_range", data_range, "[lo, hi] with lo < hi")
 
 
 def _guidance(c: _Checker, meta: dict) -> None:
@@ -142,14 +152,12 @@ def _guidance(c: _Checker, meta: dict) -> None:
             c.fail("guidance.input", g.get("input"), f"a backbone input ({', '.join(inputs)})")
     null = c.dict(g.get("null") or {}, "guidance.null")
     for name, value in null.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            c.fail(f"guidance.null.{name}", value, "a number (tensors are given with --null-cond)")
+        c.number(value, f"guidance.null.{name}", "a finite number (tensors are given with --null-cond)")
     t = c.dict(meta.get("time") or {"map": "identity"}, "time")
     if t.get("map") not in ("identity", "scale", "flip"):
         c.fail("time.map", t.get("map"), "identity, scale or flip")
-    if t["map"] == "scale" and (isinstance(t.get("scale"), bool) or not isinstance(t.get("scale"), (int, float))
-                                or t["scale"] <= 0):
-        c.fail("time.scale", t.get("scale"), "a positive number")
+    if t["map"] == "scale" and c.number(t.get("scale"), "time.scale", "a positive finite number") <= 0:
+        c.fail("time.scale", t.get("scale"), "a positive finite number")
 
 
 def validate_meta(meta: dict, v1: bool, where: Any) -> None:
@@ -167,6 +175,10 @@ def validate_meta(meta: dict, v1: bool, where: Any) -> None:
     if not v1:
         _guidance(c, meta)
     classes = meta["model"].get("num_classes")
+    for name, entry in networks.items():
+        for key in ("checkpoint", "source", "validation", "cleanup"):
+            if entry is not None and entry.get(key) is not None:
+                c.dict(entry[key], f"networks.{name}.{key}")
     arch = ((networks["backbone"].get("checkpoint") or {}).get("arch") or {})
     if isinstance(arch, dict) and isinstance(arch.get("num_classes"), int) and classes != arch["num_classes"]:
         c.fail("model.num_classes", classes, f"{arch['num_classes']} (the checkpoint's num_classes)")

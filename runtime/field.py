@@ -48,10 +48,10 @@ def in_interval(t: float, interval: tuple[float, float]) -> bool:
 
 
 def overlaps(span: tuple[float, float], interval: tuple[float, float]) -> bool:
-    """Is guidance active for some t in the closed ``span`` (a <= t <= b)? (see :func:`in_interval`)"""
+    """Is guidance active for some t in the closed ``span`` (a <= t <= b)? Derived from
+    :func:`in_interval` (the one rule): the span's largest time not above hi decides."""
     a, b = min(span), max(span)
-    lo, hi = interval
-    return a <= hi and (b > lo or lo <= 0.0)
+    return a <= interval[1] and in_interval(min(b, interval[1]), interval)
 
 
 def label_conditions(y: Optional[np.ndarray], null_label: Optional[int], cond: Cond = None,

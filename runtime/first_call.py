@@ -89,3 +89,27 @@ class CachedStartField(GuidedField):
         rows = self.rows_for(span)
         labels = self.labels if self.labels is None or rows == self.rows else self.labels[: self.batch]
         return self.table.velocity(self.expand(x, rows).astype(self.dtype, copy=False), labels)
+
+
+def load_means(path, state_shape, num_classes: int | None) -> np.ndarray:
+    """The table's rows from ``first_call.npy``, checked: a plain float array (never a pickle), of
+    shape (C + 1, *state) for C classes (one row when unconditional) and finite. CheckpointError
+    naming the file and the fault otherwise."""
+    from ..errors import CheckpointError
+
+    try:
+        means = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise CheckpointError(f"{path} is not a readable .npy array ({str(exc)[:200]}); rerun 'anchorflow tune'") from None
+    if not isinstance(means, np.ndarray) or not np.issubdtype(means.dtype, np.floating):
+        raise CheckpointError(f"{path}: expected a float array, got {getattr(means, 'dtype', type(means).__name__)}; "
+                              "rerun 'anchorflow tune'")
+    rows = {int(num_classes) + 1, 1} if num_classes else {1}
+    if means.ndim != 1 + len(tuple(state_shape)) or tuple(means.shape[1:]) != tuple(state_shape) \
+            or means.shape[0] not in rows:
+        raise CheckpointError(f"{path}: shape {tuple(means.shape)}, expected ({' or '.join(map(str, sorted(rows)))}, "
+                              f"{', '.join(map(str, state_shape))}) (a row per label and the null label); "
+                              "rerun 'anchorflow tune'")
+    if not np.all(np.isfinite(means)):
+        raise CheckpointError(f"{path} holds NaN or Inf; rerun 'anchorflow tune'")
+    return means.astype(np.float32, copy=False)

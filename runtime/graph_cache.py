@@ -12,6 +12,15 @@ match the recorded sha256 (truncated, edited) is ignored and rebuilt. Both files
 together through :func:`anchorflow._io.atomic_paths` (temporary files, then rename): a crash leaves
 no half entry. A cache that cannot be written (read-only home) only costs the speed-up.
 
+Integrity (the graph that runs must be the one derived from the bundle's hash-checked file):
+the key holds the bundle file's sha256, so another bundle's entry is never looked up; each record
+carries an HMAC-SHA256 over its key and the cached graph's sha256, made with a per-cache secret
+(``<root>/.key``, 32 random bytes, mode 0600, owned by this user). An entry whose MAC does not
+verify (a cached graph swapped or edited, its record rewritten to match), an entry or key file
+owned by another user or writable by group / others is never opened: it is rebuilt, or the
+session is made uncached. Whoever can read the key as this user can forge entries; they could
+equally edit anchorflow itself, which is outside what a cache can defend.
+
 Root: ``$ANCHORFLOW_CACHE/ort-graphs`` or ``~/.cache/anchorflow/ort-graphs``;
 ``ANCHORFLOW_ORT_GRAPH_CACHE=0`` turns the cache off. Only CPU-only sessions are cached (GPU
 providers partition the graph at load time and have their own engine caches). numpy + onnxruntime only.
@@ -20,8 +29,10 @@ providers partition the graph at load time and have their own engine caches). nu
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import platform
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -69,15 +80,80 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
+KEY_FILE = ".key"
+
+
+def _trusted(st: os.stat_result) -> bool:
+    """Owned by this user and not writable by group or others."""
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def secret(root: Path, create: bool = False) -> Optional[bytes]:
+    """The cache's MAC key (made on first use when ``create``); None when missing or untrusted."""
+    path = root / KEY_FILE
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            if not create or not _make_secret(root, path):
+                return None
+            continue
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            data = os.read(fd, 64)
+        finally:
+            os.close(fd)
+        ok = _trusted(st) and not st.st_mode & 0o077 and len(data) == 32
+        return data if ok else None
+    return None
+
+
+def _make_secret(root: Path, path: Path) -> bool:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".key.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, secrets.token_bytes(32))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # never replaces a key another process made first
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        return True
+    except OSError:
+        return False
+
+
+def mac(key: bytes, fields: dict, graph_sha256: str) -> str:
+    message = json.dumps({"key": fields, "sha256": graph_sha256}, sort_keys=True).encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
 def lookup(root: Path, fields: dict) -> Optional[Path]:
-    """The cached optimised graph for ``fields`` if its entry is whole and matches, else None."""
+    """The cached optimised graph for ``fields`` if its entry is whole, this user's, and its MAC
+    verifies (see the module docstring), else None."""
     key = graph_key(fields)
     graph, meta = root / f"{key}.onnx", root / f"{key}.json"
+    secret_key = secret(root)
+    if secret_key is None:
+        return None
     try:
-        record = json.loads(meta.read_text())
-        if record.get("key") != fields or record.get("sha256") != _sha256(graph):
+        if not (_trusted(graph.lstat()) and _trusted(meta.lstat())) or graph.is_symlink() or meta.is_symlink():
             return None
-    except (OSError, ValueError):
+        record = json.loads(meta.read_text())
+        digest = _sha256(graph)
+        if record.get("key") != fields or record.get("sha256") != digest:
+            return None
+        if not hmac.compare_digest(str(record.get("mac", "")), mac(secret_key, fields, digest)):
+            return None
+    except (OSError, ValueError, RecursionError, AttributeError):
         return None
     return graph
 
@@ -113,7 +189,12 @@ def _build(path: Path, root: Path, fields: dict, opts: Any, make: Callable[[str,
             session = make(str(path), opts)
             if graph.stat().st_size == 0:
                 raise OSError("onnxruntime wrote no optimised graph")
-            meta.write_text(json.dumps({"key": fields, "sha256": _sha256(graph), "source": str(path)}, indent=2))
+            key_bytes = secret(root, create=True)
+            if key_bytes is None:
+                raise OSError("the cache's key is missing or not this user's")
+            digest = _sha256(graph)
+            meta.write_text(json.dumps({"key": fields, "sha256": digest, "mac": mac(key_bytes, fields, digest),
+                                        "source": str(path)}, indent=2))
         return session
     except (OSError, OutputError):  # a cache we cannot write only costs the speed-up
         opts.optimized_model_filepath = ""

@@ -14,7 +14,6 @@ A MODEL is one of:
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -72,13 +71,26 @@ def resolve(spec: str | Path) -> Path:
 
 
 def _kind(folder: Path) -> Optional[str]:
+    from .._io import read_json
+
     cfg = folder / "config.json"
     if not cfg.is_file():
         return None
+    data = read_json(cfg)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{cfg} is not a JSON object")
+    kind = data.get("kind")
+    return kind if isinstance(kind, str) else None
+
+
+def _json_or_none(path: Path) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable (callers only peek)."""
+    from .._io import read_json
+
     try:
-        return json.loads(cfg.read_text()).get("kind")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        raise CheckpointError(f"{cfg} is not readable JSON") from None
+        return read_json(path)
+    except CheckpointError:
+        return None
 
 
 def _sub(root: Path, name: str, marker: str) -> Optional[Path]:
@@ -86,9 +98,23 @@ def _sub(root: Path, name: str, marker: str) -> Optional[Path]:
     return p if (p / marker).is_file() else None
 
 
+def _recover_parts(path: Path) -> None:
+    """Undo interrupted replacements of a model root's parts (an export killed mid-swap), and
+    refuse while a live writer is swapping one in: a model root whose bundle is missing for that
+    moment must not be sampled from its torch checkpoints instead."""
+    from .._io import recover_dir
+
+    for part in ("bundle", "backbone", "sidenet"):
+        if recover_dir(path / part):
+            raise CheckpointError(f"{path / part} is being replaced by a running export or training right now; "
+                                  "retry when it has finished")
+
+
 def locate(spec: str | Path) -> ModelFiles:
     """Find the bundle, checkpoints and evaluation classifier that a MODEL argument names."""
     path = resolve(spec)
+    if path.resolve() != (BUNDLED / DEFAULT_NAME).resolve():
+        _recover_parts(path)
     if (path / BUNDLE_JSON).is_file():
         root = path.parent if (path.parent / "backbone").is_dir() else path
         bundle, backbone, sidenet = path, _sub(root, "backbone", "config.json"), _sub(root, "sidenet", "config.json")
@@ -114,15 +140,14 @@ def locate(spec: str | Path) -> ModelFiles:
 
 
 def _dataset_of(bundle: Optional[Path], backbone: Optional[Path]) -> Optional[str]:
-    try:
-        if bundle is not None:
-            meta = json.loads((bundle / BUNDLE_JSON).read_text())
-            return (meta.get("model") or {}).get("name") or (meta.get("model") or {}).get("dataset")
-        if backbone is not None:
-            data = json.loads((backbone / "config.json").read_text()).get("data")
-            return data.get("name") if isinstance(data, dict) else data
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
+    if bundle is not None:
+        meta = _json_or_none(bundle / BUNDLE_JSON)
+        model = meta.get("model") if isinstance(meta, dict) else None
+        return (model.get("name") or model.get("dataset")) if isinstance(model, dict) else None
+    if backbone is not None:
+        cfg = _json_or_none(backbone / "config.json")
+        data = cfg.get("data") if isinstance(cfg, dict) else None
+        return data.get("name") if isinstance(data, dict) else data if isinstance(data, str) else None
     return None
 
 
@@ -154,10 +179,8 @@ def check_fresh(files: ModelFiles) -> None:
             continue
         if (files.bundle / record["path"]).resolve() != folder.resolve():
             continue  # exported from a checkpoint elsewhere: nothing beside it to compare with
-        try:
-            current = json.loads((folder / "config.json").read_text()).get("weights_sha256")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            continue
+        cfg = _json_or_none(folder / "config.json")
+        current = cfg.get("weights_sha256") if isinstance(cfg, dict) else None
         recorded = record.get("weights_sha256")
         if recorded and current and recorded != current:
             why = (f"the bundle {files.bundle} is stale: its {name} was exported from weights {recorded[:12]}, but "

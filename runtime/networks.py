@@ -188,8 +188,27 @@ def check_conditions(decl: NetworkDecl, cond: dict, rows: int, null: Optional[di
         if not ok:
             raise ConfigError(f"{what}: {name} has shape {tuple(value.shape)}, expected {inp.describe()} with "
                               f"batch = {rows} (or 1){_ranges(decl, inp)}; {expects}")
+        if inp.dtype in ("int64", "int32") and name in (null or {}):
+            check_labels(name, value, null[name], what)  # trust (issue 31): labels in range, exactly
         out[name] = value.astype(_NP.get(inp.dtype, value.dtype), copy=False)
     return out
+
+
+def check_labels(name: str, value: np.ndarray, null_value, what: str = "--cond") -> None:
+    """Integer labels of a condition whose null value is the label C (classes 0..C-1): integers (a
+    float label is refused, not truncated) in 0..C-1, the null label C also allowed in null rows
+    (``what`` --null-cond). A negative label must never wrap around to another class."""
+    try:
+        classes = int(null_value)
+    except (TypeError, ValueError):
+        return
+    if value.dtype == np.bool_ or not (np.issubdtype(value.dtype, np.integer) or value.size == 0):
+        raise ConfigError(f"{what}: {name} must hold integer labels, got {value.dtype}")
+    top = classes if what == "--null-cond" else classes - 1
+    if value.size and (int(value.min()) < 0 or int(value.max()) > top):
+        bad = int(value.min()) if int(value.min()) < 0 else int(value.max())
+        raise ConfigError(f"{what}: {name} holds the label {bad}; labels are integers in 0..{top}"
+                          + (f" ({classes} is the null label)" if what == "--null-cond" else ""))
 
 
 def _ranges(decl: NetworkDecl, inp: TensorDecl) -> str:

@@ -213,6 +213,16 @@ class SamplePlan:
         return h.hexdigest()
 
     @property
+    def tuned_spec(self) -> Optional[str]:
+        """``warp:S,P`` when the grid is the bundle's tuned one (grid=None and tuned), else None."""
+        return self.grid_source.split()[1] if self.grid_source.startswith("tuned ") else None
+
+    @property
+    def cond(self) -> Optional[dict]:
+        """Every condition (per-row and shared) as ``solve`` gets it, None for an unconditional model."""
+        return {**self.rows, **self.shared} or None
+
+    @property
     def labels(self) -> Optional[np.ndarray]:
         """The class labels (n,) int64, or None for a model without them."""
         return self.rows.get("y")
@@ -229,8 +239,7 @@ class SamplePlan:
 
     def solve_kwargs(self) -> dict:
         """The keyword arguments this plan gives :func:`anchorflow.runtime.solve`."""
-        cond = {**self.rows, **self.shared} or None
-        return dict(cond=cond, null_cond=None if self.null_cond is None else dict(self.null_cond),
+        return dict(cond=self.cond, null_cond=None if self.null_cond is None else dict(self.null_cond),
                     sidenet=self.model.sidenet, cfg_scale=self.cfg_scale, cfg_interval=self.cfg_interval,
                     grid=np.asarray(self.grid, np.float64),
                     first_call="backbone" if self.first_call_table is None else self.first_call_table,
@@ -370,6 +379,8 @@ def _conditions(meta: dict, fmt, labels, cond, null_cond, n: int, guided: bool, 
             raise ConfigError(f"{nm['cond']} / {nm['null_cond']} need an exported bundle (they are checked "
                               "against its declaration)")
         y = label_rows(labels, n, num_classes, nm)
+        if guided and y is None:
+            raise ConfigError(f"this model is unconditional: guidance ({nm['cfg_scale']} != 1) does not apply; use 1.0")
         rows = {} if y is None else {"y": y}
         null = {"y": np.asarray(int(null_label), np.int64)} if y is not None and null_label is not None else None
         return rows, {}, null
@@ -429,14 +440,15 @@ def _grid(tuning, spec, nfe: int, grid: Any, first_call: str):
     from .grids import make_grid
     from .tuned import resolve_sampling
 
-    chosen, fc, note = resolve_sampling(tuning, spec.name, nfe, grid, first_call)
+    chosen, fc, _ = resolve_sampling(tuning, spec.name, nfe, grid, first_call)
     table = None if isinstance(fc, str) else fc.check()
     steps = spec.steps_for_nfe(nfe, 0 if table is None else 1)
     times = make_grid(steps, chosen)
-    if grid is not None:
-        source = grid if isinstance(grid, str) else "given"
+    tuned = None if grid is not None or tuning is None else tuning.grid_for(spec.name, nfe, first_call)
+    if tuned is not None:
+        source = f"tuned {tuned.spec} for {tuned.key}"
     else:
-        source = note or "uniform"
+        source = "uniform" if grid is None else grid if isinstance(grid, str) else "explicit"
     return tuple(float(t) for t in times), source, table
 
 
@@ -519,15 +531,11 @@ def plan(bundle, *, solver: str = "ba", nfe: int = 7, grid: Any = None, first_ca
 
 
 def _frozen(d: dict) -> Mapping[str, np.ndarray]:
-    """Read-only arrays (a plan is frozen: its conditions cannot change after the checks)."""
-    out = {}
-    for k, v in d.items():
-        a = np.array(v) if np.ndim(v) == 0 else np.asarray(v)
-        if a.flags.writeable:
-            a = a.view()
-            a.flags.writeable = False
-        out[k] = a
-    return out
+    """The checked arrays in a read-only mapping (the arrays themselves stay writable views: the
+    torch backend cannot take read-only ones; a plan's owner does not change them)."""
+    from types import MappingProxyType
+
+    return MappingProxyType({k: np.asarray(v) for k, v in d.items()})
 
 
 def _fastflow(solver: str, nfe: int, bandit_state, calls, speedup, mu_factor, nm: Mapping[str, str]) -> tuple:
@@ -538,8 +546,8 @@ def _fastflow(solver: str, nfe: int, bandit_state, calls, speedup, mu_factor, nm
         raise ConfigError(f"{', '.join(given)} only apply to {nm['solver']} fastflow")
     if calls is not None and speedup is not None:
         raise ConfigError(f"give the FastFlow budget as {nm['calls']} or as {nm['speedup']}, not both")
-    calls = check_positive(calls, nm["calls"], float(nfe), optional=True)
-    speedup = check_positive(speedup, nm["speedup"], float(nfe), optional=True)
+    calls = check_positive(calls, nm["calls"], optional=True)  # its range (3..T) and speedup's: the bandit's
+    speedup = check_positive(speedup, nm["speedup"], optional=True)
     mu_factor = check_positive(mu_factor, nm["mu_factor"], MAX_MU_FACTOR, optional=True)
     if calls is not None or speedup is not None:
         from .bandit import budget_target

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -54,6 +54,9 @@ class Result:
     grid: np.ndarray
     timing: Timing
     info: Mapping[str, Any] = field(default_factory=dict)
+    # -- auto (issue 26): per-sample error estimate, (B,) float64 in the units of the state, or None
+    # for a solver without a free companion (runtime/estimate.py says how each solver makes it)
+    error_estimate: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -63,3 +66,4 @@ class SolverOutput:
     x: np.ndarray
     steps: list[StepRecord]
     info: dict = field(default_factory=dict)
+    error_estimate: Optional[np.ndarray] = None  # auto (issue 26): (B,), see runtime/estimate.py

@@ -63,11 +63,21 @@ def oversubscribed() -> bool:
         return False
 
 
+def max_threads() -> int:
+    """The most onnxruntime threads a session may ask for: 4 per usable CPU (at least 16). More only
+    oversubscribes the machine, and a huge number makes onnxruntime spawn threads until the
+    process runs out (``--threads 100000`` hung)."""
+    return max(16, 4 * cpus())
+
+
 def _check(threads: Optional[int], mode: str) -> None:
     if mode not in MODES:
         raise ConfigError(f"unknown thread mode {mode!r}; choose from {', '.join(MODES)}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+    if threads is not None and threads > max_threads():
+        raise ConfigError(f"--threads {threads} is more than {max_threads()} (4 per CPU this process may use, "
+                          f"{cpus()}); give at most {max_threads()}")
 
 
 def decide(threads: Optional[int] = None, mode: str = "auto") -> ThreadPolicy:

@@ -19,11 +19,11 @@ CLI_LAYER = ("anchorflow.cli", "anchorflow.commands", "anchorflow.modelref")
 #           package modules (prefixes) allowed at module level, allowed lazily)
 RULES: dict[str, tuple[set, set, tuple, tuple]] = {
     "base": (set(), set(), tuple(BASE), ()),
-    "runtime": ({"numpy", "filelock"}, {"onnxruntime"}, (*BASE, "anchorflow.runtime"), ("anchorflow.engines",)),
+    "runtime": ({"numpy", "filelock"}, {"onnxruntime", "tokenizers"}, (*BASE, "anchorflow.runtime"), ("anchorflow.engines",)),
     "engines": ({"numpy", "filelock", "tqdm"}, {"tensorrt", "cuda", "polygraphy", "onnx"},
                 (*BASE, "anchorflow.engines", "anchorflow.runtime"), ()),
     "export": ({"numpy", "tqdm", "torch", "onnx", "onnxruntime"},
-               {"onnxslim", "onnxconverter_common", "polygraphy", "safetensors"},
+               {"onnxslim", "onnxconverter_common", "polygraphy", "safetensors", "diffusers", "tokenizers"},
                (*BASE, "anchorflow.export", "anchorflow.runtime"), ("anchorflow.trainers", "anchorflow.engines")),
     "trainers": ({"numpy", "tqdm", "torch", "safetensors"}, {"sklearn", "diffusers", "onnxruntime"},
                  (*BASE, "anchorflow.trainers"), ("anchorflow.runtime",)),

@@ -10,7 +10,6 @@ Time convention: t = 1 noise (= sigma), t = 0 data.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

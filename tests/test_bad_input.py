@@ -64,12 +64,97 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (base / "ff.png").unlink()
     w["cwd"] = base / "cwd"
     w["cwd"].mkdir()
+    _trust_world(w, base)
     return w
+
+
+def _trust_world(w: dict, base: Path) -> None:
+    """Issue 31's classes: code named in a bundle, paths out of it, what inspect must check, damaged
+    files of every kind, special files as outputs (each a copy of the digits bundle, hashes updated)."""
+    import numpy as np
+
+    import _trust_bundles as tb
+
+    def bundle(name, *breaks):
+        w[name] = copy_root(base / name, ("bundle",)) / "bundle"
+        for fn in breaks:
+            fn(w[name])
+
+    marker = base / "MARKER"  # would appear under the watched folder: the disk check catches a run
+    evil = tb.write_evil(base / "evilsrc", marker)
+    bundle("evil", lambda b: tb.name_source(b, evil["file"]))
+    bundle("extrel", lambda b: tb.external_data_at(b, "../outside.bin"))
+    bundle("extabs", lambda b: tb.external_data_at(b, str(base / "abs-outside.bin")))
+    bundle("symlink", lambda b: tb.symlink_out(b, base / "outside.onnx"))
+    bundle("swapped", tb.swap_graphs)
+    bundle("renamed", tb.rename_declared_input)
+    bundle("zeroed", tb.zero_weights)
+    bundle("nangrid", lambda b: tb.edit_tuned(b, lambda d: tb.first_grid(d)["times"].__setitem__(1, float("nan"))))
+    bundle("upgrid", lambda b: tb.edit_tuned(b, lambda d: tb.first_grid(d)["times"].reverse()))
+    bundle("typegrid", lambda b: tb.edit_tuned(b, lambda d: tb.first_grid(d).__setitem__("times", "0.5")))
+    bundle("picklefc", lambda b: tb.replace_first_call(b, np.array([{"a": 1}], dtype=object)))
+    bundle("garbagefc", lambda b: tb.replace_first_call(b, bytes(range(256)) * 4))
+    bundle("shapefc", lambda b: tb.replace_first_call(b, np.zeros((3, 2), np.float32)))
+    for name, text in (("deepjson", "[" * 50000 + "]" * 50000), ("hugeint", '{"schema": ' + "9" * 5000 + "}"),
+                       ("garbagejson", "\x00\xff{{{ not json")):
+        w[name] = base / name
+        w[name].mkdir()
+        (w[name] / "bundle.json").write_text(text, encoding="latin-1")
+    bundle("latin1", lambda b: (b / "bundle.json").write_bytes(
+        (b / "bundle.json").read_text().replace('"digits"', '"digits \u00e9t\u00e9"').encode("latin-1")))
+
+    def big_batch(b):
+        meta = json.loads((b / "bundle.json").read_text())
+        meta["networks"]["backbone"]["batch"]["max"] = 2**70
+        (b / "bundle.json").write_text(json.dumps(meta))
+    bundle("bigint", big_batch)
+    files = base / "files"
+    files.mkdir()
+    np.savez(files / "noise.npz", x=np.zeros((2, 1, 8, 8), np.float32))
+    for name, y in (("neg", [-5, 3]), ("big", [3, 2**62]), ("float", [1.0, 2.5]), ("null", [10, 3])):
+        np.savez(files / f"{name}.npz", y=np.array(y))
+    np.savez(files / "null11.npz", y=np.array([11]))
+    (files / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"not json" * 4)
+    (files / "huge.safetensors").write_bytes((2**60).to_bytes(8, "little") + b"{}")
+    facs = base / "factories"
+    facs.mkdir()
+    (facs / "bad.py").write_text(BAD_FACTORIES)
+    w["files"], w["facs"] = files, facs
+    good = json.loads(w["state"].read_text())  # the fastflow state made above, broken three ways
+    for name, edit in (("hugecount", lambda d: d["N"][0].__setitem__(0, 10**200)),
+                       ("hugeeta", lambda d: d["budget"].__setitem__("eta", 1e308))):
+        d = json.loads(json.dumps(good))
+        edit(d)
+        w[name] = base / f"{name}.json"
+        w[name].write_text(json.dumps(d))
+    w["deepstate"] = base / "deepstate.json"
+    w["deepstate"].write_text('{"schema": "anchorflow.fastflow-bandit", "version": 2, "key": ' + "[" * 5000 + "]" * 5000
+                              + "}")
+    for name in ("hugecount", "hugeeta", "deepstate"):  # the bandit's own (empty) lock file, as the good state has
+        (base / f"{name}.json.lock").touch()
+    w["deepstate"] = base / "deepstate.json"
+
+
+BAD_FACTORIES = '''
+import torch
+
+class Wrong(torch.nn.Module):
+    def forward(self, x, tau):
+        return x[:, :1]  # a velocity of the wrong shape
+
+def raises():
+    raise ValueError("the factory failed")
+
+def wrong_state():
+    return Wrong(), {"name": "toy", "state": (2, 4, 4)}
+'''
 
 
 S = ["sample", "{root}", "--solver", "euler", "--nfe", "2", "--n", "2"]  # a good sample command to break
 B = ["bench", "{root}", "--solvers", "euler", "--nfe", "2", "--n", "4", "--reference", "rk4:8"]
 V = ["verify", "{root}", "--backends", "ort-cpu"]
+TS = ["train", "sidenet", "--backbone", "%s/backbone" % ROOT, "--out", "{cwd}/sn", "--data", "none", "--iters", "1"]
+FF = ["sample", "{root}", "--solver", "fastflow", "--nfe", "10", "--n", "2", "--out", "ff.png"]
 TORCH = pytest.mark.skipif(not HAS_TORCH, reason="needs torch (the [train] extra)")
 
 # (argv, exit status, words in the error line[, marks])
@@ -221,7 +306,93 @@ CASES = [
     (["train", "sidenet", "--out", "%s/sidenet" % (ROOT)], 1, "read-only"),
     (["train", "classifier", "--out", "{file}/c"], 1, "is a file, not a folder"),
     (["bandit", "show", "{state}", "--plot", "{file}/p.png"], 1, ""),
+    # -- issue 31: a bundle is data; paths stay inside it; inspect checks what it reports ---------
+    (["verify", "{evil}", "--backends", "torch,ort-cpu"], 1, "nothing was compared"),
+    (["verify", "{evil}", "--backends", "torch"], 1, "nothing was compared"),
+    (["verify", "{evil}", "--reference", "torch"], 1, "--trust-source"),
+    (["sample", "{evil}", "--backend", "torch", "--nfe", "2", "--n", "2"], 1, "needs checkpoint folders"),
+    (["inspect", "{extrel}"], 1, "outside the bundle folder"),
+    (["inspect", "{extabs}"], 1, "outside the bundle folder"),
+    (["sample", "{extrel}", "--solver", "ba", "--nfe", "4", "--n", "2"], 1, "outside the bundle folder"),
+    (["verify", "{extabs}", "--backends", "ort-cpu", "--precision", "fp32,fp16"], 1, "outside the bundle folder"),
+    (["inspect", "{symlink}"], 1, "outside the bundle folder"),
+    (["sample", "{symlink}", "--solver", "ba", "--nfe", "4", "--n", "2"], 1, "outside the bundle folder"),
+    (["inspect", "{swapped}"], 1, "bundle.json declares"),
+    (["sample", "{swapped}", "--solver", "euler", "--nfe", "2", "--n", "2"], 1, ""),
+    (["inspect", "{renamed}"], 1, "bundle.json declares"),
+    (["inspect", "{zeroed}"], 1, "exactly zero"),
+    (["verify", "{zeroed}", "--backends", "ort-cpu", "--precision", "fp32,fp16"], 1, "exactly zero"),
+    (["inspect", "{nan}"], 1, "NaN or Inf"),
+    (["inspect", "{nangrid}"], 1, "holds NaN or Inf"),
+    (["inspect", "{upgrid}"], 1, "not strictly decreasing"),
+    (["inspect", "{typegrid}"], 1, "no list of times"),
+    (["verify", "{nangrid}", "--backends", "ort-cpu", "--precision", "fp32,fp16"], 1, "tuned grids is broken"),
+    (["sample", "{upgrid}", "--solver", "euler", "--nfe", "2", "--n", "2"], 1, "not strictly decreasing"),
+    # -- damaged files: one line naming the file and the fault ----------------------------------
+    (["inspect", "{deepjson}"], 1, "nested more than"),
+    (["sample", "{deepjson}"], 1, "nested more than"),
+    (["inspect", "{hugeint}"], 1, "not readable JSON"),
+    (["inspect", "{garbagejson}"], 1, "not UTF-8"),
+    (["sample", "{latin1}"], 1, "not UTF-8"),
+    (["inspect", "{bigint}"], 1, "networks.backbone.batch.max"),
+    (["inspect", "{picklefc}"], 1, "not a readable .npy array"),
+    (["sample", "{picklefc}", "--solver", "euler", "--nfe", "2", "--n", "2"], 1, "not a readable .npy array"),
+    (["inspect", "{garbagefc}"], 1, "first_call.npy"),
+    (["verify", "{garbagefc}", "--backends", "ort-cpu", "--precision", "fp32,fp16"], 1, "first-call table is broken"),
+    (["sample", "{shapefc}", "--first-call", "cached", "--nfe", "4", "--n", "2"], 1, "shape (3, 2)"),
+    (S + ["--noise", "{files}/noise.npz"], 1, "is an .npz archive"),
+    (S + ["--cond", "{files}/neg.npz"], 1, "y labels must be in 0..9, got -5"),
+    (S + ["--cond", "{files}/big.npz"], 1, "y labels must be in 0..9, got 4611686018427387904"),
+    (S + ["--cond", "{files}/float.npz"], 1, "y must hold integers"),
+    (S + ["--cond", "{files}/null.npz"], 1, "y labels must be in 0..9, got 10"),
+    (S + ["--cfg", "2", "--null-cond", "{files}/big.npz"], 1, "y labels must be in 0..10 (10 = the null label)"),
+    (S + ["--cond", "{files}/garbage.safetensors"], 1, "header is not JSON"),
+    (S + ["--cond", "{files}/huge.safetensors"], 1, "declares a 1152921504606846976-byte header"),
+    (["export", "{facs}/bad.py:raises", "--out", "{cwd}/b"], 1, "ValueError: the factory failed", TORCH),
+    (["export", "{facs}/bad.py:wrong_state", "--out", "{cwd}/b", "--max-batch", "2", "--no-validate"], 1,
+     "does not compute what the model declares", TORCH),
+    # -- bandit states: one line, the state left as it was (a huge eta used to turn it into mu = inf)
+    (FF + ["--bandit-state", "{hugecount}"], 1, "missing or non-numeric N"),
+    (FF + ["--bandit-state", "{hugeeta}"], 1, "budget.eta must be in (0, 10]"),
+    (FF + ["--bandit-state", "{deepstate}"], 1, "nested more than 64 levels"),
+    (["bandit", "show", "{hugecount}"], 1, "missing or non-numeric N"),
+    (["bandit", "show", "{deepstate}"], 1, "nested more than 64 levels"),
+    # -- fastflow options: finite, in range, not both budgets ---------------------------------------
+    (FF + ["--speedup", "0"], 1, "--speedup must be a finite number > 0"),
+    (FF + ["--speedup", "nan"], 1, "--speedup must be a finite number > 0"),
+    (FF + ["--speedup", "1e9"], 1, "above the cap"),
+    (FF + ["--calls", "-3"], 1, "--calls must be a finite number > 0"),
+    (FF + ["--calls", "1e9"], 1, "above the cap"),
+    (FF + ["--mu-factor", "-1"], 1, "--mu-factor must be a finite number > 0"),
+    (FF + ["--mu-factor", "inf"], 1, "--mu-factor must be a finite number > 0"),
+    (FF + ["--calls", "2", "--speedup", "2"], 1, "not both"),
+    (S + ["--cfg", "1e300"], 1, "above the cap"),
+    (S + ["--out", "same.png", "--npy", "same.png"], 1, "names the same file as --out"),
+    # -- a refused tune writes nothing (it used to store 0 grids, or tune at cfg 0) -----------------
+    (["tune", "{root}", "--solvers", "bogus", "--nfe", "2"], 1, "unknown solver 'bogus'"),
+    (["tune", "{root}", "--cfg", "0", "--nfe", "2"], 1, "--cfg must be finite and > 0"),
+    (["tune", "{root}", "--cfg", "-1", "--nfe", "2"], 1, "--cfg must be finite and > 0"),
+    (["tune", "{root}", "--seed", "-1", "--nfe", "2"], 1, "--seed must be in 0.."),
+    (["tune", "{root}", "--samples", "100000", "--nfe", "2"], 1, "--samples must be in 1..4096"),
+    (["tune", "{root}", "--solvers", "heun", "--nfe", "4", "--first-call", "backbone", "--samples", "2",
+      "--reference-steps", "2"], 1, "no grid could be tuned"),
+    # -- training: labels in range, batches bounded ------------------------------------------------
+    (TS + ["--cond", "{files}/neg.npz"], 1, "y labels must be in 0..9, got -5", TORCH),
+    (TS + ["--cond", "{files}/big.npz"], 1, "y labels must be in 0..9, got 4611686018427387904", TORCH),
+    (TS + ["--cond", "{files}/float.npz"], 1, "y must hold integer labels", TORCH),
+    (TS + ["--null-cond", "{files}/null11.npz"], 1, "y labels must be in 0..10 (10 = the null label), got 11", TORCH),
+    (["train", "backbone", "--out", "{cwd}/bb", "--batch", "1000000000000"], 1, "above the cap of 65536"),
+    (TS + ["--batch", "100000"], 1, "above the cap of 65536"),
+    # -- hangs: bounded before any work ------------------------------------------------------------
+    (S + ["--threads", "100000"], 1, "--threads 100000 is more than"),
+    (["demo", "--backend", "torch"], 2, "not one of"),
+    # -- special files are never replaced ----------------------------------------------------------
+    (S + ["--out", "/dev/full"], 1, "not a regular file"),
+    (S + ["--out", "ok.png", "--npy", "/dev/full"], 1, "not a regular file"),
+    (["bandit", "show", "{state}", "--plot", "/dev/full"], 1, "not a regular file"),
+    (B + ["--out", "/dev/null"], 1, "not a regular file"),
 ]
+CASES_BEFORE_ISSUE_31 = 142
 
 
 def _params():
@@ -243,12 +414,13 @@ def _disk(paths) -> dict[str, tuple[int, int]]:
 
 
 def test_the_matrix_is_large_enough():
-    assert len(CASES) >= 80
+    assert len(CASES) >= 80 and len(CASES) > CASES_BEFORE_ISSUE_31
     commands = {c[0][0] if c[0][0] != "train" or len(c[0]) < 2 else f"train {c[0][1]}" for c in CASES}
     assert {"demo", "sample", "bench", "verify", "inspect", "export", "build", "bandit", "solvers",
             "train backbone", "train sidenet", "train classifier"} <= commands
 
 
+@pytest.mark.timeout(120)  # a hang is a failure, not a stuck suite
 @pytest.mark.parametrize("argv, status, words", list(_params()))
 def test_bad_input(world, capsys, monkeypatch, argv, status, words):
     argv = [a.format(**world) for a in argv]

@@ -33,7 +33,7 @@ CLASSES = 3  # labels 0..2, null label 3
 
 # -- a real tiny bundle (ONNX via onnx.helper, bundle.json in the export's layout) -----------------
 def _graphs():
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
     def inp(name, shape, ty=TensorProto.FLOAT):

@@ -26,7 +26,7 @@ import pytest
 lean = pytest.importorskip("tensorrt_lean", reason="the TensorRT lean runtime is not installed (pip install -e '.[dev]')")
 pytest.importorskip("polygraphy")
 
-from anchorflow.engines import build as build_mod, cache, driver  # noqa: E402
+from anchorflow.engines import cache, driver  # noqa: E402
 from anchorflow.engines.build import BuildOptions, build_engines  # noqa: E402
 from anchorflow.errors import BackendError  # noqa: E402
 from test_engines import write_bundle  # noqa: E402

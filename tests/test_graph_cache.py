@@ -31,7 +31,7 @@ def _v(bundle):
 
 
 def _entries(root):
-    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    return sorted(p.name for p in root.iterdir() if p.name != graph_cache.KEY_FILE) if root.is_dir() else []
 
 
 def test_key_changes_with_every_field():
@@ -100,3 +100,34 @@ def test_an_unwritable_cache_only_costs_the_speed_up(tmp_path, monkeypatch):
     monkeypatch.delenv("ANCHORFLOW_ORT_GRAPH_CACHE")
     assert np.array_equal(_v(load_bundle("default", backend="ort-cpu")), want)
     assert blocker.read_text() == "x"
+
+
+def test_a_swapped_graph_with_its_record_rewritten_is_not_run(root):
+    """A forger swaps the cached backbone graph for the SideNet's and rewrites the record's sha256:
+    the MAC (keyed by the cache's secret) no longer verifies, so the entry is rebuilt, not run."""
+    want = _v(load_bundle("default", backend="ort-cpu"))
+    records = {json.loads(p.read_text())["source"].rsplit("/", 1)[-1]: p for p in root.glob("*.json")}
+    bb, side = records["backbone.onnx"], records["sidenet.onnx"]
+    bb.with_suffix(".onnx").write_bytes(side.with_suffix(".onnx").read_bytes())
+    record = json.loads(bb.read_text())
+    record["sha256"] = graph_cache._sha256(bb.with_suffix(".onnx"))
+    bb.write_text(json.dumps(record))
+    assert graph_cache.lookup(root, record["key"]) is None
+    assert np.array_equal(_v(load_bundle("default", backend="ort-cpu")), want)
+    # the same forgery with the right MAC would be accepted: the MAC is what refuses it
+    forged = dict(record, mac=graph_cache.mac(graph_cache.secret(root), record["key"], record["sha256"]))
+    bb.with_suffix(".onnx").write_bytes(side.with_suffix(".onnx").read_bytes())
+    bb.write_text(json.dumps(forged))
+    assert graph_cache.lookup(root, record["key"]) == bb.with_suffix(".onnx")
+
+
+def test_an_entry_or_key_writable_by_others_is_not_trusted(root):
+    load_bundle("default", backend="ort-cpu")
+    record = next(root.glob("*.json"))
+    key = json.loads(record.read_text())["key"]
+    assert graph_cache.lookup(root, key) is not None
+    record.with_suffix(".onnx").chmod(0o666)
+    assert graph_cache.lookup(root, key) is None
+    record.with_suffix(".onnx").chmod(0o644)
+    (root / graph_cache.KEY_FILE).chmod(0o644)  # a key others can read is no secret
+    assert graph_cache.lookup(root, key) is None

@@ -46,9 +46,11 @@ def test_run_ba_equals_solve_with_exactly_n_calls(pipe, cfg):
         out = run_ba(pipe, toy_sidenet, N, **_inputs(pipe.kind, cfg))
     finally:
         registry.remove_hook("count", recurse=False)
-    assert count.calls == N and out.anchorflow.nfe == N
-    assert out.anchorflow.sidenet_calls == N  # merged probes: one SideNet call per interval
     field = capture_pipeline(pipe, **inputs(pipe.kind, cfg, N))
+    # N steps of the pipeline's own loop; FLUX's true CFG makes its two B-row calls per step (the
+    # compute of one 2B-row call: NFE counts a guided step once)
+    assert count.calls == field.calls_per_step * N and out.anchorflow.nfe == N
+    assert out.anchorflow.sidenet_calls == N  # merged probes: one SideNet call per interval
     ref = solve("ba", field.velocity, field.noise, N, sidenet=toy_sidenet, **field.solve_kwargs())
     # run_ba integrates FLUX's latents unpacked; the toy SideNet is elementwise, so packing commutes with BA
     got = _pack(out.anchorflow.x) if field.packed else out.anchorflow.x
@@ -97,3 +99,53 @@ def test_run_ba_equals_solve_on_the_contract_adapter(kind, cfg, tmp_path):
     # adapter's float32 one (FLUX), and the batch layout. Measured 0 (SD3), <= 4.8e-7 (FLUX) on |x| ~ 4; 1e-4 is the
     # fp32 parity budget the export uses for these models.
     np.testing.assert_allclose(out.anchorflow.x, ref, rtol=0, atol=1e-4)
+
+
+def test_run_ba_is_one_pipeline_run_with_per_step_callbacks(pipe):
+    """ONE run of the pipeline's loop: N transformer ``__call__``s, all real computations (no idle
+    or capture calls), one progress bar, ``callback_on_step_end`` once per step with the
+    pipeline's own arguments (step index, timestep, its latents)."""
+    cfg = 2.0
+    count = _Count()  # real computations (the hook wraps the original forward)
+    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
+    registry.register_hook(count, "count")
+    dunder = []  # every transformer __call__, whatever a hook does inside it
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a: dunder.append(1))
+    bars, seen = [], []
+    original_bar = pipe.progress_bar
+
+    def progress_bar(*a, **kw):
+        bars.append(kw.get("total"))
+        return original_bar(*a, **kw)
+
+    def callback(p, i, t, kwargs):
+        seen.append((i, float(t), kwargs["latents"].clone()))
+        return {}
+
+    pipe.progress_bar = progress_bar
+    try:
+        out = run_ba(pipe, toy_sidenet, N, callback_on_step_end=callback,
+                     callback_on_step_end_tensor_inputs=["latents"], **_inputs(pipe.kind, cfg))
+    finally:
+        del pipe.progress_bar
+        handle.remove()
+        registry.remove_hook("count", recurse=False)
+    per_step = 2 if pipe.kind == "flux" else 1  # FLUX's true CFG: a cond and an uncond call per step
+    assert count.calls == len(dunder) == per_step * N
+    assert bars == [N]
+    assert [i for i, _, _ in seen] == list(range(N))
+    field = capture_pipeline(pipe, **inputs(pipe.kind, cfg, N))
+    np.testing.assert_allclose([t for _, t, _ in seen], 1000.0 * field.grid[:-1], rtol=1e-6)
+    final = seen[-1][2].float().numpy()  # after the last step the latents are BA's result
+    np.testing.assert_array_equal(final, _pack(out.anchorflow.x) if field.packed else out.anchorflow.x)
+    assert out.anchorflow.nfe == N and out.anchorflow.timing.backbone_s > 0
+
+
+def test_run_ba_refuses_a_callback_that_changes_the_latents(pipe):
+    def callback(p, i, t, kwargs):
+        return {"latents": kwargs["latents"] * 0.5} if i == 1 else {}
+
+    with pytest.raises(ConfigError, match="latents changed between steps 1 and 2"):
+        run_ba(pipe, toy_sidenet, N, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"],
+               **_inputs(pipe.kind, 1.0))
+    assert not hasattr(pipe.scheduler, "step") or "step" not in vars(pipe.scheduler)  # the pipeline is restored

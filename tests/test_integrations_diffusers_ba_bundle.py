@@ -91,9 +91,10 @@ def test_run_ba_equals_solve_on_the_exported_bundle_with_exactly_n_calls(tiny, c
         out = run_ba(pipe, bundle.sidenet, N, **kw)
     finally:
         registry.remove_hook("count", recurse=False)
-    assert count.calls == N and out.anchorflow.nfe == N and out.anchorflow.sidenet_calls == N
-
     field = capture_pipeline(pipe, **_inputs(kind, cfg, N))  # the pipeline's latents, prompts and sigmas
+    assert count.calls == field.calls_per_step * N  # FLUX true CFG: its cond and uncond call per step
+    assert out.anchorflow.nfe == N and out.anchorflow.sidenet_calls == N
+
     noise = field.latent_noise()  # FLUX: (B, 4, 16, 16), the bundle's layout
     assert noise.shape[1:] == tuple(bundle.state_shape)
     ref = solve("ba", bundle.velocity, noise, N, sidenet=bundle.sidenet, **field.solve_kwargs())

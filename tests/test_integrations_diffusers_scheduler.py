@@ -124,3 +124,27 @@ def test_config_round_trip(tmp_path):
 def test_refusals_say_what_to_do(bad, words):
     with pytest.raises(ConfigError, match=words):
         AnchorflowScheduler(**bad)
+
+
+def test_a_pipeline_saved_with_the_scheduler_loads_back(tmp_path):
+    """save_pretrained / from_pretrained round trip: model_index.json names this module as the
+    scheduler's library; the loaded pipeline has the same solver, grid and options and generates
+    the same latents (the tiny pipeline has no text encoders or VAE: passed as None, as saved)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = build("sd3", tmp_path / "tr")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = AnchorflowScheduler.from_config(pipe.scheduler.config, solver="ipndm",
+                                                     solver_options={"order": 3}, grid="shift:2")
+    pipe.save_pretrained(tmp_path / "pipe")
+    none = dict.fromkeys(["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                          "tokenizer_3"])
+    back = DiffusionPipeline.from_pretrained(tmp_path / "pipe", **none)
+    back.set_progress_bar_config(disable=True)
+    assert type(back.scheduler) is AnchorflowScheduler
+    assert (back.scheduler.config.solver, back.scheduler.config.grid, back.scheduler.config.solver_options,
+            back.scheduler.config.shift) == ("ipndm", "shift:2", {"order": 3}, 3.0)
+    got = back(**inputs("sd3", 2.0, STEPS)).images.float().numpy()
+    np.testing.assert_array_equal(got, pipe(**inputs("sd3", 2.0, STEPS)).images.float().numpy())
+    alone = AnchorflowScheduler.from_pretrained(tmp_path / "pipe", subfolder="scheduler")
+    assert alone.config.solver == "ipndm"

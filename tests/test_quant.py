@@ -4,7 +4,6 @@ precision rules against the real lean bindings, and (slow) the whole export path
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections import Counter

@@ -10,6 +10,7 @@ or run unmerged by PEFT. Time: t = 1 noise, t = 0 data.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -156,6 +157,32 @@ def test_refit_then_unfuse_gives_the_base_bundle_back_byte_for_byte(families, tm
     res = CliRunner().invoke(cli, ["refit", str(fused), "--unfuse", "--out", str(back)])
     assert res.exit_code == 0, res.output
     assert _files(back) == _files(f["bundle"])  # every file, bundle.json included, sha256 for sha256
+
+
+def test_external_data_refit_shares_the_base_weights_file(families, tmp_path):
+    """A bundle whose weights are ONNX external data: the refit writes a new (small) graph and only the
+    changed tensors (``backbone.onnx.lora.data``); the base ``.data`` file is shared, never rewritten."""
+    from anchorflow.export.adapter_export import export_adapter
+    from anchorflow.trainers.adapters import load_source
+
+    f = families["sd3"]
+    base, out, back = tmp_path / "ext", tmp_path / "ext-refit", tmp_path / "ext-back"
+    export_adapter(load_source(str(f["src"])), base, max_batch=2, external_data=True)
+    before = _files(base)
+    two = ["--lora", str(f["loras"][0]), "--lora", str(f["loras"][1]), "--scale", "1", "--scale", "-0.5"]
+    assert CliRunner().invoke(cli, ["refit", str(base), *two[:2], "--out", str(out)]).exit_code == 0
+    assert CliRunner().invoke(cli, ["refit", str(out), *two[2:4], "--scale", "-0.5"]).exit_code == 0  # a 2nd refit
+    assert os.path.samefile(base / "backbone.onnx.data", out / "backbone.onnx.data")  # one copy on disk
+    assert _files(base) == before  # the base bundle is untouched
+    overlay = (out / "backbone.onnx.lora.data").stat().st_size
+    assert 0 < overlay < (base / "backbone.onnx.data").stat().st_size  # only the changed tensors
+    x, t, cond = _inputs("sd3", np.random.default_rng(5))
+    want = _torch_velocity(f["src"], [(f["loras"][0], 1.0), (f["loras"][1], -0.5)], x, t, cond)
+    assert np.abs(load_bundle(out, backend="ort-cpu").velocity(x, t, cond) - want).max() <= PARITY
+    entry = json.loads((out / "bundle.json").read_text())["networks"]["backbone"]
+    assert [r["file"] for r in entry["external_data"]] == ["backbone.onnx.data", "backbone.onnx.lora.data"]
+    assert CliRunner().invoke(cli, ["refit", str(out), "--unfuse", "--out", str(back)]).exit_code == 0
+    assert _files(back) == before
 
 
 def test_refit_in_place_keeps_the_old_bundle_until_done(families, tmp_path):

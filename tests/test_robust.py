@@ -7,7 +7,6 @@ Time convention: t = 1 noise, t = 0 data.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

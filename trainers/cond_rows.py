@@ -87,6 +87,13 @@ def as_cond_backbone(backbone: Any) -> Any:
     return LabelBackbone(backbone)
 
 
+# There is no --label-dropout option: the CLI always trains with null rows where guidance needs them.
+NULL_NEEDED = ("this backbone guides on [cond; null] rows, so training drops 10% of the rows to the null condition: "
+               "pass --null-cond FILE (one row, e.g. the empty prompt's embeddings, under the --cond names); "
+               "from Python, SideNetTrainSettings(label_dropout=0) trains without null rows (a SideNet for "
+               "sampling without guidance)")
+
+
 def uses_null_rows(backbone: Any) -> bool:
     """True when sampling guides on [cond; null] rows (so training needs null rows): guidance mode 'rows'."""
     return dict(getattr(backbone, "guidance", None) or {"mode": "rows"}).get("mode", "rows") == "rows"
@@ -115,8 +122,7 @@ def drop_to_null(cond: Mapping[str, torch.Tensor], null: Optional[Mapping[str, t
     if null is None:
         from ..errors import ConfigError
 
-        raise ConfigError("label/prompt dropout needs the null condition: pass --null-cond FILE (e.g. the "
-                          "empty prompt's embeddings) or --label-dropout 0")
+        raise ConfigError(NULL_NEEDED)
     b = next(iter(cond.values())).shape[0]
     drop = (dist or Dist()).draw(torch.rand, gen, b) < p
     out = {}

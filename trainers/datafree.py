@@ -102,7 +102,16 @@ def start_states(velocity: Callable, state_shape: tuple[int, ...], cond: Mapping
     info = {"source": "data-free", "n": n, "steps": steps, "solver": SOLVER, "calls_per_state": 2 * steps,
             "seed": seed, "cond_rows": rows_total, "cond_sha256": conditions_digest(cond), "cache_key": key,
             "cache_hit": path.is_file()}
+    writable = True
     if dist.main and not path.is_file():
+        # trust (issue 31): an unwritable cache is found before minutes of solving, not after them
+        from ..errors import AnchorflowError, warn
+
+        try:
+            _io.check_output(path, "--cache-dir")
+        except AnchorflowError as exc:
+            writable = False
+            warn(f"{exc}; the start states are computed without caching them (pass a writable --cache-dir)")
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn((n, *state_shape), generator=gen)
         rows = torch.arange(n) % rows_total
@@ -116,6 +125,8 @@ def start_states(velocity: Callable, state_shape: tuple[int, ...], cond: Mapping
         if not torch.isfinite(x0).all():
             raise ConfigError("the backbone's many-step solve produced non-finite states; check the backbone "
                               "and the conditions (--cond) before training a SideNet on them")
+        if not writable and dist.world == 1:
+            return x0, rows, {**info, "cache_hit": False, "cached": False}
         _io.write_bytes(path, save({"x0": x0.contiguous(), "rows": rows}))
     dist.barrier()
     try:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .cond_rows import Cond, as_cond_backbone
+from .cond_rows import NULL_NEEDED, Cond, as_cond_backbone, uses_null_rows
 from .datafree import load_cond_file, row_count, start_states
 from .distributed import Dist, from_env
 
@@ -92,8 +92,25 @@ def _null(backbone: Any, null_file: Optional[str]) -> Optional[Cond]:
         _check_names(null, backbone, f"--null-cond {null_file}")
         if row_count(null) != 1:
             raise ConfigError(f"--null-cond {null_file} must hold ONE row per condition (the null/empty prompt)")
+        _check_labels(null, backbone, f"--null-cond {null_file}", null=True)
         return null
     return backbone.null_cond() if hasattr(backbone, "null_cond") else None
+
+
+def _check_labels(cond: Cond, backbone: Any, what: str, null: bool = False) -> None:
+    """trust (issue 31): class labels ``y`` are integers in 0..C-1 (0..C for the null row, C = the
+    null label); out of range they used to fail deep in the embedding (or wrap to another class)."""
+    classes = int(getattr(backbone, "num_classes", 0) or 0)
+    y = cond.get("y")
+    if y is None or classes <= 0:
+        return
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ConfigError(f"{what}: y must hold integer labels, got {str(y.dtype).replace('torch.', '')}")
+    top = classes if null else classes - 1
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) > top):
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise ConfigError(f"{what}: y labels must be in 0..{top}" + (f" ({classes} = the null label)" if null else "")
+                          + f", got {bad}")
 
 
 def _cond_rows(backbone: Any, cond_file: Optional[str]) -> Cond:
@@ -101,6 +118,7 @@ def _cond_rows(backbone: Any, cond_file: Optional[str]) -> Cond:
         cond = load_cond_file(cond_file)
         _check_names(cond, backbone, f"--cond {cond_file}")
         row_count(cond)
+        _check_labels(cond, backbone, f"--cond {cond_file}")
         return cond
     if not getattr(backbone, "conditions", None):
         return {}
@@ -156,15 +174,27 @@ def train_sidenet_for_source(source: str | Path, out: str | Path, settings: Any,
                              cond_file: Optional[str] = None, null_file: Optional[str] = None,
                              n_states: int = 1024, solve_steps: int = 32, cache_dir: Optional[str] = None,
                              resume: bool = False, command: Optional[str] = None, progress: bool = True,
-                             dist: Optional[Dist] = None) -> dict:
-    """``anchorflow train sidenet``: load SOURCE, pick the start states, train; returns the config."""
+                             dist: Optional[Dist] = None, budget_s: Optional[float] = None,
+                             budget_default: bool = False) -> dict:
+    """``anchorflow train sidenet``: load SOURCE, pick the start states, train; returns the config.
+
+    ``budget_s``: seconds for the whole command (loading and start states included): at most
+    ``settings.iters``, fewer if they do not fit (see :func:`~.train_sidenet.train_sidenet`)."""
+    import time
+
     from .train_sidenet import check_init, train_sidenet
 
+    started = time.monotonic()
     dist = dist or from_env()
     src = load_backbone(source, out)
     if getattr(settings, "init", None):
         check_init(src.module, settings)  # a wrong --init fails before the start states are computed
+    if cond_file and not null_file and getattr(settings, "label_dropout", 0) > 0:
+        view = as_cond_backbone(src.module)  # no null rows to drop to: fail before the start states
+        if uses_null_rows(view) and (not hasattr(view, "null_cond") or view.null_cond() is None):
+            raise ConfigError(NULL_NEEDED)
     ts = training_set(src, data, cond_file=cond_file, null_file=null_file, n_states=n_states,
                       solve_steps=solve_steps, seed=settings.seed, cache_dir=cache_dir, dist=dist, progress=progress)
     return train_sidenet(src.module, ts.x, ts.cond, out, settings, null_cond=ts.null, identity=src.identity,
-                         data=ts.record, resume=resume, command=command, progress=progress, dist=dist)
+                         data=ts.record, resume=resume, command=command, progress=progress, dist=dist,
+                         budget_s=budget_s, started=started, budget_default=budget_default)

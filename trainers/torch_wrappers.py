@@ -76,42 +76,113 @@ def module_run(module: nn.Module, names: list) -> Callable[[dict], np.ndarray]:
     return run
 
 
-def bundle_runs(bundle: Any, precision: str = "fp32") -> tuple[dict, list[str]]:
-    """The runtime's ``torch`` backend: the checkpoints bundle.json records (paths relative to the
-    bundle), each checked against its recorded weights sha256, as ``run(feeds)`` per network; a
-    backbone exported from a diffusers folder or a factory is its source's adapter, loaded again."""
+def bundle_runs(bundle: Any, precision: str = "fp32", sources: Optional[dict] = None,
+                trust_source: bool = False) -> tuple[dict, list[str]]:
+    """The runtime's ``torch`` backend: per network ``run(feeds)`` of the torch model it was exported from.
+
+    A bundle is data: nothing named inside bundle.json is imported, run or even opened here. Where
+    each network's torch model comes from:
+
+    - ``sources[name]`` (``verify --source``): a checkpoint folder, a diffusers transformer folder
+      or ``pkg.module:factory`` given by the user;
+    - else, for our checkpoints, the model-root layout: ``backbone/`` / ``sidenet/`` beside the
+      bundle folder (what ``locate`` finds for a MODEL root), never the path bundle.json records;
+    - a diffusers / factory source recorded in bundle.json is loaded only with ``trust_source``
+      (``--trust-source``, the ``trust_remote_code`` convention); without it the backend is
+      unavailable, saying how to give the source.
+
+    Recorded facts are only compared: a checkpoint's weights sha256 must equal the recorded one; a
+    given diffusers / factory source that differs from the recorded one is noted with a warning.
+    """
     from ..errors import CheckpointError, ConfigError
-    from .checkpoint import load_checkpoint
 
     if precision != "fp32":
         raise ConfigError("the torch backend runs the checkpoints in fp32 only")
+    sources = dict(sources or {})
+    unknown = sorted(set(sources) - set(bundle.networks))
+    if unknown:
+        raise ConfigError(f"--source names {', '.join(unknown)}, but the bundle has {', '.join(bundle.networks)}")
     runs = {}
     for name, decl in bundle.networks.items():
-        source = bundle.meta["networks"][name].get("source") or {}
-        if not bundle.meta["networks"][name].get("checkpoint") and source.get("path"):
-            runs[name] = _source_run(source, decl)
+        entry = bundle.meta["networks"][name]
+        record = entry.get("checkpoint") if isinstance(entry.get("checkpoint"), dict) else None
+        recorded = entry.get("source") if isinstance(entry.get("source"), dict) else {}
+        given = sources.get(name)
+        if given is None and record is None and recorded.get("path"):
+            if not trust_source:
+                raise ConfigError(
+                    f"the {name} of this bundle comes from the {recorded.get('kind', 'source')} "
+                    f"{str(recorded.get('path'))[:200]!r} named in bundle.json; opening a bundle never imports or runs "
+                    f"code it names: give the source yourself with --source FOLDER|pkg.module:factory (or, if you "
+                    f"trust whoever made this bundle, pass --trust-source)")
+            given = str(recorded["path"])
+        if given is not None and not _is_checkpoint(given):
+            _note_source(name, str(given), recorded)
+            runs[name] = _source_run(str(given), decl)
             continue
-        record = bundle.meta["networks"][name].get("checkpoint") or {}
-        path = (bundle.folder / str(record.get("path"))).resolve()
-        if not record.get("path") or not path.is_dir():
-            raise CheckpointError(f"the {name} checkpoint recorded in bundle.json ({record.get('path')}) is not there")
-        module, cfg = load_checkpoint(path)
-        if cfg.get("weights_sha256") != record.get("weights_sha256"):
-            raise CheckpointError(f"the {name} checkpoint at {path} changed since the export (weights sha256 differs)")
+        folder = Path(given) if given is not None else bundle.folder.parent / name
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(
+                f"the torch backend needs the {name} checkpoint: none at {folder} (the model-root layout beside "
+                f"the bundle); give it with --source {'' if name == 'backbone' else name + '='}CHECKPOINT_FOLDER")
+        module, cfg = _load_checked(folder, name, record)
         runs[name] = module_run(module, [i.name for i in decl.inputs])
     return runs, ["torch-cpu"]
 
 
-def _source_run(source: dict, decl: Any) -> Callable[[dict], np.ndarray]:
-    """``run(feeds)`` of the adapter an exported backbone came from (``source.path``: a diffusers
-    folder or ``pkg.module:factory``), in our time like the graph."""
-    from ..errors import CheckpointError
-    from .adapters import load_source
+def _is_checkpoint(source: str) -> bool:
+    return (Path(source).expanduser() / "config.json").is_file() and not _is_diffusers(source)
 
-    path = str(source["path"])
-    if ":" not in path and not Path(path).is_dir():
-        raise CheckpointError(f"the source {path} recorded in bundle.json is not there")
-    adapter = load_source(path).eval()
+
+def _is_diffusers(source: str) -> bool:
+    from .adapters.diffusers import is_diffusers_folder
+
+    return is_diffusers_folder(Path(source).expanduser())
+
+
+def _load_checked(folder: Path, name: str, record: Optional[dict]) -> tuple:
+    from ..errors import CheckpointError
+    from .checkpoint import load_checkpoint
+
+    module, cfg = load_checkpoint(folder, kind=name)
+    want = (record or {}).get("weights_sha256")
+    if want is None:
+        raise CheckpointError(f"bundle.json records no {name} checkpoint to compare {folder} with; the torch backend "
+                              "compares only checkpoints whose weights sha256 the bundle records")
+    if cfg.get("weights_sha256") != want:
+        raise CheckpointError(f"the {name} checkpoint at {folder} is not the one this bundle was exported from "
+                              f"(weights sha256 {str(cfg.get('weights_sha256'))[:12]}, bundle.json records {str(want)[:12]})")
+    return module, cfg
+
+
+def _note_source(name: str, given: str, recorded: dict) -> None:
+    from ..errors import warn
+
+    path = recorded.get("path")
+    if path is None:
+        return
+    same = given == path or (":" not in given and Path(given).expanduser().resolve() == Path(str(path)).resolve())
+    if not same:
+        warn(f"the {name} source given ({given}) differs from the one bundle.json records ({str(path)[:200]}); "
+             "comparing the bundle with the source given")
+
+
+def _source_run(path: str, decl: Any) -> Callable[[dict], np.ndarray]:
+    """``run(feeds)`` of the adapter of a source the USER named (a diffusers folder or
+    ``pkg.module:factory``), in our time like the graph."""
+    from ..errors import AnchorflowError, CheckpointError, ConfigError
+    from .adapters import load_source
+    from .adapters.factory import is_factory
+
+    if not is_factory(path) and not Path(path).expanduser().is_dir():
+        raise CheckpointError(f"the source {path} is not there (a diffusers folder, a checkpoint folder or "
+                              "pkg.module:factory)")
+    try:
+        adapter = load_source(path).eval()
+    except AnchorflowError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's factory or folder: its failure is one line
+        raise ConfigError(f"the source {path} failed to load ({type(exc).__name__}: {str(exc)[:200]})") from None
     roles = {i.role: i.name for i in decl.inputs}
     names = [i.name for i in decl.conditions]
     return lambda feeds: adapter.call_numpy(feeds[roles["state"]], feeds[roles["time"]], {n: feeds[n] for n in names})

@@ -16,6 +16,9 @@ label, weights sha256, path), so a SideNet is never paired with the wrong backbo
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +28,7 @@ import torch
 
 from ..errors import ConfigError
 from .checkpoint import read_config, save_checkpoint
-from .cond_rows import Cond, as_cond_backbone, drop_to_null, take, uses_null_rows
+from .cond_rows import NULL_NEEDED, Cond, as_cond_backbone, drop_to_null, take, uses_null_rows
 from .distributed import Dist, from_env, unwrap
 from .flow import EMA, SINGLE, STATE_JSON, STATE_TENSORS, ResumableRun, check_settings, finite_loss
 from .sidenet import RATIO, SideNet, backbone_identity, check_backbone, count_params, sidenet_arch
@@ -278,7 +281,8 @@ def train_sidenet(backbone, x_data: torch.Tensor, cond_data: torch.Tensor | Cond
                   settings: SideNetTrainSettings, *, null_cond: Optional[Cond] = None,
                   identity: Optional[dict] = None, data: Any = None,
                   resume: bool = False, command: Optional[str] = None, progress: bool = True,
-                  dist: Optional[Dist] = None) -> dict:
+                  dist: Optional[Dist] = None, budget_s: Optional[float] = None,
+                  started: Optional[float] = None, budget_default: bool = False) -> dict:
     """Train (or resume) a SideNet next to the frozen ``backbone``; returns the saved config.
 
     ``backbone``: ``forward(x, t, cond)`` with declared ``conditions`` (an adapter), or a
@@ -292,6 +296,17 @@ def train_sidenet(backbone, x_data: torch.Tensor, cond_data: torch.Tensor | Cond
     Writes a checkpoint to ``out`` every ``ckpt_every`` iterations and at the end. Under torchrun
     (``dist``, default: from the environment) the global ``batch`` is split over the processes
     (DDP) and rank 0 alone writes.
+
+    Time: the first iteration is timed and an ETA for the rest is printed (stderr) before the
+    others run. ``budget_s``: seconds the whole run may take, counted from ``started`` (a
+    ``time.monotonic()`` reading, default now; the CLI passes its start, so loading the backbone and
+    making start states count too): after the first iteration ``settings.iters`` is lowered to the
+    iterations that fit (at least one more; never raised) and the pick printed; the run also stops
+    early if the budget is spent sooner than estimated. ``budget_default``: the budget is the CLI's
+    default one (the message then says how to change it).
+    Interrupts: SIGINT / SIGTERM finish the iteration under way, write the checkpoint of the last
+    completed one (resumable with ``resume=True``) and raise KeyboardInterrupt (the CLI's exit 130);
+    a second signal aborts at once without writing.
     """
     from tqdm.auto import tqdm
 
@@ -311,6 +326,8 @@ def train_sidenet(backbone, x_data: torch.Tensor, cond_data: torch.Tensor | Cond
     run = _Run(backbone, settings, dist, arch=None if init is None else init[1])
     # null rows only where sampling guides on [cond; null] rows (not FLUX's embedded guidance, not 'none')
     run.null, run.null_p = null_cond, settings.label_dropout if uses_null_rows(backbone) and cond_data else 0.0
+    if run.null_p > 0 and run.null is None:  # before anything is written (not at the first dropped row)
+        raise ConfigError(NULL_NEEDED)
     if settings.init and not resume:
         _start_from(run, init[0])
     if resume:
@@ -319,24 +336,118 @@ def train_sidenet(backbone, x_data: torch.Tensor, cond_data: torch.Tensor | Cond
     elif out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} already exists and is not empty; pass --resume to continue it or choose another --out")
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
+    started = time.monotonic() if started is None else started
+    first = run.step
     bar = tqdm(total=settings.iters, initial=run.step, desc="train sidenet", disable=not (progress and dist.main),
                dynamic_ncols=True)
     window: list[float] = []
     cfg, saved = None, run.step
-    while run.step < settings.iters:
-        start = time.perf_counter()
-        window.append(finite_loss(_train_step(run, settings, x_data, cond_data), run.step + 1, out, saved))
-        run.wall_s += time.perf_counter() - start
-        run.step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(window[-20:]) / len(window[-20:]):.4g}")
-        if run.step % settings.ckpt_every == 0 or run.step == settings.iters:
-            run.loss_log.append([run.step, sum(window) / len(window)])
-            window = []
-            cfg = _save(out, run, settings, identity, data, command, done=run.step == settings.iters)
-            saved = run.step
-    bar.close()
+    with _Interrupts() as interrupts:
+        while run.step < settings.iters and not interrupts.stop(dist):
+            start = time.perf_counter()
+            window.append(finite_loss(_train_step(run, settings, x_data, cond_data), run.step + 1, out, saved))
+            took = dist.mean(time.perf_counter() - start)  # the same on every rank: one pick for all
+            run.wall_s += took
+            run.step += 1
+            if run.step == first + 1:
+                _plan(settings, run.step, took, budget_s, started, bar, dist.main, budget_default)
+            elif budget_s is not None and run.step < settings.iters and _over(started, budget_s, dist):
+                if dist.main:
+                    bar.write(f"the {budget_s / 60:g}-minute budget is spent at iteration {run.step} of the "
+                              f"{settings.iters} picked; stopping there", file=sys.stderr)
+                settings.iters = run.step
+                bar.total = run.step
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(window[-20:]) / len(window[-20:]):.4g}")
+            if run.step % settings.ckpt_every == 0 or run.step == settings.iters or (interrupts.stop(dist) and window):
+                run.loss_log.append([run.step, sum(window) / len(window)])
+                window = []
+                cfg = _save(out, run, settings, identity, data, command, done=run.step == settings.iters)
+                saved = run.step
+        bar.close()
+        if interrupts.stop(dist):
+            if dist.main:
+                kept = (f"wrote the checkpoint of iteration {saved} to {out}; continue it with the same command "
+                        "and --resume") if saved else "no iteration had finished, nothing was written"
+                print(f"interrupted ({interrupts.caught or 'another rank'}): {kept}", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
     return cfg if cfg is not None else _save(out, run, settings, identity, data, command, done=True)
+
+
+def _over(started: float, budget_s: float, dist: Dist) -> bool:
+    """Is the budget spent on any rank? (the same answer on every rank)"""
+    return dist.mean(float(time.monotonic() - started >= budget_s)) > 0
+
+
+def pick_iters(done: int, per_iter_s: float, left_s: float, most: int) -> int:
+    """Total iterations for a budget: ``done`` plus the whole iterations of ``per_iter_s`` that fit in
+    ``left_s``, at least ``done + 1`` (a budget too small for one more still trains one) and at most
+    ``most``."""
+    return min(most, done + max(1, int(left_s // max(per_iter_s, 1e-9))))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _plan(s: SideNetTrainSettings, done: int, took: float, budget_s: Optional[float], started: float,
+          bar: Any, main: bool, budget_default: bool = False) -> None:
+    """After the first iteration: lower the iterations to the budget (if any) and print the ETA."""
+    head = f"first iteration {took:.2f} s; {s.iters} iterations"
+    if budget_s is not None:
+        left = budget_s - (time.monotonic() - started)
+        picked = pick_iters(done, took, left, s.iters)
+        if picked < s.iters:
+            which = ("the default budget of" if budget_default else "--budget-minutes") + f" {budget_s / 60:g} min"
+            head = (f"first iteration {took:.2f} s; {s.iters} iterations would take {_duration((s.iters - done) * took)}"
+                    f" more, {_duration(max(left, 0.0))} left of {which}: training {picked}")
+            if budget_default:
+                head += " (--budget-minutes M or --iters N to change it)"
+            s.iters = picked
+            bar.total = picked
+            bar.refresh()
+    eta = (s.iters - done) * took
+    finish = time.strftime("%H:%M", time.localtime(time.time() + eta))
+    if main:
+        tip = "" if budget_s is not None or eta < 600 else " (--budget-minutes M stops it after M minutes)"
+        bar.write(f"{head}: ETA {_duration(eta)} (about {finish}){tip}", file=sys.stderr)
+
+
+class _Interrupts:
+    """SIGINT / SIGTERM set ``caught`` (the signal's name) instead of stopping mid-iteration; a second
+    one raises KeyboardInterrupt at once. Outside the main thread nothing is installed."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.caught: Optional[str] = None
+        self._old: dict = {}
+
+    def stop(self, dist: Dist) -> bool:
+        """A signal reached this rank or another one (the same answer on every rank)."""
+        return bool(self.caught) if dist.world == 1 else dist.mean(float(bool(self.caught))) > 0
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.caught:
+            raise KeyboardInterrupt
+        self.caught = signal.Signals(signum).name
+        print(f"\n{self.caught}: finishing this iteration, then writing the checkpoint (again to abort at once)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def run_arch(backbone, s: SideNetTrainSettings) -> dict:

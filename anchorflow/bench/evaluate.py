@@ -11,10 +11,22 @@ from ..runtime import metrics as M
 from ..runtime.classifier import Classifier, check_folder
 
 
-def data_range(model) -> tuple[float, float]:
-    """The data's own (lo, hi) from the model's meta (default (-1, 1)); PSNR's peak is hi - lo."""
-    lo, hi = model.meta.get("data_range", (-1.0, 1.0))
+def data_range(model, ref: Optional[np.ndarray] = None) -> Optional[tuple[float, float]]:
+    """The data's own (lo, hi) from the model's meta (default (-1, 1)); PSNR's peak is hi - lo.
+
+    ``data_range: null`` in bundle.json means the state is latents, not an image: then the
+    reference samples' own (min, max) when ``ref`` is given, else None (scored per reference)."""
+    dr = model.meta.get("data_range", (-1.0, 1.0))
+    if dr is None:
+        return None if ref is None else span_of(ref)
+    lo, hi = dr
     return float(lo), float(hi)
+
+
+def span_of(x: np.ndarray) -> tuple[float, float]:
+    """(min, max) of an array of latents (a unit span when it is constant)."""
+    lo, hi = float(np.min(x)), float(np.max(x))
+    return lo, hi if hi > lo else lo + 1.0
 
 
 def classifier_dir(model) -> Optional[Path]:
@@ -51,4 +63,5 @@ class Evaluator:
         return out
 
     def __call__(self, x: np.ndarray) -> dict[str, Any]:
-        return {"psnr": M.psnr(x, self.ref, self.data_range), "rmse": M.rmse(x, self.ref), **self.distribution(x)}
+        peak = self.data_range if self.data_range is not None else span_of(self.ref)  # latents: the reference's span
+        return {"psnr": M.psnr(x, self.ref, peak), "rmse": M.rmse(x, self.ref), **self.distribution(x)}

@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import ConfigError
 from .evaluate import Evaluator, classifier_dir, data_range
 from .outputs import Shown, write_outputs
-from .plan import DEFAULT_NFES, EULER_LADDER, BenchPlan, make_inputs
+from .plan import DEFAULT_NFES, EULER_LADDER, BenchPlan, Job, make_inputs
 from .results import assemble
 from .runs import Inputs, measure_all
 
@@ -35,6 +35,8 @@ def run_bench(
     grids: str = "uniform",
     tuning=None,
     self_check: bool = True,
+    cond: Optional[dict] = None,
+    null_cond: Optional[dict] = None,
 ) -> dict:
     """Benchmark ``solvers`` on ``model`` at every NFE and guidance scale; write ``out``; return the results.
 
@@ -54,24 +56,32 @@ def run_bench(
         grids: "uniform", or "tuned": each solver on its tuned grid for its budget (uniform where
             none was tuned; the Euler ladder always runs uniform from the backbone).
         tuning: an :class:`anchorflow.tuning.Tuning` (default: the model's ``tuning``, if any).
+        cond, null_cond: conditions (rows n or 1) and their null rows, checked against the bundle by
+            the sampling plan (:mod:`anchorflow.runtime.plan`); None: balanced labels ``i mod C``.
     """
     plan = BenchPlan.make(model, solvers, nfes, n, cfg_scales, seed=int(seed), reference=reference,
                           cfg_interval=cfg_interval, euler_ladder=euler_ladder,
                           command=command or shlex.join(sys.argv), first_calls=tuple(first_calls), grids=grids,
                           self_check=bool(self_check))
-    return run_plan(model, plan, out, progress, tuning if tuning is not None else getattr(model, "tuning", None))
+    return run_plan(model, plan, out, progress, tuning if tuning is not None else getattr(model, "tuning", None),
+                    cond, null_cond)
 
 
-def run_plan(model, plan: BenchPlan, out: str | os.PathLike, progress: bool = True, tuning=None) -> dict:
+def run_plan(model, plan: BenchPlan, out: str | os.PathLike, progress: bool = True, tuning=None,
+             cond: Optional[dict] = None, null_cond: Optional[dict] = None) -> dict:
     """Run a checked plan on ``model``, write the report folder ``out``, return the results dict."""
     meta = model.meta
     noise, y = make_inputs(tuple(meta["state_shape"]), int(meta.get("num_classes") or 0), plan.n, plan.seed)
-    sampler = meta.get("sampler")
-    held_out = None if sampler is None else np.asarray(sampler(plan.n, y, plan.seed + 1))
-    evaluate = Evaluator(data_range(model), y, classifier_dir(model), held_out)
     if tuning is None and (plan.grids == "tuned" or "cached" in plan.first_calls):
         raise ConfigError("tuned grids and the cached first call need the model's tuning; run 'anchorflow tune' first")
-    measured = measure_all(Inputs(model, plan, noise, y, evaluate, tuning), progress)
+    inputs = Inputs(model, plan, noise, y, None, tuning, cond, null_cond)
+    for cfg in plan.cfg_scales:  # the conditions and every guidance scale checked before any work
+        inputs.y = y = inputs.sample_plan(Job("euler", 1), cfg, grid="uniform").labels
+    sampler = meta.get("sampler")
+    held_out = None if sampler is None else np.asarray(sampler(plan.n, y, plan.seed + 1))
+    inputs.evaluate = Evaluator(data_range(model), y, classifier_dir(model), held_out)
+    measured = measure_all(inputs, progress)
     results = assemble(model, plan, measured)
-    write_outputs(Path(out), results, measured, Shown(data_range(model), y, held_out))
+    refs = np.concatenate(list(measured.ref_x.values())) if measured.ref_x else None
+    write_outputs(Path(out), results, measured, Shown(data_range(model, refs), y, held_out))
     return results

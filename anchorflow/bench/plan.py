@@ -7,7 +7,6 @@ job per (solver, NFE) plus the Euler ladder. Time convention: t = 1 noise, t = 0
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
@@ -61,14 +60,14 @@ def parse_reference(text: str) -> tuple[str, float]:
     )
 
 
-def check_cfgs(cfg_scales: Sequence[float], num_classes: int) -> list[float]:
-    """Finite guidance scales, deduplicated in order; only 1.0 for an unconditional model."""
-    cfgs = [float(s) for s in cfg_scales]
-    if not cfgs or not all(math.isfinite(s) for s in cfgs):
-        raise ConfigError(f"guidance scales must be finite numbers, got {list(cfg_scales)!r}")
-    if not num_classes and any(s != 1.0 for s in cfgs):
-        raise ConfigError("this model is unconditional, so guidance scales other than 1.0 do not apply; use --cfg 1.0")
-    return list(dict.fromkeys(cfgs))
+def check_cfgs(cfg_scales: Sequence[float]) -> list[float]:
+    """Guidance scales by the sampling plan's rule (finite, > 0, capped), deduplicated in order.
+    Whether the model can be guided at all is the plan's decision too (it knows its conditions)."""
+    from ..runtime.plan import check_cfg_scale
+
+    if not list(cfg_scales):
+        raise ConfigError("no guidance scale given (--cfg)")
+    return list(dict.fromkeys(check_cfg_scale(s, "--cfg") for s in cfg_scales))
 
 
 def make_inputs(
@@ -130,7 +129,7 @@ class BenchPlan:
              cfg_scales: Sequence[float], **settings: Any) -> "BenchPlan":
         """Check every argument against ``model`` (its meta and SideNet) and freeze them."""
         check_counts(n, list(nfes))
-        cfgs = check_cfgs(cfg_scales, int(model.meta.get("num_classes") or 0))
+        cfgs = check_cfgs(cfg_scales)
         names = select_solvers(solvers, model.sidenet is not None)
         parse_reference(settings.get("reference", cls.reference))
         ladder = settings.pop("euler_ladder", EULER_LADDER)

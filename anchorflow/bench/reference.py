@@ -28,14 +28,25 @@ def _f64(velocity: Callable) -> Callable:
 
 @dataclass(frozen=True)
 class Guidance:
-    """The guidance setup a reference is solved under (labels y (B,) or None)."""
+    """The guidance setup a reference is solved under: a sampling plan's conditions and null rows
+    (:meth:`of`), or class labels y (B,) with the null label."""
 
     y: Optional[np.ndarray]
     cfg: float
     cfg_interval: tuple[float, float]
     null_label: Optional[int]
+    cond: Optional[dict] = None
+    null_cond: Optional[dict] = None
+
+    @classmethod
+    def of(cls, plan) -> "Guidance":
+        """The guidance of a :class:`~anchorflow.runtime.plan.SamplePlan` (its checked conditions)."""
+        return cls(None, plan.cfg_scale, plan.cfg_interval, None, plan.cond,
+                   None if plan.null_cond is None else dict(plan.null_cond))
 
     def solve_kwargs(self) -> dict:
+        if self.cond is not None:
+            return dict(cond=self.cond, null_cond=self.null_cond, cfg_scale=self.cfg, cfg_interval=self.cfg_interval)
         return dict(y=self.y, cfg_scale=self.cfg, cfg_interval=self.cfg_interval, null_label=self.null_label)
 
 
@@ -54,7 +65,7 @@ def _solve_once(velocity: Callable, noise: np.ndarray, g: Guidance, method: str,
 
 
 def reference_solution(model, noise, y, cfg: float, cfg_interval, reference: str,
-                       self_check: bool = True) -> tuple[np.ndarray, dict]:
+                       self_check: bool = True, guidance: Optional[Guidance] = None) -> tuple[np.ndarray, dict]:
     """The reference samples (float64) and a record of how they were made and how exact they are.
 
     The self-check solves again with half the steps (RK4) or a tenfold looser tolerance
@@ -64,7 +75,7 @@ def reference_solution(model, noise, y, cfg: float, cfg_interval, reference: str
     ``self_check=False`` skips the second solve (the record says so).
     """
     method, arg = parse_reference(reference)
-    g = Guidance(y, float(cfg), tuple(cfg_interval), model.meta.get("null_label"))
+    g = guidance or Guidance(y, float(cfg), tuple(cfg_interval), model.meta.get("null_label"))
     x, nfe = _solve_once(model.velocity, noise, g, method, arg)
     info = {"method": reference, "cfg": cfg, "nfe": int(nfe)}
     if not self_check:
@@ -72,8 +83,9 @@ def reference_solution(model, noise, y, cfg: float, cfg_interval, reference: str
     check_arg = arg // 2 if method == "rk4" else arg * 10
     x_chk, _ = _solve_once(model.velocity, noise, g, method, check_arg)
     label = f"rk4:{int(check_arg)} vs rk4:{int(arg)}" if method == "rk4" else f"dopri5:{check_arg:g} vs dopri5:{arg:g}"
-    lo, hi = model.meta.get("data_range", (-1.0, 1.0))
-    rmse, psnr = M.rmse(x_chk, x), M.psnr(x_chk, x, (float(lo), float(hi)))
+    from .evaluate import data_range
+
+    rmse, psnr = M.rmse(x_chk, x), M.psnr(x_chk, x, data_range(model, x))
     info["self_check"] = {"compare": label, "rmse": rmse, "psnr": psnr}
     if method == "rk4":  # the check measures the coarse solve; the reference errs ~15x less (order 4)
         info["reference_error"] = {"rmse_estimate": rmse / 15.0, "psnr_estimate": psnr + 20.0 * math.log10(15.0),

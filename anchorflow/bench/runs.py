@@ -29,19 +29,41 @@ class Inputs:
     y: Optional[np.ndarray]
     evaluate: Evaluator
     tuning: Optional[Any] = None  # anchorflow.tuning.Tuning: tuned grids and the first-call table
+    cond: Optional[dict] = None  # the user's conditions (--cond), rows n or 1; None: balanced labels
+    null_cond: Optional[dict] = None  # their null rows (--null-cond); None: the bundle's
 
-    def grid_for(self, job: Job) -> tuple[Any, str]:
-        """(grid for ``solve``, its description): the tuned one when the plan asks and one exists."""
-        if self.plan.grids == "tuned" and not job.ladder_only and self.tuning is not None:
-            g = self.tuning.grid_for(job.solver, job.nfe, job.first_call)
-            if g is not None:
-                return np.asarray(g.times), g.spec
-        return None, "uniform"
+    def sample_plan(self, job: Job, cfg: float, options: Optional[dict] = None, noise: Optional[np.ndarray] = None,
+                    grid: Any = "auto"):
+        """The sampling plan of one job (runtime.plan): the tuned grid when the bench asks for tuned
+        grids and one exists (``grid="auto"``), else uniform; ``noise`` (default: the bench's) sets
+        the rows, the conditions follow (their first rows)."""
+        from ..runtime.plan import plan
 
-    def solve_kwargs(self, cfg: float) -> dict:
-        """The keyword arguments of ``solve`` shared by every solver at guidance ``cfg``."""
-        return dict(y=self.y, sidenet=self.model.sidenet, cfg_scale=cfg, cfg_interval=self.plan.cfg_interval,
-                    null_label=self.model.meta.get("null_label"))
+        if grid == "auto":
+            tuned = self.plan.grids == "tuned" and not job.ladder_only and self.tuning is not None
+            grid = None if tuned else "uniform"
+        noise = self.noise if noise is None else noise
+        return plan(self.model, solver=job.solver, nfe=int(job.nfe), grid=grid, first_call=job.first_call,
+                    cfg_scale=cfg, cfg_interval=self.plan.cfg_interval, cond=_head(self.cond, len(noise)),
+                    null_cond=self.null_cond, noise=noise, options=options, tuning=self.tuning,
+                    names=BENCH_NAMES)
+
+    def guidance(self, cfg: float):
+        """The reference's guidance at ``cfg``: the conditions a plan resolves (labels or --cond)."""
+        from .reference import Guidance
+
+        return Guidance.of(self.sample_plan(Job("euler", 1), cfg, grid="uniform"))
+
+
+BENCH_NAMES = {"cfg_scale": "--cfg", "cfg_interval": "--cfg-interval", "cond": "--cond", "null_cond": "--null-cond",
+               "nfe": "--nfe", "n": "--n", "solver": "--solvers"}
+
+
+def _head(cond: Optional[dict], rows: int) -> Optional[dict]:
+    """The first ``rows`` rows of each per-row condition (a 1-row or shared value as it is)."""
+    if cond is None:
+        return None
+    return {k: (v[:rows] if np.ndim(v) and np.shape(v)[0] > rows else v) for k, v in cond.items()}
 
 
 @dataclass
@@ -92,37 +114,24 @@ def skip_reason(name: str, nfe: int, has_sidenet: bool, free_calls: int = 0) -> 
     return None
 
 
-def _first_call(inp: Inputs, job: Job):
-    """"backbone", or the tuned first-call table (a ConfigError when the model has none)."""
-    if job.first_call == "backbone":
-        return "backbone"
-    table = None if inp.tuning is None else inp.tuning.first_call
-    if table is None:
-        raise ConfigError("the cached first call needs the model's first-call table; run 'anchorflow tune' first")
-    return table
-
-
-def _fastflow_options(inp: Inputs, nfe: int, common: dict) -> dict:
-    """A fresh FastFlow bandit warmed on FASTFLOW_WARMUP generations of other noise (batch <= 16).
-
-    The measured generation is the next one of that stream, still learning, as in deployment.
-    """
-    from ..runtime import solve
+def _fastflow_options(inp: Inputs, job: Job, cfg: float) -> dict:
+    """A fresh FastFlow bandit warmed on FASTFLOW_WARMUP generations of other noise (batch <= 16,
+    uniform grid). The measured generation is the next one of that stream, still learning, as in
+    deployment."""
     from ..runtime.fastflow import FastFlowBandit
 
     seed, noise = inp.plan.seed, inp.noise
-    bandit = FastFlowBandit(nfe, model_id=str(inp.model.meta.get("model_id", "")), seed=seed)
+    bandit = FastFlowBandit(int(job.nfe), model_id=str(inp.model.meta.get("model_id", "")), seed=seed)
     rng = np.random.default_rng([seed, 2])
     b = min(16, noise.shape[0])
-    warm = dict(common, y=None if common["y"] is None else common["y"][:b])
     for _ in range(FASTFLOW_WARMUP):
-        solve("fastflow", inp.model.velocity, rng.standard_normal((b, *noise.shape[1:])).astype(np.float32), nfe,
-              bandit=bandit, **warm)
+        warm = rng.standard_normal((b, *noise.shape[1:])).astype(np.float32)
+        inp.sample_plan(job, cfg, {"bandit": bandit}, noise=warm, grid="uniform").run()
     return {"bandit": bandit}
 
 
-# Solvers that need options prepared per (model, nfe) before a fair measurement.
-PREPARE: dict[str, Callable[[Inputs, int, dict], dict]] = {"fastflow": _fastflow_options}
+# Solvers that need options prepared per (model, job, guidance) before a fair measurement.
+PREPARE: dict[str, Callable[[Inputs, Job, float], dict]] = {"fastflow": _fastflow_options}
 
 
 def _timing(t) -> dict[str, float]:
@@ -132,18 +141,17 @@ def _timing(t) -> dict[str, float]:
 
 def run_one(inp: Inputs, job: Job, cfg: float) -> RunRecord:
     """One (solver, NFE, guidance) measurement, or a record of why it was skipped."""
-    from ..runtime import solve
-
-    grid, grid_name = inp.grid_for(job)
-    rec = RunRecord(job.label, int(job.nfe), cfg, method=job.solver, first_call=job.first_call, grid=grid_name,
+    rec = RunRecord(job.label, int(job.nfe), cfg, method=job.solver, first_call=job.first_call,
                     ladder_only=job.ladder_only)
     rec.skipped = skip_reason(job.solver, job.nfe, inp.model.sidenet is not None, int(job.first_call == "cached"))
     if rec.skipped:
         return rec
-    common = inp.solve_kwargs(cfg)
-    options = PREPARE[job.solver](inp, job.nfe, common) if job.solver in PREPARE else {}
-    res = solve(job.solver, inp.model.velocity, inp.noise, int(job.nfe), grid=grid, first_call=_first_call(inp, job),
-                **common, **options)
+    if job.first_call == "cached" and (inp.tuning is None or inp.tuning.first_call is None):
+        raise ConfigError("the cached first call needs the model's first-call table; run 'anchorflow tune' first")
+    options = PREPARE[job.solver](inp, job, cfg) if job.solver in PREPARE else {}
+    p = inp.sample_plan(job, cfg, options)
+    rec.grid = p.tuned_spec or "uniform"
+    res = p.run()
     rec.nfe, rec.sidenet_calls, rec.timing = int(res.nfe), int(res.sidenet_calls), _timing(res.timing)
     rec.scores = inp.evaluate(res.x)
     rec.x = None if job.ladder_only else res.x  # ladder-only runs feed the Euler-to-match table, not the grids
@@ -169,7 +177,7 @@ def measure_all(inp: Inputs, progress: bool) -> Measured:
     for cfg in plan.cfg_scales:
         bar.set_postfix_str(f"reference {plan.reference} cfg={cfg:g}")
         ref, info = reference_solution(inp.model, inp.noise, inp.y, cfg, plan.cfg_interval, plan.reference,
-                                       plan.self_check)
+                                       plan.self_check, inp.guidance(cfg))
         inp.evaluate.ref = ref
         out.references.append(info | inp.evaluate.distribution(ref))
         out.ref_x[cfg] = ref

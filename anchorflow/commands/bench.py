@@ -42,10 +42,15 @@ DEFAULT_NFE = "3,4,5,6,8,10,20,50,100"
 @click.option("--allow-fallback", is_flag=True, help="Fall back to CPU when a GPU provider fails to load.")
 @click.option("--out", type=click.Path(file_okay=False), default="bench", show_default=True,
               help="Folder for results.json, report.md, quality_vs_nfe.png and sample grids.")
+@click.option("--cond", "cond_file", type=click.Path(dir_okay=False), default=None,
+              help="Conditions for every run: .npz or .safetensors, one array per condition name, rows --n or 1 "
+                   "(`anchorflow inspect` lists what the bundle declares). Default: balanced class labels.")
+@click.option("--null-cond", "null_file", type=click.Path(dir_okay=False), default=None,
+              help="Null conditions for the guidance rows (--cfg), same format (e.g. empty-prompt embeddings).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results JSON to stdout (messages go to stderr).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def bench(model, solvers, nfe, n, cfg, cfg_interval, reference, seed, first_call, grids, no_self_check, euler_ladder,
-          backend, allow_fallback, out, as_json, quiet, threads, thread_mode) -> None:
+          backend, allow_fallback, out, cond_file, null_file, as_json, quiet, threads, thread_mode) -> None:
     """Benchmark solvers on MODEL: quality against a reference, counted NFE, timing split.
 
     Every solver gets the same start noise, labels (balanced over classes) and guidance. For
@@ -84,11 +89,15 @@ def bench(model, solvers, nfe, n, cfg, cfg_interval, reference, seed, first_call
     apply_threads(threads, thread_mode)
     ladder = EULER_LADDER if euler_ladder is None else parse_int_list(euler_ladder, "--euler-ladder")
     modes = [f.strip() for f in first_call.split(",") if f.strip()]
+    from .cond_files import read_arrays
+
+    cond = read_arrays(cond_file, "--cond") if cond_file else None
+    null_cond = read_arrays(null_file, "--null-cond") if null_file else None
     m = open_model(model, backend=backend, allow_fallback=allow_fallback)
     tuning = read_tuning(m.files.bundle) if m.files.bundle is not None else None
     results = run_bench(m, names, nfes, n, cfgs, seed, out, reference=reference, progress=not quiet,
                         cfg_interval=interval, euler_ladder=ladder, first_calls=modes,
-                        grids=grids, tuning=tuning, self_check=not no_self_check)
+                        grids=grids, tuning=tuning, self_check=not no_self_check, cond=cond, null_cond=null_cond)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     click.echo(f"wrote {out}/report.md and {out}/results.json", err=as_json)

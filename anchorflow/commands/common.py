@@ -84,6 +84,9 @@ def positive(ctx: click.Context, param: click.Parameter, value):
     return value
 
 
+MAX_BATCH = 65536  # trust (issue 31): a training batch beyond this is a typo, not a batch (it used to try 8 TB)
+
+
 def count(limit: int):
     """click callback factory: a positive integer no larger than ``limit``."""
 

@@ -16,7 +16,8 @@ from .common import MAX_N, MAX_NFE, cfg_scale as cfg_check, count, seed as seed_
 @click.option("--cfg", "cfg_scale", type=float, default=1.5, show_default=True, callback=cfg_check,
               help="Guidance scale (> 0; 1.0 = none).")
 @click.option("--seed", type=int, default=0, show_default=True, callback=seed_check, help="Seed of the start noise.")
-@click.option("--backend", default="auto", show_default=True, help="auto, ort-cpu, ort-cuda, ort-trt or trt.")
+@click.option("--backend", type=click.Choice(["auto", "ort-cpu", "ort-cuda", "ort-trt", "trt"]), default="auto",
+              show_default=True, help="Execution backend (the demo is torch-free).")
 def demo(out, nfe, n, cfg_scale, seed, backend) -> None:
     """Show what anchorflow does, on the bundled digits model (torch-free).
 
@@ -24,7 +25,6 @@ def demo(out, nfe, n, cfg_scale, seed, backend) -> None:
     BA-solver at a few backbone calls, against a 256-call RK4 reference and Euler at 100 calls,
     and writes comparison.png, one grid per method, summary.md and summary.json to --out.
     """
-    from pathlib import Path
 
     from .._io import check_output
     from ..demo import run_demo

@@ -62,7 +62,14 @@ def export(model, out, sidenet, opset, precisions, max_batch, no_validate, axes)
       anchorflow export my_pkg.models:make_backbone --out my-bundle
     """
     command = "anchorflow " + " ".join(sys.argv[1:])
-    if _adapter_source(model):
+    from ..runtime.pipeline_format import is_pipeline_folder  # -- pipeline bundles (issue 23, pipeline helper) --
+
+    if is_pipeline_folder(model):
+        from .generate import export_pipeline_command
+
+        result = export_pipeline_command(model, out, opset, precisions, max_batch, no_validate, _parse_axes(axes), command,
+                                         sidenet)
+    elif _adapter_source(model):  # -- end pipeline bundles --
         result = _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes, command, sidenet)
     else:
         if axes:
@@ -132,9 +139,8 @@ def _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes,
         raise ConfigError("diffusers and factory sources export fp32 and fp16 only: onnxruntime CPU has no bf16 kernels "
                           "to check a bf16 graph against torch; drop bf16 from --precision")
     from ..export.adapter_export import export_adapter
-    from ..trainers.adapters import load_source
 
-    adapter = load_source(model, _parse_axes(axes))
+    adapter = _load_user_source(model, _parse_axes(axes))
     side = None
     if sidenet is not None:  # refused before any export work when trained for another backbone
         from ..trainers.sidenet import load_sidenet
@@ -148,51 +154,64 @@ def _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes,
                           source=source, command=command, sidenet=side, sidenet_path=sidenet, precisions=precisions)
 
 
+def _load_user_source(model: str, axes: dict):
+    """The adapter of the source the user named; a factory (or a model's own code) that raises is
+    one error line naming it, not a traceback."""
+    from ..errors import AnchorflowError
+    from ..trainers.adapters import load_source
+
+    try:
+        return load_source(model, axes)
+    except (AnchorflowError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's own code failed: name it and what it raised
+        raise ConfigError(f"loading {model} failed: {type(exc).__name__}: {str(exc)[:300]}") from None
+
+
 @click.command("inspect")
 @click.argument("bundle")
 @click.option("--json", "as_json", is_flag=True, help="Print bundle.json as JSON instead.")
 def inspect(bundle, as_json) -> None:
     """Print an exported bundle's metadata: model, networks, I/O, batch ranges, parity, versions.
 
-    BUNDLE is a bundle folder, a model root with bundle/ inside, or `default`. Each ONNX file is
-    also checked against the sha256 recorded in bundle.json; exit status 1 when any fails.
+    BUNDLE is a bundle folder, a model root with bundle/ inside, or `default`. What is printed is
+    also checked: each ONNX file against its sha256, its inputs and outputs against the
+    declaration, its external data (inside the bundle and recorded), its weights (no NaN / Inf,
+    not all zero); the tuned grids and the first-call table. Exit status 1 on any mismatch.
+    Nothing named in bundle.json is imported or run.
     """
     import json
 
     from ..errors import CheckpointError
     from ..modelref import resolve
-    from ..runtime.bundle import find_bundle, read_meta
+    from ..runtime.bundle import find_bundle
 
     folder = find_bundle(resolve(bundle))
-    meta = read_meta(folder)
-    problems = integrity(folder, meta)
+    meta, problems = integrity(folder)
     click.echo(json.dumps(meta, indent=2) if as_json else describe(folder, meta, problems))
     if problems:
-        raise CheckpointError(f"{len(problems)} file(s) of {folder} fail their integrity check: "
-                              + "; ".join(problems.values()) + "; re-export the bundle")
+        raise CheckpointError(f"{len(problems)} part(s) of {folder} fail their integrity check: "
+                              + "; ".join(problems.values()))
 
 
-def integrity(folder, meta: dict) -> dict[tuple[str, str], str]:
-    """(network, precision) -> why its ONNX file is not the one bundle.json records (empty: all good)."""
-    from ..errors import AnchorflowError
-    from ..runtime.bundle import network_file
+def integrity(folder, meta: dict | None = None) -> tuple[dict, dict]:
+    """(bundle.json dict, problems): role (``(network, precision)`` or ``"tuned grids"``...) -> why it
+    is not what bundle.json records (empty: all good); see :func:`anchorflow.runtime.audit.audit`."""
+    from ..runtime.audit import audit
+    from ..runtime.bundle_format import read_bundle
 
+    fmt = read_bundle(folder)
     problems = {}
-    for name, entry in meta["networks"].items():
-        if entry is None:
-            continue
-        for precision in ["fp32", *(entry.get("precisions") or {})]:
-            try:
-                network_file(folder, meta, name, precision)
-            except AnchorflowError as exc:
-                problems[(name, precision)] = str(exc)
-    return problems
+    for key, why in audit(fmt).items():
+        network, sep, precision = key.partition("/")
+        problems[(network, precision) if sep else key] = why
+    return fmt.meta, problems
 
 
 def describe(folder, meta: dict, problems: dict | None = None) -> str:
     """A readable multi-line summary of a bundle; ``problems`` from :func:`integrity` (computed if None)."""
-    problems = integrity(folder, meta) if problems is None else problems
-    model, exp, ver = meta.get("model", {}), meta.get("export", {}), meta.get("versions", {})
+    problems = integrity(folder)[1] if problems is None else problems
+    model, exp, ver = (_obj(meta.get(k)) for k in ("model", "export", "versions"))
     lines = [
         f"bundle    {folder}  ({meta['schema']})",
         f"model     {model.get('name')}: state {tuple(model.get('state_shape', ()))}, {model.get('num_classes')} "
@@ -204,10 +223,20 @@ def describe(folder, meta: dict, problems: dict | None = None) -> str:
         "versions  " + ", ".join(f"{k} {v}" for k, v in ver.items()),
     ]
     for name, entry in meta["networks"].items():
+        if not isinstance(entry, dict):
+            continue
         lines.append(_network_lines(name, entry))
-        for precision in ["fp32", *(entry.get("precisions") or {})]:
+        for precision in ["fp32", *_obj(entry.get("precisions"))]:
             why = problems.get((name, precision))
-            lines.append(f"    {precision:<5} file {'sha256 ok' if why is None else 'NOT OK: ' + why}")
+            lines.append(f"    {precision:<5} file {'sha256, io, weights ok' if why is None else 'NOT OK: ' + why}")
+    if meta.get("tuned") is not None:
+        for part in ("tuned grids", "first-call table"):
+            if part == "first-call table" and not _obj(meta.get("tuned")).get("first_call"):
+                continue
+            why = problems.get(part)
+            lines.append(f"{part:<17} {'ok' if why is None else 'NOT OK: ' + why}")
+    if problems.get("tuned"):
+        lines.append(f"tuned     NOT OK: {problems['tuned']}")
     return "\n".join(lines)
 
 
@@ -244,6 +273,13 @@ def _io(entries: list[dict[str, Any]]) -> str:
 def _parity(v: dict) -> str:
     if not v or "skipped" in v:
         return "not validated"
+    try:
+        return _parity_line(v)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return "validation record unreadable (bundle.json edited?)"
+
+
+def _parity_line(v: dict) -> str:
     worst, tol = v.get("worst") or {}, v.get("tolerance") or {}
     key = "max_abs" if tol.get("stat") == "max" else "mean_abs"
     allowed = f"{tol.get('atol'):.2g}" + (f" + {tol['rtol']:.2g} |ref|" if tol.get("rtol") else "")
@@ -252,26 +288,35 @@ def _parity(v: dict) -> str:
             f"{'PASS' if v.get('passed') else 'FAIL'}{note}")
 
 
+def _obj(value: Any) -> dict:
+    """``value`` when it is a dict, else {} (descriptive fields of bundle.json are not validated)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _kb(value: Any) -> str:
+    return f"{value / 1e3:.0f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+
+
 def _network_lines(name: str, entry: dict) -> str:
-    b, ck, cl = entry.get("batch", {}), entry.get("checkpoint", {}), entry.get("cleanup", {})
+    b, ck, cl = _obj(entry.get("batch")), _obj(entry.get("checkpoint")), _obj(entry.get("cleanup"))
     lines = [
-        f"{name:<9} {entry['file']} {entry.get('bytes', 0) / 1e3:.0f} kB, sha256 {entry['sha256'][:16]}",
+        f"{name:<9} {entry['file']} {_kb(entry.get('bytes'))} kB, sha256 {entry['sha256'][:16]}",
         f"    io    {_io(entry['inputs'])} -> {_io(entry['outputs'])}",
         _declared(entry),
         f"    batch {b.get('min')}..{b.get('max')} (opt {b.get('opt')}); a call with more rows runs in chunks of "
         f"{b.get('max')}",
-        f"    fp32  {_parity(entry.get('validation'))}",
+        f"    fp32  {_parity(_obj(entry.get('validation')))}",
     ]
-    for precision, v in (entry.get("precisions") or {}).items():
-        lines.append(f"    {precision:<5} {v['file']} {v.get('bytes', 0) / 1e3:.0f} kB: {_parity(v.get('validation'))}")
+    for precision, v in _obj(entry.get("precisions")).items():
+        lines.append(f"    {precision:<5} {v['file']} {_kb(v.get('bytes'))} kB: {_parity(_obj(v.get('validation')))}")
     if cl:
         lines.append(f"    clean nodes {cl.get('nodes_before')} -> {cl.get('nodes_after')}, ORT CPU batch 1 "
                      f"{cl.get('latency_ms_before')} -> {cl.get('latency_ms_after')} ms, "
                      f"{'kept' if cl.get('kept') else 'discarded: ' + str(cl.get('reason'))}")
     if ck:
         lines.append(f"    from  {ck.get('path')} (weights sha256 {str(ck.get('weights_sha256'))[:16]}, "
-                     f"command: {(ck.get('training') or {}).get('command')})")
+                     f"command: {_obj(ck.get('training')).get('command')})")
     elif entry.get("source"):
-        src = entry["source"]
+        src = _obj(entry["source"])
         lines.append(f"    from  {src.get('kind', 'adapter')} {src.get('path', '')} ({src.get('family')})")
     return "\n".join(lines)

@@ -85,8 +85,8 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
     p = plan(m, **asked, noise=noise, names=CLI_NAMES,
              cond=read_arrays(cond_file, "--cond") if cond_file else None,
              null_cond=read_arrays(null_file, "--null-cond") if null_file else None)
-    if grid is None and p.grid_source != "uniform":
-        click.echo(p.grid_source, err=True)
+    if p.tuned_spec is not None:
+        click.echo(f"grid: {p.grid_source} (from the bundle; --grid overrides)", err=True)
     pending = p.begin()
     res = pending.result
     write_samples(res.x, out, npy, tuple(m.meta.get("data_range") or (-1.0, 1.0)))

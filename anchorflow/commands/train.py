@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from .lazygroup import LazyGroup
-from .common import positive, seed as seed_check
+from .common import MAX_BATCH, count, positive, seed as seed_check
 
 # sub-command -> (module, attribute or None for a command defined here, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
@@ -82,7 +82,7 @@ def train() -> None:
 @click.option("--steps", type=int, default=6000, show_default=True, callback=positive, help="Optimizer steps.")
 @click.option("--seed", type=int, default=0, show_default=True, callback=seed_check,
               help="Seed of initialisation, batches and noise.")
-@click.option("--batch", type=int, default=128, show_default=True, callback=positive, help="Batch size.")
+@click.option("--batch", type=int, default=128, show_default=True, callback=count(MAX_BATCH), help="Batch size.")
 @click.option("--lr", type=float, default=6e-4, show_default=True, help="Peak AdamW learning rate (warm-up, cosine).")
 @click.option("--ckpt-every", type=int, default=500, show_default=True, callback=positive,
               help="Write a checkpoint (and resume state) every N steps.")

@@ -8,7 +8,24 @@ from __future__ import annotations
 import click
 
 from ..errors import ConfigError
-from .common import parse_float_list, positive, seed as seed_check
+from .common import MAX_BATCH, count, parse_float_list, positive, seed as seed_check
+
+DEFAULT_BUDGET_MINUTES = 10.0  # when neither --iters nor --budget-minutes is given
+
+
+def budget_seconds(value: str | None, iters_given: bool) -> tuple[float | None, bool]:
+    """(``--budget-minutes`` in seconds or None for no limit, whether it is the default budget)."""
+    if value is None:
+        return (None, False) if iters_given else (60.0 * DEFAULT_BUDGET_MINUTES, True)
+    if value.strip().lower() == "none":
+        return None, False
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = float("nan")
+    if not 0 < minutes < 1e6:
+        raise ConfigError(f"--budget-minutes must be a positive number of minutes or 'none', got {value!r}")
+    return 60.0 * minutes, False
 
 
 def read_ba_grids(path: str) -> tuple[tuple[float, ...], ...]:
@@ -34,13 +51,21 @@ def read_ba_grids(path: str) -> tuple[tuple[float, ...], ...]:
 
 @click.command("sidenet")
 @click.option("--backbone", "model", default="default", show_default=True,
-              help="MODEL: 'default' (the bundled digits backbone), a model root or a backbone checkpoint folder.")
+              help="MODEL: 'default' (the bundled digits backbone), a model root or a backbone checkpoint folder, "
+                   "a diffusers transformer folder (config.json + safetensors: SD3, FLUX, Sana, ...), or a factory "
+                   "'pkg.module:make' / 'path/to/file.py:make' (see docs/byo.md).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="SideNet checkpoint folder to write.")
 @click.option("--iters", type=int, default=250, show_default=True, callback=positive,
-              help="Optimizer iterations (the paper: 250 at batch 4096 on ImageNet-256).")
+              help="Optimizer iterations, at most (the paper: 250 at batch 4096 on ImageNet-256). The first one "
+                   "is timed and an ETA printed.")
+@click.option("--budget-minutes", default=None, metavar="M",
+              help=f"Stop after about M minutes (loading and start states included): after the first iteration "
+                   f"--iters is lowered to what fits, and the pick printed. 'none': no limit. Default: "
+                   f"{DEFAULT_BUDGET_MINUTES:g} when --iters is not given either (a first run finishes in minutes), "
+                   f"else none.")
 @click.option("--chain", type=int, default=8, show_default=True, callback=positive,
               help="Simulated steps per iteration (each one backbone call).")
-@click.option("--batch", type=int, default=256, show_default=True, callback=positive, help="Batch size.")
+@click.option("--batch", type=int, default=256, show_default=True, callback=count(MAX_BATCH), help="Batch size.")
 @click.option("--rate", default="50", show_default=True,
               help="Rate of the truncated exponential for the offset |h| (mean 1/rate). A comma list, e.g. "
                    "'50,5', draws each sample's rate from the list: larger offsets for 5-10 NFE sampling.")
@@ -92,7 +117,7 @@ def read_ba_grids(path: str) -> tuple[tuple[float, ...], ...]:
               help="Start from this SideNet checkpoint (its architecture is kept; the backbone's shapes must fit it), "
                    "e.g. to fine-tune the base SideNet for a backbone with a LoRA fused in (`anchorflow refit`).")
 @click.option("--threads", type=int, default=None, callback=positive, help="torch CPU threads (default: torch's).")
-def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, offset_form, offset_grids, grid_share,
+def sidenet(model, out, iters, budget_minutes, chain, batch, rate, lr, width, patch, blocks, offset_form, offset_grids, grid_share,
             data, cond_file, null_file, sidenet_cond,
             start_states, solve_steps, cache_dir, seed, ckpt_every, resume, threads, init=None) -> None:
     """Train a SideNet for a frozen backbone by chain-based simulation (BA-solver, arXiv 2601.21542).
@@ -104,9 +129,13 @@ def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, off
     exact command and the backbone's identity), model.safetensors (EMA weights) and the resume state.
     Several processes: `torchrun --standalone --nproc_per_node=K -m anchorflow train sidenet ...`
     (DDP; --batch is the global batch, split over the processes; rank 0 writes).
+    Ctrl-C or SIGTERM: the iteration under way finishes, the checkpoint of the last finished one is
+    written (continue with --resume), exit status 130.
     """
     from .train import _start, command_line
 
+    budget_s, budget_default = budget_seconds(
+        budget_minutes, click.get_current_context().get_parameter_source("iters").name != "DEFAULT")
     grids = read_ba_grids(offset_grids) if offset_grids is not None else ()
     _start(out, threads, "sidenet")
     from anchorflow.trainers.distributed import session
@@ -123,7 +152,8 @@ def sidenet(model, out, iters, chain, batch, rate, lr, width, patch, blocks, off
     with session() as dist:
         cfg = train_sidenet_for_source(model, out, settings, data=data, cond_file=cond_file, null_file=null_file,
                                        n_states=start_states, solve_steps=solve_steps, cache_dir=cache_dir,
-                                       resume=resume, command=command_line(), dist=dist)
+                                       resume=resume, command=command_line(), dist=dist,
+                                       budget_s=budget_s, budget_default=budget_default)
     if not dist.main:
         return
     t = cfg["training"]

@@ -41,8 +41,18 @@ def _split(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 @click.option("--allow-fallback", is_flag=True,
               help="Compare a GPU backend even when its provider fell back to the CPU (its row then names the "
                    "providers it really ran on).")
+@click.option("--source", "sources", multiple=True, metavar="[NETWORK=]SOURCE",
+              help="The torch model the torch backend compares with: a diffusers transformer folder, "
+                   "pkg.module:factory or a checkpoint folder (NETWORK: backbone, the default, or sidenet); "
+                   "repeatable. Default: the checkpoints beside the bundle (a model root's backbone/, sidenet/). "
+                   "A source that bundle.json records is never imported, only compared with what you give.")
+@click.option("--trust-source", is_flag=True,
+              help="Import and run the diffusers folder or factory that bundle.json records, as the torch "
+                   "reference (runs code named by the bundle: only for bundles you made or trust).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-def verify(bundle, backends, reference, precisions, atol, rtol, seed, allow_fallback, as_json) -> None:
+@click.pass_context
+def verify(ctx, bundle, backends, reference, precisions, atol, rtol, seed, allow_fallback, sources, trust_source,
+           as_json) -> None:
     """Parity test BUNDLE across backends: per network and end to end (BA-solver, 7 NFE).
 
     BUNDLE is a bundle folder, a model root with bundle/ inside, or `default`. Inputs are built
@@ -50,13 +60,18 @@ def verify(bundle, backends, reference, precisions, atol, rtol, seed, allow_fall
     Prints max / mean / p99 absolute and relative errors against the reference and the smallest
     atol that would pass. Exit status 0 only when at least one comparison ran and every one
     passed; 1 when any failed, when a file fails its sha256 check, or when nothing could be
-    compared. A backend or precision that is not available here is skipped and listed with the
-    reason. The torch backend needs the checkpoints recorded in bundle.json and torch.
+    compared, and when a backend or precision given with --backends / --precision was not
+    compared (listed). With the defaults, a backend that is not available here is skipped and
+    listed with the reason. The torch backend needs torch and the model the bundle was exported
+    from: the checkpoints beside the bundle, or --source (a bundle's recorded diffusers folder or
+    factory is imported only with --trust-source). Tuned grids, the first-call table, each graph's
+    inputs and outputs against bundle.json and the weights' finiteness are checked as well.
 
     \b
     Examples:
       anchorflow verify default
       anchorflow verify runs/bundle --backends ort-cpu --precision fp32,fp16
+      anchorflow verify sd3-bundle --backends torch,ort-cpu --source models/sd3/transformer
     """
     import json
 
@@ -65,10 +80,31 @@ def verify(bundle, backends, reference, precisions, atol, rtol, seed, allow_fall
     from ..errors import CheckpointError
     from ..runtime.models import resolve
 
+    from click.core import ParameterSource
+
+    asked = tuple(k for k, opt in (("backends", "backends"), ("precisions", "precisions"))
+                  if ctx.get_parameter_source(opt) is not ParameterSource.DEFAULT)
     result = verify_bundle(resolve(bundle), _split(backends, BACKEND_NAMES, "--backends"),
                            _split(precisions, PRECISIONS, "--precision"), reference, atol, rtol, seed,
                            progress=lambda todo: tqdm(todo, desc="verify", disable=None, leave=False),
-                           allow_fallback=allow_fallback)
+                           allow_fallback=allow_fallback, sources=parse_sources(sources),
+                           trust_source=trust_source, required=asked)
     click.echo(json.dumps(result.as_dict(), indent=2) if as_json else result.text())
     if not result.passed:
         raise CheckpointError(f"verify failed for {bundle}: {result.verdict()}")
+
+
+def parse_sources(values: tuple) -> dict:
+    """``--source [NETWORK=]SOURCE`` values -> network -> source (backbone when no NETWORK= is given)."""
+    from ..errors import ConfigError
+
+    out: dict = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        network, source = (name, rest) if sep and name in ("backbone", "sidenet") else ("backbone", value)
+        if not source.strip():
+            raise ConfigError(f"--source {value!r}: give a folder or pkg.module:factory")
+        if network in out:
+            raise ConfigError(f"--source gives the {network} twice")
+        out[network] = source
+    return out

@@ -51,13 +51,36 @@ class Opened:
         return f"{self.name}/{self.precision}"
 
 
-def open_backend(folder: Path, name: str, precision: str, allow_fallback: bool = False) -> Opened:
+def open_backend(folder: Path, name: str, precision: str, allow_fallback: bool = False,
+                 sources: Optional[dict] = None, trust_source: bool = False) -> Opened:
     """Open ``name`` (any backend of the runtime's registry, torch included) on a bundle; raises
-    AnchorflowError (the reason it is unavailable)."""
+    AnchorflowError (the reason it is unavailable). ``sources`` / ``trust_source``: where the torch
+    backend finds a network's torch model (see ``anchorflow.trainers.torch_wrappers.bundle_runs``;
+    nothing bundle.json names is imported unless ``trust_source``)."""
     from ..bundle import load_bundle
 
+    if name == "torch":
+        return _open_torch(folder, precision, sources, trust_source)
     b = load_bundle(folder, backend=name, allow_fallback=allow_fallback, precision=precision)
     return Opened(name, precision, b.velocity, b.sidenet, list(b.providers))
+
+
+def _open_torch(folder: Path, precision: str, sources: Optional[dict], trust_source: bool) -> Opened:
+    """The registry's torch backend (imported lazily, as ``load_bundle`` does) with the user's sources."""
+    import importlib
+
+    from ..._deps import require
+    from ..bundle import EXTERNAL
+    from ..networks import WRAPPERS
+
+    target, needs, extra = EXTERNAL["torch"]
+    require(needs, extra=extra, purpose="the torch backend")
+    module, _, fn = target.partition(":")
+    fmt = read_bundle(folder)
+    runs, providers = getattr(importlib.import_module(module), fn)(fmt, precision, sources=sources,
+                                                                     trust_source=trust_source)
+    nets = {n: WRAPPERS[n](fmt.networks[n], run, fmt.guidance.null, list(providers)) for n, run in runs.items()}
+    return Opened("torch", precision, nets["backbone"], nets.get("sidenet"), list(providers))
 
 
 def _runner(opened: Opened, network: str) -> Callable[[dict], np.ndarray]:
@@ -137,25 +160,30 @@ class VerifyReport:
     unavailable: dict[str, str] = field(default_factory=dict)
     providers: dict[str, list[str]] = field(default_factory=dict)
     broken: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)  # asked backends / precisions that were not compared
 
     @property
     def passed(self) -> bool:
-        return bool(self.reports) and not self.broken and all(r.passed for r in self.reports)
+        return (bool(self.reports) and not self.broken and not self.missing
+                and all(r.passed for r in self.reports))
 
     def as_dict(self) -> dict[str, Any]:
         return {"reference": self.reference, "passed": self.passed, "unavailable": self.unavailable,
-                "broken": self.broken, "providers": self.providers,
+                "broken": self.broken, "not_compared": self.missing, "providers": self.providers,
                 "comparisons": [{"network": r.network, "backend": r.runtime, "precision": r.precision,
                                  **r.as_dict()} for r in self.reports]}
 
     def verdict(self) -> str:
         fails = [r.failure() for r in self.reports if not r.passed]
         fails += [f"{k} is broken ({why})" for k, why in self.broken.items()]
+        if self.reports and self.missing:
+            fails.append(f"asked but not compared: {', '.join(self.missing)} (skipped, see above)")
         if fails:
             return "; ".join(fails)
         if not self.reports:
             return (f"nothing was compared (reference {self.reference}/fp32; every other backend x precision was "
-                    "skipped, see above): add --precision fp16, or install torch for the torch reference")
+                    "skipped, see above): add --precision fp16, or make the torch reference available (the skipped "
+                    "torch row says how)")
         return f"all {len(self.reports)} comparisons passed"
 
     def text(self) -> str:
@@ -171,11 +199,12 @@ class VerifyReport:
         return "\n".join(line for line in lines if line)
 
 
-def _pick_reference(folder: Path, backends: list[str], reference: Optional[str], report: VerifyReport) -> Opened:
+def _pick_reference(folder: Path, backends: list[str], reference: Optional[str], report: VerifyReport,
+                    sources: Optional[dict] = None, trust_source: bool = False) -> Opened:
     choices = [reference] if reference else (["torch", "ort-cpu"] if "torch" in backends else ["ort-cpu"])
     for name in choices:
         try:
-            return open_backend(folder, name, "fp32")
+            return open_backend(folder, name, "fp32", sources=sources, trust_source=trust_source)
         except AnchorflowError as exc:
             report.unavailable[f"{name}/fp32"] = str(exc)
     raise ConfigError(f"the reference backend ({' or '.join(choices)}) is unavailable: "
@@ -184,15 +213,25 @@ def _pick_reference(folder: Path, backends: list[str], reference: Optional[str],
 
 def verify_bundle(path: str | Path, backends: list[str], precisions: list[str], reference: Optional[str] = None,
                   atol: Optional[float] = None, rtol: Optional[float] = None, seed: int = 0,
-                  progress: Optional[Callable[[list], Any]] = None, allow_fallback: bool = False) -> VerifyReport:
+                  progress: Optional[Callable[[list], Any]] = None, allow_fallback: bool = False,
+                  sources: Optional[dict] = None, trust_source: bool = False,
+                  required: tuple = ()) -> VerifyReport:
     """Compare every backend x precision with the reference (fp32); see the module docstring.
 
     ``progress``: wraps the list of (backend, precision) pairs to show a bar (the CLI passes tqdm).
+    ``sources`` / ``trust_source``: where the torch reference comes from (:func:`open_backend`).
+    ``required``: ``"backends"`` and/or ``"precisions"``: every one asked must be compared (in at
+    least one comparison, the reference counting for its backend and fp32), else the report fails
+    listing those that were not. The bundle's other files (tuned grids, first-call table, graphs
+    against their declaration, weights) are audited too (:func:`anchorflow.runtime.audit.audit`).
     """
+    from ..audit import audit
+
     fmt = read_bundle(path)
     folder = fmt.folder
     report = VerifyReport(reference or "")
-    ref = _pick_reference(folder, backends, reference, report)
+    report.broken.update(audit(fmt))
+    ref = _pick_reference(folder, backends, reference, report, sources, trust_source)
     report.reference = ref.name
     cases = build_cases(fmt, ref, seed)
     refs = {n: [_runner(ref, n)(c.feeds) for c in cs] for n, cs in cases.items()}
@@ -201,7 +240,7 @@ def verify_bundle(path: str | Path, backends: list[str], precisions: list[str], 
     todo = [(b, p) for b in backends for p in precisions if not (b == ref.name and p == "fp32")]
     for name, precision in (progress(todo) if progress else todo):
         try:
-            opened = open_backend(folder, name, precision, allow_fallback)
+            opened = open_backend(folder, name, precision, allow_fallback, sources, trust_source)
         except CheckpointError as exc:  # a tampered or missing ONNX file: the bundle is broken (a failure)
             (report.unavailable if name == "torch" else report.broken)[f"{name}/{precision}"] = str(exc)
             continue
@@ -215,4 +254,17 @@ def verify_bundle(path: str | Path, backends: list[str], precisions: list[str], 
         e2e = NetworkReport(e2e_name, precision, name, ref.name, tolerance(precision, atol, rtol, E2E_FACTOR))
         e2e.results.append((Case("noise", E2E_BATCH, {}), compare(end_to_end(opened, fmt, seed), ref_e2e, e2e.tolerance)))
         report.reports.append(e2e)
+    report.missing = not_compared(report, ref.name, backends if "backends" in required else [],
+                                  precisions if "precisions" in required else [])
     return report
+
+
+def not_compared(report: VerifyReport, reference: str, backends: list, precisions: list) -> list[str]:
+    """The asked backends and precisions that no comparison covered (the reference covers its
+    backend and fp32 once anything was compared with it)."""
+    ran = {(r.runtime, r.precision) for r in report.reports}
+    if ran:
+        ran.add((reference, "fp32"))
+    seen_b, seen_p = {b for b, _ in ran}, {p for _, p in ran}
+    return ([f"backend {b}" for b in backends if b not in seen_b]
+            + [f"precision {p}" for p in precisions if p not in seen_p])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ...errors import ConfigError
 from ..registry import SOLVERS, SolverSpec
-from . import classic, multistep, unipc, ba, fastflow  # noqa: F401,I001  (registration order = listing order)
+from . import classic, multistep, unipc, ba, fastflow, inverse  # noqa: F401,I001  (registration order = listing order)
 
 
 def get_solver(name: str) -> SolverSpec:

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ...errors import ConfigError
+from ..estimate import ErrorEstimate
 from ..field import GuidedField
 from ..registry import register
 from ..result import SolverOutput
@@ -90,8 +91,8 @@ def corrects(t: float, tn: float, corrector_limit: float) -> bool:
 
 
 def _interval(field: GuidedField, x: np.ndarray, v_raw: np.ndarray, fwd: list[np.ndarray], grid: np.ndarray,
-              i: int, rule: Quadrature, merged: bool,
-              corrector_limit: float = math.inf) -> tuple[np.ndarray, np.ndarray, Optional[list[np.ndarray]]]:
+              i: int, rule: Quadrature, merged: bool, corrector_limit: float = math.inf,
+              est: Optional[ErrorEstimate] = None) -> tuple[np.ndarray, np.ndarray, Optional[list[np.ndarray]]]:
     """Interval i = [t, tn]: predictor; unless last, terminal call, backward probe, corrector.
 
     ``fwd``: this interval's forward-probe velocities (va, vb, ve). Returns the new state, the
@@ -120,6 +121,8 @@ def _interval(field: GuidedField, x: np.ndarray, v_raw: np.ndarray, fwd: list[np
     else:
         (vb2,) = _probe(field, x_pred, v_end_raw, tn, [-a * h], [tn + a * h])  # lands on node t - (1-a) h
     x = x - h * _weighted(w, [v0, fwd[0], vb2, v1])  # bi-anchor corrector; state reuse
+    if est is not None:  # corrector - predictor, from the two nodes they differ in (0 when they agree)
+        est.add(-h * (w[2] * (vb2 - fwd[1]) + w[3] * (v1 - fwd[2])))
     if not merged:
         nxt = _probe(field, x, v_end_raw, tn, offsets, times)  # the paper: from the corrected state
     return x, v_end_raw, nxt
@@ -178,13 +181,14 @@ def ba(field: GuidedField, x: np.ndarray, grid: np.ndarray, a: float = LOBATTO_A
     t0, offsets, times = float(grid[0]), *_forward_nodes(float(grid[0]), float(grid[1]), rule.nodes[1])
     v_raw = field.raw(x, t0, span=_span(t0, *times))  # guided at t0 (v0) and at the forward probe's nodes
     fwd = _probe(field, x, v_raw, t0, offsets, times)
-    steps = []
+    steps, est = [], ErrorEstimate()
     for i in range(n):
-        x, v_raw, fwd = _interval(field, x, v_raw, fwd, grid, i, rule, probes == "merged", limit)
+        x, v_raw, fwd = _interval(field, x, v_raw, fwd, grid, i, rule, probes == "merged", limit, est)
         corrected = i < n - 1 and corrects(float(grid[i]), float(grid[i + 1]), limit)
         steps.append(field.record(i, float(grid[i]), float(grid[i + 1]), since, corrected=corrected))
         since = field.counts()
-    return SolverOutput(x, steps, {"a": rule.nodes[1], "probes": probes, "corrector_limit": limit})
+    return SolverOutput(x, steps, {"a": rule.nodes[1], "probes": probes, "corrector_limit": limit},
+                        error_estimate=est.value(x.shape[0]))
 
 
 @register("ba-single", calls_per_step=1, order=None, needs_sidenet=True, min_nfe=1, nfe_rule="intervals",

@@ -7,7 +7,13 @@ step extrapolates from the last two computed (guided) velocities v_p at t_p and 
 
     v_hat(t) = v_q + (t - t_q) (v_q - v_p) / (t_q - t_p).
 
-Steps 0 and 1 and the last ``tail`` steps are always computed; a skip never crosses the end.
+Steps 0 and 1 (0..order with ``order`` > 1) and the last ``tail`` steps are always computed;
+a skip never crosses the end. ``order`` 2 or 3 extrapolates with Newton's divided differences
+of the last order + 1 computed velocities on their true times (:func:`extrapolate_order`).
+``base="adams"`` replaces the Euler update of every step by the integral of that same
+polynomial over the step, ``x_{k+1} = x_k + int_{t_k}^{t_{k+1}} P(s) ds`` (P through the last
+order + 1 computed velocities, :func:`interval_weights`): a run is then exactly Adams-Bashforth
+of order + 1 on the sub-grid of computed times (order 1: AB2), the bandit choosing that sub-grid.
 After a computed step k (k >= 1) the bandit B_k picks a skip length a; at the next computed
 step m = k + a + 1 it is paid ``mu * a - mse(v_hat(t_m), v_m)`` (batch mean: one decision per
 batch; see :mod:`anchorflow.runtime.bandit`). ``fixed_skip=s`` replaces the bandit by the
@@ -18,7 +24,7 @@ is T; ``Result.nfe`` counts the real calls.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -35,6 +41,51 @@ def extrapolate(p: Anchor, q: Anchor, t: float) -> np.ndarray:
     """First-order Taylor extrapolation to ``t`` from anchors p (older) and q (latest)."""
     (t_p, v_p), (t_q, v_q) = p, q
     return v_q + (t - t_q) * ((v_q - v_p) / (t_q - t_p))
+
+
+MAX_ORDER = 3
+
+
+def extrapolate_order(anchors: list[Anchor], t: float, order: int = 1) -> np.ndarray:
+    """Order-``order`` Taylor extrapolation to ``t`` from the last ``order + 1`` computed anchors.
+
+    Newton's divided differences on the anchors' true (non-uniform) times: the polynomial of
+    degree <= order through the anchors (t_i, v_i), evaluated at t. It is exact when the
+    velocity is a polynomial in t of degree <= order (the interpolating polynomial through
+    order + 1 points of a degree <= order polynomial is that polynomial). Order 1 is the
+    paper's rule (:func:`extrapolate`); fewer anchors than order + 1 fall back to the highest
+    order they support.
+    """
+    pts = anchors[-(order + 1):]
+    ts = [float(a[0]) for a in pts]
+    coef = [np.asarray(a[1], np.float64) for a in pts]  # divided-difference table, in place
+    n = len(pts)
+    for j in range(1, n):
+        for i in range(n - 1, j - 1, -1):
+            coef[i] = (coef[i] - coef[i - 1]) / (ts[i] - ts[i - j])
+    out = coef[n - 1]
+    for i in range(n - 2, -1, -1):  # Horner on the Newton form
+        out = coef[i] + (t - ts[i]) * out
+    return out.astype(np.result_type(pts[-1][1]), copy=False)
+
+
+BASES = ("euler", "adams")
+
+
+def interval_weights(times: Sequence[float], t_from: float, t_to: float) -> np.ndarray:
+    """Weights w with ``sum_j w_j f_j = (1 / (t_to - t_from)) int_{t_from}^{t_to} P(s) ds``.
+
+    P is the polynomial of degree < m through (times_j, f_j) (m = len(times)); the integral is
+    exact for it. In u = (s - times[-1]) / (t_to - t_from) the moments are
+    ``(u_b^{p+1} - u_a^{p+1}) / (p + 1)``; with t_from = times[-1] they are 1 / (p + 1), the
+    variable-step Adams-Bashforth weights (:func:`..multistep.adams_weights`).
+    """
+    ts = np.asarray(times, np.float64)
+    h = float(t_to) - float(t_from)
+    u = (ts - ts[-1]) / h
+    ua, ub = (float(t_from) - ts[-1]) / h, (float(t_to) - ts[-1]) / h
+    p = np.arange(1, ts.size + 1)
+    return np.linalg.solve(np.vander(u, ts.size, increasing=True).T, (ub ** p - ua ** p) / p)
 
 
 def _mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -67,9 +118,11 @@ class FastFlowRun:
     run into ``Result.info``, the record ``FastFlowBandit.merge`` learns from.
     """
 
-    def __init__(self, T: int, tail: int, forced_zero: bool, fixed_skip: Optional[int]) -> None:
+    def __init__(self, T: int, tail: int, forced_zero: bool, fixed_skip: Optional[int], order: int = 1) -> None:
         self.T, self.tail, self.forced_zero, self.fixed_skip = T, tail, forced_zero, fixed_skip
-        self.anchors: list[Anchor] = []
+        self.order = order
+        self.anchors: list[Anchor] = []  # the last two computed anchors (the paper's rule)
+        self.history: list[Anchor] = []  # the last order + 1 computed anchors
         self.pending: Optional[tuple[int, int]] = None
         self.computed = [False] * T
         self.arms: list[Optional[int]] = [None] * T
@@ -81,7 +134,7 @@ class FastFlowRun:
         """Record v_k, measure the extrapolation error, pay the pending decision."""
         self.computed[k] = True
         if len(self.anchors) == 2:
-            self.mse[k] = _mse(extrapolate(*self.anchors, t), v)
+            self.mse[k] = _mse(self.predict(t), v)
             if self.pending is not None:
                 k0, a = self.pending
                 paid = a == 0 or bandit.guard_ok(self.mse[k], _mse(v, 0.0))
@@ -89,11 +142,28 @@ class FastFlowRun:
                 self.losses.append((k0, a, self.mse[k], paid))
                 self.pending = None
         self.anchors = [*self.anchors[-1:], (t, v)]
+        self.history = [*self.history[-self.order:], (t, v)]
+
+    def predict(self, t: float) -> np.ndarray:
+        """A skipped step's velocity at t: order-``order`` extrapolation of the computed ones."""
+        if self.order == 1:
+            return extrapolate(*self.anchors, t)
+        return extrapolate_order(self.history, t, self.order)
+
+    def mean_velocity(self, t: float, t_next: float) -> np.ndarray:
+        """``base="adams"``: the mean over [t, t_next] of the polynomial through the last
+        order + 1 computed velocities (one anchor: that velocity, i.e. Euler)."""
+        hist = self.history[-(self.order + 1):]
+        if len(hist) == 1:
+            return hist[0][1]
+        w = interval_weights([a[0] for a in hist], t, t_next)
+        out = sum(float(wj) * np.asarray(v, np.float64) for wj, (_, v) in zip(w, hist))
+        return out.astype(np.result_type(hist[-1][1]), copy=False)
 
     def decide(self, k: int, bandit: FastFlowBandit) -> int:
         """After computed step k: how many steps to skip next (0 when no choice is allowed)."""
         max_arm = self.T - self.tail - 1 - k
-        if k < 1:
+        if k < self.order:  # order + 1 computed anchors before any skip (order 1: steps 0, 1)
             return 0
         if self.fixed_skip is not None:
             return min(self.fixed_skip, max(max_arm, 0))
@@ -142,7 +212,7 @@ def _check_int(name: str, value, low: int, high: int) -> int:
 
 
 @register("fastflow", calls_per_step=None, order=1, nfe_rule="grid", min_nfe=3,
-          summary="FastFlow: Euler with bandit-chosen step skipping (nfe = grid size T)")
+          summary="FastFlow: Euler or Adams with bandit-chosen step skipping (nfe = grid size T)")
 def fastflow(
     field: GuidedField,
     x: np.ndarray,
@@ -156,23 +226,33 @@ def fastflow(
     seed: int = 0,
     learn: bool = True,
     fixed_skip: Optional[int] = None,
+    order: int = 1,
+    base: str = "euler",
 ) -> SolverOutput:
     """FastFlow on ``grid`` (T + 1 times, 1 -> 0); x (B, ...) is the noise at t = 1.
 
     Options: ``bandit`` (a :class:`FastFlowBandit` for this grid, updated when ``learn``; None:
     a fresh one from ``mu`` / ``arms`` / ``gamma`` / ``seed``), ``tail`` (last steps always
     computed, >= 1), ``fixed_skip`` (no bandit: after every computed step k >= 1 skip that many
-    steps; a baseline). A bandit without mu runs this generation fully computed and calibrates
+    steps; a baseline), ``order`` (1..3: a skipped velocity from the Newton/Taylor extrapolation
+    of the last order + 1 computed velocities on their true times; 1 is the paper's rule and the
+    measured error the bandit is paid on uses the same order; steps 0..order are computed),
+    ``base`` ("euler", the paper's update, or "adams": every step integrates that polynomial over
+    the step, so the run is Adams-Bashforth of order + 1 on the sub-grid of computed times).
+    A bandit without mu runs this generation fully computed and calibrates
     ``mu = mu_factor * max_k mse_k / T`` (stored only when ``learn``). mu = 0 never skips.
 
     ``Result.info``: ``calls`` (computed steps), per-step lists ``computed``, ``arms`` (the arm
     chosen after step k, None where no choice was made) and ``mse`` (extrapolation error at each
     computed step k >= 2), ``skip_hist`` {arm: decisions} (0 = no skip), ``rewards``
     [[k, arm, reward], ...], ``losses`` [[k, arm, mse, paid], ...], ``mu``, ``calibration``,
-    ``calibrated_mu``, ``learned``.
+    ``calibrated_mu``, ``learned``, ``base``, ``order``.
     """
     T = len(grid) - 1
     tail = _check_int("tail (the last steps always computed)", tail, 1, T)
+    order = _check_int("order (the extrapolation order)", order, 1, MAX_ORDER)
+    if base not in BASES:
+        raise ConfigError(f"fastflow base must be one of {', '.join(BASES)}, got {base!r}")
     if fixed_skip is not None:
         fixed_skip = _check_int("fixed_skip", fixed_skip, 0, T)
         if bandit is not None:
@@ -180,19 +260,22 @@ def fastflow(
         bandit = FastFlowBandit(T, grid, mu=0.0)
     bandit = _bandit_for(grid, bandit, mu, arms, gamma, seed)
     mu = bandit.mu
-    run = FastFlowRun(T, tail, forced_zero=mu is None or mu == 0.0, fixed_skip=fixed_skip)
+    run = FastFlowRun(T, tail, forced_zero=mu is None or mu == 0.0, fixed_skip=fixed_skip, order=order)
     skip = 0
     for k in range(T):
         t, t_next = float(grid[k]), float(grid[k + 1])
         if skip:
-            v, skip = extrapolate(*run.anchors, t), skip - 1
+            v, skip = run.predict(t), skip - 1
         else:
             v = field(x, t)
             run.computed_step(k, t, v, bandit)
             skip = run.decide(k, bandit)
+        if base == "adams":
+            v = run.mean_velocity(t, t_next)
         x = x + (t_next - t) * v
     calibrated = calibrated_mu(run.mse, T) if mu is None else None
     info = generation_info(run, mu, calibrated, learn and fixed_skip is None)
+    info.update(base=base, order=order)
     if info["learned"]:
         bandit.merge(info)
     return SolverOutput(x, _records(grid, run), info)

@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from ...errors import ConfigError
+from ..estimate import ErrorEstimate, adams_difference
 from ..field import GuidedField
 from ..registry import register
 from ..result import SolverOutput, StepRecord
@@ -43,14 +44,16 @@ def _adams(field: GuidedField, x: np.ndarray, grid: np.ndarray, order: int) -> S
     """Adams-Bashforth of ``order`` with the lower-order warm start (Euler, AB2, ...)."""
     ts: list[float] = []
     vs: list[np.ndarray] = []
-    steps = []
+    steps, est = [], ErrorEstimate()
     for i in range(len(grid) - 1):
         t, t_next = float(grid[i]), float(grid[i + 1])
         ts, vs = (ts + [t])[-order:], (vs + [field(x, t)])[-order:]
         w = _weights(tuple(ts), t_next)
         x = x + (t_next - t) * sum(wj * vj for wj, vj in zip(w, vs))
+        if len(ts) > 1:  # the lower-order companion on the same history (runtime/estimate.py)
+            est.add(adams_difference(w, _weights(tuple(ts[1:]), t_next), vs, t_next - t))
         steps.append(StepRecord(i, t, t_next, calls=1, info={"order": len(ts)}))
-    return SolverOutput(x, steps)
+    return SolverOutput(x, steps, error_estimate=est.value(x.shape[0]))
 
 
 @register("ab2", calls_per_step=1, order=2, summary="Adams-Bashforth 2 (variable step), 1 call per step")

@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 
 from ...errors import ConfigError
+from ..estimate import ErrorEstimate
 from ..field import GuidedField
 from ..registry import register
 from ..result import SolverOutput, StepRecord
@@ -81,16 +82,18 @@ def unipc(field: GuidedField, x: np.ndarray, grid: np.ndarray, order: int = 2) -
     if isinstance(order, bool) or order not in (1, 2, 3):
         raise ConfigError(f"unipc order must be 1, 2 or 3, got {order!r}")
     hist: list[tuple[float, np.ndarray]] = []
+    est = ErrorEstimate(signed=True)
     steps, last = [], None  # last: (state before the previous predictor, its time, that predictor's order)
     n = len(grid) - 1
     for i in range(n):
         t, t_next = float(grid[i]), float(grid[i + 1])
         m = x - t * field(x, t)
         if last is not None:
-            x = _update(last[0], last[1], t, hist, last[2], m)
+            x_pred, x = x, _update(last[0], last[1], t, hist, last[2], m)
+            est.add(x - x_pred)  # UniC - UniP (runtime/estimate.py)
         hist = (hist + [(_lam(t), m)])[-order:]
         k = min(order, i + 1, n - i)
         last = (x, t, k)
         x = _update(x, t, t_next, hist, k, None)
         steps.append(StepRecord(i, t, t_next, calls=1, info={"order": k}))
-    return SolverOutput(x, steps)
+    return SolverOutput(x, steps, error_estimate=est.value(x.shape[0]))

@@ -99,7 +99,7 @@ class SanaAdapter(DiffusersAdapter):
     @classmethod
     def build(cls, transformer: Any, name: str, axes: Optional[dict] = None) -> "SanaAdapter":
         c = transformer.config
-        p, size = int(c.patch_size), int(c.sample_size)
+        size = int(c.sample_size)
         conds = [Condition("encoder_hidden_states", "float32", ("batch", "L", int(c.caption_channels))),
                  Condition("encoder_attention_mask", "int64", ("batch", "L"), low=1, high=2)]
         guidance: dict = {"mode": "rows"}

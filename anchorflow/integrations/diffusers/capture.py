@@ -195,7 +195,9 @@ def _output(sample: Any) -> Any:
     return Transformer2DModelOutput(sample=sample)
 
 
-def _build(pipe: Any, inputs: dict, calls: list, seen: dict, torch: Any) -> PipelineField:
+def _build(pipe: Any, inputs: dict, calls: list, seen: dict, torch: Any, live: bool = False) -> PipelineField:
+    """The field of a pipeline's first step from its transformer ``calls`` and ``seen`` step inputs;
+    ``live``: the calls' outputs are real velocities (run_ba), not the row constants of the capture."""
     sample = seen["sample"]
     B = sample.shape[0]
     kw0 = calls[0][0]
@@ -215,7 +217,7 @@ def _build(pipe: Any, inputs: dict, calls: list, seen: dict, torch: Any) -> Pipe
         outs = [calls[0][1], calls[1][1]]
     else:
         raise ConfigError(f"unsupported pipeline: {len(calls)} transformer call(s) of {rows} rows for {B} latents per step")
-    _check_guidance(seen["model_output"], outs, cfg, torch)
+    _check_guidance(seen["model_output"], outs, cfg, torch, live)
     sigma_step = seen["timestep"].reshape(-1)[0].float()
     tau = kw0["timestep"].reshape(-1)[0].float()
     mode = "train" if torch.equal(tau, sigma_step) else ("unit" if torch.allclose(tau * 1000.0, sigma_step) else None)
@@ -236,12 +238,18 @@ def _build(pipe: Any, inputs: dict, calls: list, seen: dict, torch: Any) -> Pipe
                          latent_shape=_latent_shape(noise, shared))
 
 
-def _check_guidance(model_output: Any, outs: list, cfg: float, torch: Any) -> None:
-    """The pipeline must hand its scheduler ``v_u + s (v_c - v_u)`` (plain CFG) or v_c."""
+def _check_guidance(model_output: Any, outs: list, cfg: float, torch: Any, live: bool = False) -> None:
+    """The pipeline must hand its scheduler ``v_u + s (v_c - v_u)`` (plain CFG) or v_c.
+
+    ``live``: real velocities, whose CFG sum rounds at their magnitude: the tolerance is the same
+    ulps of ``(1 + 2 s) max |v|`` (the largest term of the sum) instead of an absolute one."""
     v_c = outs[0].float()
     expected = v_c if len(outs) == 1 else outs[1].float() + cfg * (v_c - outs[1].float())
     got = model_output.float()
     rtol = _GUIDANCE_ULPS * torch.finfo(model_output.dtype).eps
+    if live:
+        scale = max(float(o.float().abs().max()) for o in outs) * (1.0 + 2.0 * abs(cfg))
+        rtol = rtol * max(scale, 1.0)
     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=rtol, atol=rtol):
         raise ConfigError("this pipeline's guidance is not plain classifier-free guidance at the scale given "
                           "(guidance rescale or skip-layer guidance?); anchorflow cannot reproduce it")

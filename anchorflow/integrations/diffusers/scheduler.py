@@ -31,6 +31,10 @@ from ...runtime.solve import _check_options
 torch = require("torch", extra="diffusers", purpose="the diffusers integration")
 _diffusers = require("diffusers", extra="diffusers", purpose="the diffusers integration")
 from diffusers.configuration_utils import register_to_config  # noqa: E402
+# A saved pipeline names this module as the scheduler's library (model_index.json); diffusers'
+# ``from_pretrained`` then looks up the loadable base classes ON this module (``SchedulerMixin`` ->
+# ``from_pretrained``), so it must expose them for a pipeline saved with it to load back.
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: E402,F401
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import (  # noqa: E402
     FlowMatchEulerDiscreteScheduler,
     FlowMatchEulerDiscreteSchedulerOutput,

@@ -1,0 +1,142 @@
+"""`anchorflow generate`: prompt -> image on a pipeline bundle, torch-free (numpy + onnxruntime + tokenizers).
+
+Also the click-layer helper behind `anchorflow export PIPELINE_FOLDER` (:func:`export_pipeline_command`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+import numpy as np
+
+from .common import MAX_N, MAX_NFE, cfg_scale as cfg_check, count, seed as seed_check
+
+
+@click.command("generate")
+@click.argument("bundle")
+@click.option("--prompt", default=None, help="The prompt (or give --prompts FILE).")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
+              help="A text file with one prompt a line (empty lines skipped): one batch.")
+@click.option("--negative-prompt", default=None,
+              help="Negative prompt for guidance rows (SD3; default: the empty prompt, as diffusers).")
+@click.option("--height", type=int, default=None, help="Image height in pixels [default: the bundle's].")
+@click.option("--width", type=int, default=None, help="Image width in pixels [default: the bundle's].")
+@click.option("--nfe", type=int, default=None, callback=count(MAX_NFE),
+              help="Transformer calls [default: the pipeline's num_inference_steps].")
+@click.option("--solver", default="euler", show_default=True, help="Solver name (see `anchorflow solvers`).")
+@click.option("--cfg", type=float, default=None, callback=cfg_check,
+              help="Guidance scale [default: the pipeline's guidance_scale]: CFG rows for SD3, the embedded "
+                   "guidance for FLUX-dev; FLUX-schnell has none.")
+@click.option("--grid", default=None,
+              help="'uniform', 'shift:S' or 'warp:S,P' [default: the bundle's tuned grid for this solver and NFE, "
+                   "else the pipeline scheduler's sigmas].")
+@click.option("--seed", type=int, default=0, show_default=True, callback=seed_check, help="Seed of the start latents.")
+@click.option("--n", "n", type=int, default=1, show_default=True, callback=count(MAX_N), help="Images per prompt.")
+@click.option("--latents", "latents_file", type=click.Path(dir_okay=False), default=None,
+              help="Start latents .npy (N, C, H/f, W/f) instead of --seed's.")
+@click.option("--backend", type=click.Choice(["auto", "ort-cpu", "ort-cuda", "ort-trt"]), default="ort-cpu",
+              show_default=True, help="onnxruntime backend of every part.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads per session.")
+@click.option("--out", type=click.Path(dir_okay=False), default="image.png", show_default=True,
+              help="Image to write (.png, .jpg, .webp); several images are written side by side.")
+@click.option("--npy", type=click.Path(dir_okay=False), default=None,
+              help="Also save the images as float32 (N, H, W, 3) in [0, 1] (diffusers' output_type='np').")
+def generate(bundle, prompt, prompts_file, negative_prompt, height, width, nfe, solver, cfg, grid, seed, n,
+             latents_file, backend, threads, out, npy) -> None:
+    """Generate images from a prompt with a pipeline bundle (`anchorflow export PIPELINE_FOLDER`).
+
+    Tokenisers, text encoders, transformer (and SideNet) and VAE decoder all run on onnxruntime;
+    torch and diffusers are never imported. Every output is written only when all of them are.
+
+    \b
+    Examples:
+      anchorflow generate sd3-bundle --prompt "a red cat" --nfe 28 --cfg 7 --out cat.png
+      anchorflow generate flux-bundle --prompts prompts.txt --solver ba --nfe 8 --out grid.png
+    """
+    run_generate(bundle, prompt, prompts_file, negative_prompt, height, width, nfe, solver, cfg, grid, seed, n,
+                 latents_file, backend, threads, out, npy)
+
+
+def _prompts(prompt: Optional[str], prompts_file: Optional[str]) -> list[str]:
+    from ..errors import ConfigError
+
+    if (prompt is None) == (prompts_file is None):
+        raise ConfigError("give exactly one of --prompt TEXT or --prompts FILE")
+    if prompt is not None:
+        return [prompt]
+    try:
+        with open(prompts_file, encoding="utf-8") as fh:
+            lines = [ln.rstrip("\r\n") for ln in fh]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read --prompts {prompts_file}: {exc}") from None
+    found = [ln for ln in lines if ln.strip()]
+    if not found:
+        raise ConfigError(f"--prompts {prompts_file} holds no prompt (one a line)")
+    return found
+
+
+def run_generate(bundle, prompt, prompts_file, negative_prompt, height, width, nfe, solver, cfg, grid, seed, n,
+                 latents_file, backend, threads, out, npy) -> None:
+    """The library call behind `generate`: check every input and output, generate, write all or nothing."""
+    from .. import _io
+    from ..errors import ConfigError, NonFiniteError
+    from ..runtime import get_solver
+    from ..runtime.grids import make_grid
+
+    prompts = _prompts(prompt, prompts_file)
+    fmt = _io.check_image_path(out)
+    if npy:
+        _io.check_output(npy, "--npy")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be a positive integer, got {threads}")
+    get_solver(solver)
+    if grid is not None:
+        make_grid(1, grid)
+    latents = None
+    if latents_file:
+        try:
+            latents = np.load(latents_file, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read --latents {latents_file}: {exc}") from None
+    from ..runtime.pipeline import load_pipeline
+
+    pipe = load_pipeline(bundle, backend=backend, threads=threads)
+    click.echo(f"generating {len(prompts) * n} image(s) from {len(prompts)} prompt(s)...", err=True)
+    gen = pipe(prompts, negative_prompt, nfe=nfe, solver=solver, cfg=cfg, height=height, width=width, seed=seed, n=n,
+               latents=latents, grid=grid)
+    if not np.isfinite(gen.pixels).all():
+        raise NonFiniteError(f"the decoded images hold NaN or Inf; nothing was written to {out}")
+    from PIL import Image
+
+    strip = np.concatenate(list(gen.images), axis=1)
+    with _io.atomic_paths([out] + ([npy] if npy else [])) as tmps:
+        Image.fromarray(strip).save(tmps[0], format=fmt)
+        if npy:
+            with open(tmps[1], "wb") as fh:
+                np.save(fh, gen.pixels)
+    t, r = gen.timing, gen.result
+    click.echo(f"{solver}: {r.nfe} transformer calls, {r.sidenet_calls} SideNet calls; tokenise {t['tokenise'] * 1e3:.1f} "
+               f"ms, encode {t['encode'] * 1e3:.1f} ms, denoise {t['denoise'] * 1e3:.1f} ms, decode "
+               f"{t['decode'] * 1e3:.1f} ms ({gen.grid})")
+    click.echo(f"wrote {out}" + (f" and {npy}" if npy else ""))
+
+
+def export_pipeline_command(model, out, opset, precisions, max_batch, no_validate, axes, command, sidenet):
+    """`anchorflow export PIPELINE_FOLDER --out B` (called from commands/export.py; ``axes`` parsed there)."""
+    from .._deps import require_extra
+    from .._io import check_output
+    from ..errors import ConfigError
+    from ..runtime.pipeline_format import check_pipeline_folder
+
+    check_pipeline_folder(model)  # unknown class / missing component: one line, before torch loads
+    if out is None:
+        raise ConfigError(f"give --out: {model} is a diffusers pipeline folder")
+    check_output(out, "--out", folder=True)
+    require_extra("diffusers", "exporting diffusers pipelines",
+                  ("torch", "onnx", "onnxscript", "diffusers", "transformers", "tokenizers"))
+    from ..export.pipeline_export import export_pipeline
+
+    precisions = tuple(precisions) or ("fp32",)
+    return export_pipeline(model, out, max_batch=max_batch, opset=opset, validate=not no_validate,
+                           axes=axes, command=command, sidenet=sidenet, precisions=precisions)
