@@ -443,8 +443,6 @@ class Quantizer:
             scale.CopyFrom(numpy_helper.from_array(np.asarray(amax / E4M3_MAX, np.float32).reshape(
                 numpy_helper.to_array(scale).shape), scale.name))
         # weights: per output channel amax / 448 from the fp32 weights ORT quantised (``W`` -> ``W_quantized``)
-        from ml_dtypes import float8_e4m3fn
-
         fp32 = {t.name: t for t in self.model.graph.initializer}
         for n in model.graph.node:
             src = n.input[0][: -len("_quantized")] if n.input[0].endswith("_quantized") else None
@@ -461,10 +459,10 @@ class Quantizer:
             shape = [1] * w.ndim
             if scale.ndim:
                 shape[axis] = -1
-            quant = (w / scale.reshape(shape)).astype(float8_e4m3fn)
+            quant = np.clip(w / scale.reshape(shape), -E4M3_MAX, E4M3_MAX)
             inits[n.input[1]].CopyFrom(numpy_helper.from_array(scale, n.input[1]))
             new = self.onnx.helper.make_tensor(n.input[0], self.onnx.TensorProto.FLOAT8E4M3FN, list(w.shape),
-                                               quant.view(np.uint8).tobytes(), raw=True)
+                                               quant.ravel().tolist())  # onnx rounds to E4M3 (saturating)
             inits[n.input[0]].CopyFrom(new)
         return model
 
