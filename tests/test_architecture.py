@@ -23,7 +23,7 @@ RULES: dict[str, tuple[set, set, tuple, tuple]] = {
     "engines": ({"numpy", "filelock", "tqdm"}, {"tensorrt", "cuda", "polygraphy", "onnx"},
                 (*BASE, "anchorflow.engines", "anchorflow.runtime"), ()),
     "export": ({"numpy", "tqdm", "torch", "onnx", "onnxruntime"},
-               {"onnxslim", "onnxconverter_common", "polygraphy", "safetensors", "diffusers", "tokenizers"},
+               {"onnxslim", "onnxconverter_common", "polygraphy", "safetensors", "diffusers", "tokenizers", "ml_dtypes"},
                (*BASE, "anchorflow.export", "anchorflow.runtime"), ("anchorflow.trainers", "anchorflow.engines")),
     "trainers": ({"numpy", "tqdm", "torch", "safetensors"}, {"sklearn", "diffusers", "onnxruntime"},
                  (*BASE, "anchorflow.trainers"), ("anchorflow.runtime",)),

@@ -312,7 +312,7 @@ def test_verify_cases_follow_the_declared_inputs(exported, family):
 def test_verify_compares_onnxruntime_with_the_torch_source(exported, family):
     """`verify` on a diffusers-source bundle: the torch reference is the source's adapter, loaded again."""
     bundle = exported[family]
-    r = verify_bundle(bundle, ["torch", "ort-cpu"], ["fp32"])
+    r = verify_bundle(bundle, ["torch", "ort-cpu"], ["fp32"], trust_source=True)  # this test made the bundle
     assert r.reference == "torch" and r.passed, r.text()
     rows = {x.network: x for x in r.reports}
     fmt = read_bundle(bundle)
