@@ -55,7 +55,7 @@ def test_precision_variant_is_loaded_and_a_missing_one_is_refused(tiny_bundle): 
     assert b16.precision == "fp16"
     with pytest.raises(ConfigError, match="no bf16 variant of the backbone.*--precision bf16"):
         load_bundle(tiny_bundle, backend="ort-cpu", precision="bf16")
-    with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
+    with pytest.raises(ConfigError, match="no fp8 variant of the backbone"):
         load_bundle(tiny_bundle, backend="ort-cpu", precision="fp8")
     with pytest.raises(ConfigError, match="unknown backend 'onnx'; choose from auto, ort-cpu, .*trt, torch"):
         load_bundle(tiny_bundle, backend="onnx")
@@ -96,13 +96,13 @@ def test_inspect_prints_metadata_and_flags_a_changed_file(bundle_copy):
     out = CliRunner().invoke(cli, ["inspect", str(bundle_copy)])
     assert out.exit_code == 0, out.output
     for text in ("anchorflow.bundle/2", "null label 10", "t = 1 is noise", "x [batch,1,8,8] float32",
-                 "batch 1..8 (opt 8)", "batch 1..32", "PASS", "fp16", "sha256 ok", "../backbone"):
+                 "batch 1..8 (opt 8)", "batch 1..32", "PASS", "fp16", "sha256, io, weights ok", "../backbone"):
         assert text in out.output, text
     raw = CliRunner().invoke(cli, ["inspect", str(bundle_copy), "--json"])
     assert json.loads(raw.output) == json.loads((bundle_copy / "bundle.json").read_text())
     (bundle_copy / "sidenet.fp16.onnx").write_bytes(b"not onnx")
     out = CliRunner().invoke(cli, ["inspect", str(bundle_copy)])
-    assert "fp16  file NOT OK" in out.output and out.output.count("sha256 ok") == 3
+    assert "fp16  file NOT OK" in out.output and out.output.count("sha256, io, weights ok") == 3
 
 
 SAMPLE_WITHOUT_TORCH = r"""

@@ -191,8 +191,8 @@ def test_precision_lists():
     assert parse_precisions(["fp16,bf16", "fp16"]) == ["fp32", "fp16", "bf16"]
     assert parse_precisions([]) == ["fp32"]
     assert variant_file("sidenet.onnx", "bf16") == "sidenet.bf16.onnx"
-    with pytest.raises(ConfigError, match="unknown precision 'int8'"):
-        parse_precisions(["int8"])
+    with pytest.raises(ConfigError, match="unknown precision 'int4'"):
+        parse_precisions(["int4"])
 
 
 # -- refused exports -------------------------------------------------------------------------------

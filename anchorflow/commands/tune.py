@@ -85,6 +85,9 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
     nfes = parse_int_list(nfe, "--nfe")
     modes = [f.strip() for f in first_calls.split(",") if f.strip()]
     check_tune(names, nfes, modes, cfg, samples, seed, reference_steps, max_evals)  # before anything is read
+    from ..tuning import check_tune_options
+
+    check_tune_options(names, nfes, cfg, samples, seed, reference_steps, max_evals)  # caps (trust, issue 31)
     if model == "default" and not dry_run:
         raise ConfigError(f"the bundled model is read-only; pass a copy of its bundle folder "
                           f"({BUNDLED / DEFAULT_NAME / 'bundle'}) or use --dry-run")

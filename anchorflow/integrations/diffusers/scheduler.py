@@ -47,7 +47,8 @@ def scheduler_solvers() -> list[str]:
 
 
 def _fits(spec: SolverSpec) -> bool:
-    return spec.calls_per_step == 1 and not spec.needs_sidenet and spec.nfe_rule == "steps"
+    # fireflow reuses a midpoint (N calls for N - 1 steps): its budget is not one call per scheduler step
+    return spec.calls_per_step == 1 and not spec.needs_sidenet and spec.nfe_rule == "steps" and spec.name != "fireflow"
 
 
 class _Pause(Exception):
