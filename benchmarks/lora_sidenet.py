@@ -26,6 +26,7 @@ both); the trained LoRA and the fine-tuned SideNet stay in benchmarks/results/lo
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -164,17 +165,10 @@ def parity(bundle: Path, fused: Path) -> float:
 
 
 def fine_tune(args: argparse.Namespace, fused: Path, out: Path) -> dict:
-    cond = MODEL / "cond_train.npz"
-    if not cond.exists():
-        import io
+    from sd3_digits_bench import cond_files  # the class prompts without y, as the base SideNet's run wrote them
 
-        from anchorflow import _io
-
-        prompts, _ = _prompts()
-        buf = io.BytesIO()
-        np.savez(buf, **prompts)
-        _io.write_bytes(cond, buf.getvalue())
-    base_cfg = __import__("json").loads((MODEL / "sidenet" / "config.json").read_text())["training"]
+    cond, _ = cond_files(MODEL)
+    base_cfg = json.loads((MODEL / "sidenet" / "config.json").read_text())["training"]
     st = base_cfg["settings"]
     side = out / "sidenet_ft"
     shutil.rmtree(side, ignore_errors=True)
