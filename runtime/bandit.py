@@ -255,8 +255,8 @@ class FastFlowBandit:
         for k, arm, mse, paid in info.get("losses", ()):
             self.observe(int(k), int(arm), self.reward(int(arm), float(mse), bool(paid)), bool(paid))
         self.generations += 1
-        if not info.get("calibration"):
-            self.adapt(info.get("calls", self.T))
+        if not info.get("calibration"):  # a capped run: the calls it would have made (calls_demand)
+            self.adapt(info.get("calls_demand", info.get("calls", self.T)))
         self.history = [*self.history, [float(info.get("calls", self.T)), self.mu]][-HISTORY:]
         if rng_state is not None:
             self.rng.bit_generator.state = rng_state

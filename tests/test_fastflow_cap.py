@@ -112,3 +112,22 @@ def test_select_respects_min_arm():
 def test_bad_cap_refused(gm, bad):
     with pytest.raises(ConfigError, match="max_calls"):
         solve("fastflow", gm, np.zeros((1, 1, 4, 4)), 30, y=np.zeros(1, int), max_calls=bad)
+
+
+
+
+
+def test_mu_still_rises_while_the_cap_binds(gm):
+    """Tiny mu, budget = cap: the calls sit at the cap, so a budget fed the calls alone would
+    never move mu (exp(eta * 0)); fed ``calls_demand`` (calls + those the cap refused at the
+    bandit's own rate) it rises every generation until the bandit skips on its own."""
+    rng = np.random.default_rng(6)
+    bandit = FastFlowBandit(30, calls=10, mu=1e-9, seed=0)
+    mus = []
+    for _ in range(6):
+        res = _run(gm, 30, 10, rng, bandit=bandit)
+        assert res.nfe == 10 and res.info["calls_demand"] > 10
+        mus.append(bandit.mu)
+    assert all(b > a for a, b in zip([1e-9] + mus, mus)) and mus[-1] > 1.4e-9  # calls alone: 1e-9 throughout
+    free = solve("fastflow", gm, rng.standard_normal((2, 1, 4, 4)), 30, y=rng.integers(0, 3, 2), mu=1.0)
+    assert free.info["calls_demand"] == free.nfe  # uncapped: the demand is the calls

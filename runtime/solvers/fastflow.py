@@ -133,6 +133,7 @@ class FastFlowRun:
         self.mse: list[Optional[float]] = [None] * T
         self.reward: list[Optional[float]] = [None] * T
         self.losses: list[tuple[int, int, float, bool]] = []  # (k, arm, mse at m, skip term paid)
+        self.bound: Optional[tuple[int, int]] = None  # (steps, calls) left where the cap first bound
 
     def computed_step(self, k: int, t: float, v: np.ndarray, bandit: FastFlowBandit) -> None:
         """Record v_k, measure the extrapolation error, pay the pending decision."""
@@ -179,6 +180,23 @@ class FastFlowRun:
         R = self.max_calls - sum(self.computed) - self.tail
         return max(0, min(n, n - R - R * self.cap_skip))
 
+    def calls_demand(self) -> float:
+        """The calls this run would have made without the cap, estimated; the budget adapts mu on
+        it, so mu still rises while the cap binds (on the capped calls alone it could not).
+
+        At the bandit's own rate r (mean of a + 1 over its decisions in this run, forced skips
+        excluded; 1 if it made none), the n steps left before the tail when the cap first forced
+        a skip would have cost n / r calls where R were left: demand = calls + max(0, n / r - R).
+        A run the cap never bound: its calls.
+        """
+        calls = float(sum(self.computed))
+        if self.bound is None:
+            return calls
+        n, R = self.bound
+        chosen = [a for a in self.arms if a is not None]
+        r = float(np.mean(chosen)) + 1.0 if chosen else 1.0
+        return calls + max(0.0, n / r - R)
+
     def decide(self, k: int, bandit: FastFlowBandit) -> int:
         """After computed step k: how many steps to skip next (0 when no choice is allowed).
 
@@ -190,6 +208,8 @@ class FastFlowRun:
         if k < self.order:  # order + 1 computed anchors before any skip (order 1: steps 0, 1)
             return 0
         lo = self.min_skip(k)
+        if lo and self.bound is None:  # where the cap first bound: steps and calls left (calls_demand)
+            self.bound = (self.T - self.tail - 1 - k, self.max_calls - sum(self.computed) - self.tail)
         if self.fixed_skip is not None:
             return max(lo, min(self.fixed_skip, max(max_arm, 0)))
         if not any(max(lo, 1) <= a <= max_arm for a in bandit.arms):
@@ -225,6 +245,7 @@ def generation_info(run: FastFlowRun, mu: Optional[float], calibrated: Optional[
     chosen = [a for a in run.arms if a is not None]
     return {
         "calls": sum(run.computed),
+        "calls_demand": run.calls_demand(),
         "computed": run.computed,
         "arms": run.arms,
         "skip_hist": dict(sorted(Counter(chosen).items())),
@@ -284,11 +305,14 @@ def fastflow(
     the step, so the run is Adams-Bashforth of order + 1 on the sub-grid of computed times),
     ``max_calls`` (a hard cap: no generation makes more backbone calls, whatever the bandit,
     mu, calibration or ``fixed_skip`` would do; when the calls left only just cover the steps
-    left, the skip is forced longer, see :meth:`FastFlowRun.min_skip`; None: no cap).
+    left, the skip is forced longer, see :meth:`FastFlowRun.min_skip`; None: no cap). The
+    budget adapts mu on the calls the run would have made uncapped (``calls_demand``), so a
+    budget at the cap still steers mu).
     A bandit without mu runs this generation fully computed and calibrates
     ``mu = mu_factor * max_k mse_k / T`` (stored only when ``learn``). mu = 0 never skips.
 
-    ``Result.info``: ``calls`` (computed steps), per-step lists ``computed``, ``arms`` (the arm
+    ``Result.info``: ``calls`` (computed steps), ``calls_demand`` (:meth:`FastFlowRun.calls_demand`: what
+    the budget adapts mu on), ``max_calls``, per-step lists ``computed``, ``arms`` (the arm
     chosen after step k, None where no choice was made) and ``mse`` (extrapolation error at each
     computed step k >= 2), ``skip_hist`` {arm: decisions} (0 = no skip), ``rewards``
     [[k, arm, reward], ...], ``losses`` [[k, arm, mse, paid], ...], ``mu``, ``calibration``,
