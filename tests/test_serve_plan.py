@@ -127,3 +127,29 @@ def test_requests_differing_only_in_cfg_are_not_merged(service):
     ra, rb = service.sample_batch([a, b])
     assert (ra.batch_requests, rb.batch_requests) == (1, 1)
     assert np.array_equal(rb.x, service.sample_batch([b])[0].x)
+
+
+# -- the fields a service sets for all its requests: engine (--precision) and mu_factor (--mu-factor) --------
+SERVICE_VARIANTS = [  # (SamplePlan field, service keywords, HTTP body change, `sample` arguments, plan() keywords)
+    ("engine", {"precision": "fp16"}, {}, {"--precision": "fp16"}, {}),
+    ("mu_factor", {"mu_factor": 2.0}, {"solver": "fastflow", "nfe": 8, "cfg": 1.0},
+     {"--solver": "fastflow", "--nfe": "8", "--cfg": "1.0", "--bandit-state": "STATE", "--mu-factor": "2"},
+     {"solver": "fastflow", "nfe": 8, "cfg_scale": 1.0, "bandit_state": "STATE", "mu_factor": 2.0}),
+]
+
+
+@pytest.mark.parametrize("field, settings, http, cli, kw", SERVICE_VARIANTS, ids=[v[0] for v in SERVICE_VARIANTS])
+def test_service_settings_equal_sample_and_plan_run(service, base, tmp_path, field, settings, http, cli, kw):
+    from anchorflow.serve.service import SamplerService
+
+    other = SamplerService("default", backend="ort-cpu", bandit_dir=str(tmp_path / "bandits"), **settings)
+    body = {**BASE, **http}
+    x_serve, key = served(other, body)
+    assert np.array_equal(x_serve, sampled(tmp_path, body, cli))
+    assert np.array_equal(x_serve, planned(other, tmp_path, body, kw))
+    if field == "mu_factor":  # the same request on the default service: only mu_factor differs
+        x_default, key_default = served(service, body)
+    else:
+        x_default, key_default = base
+    assert key != key_default, f"the batching key ignores {field}"
+    assert not np.array_equal(x_serve, x_default), f"{field} did not reach the solve"

@@ -67,18 +67,11 @@ def open_backend(folder: Path, name: str, precision: str, allow_fallback: bool =
 
 def _open_torch(folder: Path, precision: str, sources: Optional[dict], trust_source: bool) -> Opened:
     """The registry's torch backend (imported lazily, as ``load_bundle`` does) with the user's sources."""
-    import importlib
-
-    from ..._deps import require
-    from ..bundle import EXTERNAL
+    from ..bundle import external_runs
     from ..networks import WRAPPERS
 
-    target, needs, extra = EXTERNAL["torch"]
-    require(needs, extra=extra, purpose="the torch backend")
-    module, _, fn = target.partition(":")
     fmt = read_bundle(folder)
-    runs, providers = getattr(importlib.import_module(module), fn)(fmt, precision, sources=sources,
-                                                                     trust_source=trust_source)
+    runs, providers = external_runs("torch", fmt, precision, sources=sources, trust_source=trust_source)
     nets = {n: WRAPPERS[n](fmt.networks[n], run, fmt.guidance.null, list(providers)) for n, run in runs.items()}
     return Opened("torch", precision, nets["backbone"], nets.get("sidenet"), list(providers))
 
