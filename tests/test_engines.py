@@ -471,15 +471,18 @@ def test_cli_build_without_tensorrt(bundle: Path) -> None:
 
 @needs_no_trt
 def test_loading_engines_without_tensorrt(bundle: Path) -> None:
-    from anchorflow.engines.runner import load_trt_bundle
+    from anchorflow.engines.runner import TrtEngines
+    from anchorflow.runtime import load_bundle
 
     with pytest.raises(MissingDependencyError, match=r"pip install 'anchorflow\[trt\]'"):
-        load_trt_bundle(bundle)
+        TrtEngines.load(bundle)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'anchorflow\[trt\]'"):
+        load_bundle(bundle, backend="trt")
 
 
 def test_engines_import_is_light() -> None:
     code = ("import sys, anchorflow.engines.build, anchorflow.engines.runner, anchorflow.engines.cache, "
-            "anchorflow.commands.build; import anchorflow.engines as e; e.load_trt_bundle; "
+            "anchorflow.commands.build; import anchorflow.engines as e; e.TrtEngines; "
             "print(sorted(m for m in ('torch', 'tensorrt', 'cuda', 'onnx') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
