@@ -241,7 +241,7 @@ def test_cache_key_is_stable(bundle: Path) -> None:
     dict(network="sidenet"), dict(precision="fp16"), dict(onnx_sha256="0" * 64),
     dict(profile={"rows": [1, 8, 64]}), dict(env=cache.EngineEnv("11.1.0", "Orin", (8, 7))),
     dict(env=cache.EngineEnv("10.3.0", "Orin", (9, 0))), dict(env=cache.EngineEnv("10.3.0", "H100", (8, 7))),
-    # every builder option (issue 15 item 4: --opt-level / --workspace-mb / --tf32 used to be ignored)
+    # every builder option
     dict(builder=BuildOptions(opt_level=5).builder_fields()), dict(builder=BuildOptions(workspace_mb=512).builder_fields()),
     dict(builder=BuildOptions(tf32=True).builder_fields()), dict(builder=BuildOptions(refittable=True).builder_fields()),
     dict(builder=BuildOptions(refittable=True, strip_weights=True).builder_fields()),
@@ -489,7 +489,7 @@ def test_engines_import_is_light() -> None:
     assert proc.stdout.strip() == "[]"
 
 
-# -- the GPU module must not pass as "skipped" on a GPU machine whose install is broken (issue 15 item 7) --
+# -- the GPU module must not pass as "skipped" on a GPU machine whose install is broken --
 @pytest.mark.skipif(available("tensorrt"), reason="tensorrt is installed here; the GPU module really runs")
 @pytest.mark.parametrize("require", ["0", "1"])
 def test_gpu_module_fails_instead_of_skipping_when_required(require: str) -> None:

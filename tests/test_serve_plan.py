@@ -1,4 +1,4 @@
-"""One meaning per request (issue 25): the service, ``anchorflow sample --npy`` and ``SamplePlan.run``
+"""One meaning per request: the service, ``anchorflow sample --npy`` and ``SamplePlan.run``
 give bit-identical samples for the same arguments, each SamplePlan field varied in turn.
 
 The service side is the Ray-free core (``SamplerService.parse`` + ``sample_batch``, what a replica
@@ -121,7 +121,7 @@ def test_serve_equals_sample_equals_plan_run(service, base, tmp_path, field, htt
 
 
 def test_requests_differing_only_in_cfg_are_not_merged(service):
-    """The surviving mutant of issue 25: drop cfg from the key and these two share one solve."""
+    """The mutant that once survived: drop cfg from the key and these two share one solve."""
     a = service.parse(json.dumps({**BASE, "cfg": 1.5}).encode())
     b = service.parse(json.dumps({**BASE, "cfg": 3.0, "seed": 1}).encode())
     ra, rb = service.sample_batch([a, b])
