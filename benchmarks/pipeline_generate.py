@@ -1,4 +1,4 @@
-"""Pipeline bundles (issue 23): per-part export cost and per-part time of one ``generate`` call.
+"""Pipeline bundles: per-part export cost and per-part time of one ``generate`` call.
 
 No model weights can be downloaded here, so the pipeline is a random-init SD3 pipeline built
 offline with the layout of tests/_tiny_full_pipelines.py but sized up (``--size medium``: CLIP-L/G

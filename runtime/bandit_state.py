@@ -95,7 +95,7 @@ def from_dict(d: Any, source: str = "bandit state") -> FastFlowBandit:
         b.rng.bit_generator.state = d["rng"]
     except (KeyError, TypeError, ValueError, OverflowError, ConfigError) as exc:
         raise _bad(source, f"bad or missing field: {exc}") from None
-    if adapt and not 0 < b.eta <= MAX_ETA:  # trust (issue 31): a huge eta drove mu to inf on the next update
+    if adapt and not 0 < b.eta <= MAX_ETA:  # a huge eta drove mu to inf on the next update
         raise _bad(source, f"budget.eta must be in (0, {MAX_ETA:g}], got {b.eta!r}")
     if b.key.grid_sha256 != key.get("grid_sha256"):
         raise _bad(source, "grid hash does not match its grid values")
@@ -116,7 +116,7 @@ def read(path: str | os.PathLike) -> Any:
         raise StateFileError(f"{path} does not exist; run fastflow with this --bandit-state to create it") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise _bad(str(path), f"unreadable: {exc}") from None
-    # trust (issue 31): nesting, huge integers and garbage refused by the one defensive JSON reader
+    # nesting, huge integers and garbage refused by the one defensive JSON reader
     from .._io import parse_json
     from ..errors import CheckpointError
 
@@ -144,7 +144,7 @@ MAX_ETA = 10.0  # log mu moves by at most eta x the relative calls error per gen
 
 def write(b: FastFlowBandit, path: str | os.PathLike) -> None:
     """Replace ``path`` atomically with the version-2 document (caller holds the lock)."""
-    from_dict(json.loads(json.dumps(to_dict(b))), f"{path} (the updated state, not written)")  # trust (issue 31)
+    from_dict(json.loads(json.dumps(to_dict(b))), f"{path} (the updated state, not written)")
     try:
         write_json(path, to_dict(b))
     except OSError as exc:

@@ -46,6 +46,8 @@ class OpenModel:
     meta: dict[str, Any]
     files: ModelFiles
     providers: list[str] = field(default_factory=list)
+    precision: str = "fp32"  # the ONNX variant and backend a bundle was opened with (a plan's engine)
+    backend: str = ""
 
     @property
     def classifier(self) -> Optional[Path]:

@@ -202,10 +202,10 @@ class Pipeline:
                  height: Optional[int] = None, width: Optional[int] = None, seed: int = 0, n: int = 1,
                  latents: Optional[np.ndarray] = None, grid: Any = None, sidenet: bool = True,
                  names: Optional[dict] = None, **options: Any) -> Generation:
-        from .solve import solve
-        from .solvers import get_solver
+        import dataclasses
 
-        from .plan import check_request
+        from .plan import check_request, plan
+        from .solvers import get_solver
 
         prompts = [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
         if not prompts:
@@ -261,10 +261,13 @@ class Pipeline:
             t_grid, grid_note = (tuned, note) if note else (self.sigmas(steps, height, width), "scheduler sigmas")
         else:
             t_grid = grid
-        side = self.bundle.sidenet if sidenet else None
+        # one front door: the plan checks the conditions against the declaration and runs solve
+        model = self.bundle if sidenet else dataclasses.replace(self.bundle, sidenet=None)
+        p = plan(model, solver=solver, nfe=nfe, grid=t_grid, cfg_scale=cfg if guided_rows else 1.0, cond=cond,
+                 null_cond=null, noise=x0, options=options, tuning=None,
+                 names={"cfg_scale": "cfg", **(names or {})})
         t0 = time.perf_counter()
-        res = solve(solver, self.bundle.velocity, x0, nfe, cond=cond, null_cond=null,
-                    cfg_scale=cfg if guided_rows else 1.0, grid=t_grid, sidenet=side, **options)
+        res = p.run()
         t1 = time.perf_counter()
         pixels, images = self.decode(res.x)
         t2 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The bad-input matrix (issue 14): every command, the inputs a new user or a fault injector types.
+"""The bad-input matrix: every command, the inputs a new user or a fault injector types.
 
 Each case runs ``anchorflow ARGV`` in-process (``anchorflow.cli.main``, as the script does) from an
 empty working folder and asserts: the exit status (2 only for a command line that cannot be
@@ -306,7 +306,7 @@ CASES = [
     (["train", "sidenet", "--out", "%s/sidenet" % (ROOT)], 1, "read-only"),
     (["train", "classifier", "--out", "{file}/c"], 1, "is a file, not a folder"),
     (["bandit", "show", "{state}", "--plot", "{file}/p.png"], 1, ""),
-    # -- issue 31: a bundle is data; paths stay inside it; inspect checks what it reports ---------
+    # -- a bundle is data; paths stay inside it; inspect checks what it reports ---------
     (["verify", "{evil}", "--backends", "torch,ort-cpu"], 1, "nothing was compared"),
     (["verify", "{evil}", "--backends", "torch"], 1, "nothing was compared"),
     (["verify", "{evil}", "--reference", "torch"], 1, "--trust-source"),

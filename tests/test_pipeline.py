@@ -1,4 +1,4 @@
-"""Pipeline bundles (issue 23), SD3: a tiny random-init StableDiffusion3Pipeline (two CLIPs with
+"""Pipeline bundles, SD3: a tiny random-init StableDiffusion3Pipeline (two CLIPs with
 projection, T5, AutoencoderKL, SD3 transformer, tokenizers built locally) saved with save_pretrained,
 exported once per session through the CLI (with a SideNet trained for 2 iterations), then
 

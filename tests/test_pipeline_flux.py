@@ -1,4 +1,4 @@
-"""Pipeline bundles (issue 23), FLUX-dev and FLUX-schnell: tiny random-init FluxPipelines (CLIPTextModel,
+"""Pipeline bundles, FLUX-dev and FLUX-schnell: tiny random-init FluxPipelines (CLIPTextModel,
 T5, AutoencoderKL, FLUX transformer with 2x2 packing, dynamic-shift scheduler) exported through the
 CLI; the torch-free recipe equals ``encode_prompt``; ``generate`` equals the diffusers pipeline's
 image on the same (packed for diffusers) latents and sigmas at two resolutions for a batch of

@@ -1,4 +1,4 @@
-"""Pipeline bundles (issue 23), Sana: a tiny random-init SanaPipeline (Gemma2 text encoder with its
+"""Pipeline bundles, Sana: a tiny random-init SanaPipeline (Gemma2 text encoder with its
 attention mask and the complex human instruction, DC-AE, Sana transformer with a static 16x16
 latent, FlowMatchEulerDiscreteScheduler) exported through the CLI; the torch-free recipe equals
 ``encode_prompt`` as ``__call__`` calls it; ``generate`` equals the diffusers pipeline's image with and

@@ -1,5 +1,5 @@
-"""The service's Ray-free core: every request validated alone, bounded, and failing alone (issue 31);
-serving bundles made by the real exporter, whose state is latents (issue 24).
+"""The service's Ray-free core: every request validated alone, bounded, and failing alone;
+serving bundles made by the real exporter, whose state is latents.
 
 Truth for samples: ``anchorflow.runtime.solve`` on the request's own noise, alone (what
 ``anchorflow sample`` runs). The digits bundle declares its class label as the condition ``y``
