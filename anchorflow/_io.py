@@ -101,7 +101,7 @@ def refuse_special(target: Path, folder: bool = False) -> None:
 
     try:
         mode = os.lstat(target).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (a file above it is _make_parent's error)
         return
     except OSError as exc:
         raise OutputError(f"cannot write {target}: {_reason(exc)}") from None

@@ -139,6 +139,24 @@ def load(path: str | os.PathLike, key: Optional[BanditKey] = None) -> FastFlowBa
     return b
 
 
+def load_for_model(path: str | os.PathLike, model: str) -> FastFlowBandit:
+    """:func:`load`, refusing the state of a model other than MODEL (trust, issue 31: ``bandit show``
+    must not present another model's state as this one's). The state's key is MODEL's identity
+    (:func:`anchorflow.runtime.models.model_identity`), plus its guidance when sampled with cfg."""
+    from .models import model_identity
+
+    b = load(path)
+    want = model_identity(model)
+    have = b.key.model_id.split("|", 1)[0]
+    if have != want:
+        raise StateFileError(
+            f"{path} is the bandit state of another model (weights {have[:12]}), not of {model} "
+            f"(weights {want[:12]}); give the file that 'anchorflow sample {model} --solver fastflow "
+            "--bandit-state FILE' wrote"
+        )
+    return b
+
+
 MAX_ETA = 10.0  # log mu moves by at most eta x the relative calls error per generation
 
 

@@ -268,7 +268,6 @@ def test_an_address_that_does_not_answer_fails_within_the_stated_time():
         assert time.monotonic() - t0 < 0.5 + 2
 
 
-@pytest.mark.xfail(reason="known after the session-end merge: runtime/onnx_scan.py mmap BufferError on a damaged graph: a real bug, traceback instead of one line; see the closing note", strict=False)
 def test_a_bundle_a_replica_could_not_open_fails_in_one_line_before_ray(tmp_path, exported_bundles):  # noqa: F811
     """The replica's constructor runs once in the CLI before Ray starts: a broken backbone graph is one
     error line within seconds, not Ray's generic failure after minutes."""
