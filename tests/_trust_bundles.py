@@ -221,3 +221,17 @@ def other_weights(bundle: Path) -> None:
     meta = _meta(bundle)
     meta["networks"]["backbone"]["checkpoint"]["weights_sha256"] = "f" * 64
     _save_meta(bundle, meta)
+
+
+def name_file_outside(bundle: Path, where: Path, record: str = "sidenet") -> None:
+    """bundle.json names a file outside the bundle (``where``: relative to the bundle or absolute), an
+    identical copy of the real one put there, so only the path is wrong (the sha256 still matches)."""
+    import shutil
+
+    meta = _meta(bundle)
+    entry = meta["networks"][record] if record in meta["networks"] else meta["tuned"][record]
+    target = where if where.is_absolute() else bundle / where
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(bundle / entry["file"], target)
+    entry["file"] = str(where)
+    _save_meta(bundle, meta)

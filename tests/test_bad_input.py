@@ -97,6 +97,9 @@ def _trust_world(w: dict, base: Path) -> None:
     bundle("tamperedtuned", lambda b: tb.tamper(b / "tuned.json"))
     bundle("tamperedfc", lambda b: tb.tamper(b / "first_call.npy"))
     bundle("other", tb.other_weights)
+    bundle("fileup", lambda b: tb.name_file_outside(b, Path("../outside-sidenet.onnx")))
+    bundle("fileabs", lambda b: tb.name_file_outside(b, base / "abs-sidenet.onnx"))
+    bundle("gridsup", lambda b: tb.name_file_outside(b, Path("../outside-tuned.json"), "grids"))
     bundle("picklefc", lambda b: tb.replace_first_call(b, np.array([{"a": 1}], dtype=object)))
     bundle("garbagefc", lambda b: tb.replace_first_call(b, bytes(range(256)) * 4))
     bundle("shapefc", lambda b: tb.replace_first_call(b, np.zeros((3, 2), np.float32)))
@@ -333,6 +336,12 @@ CASES = [
     (["inspect", "{typegrid}"], 1, "no list of times"),
     (["verify", "{nangrid}", "--backends", "ort-cpu", "--precision", "fp32,fp16"], 1, "tuned grids is broken"),
     (["sample", "{upgrid}", "--solver", "euler", "--nfe", "2", "--n", "2"], 1, "not strictly decreasing"),
+    (["inspect", "{fileup}"], 1, "lies outside the bundle folder"),
+    (["sample", "{fileup}", "--solver", "ba", "--nfe", "4", "--n", "2"], 1, "lies outside the bundle folder"),
+    (["inspect", "{fileabs}"], 1, "lies outside the bundle folder"),
+    (["verify", "{fileabs}", "--backends", "ort-cpu"], 1, "lies outside the bundle folder"),
+    (["inspect", "{gridsup}"], 1, "lies outside the bundle folder"),
+    (["sample", "{gridsup}", "--solver", "euler", "--nfe", "2", "--n", "2"], 1, "lies outside the bundle folder"),
     (["inspect", "{retyped}"], 1, "bundle.json declares"),
     (["inspect", "{reshaped}"], 1, "bundle.json declares"),
     (["sample", "{retyped}", "--solver", "euler", "--nfe", "2", "--n", "2"], 1, "bundle.json declares"),

@@ -81,3 +81,25 @@ def test_bandit_show_with_its_own_model_shows_the_state(tmp_path, capsys):
             assert code == 0 and out == plain, err
         assert json.loads(plain)["model_id"].split("|")[0] == json.loads((ROOT / "bundle" / "bundle.json").read_text(
         ))["networks"]["backbone"]["checkpoint"]["weights_sha256"]
+
+
+def test_a_service_on_nan_weights_answers_500_and_never_nan_samples(tmp_path):
+    """The service's other line of defence (the request is valid, the model is not): a bundle whose
+    backbone computes NaN (sha256 updated, as a re-export of NaN weights) gives a 500 without samples and
+    without internal exception text, never a 200 with NaN; the same service's good requests are unharmed."""
+    import numpy as np
+
+    from anchorflow.serve.service import SamplerService
+
+    from _bundles import copy_root, poison_onnx
+
+    root = copy_root(tmp_path / "r", ("bundle",))
+    poison_onnx(root / "bundle", "backbone")
+    bad = SamplerService(str(root / "bundle"), backend="ort-cpu", bandit_dir=str(tmp_path / "bd"))
+    body = json.dumps({"solver": "euler", "nfe": 3, "n": 2}).encode()
+    rep = bad.sample_batch([bad.parse(body)])[0]
+    assert rep.status == 500 and rep.x is None
+    assert "NonFiniteError" not in rep.error and "Traceback" not in rep.error and len(rep.error) < 300
+    good = SamplerService("default", backend="ort-cpu", bandit_dir=str(tmp_path / "bd"))
+    ok = good.sample_batch([good.parse(body)])[0]
+    assert ok.status == 200 and np.isfinite(ok.x).all()

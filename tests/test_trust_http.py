@@ -6,6 +6,10 @@ the very bytes it returned before any bad request was sent.
 tests/test_serve.py has the transport-level classes (nesting, huge integer, seed 2^32, 413, 405, 404);
 here are the rest of the issue's list (wrapped and float labels, cfg the CLI refuses, seed 2^63, the
 per-request cost limit, unknown and nested fields, a label sent as the condition y), in one service.
+
+The service serves a copy of the digits bundle whose bundle.json names a factory that would write a
+marker file if imported or run (the must-show marker test, for a real `anchorflow serve`): no request,
+good or bad, ever creates it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,11 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="anchorflow[serve] (ray[serve]) is not installed")
 
-from test_serve import Service, alive  # noqa: E402  (the same service harness, a service of our own)
+from anchorflow.serve.client import ServiceProcess  # noqa: E402
+
+from _bundles import copy_root  # noqa: E402
+from _trust_bundles import name_source, write_evil  # noqa: E402
+from test_serve import MAX_BODY, MAX_N, alive, descendants  # noqa: E402  (the same harness, our own service)
 
 pytestmark = pytest.mark.slow
 GOOD = {"solver": "euler", "nfe": 3, "n": 2, "seed": 7, "labels": [3]}
@@ -36,7 +44,16 @@ def _y(values) -> str:
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory):
-    s = Service(tmp_path_factory.mktemp("trust-serve"))
+    tmp = tmp_path_factory.mktemp("trust-serve")
+    marker = tmp / "MARKER"
+    bundle = copy_root(tmp / "evil", ("bundle",)) / "bundle"
+    name_source(bundle, write_evil(tmp / "evilsrc", marker)["file"])
+    s = ServiceProcess([str(bundle), "--num-cpus", "2", "--bandit-dir", str(tmp / "bandits"), "--batch-wait-ms",
+                        "50", "--max-n", str(MAX_N), "--backend", "ort-cpu", "--max-body-mb", str(MAX_BODY / 1024**2)],
+                       cwd=str(tmp), log=str(tmp / "serve.log"))
+    s.__enter__()
+    s.children, s.marker = descendants(s.proc.pid), marker
+    s.get, s.post = s.client.get, s.client.sample
     status, _, body = s.post(GOOD)
     assert status == 200
     s.reference = body
@@ -45,6 +62,7 @@ def svc(tmp_path_factory):
     for pid in s.children:
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
+    assert not marker.exists(), "serving the bundle ran the code its bundle.json names"
 
 
 CLASSES = [
@@ -83,8 +101,23 @@ def test_each_bad_request_is_its_status_with_a_json_error_and_the_replica_stays_
     assert svc.get("/healthz")[0] == 200
     again = svc.post(GOOD)
     assert again[0] == 200 and again[2] == svc.reference  # the same bytes as before any bad request
+    assert not svc.marker.exists()
 
 
 def test_head_healthz_is_an_empty_200(svc):
     got, headers, reply = svc.client._open(urllib.request.Request(svc.url + "/healthz", method="HEAD"))
     assert got == 200 and reply == b""
+
+
+def test_the_served_bundle_names_code_that_would_leave_a_marker(svc):
+    """The check above could fail: the bundle does name the evil factory, and running it writes the marker."""
+    import runpy
+
+    meta = json.loads(svc.client.get("/v1/model")[2])
+    assert meta["model"]["state_shape"] == [1, 8, 8]
+    bundle = svc.args[0]
+    source = json.loads(open(os.path.join(bundle, "bundle.json")).read())["networks"]["backbone"]["source"]["path"]
+    assert not svc.marker.exists()
+    runpy.run_path(source.rsplit(":", 1)[0])  # what importing it would do
+    assert svc.marker.exists()
+    svc.marker.unlink()
