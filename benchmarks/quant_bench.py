@@ -290,7 +290,7 @@ def write_md(path: Path, res: dict) -> None:
             vals.append("" if r is None or r["psnr_vs_fp32_same_solve_db"] is None else f"{r['psnr_vs_fp32_same_solve_db']:.2f}")
         lines.append(f"| {nm} | " + " | ".join(vals) + " |")
     g = res["goal"]
-    lines += ["", f"Goal (issue 28): int8 BA@10 within 1 dB of fp32 BA@10 (vs the reference): fp32 {g['fp32']} dB, "
+    lines += ["", f"Goal: int8 BA@10 within 1 dB of fp32 BA@10 (vs the reference): fp32 {g['fp32']} dB, "
               f"int8 {g['int8']} dB, gap {g['gap_db']} dB -> {'met' if g['met'] else 'MISSED'}.  ",
               f"Trajectory vs random calibration (same nodes, same rows count), gap at BA@10 / Euler@10: "
               f"{res['calibration_gap_db']} dB (positive: trajectories better).", "",
