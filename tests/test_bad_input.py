@@ -290,9 +290,7 @@ CASES = [
     (["bandit", "show", "{notjson}"], 1, ""),
     (["bandit", "show", "{empty}"], 1, ""),
     # -- outputs that cannot be written: refused before any work (exit 1) ------------------------
-    (S + ["--out", ""], 1, "--out is empty", pytest.mark.xfail(
-        reason="after merging main (10:25): sample takes --out '' as the default samples.png; plan's side to fix",
-        strict=False)),
+    (S + ["--out", ""], 1, "--out is empty"),
     (S + ["--out", "o.gif"], 1, "unknown image type"),
     (S + ["--out", "noext"], 1, "unknown image type"),
     (S + ["--out", "{empty}"], 1, "is a directory"),

@@ -69,7 +69,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
     from .common import CLI_NAMES, apply_threads, check_sample_outputs, write_samples
     from .cond_files import read_arrays, read_noise
 
-    check_sample_outputs(out or "samples.png", npy, (bandit_state,) if bandit_state else ())
+    check_sample_outputs("samples.png" if out is None else out, npy, (bandit_state,) if bandit_state else ())
     asked = dict(solver=solver, nfe=nfe, grid=grid, first_call=first_call, cfg_scale=cfg_scale,
                  cfg_interval=cfg_interval, labels=labels or None, n=n, seed=seed, bandit_state=bandit_state,
                  calls=calls, speedup=speedup, mu_factor=mu_factor)
