@@ -1,4 +1,4 @@
-"""A bundle is data (issue 31): opening, inspecting, verifying, sampling or tuning a bundle never imports or
+"""A bundle is data: opening, inspecting, verifying, sampling or tuning a bundle never imports or
 runs code named in it; every path it names stays inside it; inspect and verify check what they report.
 
 Fixtures come from the real exporter: a factory module exported once per session (tests/_trust_bundles.py)
@@ -65,7 +65,7 @@ def evil(factory_bundle, tmp_path, monkeypatch):
     return {"bundle": bundle, "marker": marker, "sources": sources, "good": factory_bundle["source"]}
 
 
-SAMPLE = ["--solver", "euler", "--nfe", "2", "--n", "2", "--cond", "c.npz", "--null-cond", "n.npz", "--out", "s.png"]
+SAMPLE = ["--solver", "euler", "--nfe", "2", "--n", "2", "--cond", "c.npz", "--null-cond", "n.npz", "--npy", "s.npy"]
 
 
 @pytest.mark.parametrize("form", ["file", "module"])

@@ -45,8 +45,9 @@ from .common import BACKENDS, MAX_N, PRECISIONS, MAX_NFE, cfg_scale as cfg_check
               help="Null conditions for guidance rows (--cfg), same format (e.g. empty-prompt embeddings).")
 @click.option("--noise", "noise_file", type=click.Path(dir_okay=False), default=None,
               help="Start noise (n, *state) .npy instead of --seed's.")
-@click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
-              help="Sample grid image to write (.png, .jpg or .webp).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Sample grid image to write (.png, .jpg or .webp) [default: samples.png]. Latents (bundle.json "
+                   "data_range null) are decoded through a pipeline bundle's VAE; without one give --npy alone.")
 @click.option("--npy", type=click.Path(dir_okay=False), default=None, help="Also save the raw samples as .npy.")
 def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_call, seed, backend, allow_fallback,
            precision, bandit_state, calls, speedup, mu_factor, cond_file, null_file, noise_file, out, npy, threads,
@@ -68,7 +69,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
     from .common import CLI_NAMES, apply_threads, check_sample_outputs, write_samples
     from .cond_files import read_arrays, read_noise
 
-    check_sample_outputs(out, npy, (bandit_state,) if bandit_state else ())
+    check_sample_outputs("samples.png" if out is None else out, npy, (bandit_state,) if bandit_state else ())
     asked = dict(solver=solver, nfe=nfe, grid=grid, first_call=first_call, cfg_scale=cfg_scale,
                  cfg_interval=cfg_interval, labels=labels or None, n=n, seed=seed, bandit_state=bandit_state,
                  calls=calls, speedup=speedup, mu_factor=mu_factor)
@@ -81,6 +82,12 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
 
     m = open_model(model, backend=backend, allow_fallback=allow_fallback, precision=precision,
                    need_sidenet=get_solver(solver).needs_sidenet)
+    # --- latent models (pipeline, issue 23): pictures through the bundle's VAE, or --out refused ---
+    from .generate import latent_outputs, write_latent_outputs
+
+    decoder, out = latent_outputs(m, model, out, npy, backend)
+    latent = m.meta.get("data_range") is None
+    # --- end latent models ---
     noise = read_noise(noise_file, m.meta["state_shape"]) if noise_file else None
     p = plan(m, **asked, noise=noise, names=CLI_NAMES,
              cond=read_arrays(cond_file, "--cond") if cond_file else None,
@@ -89,7 +96,11 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
         click.echo(f"grid: {p.grid_source} (from the bundle; --grid overrides)", err=True)
     pending = p.begin()
     res = pending.result
-    write_samples(res.x, out, npy, tuple(m.meta.get("data_range") or (-1.0, 1.0)))
+    if latent:  # pipeline, issue 23
+        wrote = write_latent_outputs(res.x, decoder, out, npy)
+    else:
+        write_samples(res.x, out, npy, tuple(m.meta.get("data_range") or (-1.0, 1.0)))
+        wrote = f"wrote {out}" + (f" and {npy}" if npy else "")
     pending.commit()  # learn only once every output is written (all or nothing)
     t = res.timing
     click.echo(
@@ -97,4 +108,4 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
         f"(backbone {t.backbone_s * 1e3:.1f}, SideNet {t.sidenet_s * 1e3:.1f}, other {t.overhead_s * 1e3:.1f}) "
         f"on {', '.join(m.providers) or 'unknown backend'}"
     )
-    click.echo(f"wrote {out}" + (f" and {npy}" if npy else ""))
+    click.echo(wrote)
