@@ -443,3 +443,91 @@ def test_serve_with_conditions(flow):
     assert "Traceback" not in text, text[-3000:]
     assert rc in (0, 130), f"serve exited {rc} on SIGINT:\n{text[-2000:]}"
     assert not left, f"processes left after serve stopped: {sorted(left)}"
+
+
+# -- the bad-input matrix on the flow's bundles: one error line, exit 1, no traceback, nothing changed ---------
+
+def _matrix_rows() -> list:
+    """tests/test_bad_input.py's rows that break a good sample / bench / verify / tune / serve command
+    (their bad part, moved onto the flow's bundles), except those about the digits model's labels and
+    files; then rows of this flow's own: conditions that do not fit, the refused cached first call."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_bad_input import B, CASES, S, V
+
+    rows = []
+    for argv, status, words, *_ in CASES:
+        for base, head in ((S, "sample"), (B, "bench"), (V, "verify"), (["tune", "{root}"], "tune"),
+                           (["serve", "default"], "serve")):
+            if argv[:len(base)] == base and status == 1:
+                extra = argv[len(base):]
+                if not any(re.search(r"\{(?!file\}|empty\})", a) or a in ("--labels", "--cond", "--null-cond")
+                           for a in extra):
+                    if head == "tune" and "--samples" in extra and "--samples" not in words:
+                        i = extra.index("--samples")  # the rows come from --cond here
+                        extra = extra[:i] + extra[i + 2:]
+                    rows.append((head, extra, words))
+                break
+    return rows + BYO_ROWS
+
+
+BYO_ROWS = [  # (command, its bad part, words in the error line)
+    ("guided, no null", [], "needs a null value"),
+    ("sample", ["--n", "3"], "expected"),  # 4 condition rows for 3 samples
+    ("sample", ["--cond", "{bad}/wrongname.npz"], "expects"),
+    ("sample", ["--cond", "{bad}/toolong.npz"], "L in 1.."),
+    ("sample", ["--cond", "{bad}/nan.npz"], "NaN or Inf"),
+    ("sample", ["--labels", "1,2"], "has no class labels"),
+    ("sample", ["--first-call", "cached", "--solver", "ba", "--nfe", "4"], "refused this bundle's first-call table"),
+    ("tune", ["--first-call", "cached"], "tabulated per class label y; this model also takes"),
+    ("bench", ["--first-call", "cached"], "refused this model's first-call table"),
+]
+GOOD = {  # a good command per head, which the row's bad part breaks (cwd: the flow's folder)
+    "sample": ["sample", "bundle", "--solver", "euler", "--nfe", "2", "--cond", "cond.npz", "--null-cond", "null.npz",
+               "--cfg", "2", "--npy", "ok.npy"],
+    "bench": ["bench", "bundle", "--solvers", "euler", "--nfe", "2", "--reference", "rk4:8", "--cond", "cond.npz",
+              "--null-cond", "null.npz", "--cfg", "2", "--out", "bench-ok", "--quiet"],
+    "verify": ["verify", "bundle", "--backends", "ort-cpu"],
+    "tune": ["tune", "bundle", "--solvers", "euler", "--nfe", "2", "--cond", "cond.npz", "--null-cond", "null.npz",
+             "--cfg", "2", "--reference-steps", "8", "--max-evals", "2", "--quiet"],
+    "serve": ["serve", "bundle"],
+    "guided, no null": ["sample", "bundle", "--solver", "euler", "--nfe", "2", "--cond", "cond.npz", "--cfg", "2",
+                        "--npy", "ok.npy"],
+}
+MATRIX = _matrix_rows()
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict:
+    """A plain file, an empty folder and condition files that do not fit either bundle."""
+    base = tmp_path_factory.mktemp("byo-bad")
+    (base / "a-file").write_text("a plain file\n")
+    (base / "empty").mkdir()
+    for kind, shapes in COND_SHAPES.items():
+        (base / kind).mkdir()
+        np.savez(base / kind / "wrongname.npz", nope=np.zeros((ROWS, 2), np.float32))
+        first = next(iter(shapes))
+        np.savez(base / kind / "toolong.npz", **{k: np.zeros((ROWS, 99, *s[1:]) if k == first else (ROWS, *s),
+                                                             np.float32) for k, s in shapes.items()})
+        np.savez(base / kind / "nan.npz", **{k: np.full((ROWS, *s), np.nan, np.float32) for k, s in shapes.items()})
+    return {"file": base / "a-file", "empty": base / "empty", "base": base}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("head, extra, words", MATRIX, ids=[f"{h} {' '.join(e)}"[:80] for h, e, _ in MATRIX])
+def test_bad_input_on_the_flow_bundles(flow, bad_files, head, extra, words):
+    from test_bad_input import BAR, _disk
+
+    flow.step("tune").check()  # the matrix runs on the finished bundle
+    values = {"file": bad_files["file"], "empty": bad_files["empty"], "bad": bad_files["base"] / flow.kind}
+    argv = GOOD[head] + [a.format(**values) for a in extra]
+    watched = [flow.root, bad_files["base"]]
+    before = _disk(watched)
+    code, out, err, _ = run_cli(argv, flow.root)
+    assert "Traceback" not in out + err, err[-3000:]
+    lines = [line.rsplit("\r", 1)[-1] for line in err.split("\n")]
+    lines = [line for line in lines if line.strip() and not line.startswith(("warning: ", "grid: ", "note: "))
+             and not BAR.search(line)]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and err.rstrip().endswith(lines[0]), err
+    assert words in lines[0], lines[0]
+    assert code == 1, (code, lines[0])
+    assert _disk(watched) == before, "files on disk changed"
