@@ -282,13 +282,16 @@ def test_export_train_and_export_sidenet(flow):
 
 
 def test_inspect_on_the_flow_bundle(flow):
-    """inspect says what the bundle is, with no 'None' for a latent, text-conditioned model."""
+    """inspect says what the bundle is, with no 'None' for a latent, text-conditioned model, and
+    what tune refused."""
+    flow.step("tune").check()
     code, out, err, _ = run_cli(["inspect", "bundle"], flow.root)
     assert code == 0 and "Traceback" not in out + err, err
     model = next(line for line in out.splitlines() if line.startswith("model "))
     assert "None" not in out, out  # was "None classes, null label None, data range None", "real inputs: None"
     assert "no class labels" in model and "latents (no data range)" in model, model
     assert all(name in model for name in COND_SHAPES[flow.kind]), model
+    assert "first-call table  refused by tune: the cached first call is tabulated per class label y" in out, out
 
 
 # -- tune --cond ---------------------------------------------------------------------------------------------
@@ -379,7 +382,10 @@ def test_sampled_euler_is_the_models_euler(flow):
 def test_verify_passes_then_fails_on_a_skipped_precision(flow):
     ok = flow.step("verify", 0).check()
     assert "PASS" in ok.out and "FAIL" not in ok.out and re.search(r"all \d+ comparisons passed", ok.out), ok.out
-    assert re.search(r"backbone +ort-cpu +fp16 .*PASS", ok.out) and re.search(r"sidenet +ort-cpu +fp16 .*PASS", ok.out)
+    assert ok.out.startswith("reference: torch (fp32)"), ok.out  # the user's own model, in torch, is the reference
+    for net in ("backbone", "sidenet", r"e2e ba@\d+"):
+        for precision in ("fp32", "fp16"):
+            assert re.search(rf"^{net} +ort-cpu +{precision} .*PASS *$", ok.out, re.M), (net, precision, ok.out)
     bad = flow.step("verify", 1)
     assert bad.want == 1
     bad.check()

@@ -249,6 +249,12 @@ def describe(folder, meta: dict, problems: dict | None = None) -> str:
                 continue
             why = problems.get(part)
             lines.append(f"{part:<17} {'ok' if why is None else 'NOT OK: ' + why}")
+        if problems.get("tuned grids") is None and not problems.get("tuned"):  # what tune refused, and why
+            from ..runtime.tuned import read_tuning
+
+            tuning = read_tuning(folder)
+            if tuning is not None and tuning.first_call is None and tuning.first_call_refused:
+                lines.append(f"first-call table  refused by tune: {tuning.first_call_refused}")
     if problems.get("tuned"):
         lines.append(f"tuned     NOT OK: {problems['tuned']}")
     return "\n".join(lines)
