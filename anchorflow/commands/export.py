@@ -249,10 +249,14 @@ def describe(folder, meta: dict, problems: dict | None = None) -> str:
                 continue
             why = problems.get(part)
             lines.append(f"{part:<17} {'ok' if why is None else 'NOT OK: ' + why}")
-        if problems.get("tuned grids") is None and not problems.get("tuned"):  # what tune refused, and why
+        if not any(problems.get(k) for k in ("tuned grids", "first-call table", "tuned")):  # what tune refused
+            from ..errors import AnchorflowError
             from ..runtime.tuned import read_tuning
 
-            tuning = read_tuning(folder)
+            try:
+                tuning = read_tuning(folder)
+            except AnchorflowError:  # reported above as NOT OK
+                tuning = None
             if tuning is not None and tuning.first_call is None and tuning.first_call_refused:
                 lines.append(f"first-call table  refused by tune: {tuning.first_call_refused}")
     if problems.get("tuned"):
