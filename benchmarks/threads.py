@@ -95,7 +95,7 @@ def main(argv=None) -> None:
                 busy.kill()
                 busy.wait()
     cmd = "python benchmarks/threads.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    from anchorflow import _io
+    from anchorflow.base import _io
 
     _io.write_json(args.out, {"command": cmd.strip(), "cpus": os.cpu_count(), "rows": rows})
     md = ["| policy | neighbour | batch | call (ms) | BA-10 solve (ms) | load |", "|---|---|---:|---:|---:|---:|"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anchorflow.errors import ConfigError
+from anchorflow.base.errors import ConfigError
 
 torch = pytest.importorskip("torch")
 

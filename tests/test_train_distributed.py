@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from anchorflow.errors import ConfigError  # noqa: E402
+from anchorflow.base.errors import ConfigError  # noqa: E402
 from anchorflow.trainers.backbone import MLPBackbone  # noqa: E402
 from anchorflow.trainers.checkpoint import read_config, save_checkpoint  # noqa: E402
 from anchorflow.trainers.data import dataset_info  # noqa: E402

@@ -18,8 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..errors import ConfigError
-from ..runtime.solvers import max_sidenet_offsets
+from ..base.errors import ConfigError
+from ..runtime.solving.solvers import max_sidenet_offsets
 from .errors import BodyTooLarge, RequestError  # noqa: F401  (raised here; their home is below conditions)
 
 FORMATS = ("npy", "png", "json")
