@@ -102,7 +102,7 @@ def conditions_besides_labels(problem: Problem) -> list[str]:
     """The conditions of the tuned model other than the class label ``y`` (declared by its bundle,
     or given with the held-out batch): the first-call table is per label, so these rule it out
     (the runtime's CachedStartField refuses them too)."""
-    from .runtime.bundle_format import read_bundle
+    from .runtime.bundles.format import read_bundle
 
     names = set(problem.base.cond or {})
     fmt = getattr(problem.model, "format", None)

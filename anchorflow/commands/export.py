@@ -250,8 +250,8 @@ def describe(folder, meta: dict, problems: dict | None = None) -> str:
             why = problems.get(part)
             lines.append(f"{part:<17} {'ok' if why is None else 'NOT OK: ' + why}")
         if not any(problems.get(k) for k in ("tuned grids", "first-call table", "tuned")):  # what tune refused
-            from ..errors import AnchorflowError
-            from ..runtime.tuned import read_tuning
+            from ..base.errors import AnchorflowError
+            from ..runtime.bundles.tuned_grids import read_tuning
 
             try:
                 tuning = read_tuning(folder)
