@@ -29,7 +29,8 @@ POLICIES = {"session-1": ("session", 1, False), "session-2-nospin": ("session", 
 WORKER = r"""
 import json, sys, time, statistics
 import numpy as np
-from anchorflow.runtime import load_bundle, solve, threads
+from anchorflow.runtime import load_bundle, solve
+from anchorflow.runtime.bundles import threads
 from anchorflow.modelref import BUNDLED, DEFAULT_NAME
 mode, n, batches, repeats, loop = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "loop"
 spin = len(sys.argv) > 6 and sys.argv[6] == "spin"

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # ~6 CPU-minutes: calibrates and quantises real bundles (run by .ci/run)
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime.quantization")
 
@@ -285,7 +286,6 @@ def quantised_bundle(tmp_path_factory):
     return dst, meta
 
 
-@pytest.mark.slow
 def test_add_quantized_records_the_rule_and_samples_through_the_cli(quantised_bundle, tmp_path, monkeypatch):
     import sys
 

@@ -233,7 +233,7 @@ def test_export_default_refuses_the_bundled_folder(capsys):
 CRASH_MID_SWAP = """
 import os, sys
 from pathlib import Path
-from anchorflow import _io
+from anchorflow.base import _io
 real = os.replace
 def replace(a, b):
     real(a, b)

@@ -58,7 +58,8 @@ def test_bad_thread_counts_are_refused(bad):
 CHECK = r"""
 import numpy as np
 from anchorflow.base.errors import ConfigError
-from anchorflow.runtime import load_bundle, threads
+from anchorflow.runtime import load_bundle
+from anchorflow.runtime.bundles import threads
 from anchorflow.modelref import BUNDLED, DEFAULT_NAME
 mode = __import__("sys").argv[1]
 pol = threads.configure(1, mode)

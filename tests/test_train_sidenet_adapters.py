@@ -78,7 +78,7 @@ def _cli_error(args, monkeypatch, capsys) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", pytest.param("flux", marks=pytest.mark.slow)])
 def test_folder_train_export_sample_one_bundle_with_exactly_n_calls(kind, tmp_path, monkeypatch, capsys):
     """diffusers folder -> `train sidenet` (data-free, --cond FILE) -> `export FOLDER --sidenet CKPT`
     -> `sample BUNDLE --solver ba`: N backbone calls, ONNX == torch, other backbones refused."""

@@ -146,7 +146,7 @@ def export_pipeline_command(model, out, opset, precisions, max_batch, no_validat
                            axes=axes, command=command, sidenet=sidenet, precisions=precisions)
 
 
-# -- `anchorflow sample` on a latent model (issue 23): pictures through the bundle's VAE, never of a channel --
+# -- `anchorflow sample` on a latent model: pictures through the bundle's VAE, never of a channel --
 SAMPLE_OUT = "samples.png"
 
 

@@ -96,7 +96,7 @@ def check_options(opts: ServeOptions) -> None:
                           "(--num-cpus); ask for fewer")
     if opts.address is not None:
         _parse_address(opts.address)
-    # trust (issue 31): bounded as the CLI bounds them, before Ray starts (the pre-flight opens the
+    # bounded as the CLI bounds them, before Ray starts (the pre-flight opens the
     # sampler with 1 thread, and --max-n had no upper end: both passed on to Ray and never returned)
     from ..runtime.plan import MAX_N
     from ..runtime.bundles.threads import check_threads

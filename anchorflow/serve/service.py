@@ -104,7 +104,7 @@ class SamplerService:
         decls = fmt.backbone.conditions
         self.null_cond = dict(fmt.guidance.null)
         self.model_conditions = (decls, fmt.backbone.axis_range, self.null_cond) if decls else None
-        # --- pipeline bundles (issue 23): "prompt" requests and "format": "png" decoded through the VAE ---
+        # --- pipeline bundles: "prompt" requests and "format": "png" decoded through the VAE ---
         self.prompts = self.decoder = None
         if "pipeline" in fmt.meta:
             from ..runtime.pipelines.pipeline import load_decoder
