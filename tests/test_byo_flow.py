@@ -549,7 +549,7 @@ def test_bad_input_on_the_flow_bundles(flow, bad_files, head, extra, words):
 README = DOC.parents[1] / "README.md"
 # README lines known not to run as written (first words -> the reason): the step must fail with it;
 # once the README is fixed the test fails here, naming the entry to remove
-README_FIXES = {"verify": "asked but not compared: backend torch"}  # needs --source MODEL --source sidenet=SIDE
+README_FIXES: dict[str, str] = {}  # README lines known not to run: command -> the error they give (none now)
 
 
 def _readme_commands() -> list[list[str]]:
