@@ -5,8 +5,16 @@ Time convention: t = 1 noise, t = 0 data; NFE = backbone calls.
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+
 import numpy as np
 import pytest
+
+from anchorflow.cli import main
+from anchorflow.errors import CheckpointError
+from test_export import tiny_bundle, tiny_root  # noqa: F401  (session fixtures, exported once)
 
 from anchorflow.runtime import solve
 from anchorflow.runtime.analytic import ExactSideNet, GaussianMixture, exact_flow
@@ -161,3 +169,198 @@ def test_preset_round_trips_and_is_checked_on_read(tmp_path):
     bad = {**data["presets"]["fast"], "times": [1.0, 0.7, 0.8, 0.0]}
     with pytest.raises(StateFileError, match="decrease strictly"):
         presets_from_json({"fast": bad}, "tuned.json")
+
+
+# -- the search's promise -------------------------------------------------------------------------
+def test_prediction_bound_matches_the_normal_formula():
+    """Independent truth: for normal values the bound on a fresh batch of m is about
+    mean - z_c s sqrt(1/n + 1/m); on the population mean about mean - z_c s / sqrt(n)."""
+    from anchorflow.autoconfig import bootstrap_lower
+
+    v = np.random.default_rng(5).normal(30.0, 2.0, 400)
+    z, s = 1.6449, v.std()
+    for future, width in ((None, z * s / 20.0), (400, z * s * np.sqrt(2 / 400)), (25, z * s * np.sqrt(1 / 400 + 1 / 25))):
+        got = v.mean() - bootstrap_lower(v, 0.95, 5000, np.random.default_rng(0), future)
+        assert got == pytest.approx(width, rel=0.08)
+
+
+@pytest.fixture(scope="module")
+def mixture_search():
+    """Every candidate of one search on the closed-form mixture (target low enough to be met)."""
+    from anchorflow.autoconfig import autoconfigure
+
+    m = _Mixture()
+    found = autoconfigure(m, 0.0, reference="rk4@64", solvers=("euler", "ab2", "ba"), nfes=(2, 3, 4, 6, 8),
+                          grids=("uniform", "shift:3"), samples=24, seed=4, resamples=400, repeats=1)
+    return m, found
+
+
+def test_search_never_returns_a_configuration_whose_bound_misses_the_target(mixture_search):
+    """For targets placed between each candidate's bound and its mean (where a search on the mean would
+    pick it), the chosen configuration's bound, recomputed here from an independent solve of the same
+    noise against an independent reference, meets the target; an unreachable target is refused."""
+    from anchorflow.autoconfig import autoconfigure, bootstrap_lower
+    from anchorflow.errors import ConfigError
+    from anchorflow.runtime import metrics as M
+
+    m, everything = mixture_search
+    noise = np.random.default_rng(4).standard_normal((24, 4)).astype(np.float32)
+    ref = solve("rk4", m.velocity, noise, 64).x
+    traps = [c for c in everything.candidates if c.lower_bound < c.mean_psnr - 0.2]
+    assert traps  # the targets below would catch a search that compared the mean, not the bound
+    for c in traps[::3]:
+        target = (c.lower_bound + c.mean_psnr) / 2
+        try:
+            found = autoconfigure(m, target, reference="rk4@64", solvers=("euler", "ab2", "ba"), nfes=(2, 3, 4, 6, 8),
+                                  grids=("uniform", "shift:3"), samples=24, seed=4, resamples=400, repeats=1)
+        except ConfigError as exc:
+            assert max(x.lower_bound for x in everything.candidates) < target and "not reachable" in str(exc)
+            continue
+        p = found.preset
+        x = solve(p.solver, m.velocity, noise, p.nfe, grid=np.asarray(p.times), sidenet=m.sidenet).x
+        per = M.psnr_per_sample(x, ref, (-3.0, 3.0))
+        assert np.mean(per) == pytest.approx(p.mean_psnr, abs=1e-6)
+        bound = bootstrap_lower(per, 0.95, 400, np.random.default_rng(5), future=24)
+        assert bound == pytest.approx(p.lower_bound, abs=1e-6) and bound >= target
+        assert (p.solver, p.nfe, p.times) != (c.solver, c.nfe, c.times)  # the trap itself is never chosen
+
+
+def test_an_impossible_target_is_refused_in_one_line_naming_the_best(quality_root, capsys):
+    folder = quality_root / "bundle"
+    before = (folder / "tuned.json").read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", str(folder), "--target-psnr", "300", "--solvers", "euler,ba", "--nfe", "2,3", "--samples",
+              "4", "--grids", "uniform", "--backend", "ort-cpu"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: target PSNR 300 dB")
+    assert re.search(r"the best 95% lower bound is -?[0-9.]+ dB \((euler|ba)@[23] uniform\)", err)
+    assert (folder / "tuned.json").read_bytes() == before  # nothing written
+
+
+# -- presets in the bundle: hashed, used by sample --quality, dropped with other weights ---------------
+@pytest.fixture(scope="module")
+def quality_root(tiny_root, tiny_bundle, tmp_path_factory):  # noqa: F811
+    """A copy of the tiny exported model root with two presets recorded by the CLI."""
+    root = tmp_path_factory.mktemp("quality") / "root"
+    for part in ("backbone", "sidenet", "bundle"):
+        shutil.copytree(tiny_root / part, root / part)
+    for name, target in (("fast", "-100"), ("best", "5")):
+        main(["tune", str(root / "bundle"), "--target-psnr", target, "--name", name, "--solvers", "euler,ab2,ba",
+              "--nfe", "2,3,6", "--samples", "6", "--grids", "uniform", "--reference", "euler@12",
+              "--backend", "ort-cpu", "--plot", str(root / f"{name}.png")])
+    return root
+
+
+def test_presets_are_hashed_with_the_bundle_and_a_changed_one_is_refused(quality_root, tmp_path):
+    from anchorflow.runtime.bundle_format import file_sha256
+    from anchorflow.runtime.tuned import read_tuning
+
+    folder = quality_root / "bundle"
+    entry = json.loads((folder / "bundle.json").read_text())["tuned"]
+    assert entry["grids"]["sha256"] == file_sha256(folder / "tuned.json")
+    presets = read_tuning(folder).presets
+    assert set(presets) == {"fast", "best"} and presets["best"].lower_bound >= 5.0
+    assert (quality_root / "fast.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    copy = tmp_path / "b"
+    shutil.copytree(folder, copy)
+    data = json.loads((copy / "tuned.json").read_text())
+    data["presets"]["fast"]["lower_bound"] = 99.0  # claim a better bound than measured
+    (copy / "tuned.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="does not match the sha256"):
+        read_tuning(copy)
+
+
+def test_sample_quality_solves_with_the_preset_and_records_it(quality_root, tmp_path, capsys):
+    from anchorflow.runtime import load_bundle
+    from anchorflow.runtime.tuned import read_tuning
+
+    folder = quality_root / "bundle"
+    p = read_tuning(folder).presets["best"]
+    main(["sample", str(folder), "--quality", "best", "--n", "5", "--seed", "3", "--backend", "ort-cpu",
+          "--out", str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy"), "--json", str(tmp_path / "s.json")])
+    err = capsys.readouterr().err
+    assert f"quality best: {p.solver}@{p.nfe} uniform" in err
+    b = load_bundle(folder, backend="ort-cpu")
+    noise = np.random.default_rng(3).standard_normal((5, *b.meta["model"]["state_shape"])).astype(np.float32)
+    y = np.arange(5) % int(b.meta["model"]["num_classes"])
+    want = solve(p.solver, b.velocity, noise, p.nfe, y=y, grid=np.asarray(p.times), sidenet=b.sidenet)
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), want.x, atol=1e-5)
+    rec = json.loads((tmp_path / "s.json").read_text())
+    assert rec["quality"]["name"] == "best" and rec["solver"] == p.solver and rec["backbone_calls"] == p.nfe
+    if want.error_estimate is not None:
+        np.testing.assert_allclose(rec["error_estimate"], want.error_estimate, rtol=1e-4, atol=1e-7)
+    # a number of dB picks the fastest preset whose bound meets it
+    main(["sample", str(folder), "--quality", f"{p.lower_bound - 1e-3:.6f}", "--n", "2", "--backend", "ort-cpu",
+          "--out", str(tmp_path / "t.png")])
+    assert "quality " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", str(folder), "--quality", "best", "--solver", "euler", "--out", str(tmp_path / "u.png")])
+    assert "drop --solver" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", str(folder), "--quality", "nosuch", "--out", str(tmp_path / "u.png")])
+    assert "quality 'nosuch' is not recorded in this bundle (presets: best, fast)" in capsys.readouterr().err
+    assert not (tmp_path / "u.png").exists()
+
+
+def test_reexport_keeps_presets_of_the_same_weights_and_drops_them_with_other_weights(quality_root, tmp_path,
+                                                                                     capsys):
+    from anchorflow.export.bundle import export_bundle
+    from anchorflow.runtime.tuned import read_tuning
+    from _bundles import train_further
+
+    root = tmp_path / "root"
+    for part in ("backbone", "sidenet", "bundle"):
+        shutil.copytree(quality_root / part, root / part)
+    before = read_tuning(root / "bundle").presets
+    res = export_bundle(root, tmp_path / "same", precisions=["fp32"], validate=False, progress=False)
+    assert read_tuning(res.path).presets == before  # same weights: kept, hash-checked in the new bundle
+    train_further(root / "sidenet")  # other weights: the presets were measured for the old ones
+    main(["export", str(root), "--precision", "fp32", "--no-validate"])
+    assert "not kept" in capsys.readouterr().err
+    assert read_tuning(root / "bundle") is None
+    with pytest.raises(SystemExit):
+        main(["sample", str(root / "bundle"), "--quality", "best", "--out", str(tmp_path / "u.png")])
+    assert "presets: none recorded" in capsys.readouterr().err
+
+
+# -- escalation ----------------------------------------------------------------------------------
+def test_escalation_resolves_only_the_samples_above_the_threshold():
+    """Samples whose estimate exceeds E are re-solved with the next rung (equal to that rung's own
+    solve of the same rows), the others keep their first solve bit for bit; still-high ones climb."""
+    from anchorflow.autoconfig import escalate
+    from anchorflow.runtime.plan import plan
+
+    m = _Mixture()
+    noise = np.random.default_rng(9).standard_normal((40, 4))
+    first = plan(m, solver="ab2", nfe=3, noise=noise, tuning=None)
+    rungs = [plan(m, solver="ab2", nfe=6, noise=noise, tuning=None), plan(m, solver="euler", nfe=40, noise=noise,
+                                                                           tuning=None)]
+    res = first.run()
+    e = float(np.quantile(res.error_estimate, 0.7))
+    esc = escalate(first, res, e, rungs)
+    above = res.error_estimate > e
+    assert esc.rungs[0]["samples"] == above.sum() == 12 and esc.resolved >= 12
+    np.testing.assert_array_equal(esc.x[~above], res.x[~above])
+    full = [r.run() for r in rungs]
+    second = full[0].error_estimate > e
+    climb = above & second
+    np.testing.assert_allclose(esc.x[above & ~second], full[0].x[above & ~second], atol=1e-12)
+    np.testing.assert_allclose(esc.x[climb], full[1].x[climb], atol=1e-12)
+    assert esc.extra_calls == 6 + (40 if climb.any() else 0) and esc.above == 0
+    assert escalate(first, res, float(res.error_estimate.max()), rungs).resolved == 0
+
+
+def test_escalation_slices_label_rows(quality_root):
+    """On an exported class-conditional bundle: the re-solved rows keep their own labels."""
+    from anchorflow.autoconfig import escalate
+    from anchorflow.runtime import load_bundle
+    from anchorflow.runtime.plan import plan
+
+    b = load_bundle(quality_root / "bundle", backend="ort-cpu")
+    first = plan(b, solver="ab2", nfe=3, n=8, labels=[3, 1, 4, 1, 5, 9, 2, 6], tuning=None)
+    rung = plan(b, solver="ab2", nfe=6, n=8, labels=[3, 1, 4, 1, 5, 9, 2, 6], tuning=None)
+    res = first.run()
+    e = float(np.median(res.error_estimate))
+    esc = escalate(first, res, e, [rung])
+    above = res.error_estimate > e
+    np.testing.assert_allclose(esc.x[above], rung.run().x[above], atol=1e-5)
