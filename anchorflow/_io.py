@@ -101,7 +101,7 @@ def refuse_special(target: Path, folder: bool = False) -> None:
 
     try:
         mode = os.lstat(target).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (a file above it is _make_parent's error)
         return
     except OSError as exc:
         raise OutputError(f"cannot write {target}: {_reason(exc)}") from None
@@ -392,7 +392,7 @@ def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> Any:
     return parse_json(text, path)
 
 
-# -- several files of one folder replaced together (trust, issue 31) ----------------------------
+# -- several files of one folder replaced together ----------------------------
 # A folder's writer holds a flock of its commit record (bundle.json) from reading the current state to
 # the last rename, so two writers never read the same old state (read-modify-write) and a reader that
 # found a file half-way through a replacement can wait for the writer. The lock is taken on the file

@@ -1,4 +1,4 @@
-"""Ask for a quality, get the fastest sampler that keeps it (issue 26): ``autoconfigure``.
+"""Ask for a quality, get the fastest sampler that keeps it: ``autoconfigure``.
 
 Given a model, a reference configuration the user would otherwise run (``"euler@50"``: solver @
 backbone calls, uniform grid) and a target mean PSNR against it, the search:

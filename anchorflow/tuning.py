@@ -189,7 +189,7 @@ def tune(model, solvers: Sequence[str], nfes: Sequence[int], first_calls: Sequen
     return out
 
 
-# trust (issue 31): every tune option checked before any work, with runtime.plan's rules (the
+# every tune option checked before any work, with runtime.plan's rules (the
 # sample CLI's and the service's); a refused tune writes nothing
 MAX_TUNE_SAMPLES, MAX_REFERENCE_STEPS, MAX_EVALS = 4096, 10_000, 1000
 

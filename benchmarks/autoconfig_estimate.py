@@ -1,4 +1,4 @@
-"""How well does ``Result.error_estimate`` rank samples by their true error? (issue 26)
+"""How well does ``Result.error_estimate`` rank samples by their true error?
 
 Per model, solver and NFE: the Spearman rank correlation, over the samples of one batch, between
 the solver's free per-sample error estimate (``runtime/estimate.py``) and the true per-sample

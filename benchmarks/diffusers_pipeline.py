@@ -17,7 +17,7 @@ pipeline's own sigma schedule (512 calls); its own error is checked against RK4 
 PSNR uses the reference latents' own min..max. Transformer calls are counted by a hook on the
 transformer, i.e. what the pipeline really ran (one call carries the cond and uncond rows).
 
-The model: issue 11's SD3-architecture digits model (benchmarks/results/sd3_digits/model, with
+The model: the SD3-architecture digits model (benchmarks/results/sd3_digits/model, with
 ``run_ba`` and its SideNet when one is there) or, until it lands, a random-init SD3 transformer, on
 which PSNR measures how well each method integrates that model's ODE, not image quality.
 
@@ -50,7 +50,7 @@ OUT = ROOT / "benchmarks" / "results"
 STEPS = (4, 6, 8, 10, 14, 20)
 SOLVERS = ("ab2", "ipndm", "dpmpp2m", "unipc")
 FASTFLOW_T = (20, 28)
-GUIDANCE = {"random": (1.0, 4.0), "sd3-digits": (1.0, 1.5)}  # digits: the guidance of its own bench (issue 11)
+GUIDANCE = {"random": (1.0, 4.0), "sd3-digits": (1.0, 1.5)}  # digits: the guidance of its own bench
 # SD3's default schedule (FlowMatchEuler, shift 3) and the uniform one the digits model's own bench used
 # (shift 1 with sigmas = linspace(1, 0, N + 1) given to the pipeline; diffusers' own shift-1 sigmas end
 # at sigma_min = 0.001 with a last step of 0.001, one call spent on nothing)
@@ -67,7 +67,7 @@ def steps(schedule: str, n: int) -> dict:
 TEXT_LEN, TEXT_DIM, POOLED = 8, 32, 16
 
 
-SD3_DIGITS = ROOT / "benchmarks" / "results" / "sd3_digits" / "model"  # issue 11's model, when it has landed
+SD3_DIGITS = ROOT / "benchmarks" / "results" / "sd3_digits" / "model"  # the SD3 digits model, when it is there
 
 
 class Setup:
@@ -83,7 +83,7 @@ class Setup:
             self.prompts = dict(np.load(SD3_DIGITS / "prompts.npz"))
             self.null = dict(np.load(SD3_DIGITS / "null_prompt.npz"))
             self.shape, self.pixels = (1, 8, 8), 64
-            self.name = f"SD3Transformer2DModel trained on the digits ({SD3_DIGITS.relative_to(ROOT)}, issue 11)"
+            self.name = f"SD3Transformer2DModel trained on the digits ({SD3_DIGITS.relative_to(ROOT)})"
             if (SD3_DIGITS / "sidenet").exists():
                 from anchorflow.trainers.adapters import load_source
                 from anchorflow.trainers.sidenet import load_sidenet
@@ -97,7 +97,7 @@ class Setup:
                                        pooled_projection_dim=POOLED, out_channels=4, pos_embed_max_size=32).eval()
             self.shape, self.pixels = (4, 16, 16), 128
             self.name = ("random-init SD3Transformer2DModel (4 blocks, 4 heads x 16, 4x16x16 latents, patch 2; "
-                         "issue 11's digits model had not landed)")
+                         "the SD3 digits model is not there)")
         self.pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                              vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                                              tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
@@ -250,7 +250,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--stream", type=int, default=40, help="generations FastFlow learns over before evaluation")
     ap.add_argument("--model", choices=["auto", "random", "sd3-digits"], default="auto",
-                    help="auto: issue 11's SD3 digits model when benchmarks/results/sd3_digits/model exists")
+                    help="auto: the SD3 digits model when benchmarks/results/sd3_digits/model exists")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""A LoRA on the SD3-on-digits model: what a refit costs, and whether the SideNet survives it (issue 29).
+"""A LoRA on the SD3-on-digits model: what a refit costs, and whether the SideNet survives it.
 
 1. **A LoRA trained here** (PEFT, rank ``--rank`` on every attention and feed-forward projection of
    the frozen SD3 transformer in benchmarks/results/sd3_digits/model): a "style" the base model never

@@ -1,8 +1,8 @@
 """TensorRT engines for anchorflow bundles: build, cache, and run from numpy without torch.
 
 ``anchorflow build BUNDLE`` (:func:`build_engines`) writes engines into
-``<bundle>/engines/trt/``; ``load_bundle(path, backend="trt")`` runs them through
-:func:`load_trt_bundle`. tensorrt and cuda-python (``pip install 'anchorflow[trt]'``) are
+``<bundle>/engines/trt/``; ``anchorflow.runtime.load_bundle(path, backend="trt")`` runs them
+(:func:`anchorflow.engines.runner.bundle_runs`). tensorrt and cuda-python (``pip install 'anchorflow[trt]'``) are
 imported only inside the functions that need them, so importing this package is cheap and
 works without them. See docs/tensorrt.md.
 """
@@ -14,9 +14,7 @@ from .._lazy import lazy_attributes
 _LAZY = {
     "BuildOptions": ".build",
     "build_engines": ".build",
-    "load_trt_bundle": ".runner",
-    "TrtVelocity": ".runner",
-    "TrtSideNet": ".runner",
+    "TrtEngines": ".runner",
     "derive_profiles": ".profiles",
     "EngineEnv": ".cache",
 }

@@ -1,13 +1,9 @@
-"""Run cached TensorRT engines from numpy, without torch: ``TrtVelocity`` and ``TrtSideNet``.
+"""Run cached TensorRT engines from numpy, without torch: the runtime's ``trt`` backend.
 
-They are the same callables as the onnxruntime backends, so every solver of
-:mod:`anchorflow.runtime` runs on them unchanged:
-
-* ``velocity(x, t, cond) -> v``: x (B, C, H, W) float32, t (B,) float32, cond None or a dict of
-  row arrays (labels ``cond["y"]`` int64 (B,));
-* ``sidenet(x, v, t, h, cond) -> delta``: per-sample t and h (B,), ``v_hat(t - h) = v + delta``.
-
-:func:`bundle_runs` is the runtime registry's ``trt`` backend (``load_bundle(..., backend="trt")``).
+:func:`bundle_runs` gives ``load_bundle(..., backend="trt")`` one ``run(feeds)`` per network
+(:class:`TrtNetwork`); the runtime wraps them into the same ``velocity(x, t, cond)`` and
+``sidenet(x, v, t, h, cond)`` callables as the onnxruntime backends (one condition rule, null
+values from bundle.json), so every solver runs on them unchanged. There is no second API.
 
 Time convention: t = 1 noise, t = 0 data. Each call sets the explicit input shapes
 (``set_input_shape``), copies the inputs into device buffers that are allocated once and grown
@@ -17,8 +13,7 @@ engines, and copies the output back. Labels are range-checked before they reach 
 
 Lifetime: :class:`TrtEngines` owns the stream, the engines and their device buffers; it is a
 context manager (``with TrtEngines.load(path) as e: ...``) and ``close()`` frees everything, as
-Polygraphy's runners do. ``load_trt_bundle`` returns callables that keep it alive; their
-``close()`` frees it.
+Polygraphy's runners do. The runs :func:`bundle_runs` returns keep it alive.
 
 Runner choice: ours, not Polygraphy's ``TrtRunner``. Polygraphy's CUDA wrapper loads
 ``libcudart.so`` through ctypes from LD_LIBRARY_PATH, /usr/local/cuda/lib64, /usr/lib, /lib or an
@@ -139,93 +134,53 @@ def check_shape(label: str, name: str, shape: tuple, lo: tuple, hi: tuple) -> No
                                + hint)
 
 
-def labels(y: Optional[np.ndarray], rows: int, null_label: int, num_labels: Optional[int]) -> np.ndarray:
-    """int64 labels for ``rows`` rows (None: the null label), refused outside ``0..num_labels - 1``.
-
-    ``num_labels`` counts every label the embedding table holds (classes plus the null label);
-    None skips the check (a bundle that records no class count).
-    """
-    if y is None:
-        return np.full(rows, null_label, np.int64)
+def check_labels(y: np.ndarray, num_labels: Optional[int]) -> np.ndarray:
+    """int64 labels, refused outside ``0..num_labels - 1`` (``num_labels`` counts every label the
+    embedding table holds: classes plus the null label; None skips the check: a bundle that
+    records no class count)."""
     y = np.ascontiguousarray(y, np.int64)
     if num_labels is not None and y.size and (int(y.min()) < 0 or int(y.max()) >= num_labels):
         bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
-        raise ConfigError(f"label {bad} is outside this model's labels 0..{num_labels - 1} "
-                          f"(null label {null_label}); pass labels in that range")
+        raise ConfigError(f"label {bad} is outside this model's labels 0..{num_labels - 1}; pass labels in that range")
     return y
 
 
-class _TrtNetwork:
-    """Shared by the two callables: named feeds in, the single output out (float32)."""
+class TrtNetwork:
+    """``run(feeds) -> output`` on one engine: named feeds in (labels ``y`` range-checked), the
+    single output out (float32). The runtime wraps it with the condition rule every backend shares."""
 
-    def __init__(self, engine: TrtEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: TrtEngine, num_labels: Optional[int] = None) -> None:
+        self.engine, self.num_labels = engine, num_labels
         if len(engine.outputs) != 1:
             raise BackendError(f"the {engine.label} engine has {len(engine.outputs)} outputs, expected 1; re-export the bundle")
         self._output = engine.outputs[0][0]
 
-    def _run(self, **feeds: np.ndarray) -> np.ndarray:
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if "y" in feeds:  # an out-of-range index in a GPU Gather reads foreign memory
+            feeds = {**feeds, "y": check_labels(feeds["y"], self.num_labels)}
         wanted = {name: feeds[name] for name, _ in self.engine.inputs if name in feeds}
         return self.engine.run(wanted)[self._output].astype(np.float32, copy=False)
-
-    def close(self) -> None:
-        """Free the engines, buffers and stream this callable runs on (shared with its sibling)."""
-        owner = getattr(self, "owner", None)
-        (owner or self.engine).close()
-
-
-class TrtVelocity(_TrtNetwork):
-    """``velocity(x, t, cond) -> v`` on a TensorRT backbone engine; labels ``cond["y"]`` (missing: the
-    null label, or 0); other conditions are fed by name to the inputs the engine has."""
-
-    def __init__(self, engine: TrtEngine, null_label: Optional[int] = None, num_labels: Optional[int] = None) -> None:
-        super().__init__(engine)
-        self.null_label = 0 if null_label is None else int(null_label)
-        self.num_labels = num_labels
-
-    def __call__(self, x: np.ndarray, t: np.ndarray, cond: Optional[dict]) -> np.ndarray:
-        y = labels(_y(cond), x.shape[0], self.null_label, self.num_labels)
-        return self._run(**_others(cond), x=x, t=t, y=y)
-
-
-class TrtSideNet(_TrtNetwork):
-    """``sidenet(x, v, t, h, cond) -> delta`` on a TensorRT SideNet engine (per-sample t and h)."""
-
-    def __init__(self, engine: TrtEngine, null_label: Optional[int] = None, num_labels: Optional[int] = None) -> None:
-        super().__init__(engine)
-        self.null_label = 0 if null_label is None else int(null_label)
-        self.num_labels = num_labels
-
-    def __call__(self, x: np.ndarray, v: np.ndarray, t: np.ndarray, h: np.ndarray, cond: Optional[dict]) -> np.ndarray:
-        y = labels(_y(cond), x.shape[0], self.null_label, self.num_labels)
-        return self._run(**_others(cond), x=x, v=v, t=t, h=h, y=y)
-
-
-def _y(cond: Optional[dict]) -> Optional[np.ndarray]:
-    return None if cond is None else cond.get("y")
-
-
-def _others(cond: Optional[dict]) -> dict:
-    """The conditions besides the labels (fed by name; the engine takes only its own inputs)."""
-    return {k: v for k, v in (cond or {}).items() if k != "y"}
 
 
 class TrtEngines:
     """The engines of one bundle and precision, with their stream: a context manager that frees them all.
 
-    ``velocity`` (:class:`TrtVelocity`) and ``sidenet`` (:class:`TrtSideNet` or None) are the
-    runtime callables; ``description`` names the TensorRT, GPU and engine files.
+    ``runs`` maps each network name to its :class:`TrtNetwork` (``run(feeds)``); ``description``
+    names the TensorRT, GPU and engine files. Callables ``velocity(x, t, cond)`` / ``sidenet(...)``
+    come from ``anchorflow.runtime.load_bundle(path, backend="trt")``, which uses :func:`bundle_runs`.
     """
 
-    def __init__(self, velocity: "TrtVelocity", sidenet: Optional["TrtSideNet"], stream: Stream, description: str) -> None:
-        self.velocity, self.sidenet, self.stream, self.description = velocity, sidenet, stream, description
-        for net in (velocity, sidenet):
-            if net is not None:
-                net.owner = self
+    def __init__(self, runs: dict[str, TrtNetwork], stream: Stream, description: str) -> None:
+        self.runs, self.stream, self.description = runs, stream, description
 
     @classmethod
     def load(cls, path: str | Path, meta: Optional[dict] = None, precision: str = "fp32") -> "TrtEngines":
-        """Select, check and deserialize the cached engines of ``path`` (see :func:`load_trt_bundle`)."""
+        """Select, check and deserialize the cached engines of ``path``.
+
+        Refuses (BackendError, with the rebuild command) engines built for another TensorRT version,
+        another GPU or another ONNX file, and says how to build missing ones; a driver too old for
+        the installed TensorRT/cuda-python is a one-line error before CUDA is touched. Needs tensorrt
+        and cuda-python (``pip install 'anchorflow[trt-cu12]'`` or ``[trt-cu13]``) and a GPU."""
         trt = require("tensorrt", extra="trt", purpose="running TensorRT engines")
         compat.major(trt)
         driver.check(trt.__name__, trt.__version__)  # before TensorRT or cuda-python touch CUDA
@@ -235,8 +190,8 @@ class TrtEngines:
         chosen = {name: cache.select_engine(folder, name, precision, cache.onnx_identity(spec, precision), env)
                   for name, spec in network_specs(meta).items()}
         model = meta.get("model") or {}
-        null_label, classes = model.get("null_label"), model.get("num_classes")
-        num_labels = None if classes is None else int(classes) + (null_label is not None)
+        classes = model.get("num_classes")
+        num_labels = None if classes is None else int(classes) + (model.get("null_label") is not None)
         stream = Stream()
         nets: dict[str, TrtEngine] = {}
         try:
@@ -249,16 +204,14 @@ class TrtEngines:
                 engine.close()
             stream.close()
             raise
-        velocity = TrtVelocity(nets["backbone"], null_label, num_labels)
-        sidenet = TrtSideNet(nets["sidenet"], null_label, num_labels) if "sidenet" in nets else None
         files = ", ".join(p.name for p, _ in chosen.values())
-        return cls(velocity, sidenet, stream, f"{env.describe()}, {precision} engines: {files}")
+        runs = {name: TrtNetwork(engine, num_labels) for name, engine in nets.items()}
+        return cls(runs, stream, f"{env.describe()}, {precision} engines: {files}")
 
     def close(self) -> None:
         """Free every engine's buffers, then the stream (idempotent)."""
-        for net in (self.velocity, self.sidenet):
-            if net is not None:
-                net.engine.close()
+        for net in self.runs.values():
+            net.engine.close()
         if self.stream is not None:
             self.stream.close()
             self.stream = None
@@ -272,31 +225,8 @@ class TrtEngines:
 
 def bundle_runs(bundle: Any, precision: str = "fp32") -> tuple[dict, list[str]]:
     """The runtime's ``trt`` backend (``load_bundle(..., backend="trt")``): per network ``run(feeds)``
-    on its cached engine and the description as the provider list; the runtime wraps them with
-    the condition rule every backend shares (:mod:`anchorflow.runtime.networks`)."""
+    on its cached engine (the engines live as long as these callables) and the description as the
+    provider list; the runtime wraps them with the condition rule every backend shares
+    (:mod:`anchorflow.runtime.networks`)."""
     engines = TrtEngines.load(bundle.folder, bundle.meta, precision)
-
-    def checked(net: Any) -> Any:
-        def run(feeds: dict) -> np.ndarray:
-            if "y" in feeds:  # an out-of-range index in a GPU Gather reads foreign memory
-                feeds = {**feeds, "y": labels(feeds["y"], len(feeds["y"]), net.null_label, net.num_labels)}
-            return net._run(**feeds)
-        return run
-
-    runs = {"backbone": checked(engines.velocity)}
-    if engines.sidenet is not None:
-        runs["sidenet"] = checked(engines.sidenet)
-    return runs, [f"TensorRT ({engines.description})"]
-
-
-def load_trt_bundle(path: str | Path, meta: Optional[dict] = None, precision: str = "fp32") -> tuple[Any, Any, str]:
-    """(velocity, sidenet or None, description) from the engines cached in a bundle.
-
-    Refuses (BackendError, with the rebuild command) engines built for another TensorRT version,
-    another GPU or another ONNX file, and says how to build missing ones; a driver too old for
-    the installed TensorRT/cuda-python is a one-line error before CUDA is touched. Needs tensorrt
-    and cuda-python (``pip install 'anchorflow[trt-cu12]'`` or ``[trt-cu13]``) and a GPU.
-    ``velocity.close()`` frees the engines, buffers and stream (see :class:`TrtEngines`).
-    """
-    engines = TrtEngines.load(path, meta, precision)
-    return engines.velocity, engines.sidenet, engines.description
+    return dict(engines.runs), [f"TensorRT ({engines.description})"]

@@ -61,7 +61,7 @@ class NetSpec:
     def signature(self, state_shape: tuple[int, ...]) -> dict[str, list[dict[str, Any]]]:
         """Names, shapes (``"batch"`` for the dynamic axis) and dtypes of inputs and output."""
         def entry(name: str) -> dict[str, Any]:
-            role = ROLES.get(name, "condition")
+            role = ROLE_OF_NAME.get(name, "condition")
             if self.offsets and name in ("h", "delta"):  # K offsets per row: (offsets, batch[, *state])
                 shape = [OFFSETS, "batch", *(map(int, state_shape) if name == "delta" else ())]
                 return {"name": name, "shape": shape, "dtype": "float32", "role": role, "per_row": True}
@@ -79,7 +79,7 @@ class NetSpec:
         return {OFFSETS: {"min": 1, "opt": self.offsets, "max": self.offsets}} if self.offsets else {}
 
 
-ROLES = {"x": "state", "t": "time", "v": "velocity", "h": "offset", "delta": "velocity"}
+ROLE_OF_NAME = {"x": "state", "t": "time", "v": "velocity", "h": "offset", "delta": "velocity"}
 BACKBONE = NetSpec("backbone", ("x", "t", "y"), "v", 2, "backbone.onnx")
 SIDENET = NetSpec("sidenet", ("x", "v", "t", "h", "y"), "delta", 2 * max_sidenet_offsets(), "sidenet.onnx")
 # a polynomial-offset SideNet: the body runs on the anchor rows once, h (offsets, batch) -> delta (offsets, batch, ...)

@@ -187,6 +187,14 @@ def _save_overlay(model: Any, folder: Path, file: str) -> dict:
     return record
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` where the file system allows, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _link_tree(src: Path, dst: Path) -> None:
     """Fill ``dst`` with ``src``'s files, hard-linked where the file system allows (nothing copied twice)."""
     for p in src.rglob("*"):
@@ -195,10 +203,7 @@ def _link_tree(src: Path, dst: Path) -> None:
             (dst / rel).mkdir(parents=True, exist_ok=True)
             continue
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(p, dst / rel)
-        except OSError:
-            shutil.copy2(p, dst / rel)
+        _link_or_copy(p, dst / rel)
 
 
 def _targets(loras: list[LoraFile], weights: dict[str, list]) -> dict[str, list]:
@@ -337,11 +342,18 @@ def refit_bundle(bundle: str | os.PathLike, loras: Sequence[str | os.PathLike], 
             model = _load_overlay(src / file, targets, weights, file) if ext else _load(src / file)
             fresh: dict[str, np.ndarray] = {}
             touched += _fuse(model, targets, weights, fresh, precision)
-            for k, v in fresh.items():
-                base.setdefault(k, v)
-            if ext and not (tmp / BASE_DIR / file).exists():  # the base graph (small: weights are external)
+            kept_file = (tmp / BASE_DIR / file).exists()
+            if not kept_file and (ext or not record.get("base")):
+                # the base graph file, kept under lora/ as a hard link to the source bundle's (no bytes
+                # added where the file system allows); --unfuse puts it back. An external graph is small
+                # (its weights stay in the shared .data file). Bundles refitted before files were kept
+                # fall back to the base tensors in lora/base.npz.
                 (tmp / BASE_DIR).mkdir(exist_ok=True)
-                shutil.copy2(src / file, tmp / BASE_DIR / file)
+                _link_or_copy(src / file, tmp / BASE_DIR / file)
+                kept_file = True
+            if not kept_file:
+                for k, v in fresh.items():
+                    base.setdefault(k, v)
             rec = _save_overlay(model, tmp, file) if ext else _save(model, tmp, file, ext)
             target = entry if precision == "fp32" else entry["precisions"][precision]
             target.update({k: rec[k] for k in ("sha256", "bytes")})
@@ -405,15 +417,17 @@ def unfuse_bundle(bundle: str | os.PathLike, out: Optional[str | os.PathLike] = 
     with atomic_dir(dst) as tmp:
         _link_tree(src, tmp)
         os.unlink(tmp / BUNDLE_JSON)
+        restored = 0
         for precision, file in _backbone_files(base_meta):
             entry = base_meta["networks"]["backbone"]
             target = entry if precision == "fp32" else entry["precisions"][precision]
-            if _external(target):  # the base graph kept under lora/; its .data file was never written
-                for name in (file, overlay_file(file)):
+            if (src / BASE_DIR / file).exists():  # the base graph kept under lora/ (an external one's
+                for name in (file, overlay_file(file)):  # .data file was never written)
                     if (tmp / name).exists():
                         os.unlink(tmp / name)
-                shutil.copy2(src / BASE_DIR / file, tmp / file)
+                _link_or_copy(src / BASE_DIR / file, tmp / file)
                 rec = file_record(tmp, file)
+                restored += 1
             else:
                 model = _load(src / file)
                 for t in model.graph.initializer:
@@ -421,6 +435,7 @@ def unfuse_bundle(bundle: str | os.PathLike, out: Optional[str | os.PathLike] = 
                     if arr is not None:
                         t.raw_data = numpy_helper.from_array(arr).raw_data
                 rec = _save(model, tmp, file, False)
+                restored += 1
             if rec["sha256"] != target["sha256"]:
                 raise CheckpointError(f"unfusing did not restore {file} exactly (sha256 {rec['sha256'][:12]} != "
                                       f"{target['sha256'][:12]}); the bundle is left as it was")
@@ -432,7 +447,7 @@ def unfuse_bundle(bundle: str | os.PathLike, out: Optional[str | os.PathLike] = 
         shutil.rmtree(tmp / BASE_DIR, ignore_errors=True)
         shutil.copy2(base_json, tmp / BUNDLE_JSON)
         read_bundle(tmp)
-    return RefitResult(dst, base_meta, (f"restored the base weights of {len(base)} initializers",))
+    return RefitResult(dst, base_meta, (f"restored the base weights of {restored} backbone graph(s)",))
 
 
 def sha_of(path: str | os.PathLike) -> str:

@@ -141,7 +141,7 @@ def export_sidenet(side: Any, backbone_inputs: list[dict], axes: dict, top_rows:
     """The SideNet as ONNX bytes, its network entry (without file / sha256), parity-checked, and
     precision -> (bytes, validation) of its fp16 variants (:func:`.precision.convert`, checked
     against torch fp32 at that precision's tolerance), so ``sample --precision fp16`` finds a
-    SideNet of the backbone's precision (issue 24). int8 / fp8 are not made here (the SideNet
+    SideNet of the backbone's precision. int8 / fp8 are not made here (the SideNet
     stays fp32 next to a quantised backbone, :mod:`.quantize`).
 
     ``axes``: axis name -> (min, opt, max) of the backbone; ``top_rows``: most rows per call.

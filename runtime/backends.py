@@ -26,15 +26,12 @@ from .._deps import require
 from ..errors import BackendError, ConfigError
 from . import threads as thread_policy
 from . import ort_gpu
-from .bundle_format import SCHEMA_V1, NetworkDecl, _network, check_graph_inputs
+from .bundle_format import ORT_DTYPES, SCHEMA_V1, NetworkDecl, _network, check_graph_inputs
 from .networks import BundleSideNet, BundleVelocity
-
-_ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32",
-               "tensor(float16)": "float16", "tensor(bool)": "bool"}
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 # backend name -> the provider it is about (first) and what it asks onnxruntime for, in order
-BACKENDS: dict[str, tuple[str, ...]] = {
+ORT_PROVIDERS: dict[str, tuple[str, ...]] = {
     "ort-cpu": (CPU,),
     "ort-cuda": (CUDA, CPU),
     "ort-trt": (TRT, CUDA, CPU),
@@ -78,8 +75,8 @@ def resolve_backend(backend: str) -> str:
         if TRT in available and ort_gpu.tensorrt_library() is not None:
             return "ort-trt"
         return "ort-cuda" if CUDA in available else "ort-cpu"
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown onnxruntime backend {backend!r}; choose from auto, {', '.join(BACKENDS)}")
+    if backend not in ORT_PROVIDERS:
+        raise ConfigError(f"unknown onnxruntime backend {backend!r}; choose from auto, {', '.join(ORT_PROVIDERS)}")
     return backend
 
 
@@ -90,7 +87,7 @@ def _providers(backend: str, cache_dir: Optional[Path], profile: Optional[dict] 
         ort_gpu.check_wheels()  # CPU and GPU wheels installed together shadow each other
         ort_gpu.preload_cuda(ort)  # CUDA/cuDNN from pip's nvidia-* wheels (onnxruntime >= 1.21)
     out: list[Any] = []
-    for name in BACKENDS[backend]:
+    for name in ORT_PROVIDERS[backend]:
         if name not in available or (name == TRT and ort_gpu.tensorrt_library() is None):
             continue
         if name == TRT and cache_dir is not None:
@@ -141,7 +138,7 @@ def make_session(path: str | os.PathLike, backend: str = "auto", allow_fallback:
         msg = _short(str(exc))
         raise BackendError(f"onnxruntime cannot run {path.name} on {backend}: {msg}; try another --precision "
                            "or backend (bf16 graphs need a GPU backend)") from None
-    wanted, got = BACKENDS[backend][0], session.get_providers()
+    wanted, got = ORT_PROVIDERS[backend][0], session.get_providers()
     if explicit and got[0] != wanted:
         why = _unavailable_reason(ort, wanted)
         if not allow_fallback:
@@ -179,7 +176,7 @@ def graph_inputs(session: Any) -> list[tuple[str, str, list]]:
 def session_decl(session: Any, kind: str) -> NetworkDecl:
     """A declaration read off the graph itself (for a session opened without bundle.json):
     x/t/v/h by name as in schema /1, every other input a per-row condition."""
-    ins = [{"name": n, "dtype": _ORT_DTYPES.get(k, k), "shape": [d if isinstance(d, int) else "batch" if j == 0 else str(d)
+    ins = [{"name": n, "dtype": ORT_DTYPES.get(k, k), "shape": [d if isinstance(d, int) else "batch" if j == 0 else str(d)
                                                              for j, d in enumerate(shape)]}
            for n, k, shape in graph_inputs(session)]
     outs = [{"name": o.name, "dtype": "float32", "shape": ["batch"]} for o in session.get_outputs()]

@@ -188,11 +188,14 @@ class FastFlowBandit:
         return self.target is not None
 
     # -- choices ----------------------------------------------------------------------------------
-    def select(self, k: int, max_arm: int) -> int:
-        """B_k's UCB1 choice among the arms <= ``max_arm``; an untried arm first (lowest first)."""
-        idx = [i for i, a in enumerate(self.arms) if a <= max_arm]
+    def select(self, k: int, max_arm: int, min_arm: int = 0) -> int:
+        """B_k's UCB1 choice among the arms in ``min_arm..max_arm``; an untried arm first (lowest first).
+
+        ``min_arm`` > 0 where a calls cap forbids the shorter skips (the bonus still counts
+        every pull of B_k)."""
+        idx = [i for i, a in enumerate(self.arms) if min_arm <= a <= max_arm]
         if not idx:
-            raise ConfigError(f"no arm of {self.arms} fits in {max_arm} remaining steps")
+            raise ConfigError(f"no arm of {self.arms} fits in {min_arm}..{max_arm} steps")
         n = self.N[k, idx]
         untried = np.flatnonzero(n == 0)
         if untried.size:
@@ -252,8 +255,8 @@ class FastFlowBandit:
         for k, arm, mse, paid in info.get("losses", ()):
             self.observe(int(k), int(arm), self.reward(int(arm), float(mse), bool(paid)), bool(paid))
         self.generations += 1
-        if not info.get("calibration"):
-            self.adapt(info.get("calls", self.T))
+        if not info.get("calibration"):  # a capped run: the calls it would have made (calls_demand)
+            self.adapt(info.get("calls_demand", info.get("calls", self.T)))
         self.history = [*self.history, [float(info.get("calls", self.T)), self.mu]][-HISTORY:]
         if rng_state is not None:
             self.rng.bit_generator.state = rng_state

@@ -95,7 +95,7 @@ def from_dict(d: Any, source: str = "bandit state") -> FastFlowBandit:
         b.rng.bit_generator.state = d["rng"]
     except (KeyError, TypeError, ValueError, OverflowError, ConfigError) as exc:
         raise _bad(source, f"bad or missing field: {exc}") from None
-    if adapt and not 0 < b.eta <= MAX_ETA:  # trust (issue 31): a huge eta drove mu to inf on the next update
+    if adapt and not 0 < b.eta <= MAX_ETA:  # a huge eta drove mu to inf on the next update
         raise _bad(source, f"budget.eta must be in (0, {MAX_ETA:g}], got {b.eta!r}")
     if b.key.grid_sha256 != key.get("grid_sha256"):
         raise _bad(source, "grid hash does not match its grid values")
@@ -116,7 +116,7 @@ def read(path: str | os.PathLike) -> Any:
         raise StateFileError(f"{path} does not exist; run fastflow with this --bandit-state to create it") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise _bad(str(path), f"unreadable: {exc}") from None
-    # trust (issue 31): nesting, huge integers and garbage refused by the one defensive JSON reader
+    # nesting, huge integers and garbage refused by the one defensive JSON reader
     from .._io import parse_json
     from ..errors import CheckpointError
 
@@ -139,12 +139,30 @@ def load(path: str | os.PathLike, key: Optional[BanditKey] = None) -> FastFlowBa
     return b
 
 
+def load_for_model(path: str | os.PathLike, model: str) -> FastFlowBandit:
+    """:func:`load`, refusing the state of a model other than MODEL (trust, issue 31: ``bandit show``
+    must not present another model's state as this one's). The state's key is MODEL's identity
+    (:func:`anchorflow.runtime.models.model_identity`), plus its guidance when sampled with cfg."""
+    from .models import model_identity
+
+    b = load(path)
+    want = model_identity(model)
+    have = b.key.model_id.split("|", 1)[0]
+    if have != want:
+        raise StateFileError(
+            f"{path} is the bandit state of another model (weights {have[:12]}), not of {model} "
+            f"(weights {want[:12]}); give the file that 'anchorflow sample {model} --solver fastflow "
+            "--bandit-state FILE' wrote"
+        )
+    return b
+
+
 MAX_ETA = 10.0  # log mu moves by at most eta x the relative calls error per generation
 
 
 def write(b: FastFlowBandit, path: str | os.PathLike) -> None:
     """Replace ``path`` atomically with the version-2 document (caller holds the lock)."""
-    from_dict(json.loads(json.dumps(to_dict(b))), f"{path} (the updated state, not written)")  # trust (issue 31)
+    from_dict(json.loads(json.dumps(to_dict(b))), f"{path} (the updated state, not written)")
     try:
         write_json(path, to_dict(b))
     except OSError as exc:

@@ -12,13 +12,12 @@ Time convention: t = 1 noise, t = 0 data.
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .._deps import require
+from .._deps import require_extra
 from ..errors import CheckpointError, ConfigError
 from .bundle_format import (  # noqa: F401  (re-exported: the format's names, for older imports)
     BUNDLE_JSON, PRECISIONS, SCHEMA, TIME_CONVENTION, BundleFormat, find_bundle, parse_meta, read_bundle)
@@ -26,10 +25,8 @@ from .models import ModelFiles, OpenModel, check_fresh, model_meta, resolve
 from .networks import WRAPPERS
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt", "torch")
-# backends served outside the runtime: "module:function(bundle, precision) -> (runs, providers)",
-# runs a dict network name -> run(feeds) (imported only when asked for: TensorRT, torch)
-EXTERNAL = {"trt": ("anchorflow.engines.runner:bundle_runs", "tensorrt", "trt"),
-            "torch": ("anchorflow.trainers.torch_wrappers:bundle_runs", "torch", "train")}
+# backends served outside the runtime (imported only when asked for): see external_runs
+EXTERNAL = ("trt", "torch")
 
 
 @dataclass(frozen=True)
@@ -117,10 +114,7 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", allow_fallback: 
         raise ConfigError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     bundle = read_bundle(resolve(path) if str(path) == "default" else path)
     if backend in EXTERNAL:
-        target, needs, extra = EXTERNAL[backend]
-        require(needs, extra=extra, purpose=f"the {backend} backend")
-        module, _, fn = target.partition(":")
-        runs, providers = getattr(importlib.import_module(module), fn)(bundle, precision)
+        runs, providers = external_runs(backend, bundle, precision)
         per_net = {name: list(providers) for name in runs}
         resolved = backend
     else:
@@ -129,6 +123,21 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", allow_fallback: 
             for name, run in runs.items()}
     return LoadedBundle(nets["backbone"], nets.get("sidenet"), bundle.meta, per_net["backbone"], bundle.folder,
                         precision, resolved, per_net, bundle)
+
+
+def external_runs(backend: str, bundle: BundleFormat, precision: str, **options: Any) -> tuple[dict, list[str]]:
+    """``(runs, providers)`` of a backend served outside the runtime: runs maps a network name to
+    ``run(feeds)``. Literal lazy imports (the architecture test reads them): TensorRT engines, or
+    the torch models the bundle was exported from (``options``: their ``sources`` / ``trust_source``)."""
+    if backend == "trt":
+        require_extra("trt", "the trt backend", ("tensorrt",))
+        from ..engines.runner import bundle_runs
+    elif backend == "torch":
+        require_extra("train", "the torch backend", ("torch",))
+        from ..trainers.torch_wrappers import bundle_runs
+    else:
+        raise ConfigError(f"backend {backend!r} is not served outside the runtime ({', '.join(EXTERNAL)} are)")
+    return bundle_runs(bundle, precision, **options)
 
 
 def open_bundle(files: ModelFiles, backend: str = "auto", allow_fallback: bool = False, precision: str = "fp32",
@@ -141,7 +150,7 @@ def open_bundle(files: ModelFiles, backend: str = "auto", allow_fallback: bool =
         raise CheckpointError(f"{files.spec} has no exported bundle; run 'anchorflow export {files.spec} --out BUNDLE'")
     check_fresh(files)
     b = load_bundle(files.bundle, backend=backend, allow_fallback=allow_fallback, precision=precision, threads=threads)
-    return OpenModel(b.velocity, b.sidenet, model_meta(b.meta), files, list(b.providers))
+    return OpenModel(b.velocity, b.sidenet, model_meta(b.meta), files, list(b.providers), b.precision, b.backend)
 
 
 def _ort_runs(bundle: BundleFormat, backend: str, allow_fallback: bool, precision: str,

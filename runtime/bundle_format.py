@@ -47,8 +47,6 @@ READABLE = (SCHEMA_V1, SCHEMA)
 BUNDLE_JSON = "bundle.json"
 BATCH = "batch"
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")  # quant: int8 / fp8 = Q/DQ backbone variants (export/quantize.py)
-GUIDANCE_MODES = ("rows", "embedded", "none")
-TIME_MAPS = ("identity", "scale", "flip")
 TIME_CONVENTION = (
     "t = 1 is noise, t = 0 is data; x_t = (1 - t) x_data + t noise; v = dx/dt ~ noise - x_data; "
     "sampling integrates from t = 1 down to t = 0. SideNet: v_hat(t - h) = v + delta, h > 0 toward data."
@@ -111,11 +109,10 @@ class NetworkDecl:
         """Refuse a call with more (or fewer) rows than the network was exported for (the runtime's
         wrappers chunk larger calls before they get here)."""
         if self.batch is not None and not self.batch[0] <= rows <= self.batch[2]:
-            lo, _, hi = self.batch
-            from .solvers import rows_note
-
+            lo, _, hi = self.batch  # the format knows no solvers: the note says why rows exceed samples
             raise ConfigError(f"the {self.name} was exported for {lo}..{hi} rows per call, got {rows} "
-                              f"({rows_note()}); use a smaller --n or re-export with a larger --max-batch")
+                              "(guidance doubles the rows, a SideNet call carries several offsets per row); "
+                              "use a smaller --n or re-export with a larger --max-batch")
 
 
 @dataclass(frozen=True)
@@ -208,7 +205,7 @@ def find_bundle(path: str | os.PathLike) -> Path:
             raise CheckpointError(f"{folder} is being replaced by a running export right now; retry when it has "
                                   "finished")
         if (folder / BUNDLE_JSON).is_file():
-            recover_journal(folder, JOURNALED, BUNDLE_JSON)  # a tune killed mid-write (trust, issue 31)
+            recover_journal(folder, JOURNALED, BUNDLE_JSON)  # a tune killed mid-write
             return folder
     raise CheckpointError(f"{path} is not a bundle (no {BUNDLE_JSON}, nor bundle/{BUNDLE_JSON}); "
                           "create one with 'anchorflow export MODEL --out FOLDER'")
@@ -347,7 +344,7 @@ FIX = "re-export the bundle (or undo the edit to bundle.json)"
 
 def compare_io(network: str, part: str, declared: tuple, got: list, path: Any, fix: str = FIX) -> None:
     want = {t.name: t for t in declared}
-    have = {name: (_ORT_TYPES.get(dtype, dtype), list(dims)) for name, dtype, dims in got}
+    have = {name: (ORT_DTYPES.get(dtype, dtype), list(dims)) for name, dtype, dims in got}
     if set(have) != set(want):
         raise CheckpointError(f"{path} has {part} {sorted(have)}, but bundle.json declares {sorted(want)} for the "
                               f"{network} (a graph of another network, or an edited bundle.json); {fix}")
@@ -359,7 +356,8 @@ def compare_io(network: str, part: str, declared: tuple, got: list, path: Any, f
                                   f"{t.dtype} {list(t.shape)}; {fix}")
 
 
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+# onnxruntime's type strings -> numpy dtype names (the one table: backends.py reads it too)
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
 
 
@@ -370,7 +368,7 @@ def check_graph_inputs(decl: NetworkDecl, graph_inputs: list[tuple[str, str, lis
     (reduced-precision variants keep float32 io). Raises CheckpointError naming the difference.
     """
     declared = {i.name: i for i in decl.inputs}
-    got = {name: (_ORT_TYPES.get(kind, kind), list(shape or [])) for name, kind, shape in graph_inputs}
+    got = {name: (ORT_DTYPES.get(kind, kind), list(shape or [])) for name, kind, shape in graph_inputs}
     where = f"{file or decl.file}"
     if set(got) != set(declared):
         raise CheckpointError(f"{where} takes inputs {sorted(got)} but bundle.json declares {sorted(declared)} for the "

@@ -18,6 +18,8 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 MAX_INT = 2**31 - 1  # sizes, batch ranges and labels: a larger number is not a model's (and overflows int32)
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 ROLES = ("state", "time", "velocity", "offset", "condition")
+GUIDANCE_MODES = ("rows", "embedded", "none")
+TIME_MAPS = ("identity", "scale", "flip")
 
 
 class _Checker:
@@ -144,7 +146,7 @@ def _model(c: _Checker, obj: Any, v1: bool) -> None:
 
 def _guidance(c: _Checker, meta: dict) -> None:
     g = c.dict(meta.get("guidance") or {"mode": "none"}, "guidance")
-    if g.get("mode") not in ("rows", "embedded", "none"):
+    if g.get("mode") not in GUIDANCE_MODES:
         c.fail("guidance.mode", g.get("mode"), "rows, embedded or none")
     if g["mode"] == "embedded":
         inputs = [i["name"] for i in meta["networks"]["backbone"]["inputs"]]
@@ -154,7 +156,7 @@ def _guidance(c: _Checker, meta: dict) -> None:
     for name, value in null.items():
         c.number(value, f"guidance.null.{name}", "a finite number (tensors are given with --null-cond)")
     t = c.dict(meta.get("time") or {"map": "identity"}, "time")
-    if t.get("map") not in ("identity", "scale", "flip"):
+    if t.get("map") not in TIME_MAPS:
         c.fail("time.map", t.get("map"), "identity, scale or flip")
     if t["map"] == "scale" and c.number(t.get("scale"), "time.scale", "a positive finite number") <= 0:
         c.fail("time.scale", t.get("scale"), "a positive finite number")

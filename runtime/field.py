@@ -187,7 +187,6 @@ class GuidedField:
         self.cond_only = None if self.cond is None or not self.guided else {
             name: value[: self.batch] for name, value in self.cond.items()}
         self._tiles: dict = {}  # (row blocks, offsets) -> tiled conditions for the SideNet
-        self.rows_fed = 0  # backbone rows over all calls (B per unguided call, 2B per guided one)
         self.nfe = 0
         self.sidenet_calls = 0
         self.backbone_s = 0.0
@@ -228,7 +227,6 @@ class GuidedField:
         v = self.velocity(xe, tt, cond)
         self.backbone_s += time.perf_counter() - start
         self.nfe += 1
-        self.rows_fed += xe.shape[0]
         v = np.asarray(v).astype(self.dtype, copy=False)  # the state's precision, whatever the backend
         if v.shape != xe.shape:
             raise ConfigError(f"velocity returned shape {v.shape}, expected {xe.shape}")

@@ -1,4 +1,4 @@
-"""The checks of a tuned.json read from disk (trust, issue 31): a leaf module, so runtime.tuned and
+"""The checks of a tuned.json read from disk: a leaf module, so runtime.tuned and
 runtime.audit can both use it without importing each other."""
 
 from __future__ import annotations

@@ -46,6 +46,8 @@ class OpenModel:
     meta: dict[str, Any]
     files: ModelFiles
     providers: list[str] = field(default_factory=list)
+    precision: str = "fp32"  # the ONNX variant and backend a bundle was opened with (a plan's engine)
+    backend: str = ""
 
     @property
     def classifier(self) -> Optional[Path]:
@@ -204,3 +206,21 @@ def model_meta(meta: dict) -> dict:
     model["model_id"] = weights or backbone.get("sha256", model.get("name"))
     model["state_shape"] = tuple(model.get("state_shape", ()))
     return model
+
+
+def model_identity(spec: str | Path) -> str:
+    """The identity (``model_id``) a MODEL's FastFlow bandit states are keyed by, read from its files
+    without opening a network: the bundle's (:func:`model_meta`), else the backbone checkpoint's
+    ``weights_sha256``. What ``sample MODEL --solver fastflow --bandit-state FILE`` writes into FILE."""
+    from .._io import read_json
+
+    files = locate(spec)
+    if files.bundle is not None:
+        meta = read_json(files.bundle / BUNDLE_JSON)
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{files.bundle / BUNDLE_JSON} is not a JSON object")
+        return str(model_meta(meta)["model_id"])
+    cfg = read_json(files.backbone / "config.json")
+    data = cfg.get("data") if isinstance(cfg, dict) else None
+    name = data.get("name") if isinstance(data, dict) else (data or "model")
+    return str(cfg.get("weights_sha256", name) if isinstance(cfg, dict) else name)

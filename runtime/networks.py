@@ -28,7 +28,7 @@ from .bundle_format import NetworkDecl, TensorDecl
 
 Run = Callable[[dict], np.ndarray]
 _NP = {"float32": np.float32, "float16": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
-ROLES = {"backbone": ("state", "time"), "sidenet": ("state", "velocity", "time", "offset")}
+NETWORK_ROLES = {"backbone": ("state", "time"), "sidenet": ("state", "velocity", "time", "offset")}
 _OK_MAX = 256  # checked input signatures remembered per network (a solve uses a handful)
 
 
@@ -45,10 +45,10 @@ class BundleNet:
     def __init__(self, decl: NetworkDecl, run: Run, null: Optional[dict] = None,
                  providers: Optional[list] = None) -> None:
         roles = sorted(i.role for i in decl.inputs if i.role != "condition")
-        if roles != sorted(ROLES[self.KIND]):
+        if roles != sorted(NETWORK_ROLES[self.KIND]):
             names = [i.name for i in decl.inputs]
             raise BackendError(f"this ONNX graph is not a {self.LABEL} (inputs {names}, roles {roles}; expected the roles "
-                               f"{list(ROLES[self.KIND])} plus conditions); re-export the bundle")
+                               f"{list(NETWORK_ROLES[self.KIND])} plus conditions); re-export the bundle")
         self.decl, self.run, self.null = decl, run, dict(null or {})
         self.providers = list(providers or [])
         self._ok: dict = {}  # (input, shape, dtype, rows) already checked -> the declared dtype
@@ -189,7 +189,7 @@ def check_conditions(decl: NetworkDecl, cond: dict, rows: int, null: Optional[di
             raise ConfigError(f"{what}: {name} has shape {tuple(value.shape)}, expected {inp.describe()} with "
                               f"batch = {rows} (or 1){_ranges(decl, inp)}; {expects}")
         if inp.dtype in ("int64", "int32") and name in (null or {}):
-            check_labels(name, value, null[name], what)  # trust (issue 31): labels in range, exactly
+            check_labels(name, value, null[name], what)  # labels in range, exactly
         out[name] = value.astype(_NP.get(inp.dtype, value.dtype), copy=False)
     return out
 

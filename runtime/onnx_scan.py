@@ -84,23 +84,26 @@ def _text(v) -> str:
 
 def _value_info(buf) -> tuple:
     name, dtype, dims = "", None, []
-    for num, _, v in fields(buf):
-        if num == 1:
+    for num, wire, v in fields(buf):
+        if num == 1 and wire == 2:
             name = _text(v)
-        elif num == 2:  # TypeProto
-            for n2, _, t in fields(v):
-                if n2 != 1:
+        elif num == 2 and wire == 2:  # TypeProto
+            for n2, w2, t in fields(v):
+                if n2 != 1 or w2 != 2:
                     continue  # not a tensor type
-                for n3, _, tt in fields(t):
-                    if n3 == 1:
+                for n3, w3, tt in fields(t):
+                    if n3 == 1 and w3 == 0:
                         dtype = ELEM.get(tt, f"type{tt}")
-                    elif n3 == 2:
-                        for n4, _, d in fields(tt):
-                            if n4 != 1:
+                    elif n3 == 2 and w3 == 2:
+                        for n4, w4, d in fields(tt):
+                            if n4 != 1 or w4 != 2:
                                 continue
                             dim: object = "?"
-                            for n5, _, dv in fields(d):
-                                dim = dv if n5 == 1 else _text(dv) if n5 == 2 else dim
+                            for n5, w5, dv in fields(d):
+                                if n5 == 1 and w5 == 0:
+                                    dim = dv
+                                elif n5 == 2 and w5 == 2:
+                                    dim = _text(dv)
                             dims.append(dim)
     return name, dtype, dims
 
@@ -108,17 +111,17 @@ def _value_info(buf) -> tuple:
 def _tensor(buf, out: Scan, stats: bool) -> None:
     name, dtype, raw, packed, location, external = "", 0, None, None, None, False
     for num, wire, v in fields(buf):
-        if num == 8:
+        if num == 8 and wire == 2:
             name = _text(v)
-        elif num == 2:
+        elif num == 2 and wire == 0:
             dtype = v
-        elif num == 9:
+        elif num == 9 and wire == 2:
             raw = v
         elif num == 4 and wire == 2:
             packed = v
-        elif num == 14:
+        elif num == 14 and wire == 0:
             external = v == 1
-        elif num == 13:
+        elif num == 13 and wire == 2:
             entry = dict((n, _text(x)) for n, w, x in fields(v) if w == 2)
             if entry.get(1) == "location":
                 location = entry.get(2, "")
@@ -138,15 +141,17 @@ def _tensor(buf, out: Scan, stats: bool) -> None:
 
 
 def _sparse(buf, out: Scan, stats: bool) -> None:
-    for num, _, v in fields(buf):
-        if num in (1, 2):
+    for num, wire, v in fields(buf):
+        if num in (1, 2) and wire == 2:
             _tensor(v, out, stats and num == 1)
 
 
 def _graph(buf, out: Scan, stats: bool, depth: int, top: bool) -> None:
     if depth > MAX_DEPTH:
         raise ScanError(f"sub-graphs nested more than {MAX_DEPTH} deep")
-    for num, _, v in fields(buf):
+    for num, wire, v in fields(buf):
+        if wire != 2:
+            continue
         if num == 1:
             _node(v, out, stats, depth)
         elif num == 5:
@@ -160,8 +165,8 @@ def _graph(buf, out: Scan, stats: bool, depth: int, top: bool) -> None:
 
 
 def _node(buf, out: Scan, stats: bool, depth: int) -> None:
-    for num, _, v in fields(buf):
-        if num != 5:
+    for num, wire, v in fields(buf):
+        if num != 5 or wire != 2:
             continue
         for n2, w2, a in fields(v):  # AttributeProto
             if w2 != 2:
@@ -192,17 +197,40 @@ def scan_bytes(buf, stats: bool = True) -> Scan:
 
 
 def scan(path: str | Path, stats: bool = True) -> Scan:
-    """Scan an ONNX file (memory-mapped; weights are not copied)."""
+    """Scan an ONNX file (memory-mapped; weights are not copied).
+
+    Every view of the map (the memoryview slices the parser yields, numpy arrays over weights) must be
+    gone before the map closes, or ``mmap.close`` raises ``BufferError``. On success they are (the parser
+    keeps none: only ints and strings reach :class:`Scan`); on a malformed file the exception's traceback
+    holds the parser's frames and their slices, so the message is taken, the exception dropped, and a
+    fresh :class:`ScanError` raised after the map is closed."""
     with open(path, "rb") as fh:
         size = fh.seek(0, 2)
         if size == 0:
             raise ScanError("the file is empty")
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)
-            try:
-                return scan_bytes(view, stats)
-            finally:
-                view.release()
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        message = None
+        try:
+            with memoryview(mm) as view:
+                try:
+                    return scan_bytes(view, stats)
+                except ScanError as exc:
+                    message = str(exc)
+                except (ValueError, TypeError, IndexError, OverflowError, RecursionError) as exc:
+                    message = f"malformed protobuf ({type(exc).__name__}: {exc})"
+        finally:
+            _close(mm)
+        raise ScanError(message)
+
+
+def _close(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:  # a view still alive in a reference cycle: collect it, then close
+        import gc
+
+        gc.collect()
+        mm.close()
 
 
 def resolve_location(base: Path, loc: str) -> Path:

@@ -1,6 +1,6 @@
 """onnxruntime's GPU providers: the wheel, the libraries they load, and the TensorRT provider's profile shapes.
 
-What goes wrong on a user's GPU machine without these checks (issue 15 item 5):
+What goes wrong on a user's GPU machine without these checks:
 
 * ``onnxruntime`` (CPU) and ``onnxruntime-gpu`` install the same ``onnxruntime`` package; with
   both installed, whichever came last wins file by file, and the GPU providers vanish or fail

@@ -103,6 +103,40 @@ def to_pixels(decoded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return px, (px * 255).round().astype(np.uint8)
 
 
+def decode_latents(run, vae: dict, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Latents (N, C, h, w) in the transformer's scale -> (pixels float32 [0, 1], images uint8), through a
+    VAE decoder ``run(feeds)``: ``latents / scaling_factor + shift_factor``, one call, then :func:`to_pixels`."""
+    z = np.asarray(latents, np.float32)
+    c = int(vae["latent_channels"])
+    if z.ndim != 4 or z.shape[1] != c:
+        raise ConfigError(f"latents of shape {tuple(z.shape)} cannot be decoded: the VAE takes (N, {c}, h, w)")
+    z = z / np.float32(vae["scaling_factor"]) + np.float32(vae["shift_factor"])
+    return to_pixels(run({"latents": z.astype(np.float32)})["image"])
+
+
+class Decoder:
+    """A pipeline bundle's VAE decoder alone (what ``sample --out`` and ``serve``'s ``"format": "png"``
+    use on a latent bundle): ``decoder(latents) -> (pixels, images)``; ``calls`` counts its runs."""
+
+    def __init__(self, decl: PipelineDecl, backend: str = "ort-cpu", threads: Optional[int] = None) -> None:
+        self.vae = decl.vae
+        self.run, self.providers = _session_run(decl.file(self.vae["decoder"], "the VAE decoder"), self.vae["decoder"],
+                                                backend, threads)
+        self.calls = 0
+
+    def __call__(self, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = decode_latents(self.run, self.vae, latents)
+        self.calls += 1
+        return out
+
+
+def load_decoder(path: str | os.PathLike, backend: str = "ort-cpu", threads: Optional[int] = None) -> Optional[Decoder]:
+    """The VAE decoder of a pipeline bundle, or None for a transformer-only bundle (it has none)."""
+    fmt = read_bundle(path)
+    decl = parse_pipeline(fmt.meta, fmt.folder)
+    return None if decl is None else Decoder(decl, backend, threads)
+
+
 class Pipeline:
     """A pipeline bundle opened for generation (see the module docstring). ``calls``: part -> calls so far."""
 
@@ -138,11 +172,9 @@ class Pipeline:
 
     def decode(self, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Latents (N, C, h, w) -> (pixels float32 [0, 1], images uint8), one VAE decoder call."""
-        v = self.decl.vae
-        z = (np.asarray(latents, np.float32) / np.float32(v["scaling_factor"]) + np.float32(v["shift_factor"]))
-        out = self._decode({"latents": z.astype(np.float32)})["image"]
+        out = decode_latents(self._decode, self.decl.vae, latents)
         self.calls["vae_decoder"] += 1
-        return to_pixels(out)
+        return out
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """Images (N, H, W, 3) in [0, 1] (float) or uint8 -> latents in the transformer's scale (posterior mean)."""
@@ -170,10 +202,10 @@ class Pipeline:
                  height: Optional[int] = None, width: Optional[int] = None, seed: int = 0, n: int = 1,
                  latents: Optional[np.ndarray] = None, grid: Any = None, sidenet: bool = True,
                  names: Optional[dict] = None, **options: Any) -> Generation:
-        from .solve import solve
-        from .solvers import get_solver
+        import dataclasses
 
-        from .plan import check_request
+        from .plan import check_request, plan
+        from .solvers import get_solver
 
         prompts = [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
         if not prompts:
@@ -229,10 +261,13 @@ class Pipeline:
             t_grid, grid_note = (tuned, note) if note else (self.sigmas(steps, height, width), "scheduler sigmas")
         else:
             t_grid = grid
-        side = self.bundle.sidenet if sidenet else None
+        # one front door: the plan checks the conditions against the declaration and runs solve
+        model = self.bundle if sidenet else dataclasses.replace(self.bundle, sidenet=None)
+        p = plan(model, solver=solver, nfe=nfe, grid=t_grid, cfg_scale=cfg if guided_rows else 1.0, cond=cond,
+                 null_cond=null, noise=x0, options=options, tuning=None,
+                 names={"cfg_scale": "cfg", **(names or {})})
         t0 = time.perf_counter()
-        res = solve(solver, self.bundle.velocity, x0, nfe, cond=cond, null_cond=null,
-                    cfg_scale=cfg if guided_rows else 1.0, grid=t_grid, sidenet=side, **options)
+        res = p.run()
         t1 = time.perf_counter()
         pixels, images = self.decode(res.x)
         t2 = time.perf_counter()

@@ -229,7 +229,10 @@ class SamplePlan:
 
     @property
     def state_shape(self) -> tuple[int, ...]:
-        return _info(self.model)[0]["state_shape"]
+        """The state's shape: the given noise's (a pipeline's latents follow the image size), else the model's."""
+        if self.noise is not None:
+            return tuple(self.noise.shape[1:])
+        return tuple(_info(self.model)[0]["state_shape"])
 
     def start_noise(self) -> np.ndarray:
         """The plan's start noise at t = 1: ``noise`` or ``default_rng(seed)`` normal (n, *state) float32."""
@@ -317,9 +320,26 @@ def _info(bundle) -> tuple[dict, Any]:
     return meta, fmt
 
 
-def _check_noise(noise: Any, n: Optional[int], state_shape: tuple, what: str) -> np.ndarray:
+def _state_fits(shape: tuple, state_shape: tuple, fmt: Any) -> bool:
+    if shape == state_shape:
+        return True
+    decl = None if fmt is None else fmt.backbone.input("state")
+    if decl is None or not decl.per_row or len(decl.shape) != len(shape) + 1:
+        return False
+    for d, g in zip(decl.shape[1:], shape):
+        rng = None if isinstance(d, int) else fmt.backbone.axis_range(d)
+        if (isinstance(d, int) and d != g) or (rng is not None and not rng[0] <= g <= rng[2]) or \
+                (not isinstance(d, int) and rng is None):
+            return False
+    return True
+
+
+def _check_noise(noise: Any, n: Optional[int], state_shape: tuple, what: str, fmt: Any = None) -> np.ndarray:
+    """The start noise, checked: float, finite, (n, *state). A state whose bundle declares named
+    axes (a pipeline's latent height and width) may take any size in the declared ranges."""
     a = np.asarray(noise)
-    if a.ndim < 1 or tuple(a.shape[1:]) != tuple(state_shape) or not np.issubdtype(a.dtype, np.floating):
+    if a.ndim < 1 or not _state_fits(tuple(a.shape[1:]), tuple(state_shape), fmt) \
+            or not np.issubdtype(a.dtype, np.floating):
         raise ConfigError(f"{what} must be a float array (n, {', '.join(map(str, state_shape))}), "
                           f"got {a.dtype} {a.shape}")
     if n is not None and a.shape[0] != n:
@@ -510,7 +530,7 @@ def plan(bundle, *, solver: str = "ba", nfe: int = 7, grid: Any = None, first_ca
     state_shape = tuple(int(s) for s in meta["state_shape"])
     n = a["n"]
     if noise is not None:
-        noise = _check_noise(noise, n, state_shape, nm["noise"])
+        noise = _check_noise(noise, n, state_shape, nm["noise"], fmt)
         n = noise.shape[0]
     n = DEFAULT_N if n is None else n
     if spec.needs_sidenet and bundle.sidenet is None:

@@ -1,4 +1,4 @@
-"""Quality presets: a named sampler configuration chosen by ``anchorflow tune --target-psnr`` (issue 26).
+"""Quality presets: a named sampler configuration chosen by ``anchorflow tune --target-psnr``.
 
 A preset is the cheapest configuration (solver, NFE, grid, first call) whose bootstrap lower
 confidence bound on the mean PSNR against a named reference met a target on held-out noise; it is

@@ -54,7 +54,7 @@ class Result:
     grid: np.ndarray
     timing: Timing
     info: Mapping[str, Any] = field(default_factory=dict)
-    # -- auto (issue 26): per-sample error estimate, (B,) float64 in the units of the state, or None
+    # -- per-sample error estimate, (B,) float64 in the units of the state, or None
     # for a solver without a free companion (runtime/estimate.py says how each solver makes it)
     error_estimate: Optional[np.ndarray] = None
 
@@ -66,4 +66,4 @@ class SolverOutput:
     x: np.ndarray
     steps: list[StepRecord]
     info: dict = field(default_factory=dict)
-    error_estimate: Optional[np.ndarray] = None  # auto (issue 26): (B,), see runtime/estimate.py
+    error_estimate: Optional[np.ndarray] = None  # (B,), see runtime/estimate.py

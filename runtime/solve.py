@@ -98,7 +98,7 @@ def solve(
         grid=t_grid,
         timing=Timing(total, field.backbone_s, field.sidenet_s),
         info=out.info,
-        error_estimate=out.error_estimate,  # auto (issue 26)
+        error_estimate=out.error_estimate,
     )
 
 

@@ -80,6 +80,12 @@ def _check(threads: Optional[int], mode: str) -> None:
                           f"{cpus()}); give at most {max_threads()}")
 
 
+def check_threads(threads: Optional[int]) -> None:
+    """Refuse a thread count no session may ask for (ConfigError): not a positive integer, or above
+    :func:`max_threads`. For options checked before any session exists (``serve --threads``)."""
+    _check(threads, "auto")
+
+
 def decide(threads: Optional[int] = None, mode: str = "auto") -> ThreadPolicy:
     """The policy a first session would get for these wishes (nothing is created)."""
     _check(threads, mode)

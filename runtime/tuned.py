@@ -66,7 +66,7 @@ class Tuning:
     first_call: Optional[FirstCallTable] = None
     first_call_refused: Optional[str] = None
     settings: dict[str, Any] = field(default_factory=dict)
-    presets: dict[str, Any] = field(default_factory=dict)  # auto (issue 26): name -> runtime.presets.Preset
+    presets: dict[str, Any] = field(default_factory=dict)  # name -> runtime.presets.Preset
 
     def grid_for(self, solver: str, nfe: int, first_call: str = "backbone") -> Optional[TunedGrid]:
         """The tuned grid for this solver and budget, or None when it was not tuned."""
@@ -93,7 +93,7 @@ class Tuning:
                 np.asarray(means, np.float32), float(fc["residual"]), int(fc["samples"]), float(fc["bound"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise StateFileError(f"{where} is malformed ({exc}); rerun 'anchorflow tune'") from None
-        from .presets import presets_from_json  # auto (issue 26)
+        from .presets import presets_from_json
 
         return cls(grids, table, data.get("first_call_refused"), dict(data.get("settings") or {}),
                    presets_from_json(data.get("presets"), where))
@@ -169,7 +169,7 @@ def read_tuning(bundle) -> Optional[Tuning]:
     try:
         return _read_tuning(fmt)
     except CheckpointError:
-        # trust (issue 31): a concurrent tune may have renamed tuned.json in before bundle.json; wait
+        # a concurrent tune may have renamed tuned.json in before bundle.json; wait
         # for its lock (held until its last rename), then read the state it left
         from .. import _io
         from .bundle_format import BUNDLE_JSON
@@ -197,7 +197,7 @@ def _read_tuning(fmt) -> Optional[Tuning]:
         if rec is not None:
             path = inside(fmt.folder, str(rec.get("file")), f"the tuned {key} file")
             files[key] = verify_file(path, str(rec.get("sha256")))
-    # trust (issue 31): both files parsed defensively, one line naming the file and the fault
+    # both files parsed defensively, one line naming the file and the fault
     from .first_call import load_means
     from .grid_check import check_grids_file
 
@@ -207,7 +207,7 @@ def _read_tuning(fmt) -> Optional[Tuning]:
     return Tuning.from_json(read_json(files["grids"]), means, str(files["grids"]))
 
 
-# -- trust (issue 31): tune never loses grids ---------------------------------------------------------
+# -- tune never loses grids ---------------------------------------------------------
 # write_tuning reads the bundle's current tuning and writes the merge under bundle.json's lock (so
 # concurrent tunes each add their grids), and replaces tuned.json, first_call.npy and bundle.json as
 # one journaled change (anchorflow._io.replace_files): a kill at any step leaves the old state or

@@ -2,7 +2,8 @@
 
 Walks every ``.py`` file under the folders mapped by pyproject's package-dir, and records each
 import: module level or inside a function, ``from . import x`` (resolved to the sub-module when
-there is one), ``importlib.import_module("literal"[, package])``, ``_deps.require("literal")``,
+there is one), ``importlib.import_module("literal"[, package])`` (with a name made at run time:
+an edge to :data:`DYNAMIC`), ``_deps.require("literal")``,
 the ``_LAZY`` tables served by :func:`anchorflow._lazy.lazy_attributes` and the CLI's
 ``COMMANDS`` table served by its LazyGroup.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DYNAMIC = "<a module named at run time>"  # the target of ``import_module(variable)``: no rule can check it
 PACKAGE_DIRS = {"anchorflow": "anchorflow", "anchorflow.runtime": "runtime", "anchorflow.trainers": "trainers",
                 "anchorflow.export": "export", "anchorflow.engines": "engines"}
 
@@ -105,6 +107,8 @@ class _Visitor(ast.NodeVisitor):
                 level = len(first) - len(first.lstrip("."))
                 first = _resolve(package, True, level, first.lstrip(".") or None)
             self.add(first, node, lazy=True)
+        elif fname in ("import_module", "__import__") and node.args:  # a name made at run time
+            self.add(DYNAMIC, node, lazy=True)
         elif fname == "require" and first:
             self.add(first, node, lazy=True)
         self.generic_visit(node)

@@ -117,3 +117,41 @@ print("ATTEMPTS", attempts, [m for m in BLOCKED if m in sys.modules])
     assert proc.returncode == 0, proc.stderr
     assert "ATTEMPTS [] []" in proc.stdout, proc.stdout
     return np.load(tmp_path / "x.npy"), proc.stdout
+
+
+# -- the exported SD3 pipeline bundle, shared by test_pipeline.py and test_pipeline_serve.py --
+# A session fixture imported into two modules runs once per module; this memo makes it once per process
+# (~55 s of export and SideNet training on 2 loaded cores).
+_MADE: dict = {}
+
+
+def sd3_pipeline_folder(tmp_path_factory):
+    """A tiny random-init StableDiffusion3Pipeline saved with save_pretrained (``_tiny_full_pipelines.sd3``)."""
+    if "folder" not in _MADE:
+        from _tiny_full_pipelines import sd3
+
+        _MADE["folder"] = sd3(tmp_path_factory.mktemp("sd3pipe") / "pipe")
+    return _MADE["folder"]
+
+
+def sd3_pipeline_bundle(tmp_path_factory):
+    """`anchorflow train sidenet` on the pipeline's transformer (2 iterations, data-free), then
+    `anchorflow export PIPELINE_FOLDER --sidenet CKPT --out B --max-batch 4`; the bundle folder B."""
+    if "bundle" not in _MADE:
+        folder = sd3_pipeline_folder(tmp_path_factory)
+        mp = pytest.MonkeyPatch()
+        root = tmp_path_factory.mktemp("sd3bundle")
+        r = np.random.default_rng(0)
+        np.savez(root / "cond.npz", encoder_hidden_states=r.standard_normal((3, 6, 32)).astype(np.float32),
+                 pooled_projections=r.standard_normal((3, 16)).astype(np.float32))
+        np.savez(root / "null.npz", encoder_hidden_states=r.standard_normal((1, 6, 32)).astype(np.float32),
+                 pooled_projections=r.standard_normal((1, 16)).astype(np.float32))
+        run_cli(["train", "sidenet", "--backbone", str(folder / "transformer"), "--out", str(root / "side"),
+                 "--data", "none", "--cond", str(root / "cond.npz"), "--null-cond", str(root / "null.npz"), "--iters",
+                 "2", "--batch", "4", "--chain", "2", "--width", "8", "--lr", "1e-2", "--start-states", "4",
+                 "--solve-steps", "2", "--cache-dir", str(root / "cache")], mp)
+        run_cli(["export", str(folder), "--sidenet", str(root / "side"), "--out", str(root / "b"), "--max-batch", "4"],
+                mp)
+        mp.undo()
+        _MADE["bundle"] = root / "b"
+    return _MADE["bundle"]

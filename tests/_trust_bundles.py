@@ -194,3 +194,44 @@ def name_source(bundle: Path, source: str) -> None:
     entry["source"] = {"kind": "factory", "path": source, "family": "custom"}
     meta["model"]["num_classes"] = meta["model"].get("num_classes")
     _save_meta(bundle, meta)
+
+
+def redeclare_input(bundle: Path, name: str, state_shape=None, **changes) -> None:
+    """bundle.json declares input ``name`` of both networks with another dtype or shape than the graphs have
+    (``state_shape``: model.state_shape changed to match, so only the graphs disagree)."""
+    meta = _meta(bundle)
+    if state_shape is not None:
+        meta["model"]["state_shape"] = state_shape
+    for entry in meta["networks"].values():
+        for i in entry["inputs"]:
+            if i["name"] == name:
+                i.update(changes)
+    _save_meta(bundle, meta)
+
+
+def tamper(path: Path) -> None:
+    """One byte of ``path`` changed and bundle.json left as it was (its sha256 no longer matches)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def other_weights(bundle: Path) -> None:
+    """The bundle recorded as exported from other weights (its identity, the key of its bandit states)."""
+    meta = _meta(bundle)
+    meta["networks"]["backbone"]["checkpoint"]["weights_sha256"] = "f" * 64
+    _save_meta(bundle, meta)
+
+
+def name_file_outside(bundle: Path, where: Path, record: str = "sidenet") -> None:
+    """bundle.json names a file outside the bundle (``where``: relative to the bundle or absolute), an
+    identical copy of the real one put there, so only the path is wrong (the sha256 still matches)."""
+    import shutil
+
+    meta = _meta(bundle)
+    entry = meta["networks"][record] if record in meta["networks"] else meta["tuned"][record]
+    target = where if where.is_absolute() else bundle / where
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(bundle / entry["file"], target)
+    entry["file"] = str(where)
+    _save_meta(bundle, meta)

@@ -246,7 +246,7 @@ def test_sample_cli_with_condition_files_equals_solve(exported, tmp_path):
     np.savez(tmp_path / "cond.npz", **cond)
     np.savez(tmp_path / "null.npz", **null)
     args = ["sample", str(exported["sd3"]), "--solver", "euler", "--nfe", "3", "--cfg", "2", "--backend", "ort-cpu",
-            "--noise", str(tmp_path / "noise.npy"), "--out", str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy")]
+            "--noise", str(tmp_path / "noise.npy"), "--npy", str(tmp_path / "s.npy")]  # latents: no VAE, no --out
     res = CliRunner().invoke(cli, [*args, "--cond", str(tmp_path / "cond.npz"), "--null-cond", str(tmp_path / "null.npz")])
     assert res.exit_code == 0, res.output
     want = solve("euler", b.velocity, x, 3, cond=cond, null_cond=null, cfg_scale=2.0).x

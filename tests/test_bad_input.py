@@ -1,4 +1,4 @@
-"""The bad-input matrix (issue 14): every command, the inputs a new user or a fault injector types.
+"""The bad-input matrix: every command, the inputs a new user or a fault injector types.
 
 Each case runs ``anchorflow ARGV`` in-process (``anchorflow.cli.main``, as the script does) from an
 empty working folder and asserts: the exit status (2 only for a command line that cannot be
@@ -92,6 +92,14 @@ def _trust_world(w: dict, base: Path) -> None:
     bundle("nangrid", lambda b: tb.edit_tuned(b, lambda d: tb.first_grid(d)["times"].__setitem__(1, float("nan"))))
     bundle("upgrid", lambda b: tb.edit_tuned(b, lambda d: tb.first_grid(d)["times"].reverse()))
     bundle("typegrid", lambda b: tb.edit_tuned(b, lambda d: tb.first_grid(d).__setitem__("times", "0.5")))
+    bundle("retyped", lambda b: tb.redeclare_input(b, "y", dtype="float32"))
+    bundle("reshaped", lambda b: tb.redeclare_input(b, "x", shape=["batch", 1, 16, 16], state_shape=[1, 16, 16]))
+    bundle("tamperedtuned", lambda b: tb.tamper(b / "tuned.json"))
+    bundle("tamperedfc", lambda b: tb.tamper(b / "first_call.npy"))
+    bundle("other", tb.other_weights)
+    bundle("fileup", lambda b: tb.name_file_outside(b, Path("../outside-sidenet.onnx")))
+    bundle("fileabs", lambda b: tb.name_file_outside(b, base / "abs-sidenet.onnx"))
+    bundle("gridsup", lambda b: tb.name_file_outside(b, Path("../outside-tuned.json"), "grids"))
     bundle("picklefc", lambda b: tb.replace_first_call(b, np.array([{"a": 1}], dtype=object)))
     bundle("garbagefc", lambda b: tb.replace_first_call(b, bytes(range(256)) * 4))
     bundle("shapefc", lambda b: tb.replace_first_call(b, np.zeros((3, 2), np.float32)))
@@ -306,7 +314,7 @@ CASES = [
     (["train", "sidenet", "--out", "%s/sidenet" % (ROOT)], 1, "read-only"),
     (["train", "classifier", "--out", "{file}/c"], 1, "is a file, not a folder"),
     (["bandit", "show", "{state}", "--plot", "{file}/p.png"], 1, ""),
-    # -- issue 31: a bundle is data; paths stay inside it; inspect checks what it reports ---------
+    # -- a bundle is data; paths stay inside it; inspect checks what it reports ---------
     (["verify", "{evil}", "--backends", "torch,ort-cpu"], 1, "nothing was compared"),
     (["verify", "{evil}", "--backends", "torch"], 1, "nothing was compared"),
     (["verify", "{evil}", "--reference", "torch"], 1, "--trust-source"),
@@ -328,6 +336,19 @@ CASES = [
     (["inspect", "{typegrid}"], 1, "no list of times"),
     (["verify", "{nangrid}", "--backends", "ort-cpu", "--precision", "fp32,fp16"], 1, "tuned grids is broken"),
     (["sample", "{upgrid}", "--solver", "euler", "--nfe", "2", "--n", "2"], 1, "not strictly decreasing"),
+    (["inspect", "{fileup}"], 1, "lies outside the bundle folder"),
+    (["sample", "{fileup}", "--solver", "ba", "--nfe", "4", "--n", "2"], 1, "lies outside the bundle folder"),
+    (["inspect", "{fileabs}"], 1, "lies outside the bundle folder"),
+    (["verify", "{fileabs}", "--backends", "ort-cpu"], 1, "lies outside the bundle folder"),
+    (["inspect", "{gridsup}"], 1, "lies outside the bundle folder"),
+    (["sample", "{gridsup}", "--solver", "euler", "--nfe", "2", "--n", "2"], 1, "lies outside the bundle folder"),
+    (["inspect", "{retyped}"], 1, "bundle.json declares"),
+    (["inspect", "{reshaped}"], 1, "bundle.json declares"),
+    (["sample", "{retyped}", "--solver", "euler", "--nfe", "2", "--n", "2"], 1, "bundle.json declares"),
+    (["inspect", "{tamperedtuned}"], 1, "integrity"),
+    (["verify", "{tamperedtuned}", "--backends", "ort-cpu", "--precision", "fp32,fp16"], 1, "sha256"),
+    (["verify", "{tamperedfc}", "--backends", "ort-cpu", "--precision", "fp32,fp16"], 1, "sha256"),
+    (["sample", "{tamperedtuned}", "--solver", "euler", "--nfe", "2", "--n", "2"], 1, "sha256"),
     # -- damaged files: one line naming the file and the fault ----------------------------------
     (["inspect", "{deepjson}"], 1, "nested more than"),
     (["sample", "{deepjson}"], 1, "nested more than"),
@@ -357,6 +378,8 @@ CASES = [
     (FF + ["--bandit-state", "{deepstate}"], 1, "nested more than 64 levels"),
     (["bandit", "show", "{hugecount}"], 1, "missing or non-numeric N"),
     (["bandit", "show", "{deepstate}"], 1, "nested more than 64 levels"),
+    (["bandit", "show", "{state}", "--model", "{other}"], 1, "is the bandit state of another model"),
+    (["bandit", "show", "{state}", "--model", "/no/such/model"], 1, "not found"),
     # -- fastflow options: finite, in range, not both budgets ---------------------------------------
     (FF + ["--speedup", "0"], 1, "--speedup must be a finite number > 0"),
     (FF + ["--speedup", "nan"], 1, "--speedup must be a finite number > 0"),
@@ -365,9 +388,16 @@ CASES = [
     (FF + ["--calls", "1e9"], 1, "calls must be in 3..T (10)"),
     (FF + ["--mu-factor", "-1"], 1, "--mu-factor must be a finite number > 0"),
     (FF + ["--mu-factor", "inf"], 1, "--mu-factor must be a finite number > 0"),
+    (FF + ["--speedup", "-1"], 1, "--speedup must be a finite number > 0"),
+    (FF + ["--speedup", "inf"], 1, "--speedup must be a finite number > 0"),
+    (FF + ["--calls", "0"], 1, "--calls must be a finite number > 0"),
+    (FF + ["--calls", "nan"], 1, "--calls must be a finite number > 0"),
+    (FF + ["--mu-factor", "0"], 1, "--mu-factor must be a finite number > 0"),
+    (FF + ["--mu-factor", "nan"], 1, "--mu-factor must be a finite number > 0"),
     (FF + ["--calls", "2", "--speedup", "2"], 1, "not both"),
     (S + ["--cfg", "1e300"], 1, "above the cap"),
     (S + ["--out", "same.png", "--npy", "same.png"], 1, "names the same file as --out"),
+    (S + ["--out", "same.png", "--npy", "./sub/../same.png"], 1, "names the same file as --out"),
     # -- a refused tune writes nothing (it used to store 0 grids, or tune at cfg 0) -----------------
     (["tune", "{root}", "--solvers", "bogus", "--nfe", "2"], 1, "unknown solver 'bogus'"),
     (["tune", "{root}", "--cfg", "0", "--nfe", "2"], 1, "--cfg must be finite and > 0"),
@@ -386,6 +416,16 @@ CASES = [
     # -- hangs: bounded before any work ------------------------------------------------------------
     (S + ["--threads", "100000"], 1, "--threads 100000 is more than"),
     (["demo", "--backend", "torch"], 2, "not one of"),
+    (["serve", "default", "--port", "1", "--batch-wait-ms", "nan"], 1, "--batch-wait-ms must be a finite number >= 0"),
+    (["serve", "default", "--port", "1", "--mu-factor", "nan"], 1, "--mu-factor must be a finite number > 0"),
+    (["serve", "default", "--port", "1", "--mu-factor", "-1"], 1, "--mu-factor must be a finite number > 0"),
+    (["serve", "default", "--port", "1", "--replica-cpus", "1000"], 1, "--replica-cpus must be a finite number > 0"),
+    (["serve", "default", "--port", "1", "--address", "bogus"], 1, "--address must be HOST:PORT"),
+    (["serve", "default", "--port", "1", "--threads", "100000"], 1, "--threads 100000 is more than"),
+    (["serve", "default", "--port", "1", "--max-body-mb", "0"], 1, "--max-body-mb must be a finite number > 0"),
+    (["serve", "default", "--port", "1", "--max-n", "10000000000"], 1, "--max-n 10000000000 is above the cap"),
+    (["serve", "default", "--port", "1", "--threads", "0"], 1, "threads must be a positive integer"),
+    (["serve", "{swapped}", "--port", "1"], 1, "bundle.json declares"),
     # -- special files are never replaced ----------------------------------------------------------
     (S + ["--out", "/dev/full"], 1, "not a regular file"),
     (S + ["--out", "ok.png", "--npy", "/dev/full"], 1, "not a regular file"),
@@ -393,6 +433,7 @@ CASES = [
     (B + ["--out", "/dev/null"], 1, "not a regular file"),
 ]
 CASES_BEFORE_ISSUE_31 = 142
+CASES_AFTER_ROUND_ONE = 217  # issue 31, first round; round two added serve, bandit --model, declared-type rows
 
 
 def _params():
@@ -414,9 +455,9 @@ def _disk(paths) -> dict[str, tuple[int, int]]:
 
 
 def test_the_matrix_is_large_enough():
-    assert len(CASES) >= 80 and len(CASES) > CASES_BEFORE_ISSUE_31
+    assert len(CASES) >= 80 and len(CASES) > CASES_AFTER_ROUND_ONE > CASES_BEFORE_ISSUE_31
     commands = {c[0][0] if c[0][0] != "train" or len(c[0]) < 2 else f"train {c[0][1]}" for c in CASES}
-    assert {"demo", "sample", "bench", "verify", "inspect", "export", "build", "bandit", "solvers",
+    assert {"demo", "sample", "bench", "verify", "inspect", "export", "build", "bandit", "solvers", "tune", "serve",
             "train backbone", "train sidenet", "train classifier"} <= commands
 
 

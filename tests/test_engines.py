@@ -241,7 +241,7 @@ def test_cache_key_is_stable(bundle: Path) -> None:
     dict(network="sidenet"), dict(precision="fp16"), dict(onnx_sha256="0" * 64),
     dict(profile={"rows": [1, 8, 64]}), dict(env=cache.EngineEnv("11.1.0", "Orin", (8, 7))),
     dict(env=cache.EngineEnv("10.3.0", "Orin", (9, 0))), dict(env=cache.EngineEnv("10.3.0", "H100", (8, 7))),
-    # every builder option (issue 15 item 4: --opt-level / --workspace-mb / --tf32 used to be ignored)
+    # every builder option
     dict(builder=BuildOptions(opt_level=5).builder_fields()), dict(builder=BuildOptions(workspace_mb=512).builder_fields()),
     dict(builder=BuildOptions(tf32=True).builder_fields()), dict(builder=BuildOptions(refittable=True).builder_fields()),
     dict(builder=BuildOptions(refittable=True, strip_weights=True).builder_fields()),
@@ -471,22 +471,25 @@ def test_cli_build_without_tensorrt(bundle: Path) -> None:
 
 @needs_no_trt
 def test_loading_engines_without_tensorrt(bundle: Path) -> None:
-    from anchorflow.engines.runner import load_trt_bundle
+    from anchorflow.engines.runner import TrtEngines
+    from anchorflow.runtime import load_bundle
 
     with pytest.raises(MissingDependencyError, match=r"pip install 'anchorflow\[trt\]'"):
-        load_trt_bundle(bundle)
+        TrtEngines.load(bundle)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'anchorflow\[trt\]'"):
+        load_bundle(bundle, backend="trt")
 
 
 def test_engines_import_is_light() -> None:
     code = ("import sys, anchorflow.engines.build, anchorflow.engines.runner, anchorflow.engines.cache, "
-            "anchorflow.commands.build; import anchorflow.engines as e; e.load_trt_bundle; "
+            "anchorflow.commands.build; import anchorflow.engines as e; e.TrtEngines; "
             "print(sorted(m for m in ('torch', 'tensorrt', 'cuda', 'onnx') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
 
 
-# -- the GPU module must not pass as "skipped" on a GPU machine whose install is broken (issue 15 item 7) --
+# -- the GPU module must not pass as "skipped" on a GPU machine whose install is broken --
 @pytest.mark.skipif(available("tensorrt"), reason="tensorrt is installed here; the GPU module really runs")
 @pytest.mark.parametrize("require", ["0", "1"])
 def test_gpu_module_fails_instead_of_skipping_when_required(require: str) -> None:

@@ -1,4 +1,4 @@
-"""The TensorRT extras in pyproject.toml pick one CUDA major each (issue 15 item 1).
+"""The TensorRT extras in pyproject.toml pick one CUDA major each.
 
 ``pip install 'anchorflow[trt]'`` used to say ``tensorrt>=10`` and ``cuda-python>=12``, which pip
 resolves to the newest CUDA 13 builds: on CUDA 12 drivers and on Jetson that fails at the first

@@ -36,7 +36,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from anchorflow.engines import cache  # noqa: E402
 from anchorflow.engines.build import BuildOptions, build_engines  # noqa: E402
-from anchorflow.engines.runner import TrtEngines, load_trt_bundle  # noqa: E402
+from anchorflow.engines.runner import TrtEngines  # noqa: E402
+from anchorflow.runtime import load_bundle  # noqa: E402
 from anchorflow.errors import AnchorflowError, BackendError, ConfigError  # noqa: E402
 from test_engines import CLASSES, STATE, write_bundle  # noqa: E402
 
@@ -98,8 +99,8 @@ def _inputs(rows: int, seed: int = 0, classes: int = CLASSES, state=STATE) -> di
 
 def _pairs(bundle: Path, engines: TrtEngines, rows: int):
     f = _inputs(rows, seed=rows)
-    yield engines.velocity(f["x"], f["t"], {"y": f["y"]}), _ort(bundle / "backbone.onnx")(x=f["x"], t=f["t"], y=f["y"])
-    yield engines.sidenet(f["x"], f["v"], f["t"], f["h"], {"y": f["y"]}), _ort(bundle / "sidenet.onnx")(**f)
+    yield engines.runs["backbone"]({k: f[k] for k in "xty"}), _ort(bundle / "backbone.onnx")(x=f["x"], t=f["t"], y=f["y"])
+    yield engines.runs["sidenet"](f), _ort(bundle / "sidenet.onnx")(**f)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 2 * SAMPLES[2], 3])  # 16 = guided max backbone rows; then shrink again
@@ -128,29 +129,30 @@ def test_ours_equals_polygraphy_trtrunner_on_the_same_engine(bundle: Path, loade
     f = _inputs(9, seed=3)
     with TrtRunner(EngineFromBytes(cache.read_engine(bundle, entry))) as runner:
         theirs = runner.infer({"x": f["x"], "t": f["t"], "y": f["y"]})["v"]
-    ours = loaded["fp32"].velocity(f["x"], f["t"], {"y": f["y"]})
+    ours = loaded["fp32"].runs["backbone"]({k: f[k] for k in "xty"})
     np.testing.assert_array_equal(ours, np.asarray(theirs))  # same engine, same inputs: bit-identical
 
 
 def test_sidenet_takes_the_probe_rows_and_labels_are_checked(bundle: Path, loaded: dict) -> None:
-    sidenet = loaded["fp32"].sidenet
+    sidenet = loaded["fp32"].runs["sidenet"]
     rows = 3 * 2 * SAMPLES[2]  # forward probe of a guided batch at max samples
     f = _inputs(rows)
-    np.testing.assert_allclose(sidenet(f["x"], f["v"], f["t"], f["h"], {"y": f["y"]}), _ort(bundle / "sidenet.onnx")(**f),
-                               atol=TOL["fp32_atol"], rtol=0)
+    np.testing.assert_allclose(sidenet(f), _ort(bundle / "sidenet.onnx")(**f), atol=TOL["fp32_atol"], rtol=0)
     with pytest.raises(BackendError, match="takes 1..48 rows of"):
-        f = _inputs(rows + 1)
-        sidenet(f["x"], f["v"], f["t"], f["h"], {"y": f["y"]})
+        sidenet(_inputs(rows + 1))
     f = _inputs(2)
     with pytest.raises(ConfigError, match="outside this model's labels"):
-        loaded["fp32"].velocity(f["x"], f["t"], {"y": np.array([0, CLASSES + 1])})
+        loaded["fp32"].runs["backbone"]({"x": f["x"], "t": f["t"], "y": np.array([0, CLASSES + 1])})
+    with pytest.raises(ConfigError, match=f"label {CLASSES + 1}"):  # the same through the runtime's one condition rule
+        load_bundle(bundle, backend="trt").velocity(f["x"], f["t"], {"y": np.array([0, CLASSES + 1])})
 
 
 def test_ba_solve_on_tensorrt(bundle: Path) -> None:
     from anchorflow.runtime import solve
 
-    velocity, sidenet, description = load_trt_bundle(bundle)
-    assert "TensorRT" in description
+    b = load_bundle(bundle, backend="trt")  # the one TensorRT callable API
+    velocity, sidenet = b.velocity, b.sidenet
+    assert b.backend == "trt" and "TensorRT" in b.providers[0]
     bb, sn = _ort(bundle / "backbone.onnx"), _ort(bundle / "sidenet.onnx")
     rng = np.random.default_rng(1)
     noise = rng.standard_normal((SAMPLES[2], *STATE)).astype(np.float32)
@@ -158,7 +160,6 @@ def test_ba_solve_on_tensorrt(bundle: Path) -> None:
     got = solve("ba", velocity, noise, 7, sidenet=sidenet, **kw)
     want = solve("ba", lambda x, t, c: bb(x=x, t=t, y=c["y"]), noise, 7,
                  sidenet=lambda x, v, t, h, c: sn(x=x, v=v, t=t, h=h, y=c["y"]), **kw)
-    velocity.close()
     assert got.nfe == want.nfe == 7
     np.testing.assert_allclose(got.x, want.x, atol=TOL["ba_fp32_atol"], rtol=0)
 
@@ -180,7 +181,7 @@ def test_engine_from_another_tensorrt_is_refused(bundle: Path) -> None:
     try:
         manifest_path.write_text(json.dumps(manifest))
         with pytest.raises(BackendError, match="built with TensorRT 9.9.9.*--force"):
-            load_trt_bundle(bundle)
+            load_bundle(bundle, backend="trt")
     finally:
         manifest_path.write_text(original)
 
@@ -203,7 +204,7 @@ def test_digits_engines_match_onnxruntime(digits: Path, precision: str) -> None:
     model = meta["model"]
     with TrtEngines.load(digits, precision=precision) as engines:
         f = _inputs(32, seed=5, classes=model["num_classes"], state=tuple(model["state_shape"]))
-        got = engines.velocity(f["x"], f["t"], {"y": f["y"]})
+        got = engines.runs["backbone"]({k: f[k] for k in "xty"})
     want = _ort(digits / "backbone.onnx")(x=f["x"], t=f["t"], y=f["y"])
     if precision == "fp32":
         np.testing.assert_allclose(got, want, atol=TOL["digits_fp32_atol"], rtol=0)  # fails with TF32 on
@@ -230,6 +231,6 @@ def test_digits_bf16_engine_from_the_exporter(tmp_path: Path, gpu) -> None:
     meta = json.loads((out / "bundle.json").read_text())
     with TrtEngines.load(out, precision="bf16") as engines:
         f = _inputs(8, seed=6, classes=meta["model"]["num_classes"], state=tuple(meta["model"]["state_shape"]))
-        got = engines.velocity(f["x"], f["t"], {"y": f["y"]})
+        got = engines.runs["backbone"]({k: f[k] for k in "xty"})
     want = _ort(out / "backbone.onnx")(x=f["x"], t=f["t"], y=f["y"])
     assert np.isfinite(got).all() and np.abs(got - want).mean() < TOL["bf16_mean"] * 4  # DiT depth 4: a few bf16 ulps

@@ -4,7 +4,7 @@ tensorrt-lean-cu12 (``pip install -e '.[dev]'`` installs it) imports as ``tensor
 the real Runtime, Logger, IProgressMonitor, DataType and BuilderFlag of its TensorRT version, but
 no Builder or OnnxParser. On a machine without an NVIDIA driver its ``Runtime(logger)`` logs
 "CUDA initialization failure with error: 35" and returns an object that segfaults when used or
-freed (issue 15 item 2): those checks run in a subprocess. Expected values come from the
+freed: those checks run in a subprocess. Expected values come from the
 bindings themselves (``trt.nptype``, the distribution's name), not from constants written here.
 """
 

@@ -1,4 +1,4 @@
-"""onnxruntime GPU backends (issue 15 item 5): wheels, libraries, ``auto`` and the TensorRT provider's profiles.
+"""onnxruntime GPU backends: wheels, libraries, ``auto`` and the TensorRT provider's profiles.
 
 No GPU and only the CPU onnxruntime wheel here: the provider lists onnxruntime-gpu would report
 are fed in through a stand-in for ``onnxruntime.get_available_providers`` (the one thing this

@@ -1,4 +1,4 @@
-"""TensorRT optimisation profiles for bundles with declared dynamic axes (issue 10, engines part).
+"""TensorRT optimisation profiles for bundles with declared dynamic axes.
 
 Bundles of schema ``anchorflow.bundle/2`` declare every input's shape with axis names and a range
 per named axis (latent ``H``/``W``, text length ``L``); inputs may lack a batch axis. The profiles

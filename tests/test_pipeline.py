@@ -1,4 +1,4 @@
-"""Pipeline bundles (issue 23), SD3: a tiny random-init StableDiffusion3Pipeline (two CLIPs with
+"""Pipeline bundles, SD3: a tiny random-init StableDiffusion3Pipeline (two CLIPs with
 projection, T5, AutoencoderKL, SD3 transformer, tokenizers built locally) saved with save_pretrained,
 exported once per session through the CLI (with a SideNet trained for 2 iterations), then
 
@@ -27,8 +27,8 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("tokenizers")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _pipeline_fixtures import cli_error, count_parts, measured_parity, run_cli, torch_free  # noqa: E402
-from _tiny_full_pipelines import sd3  # noqa: E402
+from _pipeline_fixtures import (cli_error, count_parts, measured_parity, sd3_pipeline_bundle,  # noqa: E402
+                                sd3_pipeline_folder, torch_free)
 
 torch.set_num_threads(1)
 PROMPTS = ["a red cat", "a dog on a car"]
@@ -36,7 +36,7 @@ PROMPTS = ["a red cat", "a dog on a car"]
 
 @pytest.fixture(scope="session")
 def sd3_folder(tmp_path_factory):
-    return sd3(tmp_path_factory.mktemp("sd3pipe") / "pipe")
+    return sd3_pipeline_folder(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -47,23 +47,9 @@ def sd3_pipe(sd3_folder):
 
 
 @pytest.fixture(scope="session")
-def sd3_bundle(sd3_folder, tmp_path_factory):
-    """`anchorflow train sidenet` on the pipeline's transformer (2 iterations, data-free), then
-    `anchorflow export PIPELINE_FOLDER --sidenet CKPT --out B`."""
-    mp = pytest.MonkeyPatch()
-    root = tmp_path_factory.mktemp("sd3bundle")
-    r = np.random.default_rng(0)
-    np.savez(root / "cond.npz", encoder_hidden_states=r.standard_normal((3, 6, 32)).astype(np.float32),
-             pooled_projections=r.standard_normal((3, 16)).astype(np.float32))
-    np.savez(root / "null.npz", encoder_hidden_states=r.standard_normal((1, 6, 32)).astype(np.float32),
-             pooled_projections=r.standard_normal((1, 16)).astype(np.float32))
-    run_cli(["train", "sidenet", "--backbone", str(sd3_folder / "transformer"), "--out", str(root / "side"),
-             "--data", "none", "--cond", str(root / "cond.npz"), "--null-cond", str(root / "null.npz"), "--iters", "2",
-             "--batch", "4", "--chain", "2", "--width", "8", "--lr", "1e-2", "--start-states", "4", "--solve-steps", "2",
-             "--cache-dir", str(root / "cache")], mp)
-    run_cli(["export", str(sd3_folder), "--sidenet", str(root / "side"), "--out", str(root / "b"), "--max-batch", "4"], mp)
-    mp.undo()
-    return root / "b"
+def sd3_bundle(tmp_path_factory):
+    """`anchorflow train sidenet` (2 iterations) then `anchorflow export PIPELINE_FOLDER --sidenet CKPT --out B`."""
+    return sd3_pipeline_bundle(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -281,3 +267,63 @@ def test_load_pipeline_doc_example_runs_as_written_torch_free(sd3_bundle, sd3_pi
     ref = sd3_pipe(PROMPTS, num_inference_steps=8, latents=torch.from_numpy(lat), guidance_scale=4.0, height=16,
                    width=16, output_type="np").images
     assert np.abs(np.load(tmp_path / "px.npy") - ref).max() <= _tolerance(meta, 4.0)
+
+
+def _cond_files(bundle, folder: Path, n: int) -> None:
+    """Prompt / empty-prompt embeddings from the bundle's own text stack, as `sample --cond/--null-cond` files."""
+    from anchorflow.runtime.pipeline import load_text
+
+    emb = load_text(bundle).encode(["a red cat"] * n, [""])
+    np.savez(folder / "cond.npz", **emb.cond)
+    np.savez(folder / "null.npz", **emb.null)
+
+
+def test_sample_out_decodes_through_the_bundles_vae(sd3_bundle, sd3_pipe, meta, tmp_path, monkeypatch, capsys):
+    """`sample PIPELINE_BUNDLE --out x.png --npy x.npy`: the PNG is the grid of the latents in x.npy decoded by
+    the pipeline's own torch VAE (diffusers' decode + postprocess), not a picture of a latent channel."""
+    from PIL import Image
+
+    from anchorflow.plots import _as_nhwc, grid_array, to_uint8
+
+    _cond_files(sd3_bundle, tmp_path, 2)
+    run_args = ["sample", str(sd3_bundle), "--solver", "euler", "--nfe", "3", "--n", "2", "--cfg", "3", "--backend",
+                "ort-cpu", "--cond", str(tmp_path / "cond.npz"), "--null-cond", str(tmp_path / "null.npz"),
+                "--out", str(tmp_path / "x.png"), "--npy", str(tmp_path / "x.npy")]
+    from _pipeline_fixtures import run_cli
+
+    capsys.readouterr()
+    run_cli(run_args, monkeypatch)
+    assert "decoded through the bundle's VAE" in capsys.readouterr().out
+    lat = np.load(tmp_path / "x.npy")
+    assert lat.shape == (2, 4, 8, 8)
+    v = meta["pipeline"]["vae"]
+    with torch.no_grad():
+        dec = sd3_pipe.vae.decode(torch.from_numpy(lat) / v["scaling_factor"] + v["shift_factor"]).sample
+    ref = sd3_pipe.image_processor.postprocess(dec, output_type="np")  # (2, 16, 16, 3) in [0, 1]
+    want = grid_array((ref * 255).round().astype(np.uint8), nrow=2)
+    got = np.asarray(Image.open(tmp_path / "x.png").convert("RGB"))
+    assert got.shape == want.shape
+    assert np.abs(got.astype(int) - want).max() <= 1  # ORT vs torch fp32 VAE: < 1e-5 before rounding
+    channel = grid_array(_as_nhwc(to_uint8(lat, (-1.0, 1.0))), nrow=2)  # what --out drew before: channel 0
+    assert np.abs(got[..., 0].astype(int) - channel[..., 0]).mean() > 10
+
+
+def test_sample_out_on_a_latent_bundle_without_vae_is_refused(sd3_bundle, meta, tmp_path, monkeypatch, capsys):
+    """A transformer-only latent bundle (data_range null, no VAE): an explicit --out, or no output at all, is
+    one error line with nothing written; --npy alone writes the latents and no picture."""
+    from _pipeline_fixtures import run_cli
+
+    only = tmp_path / "only"
+    shutil.copytree(sd3_bundle, only)
+    (only / "bundle.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "pipeline"}))
+    _cond_files(sd3_bundle, tmp_path, 1)
+    base = ["sample", str(only), "--solver", "euler", "--nfe", "2", "--n", "2", "--backend", "ort-cpu", "--cond",
+            str(tmp_path / "cond.npz")]
+    monkeypatch.chdir(tmp_path)
+    line = cli_error([*base, "--out", "x.png", "--npy", "x.npy"], monkeypatch, capsys)
+    assert "latents" in line and "no VAE decoder" in line and "--out x.png" in line
+    line = cli_error(base, monkeypatch, capsys)
+    assert "default --out samples.png" in line
+    assert not any(tmp_path.glob("*.png")) and not (tmp_path / "x.npy").exists()
+    run_cli([*base, "--npy", "x.npy"], monkeypatch)
+    assert np.load(tmp_path / "x.npy").shape == (2, 4, 8, 8) and not any(tmp_path.glob("*.png"))

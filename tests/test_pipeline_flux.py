@@ -1,4 +1,4 @@
-"""Pipeline bundles (issue 23), FLUX-dev and FLUX-schnell: tiny random-init FluxPipelines (CLIPTextModel,
+"""Pipeline bundles, FLUX-dev and FLUX-schnell: tiny random-init FluxPipelines (CLIPTextModel,
 T5, AutoencoderKL, FLUX transformer with 2x2 packing, dynamic-shift scheduler) exported through the
 CLI; the torch-free recipe equals ``encode_prompt``; ``generate`` equals the diffusers pipeline's
 image on the same (packed for diffusers) latents and sigmas at two resolutions for a batch of
@@ -104,3 +104,35 @@ def test_flux_refuses_what_it_cannot_guide(flux_case, tmp_path, monkeypatch, cap
     line = cli_error(["generate", str(bundle), "--prompt", "a", "--height", "18", "--out", str(out)], monkeypatch, capsys)
     assert "a multiple of 4" in line
     assert not out.exists()
+
+
+def test_flux_prompt_requests_through_the_service(flux_case):
+    """`serve` (its Ray-free core) on a FLUX pipeline bundle: a "prompt" request with "format": "png" equals
+    generate's latents and images; FLUX-dev's 'cfg' is the embedded guidance (two scales differ), FLUX-schnell
+    refuses 'cfg'; neither takes 'negative_prompt'."""
+    from anchorflow.runtime import load_pipeline
+    from anchorflow.serve.request import RequestError
+    from anchorflow.serve.service import SamplerService
+
+    variant, bundle, _, _ = flux_case
+    svc = SamplerService(str(bundle), backend="ort-cpu", threads=1)
+    assert "png" in svc.info()["formats"] and svc.info()["prompt"]["variant"] == variant
+    pipe = load_pipeline(bundle)
+    xs = []
+    for cfg in ((2.0, 5.0) if variant == "flux-dev" else (1.0,)):
+        body = {"prompt": PROMPTS, "solver": "euler", "nfe": 3, "n": 2, "seed": 4, "cfg": cfg, "format": "png"}
+        req = svc.parse(json.dumps(body).encode())
+        reply = svc.sample_batch([req])[0]
+        assert reply.error is None, reply.error
+        gen = pipe(PROMPTS, nfe=3, cfg=cfg, seed=4)
+        np.testing.assert_allclose(reply.x, gen.latents, rtol=0, atol=1e-5)
+        assert np.abs(reply.images.astype(int) - gen.images).max() <= 1
+        xs.append(reply.x)
+    if variant == "flux-dev":
+        assert np.abs(xs[0] - xs[1]).max() > 1e-3
+    bad = [({"prompt": "a", "negative_prompt": "b"}, "no negative-prompt guidance")]
+    if variant == "flux-schnell":
+        bad.append(({"prompt": "a", "cfg": 3}, "has no guidance"))
+    for body, words in bad:
+        with pytest.raises(RequestError, match=words):
+            svc.parse(json.dumps({"solver": "euler", "nfe": 2, **body}).encode())

@@ -1,4 +1,4 @@
-"""Pipeline bundles (issue 23), Sana: a tiny random-init SanaPipeline (Gemma2 text encoder with its
+"""Pipeline bundles, Sana: a tiny random-init SanaPipeline (Gemma2 text encoder with its
 attention mask and the complex human instruction, DC-AE, Sana transformer with a static 16x16
 latent, FlowMatchEulerDiscreteScheduler) exported through the CLI; the torch-free recipe equals
 ``encode_prompt`` as ``__call__`` calls it; ``generate`` equals the diffusers pipeline's image with and
@@ -92,3 +92,21 @@ def test_sana_static_size_is_refused_otherwise(sana_case, tmp_path, monkeypatch,
     line = cli_error(["generate", str(bundle), "--prompt", "a", "--height", "64", "--out", str(tmp_path / "x.png")],
                      monkeypatch, capsys)
     assert "32..32 pixels" in line and not (tmp_path / "x.png").exists()
+
+
+def test_sana_prompt_requests_through_the_service(sana_case):
+    """`serve` (its Ray-free core) on the Sana bundle: a guided "prompt" + "negative_prompt" request with
+    "format": "png" equals generate's latents and images (Gemma's attention mask travels as a condition)."""
+    from anchorflow.runtime import load_pipeline
+    from anchorflow.serve.service import SamplerService
+
+    bundle, _, _ = sana_case
+    svc = SamplerService(str(bundle), backend="ort-cpu", threads=1)
+    body = {"prompt": PROMPTS, "negative_prompt": "blurry", "solver": "euler", "nfe": 3, "n": 2, "seed": 5, "cfg": 3,
+            "format": "png"}
+    req = svc.parse(json.dumps(body).encode())
+    reply = svc.sample_batch([req])[0]
+    assert reply.error is None, reply.error
+    gen = load_pipeline(bundle)(PROMPTS, "blurry", nfe=3, cfg=3.0, seed=5)
+    np.testing.assert_allclose(reply.x, gen.latents, rtol=0, atol=1e-5)
+    assert reply.images.shape == (2, 32, 32, 3) and np.abs(reply.images.astype(int) - gen.images).max() <= 1

@@ -60,7 +60,7 @@ def test_guided_sample_on_text_conditions_equals_the_plan(toy, tmp_path):
     assert json.loads((toy["bundle"] / "bundle.json").read_text())["model"]["data_range"] is None
     main_args = ["sample", str(toy["bundle"]), "--solver", "euler", "--nfe", "4", "--cfg", "2", "--n", "3",
                  "--cond", str(toy["cond"]), "--null-cond", str(toy["null"]), "--backend", "ort-cpu",
-                 "--out", str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy")]
+                 "--npy", str(tmp_path / "s.npy")]  # latents without a VAE: --out is refused (issue 23)
     res = CliRunner().invoke(cli, main_args)
     assert res.exit_code == 0, res.output
     np.testing.assert_array_equal(p.run().x, np.load(tmp_path / "s.npy"))

@@ -244,7 +244,6 @@ def quantised_bundle(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known after the session-end merge: quant CLI path after merging trust/plan; see the closing note", strict=False)
 def test_add_quantized_records_the_rule_and_samples_through_the_cli(quantised_bundle, tmp_path, monkeypatch):
     import sys
 
@@ -265,9 +264,11 @@ def test_add_quantized_records_the_rule_and_samples_through_the_cli(quantised_bu
         args = ["sample", str(folder), "--precision", p, "--backend", "ort-cpu", "--n", "8",
                 "--out", str(tmp_path / f"{p}.png"), "--npy", str(out[p])]
         monkeypatch.setattr(sys, "argv", ["anchorflow", *args])
-        with pytest.raises(SystemExit) as exit_:
+        try:  # cli.main returns on success (click's standalone_mode=False); errors end in SystemExit(1)
             main(args)
-        assert not exit_.value.code
+        except SystemExit as exit_:
+            assert not exit_.code, exit_
+        assert out[p].exists()
     a, b = np.load(out["fp32"]), np.load(out["int8"])
     from anchorflow.runtime.metrics import psnr
 

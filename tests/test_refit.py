@@ -159,6 +159,25 @@ def test_refit_then_unfuse_gives_the_base_bundle_back_byte_for_byte(families, tm
     assert _files(back) == _files(f["bundle"])  # every file, bundle.json included, sha256 for sha256
 
 
+def test_inline_refit_keeps_the_base_graph_as_a_hard_link(families, tmp_path):
+    """An inline graph: the refit writes the new graph and keeps the base graph under lora/ as a hard
+    link to the base bundle's file (no second copy of the base weights); a second refit keeps the FIRST
+    base; unfuse restores it (sha256 for sha256)."""
+    f = families["sd3"]
+    out, back = tmp_path / "r", tmp_path / "b"
+    before = _files(f["bundle"])
+    assert CliRunner().invoke(cli, ["refit", str(f["bundle"]), "--lora", str(f["loras"][0]), "--out",
+                                    str(out)]).exit_code == 0
+    assert CliRunner().invoke(cli, ["refit", str(out), "--lora", str(f["loras"][1])]).exit_code == 0
+    assert os.path.samefile(f["bundle"] / "backbone.onnx", out / "lora" / "backbone.onnx")
+    assert not os.path.samefile(f["bundle"] / "backbone.onnx", out / "backbone.onnx")
+    with np.load(out / "lora" / "base.npz") as z:
+        assert not z.files  # no base tensors duplicated: the base graph file holds them
+    assert _files(f["bundle"]) == before
+    assert CliRunner().invoke(cli, ["refit", str(out), "--unfuse", "--out", str(back)]).exit_code == 0
+    assert _files(back) == before
+
+
 def test_external_data_refit_shares_the_base_weights_file(families, tmp_path):
     """A bundle whose weights are ONNX external data: the refit writes a new (small) graph and only the
     changed tensors (``backbone.onnx.lora.data``); the base ``.data`` file is shared, never rewritten."""

@@ -1,6 +1,6 @@
 """The runtime's batch-1 fast paths feed and return exactly what the plain code did.
 
-Each cache or shortcut added to cut Python overhead (benchmarks/floor.py, issue 18) is checked
+Each cache or shortcut added to cut Python overhead (benchmarks/floor.py) is checked
 against the plain numpy formula it replaces, written out here, with ``np.array_equal``: the
 arrays fed to the networks and the samples must be bit-identical, not merely close.
 Time convention: t = 1 noise, t = 0 data.

@@ -1,5 +1,5 @@
 """`anchorflow serve` for real on a bundle the exporter made from a tiny diffusers SD3 folder
-(``data_range`` null: latents), the path whose replicas all died before (issue 24).
+(``data_range`` null: latents), the path whose replicas all died before.
 
 One service for the module (Ray starts once, ~20-40 s on 2 loaded cores). Truth: ``solve`` on the
 same bundle in-process with the same noise and conditions. The last test kills the CLI with

@@ -1,4 +1,4 @@
-"""One meaning per request (issue 25): the service, ``anchorflow sample --npy`` and ``SamplePlan.run``
+"""One meaning per request: the service, ``anchorflow sample --npy`` and ``SamplePlan.run``
 give bit-identical samples for the same arguments, each SamplePlan field varied in turn.
 
 The service side is the Ray-free core (``SamplerService.parse`` + ``sample_batch``, what a replica
@@ -121,9 +121,35 @@ def test_serve_equals_sample_equals_plan_run(service, base, tmp_path, field, htt
 
 
 def test_requests_differing_only_in_cfg_are_not_merged(service):
-    """The surviving mutant of issue 25: drop cfg from the key and these two share one solve."""
+    """The mutant that once survived: drop cfg from the key and these two share one solve."""
     a = service.parse(json.dumps({**BASE, "cfg": 1.5}).encode())
     b = service.parse(json.dumps({**BASE, "cfg": 3.0, "seed": 1}).encode())
     ra, rb = service.sample_batch([a, b])
     assert (ra.batch_requests, rb.batch_requests) == (1, 1)
     assert np.array_equal(rb.x, service.sample_batch([b])[0].x)
+
+
+# -- the fields a service sets for all its requests: engine (--precision) and mu_factor (--mu-factor) --------
+SERVICE_VARIANTS = [  # (SamplePlan field, service keywords, HTTP body change, `sample` arguments, plan() keywords)
+    ("engine", {"precision": "fp16"}, {}, {"--precision": "fp16"}, {}),
+    ("mu_factor", {"mu_factor": 2.0}, {"solver": "fastflow", "nfe": 8, "cfg": 1.0},
+     {"--solver": "fastflow", "--nfe": "8", "--cfg": "1.0", "--bandit-state": "STATE", "--mu-factor": "2"},
+     {"solver": "fastflow", "nfe": 8, "cfg_scale": 1.0, "bandit_state": "STATE", "mu_factor": 2.0}),
+]
+
+
+@pytest.mark.parametrize("field, settings, http, cli, kw", SERVICE_VARIANTS, ids=[v[0] for v in SERVICE_VARIANTS])
+def test_service_settings_equal_sample_and_plan_run(service, base, tmp_path, field, settings, http, cli, kw):
+    from anchorflow.serve.service import SamplerService
+
+    other = SamplerService("default", backend="ort-cpu", bandit_dir=str(tmp_path / "bandits"), **settings)
+    body = {**BASE, **http}
+    x_serve, key = served(other, body)
+    assert np.array_equal(x_serve, sampled(tmp_path, body, cli))
+    assert np.array_equal(x_serve, planned(other, tmp_path, body, kw))
+    if field == "mu_factor":  # the same request on the default service: only mu_factor differs
+        x_default, key_default = served(service, body)
+    else:
+        x_default, key_default = base
+    assert key != key_default, f"the batching key ignores {field}"
+    assert not np.array_equal(x_serve, x_default), f"{field} did not reach the solve"

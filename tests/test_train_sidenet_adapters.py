@@ -126,7 +126,7 @@ def test_folder_train_export_sample_one_bundle_with_exactly_n_calls(kind, tmp_pa
     np.save(tmp_path / "noise.npy", noise)
     np.savez(tmp_path / "rows.npz", **rows)
     sample = ["sample", str(bundle), "--solver", "ba", "--nfe", str(nfe), "--noise", str(tmp_path / "noise.npy"),
-              "--cond", str(tmp_path / "rows.npz"), "--out", str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy")]
+              "--cond", str(tmp_path / "rows.npz"), "--npy", str(tmp_path / "s.npy")]  # latents: no --out
     guided = dict(cond=rows, null_cond=null, cfg_scale=2.0) if kind == "sd3" else dict(cond=rows)
     if kind == "sd3":
         sample += ["--null-cond", str(tmp_path / "null.npz"), "--cfg", "2"]

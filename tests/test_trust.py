@@ -1,4 +1,4 @@
-"""A bundle is data (issue 31): opening, inspecting, verifying, sampling or tuning a bundle never imports or
+"""A bundle is data: opening, inspecting, verifying, sampling or tuning a bundle never imports or
 runs code named in it; every path it names stays inside it; inspect and verify check what they report.
 
 Fixtures come from the real exporter: a factory module exported once per session (tests/_trust_bundles.py)

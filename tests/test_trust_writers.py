@@ -1,4 +1,4 @@
-"""Writers never lose work (issue 31): concurrent tunes, a kill at each write step of tune, of a
+"""Writers never lose work: concurrent tunes, a kill at each write step of tune, of a
 folder swap (export, checkpoints) and of train --resume's checkpoint swap, and a reader in another
 PID namespace while a writer works.
 

@@ -104,7 +104,7 @@ def start_states(velocity: Callable, state_shape: tuple[int, ...], cond: Mapping
             "cache_hit": path.is_file()}
     writable = True
     if dist.main and not path.is_file():
-        # trust (issue 31): an unwritable cache is found before minutes of solving, not after them
+        # an unwritable cache is found before minutes of solving, not after them
         from ..errors import AnchorflowError, warn
 
         try:

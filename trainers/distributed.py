@@ -129,11 +129,6 @@ def _device(local_rank: int) -> str:
     return f"cuda:{local_rank % max(torch.cuda.device_count(), 1)}" if use_cuda else "cpu"
 
 
-def is_main_process() -> bool:
-    """Rank 0 (or no torchrun at all); for printing from the CLI without importing torch.distributed."""
-    return _env_int("RANK", 0) == 0
-
-
 @contextlib.contextmanager
 def session() -> Iterator[Dist]:
     """``from_env()`` for the duration of a command; leaves the process group it joined."""

@@ -98,7 +98,7 @@ def _null(backbone: Any, null_file: Optional[str]) -> Optional[Cond]:
 
 
 def _check_labels(cond: Cond, backbone: Any, what: str, null: bool = False) -> None:
-    """trust (issue 31): class labels ``y`` are integers in 0..C-1 (0..C for the null row, C = the
+    """class labels ``y`` are integers in 0..C-1 (0..C for the null row, C = the
     null label); out of range they used to fail deep in the embedding (or wrap to another class)."""
     classes = int(getattr(backbone, "num_classes", 0) or 0)
     y = cond.get("y")

@@ -69,7 +69,7 @@ def _check_resume(out: Path, s: BackboneTrainSettings) -> dict:
     """The saved config, after checking it is a resumable run of the same data/seed/batch/arch."""
     from .._io import recover_dir
 
-    recover_dir(out)  # trust (issue 31): a checkpoint swap a kill interrupted is undone before looking
+    recover_dir(out)  # a checkpoint swap a kill interrupted is undone before looking
     if not out.is_dir():
         raise ConfigError(f"--resume: {out} does not exist, so there is no run to continue; drop --resume to start one")
     cfg = read_config(out)

@@ -93,19 +93,21 @@ def plot_state(b: Any, out: str) -> None:
 @click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None,
               help="Also write a PNG: greedy arm per step and a heatmap of Q per arm (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the learned state as JSON instead of a table.")
-def show(file: str, plot: Optional[str], as_json: bool) -> None:
+@click.option("--model", "model", default=None, metavar="MODEL",
+              help="Check that FILE is the state of MODEL (its weights' identity); refuse another model's state.")
+def show(file: str, plot: Optional[str], as_json: bool, model: Optional[str]) -> None:
     """Print what the bandit state FILE has learned.
 
     Per grid step k that has made decisions: the greedy arm (best mean reward Q so far), Q and
     the count N of every arm; plus mu (reward per skipped step), gamma, and the number of
     generations seen, the calls budget and what recent generations spent. A corrupt or foreign file
-    is refused with a message.
+    is refused with a message; with --model, so is the state of another model.
     """
     import json
 
     from ..runtime import bandit_state
 
-    b = bandit_state.load(file)
+    b = bandit_state.load(file) if model is None else bandit_state.load_for_model(file, model)
     s = summarize(b)
     click.echo(json.dumps(s, indent=2) if as_json else _text(s))
     if plot:

@@ -84,7 +84,7 @@ def positive(ctx: click.Context, param: click.Parameter, value):
     return value
 
 
-MAX_BATCH = 65536  # trust (issue 31): a training batch beyond this is a typo, not a batch (it used to try 8 TB)
+MAX_BATCH = 65536  # a training batch beyond this is a typo, not a batch (it used to try 8 TB)
 
 
 def count(limit: int):

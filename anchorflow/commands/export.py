@@ -62,7 +62,7 @@ def export(model, out, sidenet, opset, precisions, max_batch, no_validate, axes)
       anchorflow export my_pkg.models:make_backbone --out my-bundle
     """
     command = "anchorflow " + " ".join(sys.argv[1:])
-    from ..runtime.pipeline_format import is_pipeline_folder  # -- pipeline bundles (issue 23, pipeline helper) --
+    from ..runtime.pipeline_format import is_pipeline_folder  # -- pipeline bundles --
 
     if is_pipeline_folder(model):
         from .generate import export_pipeline_command

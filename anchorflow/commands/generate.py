@@ -144,3 +144,62 @@ def export_pipeline_command(model, out, opset, precisions, max_batch, no_validat
     precisions = tuple(precisions) or ("fp32",)
     return export_pipeline(model, out, max_batch=max_batch, opset=opset, validate=not no_validate,
                            axes=axes, command=command, sidenet=sidenet, precisions=precisions)
+
+
+# -- `anchorflow sample` on a latent model (issue 23): pictures through the bundle's VAE, never of a channel --
+SAMPLE_OUT = "samples.png"
+
+
+def latent_outputs(m, model: str, out: Optional[str], npy: Optional[str], backend: str):
+    """What `sample` writes for the opened model ``m``: ``(decoder, out)``.
+
+    An image model (bundle.json ``data_range`` set): ``(None, out or samples.png)``, the grid as before.
+    A latent model (``data_range`` null) with a VAE (a pipeline bundle): ``(its Decoder, out or
+    samples.png)``, the grid of decoded images. A latent model without one: ``(None, None)`` when only
+    ``--npy`` was asked for; an explicit ``--out`` (or no output at all) is refused in one line, since a
+    picture of latents would be one of their channels, not an image."""
+    from ..errors import ConfigError
+
+    if m.meta.get("data_range") is not None:
+        return None, out or SAMPLE_OUT
+    decoder = None
+    if m.files.bundle is not None:
+        from ..runtime.pipeline import load_decoder
+
+        decoder = load_decoder(m.files.bundle, backend=backend if backend in ("ort-cpu", "ort-cuda", "ort-trt", "auto")
+                               else "ort-cpu")
+    if decoder is not None:
+        return decoder, out or SAMPLE_OUT
+    if out is None and npy:
+        return None, None
+    raise ConfigError(f"{model}'s samples are latents (bundle.json data_range is null) and it has no VAE decoder, so "
+                      f"{'--out ' + out if out else 'the default --out ' + SAMPLE_OUT} would show a latent channel, not "
+                      "an image; give --npy FILE alone for the latents, or export the whole pipeline folder "
+                      "(model_index.json) to decode them")
+
+
+def write_latent_outputs(x: np.ndarray, decoder, out: Optional[str], npy: Optional[str]) -> str:
+    """Write `sample`'s outputs of a latent model, all or nothing: the grid of ``decoder(x)``'s images
+    (when ``out``) and the raw latents ``x`` (when ``npy``). Returns the 'wrote ...' line."""
+    from .. import _io
+    from ..errors import NonFiniteError
+    from ..plots import grid_image
+
+    if not np.isfinite(x).all():
+        raise NonFiniteError(f"the samples hold NaN or Inf values ({int((~np.isfinite(x)).sum())} of {x.size}); "
+                             f"nothing was written")
+    img = None
+    if out is not None:
+        fmt = _io.check_image_path(out)
+        pixels, images = decoder(x)
+        if not np.isfinite(pixels).all():
+            raise NonFiniteError("the VAE decoded the samples to NaN or Inf; nothing was written")
+        img = grid_image(images.transpose(0, 3, 1, 2), nrow=min(len(images), 10))
+    paths = ([out] if out else []) + ([npy] if npy else [])
+    with _io.atomic_paths(paths) as tmps:
+        if img is not None:
+            img.save(tmps[0], format=fmt)
+        if npy:
+            with open(tmps[-1], "wb") as fh:
+                np.save(fh, x)
+    return "wrote " + " and ".join(paths) + (" (decoded through the bundle's VAE)" if img is not None else "")

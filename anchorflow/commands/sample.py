@@ -45,8 +45,9 @@ from .common import BACKENDS, MAX_N, PRECISIONS, MAX_NFE, cfg_scale as cfg_check
               help="Null conditions for guidance rows (--cfg), same format (e.g. empty-prompt embeddings).")
 @click.option("--noise", "noise_file", type=click.Path(dir_okay=False), default=None,
               help="Start noise (n, *state) .npy instead of --seed's.")
-@click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
-              help="Sample grid image to write (.png, .jpg or .webp).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Sample grid image to write (.png, .jpg or .webp) [default: samples.png]. Latents (bundle.json "
+                   "data_range null) are decoded through a pipeline bundle's VAE; without one give --npy alone.")
 @click.option("--npy", type=click.Path(dir_okay=False), default=None, help="Also save the raw samples as .npy.")
 # -- auto (issue 26): quality presets, per-sample error estimates, escalation
 @click.option("--quality", default=None,
@@ -78,7 +79,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
     from .common import CLI_NAMES, apply_threads, check_sample_outputs, write_samples
     from .cond_files import read_arrays, read_noise
 
-    check_sample_outputs(out, npy, tuple(p for p in (bandit_state, json_out) if p))
+    check_sample_outputs(out or "samples.png", npy, tuple(p for p in (bandit_state, json_out) if p))
     if quality is not None or max_error is not None:  # auto (issue 26): checked before the model loads
         from ..autoconfig import check_quality_request
 
@@ -98,6 +99,12 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
 
     m = open_model(model, backend=backend, allow_fallback=allow_fallback, precision=precision,
                    need_sidenet=quality is None and get_solver(solver).needs_sidenet)
+    # --- latent models (pipeline, issue 23): pictures through the bundle's VAE, or --out refused ---
+    from .generate import latent_outputs, write_latent_outputs
+
+    decoder, out = latent_outputs(m, model, out, npy, backend)
+    latent = m.meta.get("data_range") is None
+    # --- end latent models ---
     noise = read_noise(noise_file, m.meta["state_shape"]) if noise_file else None
     conds = dict(cond=read_arrays(cond_file, "--cond") if cond_file else None,
                  null_cond=read_arrays(null_file, "--null-cond") if null_file else None)
@@ -121,7 +128,11 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
 
         esc = escalate(p, res, max_error, [q for _, q in rungs], [label for label, _ in rungs])
         x = esc.x
-    write_samples(x, out, npy, tuple(m.meta.get("data_range") or (-1.0, 1.0)))
+    if latent:  # pipeline, issue 23
+        wrote = write_latent_outputs(x, decoder, out, npy)
+    else:
+        write_samples(x, out, npy, tuple(m.meta.get("data_range") or (-1.0, 1.0)))
+        wrote = f"wrote {out}" + (f" and {npy}" if npy else "")
     pending.commit()  # learn only once every output is written (all or nothing)
     if json_out:  # auto (issue 26)
         from ..autoconfig import run_record
@@ -139,7 +150,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
         click.echo(f"escalation (--max-error {max_error:g}): {esc.resolved} of {len(x)} samples re-solved, "
                    f"{esc.extra_calls} extra backbone calls" + (f": {steps}" if steps else "")
                    + (f"; {esc.above} still above" if esc.above else ""))
-    click.echo(f"wrote {out}" + (f" and {npy}" if npy else "") + (f" and {json_out}" if json_out else ""))
+    click.echo(wrote + (f" and {json_out}" if json_out else ""))
 
 
 QUALITY_KEEPS = ("cfg_scale", "cfg_interval", "labels", "n", "seed")  # auto (issue 26): what --quality leaves the user

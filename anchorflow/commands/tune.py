@@ -34,7 +34,7 @@ DEFAULT_SOLVERS = "euler,ab2,unipc,ba"
               help="Solves per (solver, budget) in the coordinate descent over the grid's (shift, power).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="Execution backend; 'auto' takes the best available.")
-# -- auto (issue 26): --target-psnr searches for the fastest configuration that keeps a quality
+# -- --target-psnr searches for the fastest configuration that keeps a quality
 @click.option("--target-psnr", type=float, default=None,
               help="Instead of tuning grids: record a quality preset, the fastest configuration (solvers x --nfe x "
                    "--grids) whose bootstrap lower bound on the mean PSNR against --reference meets this many dB.")
@@ -75,7 +75,7 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
     from .common import parse_int_list
     from .cond_files import read_arrays
 
-    if target_psnr is not None:  # auto (issue 26): one library call
+    if target_psnr is not None:  # one library call
         from ..autoconfig import tune_to_target
 
         explicit = click.get_current_context().get_parameter_source("nfe").name != "DEFAULT"
@@ -91,7 +91,7 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
     check_tune(names, nfes, modes, cfg, samples, seed, reference_steps, max_evals)  # before anything is read
     from ..tuning import check_tune_options
 
-    check_tune_options(names, nfes, cfg, samples, seed, reference_steps, max_evals)  # caps (trust, issue 31)
+    check_tune_options(names, nfes, cfg, samples, seed, reference_steps, max_evals)  # caps
     if model == "default" and not dry_run:
         raise ConfigError(f"the bundled model is read-only; pass a copy of its bundle folder "
                           f"({BUNDLED / DEFAULT_NAME / 'bundle'}) or use --dry-run")

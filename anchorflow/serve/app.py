@@ -96,6 +96,15 @@ def check_options(opts: ServeOptions) -> None:
                           "(--num-cpus); ask for fewer")
     if opts.address is not None:
         _parse_address(opts.address)
+    # trust (issue 31): bounded as the CLI bounds them, before Ray starts (the pre-flight opens the
+    # sampler with 1 thread, and --max-n had no upper end: both passed on to Ray and never returned)
+    from ..runtime.plan import MAX_N
+    from ..runtime.threads import check_threads
+
+    if opts.max_n > MAX_N:
+        raise ConfigError(f"--max-n {opts.max_n} is above the cap of {MAX_N} (the most samples one request "
+                          "may ask for)")
+    check_threads(opts.threads)
 
 
 def _parse_address(address: str) -> tuple[Optional[str], Optional[int]]:

@@ -29,6 +29,7 @@ class Reply:
     bandit_state: Optional[str] = None
     status: int = 200
     error: Optional[str] = None
+    images: Optional[np.ndarray] = None  # (n, H, W, 3) uint8: x decoded by a pipeline bundle's VAE (format png)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def encode(reply: Reply, solver: str, fmt: str, data_range: Sequence[float]) -> 
     headers = headers_of(reply, solver)
     x = reply.x
     if fmt == "png":
-        return HttpReply(200, png_bytes(x, data_range, nrow=min(len(x), 10)), "image/png", headers)
+        pics = x if reply.images is None else reply.images.transpose(0, 3, 1, 2)  # decoded: uint8 NCHW
+        return HttpReply(200, png_bytes(pics, data_range, nrow=min(len(x), 10)), "image/png", headers)
     if fmt == "json":
         body = {"shape": list(x.shape), "dtype": str(x.dtype), "byte_order": "little",
                 "data": base64.b64encode(np.ascontiguousarray(x, x.dtype.newbyteorder("<")).tobytes()).decode("ascii"),

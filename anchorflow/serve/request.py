@@ -24,10 +24,11 @@ from .errors import BodyTooLarge, RequestError  # noqa: F401  (raised here; thei
 
 FORMATS = ("npy", "png", "json")
 FIELDS = ("solver", "nfe", "n", "labels", "cfg", "cfg_interval", "seed", "grid", "first_call", "format",
-          "conditions", "null_conditions")
+          "conditions", "null_conditions", "prompt", "negative_prompt")
 DEFAULTS: dict[str, Any] = {"solver": "ba", "nfe": 7, "n": 16, "labels": None, "cfg": 1.0,
                             "cfg_interval": [0.0, 1.0], "seed": 0, "grid": None, "first_call": "backbone",
-                            "format": "npy", "conditions": None, "null_conditions": None}
+                            "format": "npy", "conditions": None, "null_conditions": None,
+                            "prompt": None, "negative_prompt": None}  # prompts: pipeline bundles (.prompts)
 # How runtime.plan's messages name each argument over HTTP (the CLI says --cfg, the API says 'cfg').
 HTTP_NAMES = {"solver": "'solver'", "nfe": "'nfe'", "grid": "'grid'", "first_call": "'first_call'",
               "cfg_scale": "'cfg'", "cfg_interval": "'cfg_interval'", "labels": "'labels'", "cond": "'conditions'",
@@ -94,6 +95,7 @@ class SampleRequest:
     null_conditions: Optional[tuple] = field(default=None, compare=False)
     first_call: str = "backbone"
     plan: Any = field(default=None, compare=False, repr=False)
+    prompt: Any = field(default=None, compare=False)  # the request's "prompt" (pipeline bundles), else None
 
     @property
     def key(self) -> tuple:
@@ -169,12 +171,15 @@ def decode_body(raw: bytes, max_body: Optional[int] = None) -> dict:
 
 
 def parse_request(raw: bytes, meta: dict, limits: Limits, has_sidenet: bool, arrived: float = 0.0,
-                  model_conditions: Optional[tuple] = None) -> SampleRequest:
+                  model_conditions: Optional[tuple] = None, prompts: Any = None,
+                  decodes: bool = False) -> SampleRequest:
     """Validate a request body against the model (``meta``: state_shape, num_classes, data_range) and
     the limits, alone: nothing of it reaches a solve shared with other requests unless it passed.
 
     ``model_conditions``: (declared conditions, axis_range(name) -> (min, opt, max) or None, the
     bundle's null values) of a bundle whose backbone declares conditions; None: labels only.
+    ``prompts``: a pipeline bundle's :class:`~.prompts.PromptConditions` ("prompt" requests), else None;
+    ``decodes``: the service decodes latents through the bundle's VAE ("format": "png" on latents).
     """
     from ..runtime import get_solver, make_grid, solver_names
 
@@ -207,13 +212,25 @@ def parse_request(raw: bytes, meta: dict, limits: Limits, has_sidenet: bool, arr
     fmt = body["format"]
     if fmt not in FORMATS:
         raise _fail(f"unknown format {_show(fmt)}; choose from {', '.join(FORMATS)}")
-    if fmt == "png" and image_range(meta) is None:
+    if fmt == "png" and image_range(meta) is None and not decodes:
         raise _fail("this model's state is not an image (bundle.json data_range is null: latents) and the service "
                     "has no decoder for it, so it cannot answer 'format': 'png'; ask for 'npy' or 'json'")
     num_classes = int(meta.get("num_classes", 0) or 0)
     decls = model_conditions[0] if model_conditions else ()
     conds = nulls = None
-    if body["conditions"] is not None or body["null_conditions"] is not None:
+    prompted = body["prompt"] is not None or body["negative_prompt"] is not None
+    if prompted:  # --- prompts (pipeline bundles, issue 23) ---
+        if prompts is None:
+            raise _fail("this model has no text encoders (a transformer bundle), so it takes no 'prompt'; send "
+                        "'conditions' as base64 .npy, or serve a pipeline bundle ('anchorflow export PIPELINE_FOLDER')")
+        if body["prompt"] is None:
+            raise _fail("'negative_prompt' needs 'prompt'")
+        if body["conditions"] is not None or body["null_conditions"] is not None:
+            raise _fail("give either 'prompt' or 'conditions', not both")
+        if body["labels"] is not None:
+            raise _fail("this model takes no class labels; drop 'labels' (its conditions come from 'prompt')")
+        conds, nulls, cfg = prompts(body["prompt"], body["negative_prompt"], n, cfg)
+    elif body["conditions"] is not None or body["null_conditions"] is not None:  # --- end prompts ---
         from .conditions import parse_conditions
 
         if not decls:
@@ -234,7 +251,8 @@ def parse_request(raw: bytes, meta: dict, limits: Limits, has_sidenet: bool, arr
         make_grid(spec.steps_for_nfe(nfe, 1 if first_call == "cached" else 0), grid)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    return SampleRequest(solver, nfe, n, labels, cfg, (lo, hi), seed, grid, fmt, arrived, conds, nulls, first_call)
+    return SampleRequest(solver, nfe, n, labels, cfg, (lo, hi), seed, grid, fmt, arrived, conds, nulls, first_call,
+                         prompt=body["prompt"] if prompted else None)
 
 
 def image_range(meta: dict) -> Optional[tuple[float, float]]:

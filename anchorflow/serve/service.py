@@ -104,6 +104,16 @@ class SamplerService:
         decls = fmt.backbone.conditions
         self.null_cond = dict(fmt.guidance.null)
         self.model_conditions = (decls, fmt.backbone.axis_range, self.null_cond) if decls else None
+        # --- pipeline bundles (issue 23): "prompt" requests and "format": "png" decoded through the VAE ---
+        self.prompts = self.decoder = None
+        if "pipeline" in fmt.meta:
+            from ..runtime.pipeline import load_decoder
+            from .prompts import PromptConditions
+
+            ort = backend if backend in ("auto", "ort-cpu", "ort-cuda", "ort-trt") else "auto"
+            self.prompts = PromptConditions(files.bundle, decls, ort, threads)
+            self.decoder = load_decoder(files.bundle, ort, threads)
+        # --- end pipeline bundles ---
         cap = max_batch or self.batch_max["backbone"] or 128
         self.limits = Limits(max_rows=cap, max_n=max_n, max_cost=max_cost, max_body=max_body,
                              time_budget_s=float(time_budget_s))
@@ -130,7 +140,8 @@ class SamplerService:
         row limit for FastFlow. Nothing of a request reaches a shared solve unless it passed."""
         try:
             req = parse_request(raw, self.meta, self.limits, self.model.sidenet is not None, time.perf_counter(),
-                                self.model_conditions)
+                                self.model_conditions, self.prompts, self.decoder is not None)
+            req = self._prompt_grid(req)
             req = dataclasses.replace(req, plan=self.plan_for(req))
             if req.solver == "fastflow" and req.n > self.rows_for(req):
                 raise RequestError(
@@ -141,6 +152,17 @@ class SamplerService:
                 self.stats["bad_requests"] += 1
             raise
         return req
+
+    def _prompt_grid(self, req: SampleRequest) -> SampleRequest:
+        """A "prompt" request without "grid" gets ``anchorflow generate``'s grid: the bundle's tuned one for
+        (solver, NFE) when it has one (the plan picks it), else the pipeline scheduler's sigmas."""
+        if req.prompt is None or req.grid is not None or req.first_call != "backbone":
+            return req
+        from ..runtime import get_solver
+
+        if self.tuning is not None and self.tuning.grid_for(req.solver, req.nfe, "backbone") is not None:
+            return req
+        return dataclasses.replace(req, grid=self.prompts.default_grid(get_solver(req.solver).steps_for_nfe(req.nfe, 0)))
 
     def plan_for(self, req: SampleRequest):
         """The request's :class:`~anchorflow.runtime.plan.SamplePlan` on this model (FastFlow: on the
@@ -213,6 +235,8 @@ class SamplerService:
         for reply, got, req in zip(replies, parts, requests):
             if reply.error is None:
                 reply.x = np.concatenate([x for _, x in sorted(got, key=lambda p: p[0])], axis=0)
+                if req.format == "png" and self.decoder is not None:  # pipeline bundles: latents -> images
+                    self._decode(reply)
         with self._lock:
             self.stats["requests"] += len(requests)
             self.stats["batches"] += 1
@@ -271,6 +295,16 @@ class SamplerService:
             r.batch_rows = max(r.batch_rows, solve.rows)
             r.bandit_state = state
 
+    def _decode(self, reply: Reply) -> None:
+        """The reply's latents through the bundle's VAE decoder (one call): ``reply.images`` uint8 (n, H, W, 3)."""
+        try:
+            pixels, images = self.decoder(reply.x)
+            if not np.isfinite(pixels).all():
+                raise NonFinite("the VAE decoded the samples to NaN or Inf")
+            reply.images = images
+        except Exception as exc:  # noqa: BLE001 - this request fails alone
+            reply.status, reply.error = _failure(exc)
+
     def grid_for(self, req: SampleRequest) -> np.ndarray:
         """The request's time grid (1 -> 0): its plan's, i.e. ``anchorflow sample``'s for the same
         arguments (the bundle's tuned grid where it has one and the request gives none)."""
@@ -297,7 +331,11 @@ class SamplerService:
                     "nfe_rule": s.nfe_rule, "available": self.model.sidenet is not None or not s.needs_sidenet}
                    for s in SOLVERS.values()]
         return {"model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.meta.items() if k in keep},
-                "providers": list(self.model.providers), "solvers": solvers, "formats": [f for f in FORMATS if f != "png" or image_range(self.meta) is not None],
+                "providers": list(self.model.providers), "solvers": solvers,
+                "formats": [f for f in FORMATS if f != "png" or image_range(self.meta) is not None
+                            or self.decoder is not None],
+                "prompt": None if self.prompts is None else {"variant": self.prompts.variant,
+                                                             "guidance": self.prompts.mode},
                 "conditions": [{"name": d.name, "dtype": d.dtype, "shape": list(d.shape), "per_row": d.per_row,
                                 "null": self.null_cond.get(d.name)} for d in (self.model_conditions or [()])[0]],
                 "request": {k: DEFAULTS[k] for k in FIELDS},

@@ -1,7 +1,7 @@
 """Parity statistics and the one table of tolerances (torch-free: numpy only).
 
 Per output: max / mean / p99 absolute and relative error, and the smallest atol that would pass
-(Polygraphy's comparator report, STYLE.md item 7). Computed here with numpy instead of
+(Polygraphy's comparator report). Computed here with numpy instead of
 polygraphy's ``CompareFunc.simple``: (1) ``anchorflow verify`` runs on torch-free edge installs
 (numpy + onnxruntime) where polygraphy, an ``[export]`` extra, is absent, and export and verify must
 report the same numbers; (2) polygraphy's relative error divides by ``|ref| + 2e-16`` where the

@@ -45,6 +45,8 @@ class Opened:
     velocity: Callable
     sidenet: Optional[Callable]
     providers: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)  # bundle.json and its declarations: what a sampling plan reads
+    format: Optional[BundleFormat] = None
 
     @property
     def label(self) -> str:
@@ -62,25 +64,18 @@ def open_backend(folder: Path, name: str, precision: str, allow_fallback: bool =
     if name == "torch":
         return _open_torch(folder, precision, sources, trust_source)
     b = load_bundle(folder, backend=name, allow_fallback=allow_fallback, precision=precision)
-    return Opened(name, precision, b.velocity, b.sidenet, list(b.providers))
+    return Opened(name, precision, b.velocity, b.sidenet, list(b.providers), b.meta, b.format)
 
 
 def _open_torch(folder: Path, precision: str, sources: Optional[dict], trust_source: bool) -> Opened:
     """The registry's torch backend (imported lazily, as ``load_bundle`` does) with the user's sources."""
-    import importlib
-
-    from ..._deps import require
-    from ..bundle import EXTERNAL
+    from ..bundle import external_runs
     from ..networks import WRAPPERS
 
-    target, needs, extra = EXTERNAL["torch"]
-    require(needs, extra=extra, purpose="the torch backend")
-    module, _, fn = target.partition(":")
     fmt = read_bundle(folder)
-    runs, providers = getattr(importlib.import_module(module), fn)(fmt, precision, sources=sources,
-                                                                     trust_source=trust_source)
+    runs, providers = external_runs("torch", fmt, precision, sources=sources, trust_source=trust_source)
     nets = {n: WRAPPERS[n](fmt.networks[n], run, fmt.guidance.null, list(providers)) for n, run in runs.items()}
-    return Opened("torch", precision, nets["backbone"], nets.get("sidenet"), list(providers))
+    return Opened("torch", precision, nets["backbone"], nets.get("sidenet"), list(providers), fmt.meta, fmt)
 
 
 def _runner(opened: Opened, network: str) -> Callable[[dict], np.ndarray]:
@@ -102,8 +97,6 @@ def _size_sets(fmt: BundleFormat) -> list[dict]:
 
 def build_cases(fmt: BundleFormat, ref: Opened, seed: int) -> dict[str, list[Case]]:
     """Per network: random cases (per set of axis sizes) and real ones at batch 1, 7 and the maximum."""
-    from .. import solve
-
     rng = np.random.default_rng(seed)
     dom = Domain.of_bundle(fmt)
     pool = min(REAL_POOL, fmt.backbone.batch[2]) if fmt.backbone.batch else REAL_POOL
@@ -111,7 +104,7 @@ def build_cases(fmt: BundleFormat, ref: Opened, seed: int) -> dict[str, list[Cas
     noise = rng.standard_normal(shape_of(fmt.backbone.input("state"), pool, dom.sizes)).astype(np.float32)
     labels = {k: cond0.pop(k) for k in list(cond0) if k in dom.labels and k in dom.null}
     y0 = next(iter(labels.values()), None)
-    x0 = solve("euler", ref.velocity, noise, 16, cond={**cond0, **labels} or None).x
+    x0 = _plan(ref, "euler", 16, noise, {**cond0, **labels}).run().x
     real = RealData(x0, y0, ref.velocity, cond0)
     out: dict[str, list[Case]] = {}
     for name, net in fmt.networks.items():
@@ -128,17 +121,22 @@ def build_cases(fmt: BundleFormat, ref: Opened, seed: int) -> dict[str, list[Cas
 def end_to_end(opened: Opened, fmt: BundleFormat, seed: int) -> np.ndarray:
     """A full sample at E2E_NFE from fixed noise: BA-solver with a SideNet, else Euler; guided
     (cfg 1.5 on [cond; null] rows) when the bundle has null values for every condition."""
-    from .. import solve
-
     rng = np.random.default_rng(seed + 1)
     dom = Domain.of_bundle(fmt)
     cond = conditions(fmt.backbone.inputs, E2E_BATCH, rng, dom, null=False)
     noise = rng.standard_normal(shape_of(fmt.backbone.input("state"), E2E_BATCH, dom.sizes))
     nulls = fmt.guidance.null
     guided = fmt.guidance.mode == "rows" and cond and all(k in nulls for k in cond)
-    extra = dict(cfg_scale=CFG_SCALE, cfg_interval=CFG_INTERVAL, null_cond=dict(nulls)) if guided else {}
-    return solve(e2e_method(fmt), opened.velocity, noise.astype(np.float32), E2E_NFE, cond=cond or None,
-                 sidenet=opened.sidenet, **extra).x
+    extra = dict(cfg_scale=CFG_SCALE, cfg_interval=CFG_INTERVAL) if guided else {}  # the bundle's null rows
+    return _plan(opened, e2e_method(fmt), E2E_NFE, noise.astype(np.float32), cond, **extra).run().x
+
+
+def _plan(opened: Opened, solver: str, nfe: int, noise: np.ndarray, cond: dict, **guidance: Any):
+    """The sampling plan of a comparison: the same uniform grid on every backend (no tuned grid)."""
+    from ..plan import plan
+
+    return plan(opened, solver=solver, nfe=nfe, grid="uniform", noise=noise, cond=cond or None, tuning=None,
+                **guidance)
 
 
 def e2e_method(fmt: BundleFormat) -> str:

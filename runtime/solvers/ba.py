@@ -160,15 +160,9 @@ def ba(field: GuidedField, x: np.ndarray, grid: np.ndarray, a: float = LOBATTO_A
     t = 0 the field of concentrated data is stiff (ideally v = (x - E[x_0 | x]) / t, Lipschitz ~ 1/t
     off the data) and the corrector puts weight h/2 on the terminal anchor (w_out h on v1, w_in h on
     the backward probe v1 + delta), so it multiplies the predictor's error by about h L / 2, which
-    grows with h / tn (measured h L / 2: 0.4-0.6 at the crossing below, 2.8-3.8 at h / tn = 100). Measured on the bundled digits model (``benchmarks/ba_tail.py``, N = 3, 5, 10):
-    correcting [1/N, tau] gains 0.6-1.2 dB at h / tau = 1.8, is even at 2.2, loses 0.8-1.1 dB at 2.6
-    and 1.5-1.8 at 3; on the grid ..., 1/N, 0.001, 0 (SD3's shift-3 sigmas end like this) it lost
-    10-12 dB: v1 at t = 0.001 carries the predictor's error times 20-56, and the backward probe
-    (offset -a h from t ~ 0) is itself worse than the forward one. Uniform grids (h / tn <= 1) and the
-    bundle's tuned grids (<= 2.21) are unchanged bit for bit; ``math.inf`` corrects everywhere (the
-    solver before this rule). On broad, non-stiff data it would still pay: a closed-form mixture with
-    stds 0.4-0.7 and a 0.8-scaled exact SideNet, 3 intervals + a 0.001 tail, RMSE 0.0028 with it
-    against 0.019 without (with stds 1e-3: 0.72 with it, 0.0125 without).
+    grows with h / tn. Uniform grids (h / tn <= 1) and the bundle's tuned grids (<= 2.21) are
+    unchanged bit for bit; ``math.inf`` corrects everywhere. The measurements behind the limit:
+    docs/results.md ("BA's corrector limit", ``benchmarks/ba_tail.py``).
     """
     rule = bi_anchor_rule(a)
     if probes not in PROBES:

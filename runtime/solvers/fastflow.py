@@ -23,6 +23,7 @@ is T; ``Result.nfe`` counts the real calls.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Optional, Sequence
 
@@ -118,9 +119,12 @@ class FastFlowRun:
     run into ``Result.info``, the record ``FastFlowBandit.merge`` learns from.
     """
 
-    def __init__(self, T: int, tail: int, forced_zero: bool, fixed_skip: Optional[int], order: int = 1) -> None:
+    def __init__(self, T: int, tail: int, forced_zero: bool, fixed_skip: Optional[int], order: int = 1,
+                 max_calls: Optional[int] = None, max_arm: int = max(DEFAULT_ARMS)) -> None:
         self.T, self.tail, self.forced_zero, self.fixed_skip = T, tail, forced_zero, fixed_skip
         self.order = order
+        self.max_calls = max_calls
+        self.cap_skip = None if max_calls is None else cap_skip_length(T, tail, order, max_calls, max_arm)
         self.anchors: list[Anchor] = []  # the last two computed anchors (the paper's rule)
         self.history: list[Anchor] = []  # the last order + 1 computed anchors
         self.pending: Optional[tuple[int, int]] = None
@@ -129,6 +133,7 @@ class FastFlowRun:
         self.mse: list[Optional[float]] = [None] * T
         self.reward: list[Optional[float]] = [None] * T
         self.losses: list[tuple[int, int, float, bool]] = []  # (k, arm, mse at m, skip term paid)
+        self.bound: Optional[tuple[int, int]] = None  # (steps, calls) left where the cap first bound
 
     def computed_step(self, k: int, t: float, v: np.ndarray, bandit: FastFlowBandit) -> None:
         """Record v_k, measure the extrapolation error, pay the pending decision."""
@@ -160,18 +165,75 @@ class FastFlowRun:
         out = sum(float(wj) * np.asarray(v, np.float64) for wj, (_, v) in zip(w, hist))
         return out.astype(np.result_type(hist[-1][1]), copy=False)
 
+    def min_skip(self, k: int) -> int:
+        """The shortest skip after computed step k that keeps the run within ``max_calls``.
+
+        n = T - tail - 1 - k steps remain before the tail (always computed), R = max_calls -
+        calls so far - tail calls are left for them. With skips of at most L = ``cap_skip``
+        (the longest arm, or longer where the cap needs it), n steps are coverable by R calls
+        iff n <= R + (R + 1) L; skipping a then computing one step leaves n - a - 1 steps and
+        R - 1 calls, so a >= n - R - R L keeps that true (R = 0: skip straight to the tail).
+        """
+        if self.max_calls is None:
+            return 0
+        n = self.T - self.tail - 1 - k
+        R = self.max_calls - sum(self.computed) - self.tail
+        return max(0, min(n, n - R - R * self.cap_skip))
+
+    def calls_demand(self) -> float:
+        """The calls this run would have made without the cap, estimated; the budget adapts mu on
+        it, so mu still rises while the cap binds (on the capped calls alone it could not).
+
+        At the bandit's own rate r (mean of a + 1 over its decisions in this run, forced skips
+        excluded; 1 if it made none), the n steps left before the tail when the cap first forced
+        a skip would have cost n / r calls where R were left: demand = calls + max(0, n / r - R).
+        A run the cap never bound: its calls.
+        """
+        calls = float(sum(self.computed))
+        if self.bound is None:
+            return calls
+        n, R = self.bound
+        chosen = [a for a in self.arms if a is not None]
+        r = float(np.mean(chosen)) + 1.0 if chosen else 1.0
+        return calls + max(0.0, n / r - R)
+
     def decide(self, k: int, bandit: FastFlowBandit) -> int:
-        """After computed step k: how many steps to skip next (0 when no choice is allowed)."""
+        """After computed step k: how many steps to skip next (0 when no choice is allowed).
+
+        With ``max_calls`` the skip is at least :meth:`min_skip`; a skip the cap forces outside
+        the bandit's arms (or in a calibrating / fixed-pattern run) is not a bandit decision and
+        is not learned from.
+        """
         max_arm = self.T - self.tail - 1 - k
         if k < self.order:  # order + 1 computed anchors before any skip (order 1: steps 0, 1)
             return 0
+        lo = self.min_skip(k)
+        if lo and self.bound is None:  # where the cap first bound: steps and calls left (calls_demand)
+            self.bound = (self.T - self.tail - 1 - k, self.max_calls - sum(self.computed) - self.tail)
         if self.fixed_skip is not None:
-            return min(self.fixed_skip, max(max_arm, 0))
-        if not any(0 < a <= max_arm for a in bandit.arms):
-            return 0
-        a = 0 if self.forced_zero else bandit.select(k, max_arm)
+            return max(lo, min(self.fixed_skip, max(max_arm, 0)))
+        if not any(max(lo, 1) <= a <= max_arm for a in bandit.arms):
+            return lo  # nothing to choose (0), or a forced skip no arm fits
+        if self.forced_zero and lo:
+            return lo  # a calibration or mu = 0 run computes every step the cap allows
+        a = 0 if self.forced_zero else bandit.select(k, max_arm, min_arm=lo)
         self.arms[k], self.pending = a, (k, a)
         return a
+
+
+def cap_skip_length(T: int, tail: int, order: int, max_calls: int, longest_arm: int) -> int:
+    """The longest skip a run capped at ``max_calls`` may need: the longest arm, or more.
+
+    Steps 0..order and the last ``tail`` are computed; the n = T - tail - order - 1 steps
+    between them get R = max_calls - order - 1 - tail calls, coverable with skips of at most L
+    iff n <= R + (R + 1) L. A cap below order + 1 + tail calls is refused.
+    """
+    R = max_calls - order - 1 - tail
+    if R < 0:
+        raise ConfigError(f"max_calls {max_calls} is below the {order + 1 + tail} calls every run makes "
+                          f"(steps 0..{order} and the last {tail}); raise it or lower order / tail")
+    n = max(T - tail - order - 1, 0)
+    return max(int(longest_arm), math.ceil(max(n - R, 0) / (R + 1)))
 
 
 def generation_info(run: FastFlowRun, mu: Optional[float], calibrated: Optional[float], learn: bool) -> dict:
@@ -183,6 +245,7 @@ def generation_info(run: FastFlowRun, mu: Optional[float], calibrated: Optional[
     chosen = [a for a in run.arms if a is not None]
     return {
         "calls": sum(run.computed),
+        "calls_demand": run.calls_demand(),
         "computed": run.computed,
         "arms": run.arms,
         "skip_hist": dict(sorted(Counter(chosen).items())),
@@ -228,6 +291,7 @@ def fastflow(
     fixed_skip: Optional[int] = None,
     order: int = 1,
     base: str = "euler",
+    max_calls: Optional[int] = None,
 ) -> SolverOutput:
     """FastFlow on ``grid`` (T + 1 times, 1 -> 0); x (B, ...) is the noise at t = 1.
 
@@ -238,11 +302,17 @@ def fastflow(
     of the last order + 1 computed velocities on their true times; 1 is the paper's rule and the
     measured error the bandit is paid on uses the same order; steps 0..order are computed),
     ``base`` ("euler", the paper's update, or "adams": every step integrates that polynomial over
-    the step, so the run is Adams-Bashforth of order + 1 on the sub-grid of computed times).
+    the step, so the run is Adams-Bashforth of order + 1 on the sub-grid of computed times),
+    ``max_calls`` (a hard cap: no generation makes more backbone calls, whatever the bandit,
+    mu, calibration or ``fixed_skip`` would do; when the calls left only just cover the steps
+    left, the skip is forced longer, see :meth:`FastFlowRun.min_skip`; None: no cap). The
+    budget adapts mu on the calls the run would have made uncapped (``calls_demand``), so a
+    budget at the cap still steers mu).
     A bandit without mu runs this generation fully computed and calibrates
     ``mu = mu_factor * max_k mse_k / T`` (stored only when ``learn``). mu = 0 never skips.
 
-    ``Result.info``: ``calls`` (computed steps), per-step lists ``computed``, ``arms`` (the arm
+    ``Result.info``: ``calls`` (computed steps), ``calls_demand`` (:meth:`FastFlowRun.calls_demand`: what
+    the budget adapts mu on), ``max_calls``, per-step lists ``computed``, ``arms`` (the arm
     chosen after step k, None where no choice was made) and ``mse`` (extrapolation error at each
     computed step k >= 2), ``skip_hist`` {arm: decisions} (0 = no skip), ``rewards``
     [[k, arm, reward], ...], ``losses`` [[k, arm, mse, paid], ...], ``mu``, ``calibration``,
@@ -260,7 +330,10 @@ def fastflow(
         bandit = FastFlowBandit(T, grid, mu=0.0)
     bandit = _bandit_for(grid, bandit, mu, arms, gamma, seed)
     mu = bandit.mu
-    run = FastFlowRun(T, tail, forced_zero=mu is None or mu == 0.0, fixed_skip=fixed_skip, order=order)
+    if max_calls is not None:
+        max_calls = _check_int("max_calls (the most backbone calls per generation)", max_calls, 1, T)
+    run = FastFlowRun(T, tail, forced_zero=mu is None or mu == 0.0, fixed_skip=fixed_skip, order=order,
+                      max_calls=max_calls, max_arm=max(max(bandit.arms), fixed_skip or 0))
     skip = 0
     for k in range(T):
         t, t_next = float(grid[k]), float(grid[k + 1])
@@ -275,7 +348,7 @@ def fastflow(
         x = x + (t_next - t) * v
     calibrated = calibrated_mu(run.mse, T) if mu is None else None
     info = generation_info(run, mu, calibrated, learn and fixed_skip is None)
-    info.update(base=base, order=order)
+    info.update(base=base, order=order, max_calls=max_calls)
     if info["learned"]:
         bandit.merge(info)
     return SolverOutput(x, _records(grid, run), info)
