@@ -65,7 +65,7 @@ def evil(factory_bundle, tmp_path, monkeypatch):
     return {"bundle": bundle, "marker": marker, "sources": sources, "good": factory_bundle["source"]}
 
 
-SAMPLE = ["--solver", "euler", "--nfe", "2", "--n", "2", "--cond", "c.npz", "--null-cond", "n.npz", "--out", "s.png"]
+SAMPLE = ["--solver", "euler", "--nfe", "2", "--n", "2", "--cond", "c.npz", "--null-cond", "n.npz", "--npy", "s.npy"]
 
 
 @pytest.mark.parametrize("form", ["file", "module"])

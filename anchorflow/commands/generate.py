@@ -161,7 +161,7 @@ def latent_outputs(m, model: str, out: Optional[str], npy: Optional[str], backen
     from ..errors import ConfigError
 
     if m.meta.get("data_range") is not None:
-        return None, out or SAMPLE_OUT
+        return None, SAMPLE_OUT if out is None else out
     decoder = None
     if m.files.bundle is not None:
         from ..runtime.pipeline import load_decoder
@@ -169,11 +169,11 @@ def latent_outputs(m, model: str, out: Optional[str], npy: Optional[str], backen
         decoder = load_decoder(m.files.bundle, backend=backend if backend in ("ort-cpu", "ort-cuda", "ort-trt", "auto")
                                else "ort-cpu")
     if decoder is not None:
-        return decoder, out or SAMPLE_OUT
+        return decoder, SAMPLE_OUT if out is None else out
     if out is None and npy:
         return None, None
     raise ConfigError(f"{model}'s samples are latents (bundle.json data_range is null) and it has no VAE decoder, so "
-                      f"{'--out ' + out if out else 'the default --out ' + SAMPLE_OUT} would show a latent channel, not "
+                      f"{'--out ' + out if out is not None else 'the default --out ' + SAMPLE_OUT} would show a latent channel, not "
                       "an image; give --npy FILE alone for the latents, or export the whole pipeline folder "
                       "(model_index.json) to decode them")
 

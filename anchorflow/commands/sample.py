@@ -79,7 +79,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
     from .common import CLI_NAMES, apply_threads, check_sample_outputs, write_samples
     from .cond_files import read_arrays, read_noise
 
-    check_sample_outputs(out or "samples.png", npy, tuple(p for p in (bandit_state, json_out) if p))
+    check_sample_outputs("samples.png" if out is None else out, npy, tuple(p for p in (bandit_state, json_out) if p))
     if quality is not None or max_error is not None:  # auto (issue 26): checked before the model loads
         from ..autoconfig import check_quality_request
 
