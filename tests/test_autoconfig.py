@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from anchorflow.cli import main
-from anchorflow.errors import CheckpointError
+from anchorflow.errors import CheckpointError, ConfigError
 from test_export import tiny_bundle, tiny_root  # noqa: F401  (session fixtures, exported once)
 
 from anchorflow.runtime import solve
@@ -82,10 +82,11 @@ def test_ab2_estimate_is_the_euler_companion_difference(mixture, noise):
 def test_ba_estimate_is_corrector_minus_predictor(mixture, noise):
     """Independent truth: with a zero SideNet every forward node is v0, so per corrected interval
     predictor = x - h v0 and corrector = x - h (v0 + v1) / 2 (w_out + w_in = 1/2): the difference
-    is h/2 |v1 - v0|; the final interval keeps its predictor and adds nothing."""
+    is h/2 |v1 - v0|, weighted by h / t_end ("stiff", default) or 1 ("plain"); the final interval
+    keeps its predictor and adds nothing."""
     n = 5
     grid = np.linspace(1.0, 0.0, n + 1)
-    x, expect = noise.copy(), np.zeros(noise.shape[0])
+    x, expect, plain = noise.copy(), np.zeros(noise.shape[0]), np.zeros(noise.shape[0])
     v0 = mixture(x, np.full(x.shape[0], 1.0), None)
     for i in range(n):
         h = grid[i] - grid[i + 1]
@@ -95,11 +96,17 @@ def test_ba_estimate_is_corrector_minus_predictor(mixture, noise):
             break
         v1 = mixture(x_pred, np.full(x.shape[0], grid[i + 1]), None)
         x = x - h * (v0 + v1) / 2
-        expect += _rms(h / 2 * (v1 - v0))
+        expect += h / grid[i + 1] * _rms(h / 2 * (v1 - v0))
+        plain += _rms(h / 2 * (v1 - v0))
         v0 = v1
     res = solve("ba", mixture, noise, n, sidenet=zero_sidenet)
     np.testing.assert_allclose(res.x, x, atol=1e-12)
     np.testing.assert_allclose(res.error_estimate, expect, rtol=1e-10)
+    res = solve("ba", mixture, noise, n, sidenet=zero_sidenet, estimate="plain")
+    np.testing.assert_allclose(res.x, x, atol=1e-12)
+    np.testing.assert_allclose(res.error_estimate, plain, rtol=1e-10)
+    with pytest.raises(ConfigError, match="ba option estimate must be one of stiff, plain"):
+        solve("ba", mixture, noise, n, sidenet=zero_sidenet, estimate="flat")
 
 
 @pytest.mark.parametrize("method,nfe", [("ba", 5), ("ab2", 5), ("ipndm", 5), ("unipc", 8)])
