@@ -240,10 +240,9 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
             calls += res.nfe
     for c in feasible:
         c.latency_s = float(statistics.median(solved[(c.solver, c.nfe, c.times)][2]))
-    best = min(feasible, key=lambda c: (c.latency_s, c.nfe))
-    preset = Preset(name, best.solver, best.nfe, "backbone", best.grid_label, best.times, float(target_psnr),
-                    f"{ref_solver}@{ref_nfe}", float(confidence), best.lower_bound, best.mean_psnr, QUANTILE,
-                    best.quantile_psnr, best.latency_s, int(samples), str(backend))
+    settings_ = {"reference": f"{ref_solver}@{ref_nfe}", "confidence": float(confidence), "samples": int(samples),
+                 "backend": str(backend)}
+    preset = _choose(cands, float(target_psnr), name, settings_)
     cost = {"solves": len(solved) + 1 + (repeats - 1) * len(timed), "configurations": len(solved),
             "backbone_calls": int(calls), "seconds": round(time.perf_counter() - started, 3)}
     settings = {"target_psnr": float(target_psnr), "reference": f"{ref_solver}@{ref_nfe}", "solvers": names,
@@ -253,6 +252,29 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
                 "bound": ("the population mean" if future is None
                           else f"the mean of a fresh batch of {future} samples (prediction bound)")}
     return AutoConfig(preset, cands, cost, settings)
+
+
+def _choose(cands: Sequence[Candidate], target_psnr: float, name: str, st: dict) -> Preset:
+    """The fastest measured candidate whose bound meets ``target_psnr`` (ties: fewer calls), as a Preset."""
+    ok = [c for c in cands if c.lower_bound >= target_psnr and c.latency_s is not None]
+    if not ok:
+        raise ConfigError(f"no candidate of this search has a bound >= {target_psnr:g} dB with a measured latency")
+    best = min(ok, key=lambda c: (c.latency_s, c.nfe))
+    return Preset(name, best.solver, best.nfe, "backbone", best.grid_label, best.times, float(target_psnr),
+                  st["reference"], st["confidence"], best.lower_bound, best.mean_psnr, QUANTILE,
+                  best.quantile_psnr, best.latency_s, st["samples"], st["backend"])
+
+
+def preset_for(found: AutoConfig, target_psnr: float, name: Optional[str] = None) -> Preset:
+    """The preset the same search gives for a *higher* target than the one it ran for (every candidate
+    whose bound meets it was timed there): one search, several presets (e.g. fast / balanced / best).
+    The choice is exactly what :func:`autoconfigure` would make for that target on the same solves."""
+    if float(target_psnr) < found.settings["target_psnr"]:
+        raise ConfigError(f"preset_for: {target_psnr:g} dB is below the search's own target "
+                          f"{found.settings['target_psnr']:g} dB, whose candidates below it were not timed")
+    st = {**found.settings, "backend": found.preset.backend}
+    return _choose(found.candidates, float(target_psnr),
+                   check_name(name if name is not None else f"psnr{target_psnr:g}"), st)
 
 
 def record(bundle_dir, found: AutoConfig) -> None:
