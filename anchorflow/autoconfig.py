@@ -10,9 +10,14 @@ backbone calls, uniform grid) and a target mean PSNR against it, the search:
    scores the per-sample PSNR against the reference;
 3. bounds the mean PSNR from below by a percentile bootstrap over the samples (``confidence``,
    default 95 %: the (1 - confidence) quantile of ``resamples`` resampled means);
-4. times every candidate whose bound meets the target (median of ``repeats`` solves of the same
-   batch, interleaved round-robin so machine load hits all alike; the SideNet and the runtime's
-   own overhead count) and picks the fastest.
+4. times every candidate whose bound meets the target again (``repeats`` solves in all of the same
+   batch, interleaved round-robin so machine load hits all alike) and picks the fastest by its
+   *modelled* latency: backbone calls x the time per backbone call + SideNet calls x the time per
+   SideNet call + steps x the solver's runtime overhead per step, each a median over every solve
+   of the search (the SideNet and the runtime's own overhead count). On a loaded machine one
+   configuration's own median of 3 wall times swings by 2x (measured: benchmarks/results/
+   autoconfig.md), which made the pick close to random among the feasible ones; the pooled
+   per-call times are stable. The candidate's own median wall time is kept as ``measured_s``.
 
 A target no candidate's bound meets is refused in one line naming the best bound reached. The
 result is a :class:`~anchorflow.runtime.presets.Preset` (``record`` stores it in the bundle's
@@ -51,20 +56,21 @@ class Candidate:
     lower_bound: float
     quantile_psnr: float
     calls: int
-    latency_s: Optional[float] = None
+    latency_s: Optional[float] = None  # modelled from the search's pooled per-call times (module doc, 4.)
     meets: bool = False
     per_sample: Optional[np.ndarray] = field(default=None, repr=False, compare=False)  # (samples,) PSNR dB
     first_s: Optional[float] = None  # wall time of its one scoring solve (every candidate; noisier than latency_s)
+    measured_s: Optional[float] = None  # median wall time of its timing solves (met the target), for reference
 
     @property
     def seconds(self) -> Optional[float]:
-        """``latency_s`` where measured (met the target), else the scoring solve's time."""
+        """``latency_s`` (modelled, every candidate), else the scoring solve's time."""
         return self.latency_s if self.latency_s is not None else self.first_s
 
     def to_json(self) -> dict[str, Any]:
         return {"solver": self.solver, "nfe": self.nfe, "grid": self.grid_label, "mean_psnr": self.mean_psnr,
                 "lower_bound": self.lower_bound, "quantile_psnr": self.quantile_psnr, "calls": self.calls,
-                "latency_s": self.latency_s, "meets": self.meets}
+                "latency_s": self.latency_s, "measured_s": self.measured_s, "meets": self.meets}
 
 
 @dataclass
@@ -190,6 +196,7 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
 
     ref_times = tuple(float(t) for t in make_grid(get_solver(ref_solver).steps_for_nfe(ref_nfe), "uniform"))
     ref_res = make(ref_solver, ref_nfe, ref_times).run()
+    timings = [(ref_solver, ref_res)]  # every solve of the search: the pooled per-call times
     ref = ref_res.x
     dr = meta.get("data_range", (-1.0, 1.0))
     span = span_of(ref) if dr is None else (float(dr[0]), float(dr[1]))  # null: latents, scored on the reference
@@ -210,6 +217,7 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
                     p = make(s, k, times)
                     res = p.run()
                     solved[key] = (p, res, [res.timing.total_s])
+                    timings.append((s, res))
                     calls += res.nfe
                 p, res, _ = solved[key]
                 per = (M.psnr_per_sample(res.x, ref, span) if np.all(np.isfinite(res.x))
@@ -236,15 +244,25 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
     for _ in range(max(0, repeats - 1)):  # round-robin: load on the machine hits every candidate alike
         for key in timed:
             p, res, times_s = solved[key]
-            times_s.append(p.run().timing.total_s)
+            again = p.run()
+            times_s.append(again.timing.total_s)
+            timings.append((key[0], again))
             calls += res.nfe
     for c in feasible:
-        c.latency_s = float(statistics.median(solved[(c.solver, c.nfe, c.times)][2]))
+        c.measured_s = float(statistics.median(solved[(c.solver, c.nfe, c.times)][2]))
+    per_call = latency_model(timings)
+    for c in cands:
+        r = solved[(c.solver, c.nfe, c.times)][1]
+        c.latency_s = modelled_latency(per_call, c.solver, r.nfe, r.sidenet_calls, len(r.steps))
     settings_ = {"reference": f"{ref_solver}@{ref_nfe}", "confidence": float(confidence), "samples": int(samples),
                  "backend": str(backend)}
     preset = _choose(cands, float(target_psnr), name, settings_)
     cost = {"solves": len(solved) + 1 + (repeats - 1) * len(timed), "configurations": len(solved),
-            "backbone_calls": int(calls), "seconds": round(time.perf_counter() - started, 3)}
+            "backbone_calls": int(calls), "seconds": round(time.perf_counter() - started, 3),
+            "per_call_ms": {"backbone": round(per_call["backbone_s"] * 1e3, 4),
+                            "sidenet": round(per_call["sidenet_s"] * 1e3, 4),
+                            "overhead_per_step": {k: round(v * 1e3, 4)
+                                                  for k, v in per_call["overhead_s_per_step"].items()}}}
     settings = {"target_psnr": float(target_psnr), "reference": f"{ref_solver}@{ref_nfe}", "solvers": names,
                 "nfes": sorted(set(int(v) for v in nfes)), "grids": list(grids), "samples": int(samples),
                 "seed": int(seed), "cfg": float(cfg), "confidence": float(confidence), "resamples": int(resamples),
@@ -254,11 +272,31 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
     return AutoConfig(preset, cands, cost, settings)
 
 
+def latency_model(timings: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """Per-call times from ``(solver, Result)`` solves of one batch: the median time per backbone call,
+    per SideNet call, and per solver the median runtime overhead (all but the networks) per step."""
+    back = [r.timing.backbone_s / r.nfe for _, r in timings if r.nfe]
+    side = [r.timing.sidenet_s / r.sidenet_calls for _, r in timings if r.sidenet_calls]
+    over: dict[str, list] = {}
+    for s, r in timings:
+        over.setdefault(s, []).append(r.timing.overhead_s / max(len(r.steps), 1))
+    return {"backbone_s": statistics.median(back) if back else 0.0,
+            "sidenet_s": statistics.median(side) if side else 0.0,
+            "overhead_s_per_step": {s: statistics.median(v) for s, v in over.items()}}
+
+
+def modelled_latency(per_call: dict[str, Any], solver: str, nfe: int, sidenet_calls: int, steps: int) -> float:
+    """``nfe`` x time per backbone call + SideNet calls x time per SideNet call + steps x the solver's overhead."""
+    over = per_call["overhead_s_per_step"]
+    o = over.get(solver, statistics.median(over.values()) if over else 0.0)
+    return float(nfe * per_call["backbone_s"] + sidenet_calls * per_call["sidenet_s"] + steps * o)
+
+
 def _choose(cands: Sequence[Candidate], target_psnr: float, name: str, st: dict) -> Preset:
     """The fastest measured candidate whose bound meets ``target_psnr`` (ties: fewer calls), as a Preset."""
     ok = [c for c in cands if c.lower_bound >= target_psnr and c.latency_s is not None]
     if not ok:
-        raise ConfigError(f"no candidate of this search has a bound >= {target_psnr:g} dB with a measured latency")
+        raise ConfigError(f"no candidate of this search has a {st['confidence']:.0%} lower bound >= {target_psnr:g} dB")
     best = min(ok, key=lambda c: (c.latency_s, c.nfe))
     return Preset(name, best.solver, best.nfe, "backbone", best.grid_label, best.times, float(target_psnr),
                   st["reference"], st["confidence"], best.lower_bound, best.mean_psnr, QUANTILE,
@@ -266,12 +304,9 @@ def _choose(cands: Sequence[Candidate], target_psnr: float, name: str, st: dict)
 
 
 def preset_for(found: AutoConfig, target_psnr: float, name: Optional[str] = None) -> Preset:
-    """The preset the same search gives for a *higher* target than the one it ran for (every candidate
-    whose bound meets it was timed there): one search, several presets (e.g. fast / balanced / best).
-    The choice is exactly what :func:`autoconfigure` would make for that target on the same solves."""
-    if float(target_psnr) < found.settings["target_psnr"]:
-        raise ConfigError(f"preset_for: {target_psnr:g} dB is below the search's own target "
-                          f"{found.settings['target_psnr']:g} dB, whose candidates below it were not timed")
+    """The preset the same search gives for another target (every candidate's latency is modelled):
+    one search, several presets (e.g. fast / balanced / best). The choice is exactly what
+    :func:`autoconfigure` makes for that target given the same solves and per-call times."""
     st = {**found.settings, "backend": found.preset.backend}
     return _choose(found.candidates, float(target_psnr),
                    check_name(name if name is not None else f"psnr{target_psnr:g}"), st)
@@ -320,14 +355,14 @@ def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: s
                           samples=samples, seed=seed, cfg=cfg, confidence=confidence, name=name, tuning=tuning,
                           backend=", ".join(m.providers) or backend)
     p = found.preset
-    lines = [f"{'config':<28} {'mean':>7} {'bound':>7} {'p10':>7} {'ms':>8}"]
-    for c in sorted(found.candidates, key=lambda c: (c.latency_s is None, c.latency_s or 0.0, c.nfe)):
-        ms = "" if c.latency_s is None else f"{c.latency_s * 1e3:8.1f}"
+    lines = [f"{'config':<28} {'mean':>7} {'bound':>7} {'p10':>7} {'ms':>8}  (ms: modelled from the per-call times)"]
+    for c in sorted(found.candidates, key=lambda c: (not c.meets, c.latency_s, c.nfe)):
+        ms = f"{c.latency_s * 1e3:8.1f}"
         lines.append(f"{c.solver + '@' + str(c.nfe) + ' ' + c.grid_label:<28} {c.mean_psnr:7.2f} {c.lower_bound:7.2f} "
                      f"{c.quantile_psnr:7.2f} {ms}")
     lines.append(f"quality {p.name}: {p.solver}@{p.nfe} {p.grid_label}: {p.confidence:.0%} lower bound "
                  f"{p.lower_bound:.2f} dB >= {p.target_psnr:g} dB against {p.reference} (mean {p.mean_psnr:.2f}, "
-                 f"10% quantile {p.quantile_psnr:.2f}), {p.latency_s * 1e3:.1f} ms per {p.batch} samples")
+                 f"10% quantile {p.quantile_psnr:.2f}), {p.latency_s * 1e3:.1f} ms per {p.batch} samples (modelled)")
     c = found.cost
     lines.append(f"search cost: {c['configurations']} configurations, {c['solves']} solves, {c['backbone_calls']} "
                  f"backbone calls, {c['seconds']:.1f} s")
@@ -379,7 +414,13 @@ def ladder(tuning, chosen: Preset) -> list[Preset]:
     ref = Preset(f"reference {chosen.reference}", solver, nfe, "backbone", "uniform", times, math.inf,
                  chosen.reference, chosen.confidence, math.inf, math.inf, chosen.quantile, math.inf, math.inf,
                  chosen.batch, chosen.backend)
-    return [p for p in up if (p.solver, p.nfe, p.times) != (solver, nfe, times)] + [ref]
+    seen = {(chosen.solver, chosen.nfe, chosen.times), (solver, nfe, times)}
+    out = []
+    for p in up:  # one rung per configuration (two presets may have chosen the same one)
+        if (p.solver, p.nfe, p.times) not in seen:
+            seen.add((p.solver, p.nfe, p.times))
+            out.append(p)
+    return out + [ref]
 
 
 @dataclass
@@ -391,7 +432,7 @@ class Escalated:
     rungs: list[dict[str, Any]]  # {"config", "samples", "backbone_calls"} per rung used
     resolved: int  # samples re-solved at least once
     extra_calls: int  # backbone calls spent by the re-solves (batched: one solve per rung)
-    above: int  # samples whose estimate still exceeds max_error at the end (a rung without estimate: 0)
+    above: int  # samples whose estimate, still in the first solver's units, exceeds max_error at the end
 
     def to_json(self) -> dict[str, Any]:
         return {"rungs": self.rungs, "resolved": self.resolved, "extra_calls": self.extra_calls,
@@ -414,7 +455,10 @@ def escalate(first, result, max_error: float, rungs: Sequence[Any],
     """Re-solve only the samples whose ``result.error_estimate`` exceeds ``max_error`` with the next
     costlier configuration (``rungs``: SamplePlans of the same request, cheapest first), and those
     still above it with the one after, and so on. A rung whose solver gives no estimate (the
-    reference) ends the climb for the samples it solved. Same start noise and conditions per sample.
+    reference), or whose solver is not the first one's, ends the climb for the samples it solved:
+    E is in the first solver's units, and the solvers' estimates differ in scale (median estimate /
+    true error measured from about 0.3 for UniPC to about 3 for BA, benchmarks/results/autoconfig.md),
+    so another solver's estimate is not compared with it. Same start noise and conditions per sample.
     """
     from .runtime.solve import solve
 
@@ -428,6 +472,7 @@ def escalate(first, result, max_error: float, rungs: Sequence[Any],
     x = np.array(result.x, copy=True)
     est = np.asarray(result.error_estimate, np.float64).copy()
     todo = np.flatnonzero(est > max_error)
+    comparable = np.ones(x.shape[0], bool)  # estimate in the first solver's units
     resolved: set = set()
     used, calls = [], 0
     for i, q in enumerate(rungs):
@@ -435,15 +480,17 @@ def escalate(first, result, max_error: float, rungs: Sequence[Any],
             break
         r = solve(q.solver, q.model.velocity, noise[todo], q.nfe, **_rows(q, todo))
         x[todo] = r.x
+        same = r.error_estimate is not None and q.solver == first.solver
         e = np.zeros(todo.size) if r.error_estimate is None else np.asarray(r.error_estimate, np.float64)
         est[todo] = e
+        comparable[todo] = same
         resolved.update(int(i) for i in todo)
         used.append({"config": labels[i] if labels else f"{q.solver}@{q.nfe} {q.grid_source}",
                      "samples": int(todo.size),
                      "backbone_calls": int(r.nfe)})
         calls += int(r.nfe)
-        todo = todo[e > max_error]
-    return Escalated(x, est, used, len(resolved), calls, int(todo.size))
+        todo = todo[e > max_error] if same else todo[:0]
+    return Escalated(x, est, used, len(resolved), calls, int(np.sum((est > max_error) & comparable)))
 
 
 def quality_plans(model, quality: Any, tuning=None, **request) -> tuple[Preset, Any, list]:
@@ -474,10 +521,10 @@ def describe(p: Preset) -> str:
 
 
 def plot_pareto(found: AutoConfig, path) -> Any:
-    """Mean PSNR vs measured latency (left) and vs backbone calls (right) of every configuration
+    """Mean PSNR vs latency (left) and vs backbone calls (right) of every configuration
     tried: filled where its lower bound met the target, hollow where not; the Pareto front (no
     configuration both faster and better) drawn; the chosen one ringed. A PNG (matplotlib, lazily).
-    Latency: the median of the timing repeats where the target was met, else the one scoring solve."""
+    Latency: modelled from the search's pooled per-call times (every candidate alike)."""
     from .plots import LINE_COLOURS, _figure, _save_figure
 
     fig, (ax_t, ax_c) = _figure(2, width=5.4, height=4.2)
@@ -512,7 +559,7 @@ def plot_pareto(found: AutoConfig, path) -> Any:
     ax_t.set_xscale("log")
     ax_t.xaxis.set_major_formatter(ScalarFormatter())
     ax_t.xaxis.set_minor_formatter(ScalarFormatter())
-    ax_t.set(xlabel=f"measured latency per {p.batch} samples (ms)",
+    ax_t.set(xlabel=f"latency per {p.batch} samples (ms, modelled from measured per-call times)",
              ylabel=f"mean PSNR vs {p.reference} (dB)", title="quality vs latency (filled: bound meets target)")
     ax_c.set(xlabel="backbone calls", ylabel=f"mean PSNR vs {p.reference} (dB)", title="quality vs calls")
     return _save_figure(fig, path)

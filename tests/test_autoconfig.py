@@ -164,6 +164,27 @@ def test_autoconfigure_meets_its_bound_and_refuses_the_impossible():
                       samples=8, resamples=200, repeats=1)
 
 
+def test_latency_model_is_calls_times_pooled_per_call_times():
+    """Independent truth: hand-made timings; the medians per backbone call, per SideNet call and per
+    solver's step overhead, then calls x those (a wall-time outlier moves a median only one rank)."""
+    from types import SimpleNamespace as NS
+
+    from anchorflow.autoconfig import latency_model, modelled_latency
+    from anchorflow.runtime.result import Timing
+
+    def r(nfe, side, steps, back_s, side_s, total_s):
+        return NS(nfe=nfe, sidenet_calls=side, steps=(None,) * steps, timing=Timing(total_s, back_s, side_s))
+
+    timings = [("euler", r(4, 0, 4, 0.040, 0.0, 0.044)), ("euler", r(2, 0, 2, 0.020, 0.0, 0.022)),
+               ("euler", r(8, 0, 8, 4.0, 0.0, 4.008)),  # a load burst: 0.5 s per call, one of five
+               ("ba", r(5, 5, 5, 0.050, 0.025, 0.080)), ("ba", r(3, 3, 3, 0.030, 0.015, 0.048))]
+    pc = latency_model(timings)
+    assert pc["backbone_s"] == pytest.approx(0.010) and pc["sidenet_s"] == pytest.approx(0.005)
+    assert pc["overhead_s_per_step"] == pytest.approx({"euler": 0.001, "ba": 0.001})
+    assert modelled_latency(pc, "ba", 6, 6, 6) == pytest.approx(6 * 0.010 + 6 * 0.005 + 6 * 0.001)
+    assert modelled_latency(pc, "unipc", 4, 0, 4) == pytest.approx(4 * 0.010 + 4 * 0.001)  # unseen: median
+
+
 def test_preset_round_trips_and_is_checked_on_read(tmp_path):
     from anchorflow.errors import StateFileError
     from anchorflow.runtime.presets import Preset, presets_from_json
@@ -230,6 +251,26 @@ def test_search_never_returns_a_configuration_whose_bound_misses_the_target(mixt
         bound = bootstrap_lower(per, 0.95, 400, np.random.default_rng(5), future=24)
         assert bound == pytest.approx(p.lower_bound, abs=1e-6) and bound >= target
         assert (p.solver, p.nfe, p.times) != (c.solver, c.nfe, c.times)  # the trap itself is never chosen
+
+
+def test_preset_for_a_higher_target_is_the_fastest_timed_candidate_meeting_it(mixture_search):
+    """One search, several presets: for each higher target the choice is the fastest candidate (by
+    the search's modelled latency) whose bound meets it; the search's own target gives its preset;
+    an unmet one is refused."""
+    from anchorflow.autoconfig import preset_for
+    from anchorflow.errors import ConfigError
+
+    _, found = mixture_search
+    assert preset_for(found, found.settings["target_psnr"]) == found.preset
+    bounds = sorted(c.lower_bound for c in found.candidates if c.meets)
+    for q in bounds[len(bounds) // 3:]:
+        p = preset_for(found, q, name="hi")
+        ok = [c for c in found.candidates if c.lower_bound >= q]
+        assert p.name == "hi" and p.lower_bound >= q and p.target_psnr == q
+        assert p.latency_s == min(c.latency_s for c in ok)
+        assert (p.solver, p.nfe, p.times) in {(c.solver, c.nfe, c.times) for c in ok}
+    with pytest.raises(ConfigError, match="no candidate of this search has a 95% lower bound >= "):
+        preset_for(found, bounds[-1] + 1.0)
 
 
 def test_an_impossible_target_is_refused_in_one_line_naming_the_best(quality_root, capsys):
@@ -355,6 +396,25 @@ def test_escalation_resolves_only_the_samples_above_the_threshold():
     np.testing.assert_allclose(esc.x[climb], full[1].x[climb], atol=1e-12)
     assert esc.extra_calls == 6 + (40 if climb.any() else 0) and esc.above == 0
     assert escalate(first, res, float(res.error_estimate.max()), rungs).resolved == 0
+    other = [plan(m, solver="ipndm", nfe=6, noise=noise, tuning=None), rungs[1]]  # another solver's units
+    esc = escalate(first, res, e, other)
+    assert [u["samples"] for u in esc.rungs] == [12] and esc.extra_calls == 6 and esc.above == 0
+    np.testing.assert_allclose(esc.x[above], other[0].run().x[above], atol=1e-12)
+
+
+def test_the_ladder_has_one_rung_per_configuration():
+    from anchorflow.autoconfig import ladder
+    from anchorflow.runtime.presets import Preset
+    from anchorflow.runtime.tuned import Tuning
+
+    def p(name, solver, nfe, lcb, ms):
+        return Preset(name, solver, nfe, "backbone", "uniform", tuple(np.linspace(1, 0, nfe + 1)), 30.0, "euler@50",
+                      0.95, lcb, lcb + 1, 0.1, lcb - 1, ms, 32, "cpu")
+
+    ps = {"a": p("a", "unipc", 5, 31.0, 0.07), "b": p("b", "ba", 6, 40.0, 0.2), "c": p("c", "ba", 6, 40.0, 0.2),
+          "d": p("d", "euler", 3, 20.0, 0.03)}
+    rungs = ladder(Tuning(presets=ps), ps["a"])
+    assert [(r.solver, r.nfe) for r in rungs] == [("ba", 6), ("euler", 50)]
 
 
 def test_escalation_slices_label_rows(quality_root):
