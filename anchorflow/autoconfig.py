@@ -20,7 +20,7 @@ backbone calls, uniform grid) and a target mean PSNR against it, the search:
    per-call times are stable. The candidate's own median wall time is kept as ``measured_s``.
 
 A target no candidate's bound meets is refused in one line naming the best bound reached. The
-result is a :class:`~anchorflow.runtime.presets.Preset` (``record`` stores it in the bundle's
+result is a :class:`~anchorflow.runtime.bundles.presets.Preset` (``record`` stores it in the bundle's
 tuned.json under the bundle lock), the table of every candidate tried, and the search's own cost.
 Time convention: t = 1 noise, t = 0 data; NFE = backbone calls. Torch-free (numpy, the runtime).
 """
@@ -35,8 +35,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
-from .runtime.presets import Preset, check_name
+from .base.errors import ConfigError
+from .runtime.bundles.presets import Preset, check_name
 
 DEFAULT_SOLVERS = ("euler", "ab2", "ipndm", "unipc", "ba")
 DEFAULT_NFES = (3, 4, 5, 6, 7, 8, 10, 12, 16, 20)
@@ -137,7 +137,7 @@ def check_settings(target_psnr: float, confidence: float, samples: int, resample
 def _grid_choices(model, tuning, solver: str, nfe: int, grids: Sequence[str]) -> list[tuple[str, tuple]]:
     """(label, times) for each grid name that applies to (solver, nfe); "tuned" only where recorded."""
     from .runtime import get_solver
-    from .runtime.grids import make_grid
+    from .runtime.solving.grids import make_grid
 
     steps = get_solver(solver).steps_for_nfe(nfe)
     out = []
@@ -161,7 +161,7 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
     """Search solvers x NFE x grids for the fastest configuration whose PSNR lower bound meets ``target_psnr``.
 
     ``model``: a LoadedBundle / OpenModel (anything :func:`anchorflow.runtime.plan.plan` takes);
-    ``tuning``: the bundle's :class:`~anchorflow.runtime.tuned.Tuning` for the ``tuned`` grids (None:
+    ``tuning``: the bundle's :class:`~anchorflow.runtime.bundles.tuned_grids.Tuning` for the ``tuned`` grids (None:
     none). ``batch``: the promise is about the mean PSNR of a fresh batch of this many samples
     (default ``samples``; 0: about the population mean), see :func:`bootstrap_lower`. ``labels``:
     the tuning batch's class labels (default 0..C-1 cycled). See the module docstring for the
@@ -170,8 +170,8 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
     """
     from .bench.evaluate import span_of
     from .runtime import get_solver
-    from .runtime import metrics as M
-    from .runtime.grids import make_grid
+    from .runtime.evaluation import metrics as M
+    from .runtime.solving.grids import make_grid
     from .runtime.plan import MAX_N, check_int, plan
 
     check_settings(target_psnr, confidence, samples, resamples, repeats, seed)
@@ -314,7 +314,7 @@ def preset_for(found: AutoConfig, target_psnr: float, name: Optional[str] = None
 
 def record(bundle_dir, found: AutoConfig) -> None:
     """Store the preset in the bundle's tuned.json (merged under the bundle's lock; grids kept)."""
-    from .runtime.tuned import Tuning, write_tuning
+    from .runtime.bundles.tuned_grids import Tuning, write_tuning
 
     write_tuning(bundle_dir, Tuning(settings={"autoconfig": {**found.settings, "preset": found.preset.name,
                                                               "cost": found.cost}},
@@ -326,7 +326,7 @@ def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: s
                    dry_run: bool, plot: Optional[str] = None) -> list[str]:
     """``anchorflow tune MODEL --target-psnr Q``: search, record the preset in the bundle, return the lines to print."""
     from .modelref import open_model
-    from .runtime.tuned import read_tuning
+    from .runtime.bundles.tuned_grids import read_tuning
 
     names = [s.strip() for s in solvers.split(",") if s.strip()]
     try:
@@ -339,7 +339,7 @@ def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: s
     if name is not None:
         check_name(name)
     if plot is not None:
-        from ._io import check_output
+        from .base._io import check_output
 
         if not str(plot).lower().endswith(".png"):
             raise ConfigError(f"--plot {plot}: the Pareto figure is a PNG; give a .png file name")
@@ -380,7 +380,7 @@ def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: s
 def resolve_quality(tuning, quality: Any) -> Preset:
     """The preset a ``--quality`` asks for: a recorded name, or a number of dB (the fastest recorded
     preset whose lower bound meets it). One-line ConfigError naming what is recorded otherwise."""
-    from .runtime.presets import get_preset
+    from .runtime.bundles.presets import get_preset
 
     presets = {} if tuning is None else dict(getattr(tuning, "presets", {}) or {})
     text = str(quality).strip()
@@ -404,7 +404,7 @@ def ladder(tuning, chosen: Preset) -> list[Preset]:
     """The configurations escalation climbs after ``chosen``: the recorded presets measured slower than
     it with a higher lower bound (fastest first), then its reference (uniform grid) as the last rung."""
     from .runtime import get_solver
-    from .runtime.grids import make_grid
+    from .runtime.solving.grids import make_grid
 
     presets = {} if tuning is None else dict(getattr(tuning, "presets", {}) or {})
     up = sorted((p for p in presets.values() if p.name != chosen.name and p.latency_s > chosen.latency_s
@@ -460,7 +460,7 @@ def escalate(first, result, max_error: float, rungs: Sequence[Any],
     true error measured from about 0.3 for UniPC to about 3 for BA, benchmarks/results/autoconfig.md),
     so another solver's estimate is not compared with it. Same start noise and conditions per sample.
     """
-    from .runtime.solve import solve
+    from .runtime.solving.solve import solve
 
     if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not max_error >= 0 \
             or not math.isfinite(max_error):
@@ -499,7 +499,7 @@ def quality_plans(model, quality: Any, tuning=None, **request) -> tuple[Preset, 
     from .runtime.plan import plan
 
     if tuning is None:
-        from .runtime.tuned import read_tuning
+        from .runtime.bundles.tuned_grids import read_tuning
 
         files = getattr(model, "files", None)
         folder = getattr(files, "bundle", None) if files is not None else getattr(model, "path", None)

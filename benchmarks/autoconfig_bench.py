@@ -6,7 +6,7 @@ Models (``--model``):
   data-free SideNet, exported by the real exporter (``anchorflow export MODEL/transformer --sidenet
   MODEL/sidenet --precision fp32``, once, into ``--sd3-bundle``), ORT CPU, one thread; conditions:
   the class prompts (encoder_hidden_states, pooled_projections) per row.
-- ``mixture``: the closed-form Gaussian mixture (runtime/analytic.py, 8 dims, 20 components, 10
+- ``mixture``: the closed-form Gaussian mixture (runtime/evaluation/analytic.py, 8 dims, 20 components, 10
   classes) with :class:`ExactSideNet` scaled by 0.8 (a systematically under-trained SideNet).
 
 Per model, with the default search (solvers euler, ab2, ipndm, unipc, ba; NFE 3..16; grids uniform and
@@ -62,11 +62,11 @@ import numpy as np  # noqa: E402
 
 from anchorflow.autoconfig import autoconfigure, escalate, preset_for, quality_plans  # noqa: E402
 from anchorflow.bench.evaluate import span_of  # noqa: E402
-from anchorflow.runtime import metrics as M  # noqa: E402
+from anchorflow.runtime.evaluation import metrics as M  # noqa: E402
 from anchorflow.runtime import solve  # noqa: E402
-from anchorflow.runtime.estimate import spearman  # noqa: E402
+from anchorflow.runtime.solving.estimate import spearman  # noqa: E402
 from anchorflow.runtime.plan import plan  # noqa: E402
-from anchorflow.runtime.tuned import Tuning  # noqa: E402
+from anchorflow.runtime.bundles.tuned_grids import Tuning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -83,7 +83,7 @@ class Mixture:
     """The closed-form model as plan() takes it (no bundle: class labels only)."""
 
     def __init__(self) -> None:
-        from anchorflow.runtime.analytic import ExactSideNet, GaussianMixture
+        from anchorflow.runtime.evaluation.analytic import ExactSideNet, GaussianMixture
 
         self.gm = GaussianMixture.random((8,), 20, classes=10, seed=3, std=(0.05, 0.4))
         self.velocity = self.gm.velocity
@@ -96,7 +96,7 @@ class Mixture:
 def open_case(name: str, sd3_bundle: Path):
     """(model, tuning, conditions(labels) -> dict of plan kwargs, description)."""
     from anchorflow.runtime import load_bundle
-    from anchorflow.runtime.tuned import read_tuning
+    from anchorflow.runtime.bundles.tuned_grids import read_tuning
 
     if name == "mixture":
         return Mixture(), None, (lambda y: {"labels": y}), "closed-form mixture (8-d, 20 comps), ExactSideNet x0.8"
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
     if base.solver not in ESTIMATING:  # the fastest estimating configuration meeting the lowest target
         ok = [c for c in found.candidates if c.solver in ESTIMATING and c.meets]
         c = min(ok, key=lambda c: (c.latency_s, c.nfe))
-        from anchorflow.runtime.presets import Preset
+        from anchorflow.runtime.bundles.presets import Preset
 
         base = Preset("base", c.solver, c.nfe, "backbone", c.grid_label, c.times, targets[0], base.reference,
                       base.confidence, c.lower_bound, c.mean_psnr, base.quantile, c.quantile_psnr, c.latency_s,

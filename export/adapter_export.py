@@ -7,7 +7,7 @@ FLUX's 2x2 packing, is declared as ``m * Dim``), refuses float64 anywhere in the
 cannot import it), writes the weights as ONNX external data (one ``backbone.onnx.data`` next to the
 graph, hashed like the rest) above 2 GB, and checks onnxruntime against torch at 3 batch sizes x
 2 sets of axis sizes (fp32: max abs error <= 1e-4). bundle.json declares the inputs, axes, time
-map and guidance mode (:mod:`anchorflow.runtime.bundle_format`). The folder appears whole or not
+map and guidance mode (:mod:`anchorflow.runtime.bundles.format`). The folder appears whole or not
 at all. Time convention: t = 1 noise, t = 0 data.
 """
 
@@ -21,11 +21,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .._deps import require
-from .._io import atomic_dir
-from ..errors import CheckpointError, ConfigError
-from ..runtime.bundle_format import SCHEMA, TIME_CONVENTION, file_record, write_bundle_json
-from ..runtime.parity import Case, reference_outputs, run_report
+from ..base._deps import require
+from ..base._io import atomic_dir
+from ..base.errors import CheckpointError, ConfigError
+from ..runtime.bundles.format import SCHEMA, TIME_CONVENTION, file_record, write_bundle_json
+from ..runtime.evaluation.parity import Case, reference_outputs, run_report
 from .onnx_export import DEFAULT_OPSET, _quiet, check_opset
 from .precision import convert, parse_precisions, variant_file
 from .quantize import add_quantized, float_precisions
@@ -152,7 +152,7 @@ def cases(spec: Any, top_rows: int, seed: int = 0) -> list[Case]:
 def _parity(adapter: Any, spec: Any, top_rows: int) -> Callable[[Path, str], Any]:
     """``check(file, precision) -> report``: the written graph on onnxruntime CPU vs the torch adapter in
     fp32 on the same cases (3 batches x 2 axis sizes), refusing the export when it fails."""
-    from ..runtime.backends import make_session
+    from ..runtime.bundles.backends import make_session
 
     todo = cases(spec, top_rows)
     refs = reference_outputs("backbone", lambda f: adapter.call_numpy(f["x"], f["t"], _cond(f)), todo)

@@ -1,7 +1,7 @@
 """Export a backbone (+ SideNet) checkpoint to a validated ONNX bundle folder.
 
 ``export_bundle(model, out, ...)`` writes ``bundle.json`` (schema ``anchorflow.bundle/2``, through
-:mod:`anchorflow.runtime.bundle_format`, which validates it),
+:mod:`anchorflow.runtime.bundles.format`, which validates it),
 ``backbone.onnx``, ``sidenet.onnx`` and reduced-precision variants (``*.fp16.onnx``...). Per
 network: torch reference outputs (NaN/Inf refused), ``torch.onnx.export``, ``onnx.checker``,
 onnxslim clean-up kept only if parity holds, onnxruntime-vs-torch parity (fp32 max abs error
@@ -24,11 +24,11 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from .. import __version__
-from .._deps import require
-from .._io import atomic_dir, check_output, read_json, write_bytes
-from ..errors import AnchorflowError, CheckpointError, ConfigError
-from ..runtime.bundle_format import SCHEMA, TIME_CONVENTION, file_record, write_bundle_json
-from ..runtime.parity import Case, NetworkReport, RealData, reference_outputs, run_report
+from ..base._deps import require
+from ..base._io import atomic_dir, check_output, read_json, write_bytes
+from ..base.errors import AnchorflowError, CheckpointError, ConfigError
+from ..runtime.bundles.format import SCHEMA, TIME_CONVENTION, file_record, write_bundle_json
+from ..runtime.evaluation.parity import Case, NetworkReport, RealData, reference_outputs, run_report
 from .cleanup import CleanupReport, clean
 from .onnx_export import BACKBONE, DEFAULT_OPSET, NetSpec, export_onnx, random_inputs, sidenet_spec
 from .precision import convert, parse_precisions, variant_file
@@ -73,7 +73,7 @@ def resolve_sources(model: str | os.PathLike, sidenet: Optional[str | os.PathLik
     """(backbone checkpoint, SideNet checkpoint or None, default output folder or None) for MODEL:
     ``default``, a model root (backbone/, sidenet/ inside; output root/bundle) or a backbone
     checkpoint folder (with ``sidenet``, or a sibling sidenet/ folder)."""
-    from ..runtime.models import locate
+    from ..runtime.bundles.models import locate
 
     files = locate(model)
     if files.backbone is None:
@@ -307,7 +307,7 @@ def export_bundle(model: str | os.PathLike, out: Optional[str | os.PathLike] = N
             meta["versions"] = shared["versions"]
             write_bundle_json(tmp, meta)
             if tuning is not None:
-                from ..runtime.tuned import write_tuning
+                from ..runtime.bundles.tuned_grids import write_tuning
 
                 write_tuning(tmp, tuning)
                 meta = read_json(tmp / "bundle.json")
@@ -319,15 +319,15 @@ def export_bundle(model: str | os.PathLike, out: Optional[str | os.PathLike] = N
 def _previous_tuning(jobs: list[NetJob], out: Path, default_out: Optional[Path]):
     """Tuned grids to carry over: those of the bundle being replaced (``out``), else of the model
     root's own bundle, when made from the same checkpoint weights (see ``runtime.tuned.carried_tuning``)."""
-    from ..runtime.tuned import carried_tuning
+    from ..runtime.bundles.tuned_grids import carried_tuning
 
     candidates = [out] + ([default_out] if default_out is not None and default_out != out else [])
     return carried_tuning(candidates, {job.spec.name: job.config.get("weights_sha256") for job in jobs})
 
 
 def _publishable(folder: Path) -> None:
-    """Ordinary modes for a finished temporary folder (``anchorflow._io.atomic_dir`` also does this on rename)."""
-    from .._io import _publish
+    """Ordinary modes for a finished temporary folder (``anchorflow.base._io.atomic_dir`` also does this on rename)."""
+    from ..base._io import _publish
 
     _publish(folder)
 

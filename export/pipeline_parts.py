@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, ConfigError
+from ..base.errors import CheckpointError, ConfigError
 from .onnx_export import _quiet, check_opset
 
 TOL = 1e-4  # fp32: max |onnx - torch| / max(1, max |torch|) per output
@@ -46,7 +46,7 @@ def _torch_outputs(part: Part, feeds: dict) -> list[np.ndarray]:
 
 def export_part(part: Part, folder: Path, opset: int, validate: bool = True) -> dict:
     """Write ``folder/<part.name>.onnx``; its bundle.json entry (file record, declarations, validation)."""
-    from ..runtime.backends import make_session
+    from ..runtime.bundles.backends import make_session
     from .adapter_export import doubles, save
 
     start = time.perf_counter()

@@ -5,7 +5,7 @@ data, h > 0 toward data; ``v_hat(t - h) = v + delta``) becomes ``sidenet.onnx`` 
 (role state / velocity, the SideNet's fixed state shape (batch, *state)), t (time), h (offset)
 and exactly the conditions its arch names (``cond_inputs``), each declared as the backbone
 declares it (dtype, shape with named axes such as the text length ``L``, per_row). So the
-runtime (:mod:`anchorflow.runtime.networks`) feeds it from the same ``cond`` dict as the
+runtime (:mod:`anchorflow.runtime.bundles.networks`) feeds it from the same ``cond`` dict as the
 backbone, and a SideNet conditioned on nothing gets no conditions. Dynamic axes: ``batch``
 (1 .. the rows BA's merged probes need) and the named axes of those conditions (the backbone's
 ranges). Parity: onnxruntime against torch at 3 batch sizes (fp32: max abs error <= 1e-4),
@@ -24,10 +24,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError
-from ..runtime.parity import TOLERANCES, Case, reference_outputs, run_report
-from ..runtime.parity.cases import OFFSETS
-from ..runtime.solvers import max_sidenet_offsets
+from ..base.errors import CheckpointError, ConfigError
+from ..runtime.evaluation.parity import TOLERANCES, Case, reference_outputs, run_report
+from ..runtime.evaluation.parity.cases import OFFSETS
+from ..runtime.solving.solvers import max_sidenet_offsets
 from .precision import convert
 
 FILE = "sidenet.onnx"
@@ -186,8 +186,8 @@ def write_sidenet(side: Any, folder: Path, backbone_inputs: list[dict], axes: di
                   validate: bool = True, path: Optional[str | Path] = None, precisions: tuple = ("fp32",)) -> dict:
     """Export the SideNet (and its ``precisions`` variants) into ``folder`` (a bundle being written)
     -> its bundle.json network entry."""
-    from .._io import write_bytes
-    from ..runtime.bundle_format import file_record
+    from ..base._io import write_bytes
+    from ..runtime.bundles.format import file_record
     from .precision import variant_file
 
     data, entry, variants = export_sidenet(side, backbone_inputs, axes, top_rows, validate, tuple(precisions))

@@ -1,4 +1,4 @@
-"""Export-time parity: the torch side of the checks in :mod:`anchorflow.runtime.parity`.
+"""Export-time parity: the torch side of the checks in :mod:`anchorflow.runtime.evaluation.parity`.
 
 Statistics, tolerances, cases and reports are the torch-free parity library's (the same numbers
 ``anchorflow verify`` prints); this module adds what needs the export extra: ``onnx.checker``,
@@ -15,8 +15,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from ..errors import CheckpointError
-from ..runtime.parity.cases import Case, Domain, RealData, batches, make_cases as _make_cases
+from ..base.errors import CheckpointError
+from ..runtime.evaluation.parity.cases import Case, Domain, RealData, batches, make_cases as _make_cases
 from .onnx_export import NetSpec
 
 
@@ -34,7 +34,7 @@ def make_cases(spec: NetSpec, state_shape: tuple[int, ...], num_classes: int, si
 # -- graph and runtimes -------------------------------------------------------------------------
 def check_graph(model: Any, network: str) -> None:
     """``onnx.checker.check_model(full_check=True)``; a failure is a CheckpointError."""
-    from .._deps import require
+    from ..base._deps import require
 
     onnx = require("onnx")
     try:
@@ -45,7 +45,7 @@ def check_graph(model: Any, network: str) -> None:
 
 def ort_runner(model: Any, output: str, threads: int = 1) -> Callable[[dict], np.ndarray]:
     """An onnxruntime CPU session on an in-memory model -> ``run(feeds) -> output``."""
-    from .._deps import require
+    from ..base._deps import require
 
     ort = require("onnxruntime")
     opts = ort.SessionOptions()
@@ -57,7 +57,7 @@ def ort_runner(model: Any, output: str, threads: int = 1) -> Callable[[dict], np
 
 def onnx_reference_runner(model: Any, output: str) -> Callable[[dict], np.ndarray]:
     """onnx's own pure-python reference evaluator (slow; runs bf16 graphs that ORT CPU cannot)."""
-    from .._deps import require
+    from ..base._deps import require
 
     reference = require("onnx.reference")
     ev = reference.ReferenceEvaluator(model)
@@ -66,7 +66,7 @@ def onnx_reference_runner(model: Any, output: str) -> Callable[[dict], np.ndarra
 
 def torch_runner(module: Any, spec: NetSpec) -> Callable[[dict], np.ndarray]:
     """``run(feeds) -> output`` for a torch module called as ``module(*inputs in spec order)``."""
-    from .._deps import require
+    from ..base._deps import require
 
     torch = require("torch")
     module = module.eval()

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from anchorflow.cli import main
-from anchorflow.errors import CheckpointError, ConfigError
+from anchorflow.base.errors import CheckpointError, ConfigError
 from test_export import tiny_bundle, tiny_root  # noqa: F401  (session fixtures, exported once)
 
 from anchorflow.runtime import solve
-from anchorflow.runtime.analytic import ExactSideNet, GaussianMixture, exact_flow
-from anchorflow.runtime.estimate import spearman
+from anchorflow.runtime.evaluation.analytic import ExactSideNet, GaussianMixture, exact_flow
+from anchorflow.runtime.solving.estimate import spearman
 
 ESTIMATING = ("ba", "ab2", "ipndm", "unipc")
 
@@ -146,7 +146,7 @@ class _Mixture:
 
 def test_autoconfigure_meets_its_bound_and_refuses_the_impossible():
     from anchorflow.autoconfig import autoconfigure
-    from anchorflow.errors import ConfigError
+    from anchorflow.base.errors import ConfigError
 
     m = _Mixture()
     found = autoconfigure(m, 30.0, reference="rk4@64", solvers=("euler", "ab2", "ba"), nfes=(2, 4, 8),
@@ -170,7 +170,7 @@ def test_latency_model_is_calls_times_pooled_per_call_times():
     from types import SimpleNamespace as NS
 
     from anchorflow.autoconfig import latency_model, modelled_latency
-    from anchorflow.runtime.result import Timing
+    from anchorflow.runtime.solving.result import Timing
 
     def r(nfe, side, steps, back_s, side_s, total_s):
         return NS(nfe=nfe, sidenet_calls=side, steps=(None,) * steps, timing=Timing(total_s, back_s, side_s))
@@ -186,9 +186,9 @@ def test_latency_model_is_calls_times_pooled_per_call_times():
 
 
 def test_preset_round_trips_and_is_checked_on_read(tmp_path):
-    from anchorflow.errors import StateFileError
-    from anchorflow.runtime.presets import Preset, presets_from_json
-    from anchorflow.runtime.tuned import Tuning
+    from anchorflow.base.errors import StateFileError
+    from anchorflow.runtime.bundles.presets import Preset, presets_from_json
+    from anchorflow.runtime.bundles.tuned_grids import Tuning
 
     p = Preset("fast", "ba", 5, "backbone", "uniform", (1.0, 0.5, 0.0), 30.0, "euler@50", 0.95, 31.0, 32.0, 0.1,
                29.0, 0.01, 16, "cpu")
@@ -228,8 +228,8 @@ def test_search_never_returns_a_configuration_whose_bound_misses_the_target(mixt
     pick it), the chosen configuration's bound, recomputed here from an independent solve of the same
     noise against an independent reference, meets the target; an unreachable target is refused."""
     from anchorflow.autoconfig import autoconfigure, bootstrap_lower
-    from anchorflow.errors import ConfigError
-    from anchorflow.runtime import metrics as M
+    from anchorflow.base.errors import ConfigError
+    from anchorflow.runtime.evaluation import metrics as M
 
     m, everything = mixture_search
     noise = np.random.default_rng(4).standard_normal((24, 4)).astype(np.float32)
@@ -258,7 +258,7 @@ def test_preset_for_a_higher_target_is_the_fastest_timed_candidate_meeting_it(mi
     the search's modelled latency) whose bound meets it; the search's own target gives its preset;
     an unmet one is refused."""
     from anchorflow.autoconfig import preset_for
-    from anchorflow.errors import ConfigError
+    from anchorflow.base.errors import ConfigError
 
     _, found = mixture_search
     assert preset_for(found, found.settings["target_psnr"]) == found.preset
@@ -300,8 +300,8 @@ def quality_root(tiny_root, tiny_bundle, tmp_path_factory):  # noqa: F811
 
 
 def test_presets_are_hashed_with_the_bundle_and_a_changed_one_is_refused(quality_root, tmp_path):
-    from anchorflow.runtime.bundle_format import file_sha256
-    from anchorflow.runtime.tuned import read_tuning
+    from anchorflow.runtime.bundles.format import file_sha256
+    from anchorflow.runtime.bundles.tuned_grids import read_tuning
 
     folder = quality_root / "bundle"
     entry = json.loads((folder / "bundle.json").read_text())["tuned"]
@@ -320,7 +320,7 @@ def test_presets_are_hashed_with_the_bundle_and_a_changed_one_is_refused(quality
 
 def test_sample_quality_solves_with_the_preset_and_records_it(quality_root, tmp_path, capsys):
     from anchorflow.runtime import load_bundle
-    from anchorflow.runtime.tuned import read_tuning
+    from anchorflow.runtime.bundles.tuned_grids import read_tuning
 
     folder = quality_root / "bundle"
     p = read_tuning(folder).presets["best"]
@@ -353,7 +353,7 @@ def test_sample_quality_solves_with_the_preset_and_records_it(quality_root, tmp_
 def test_reexport_keeps_presets_of_the_same_weights_and_drops_them_with_other_weights(quality_root, tmp_path,
                                                                                      capsys):
     from anchorflow.export.bundle import export_bundle
-    from anchorflow.runtime.tuned import read_tuning
+    from anchorflow.runtime.bundles.tuned_grids import read_tuning
     from _bundles import train_further
 
     root = tmp_path / "root"
@@ -404,8 +404,8 @@ def test_escalation_resolves_only_the_samples_above_the_threshold():
 
 def test_the_ladder_has_one_rung_per_configuration():
     from anchorflow.autoconfig import ladder
-    from anchorflow.runtime.presets import Preset
-    from anchorflow.runtime.tuned import Tuning
+    from anchorflow.runtime.bundles.presets import Preset
+    from anchorflow.runtime.bundles.tuned_grids import Tuning
 
     def p(name, solver, nfe, lcb, ms):
         return Preset(name, solver, nfe, "backbone", "uniform", tuple(np.linspace(1, 0, nfe + 1)), 30.0, "euler@50",

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 from .evaluate import Evaluator
 from .plan import BenchPlan, Job
 from .reference import reference_solution
@@ -118,7 +118,7 @@ def _fastflow_options(inp: Inputs, job: Job, cfg: float) -> dict:
     """A fresh FastFlow bandit warmed on FASTFLOW_WARMUP generations of other noise (batch <= 16,
     uniform grid). The measured generation is the next one of that stream, still learning, as in
     deployment."""
-    from ..runtime.fastflow import FastFlowBandit
+    from ..runtime.fastflow.learning import FastFlowBandit
 
     seed, noise = inp.plan.seed, inp.noise
     bandit = FastFlowBandit(int(job.nfe), model_id=str(inp.model.meta.get("model_id", "")), seed=seed)
@@ -146,6 +146,10 @@ def run_one(inp: Inputs, job: Job, cfg: float) -> RunRecord:
     rec.skipped = skip_reason(job.solver, job.nfe, inp.model.sidenet is not None, int(job.first_call == "cached"))
     if rec.skipped:
         return rec
+    if job.first_call == "cached" and inp.tuning is not None and inp.tuning.first_call is None \
+            and inp.tuning.first_call_refused:
+        raise ConfigError(f"--first-call cached: 'anchorflow tune' refused this model's first-call table "
+                          f"({inp.tuning.first_call_refused})")
     if job.first_call == "cached" and (inp.tuning is None or inp.tuning.first_call is None):
         raise ConfigError("the cached first call needs the model's first-call table; run 'anchorflow tune' first")
     options = PREPARE[job.solver](inp, job, cfg) if job.solver in PREPARE else {}

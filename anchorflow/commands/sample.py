@@ -99,7 +99,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
 
     m = open_model(model, backend=backend, allow_fallback=allow_fallback, precision=precision,
                    need_sidenet=quality is None and get_solver(solver).needs_sidenet)
-    # --- latent models (pipeline, issue 23): pictures through the bundle's VAE, or --out refused ---
+    # --- latent models: pictures through the bundle's VAE, or --out refused ---
     from .generate import latent_outputs, write_latent_outputs
 
     decoder, out = latent_outputs(m, model, out, npy, backend)
@@ -128,7 +128,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
 
         esc = escalate(p, res, max_error, [q for _, q in rungs], [label for label, _ in rungs])
         x = esc.x
-    if latent:  # pipeline, issue 23
+    if latent:  # a pipeline bundle
         wrote = write_latent_outputs(x, decoder, out, npy)
     else:
         write_samples(x, out, npy, tuple(m.meta.get("data_range") or (-1.0, 1.0)))
@@ -136,7 +136,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
     pending.commit()  # learn only once every output is written (all or nothing)
     if json_out:  # auto (issue 26)
         from ..autoconfig import run_record
-        from .. import _io
+        from ..base import _io
 
         _io.write_json(json_out, run_record(p, res, chosen, esc))
     t = res.timing
