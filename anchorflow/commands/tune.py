@@ -46,12 +46,15 @@ DEFAULT_SOLVERS = "euler,ab2,unipc,ba"
               help="With --target-psnr: grids to try ('tuned' = the bundle's grid where recorded, shift:S, warp:S,P).")
 @click.option("--name", default=None, help="With --target-psnr: the preset's name for `sample --quality` "
                                            "[default: psnrQ].")
+@click.option("--plot", default=None, type=click.Path(dir_okay=False),
+              help="With --target-psnr: write the Pareto figure (quality vs latency and calls, every configuration "
+                   "tried, the chosen one marked) to this .png.")
 # -- end auto
 @click.option("--dry-run", is_flag=True, help="Print the grids without storing them in the bundle.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_file, reference_steps, max_evals,
          backend, dry_run, quiet, target_psnr=None, reference="euler@50", confidence=0.95, grids="uniform,tuned",
-         name=None) -> None:
+         name=None, plot=None) -> None:
     """Tune the time grid of each solver and budget on MODEL (an exported bundle) and record it.
 
     For every solver and NFE the grid ``warp:S,P`` (the SD3 shift S of u^P; (1, 1) is uniform)
@@ -79,7 +82,8 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
         explicit = click.get_current_context().get_parameter_source("nfe").name != "DEFAULT"
         for line in tune_to_target(model, target_psnr, reference=reference, solvers=solvers,
                                    nfe=nfe if explicit else None, grids=grids, samples=samples, seed=seed, cfg=cfg,
-                                   confidence=confidence, name=name, backend=backend, dry_run=dry_run):
+                                   confidence=confidence, name=name, backend=backend, dry_run=dry_run,
+                                   plot=plot):
             click.echo(line)
         return
     names = [s.strip() for s in solvers.split(",") if s.strip()]
