@@ -63,7 +63,6 @@ import numpy as np  # noqa: E402
 from anchorflow.autoconfig import autoconfigure, escalate, preset_for, quality_plans  # noqa: E402
 from anchorflow.bench.evaluate import span_of  # noqa: E402
 from anchorflow.runtime.evaluation import metrics as M  # noqa: E402
-from anchorflow.runtime import solve  # noqa: E402
 from anchorflow.runtime.solving.estimate import spearman  # noqa: E402
 from anchorflow.runtime.plan import plan  # noqa: E402
 from anchorflow.runtime.bundles.tuned_grids import Tuning  # noqa: E402
