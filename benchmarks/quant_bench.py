@@ -95,8 +95,10 @@ def sidenet_rows(nets: Q.Nets, configs: list) -> list[dict]:
     return rec.calls
 
 
-def variants(folder: Path, nets: Q.Nets, meta: dict, log) -> tuple[dict, dict]:
-    """name -> (backbone src, sidenet src) with src None (fp32), a Path or ONNX bytes; and notes."""
+def variants(folder: Path, nets: Q.Nets, meta: dict, log, extras: bool = True) -> tuple[dict, dict]:
+    """name -> (backbone src, sidenet src) with src None (fp32), a Path or ONNX bytes; and notes.
+    ``extras=False`` (benchmarks/quant_latency.py) skips the quality-only variants (random calibration,
+    SideNet int8, fp8); fp32 / fp16 / the bundle's int8 and the every-weight-op int8 are the same."""
     import onnx
 
     fmt = nets.fmt
@@ -113,6 +115,8 @@ def variants(folder: Path, nets: Q.Nets, meta: dict, log) -> tuple[dict, dict]:
     out["int8"] = (folder / back["precisions"]["int8"]["file"], None)
     notes = {"int8_quantized_nodes": len(chosen), "calibration_calls": len(rows),
              "int8_weights_quantized": back["precisions"]["int8"]["quantization"]["weights_quantized"]}
+    if not extras:
+        return _every_weight_op(base, rows, state, out, notes, log)
     log("random calibration")
     rq = Q.Quantizer(base, "int8", Q.random_calibration(fmt, rows), state)
     try:
@@ -144,11 +148,16 @@ def variants(folder: Path, nets: Q.Nets, meta: dict, log) -> tuple[dict, dict]:
             notes["fp8_not_run"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     finally:
         fq.close()
+    return _every_weight_op(base, rows, state, out, notes, log)
+
+
+def _every_weight_op(base, rows: list, state: list, out: dict, notes: dict, log) -> tuple[dict, dict]:
     log("int8, every weight op (speed bound)")
     aq = Q.Quantizer(base, "int8", rows, state)
     try:
         every = [n for c in ("embedding", "input_projection", "body", "attention", "final_projection") for n in aq.classes[c]]
         notes["int8_all_weight_ops_nodes"] = len(every)
+        notes["int8_all_weight_ops_weights_quantized"] = Q.weight_share(aq.model, every)
         speed_only = aq.quantize(nodes=every).SerializeToString()
     finally:
         aq.close()
@@ -233,20 +242,35 @@ def _bytes(src):
     return src.read_bytes() if isinstance(src, Path) else src
 
 
+def latency_feeds(fmt, batch: int) -> dict:
+    """One backbone call's feeds at ``batch`` (seed 3, t = 0.5), the same for every variant."""
+    noise, kwargs = Q.problem(fmt, batch, seed=3)
+    feeds = {"x": noise, "t": np.full(batch, 0.5, np.float32)}
+    for k, v in kwargs.items():
+        if k == "y":
+            feeds["y"] = v
+        elif k == "cond":
+            feeds.update(v)
+    return feeds
+
+
+def latency_session(fmt, src):
+    """A 1-thread ORT CPU session of a backbone variant (src None: the bundle's fp32 file)."""
+    return Q._session(_bytes(src) if src is not None else fmt.network_file("backbone"), threads=1)
+
+
+def session_feeds(sess, feeds: dict) -> dict:
+    names = {i.name for i in sess.get_inputs()}
+    return {k: v for k, v in feeds.items() if k in names}
+
+
 def latency(fmt, srcs: dict, batches=(1, 16), repeats=(30, 10)) -> list[dict]:
     rows = []
     for batch, reps in zip(batches, repeats):
-        noise, kwargs = Q.problem(fmt, batch, seed=3)
-        feeds = {"x": noise, "t": np.full(batch, 0.5, np.float32)}
-        for k, v in kwargs.items():
-            if k == "y":
-                feeds["y"] = v
-            elif k == "cond":
-                feeds.update(v)
+        feeds = latency_feeds(fmt, batch)
         for name, src in srcs.items():
-            sess = Q._session(_bytes(src) if src is not None else fmt.network_file("backbone"), threads=1)
-            names = {i.name for i in sess.get_inputs()}
-            f = {k: v for k, v in feeds.items() if k in names}
+            sess = latency_session(fmt, src)
+            f = session_feeds(sess, feeds)
             for _ in range(3):
                 sess.run(None, f)
             ts = []
@@ -309,6 +333,39 @@ def write_md(path: Path, res: dict) -> None:
     write_text(path, "\n".join(lines) + "\n")
 
 
+def dit30m_variants(tmp: Path, log) -> tuple:
+    """The dit30m bundle exported under ``tmp`` and its variants (see dit30m): (fmt, name -> src,
+    name -> int8 weight share, what floor.dit30m_bundle built). The srcs' files live in ``tmp``."""
+    import onnx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import floor
+    from anchorflow.export.precision import convert
+
+    folder, info = floor.dit30m_bundle(tmp, 16)
+    log("dit30m exported")
+    nets = Q.open_nets(folder)
+    fmt = nets.fmt
+    base = onnx.load(str(fmt.network_file("backbone")))
+    fp16 = tmp / "backbone.fp16.onnx"
+    onnx.save(convert(base, "fp16"), str(fp16))
+    rows = Q.record_calibration(nets, [Q.config(fmt, "euler", 3)], samples=2)
+    state = [i.name for i in fmt.backbone.inputs if i.role == "state"]
+    qz = Q.Quantizer(base, "int8", rows, state)
+    try:
+        body = [n for c in ("body", "attention", "softmax", "final_projection") for n in qz.classes[c]]
+        every = [n for c in ("embedding", "input_projection", "body", "attention", "final_projection") for n in qz.classes[c]]
+        srcs = {"fp32": None, "fp16": fp16,
+                "int8 (body, attention, final projection)": qz.quantize(nodes=body).SerializeToString(),
+                "int8, every weight op": qz.quantize(nodes=every).SerializeToString()}
+        shares = {"int8 (body, attention, final projection)": Q.weight_share(qz.model, body),
+                  "int8, every weight op": Q.weight_share(qz.model, every)}
+    finally:
+        qz.close()
+    log("variants made")
+    return fmt, srcs, shares, info
+
+
 def dit30m(args, log) -> None:
     """Latency only (a random-init model: its sample quality means nothing): benchmarks/floor.py's
     ~33 M-parameter DiT exported by export_bundle, its fp16 variant (export.precision.convert), and
@@ -316,35 +373,9 @@ def dit30m(args, log) -> None:
     calibrator keeps every activation of every row in memory): the classes the digits / SD3 rules
     quantise (body, attention, softmax, final projection; norms, embeddings, input projection fp32)
     and every weight op."""
-    import onnx
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import floor
-    from anchorflow.export.precision import convert
-
     before = loadavg()
     with tempfile.TemporaryDirectory(prefix="quant-dit30m-") as tmp:
-        folder, info = floor.dit30m_bundle(Path(tmp), 16)
-        log("dit30m exported")
-        nets = Q.open_nets(folder)
-        fmt = nets.fmt
-        base = onnx.load(str(fmt.network_file("backbone")))
-        fp16 = Path(tmp) / "backbone.fp16.onnx"
-        onnx.save(convert(base, "fp16"), str(fp16))
-        rows = Q.record_calibration(nets, [Q.config(fmt, "euler", 3)], samples=2)
-        state = [i.name for i in fmt.backbone.inputs if i.role == "state"]
-        qz = Q.Quantizer(base, "int8", rows, state)
-        try:
-            body = [n for c in ("body", "attention", "softmax", "final_projection") for n in qz.classes[c]]
-            every = [n for c in ("embedding", "input_projection", "body", "attention", "final_projection") for n in qz.classes[c]]
-            srcs = {"fp32": None, "fp16": fp16,
-                    "int8 (body, attention, final projection)": qz.quantize(nodes=body).SerializeToString(),
-                    "int8, every weight op": qz.quantize(nodes=every).SerializeToString()}
-            shares = {"int8 (body, attention, final projection)": Q.weight_share(qz.model, body),
-                      "int8, every weight op": Q.weight_share(qz.model, every)}
-        finally:
-            qz.close()
-        log("variants made")
+        fmt, srcs, shares, info = dit30m_variants(Path(tmp), log)
         lat = latency(fmt, srcs, repeats=(20, 5))
         log("latency done")
     res = {"model": "dit30m", "command": "python benchmarks/quant_bench.py --model dit30m", "loadavg_before": before,
