@@ -60,11 +60,9 @@ def slim(model: Any) -> Any:
 
 def latency_ms(model: Any, feeds: dict[str, np.ndarray], repeats: int = 20) -> float:
     """Median wall time of one onnxruntime CPU run (one thread, full graph optimisation)."""
-    ort = require("onnxruntime")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    from .stages import memory_session
+
+    sess = memory_session(model)
     sess.run(None, feeds)
     times = []
     for _ in range(repeats):

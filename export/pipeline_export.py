@@ -39,6 +39,7 @@ from ..runtime.bundle_format import file_record, read_bundle, write_bundle_json
 from ..runtime.pipeline_format import FAMILY_OF, PIPELINE_FORMAT, check_pipeline_folder, parse_pipeline
 from .onnx_export import DEFAULT_OPSET
 from .pipeline_parts import export_part, text_part, vae_parts
+from .stages import relative_max
 
 PROBES = ("", "a red cat", "a dog and a cat on a red car, photo, 4k")
 EMBED_TOL = 1e-4  # recipe parity: max |ours - encode_prompt| / max(1, max |encode_prompt|)
@@ -155,7 +156,7 @@ def _check_recipe(bundle_dir: Path, pipe: Any, family: str, max_seq: int) -> dic
         if got.shape != r.shape:
             raise CheckpointError(f"export refused: the recipe's {key} has shape {got.shape}, encode_prompt gives "
                                   f"{r.shape}; nothing was written")
-        err = float(np.max(np.abs(got - r))) / max(1.0, float(np.max(np.abs(r))))
+        err = relative_max(got, r)
         worst = max(worst, err)
         if not err <= EMBED_TOL:
             raise CheckpointError(f"export refused: the torch-free prompt recipe's {key} differs from the pipeline's "
