@@ -12,6 +12,6 @@ Time convention everywhere: t = 1 is noise, t = 0 is data.
 
 __version__ = "0.1.0"
 
-from .errors import AnchorflowError  # noqa: E402
+from .base.errors import AnchorflowError  # noqa: E402
 
 __all__ = ["AnchorflowError", "__version__"]

@@ -15,7 +15,7 @@ backbone calls, uniform grid) and a target mean PSNR against it, the search:
    own overhead count) and picks the fastest.
 
 A target no candidate's bound meets is refused in one line naming the best bound reached. The
-result is a :class:`~anchorflow.runtime.presets.Preset` (``record`` stores it in the bundle's
+result is a :class:`~anchorflow.runtime.bundles.presets.Preset` (``record`` stores it in the bundle's
 tuned.json under the bundle lock), the table of every candidate tried, and the search's own cost.
 Time convention: t = 1 noise, t = 0 data; NFE = backbone calls. Torch-free (numpy, the runtime).
 """
@@ -30,8 +30,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
-from .runtime.presets import Preset, check_name
+from .base.errors import ConfigError
+from .runtime.bundles.presets import Preset, check_name
 
 DEFAULT_SOLVERS = ("euler", "ab2", "ipndm", "unipc", "ba")
 DEFAULT_NFES = (3, 4, 5, 6, 7, 8, 10, 12, 16, 20)
@@ -113,7 +113,7 @@ def check_settings(target_psnr: float, confidence: float, samples: int, resample
 def _grid_choices(model, tuning, solver: str, nfe: int, grids: Sequence[str]) -> list[tuple[str, tuple]]:
     """(label, times) for each grid name that applies to (solver, nfe); "tuned" only where recorded."""
     from .runtime import get_solver
-    from .runtime.grids import make_grid
+    from .runtime.solving.grids import make_grid
 
     steps = get_solver(solver).steps_for_nfe(nfe)
     out = []
@@ -136,14 +136,14 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
     """Search solvers x NFE x grids for the fastest configuration whose PSNR lower bound meets ``target_psnr``.
 
     ``model``: a LoadedBundle / OpenModel (anything :func:`anchorflow.runtime.plan.plan` takes);
-    ``tuning``: the bundle's :class:`~anchorflow.runtime.tuned.Tuning` for the ``tuned`` grids (None:
+    ``tuning``: the bundle's :class:`~anchorflow.runtime.bundles.tuned_grids.Tuning` for the ``tuned`` grids (None:
     none). See the module docstring for the procedure. Raises ConfigError (one line) when no
     candidate's bound meets the target, naming the best bound reached and where.
     """
     from .bench.evaluate import span_of
     from .runtime import get_solver
-    from .runtime import metrics as M
-    from .runtime.grids import make_grid
+    from .runtime.evaluation import metrics as M
+    from .runtime.solving.grids import make_grid
     from .runtime.plan import plan
 
     check_settings(target_psnr, confidence, samples, resamples, repeats, seed)
@@ -229,7 +229,7 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
 
 def record(bundle_dir, found: AutoConfig) -> None:
     """Store the preset in the bundle's tuned.json (merged under the bundle's lock; grids kept)."""
-    from .runtime.tuned import Tuning, write_tuning
+    from .runtime.bundles.tuned_grids import Tuning, write_tuning
 
     write_tuning(bundle_dir, Tuning(settings={"autoconfig": {**found.settings, "preset": found.preset.name,
                                                               "cost": found.cost}},
@@ -241,7 +241,7 @@ def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: s
                    dry_run: bool) -> list[str]:
     """``anchorflow tune MODEL --target-psnr Q``: search, record the preset in the bundle, return the lines to print."""
     from .modelref import open_model
-    from .runtime.tuned import read_tuning
+    from .runtime.bundles.tuned_grids import read_tuning
 
     names = [s.strip() for s in solvers.split(",") if s.strip()]
     try:

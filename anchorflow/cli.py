@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .commands.lazygroup import LazyGroup
-from .errors import AnchorflowError
+from .base.errors import AnchorflowError
 
 # command name -> (module, attribute, one-line help shown by `anchorflow --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {

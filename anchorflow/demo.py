@@ -15,8 +15,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import __version__, _io
-from .errors import ConfigError
+from . import __version__
+from .base import _io
+from .base.errors import ConfigError
 from .modelref import open_model
 
 DEMO_METHODS = ("euler", "heun", "ab2", "dpmpp2m", "ba")
@@ -27,7 +28,7 @@ def _classifier(classifier_dir: Optional[Path]) -> Optional[Callable[[np.ndarray
     """The bundled classifier as ``x -> predicted labels`` (one ONNX session), or None."""
     if classifier_dir is None:
         return None
-    from .runtime.classifier import Classifier
+    from .runtime.evaluation.classifier import Classifier
 
     return Classifier(classifier_dir).labels
 
@@ -45,7 +46,7 @@ def run_demo(
     """Run the demo and write its folder; returns the summary dict."""
     from .plots import save_grid, save_labeled_rows
     from .runtime import get_solver
-    from .runtime.metrics import psnr
+    from .runtime.evaluation.metrics import psnr
     from .runtime.plan import plan
 
     if nfe < 2 or n < 1:

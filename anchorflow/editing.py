@@ -5,7 +5,7 @@ bundled digits model) the identity (:class:`PixelCodec`: the pixels mapped linea
 model's ``data_range``, size and channels as the state's); a latent model supplies a codec with a
 VAE ``encode`` / ``decode`` pair. Conditions, labels and guidance are checked and resolved by
 :func:`anchorflow.runtime.plan.plan`, the one front door every front end uses; the numbers come from
-:func:`anchorflow.runtime.invert.invert` / :func:`~anchorflow.runtime.invert.edit`.
+:func:`anchorflow.runtime.solving.invert.invert` / :func:`~anchorflow.runtime.solving.invert.edit`.
 Time convention: t = 1 noise, t = 0 data.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
+from .base.errors import ConfigError
 
 IMAGE_MODES = {"L": 1, "RGB": 3}
 NAMES = {"labels": "--labels", "cond": "--cond", "null_cond": "--null-cond", "cfg_scale": "--cfg",
@@ -128,8 +128,8 @@ def read_image(path: str, state_shape: Sequence[int], data_range: Sequence[float
 def write_image(x: np.ndarray, out: str, npy: Optional[str], data_range: Sequence[float],
                 codec: Optional[Codec] = None) -> None:
     """The edited image(s) at the model's size (several side by side) and optionally the raw states; all or nothing."""
-    from . import _io
-    from .errors import NonFiniteError
+    from .base import _io
+    from .base.errors import NonFiniteError
     from PIL import Image
 
     if not np.all(np.isfinite(x)):
@@ -164,7 +164,7 @@ def invert_image(model, image: str, *, solver: str = "ba", nfe: int = 10, labels
                  cfg_interval: Any = (0.0, 1.0), grid: Any = None, t_end: float = 1.0,
                  codec: Optional[Codec] = None):
     """Read ``image`` and invert it to noise on ``model`` (a LoadedBundle / OpenModel): the runtime Result."""
-    from .runtime.invert import invert
+    from .runtime.solving.invert import invert
 
     if labels is None and not cond and int(model.meta.get("num_classes") or 0) > 0:
         # sampling cycles the labels 0..C-1 by default; an image has ONE class, which only the user knows
@@ -193,8 +193,8 @@ def edit_image(model, image: str, *, source: Any, target: Any, solver: str = "ba
                inject: int = 0, inject_weight: float = 1.0, cfg_scale: float = 1.0, cfg_interval: Any = (0.0, 1.0),
                grid: Any = None, codec: Optional[Codec] = None):
     """Read ``image``, invert it under ``source``, regenerate under ``target`` (labels "3" / a condition
-    file / a dict): the runtime :class:`~anchorflow.runtime.invert.EditResult`."""
-    from .runtime.invert import edit
+    file / a dict): the runtime :class:`~anchorflow.runtime.solving.invert.EditResult`."""
+    from .runtime.solving.invert import edit
 
     x0 = read_image(image, model.meta["state_shape"], model.meta.get("data_range") or (-1.0, 1.0), codec)
     sides = []

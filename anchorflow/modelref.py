@@ -1,7 +1,7 @@
 """Opening a MODEL argument for the CLI: its bundle (torch-free) or, without one, its torch checkpoints.
 
 What a MODEL names (``default``, a model root, a bundle or a checkpoint folder) is decided by the
-torch-free :mod:`anchorflow.runtime.models`, which library code uses directly; this module adds the
+torch-free :mod:`anchorflow.runtime.bundles.models`, which library code uses directly; this module adds the
 torch fallback (needs ``anchorflow[train]``) that only the application layer may reach.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .errors import CheckpointError
-from .runtime.bundle import open_bundle
-from .runtime.models import (  # noqa: F401  (the CLI's names for the torch-free resolver)
+from .base.errors import CheckpointError
+from .runtime.bundles.load import open_bundle
+from .runtime.bundles.models import (  # noqa: F401  (the CLI's names for the torch-free resolver)
     BUNDLED, DEFAULT_NAME, ModelFiles, OpenModel, check_fresh, locate, model_meta, resolve,
     resolve_backbone_checkpoint)
 
@@ -42,7 +42,7 @@ def open_model(
 
 
 def _open_torch(files: ModelFiles) -> OpenModel:
-    from ._deps import require_extra
+    from .base._deps import require_extra
 
     require_extra("train", "sampling from torch checkpoints (--backend torch, or a model without a bundle)",
                   ("torch", "safetensors"))

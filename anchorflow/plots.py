@@ -1,7 +1,7 @@
 """Figures: a pure-pillow sample grid, and matplotlib line / scatter plots (matplotlib lazily).
 
 :func:`save_grid` needs only numpy and pillow, so a torch-free, matplotlib-free install can
-still write sample images. Every writer goes through :mod:`anchorflow._io` (atomic replace).
+still write sample images. Every writer goes through :mod:`anchorflow.base._io` (atomic replace).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from ._io import atomic_path, check_image_path
-from .errors import ConfigError
+from .base._io import atomic_path, check_image_path
+from .base.errors import ConfigError
 
 # A small image is upscaled (nearest neighbour) until its longer side is at least this many pixels.
 MIN_TILE_PX = 32
@@ -149,7 +149,7 @@ def save_labeled_rows(
 # -- matplotlib figures (lazy) ----------------------------------------------------------------
 def _figure(ncols: int, width: float = 4.5, height: float = 3.6):
     """A matplotlib Figure with ``ncols`` panels, made without pyplot (no global state, Agg)."""
-    from anchorflow._deps import require
+    from anchorflow.base._deps import require
 
     require("matplotlib")
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
+from .base.errors import ConfigError
 
 
 def start_noise(seed: int, n: int, state_shape: Sequence[int]) -> np.ndarray:

@@ -1,11 +1,11 @@
 """Per-model sampler tuning behind ``anchorflow tune``: a time grid per (solver, budget, first call).
 
 For every solver and NFE budget, coordinate descent in (log S, log P) of the two-parameter
-schedule ``warp:S,P`` (:func:`anchorflow.runtime.grids.warped`; (1, 1) is uniform, P = 1 the
+schedule ``warp:S,P`` (:func:`anchorflow.runtime.solving.grids.warped`; (1, 1) is uniform, P = 1 the
 SD3 shift) maximises the PSNR against an RK4 reference on a small held-out batch (its own seed,
 never the benchmark's noise). With ``first_call="cached"`` the t = 1 table is measured first and
 refused where its residual exceeds the bound. Time convention: t = 1 noise, t = 0 data.
-Torch-free (numpy, the runtime); :func:`anchorflow.runtime.tuned.write_tuning` stores the result.
+Torch-free (numpy, the runtime); :func:`anchorflow.runtime.bundles.tuned_grids.write_tuning` stores the result.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
-from .runtime.tuned import FIRST_CALLS, TunedGrid, Tuning, resolve_sampling
+from .base.errors import ConfigError
+from .runtime.bundles.tuned_grids import FIRST_CALLS, TunedGrid, Tuning, resolve_sampling
 
 
 def coordinate_descent(score: Callable[[float, float], float], step: float = 0.5, min_step: float = 0.06,
@@ -70,7 +70,7 @@ class Problem:
                     tuning=Tuning(first_call=first_call) if cached else None)
 
     def psnr(self, method: str, nfe: int, times: np.ndarray, first_call) -> float:
-        from .runtime import metrics as M
+        from .runtime.evaluation import metrics as M
 
         res = self.plan(method, nfe, times, first_call).run()
         return float(M.psnr(res.x, self.ref, self.data_range)) if np.all(np.isfinite(res.x)) else -math.inf
@@ -101,7 +101,7 @@ _TUNE_NAMES = {"cfg_scale": "--cfg", "cond": "--cond", "null_cond": "--null-cond
 def tune_one(problem: Problem, method: str, nfe: int, first_call, max_evals: int = 24) -> TunedGrid:
     """Coordinate descent of ``warp:S,P`` for one solver and budget (``first_call``: None or a table)."""
     from .runtime import get_solver
-    from .runtime.grids import warped
+    from .runtime.solving.grids import warped
 
     steps = get_solver(method).steps_for_nfe(nfe, 0 if first_call is None else 1)
     fc = "backbone" if first_call is None else first_call
@@ -117,7 +117,7 @@ def tune_one(problem: Problem, method: str, nfe: int, first_call, max_evals: int
 
 def held_out_record(cond_file: Optional[str], null_file: Optional[str]) -> Optional[dict]:
     """How held-out condition files are recorded in the tuning's settings: name and sha256 of each."""
-    from ._io import sha256_file
+    from .base._io import sha256_file
 
     rec = {what: {"file": str(path), "sha256": sha256_file(path)}
            for what, path in (("cond", cond_file), ("null_cond", null_file)) if path}
@@ -158,7 +158,7 @@ def tune(model, solvers: Sequence[str], nfes: Sequence[int], first_calls: Sequen
     ``held_out``: how they are recorded in the tuning's settings (e.g. file names and sha256)."""
     from tqdm.auto import tqdm
 
-    from .runtime.first_call import measure_first_call
+    from .runtime.solving.first_call import measure_first_call
 
     check_tune(solvers, nfes, first_calls, cfg, samples, seed, reference_steps, max_evals)
     meta = model.meta
@@ -213,9 +213,9 @@ def check_tune_options(solvers, nfes, cfg, samples, seed, reference_steps, max_e
 
 def sampling_setup(bundle_folder, method: str, nfe: int, grid: Optional[str], first_call: str = "backbone"):
     """What ``sample`` passes to ``solve`` for the grid and the first call:
-    :func:`anchorflow.runtime.tuned.resolve_sampling` (serve's rule too) on the bundle's recorded
+    :func:`anchorflow.runtime.bundles.tuned_grids.resolve_sampling` (serve's rule too) on the bundle's recorded
     tuning (None for a model without a bundle or without tuning)."""
-    from .runtime.tuned import read_tuning
+    from .runtime.bundles.tuned_grids import read_tuning
 
     tuning = None if bundle_folder is None else read_tuning(bundle_folder)
     return resolve_sampling(tuning, method, nfe, grid, first_call)

@@ -1,7 +1,7 @@
 """How well does ``Result.error_estimate`` rank samples by their true error?
 
 Per model, solver and NFE: the Spearman rank correlation, over the samples of one batch, between
-the solver's free per-sample error estimate (``runtime/estimate.py``) and the true per-sample
+the solver's free per-sample error estimate (``runtime/solving/estimate.py``) and the true per-sample
 RMSE against a reference solve of the same noise (closed-form mixture: ``exact_flow``, RK4 with
 1000 steps in float64; digits: RK4 with 256 steps, 1024 backbone calls, on the bundled ORT CPU
 bundle). Also the ratio median(estimate / true error), to show the scale (an indicator, not a bound).
@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from anchorflow.runtime import solve
-from anchorflow.runtime.analytic import ExactSideNet, GaussianMixture, exact_flow
-from anchorflow.runtime.estimate import spearman
+from anchorflow.runtime.evaluation.analytic import ExactSideNet, GaussianMixture, exact_flow
+from anchorflow.runtime.solving.estimate import spearman
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SOLVERS = ("ba", "ab2", "ipndm", "unipc")

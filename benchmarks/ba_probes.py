@@ -19,15 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from anchorflow import _io
+from anchorflow.base import _io
 from anchorflow.bench.evaluate import data_range
 from anchorflow.bench.plan import make_inputs
 from anchorflow.bench.reference import Guidance, _solve_once
 from anchorflow.bench.results import machine_info
 from anchorflow.modelref import open_model
-from anchorflow.runtime import metrics as M
+from anchorflow.runtime.evaluation import metrics as M
 from anchorflow.runtime import solve
-from anchorflow.runtime.tuned import read_tuning
+from anchorflow.runtime.bundles.tuned_grids import read_tuning
 
 RESULTS = Path(__file__).resolve().parent / "results" / "digits" / "ba_probes.json"
 

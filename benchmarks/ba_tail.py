@@ -33,10 +33,10 @@ import numpy as np
 
 from anchorflow.modelref import open_model
 from anchorflow.runtime import solve
-from anchorflow.runtime.field import GuidedField
-from anchorflow.runtime.metrics import psnr
-from anchorflow.runtime.solvers.ba import (CORRECTOR_LIMIT, _forward_nodes, _interval, _probe, _span, _weighted,
-                                           bi_anchor_rule)
+from anchorflow.runtime.solving.field import GuidedField
+from anchorflow.runtime.evaluation.metrics import psnr
+from anchorflow.runtime.solving.solvers.ba import (
+    CORRECTOR_LIMIT, _forward_nodes, _interval, _probe, _span, _weighted, bi_anchor_rule)
 
 OUT = Path(__file__).resolve().parent / "results"
 TAIL = 0.001
@@ -44,7 +44,7 @@ SWEEP_RATIOS = (1.2, 1.5, 1.8, 2.2, 2.6, 3.0, 4.0, 8.0, 16.0, 32.0, 100.0)
 
 
 def solve_grid(n: int, spec: str) -> list[float]:
-    from anchorflow.runtime.grids import make_grid
+    from anchorflow.runtime.solving.grids import make_grid
 
     return [float(t) for t in make_grid(n, spec)]
 

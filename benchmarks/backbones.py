@@ -57,7 +57,7 @@ def build(family: str, size: str):
 
 
 def latency_ms(bundle: Path, repeats: int) -> float:
-    from anchorflow.runtime.bundle import load_bundle
+    from anchorflow.runtime.bundles.load import load_bundle
 
     b = load_bundle(bundle, backend="ort-cpu", threads=1)
     rng = np.random.default_rng(0)

@@ -40,10 +40,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, St
 from diffusers.hooks import HookRegistry, ModelHook
 from tqdm import tqdm
 
-from anchorflow._io import write_json, write_text
+from anchorflow.base._io import write_json, write_text
 from anchorflow.integrations.diffusers import AnchorflowScheduler, apply_fastflow, capture_pipeline, run_ba
 from anchorflow.runtime import solve
-from anchorflow.runtime.metrics import psnr
+from anchorflow.runtime.evaluation.metrics import psnr
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"

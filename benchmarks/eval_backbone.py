@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from anchorflow import _io
+from anchorflow.base import _io
 from anchorflow.runtime import solve
-from anchorflow.runtime.metrics import class_accuracy, feature_statistics, frechet_distance
+from anchorflow.runtime.evaluation.metrics import class_accuracy, feature_statistics, frechet_distance
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "anchorflow" / "bundled" / "digits"
@@ -38,7 +38,7 @@ class Judge:
     """The bundled classifier on onnxruntime: logits and features of (N, 1, 8, 8) digits."""
 
     def __init__(self, folder: Path) -> None:
-        from anchorflow.runtime.classifier import Classifier, check_folder
+        from anchorflow.runtime.evaluation.classifier import Classifier, check_folder
 
         self.classifier = Classifier(check_folder(folder))
         self.mu, self.sigma = self.classifier.real

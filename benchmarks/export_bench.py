@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from anchorflow import _io
+from anchorflow.base import _io
 from anchorflow.modelref import BUNDLED, DEFAULT_NAME
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -115,8 +115,8 @@ def torch_sampler(root: Path):
 def ort_sampler(bundle: Path, threads: int, optimization: str):
     """run(noise, y) -> x with the runtime's BA solver on onnxruntime CPU sessions."""
     from anchorflow.runtime import solve
-    from anchorflow.runtime.backends import OrtSideNet, OrtVelocity, make_session
-    from anchorflow.runtime.bundle_format import read_bundle
+    from anchorflow.runtime.bundles.backends import OrtSideNet, OrtVelocity, make_session
+    from anchorflow.runtime.bundles.format import read_bundle
 
     fmt = read_bundle(bundle)
     null = fmt.model["null_label"]

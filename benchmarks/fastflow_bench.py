@@ -13,7 +13,7 @@ plus Euler-25 and Euler-50. Goals per field: >= 2.6x fewer calls than 50 steps, 
 Euler-25, PSNR above the best fixed pattern at the same calls.
 
 Fields: the bundled digits model (ONNX via the runtime) at guidance 1.0 and 1.5, the analytic
-Gaussian mixture of :mod:`anchorflow.runtime.analytic`, and two closed-form fields of
+Gaussian mixture of :mod:`anchorflow.runtime.evaluation.analytic`, and two closed-form fields of
 benchmarks/fastflow_fields.py (stiff relaxation, rotation burst).
 
     python benchmarks/fastflow_bench.py [--generations 120] [--fields digits,digits-cfg1.5,gm,relax,swirl]
@@ -36,10 +36,10 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastflow_fields import Relax, Swirl  # noqa: E402
 
-from anchorflow._io import write_json, write_text  # noqa: E402
+from anchorflow.base._io import write_json, write_text  # noqa: E402
 from anchorflow.runtime import FastFlowBandit, solve  # noqa: E402
-from anchorflow.runtime.analytic import GaussianMixture  # noqa: E402
-from anchorflow.runtime.metrics import psnr  # noqa: E402
+from anchorflow.runtime.evaluation.analytic import GaussianMixture  # noqa: E402
+from anchorflow.runtime.evaluation.metrics import psnr  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "anchorflow" / "bundled" / "digits" / "bundle"
@@ -69,7 +69,7 @@ def make_fields(names: list[str]) -> list[Field]:
     out = []
     for name in names:
         if name.startswith("digits"):
-            from anchorflow.runtime.bundle import load_bundle
+            from anchorflow.runtime.bundles.load import load_bundle
 
             # one intra-op thread: on a shared 2-core machine onnxruntime's default threads spin
             # against each other (measured 7 ms vs 47 ms per batch-4 call at load 14)
@@ -260,7 +260,7 @@ def plot(out: dict, path: Path) -> None:
            xlabel="generation", ylabel="backbone calls", ylim=(0, T + 2))
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    from anchorflow._io import atomic_path
+    from anchorflow.base._io import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

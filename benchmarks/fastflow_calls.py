@@ -53,11 +53,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastflow_fields import AnisoMixture, Relax, Swirl  # noqa: E402
 
-from anchorflow._io import write_json, write_text  # noqa: E402
+from anchorflow.base._io import write_json, write_text  # noqa: E402
 from anchorflow.runtime import FastFlowBandit, solve  # noqa: E402
-from anchorflow.runtime.analytic import GaussianMixture  # noqa: E402
-from anchorflow.runtime.grids import uniform, warped  # noqa: E402
-from anchorflow.runtime.metrics import psnr  # noqa: E402
+from anchorflow.runtime.evaluation.analytic import GaussianMixture  # noqa: E402
+from anchorflow.runtime.solving.grids import uniform, warped  # noqa: E402
+from anchorflow.runtime.evaluation.metrics import psnr  # noqa: E402
 from anchorflow.tuning import coordinate_descent  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ class Field:
 
 def make_field(name: str) -> Field:
     if name.startswith("digits"):
-        from anchorflow.runtime.bundle import load_bundle
+        from anchorflow.runtime.bundles.load import load_bundle
 
         m = load_bundle(BUNDLE, backend="ort-cpu", threads=1)  # one thread: the machine is shared
         model = m.meta["model"]

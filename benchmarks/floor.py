@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anchorflow import _io
+from anchorflow.base import _io
 from anchorflow.modelref import BUNDLED, DEFAULT_NAME
 from anchorflow.runtime import load_bundle, solve
 
@@ -133,7 +133,7 @@ def memory_check(n: int = 4096) -> dict:
             for k in ("backbone", "sidenet")}
     vel = lambda x, t, c: sess["backbone"].run(None, {"x": x, "t": t, "y": c["y"]})[0]  # noqa: E731
     side = lambda x, v, t, h, c: sess["sidenet"].run(None, {"x": x, "v": v, "t": t, "h": h, "y": c["y"]})[0]  # noqa: E731
-    from anchorflow.runtime.tuned import read_tuning
+    from anchorflow.runtime.bundles.tuned_grids import read_tuning
 
     tuned = read_tuning(BUNDLE)  # sample's default grid: the bundle's tuned one for (ba, 5), else uniform
     grid = None if tuned is None or tuned.grid_for("ba", 5) is None else np.asarray(tuned.grid_for("ba", 5).times)
@@ -213,7 +213,7 @@ def main(argv=None) -> None:
     args.batches = [int(v) for v in (args.batches or ("1,16,256" if args.backbone == "digits" else "1,16")).split(",")]
     args.cfg = [float(v) for v in args.cfg.split(",")]
     load = os.getloadavg()
-    from anchorflow.runtime.threads import configure, policy
+    from anchorflow.runtime.bundles.threads import configure, policy
 
     configure(args.threads)  # before any session (the dit30m export validates nothing, but opens one)
     tmp, built, name = None, None, "floor"

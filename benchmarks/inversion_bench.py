@@ -33,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from anchorflow import _io
+from anchorflow.base import _io
 from anchorflow.runtime import SOLVERS
-from anchorflow.runtime.invert import edit, invert, inverting_solvers, regenerate
-from anchorflow.runtime.metrics import psnr, rmse
+from anchorflow.runtime.solving.invert import edit, invert, inverting_solvers, regenerate
+from anchorflow.runtime.evaluation.metrics import psnr, rmse
 
 ROOT = Path(__file__).resolve().parent.parent
 NFES = (3, 5, 8, 10, 20)
@@ -145,7 +145,7 @@ def digits_edits(args):
     x_s = (1 - s) x0 + s eps instead of an inversion: N calls in all) and ``fresh noise`` (a sample of
     class b from unrelated noise at t = 1: what keeping nothing of the source scores)."""
     from anchorflow.runtime import solve
-    from anchorflow.runtime.classifier import Classifier
+    from anchorflow.runtime.evaluation.classifier import Classifier
     from anchorflow.trainers.data import load_dataset
 
     bundle, dr, x0, y = _digits_data(args)
@@ -214,7 +214,7 @@ def picture(pictures, x0, dr, path):
 
 
 def mixture(args):
-    from anchorflow.runtime.analytic import ExactSideNet, GaussianMixture, exact_flow
+    from anchorflow.runtime.evaluation.analytic import ExactSideNet, GaussianMixture, exact_flow
 
     mix = GaussianMixture.random((1, 4, 4), 8, classes=4, seed=3)
     rng = np.random.default_rng(0)

@@ -151,7 +151,7 @@ def refit_vs_export(lora: Path, fused: Path, work: Path) -> dict:
 
 def parity(bundle: Path, fused: Path) -> float:
     """Max abs of the refit bundle's backbone (onnxruntime) against the fused torch transformer."""
-    from anchorflow.runtime.bundle import load_bundle
+    from anchorflow.runtime.bundles.load import load_bundle
     from anchorflow.trainers.adapters import load_source
 
     rng = np.random.default_rng(0)
@@ -187,7 +187,7 @@ def fine_tune(args: argparse.Namespace, fused: Path, out: Path) -> dict:
 def evaluate(args: argparse.Namespace, fused: Path, side_ft: Path) -> list[dict]:
     import torch
 
-    from anchorflow.runtime import metrics as M
+    from anchorflow.runtime.evaluation import metrics as M
     from anchorflow.runtime import solve
     from anchorflow.trainers.adapters import load_source
     from anchorflow.trainers.sidenet import load_sidenet
@@ -266,7 +266,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--reuse", action="store_true", help="evaluate only, from result.partial.json of an earlier run")
     args = ap.parse_args()
-    from anchorflow import _io
+    from anchorflow.base import _io
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

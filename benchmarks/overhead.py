@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from anchorflow import _io
+from anchorflow.base import _io
 from anchorflow.bench import machine_info
 from anchorflow.modelref import BUNDLED, DEFAULT_NAME
 from anchorflow.runtime import solve
@@ -169,7 +169,7 @@ def open_subject(threads: int, tmp: Path, bundle: Optional[str] = None):
         from anchorflow.modelref import open_model
 
         m = open_model(bundle, backend="ort-cpu")
-        from anchorflow.runtime.bundle_format import read_bundle
+        from anchorflow.runtime.bundles.format import read_bundle
 
         side = read_bundle(bundle).meta["networks"].get("sidenet") or {}
         form = ((side.get("checkpoint") or {}).get("arch") or {}).get("offset")
@@ -186,7 +186,7 @@ def open_subject(threads: int, tmp: Path, bundle: Optional[str] = None):
 
 def _thread_policy() -> Optional[str]:
     """The onnxruntime thread policy the bundle's sessions ran with (decided once per process)."""
-    from anchorflow.runtime.threads import policy
+    from anchorflow.runtime.bundles.threads import policy
 
     p = policy()
     return None if p is None else p.describe()

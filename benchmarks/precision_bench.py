@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from anchorflow._io import write_json, write_text
+from anchorflow.base._io import write_json, write_text
 from anchorflow.modelref import BUNDLED
 from anchorflow.runtime import load_bundle, solve
-from anchorflow.runtime.metrics import psnr
+from anchorflow.runtime.evaluation.metrics import psnr
 
 BUNDLE = BUNDLED / "digits" / "bundle"
 OUT = Path(__file__).resolve().parent / "results"

@@ -38,11 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
-from anchorflow._io import read_json, write_json, write_text
+from anchorflow.base._io import read_json, write_json, write_text
 from anchorflow.export import quantize as Q
 from anchorflow.modelref import BUNDLED
 from anchorflow.runtime import solve
-from anchorflow.runtime.metrics import psnr
+from anchorflow.runtime.evaluation.metrics import psnr
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
@@ -80,8 +80,8 @@ def make_bundle(model: str, work: Path) -> tuple[Path, float]:
 
 def sidenet_rows(nets: Q.Nets, configs: list) -> list[dict]:
     """The SideNet's feeds along the BA calibration solves (same noise / labels as the backbone's)."""
-    from anchorflow.runtime.backends import ort_run
-    from anchorflow.runtime.networks import WRAPPERS
+    from anchorflow.runtime.bundles.backends import ort_run
+    from anchorflow.runtime.bundles.networks import WRAPPERS
 
     decl = nets.fmt.networks["sidenet"]
     rec = Q.Recorder(ort_run(nets.sessions["sidenet"], decl), on=False)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anchorflow import _io
+from anchorflow.base import _io
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "benchmarks" / "results" / "sd3_digits" / "model"
@@ -95,14 +95,14 @@ def f64(velocity):
 
 
 def classifier():
-    from anchorflow.runtime.classifier import Classifier
+    from anchorflow.runtime.evaluation.classifier import Classifier
 
     return Classifier(ROOT / "anchorflow" / "bundled" / "digits" / "classifier")
 
 
 def evaluate(args: argparse.Namespace, model: Path) -> dict:
     from anchorflow.bench import euler_nfe_to_match
-    from anchorflow.runtime import metrics as M
+    from anchorflow.runtime.evaluation import metrics as M
     from anchorflow.runtime import solve
 
     velocity, sidenet = open_nets(model)
@@ -155,7 +155,7 @@ def _setup(model: Path):
 def variants(args: argparse.Namespace, model: Path) -> dict:
     """BA PSNR at ``--variant-nfes`` for each SideNet checkpoint in ``--variants`` (see the docstring)."""
     from anchorflow.bench import euler_nfe_to_match
-    from anchorflow.runtime import metrics as M
+    from anchorflow.runtime.evaluation import metrics as M
     from anchorflow.runtime import solve
     from anchorflow.trainers.sidenet import load_sidenet
     from anchorflow.trainers.torch_wrappers import TorchSideNet

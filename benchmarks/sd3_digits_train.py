@@ -60,7 +60,7 @@ def make_prompts(seed: int = 1234) -> tuple[dict, dict]:
 def save_npz(path: Path, arrays: dict) -> None:
     import io
 
-    from anchorflow import _io
+    from anchorflow.base import _io
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -81,7 +81,7 @@ def train(args: argparse.Namespace) -> dict:
     from diffusers import SD3Transformer2DModel
     from tqdm.auto import tqdm
 
-    from anchorflow import _io
+    from anchorflow.base import _io
     from anchorflow.trainers.data import load_dataset
     from anchorflow.trainers.flow import EMA, lr_at
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anchorflow import _io
+from anchorflow.base import _io
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -1,4 +1,4 @@
-"""Session creation with and without the cache of onnxruntime's optimised graphs (runtime/graph_cache.py).
+"""Session creation with and without the cache of onnxruntime's optimised graphs (runtime/bundles/graph_cache.py).
 
 For each network of a bundle (default: the bundled digits bundle), the median time of
 ``make_session`` over ``--repeats`` rounds, each round timing in turn: no cache
@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from anchorflow import _io
-from anchorflow.runtime.backends import make_session
-from anchorflow.runtime.bundle_format import read_bundle
+from anchorflow.base import _io
+from anchorflow.runtime.bundles.backends import make_session
+from anchorflow.runtime.bundles.format import read_bundle
 
 RESULTS = Path(__file__).resolve().parent / "results" / "session_cache.json"
 

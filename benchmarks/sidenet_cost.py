@@ -7,7 +7,7 @@ resolution (patch 1, the paper's body), at the backbone's patch resolution (patc
 depth stem, the default for large latents) and coarser (patch 4). Both nets are exported with
 anchorflow's exporter and timed with onnxruntime on the CPU, 1 intra-op thread.
 
-Per BA interval (runtime/solvers/ba.py) the backbone runs once on B rows and the SideNet, with
+Per BA interval (runtime/solving/solvers/ba.py) the backbone runs once on B rows and the SideNet, with
 the default merged probes, ONCE on 4B rows (backward probe -a h and the next forward probe a h',
 (1 - a) h', h'); with the paper's probes once on 3B rows (forward probe) and once on B rows
 (backward probe). The figures are ``side(4B) / backbone(B)`` (merged, what ``solve("ba")`` runs)
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anchorflow import _io
+from anchorflow.base import _io
 from anchorflow.bench import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sidenet_cost.json"

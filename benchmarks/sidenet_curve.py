@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 
-from anchorflow import _io
+from anchorflow.base import _io
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "sidenet_curve.json"
@@ -63,7 +63,7 @@ class Scorer:
         self.ab2 = {k: self._psnr("ab2", k, None) for k in nfes}
 
     def _psnr(self, method: str, nfe: int, sidenet) -> float:
-        from anchorflow.runtime import metrics as M
+        from anchorflow.runtime.evaluation import metrics as M
         from anchorflow.runtime import solve
 
         x = solve(method, self.m.velocity, self.noise, nfe, y=self.y, sidenet=sidenet,

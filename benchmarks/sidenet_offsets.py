@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anchorflow import _io
+from anchorflow.base import _io
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "anchorflow" / "bundled" / "digits"
@@ -51,7 +51,7 @@ def main(argv=None, *, script: str = "benchmarks/sidenet_offsets.py", out: Path 
     import torch
 
     from anchorflow.runtime import solve
-    from anchorflow.runtime.metrics import psnr
+    from anchorflow.runtime.evaluation.metrics import psnr
     from anchorflow.trainers.checkpoint import load_checkpoint
     from anchorflow.trainers.sidenet import load_sidenet
     from anchorflow.trainers.torch_wrappers import TorchSideNet, TorchVelocity

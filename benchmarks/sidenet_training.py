@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anchorflow import _io
+from anchorflow.base import _io
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "sidenet_training.json"
@@ -64,7 +64,7 @@ def evaluate(backbone_dir: Path, sidenets: dict[str, Path], nfes: list[int], n: 
     import torch
 
     from anchorflow.runtime import solve
-    from anchorflow.runtime.metrics import psnr, rmse
+    from anchorflow.runtime.evaluation.metrics import psnr, rmse
     from anchorflow.trainers.checkpoint import load_checkpoint
     from anchorflow.trainers.sidenet import load_sidenet
     from anchorflow.trainers.torch_wrappers import TorchSideNet, TorchVelocity

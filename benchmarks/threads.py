@@ -29,7 +29,8 @@ POLICIES = {"session-1": ("session", 1, False), "session-2-nospin": ("session", 
 WORKER = r"""
 import json, sys, time, statistics
 import numpy as np
-from anchorflow.runtime import load_bundle, solve, threads
+from anchorflow.runtime import load_bundle, solve
+from anchorflow.runtime.bundles import threads
 from anchorflow.modelref import BUNDLED, DEFAULT_NAME
 mode, n, batches, repeats, loop = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "loop"
 spin = len(sys.argv) > 6 and sys.argv[6] == "spin"
@@ -95,7 +96,7 @@ def main(argv=None) -> None:
                 busy.kill()
                 busy.wait()
     cmd = "python benchmarks/threads.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    from anchorflow import _io
+    from anchorflow.base import _io
 
     _io.write_json(args.out, {"command": cmd.strip(), "cpus": os.cpu_count(), "rows": rows})
     md = ["| policy | neighbour | batch | call (ms) | BA-10 solve (ms) | load |", "|---|---|---:|---:|---:|---:|"]

@@ -9,7 +9,7 @@ works without them. See docs/tensorrt.md.
 
 from __future__ import annotations
 
-from .._lazy import lazy_attributes
+from ..base._lazy import lazy_attributes
 
 _LAZY = {
     "BuildOptions": ".build",

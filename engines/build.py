@@ -20,10 +20,10 @@ from typing import Any, Callable, Optional
 
 from filelock import FileLock
 
-from .._deps import require
-from .._io import write_bytes
-from ..errors import BackendError, ConfigError
-from ..runtime.bundle_format import PRECISIONS
+from ..base._deps import require
+from ..base._io import write_bytes
+from ..base.errors import BackendError, ConfigError
+from ..runtime.bundles.format import PRECISIONS
 from . import cache, compat, driver
 from .profiles import Profile, SampleRange, derive_profiles, network_specs, read_bundle, sample_range
 from .progress import ProgressDisplay, run_cancellable

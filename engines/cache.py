@@ -26,8 +26,8 @@ from typing import Any, Optional
 
 from filelock import FileLock
 
-from .._io import read_json, sha256_file, write_bytes, write_json
-from ..errors import BackendError, CheckpointError
+from ..base._io import read_json, sha256_file, write_bytes, write_json
+from ..base.errors import BackendError, CheckpointError
 
 MANIFEST = "manifest.json"
 SCHEMA = "anchorflow.trt-manifest/1"
@@ -98,7 +98,7 @@ def onnx_file(bundle: str | Path, spec: Any, precision: str) -> tuple[Path, str]
     The identity is the file's sha256, or, with external data (networks over 2 GB), the sha256 of
     every file's sha256 in order: an engine is keyed on the weights too, not only on the graph.
     """
-    from ..runtime.bundle_format import inside, verify_file
+    from ..runtime.bundles.format import inside, verify_file
 
     entry = spec.entry(precision)
     shas = [entry["sha256"]]

@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import BackendError
+from ..base.errors import BackendError
 
 MIN_MAJOR = 10
 # Smallest compute capability that runs each precision's kernels in TensorRT 10/11.

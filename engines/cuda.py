@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .._deps import require
-from ..errors import BackendError
+from ..base._deps import require
+from ..base.errors import BackendError
 
 
 @lru_cache(maxsize=1)

@@ -23,7 +23,7 @@ from functools import lru_cache
 from importlib import metadata
 from typing import Optional
 
-from ..errors import BackendError
+from ..base.errors import BackendError
 
 _FLAVOUR = re.compile(r"_cu(\d+)(?:_|$)")
 

@@ -36,8 +36,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import ConfigError
-from ..runtime.solvers import max_sidenet_offsets, rows_note
+from ..base.errors import ConfigError
+from ..runtime.solving.solvers import max_sidenet_offsets, rows_note
 
 BATCH = "batch"
 DEFAULT_SAMPLES = (1, 16, 64)  # samples per solve: the backbone range when bundle.json has none; [1] = expected
@@ -101,15 +101,15 @@ class Profile:
 # -- bundle.json (through the bundle-format module) -----------------------------------------------
 def read_bundle(path: str | Path) -> tuple[Path, dict]:
     """(bundle folder, bundle.json dict) for a bundle folder or a model root with ``bundle/`` inside,
-    read and validated by the one bundle-format module (:mod:`anchorflow.runtime.bundle_format`)."""
-    from ..runtime.bundle_format import read_bundle as read_format
+    read and validated by the one bundle-format module (:mod:`anchorflow.runtime.bundles.format`)."""
+    from ..runtime.bundles.format import read_bundle as read_format
 
     bundle = read_format(path)
     return bundle.folder, bundle.meta
 
 
 def _format(meta: dict) -> Any:
-    from ..runtime.bundle_format import parse_meta
+    from ..runtime.bundles.format import parse_meta
 
     return parse_meta(meta, Path("."), "bundle.json")
 

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any, Callable, Optional, TextIO
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 
 
 class ProgressDisplay:

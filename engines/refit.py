@@ -19,13 +19,13 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ..errors import BackendError
+from ..base.errors import BackendError
 from . import cache
 
 
 def onnx_weights(onnx_path: Path) -> dict[str, np.ndarray]:
     """Initializer name -> array of an ONNX file (external data included)."""
-    from .._deps import require
+    from ..base._deps import require
 
     onnx = require("onnx", extra="export", purpose="refitting TensorRT engines from ONNX weights")
     from onnx import numpy_helper

@@ -30,8 +30,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .._deps import require
-from ..errors import BackendError, ConfigError
+from ..base._deps import require
+from ..base.errors import BackendError, ConfigError
 from . import cache, compat, driver
 from .cuda import DeviceBuffer, Stream, copy_to_device, copy_to_host
 from .profiles import network_specs, read_bundle
@@ -227,6 +227,6 @@ def bundle_runs(bundle: Any, precision: str = "fp32") -> tuple[dict, list[str]]:
     """The runtime's ``trt`` backend (``load_bundle(..., backend="trt")``): per network ``run(feeds)``
     on its cached engine (the engines live as long as these callables) and the description as the
     provider list; the runtime wraps them with the condition rule every backend shares
-    (:mod:`anchorflow.runtime.networks`)."""
+    (:mod:`anchorflow.runtime.bundles.networks`)."""
     engines = TrtEngines.load(bundle.folder, bundle.meta, precision)
     return dict(engines.runs), [f"TensorRT ({engines.description})"]

@@ -1,12 +1,12 @@
 """torch -> validated ONNX bundles (extra ``[export]``): export, parity, fp16/bf16 variants, clean-up.
 
 Nothing heavy is imported here. The parity statistics, tolerances, cases and reports the export
-checks use are the torch-free :mod:`anchorflow.runtime.parity` (``anchorflow verify`` uses them too).
+checks use are the torch-free :mod:`anchorflow.runtime.evaluation.parity` (``anchorflow verify`` uses them too).
 """
 
 from __future__ import annotations
 
-from .._lazy import lazy_attributes
+from ..base._lazy import lazy_attributes
 
 _LAZY = {
     "export_net": ".stages",

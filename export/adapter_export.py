@@ -8,7 +8,7 @@ FLUX's 2x2 packing, is declared as ``m * Dim``), refuses float64 anywhere in the
 cannot import it), writes the weights as ONNX external data (one ``backbone.onnx.data`` next to the
 graph, hashed like the rest) above 2 GB, and checks onnxruntime against torch at 3 batch sizes x
 2 sets of axis sizes (fp32: max abs error <= 1e-4). bundle.json declares the inputs, axes, time
-map and guidance mode (:mod:`anchorflow.runtime.bundle_format`). The folder appears whole or not
+map and guidance mode (:mod:`anchorflow.runtime.bundles.format`). The folder appears whole or not
 at all. Time convention: t = 1 noise, t = 0 data.
 """
 
@@ -22,11 +22,11 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .._deps import require
-from .._io import atomic_dir
-from ..errors import ConfigError
-from ..runtime.bundle_format import SCHEMA, TIME_CONVENTION
-from ..runtime.parity import Case
+from ..base._deps import require
+from ..base._io import atomic_dir
+from ..base.errors import ConfigError
+from ..runtime.bundles.format import SCHEMA, TIME_CONVENTION
+from ..runtime.evaluation.parity import Case
 from .precision import parse_precisions
 from .quantize import float_precisions
 from .stages import (DEFAULT_OPSET, EXAMPLE_BATCH, CaseParity, Net, doubles,  # noqa: F401 - doubles re-exported

@@ -1,7 +1,7 @@
 """Export a backbone (+ SideNet) checkpoint to a validated ONNX bundle folder.
 
 ``export_bundle(model, out, ...)`` writes ``bundle.json`` (schema ``anchorflow.bundle/2``, through
-:mod:`anchorflow.runtime.bundle_format`, which validates it),
+:mod:`anchorflow.runtime.bundles.format`, which validates it),
 ``backbone.onnx``, ``sidenet.onnx`` and reduced-precision variants (``*.fp16.onnx``...). Per
 network: torch reference outputs (NaN/Inf refused), ``torch.onnx.export``, ``onnx.checker``,
 onnxslim clean-up kept only if parity holds, onnxruntime-vs-torch parity (fp32 max abs error
@@ -15,7 +15,6 @@ Time convention: t = 1 noise, t = 0 data (BA-solver, arXiv 2601.21542).
 from __future__ import annotations
 
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +22,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .._deps import require
-from .._io import atomic_dir, check_output
-from ..errors import AnchorflowError, CheckpointError, ConfigError
-from ..runtime.bundle_format import SCHEMA, TIME_CONVENTION
-from ..runtime.parity import RealData
+from ..base._deps import require
+from ..base._io import atomic_dir, check_output
+from ..base.errors import AnchorflowError, CheckpointError, ConfigError
+from ..runtime.bundles.format import SCHEMA, TIME_CONVENTION
+from ..runtime.evaluation.parity import RealData
 from .onnx_export import BACKBONE, DEFAULT_OPSET, NetSpec, reference_net, sidenet_spec
 from .precision import parse_precisions
 from .quantize import float_precisions
@@ -71,7 +70,7 @@ def resolve_sources(model: str | os.PathLike, sidenet: Optional[str | os.PathLik
     """(backbone checkpoint, SideNet checkpoint or None, default output folder or None) for MODEL:
     ``default``, a model root (backbone/, sidenet/ inside; output root/bundle) or a backbone
     checkpoint folder (with ``sidenet``, or a sibling sidenet/ folder)."""
-    from ..runtime.models import locate
+    from ..runtime.bundles.models import locate
 
     files = locate(model)
     if files.backbone is None:
@@ -236,8 +235,8 @@ def export_bundle(model: str | os.PathLike, out: Optional[str | os.PathLike] = N
 
 def _previous_tuning(jobs: list[NetJob], out: Path, default_out: Optional[Path]):
     """Tuned grids to carry over: those of the bundle being replaced (``out``), else of the model
-    root's own bundle, when made from the same checkpoint weights (see ``runtime.tuned.carried_tuning``)."""
-    from ..runtime.tuned import carried_tuning
+    root's own bundle, when made from the same checkpoint weights (see ``runtime.bundles.tuned_grids.carried_tuning``)."""
+    from ..runtime.bundles.tuned_grids import carried_tuning
 
     candidates = [out] + ([default_out] if default_out is not None and default_out != out else [])
     return carried_tuning(candidates, {job.spec.name: job.config.get("weights_sha256") for job in jobs})

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .._deps import require
+from ..base._deps import require
 
 
 @dataclass(frozen=True)

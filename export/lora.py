@@ -26,8 +26,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .._deps import require
-from ..errors import ConfigError
+from ..base._deps import require
+from ..base.errors import ConfigError
 
 PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.", "model.")
 _KEY = re.compile(r"^(?P<mod>.+?)\.(?P<part>lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)"
@@ -102,7 +102,7 @@ def _strip(key: str) -> str:
 
 def read_lora(path: str | Path) -> LoraFile:
     """Read ``path`` (a .safetensors LoRA) into layers with their scaling; one-line ConfigError otherwise."""
-    from .._io import sha256_file
+    from ..base._io import sha256_file
 
     path = Path(path)
     if not path.is_file():

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from .._deps import require
-from ..errors import ConfigError
-from ..runtime.parity.cases import OFFSETS, Domain, decls, random_feeds
-from ..runtime.solvers import max_sidenet_offsets
+from ..base._deps import require
+from ..base.errors import ConfigError
+from ..runtime.evaluation.parity.cases import OFFSETS, Domain, decls, random_feeds
+from ..runtime.solving.solvers import max_sidenet_offsets
 from .stages import DEFAULT_OPSET, EXAMPLE_BATCH, MIN_OPSET, Net, check_opset, trace  # noqa: F401 - re-exported
 
 EXAMPLE_OFFSETS = 2  # likewise for a shared-body SideNet's offsets axis
@@ -91,7 +91,7 @@ def sidenet_spec(module: Any) -> NetSpec:
 def random_inputs(
     spec: NetSpec, state_shape: tuple[int, ...], num_classes: int, batch: int, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
-    """Random feeds in the nets' domain (:func:`anchorflow.runtime.parity.cases.random_feeds`): x, v ~
+    """Random feeds in the nets' domain (:func:`anchorflow.runtime.evaluation.parity.cases.random_feeds`): x, v ~
     N(0, 1); t ~ U(0, 1); h in [-(1 - t), t] so that t - h stays in [0, 1]; y uniform over
     0..num_classes (the last is the null label)."""
     dom = Domain.for_labels(num_classes)

@@ -4,7 +4,7 @@ transformer bundle), every part checked against torch.
 ``export_pipeline(folder, out, ...)``:
 
 1. reads ``model_index.json`` and refuses an unknown pipeline class or a missing component before
-   any torch work (:func:`anchorflow.runtime.pipeline_format.check_pipeline_folder`);
+   any torch work (:func:`anchorflow.runtime.pipelines.format.check_pipeline_folder`);
 2. exports the transformer as a transformer bundle does (:func:`.adapter_export.adapter_meta`, with
    an optional SideNet) into the new bundle;
 3. exports each text encoder the pipeline uses (:mod:`.pipeline_parts`: dynamic batch, the outputs
@@ -13,12 +13,12 @@ transformer bundle), every part checked against torch.
 4. stores each tokenizer as ``<tokenizer>/tokenizer.json`` (padding and truncation cleared; the
    runtime sets them exactly as the pipeline calls its tokenizer) and checks the torch-free
    tokenisation against the pipeline's tokenizer on probe prompts;
-5. checks the whole torch-free prompt recipe (:mod:`anchorflow.runtime.text`) against the
+5. checks the whole torch-free prompt recipe (:mod:`anchorflow.runtime.pipelines.text`) against the
    pipeline's own ``encode_prompt`` on probe prompts (empty, short, longer than the maximum);
-6. writes bundle.json with a ``pipeline`` section (:mod:`anchorflow.runtime.pipeline_format`).
+6. writes bundle.json with a ``pipeline`` section (:mod:`anchorflow.runtime.pipelines.format`).
 
 Every graph goes through the one export pipeline (:mod:`.stages`). The bundle folder appears whole
-or not at all (``anchorflow._io.atomic_dir``).
+or not at all (``anchorflow.base._io.atomic_dir``).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .._deps import require
-from .._io import atomic_dir
-from ..errors import CheckpointError, ConfigError
-from ..runtime.bundle_format import file_record, read_bundle, write_bundle_json
-from ..runtime.pipeline_format import FAMILY_OF, PIPELINE_FORMAT, check_pipeline_folder, parse_pipeline
+from ..base._deps import require
+from ..base._io import atomic_dir
+from ..base.errors import CheckpointError, ConfigError
+from ..runtime.bundles.format import file_record, read_bundle, write_bundle_json
+from ..runtime.pipelines.format import FAMILY_OF, PIPELINE_FORMAT, check_pipeline_folder, parse_pipeline
 from .onnx_export import DEFAULT_OPSET
 from .pipeline_parts import export_part, text_part, vae_parts
 from .stages import relative_max
@@ -101,7 +101,7 @@ def _tokenizer_entry(tmp: Path, name: str, tokenizer: Any, max_length: int, mask
 
 def _check_tokenizer(bundle_dir: Path, name: str, entry: dict, tokenizer: Any) -> dict:
     """Our torch-free tokenisation equals the pipeline tokenizer's call (padding=max_length, truncation)."""
-    from ..runtime.text import TextTokenizer
+    from ..runtime.pipelines.text import TextTokenizer
 
     ours = TextTokenizer(bundle_dir / entry["file"], entry)
     probes = [*PROBES, " ".join(["a red dog"] * (entry["max_length"] // 2 + 4))]
@@ -142,7 +142,7 @@ def _encode_reference(pipe: Any, family: str, prompts: list, negative: Optional[
 
 def _check_recipe(bundle_dir: Path, pipe: Any, family: str, max_seq: int) -> dict:
     """The torch-free prompt recipe over the exported encoders equals ``pipe.encode_prompt``."""
-    from ..runtime.pipeline import load_text
+    from ..runtime.pipelines.pipeline import load_text
 
     text = load_text(bundle_dir)
     prompts, negative = list(PROBES[1:]), ["", "blurry"]

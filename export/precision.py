@@ -28,9 +28,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .._deps import require
-from ..errors import ConfigError
-from ..runtime.bundle_format import PRECISIONS
+from ..base._deps import require
+from ..base.errors import ConfigError
+from ..runtime.bundles.format import PRECISIONS
 
 SENSITIVE_OPS = (
     "LayerNormalization", "GroupNormalization", "InstanceNormalization", "BatchNormalization",

@@ -17,7 +17,7 @@ Calibration data (:func:`record_calibration`): the exact feeds the fp32 ORT back
 the bundle's solvers (BA when there is a SideNet, AB2, Euler) integrate along the bundle's tuned
 grids (uniform where it has none) at several budgets, with the tuning's guidance scale and its
 labels cycled over every class, plus the null rows when guided: a recording ``run`` wrapped by the
-runtime's own :class:`~anchorflow.runtime.networks.BundleVelocity`, so the rows, times and
+runtime's own :class:`~anchorflow.runtime.bundles.networks.BundleVelocity`, so the rows, times and
 conditions are the sampler's, not random tensors.
 
 Node classes (:func:`node_classes`, structural, any exporter's graph): ``embedding`` (weight ops
@@ -54,8 +54,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .._deps import require
-from ..errors import CheckpointError, ConfigError
+from ..base._deps import require
+from ..base.errors import CheckpointError, ConfigError
 
 QUANTISED = ("int8", "fp8")
 CLASSES = ("embedding", "input_projection", "body", "attention", "final_projection", "norm", "softmax")
@@ -175,7 +175,7 @@ class Nets:
 
 def _session(path_or_bytes: Any, threads: Optional[int] = None) -> Any:
     ort = require("onnxruntime")
-    from ..runtime.backends import session_options
+    from ..runtime.bundles.backends import session_options
 
     src = str(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes
     return ort.InferenceSession(src, session_options(threads), providers=["CPUExecutionProvider"])
@@ -183,9 +183,9 @@ def _session(path_or_bytes: Any, threads: Optional[int] = None) -> Any:
 
 def open_nets(folder: Path, backbone: Any = None, sidenet: Any = None, threads: Optional[int] = None) -> Nets:
     """The bundle's networks (fp32 files, or the given ONNX bytes / paths instead) as runtime callables."""
-    from ..runtime.backends import ort_run
-    from ..runtime.bundle_format import read_bundle
-    from ..runtime.networks import WRAPPERS
+    from ..runtime.bundles.backends import ort_run
+    from ..runtime.bundles.format import read_bundle
+    from ..runtime.bundles.networks import WRAPPERS
 
     fmt = read_bundle(folder)
     srcs = {"backbone": backbone, "sidenet": sidenet}
@@ -215,7 +215,7 @@ class Config:
 
 
 def _tuning(fmt: Any) -> Any:
-    from ..runtime.tuned import read_tuning
+    from ..runtime.bundles.tuned_grids import read_tuning
 
     return read_tuning(fmt)
 
@@ -616,7 +616,7 @@ class Judge:
         self.fp32 = self.psnr(run_config(nets, cfg, self.noise, self.kwargs))
 
     def psnr(self, x: np.ndarray) -> float:
-        from ..runtime.metrics import psnr
+        from ..runtime.evaluation.metrics import psnr
 
         return psnr(x, self.ref, self.span)
 
@@ -629,8 +629,8 @@ class Judge:
 
     def variant(self, backbone: Any = None, sidenet: Any = None) -> Nets:
         """The fp32 networks with ``backbone`` / ``sidenet`` (ONNX bytes) swapped in."""
-        from ..runtime.backends import ort_run
-        from ..runtime.networks import WRAPPERS
+        from ..runtime.bundles.backends import ort_run
+        from ..runtime.bundles.networks import WRAPPERS
 
         fmt, nets = self.nets.fmt, self.nets
         out = Nets(fmt, nets.velocity, nets.sidenet, nets.recorder, dict(nets.sessions))
@@ -691,8 +691,8 @@ def add_quantized(folder: str | Path, precisions: Sequence[str], *, guard_db: fl
     returns the new bundle.json (written). Raises CheckpointError (the guard) when a variant falls
     more than ``guard_db`` below fp32 at the default configuration; the caller's atomic folder then
     leaves nothing behind."""
-    from .._io import read_json, write_bytes
-    from ..runtime.bundle_format import BUNDLE_JSON, file_record, write_bundle_json
+    from ..base._io import read_json, write_bytes
+    from ..runtime.bundles.format import BUNDLE_JSON, file_record, write_bundle_json
     from .precision import variant_file
 
     folder = Path(folder)
@@ -778,7 +778,7 @@ def parity(nets: Nets, backbone: bytes, precision: str, samples: int = 8, seed: 
     random feeds; the record ``export`` / ``verify`` print. CheckpointError when a case fails."""
     from dataclasses import asdict
 
-    from ..runtime.parity.stats import TOLERANCES, compare
+    from ..runtime.evaluation.parity.stats import TOLERANCES, compare
 
     tol = TOLERANCES[precision]
     solver = "ba" if "sidenet" in nets.fmt.networks else "euler"

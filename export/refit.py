@@ -37,10 +37,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .._deps import require
-from .._io import atomic_dir, read_json, sha256_file, write_bytes
-from ..errors import CheckpointError, ConfigError
-from ..runtime.bundle_format import BUNDLE_JSON, file_record, read_bundle, write_bundle_json
+from ..base._deps import require
+from ..base._io import atomic_dir, read_json, sha256_file, write_bytes
+from ..base.errors import CheckpointError, ConfigError
+from ..runtime.bundles.format import BUNDLE_JSON, file_record, read_bundle, write_bundle_json
 from .lora import LoraFile, read_lora
 from .refit_map import PARAMS_SCHEMA
 
@@ -251,7 +251,7 @@ def _fuse(model: Any, targets: dict[str, list], weights: dict[str, list], base: 
 
 def _probe(folder: Path, meta: dict) -> list[np.ndarray]:
     """The fp32 backbone's outputs on fixed inputs drawn from its declaration, at t = 1, 0.7, 0.4, 0.1."""
-    from ..runtime.bundle import load_bundle
+    from ..runtime.bundles.load import load_bundle
 
     b = load_bundle(str(folder), backend="ort-cpu")
     rng = np.random.default_rng(0)
@@ -307,7 +307,7 @@ def _apply_decision(meta: dict, folder: Path, dropped: list) -> None:
 
 
 def _resolve(bundle: str | os.PathLike) -> str | os.PathLike:
-    from ..runtime.models import resolve
+    from ..runtime.bundles.models import resolve
 
     return resolve(bundle) if str(bundle) == "default" else bundle
 
@@ -406,7 +406,7 @@ def unfuse_bundle(bundle: str | os.PathLike, out: Optional[str | os.PathLike] = 
     record = meta.get("lora")
     if not record:
         raise ConfigError(f"{src}: no LoRA is fused into this bundle (bundle.json has no 'lora' record)")
-    from ..runtime.bundle_format import verify_file
+    from ..runtime.bundles.format import verify_file
 
     base_npz = verify_file(src / record["base"]["file"], record["base"]["sha256"])
     base_json = verify_file(src / record["base_bundle"]["file"], record["base_bundle"]["sha256"])

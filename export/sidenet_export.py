@@ -5,7 +5,7 @@ data, h > 0 toward data; ``v_hat(t - h) = v + delta``) becomes ``sidenet.onnx`` 
 (role state / velocity, the SideNet's fixed state shape (batch, *state)), t (time), h (offset)
 and exactly the conditions its arch names (``cond_inputs``), each declared as the backbone
 declares it (dtype, shape with named axes such as the text length ``L``, per_row). So the
-runtime (:mod:`anchorflow.runtime.networks`) feeds it from the same ``cond`` dict as the
+runtime (:mod:`anchorflow.runtime.bundles.networks`) feeds it from the same ``cond`` dict as the
 backbone, and a SideNet conditioned on nothing gets no conditions. Dynamic axes: ``batch``
 (1 .. the rows BA's merged probes need) and the named axes of those conditions (the backbone's
 ranges). Parity: onnxruntime against torch at 3 batch sizes (fp32: max abs error <= 1e-4),
@@ -25,11 +25,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .._deps import require
-from ..errors import CheckpointError, ConfigError
-from ..runtime.parity import Case
-from ..runtime.parity.cases import OFFSETS
-from ..runtime.solvers import max_sidenet_offsets
+from ..base._deps import require
+from ..base.errors import CheckpointError, ConfigError
+from ..runtime.evaluation.parity import Case
+from ..runtime.evaluation.parity.cases import OFFSETS
+from ..runtime.solving.solvers import max_sidenet_offsets
 from .stages import DEFAULT_OPSET, CaseParity, Net, export_net
 
 FILE = "sidenet.onnx"

@@ -19,7 +19,7 @@ which runs the same stages for all:
 7. the weight map for LoRA refits (:mod:`.refit_map`) when the net asks.
 
 Each exporter then writes its own bundle.json entry from the :class:`Exported` pieces, and the
-folder is published whole by :func:`write_bundle` (``anchorflow._io.atomic_dir``; int8 / fp8
+folder is published whole by :func:`finish` (inside the caller's ``anchorflow.base._io.atomic_dir``; int8 / fp8
 variants added by :mod:`.quantize`). Time convention: t = 1 noise, t = 0 data.
 """
 
@@ -38,8 +38,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from .. import __version__
-from .._deps import require
-from ..errors import CheckpointError, ConfigError
+from ..base._deps import require
+from ..base.errors import CheckpointError, ConfigError
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the dynamo exporter emits 18+; its down-conversion to 17 breaks Split (measured)
@@ -210,8 +210,8 @@ def save(model: Any, folder: Path, file: str, external: Optional[bool] = None) -
     """Write the graph (external data above 2 GB or when asked); its bundle.json file record.
 
     The model's tensors become external references when written so: convert variants first."""
-    from .._io import write_bytes
-    from ..runtime.bundle_format import file_record
+    from ..base._io import write_bytes
+    from ..runtime.bundles.format import file_record
 
     onnx = require("onnx")
     size = sum(t.ByteSize() for t in model.graph.initializer)
@@ -231,7 +231,7 @@ def refused(failure: str, precision: str) -> CheckpointError:
 
 
 class CaseParity:
-    """One output judged by :func:`anchorflow.runtime.parity.run_report` on ``cases`` against
+    """One output judged by :func:`anchorflow.runtime.evaluation.parity.run_report` on ``cases`` against
     torch outputs (computed once, NaN/Inf refused) at each precision's tolerance.
 
     ``torch_run(feeds) -> array``; ``labels``: how the reference is named in the record for fp32
@@ -239,14 +239,14 @@ class CaseParity:
 
     def __init__(self, name: str, output: str, cases: list, torch_run: Callable[[dict], np.ndarray],
                  labels: tuple[str, str] = ("torch fp32", "torch fp32")) -> None:
-        from ..runtime.parity import reference_outputs
+        from ..runtime.evaluation.parity import reference_outputs
 
         self.name, self.output, self.cases, self.labels = name, output, cases, labels
         self.refs = reference_outputs(name, torch_run, cases)
 
     def report(self, run: Callable[[dict], np.ndarray], precision: str, runtime: str = "ort-cpu",
                small: bool = False) -> Any:
-        from ..runtime.parity import run_report
+        from ..runtime.evaluation.parity import run_report
 
         todo = [(c, r) for c, r in zip(self.cases, self.refs) if not small or c.batch <= REFERENCE_MAX_BATCH]
         label = self.labels[0] if precision == "fp32" else self.labels[1]
@@ -316,7 +316,7 @@ def memory_session(model: Any) -> Any:
 
 def file_session(path: Path, outputs: Sequence[str]) -> Callable[[dict], list]:
     """onnxruntime CPU (one thread) on the written file, as the runtime opens it (external data too)."""
-    from ..runtime.backends import make_session
+    from ..runtime.bundles.backends import make_session
 
     sess = make_session(path, "ort-cpu", threads=1, graph_cache=False)
     return lambda feeds: sess.run(list(outputs), feeds)
@@ -406,16 +406,16 @@ def export_record(opset: int, max_batch: int, validate: bool, command: Optional[
 
 def finish(folder: Path, meta: dict, precisions: Sequence[str], step: Callable[[str], None] = lambda s: None,
            tuning: Any = None) -> dict:
-    """The last stage, in the folder being written (``anchorflow._io.atomic_dir``): bundle.json
+    """The last stage, in the folder being written (``anchorflow.base._io.atomic_dir``): bundle.json
     (validated against the written graphs), the tuned grids carried over from an earlier bundle
     (``tuning``), then the int8 / fp8 variants (:mod:`.quantize`, guarded); returns bundle.json as written."""
-    from .._io import _publish
-    from ..runtime.bundle_format import write_bundle_json
+    from ..base._io import _publish
+    from ..runtime.bundles.format import write_bundle_json
     from .quantize import add_quantized
 
     write_bundle_json(folder, meta)
     if tuning is not None:
-        from ..runtime.tuned import write_tuning
+        from ..runtime.bundles.tuned_grids import write_tuning
 
         write_tuning(folder, tuning)
     meta = add_quantized(folder, precisions, step=step)

@@ -1,4 +1,4 @@
-"""Export-time parity: the torch side of the checks in :mod:`anchorflow.runtime.parity`.
+"""Export-time parity: the torch side of the checks in :mod:`anchorflow.runtime.evaluation.parity`.
 
 Statistics, tolerances, cases and reports are the torch-free parity library's (the same numbers
 ``anchorflow verify`` prints); the ONNX side (``onnx.checker``, onnxruntime and onnx.reference
@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from ..runtime.parity.cases import Case, Domain, RealData, batches, make_cases as _make_cases
+from ..runtime.evaluation.parity.cases import Case, Domain, RealData, batches, make_cases as _make_cases
 from .onnx_export import NetSpec
 
 
@@ -33,7 +33,7 @@ def make_cases(spec: NetSpec, state_shape: tuple[int, ...], num_classes: int, si
 # -- the torch side ----------------------------------------------------------------------------
 def torch_runner(module: Any, spec: NetSpec) -> Callable[[dict], np.ndarray]:
     """``run(feeds) -> output`` for a torch module called as ``module(*inputs in spec order)``."""
-    from .._deps import require
+    from ..base._deps import require
 
     torch = require("torch")
     module = module.eval()

@@ -6,24 +6,24 @@ NFE counts backbone calls. This package must never import torch (a test checks i
 
 from __future__ import annotations
 
-from .._lazy import lazy_attributes
+from ..base._lazy import lazy_attributes
 
-from .field import GuidedField, SideNet, Velocity
-from .grids import make_grid
-from .registry import SOLVERS, SolverSpec, register
-from .solvers import get_solver, solver_names
-from .result import Result, SolverOutput, StepRecord, Timing
-from .solve import solve
+from .solving.field import GuidedField, SideNet, Velocity
+from .solving.grids import make_grid
+from .solving.registry import SOLVERS, SolverSpec, register
+from .solving.solvers import get_solver, solver_names
+from .solving.result import Result, SolverOutput, StepRecord, Timing
+from .solving.solve import solve
 
 # Names served lazily from sub-modules (keeps `import anchorflow.runtime` light).
 _LAZY = {
-    "FastFlowBandit": ".bandit",
-    "load_bundle": ".bundle",
-    "LoadedBundle": ".bundle",
+    "FastFlowBandit": ".fastflow.bandit",
+    "load_bundle": ".bundles.load",
+    "LoadedBundle": ".bundles.load",
     "SamplePlan": ".plan",
-    "OrtVelocity": ".backends",
-    "OrtSideNet": ".backends",
-    "load_pipeline": ".pipeline",  # pipeline bundles: prompt -> image (runtime/pipeline.py)
+    "OrtVelocity": ".bundles.backends",
+    "OrtSideNet": ".bundles.backends",
+    "load_pipeline": ".pipelines.pipeline",  # pipeline bundles: prompt -> image (runtime/pipelines/pipeline.py)
 }
 
 

@@ -18,7 +18,7 @@ API (stable; the service builds on it)::
     p.solve_kwargs()       # the exact keyword arguments given to runtime.solve
 
 ``bundle``: what :func:`anchorflow.runtime.load_bundle` returns (``LoadedBundle``), or an
-``OpenModel`` (``anchorflow.runtime.models``; the CLI's torch-checkpoint fallback has no bundle
+``OpenModel`` (``anchorflow.runtime.bundles.models``; the CLI's torch-checkpoint fallback has no bundle
 declaration, so only class labels apply there). Arguments:
 
 - ``grid``: None = the bundle's tuned grid for (solver, nfe, first call) when ``anchorflow tune``
@@ -34,10 +34,10 @@ declaration, so only class labels apply there). Arguments:
 - FastFlow (``solver="fastflow"`` only): ``bandit_state`` (a state file learned across runs),
   ``calls`` or ``speedup`` (one of them), ``mu_factor``; each finite and > 0 (and in the bandit's range).
 - ``options``: other solver options (e.g. ``{"bandit": FastFlowBandit(...)}``), passed to ``solve``.
-- ``tuning``: the bundle's :class:`~anchorflow.runtime.tuned.Tuning` read once by a caller that
+- ``tuning``: the bundle's :class:`~anchorflow.runtime.bundles.tuned_grids.Tuning` read once by a caller that
   plans many requests (the service); default: read from the bundle.
 
-Every refusal is a :class:`~anchorflow.errors.ConfigError` with one line. Time convention:
+Every refusal is a :class:`~anchorflow.base.errors.ConfigError` with one line. Time convention:
 t = 1 noise, t = 0 data; NFE = backbone calls.
 """
 
@@ -51,7 +51,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 
 # Backbone calls per solve: RK4 at 256 calls already agrees with RK4-512 to > 60 dB on the bundled
 # model, so a budget beyond this buys nothing but hours.
@@ -250,12 +250,12 @@ class SamplePlan:
 
     def begin(self, noise: Optional[np.ndarray] = None) -> Pending:
         """Solve; a FastFlow state's learning waits for :meth:`Pending.commit` (all or nothing)."""
-        from .solve import solve
+        from .solving.solve import solve
 
         x0 = self.start_noise() if noise is None else _check_noise(noise, self.n, self.state_shape, "noise")
         kwargs = self.solve_kwargs()
         if self.solver == "fastflow" and self.bandit_state is not None:
-            from .fastflow import solve_with_state
+            from .fastflow.learning import solve_with_state
 
             extra = {k: v for k, v in (("calls", self.calls), ("speedup", self.speedup),
                                        ("mu_factor", self.mu_factor)) if v is not None}
@@ -265,7 +265,7 @@ class SamplePlan:
         return Pending(solve(self.solver, self.model.velocity, x0, self.nfe, **kwargs))
 
     def run(self, noise: Optional[np.ndarray] = None):
-        """Solve and commit any FastFlow learning; returns the :class:`~anchorflow.runtime.result.Result`."""
+        """Solve and commit any FastFlow learning; returns the :class:`~anchorflow.runtime.solving.result.Result`."""
         p = self.begin(noise)
         p.commit()
         return p.result
@@ -305,8 +305,8 @@ def _canon(value: Any, h) -> None:
 def _info(bundle) -> tuple[dict, Any]:
     """(model meta with state_shape/num_classes/null_label/model_id, BundleFormat or None) of a
     LoadedBundle or an OpenModel."""
-    from .bundle_format import read_bundle
-    from .models import model_meta
+    from .bundles.format import read_bundle
+    from .bundles.models import model_meta
 
     meta = bundle.meta
     fmt = getattr(bundle, "format", None)
@@ -390,7 +390,7 @@ def _check_values(name: str, value: np.ndarray, dtype: str, num_classes: int, nu
 
 def _conditions(meta: dict, fmt, labels, cond, null_cond, n: int, guided: bool, nm: Mapping[str, str]):
     """(rows, shared, null_cond) checked against the bundle's declaration."""
-    from .networks import check_conditions
+    from .bundles.networks import check_conditions
 
     num_classes = int(meta.get("num_classes") or 0)
     null_label = meta.get("null_label")
@@ -458,8 +458,8 @@ def _conditions(meta: dict, fmt, labels, cond, null_cond, n: int, guided: bool, 
 
 def _grid(tuning, spec, nfe: int, grid: Any, first_call: str):
     """(times, source, first-call table or None): the tuned grid rule shared by every front end."""
-    from .grids import make_grid
-    from .tuned import resolve_sampling
+    from .solving.grids import make_grid
+    from .bundles.tuned_grids import resolve_sampling
 
     chosen, fc, _ = resolve_sampling(tuning, spec.name, nfe, grid, first_call)
     table = None if isinstance(fc, str) else fc.check()
@@ -486,8 +486,8 @@ def check_request(*, solver: str = "ba", nfe: int = 7, grid: Any = None, first_c
                   names: Optional[Mapping[str, str]] = None) -> dict:
     """The checks that need no model (a front end runs them before loading one; :func:`plan` runs
     them again). Returns the normalised values by argument name."""
-    from .grids import make_grid
-    from .solvers import get_solver
+    from .solving.grids import make_grid
+    from .solving.solvers import get_solver
 
     nm = {**NAMES, **(names or {})}
     if not isinstance(solver, str):
@@ -519,7 +519,7 @@ def plan(bundle, *, solver: str = "ba", nfe: int = 7, grid: Any = None, first_ca
 
     ``names``: how the caller names the arguments in messages (e.g. ``{"cfg_scale": "--cfg"}``).
     """
-    from .solvers import get_solver
+    from .solving.solvers import get_solver
 
     nm = {**NAMES, **(names or {})}
     a = check_request(solver=solver, nfe=nfe, grid=grid, first_call=first_call, cfg_scale=cfg_scale,
@@ -537,7 +537,7 @@ def plan(bundle, *, solver: str = "ba", nfe: int = 7, grid: Any = None, first_ca
         raise ConfigError(f"solver {spec.name!r} needs a SideNet and this model has none; train one with "
                           "'anchorflow train sidenet' and export it (--sidenet)")
     if tuning is USE_BUNDLE:
-        from .tuned import read_tuning
+        from .bundles.tuned_grids import read_tuning
 
         tuning = None if fmt is None else read_tuning(fmt)
     times, source, table = _grid(tuning, spec, a["nfe"], grid, a["first_call"])
@@ -571,7 +571,7 @@ def _fastflow(solver: str, nfe: int, bandit_state, calls, speedup, mu_factor, nm
     speedup = check_positive(speedup, nm["speedup"], optional=True)
     mu_factor = check_positive(mu_factor, nm["mu_factor"], MAX_MU_FACTOR, optional=True)
     if calls is not None or speedup is not None:
-        from .bandit import budget_target
+        from .fastflow.bandit import budget_target
 
         budget_target(nfe, calls, speedup)  # its own ranges: 3 <= calls <= T, T / speedup >= 3
     if bandit_state is not None:

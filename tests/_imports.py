@@ -4,7 +4,7 @@ Walks every ``.py`` file under the folders mapped by pyproject's package-dir, an
 import: module level or inside a function, ``from . import x`` (resolved to the sub-module when
 there is one), ``importlib.import_module("literal"[, package])`` (with a name made at run time:
 an edge to :data:`DYNAMIC`), ``_deps.require("literal")``,
-the ``_LAZY`` tables served by :func:`anchorflow._lazy.lazy_attributes` and the CLI's
+the ``_LAZY`` tables served by :func:`anchorflow.base._lazy.lazy_attributes` and the CLI's
 ``COMMANDS`` table served by its LazyGroup.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DYNAMIC = "<a module named at run time>"  # the target of ``import_module(variable)``: no rule can check it
-PACKAGE_DIRS = {"anchorflow": "anchorflow", "anchorflow.runtime": "runtime", "anchorflow.trainers": "trainers",
+PACKAGE_DIRS = {"anchorflow": "anchorflow", "anchorflow.base": "base", "anchorflow.runtime": "runtime", "anchorflow.trainers": "trainers",
                 "anchorflow.export": "export", "anchorflow.engines": "engines"}
 
 

@@ -19,7 +19,7 @@ if "ANCHORFLOW_CACHE" not in os.environ:
     os.environ["ANCHORFLOW_CACHE"] = tempfile.mkdtemp(prefix="anchorflow-test-cache-")
     atexit.register(shutil.rmtree, os.environ["ANCHORFLOW_CACHE"], True)
 
-from anchorflow.runtime.analytic import GaussianMixture, exact_flow
+from anchorflow.runtime.evaluation.analytic import GaussianMixture, exact_flow
 
 # One table of tolerances; each entry says where its number comes from.
 TOL = {

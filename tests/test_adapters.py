@@ -99,7 +99,7 @@ def test_factory_in_a_test_file_applies_the_time_map():
 
 
 def test_spec_refuses_an_axis_without_range():
-    from anchorflow.errors import ConfigError
+    from anchorflow.base.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"axes \['L'\] have no \(min, opt, max\) range"):
         AdapterSpec(name="x", state=(1, 2, 2), conditions=(Condition("e", "float32", ("batch", "L")),))

@@ -12,7 +12,7 @@ import sys
 import _imports as graph
 
 STD = set(sys.stdlib_module_names)
-BASE = {"anchorflow.errors", "anchorflow._io", "anchorflow._deps", "anchorflow._lazy"}
+BASE = {"anchorflow.base", "anchorflow.base.errors", "anchorflow.base._io", "anchorflow.base._deps", "anchorflow.base._lazy"}
 CLI_LAYER = ("anchorflow.cli", "anchorflow.commands", "anchorflow.modelref")
 
 # layer -> (third-party packages allowed at module level, allowed only inside functions / lazily,
@@ -48,8 +48,8 @@ ALLOWED_CYCLES: list[set[str]] = []
 # graph still sees every import: anywhere else such a call (e.g. a string table of backends) hides
 # an import from this test and fails it.
 DYNAMIC_ALLOWED: dict[str, str] = {
-    "anchorflow._lazy": "serves the _LAZY tables, which the walker reads",
-    "anchorflow._deps": "require(name): the walker reads each literal require call",
+    "anchorflow.base._lazy": "serves the _LAZY tables, which the walker reads",
+    "anchorflow.base._deps": "require(name): the walker reads each literal require call",
     "anchorflow.commands.lazygroup": "serves cli.COMMANDS, which the walker reads",
     "anchorflow.trainers.checkpoint": "its own package's builder modules (backbone, sidenet, classifier)",
     "anchorflow.trainers.adapters.factory": "the user's pkg.module:factory, named on the command line",
@@ -95,6 +95,48 @@ def violations() -> list[str]:
             shown = internal
         if not ok and (e.source, shown) not in ALLOWED:
             found.append(f"{e.source}:{e.line} imports {shown}{' (lazily)' if e.lazy else ''}")
+    return sorted(set(found))
+
+
+# The runtime's rooms (docs/architecture.md, "Rooms of the runtime"): room -> (rooms it may import at module
+# level, rooms it may import only lazily). "front" is anchorflow/runtime/__init__.py, "plan" runtime/plan.py;
+# every other runtime module lives in a room. ROOM_EXTRA: single modules a room may import besides.
+ROOMS: dict[str, tuple[set, set]] = {
+    "solving": ({"solving"}, set()),
+    "fastflow": ({"fastflow", "solving"}, set()),
+    "bundles": ({"bundles", "solving"}, {"plan"}),  # LoadedBundle.plan / .sample
+    "plan": ({"plan", "solving", "bundles", "fastflow"}, set()),
+    "evaluation": ({"evaluation", "solving", "bundles"}, {"plan"}),  # verify samples through the plan
+    "pipelines": ({"pipelines", "solving", "bundles"}, {"plan"}),  # generate runs a plan
+    "front": ({"front", "solving"}, {"bundles", "fastflow", "plan", "pipelines", "evaluation"}),
+}
+ROOM_EXTRA = {"solving": ("anchorflow.runtime.fastflow.bandit",)}  # the pure UCB maths the FastFlow loop runs
+
+
+def room(module: str) -> str | None:
+    """The room of a runtime module ("?" for a module outside every room), None outside the runtime."""
+    parts = module.split(".")
+    if parts[:2] != ["anchorflow", "runtime"]:
+        return None
+    if len(parts) == 2:
+        return "front"
+    return parts[2] if parts[2] in ROOMS and parts[2] != "front" else "?"
+
+
+def room_violations() -> list[str]:
+    known = set(graph.modules())
+    found = [f"{m} is in no room of the runtime (move it into one: docs/architecture.md)"
+             for m in known if room(m) == "?"]
+    for e in graph.edges():
+        src = room(e.source)
+        target = graph.internal_target(e.target, known)
+        dst = None if target is None else room(target)
+        if src in (None, "?") or dst is None or dst == src:
+            continue
+        now, lazily = ROOMS[src]
+        ok = dst in now or (e.lazy and dst in lazily) or _allowed(target, ROOM_EXTRA.get(src, ()))
+        if not ok:
+            found.append(f"{e.source}:{e.line} ({src}) imports {target} ({dst}){' lazily' if e.lazy else ''}")
     return sorted(set(found))
 
 
@@ -149,7 +191,7 @@ def cycles() -> list[set[str]]:
 def test_the_walker_sees_lazy_imports():
     # the checker must see what it claims to: a function-level import, a _LAZY entry, the CLI table
     edges = {(e.source, e.target) for e in graph.edges()}
-    assert ("anchorflow.runtime", "anchorflow.runtime.bundle") in edges  # _LAZY
+    assert ("anchorflow.runtime", "anchorflow.runtime.bundles.load") in edges  # _LAZY
     assert ("anchorflow.cli", "anchorflow.commands.sample") in edges  # LazyGroup's COMMANDS
     assert any(e.source == "anchorflow.commands.train" and e.lazy and graph.top(e.target) == "torch"
                for e in graph.edges())  # inside a function
@@ -158,9 +200,9 @@ def test_the_walker_sees_lazy_imports():
 
 def test_cycle_detection_finds_a_planted_cycle(monkeypatch):
     real = graph.edges()
-    planted = real + [graph.Edge("anchorflow.errors", "anchorflow._io", 1, True)]
+    planted = real + [graph.Edge("anchorflow.base.errors", "anchorflow.base._io", 1, True)]
     monkeypatch.setattr(graph, "edges", lambda: planted)
-    assert any({"anchorflow.errors", "anchorflow._io"} <= c for c in cycles())
+    assert any({"anchorflow.base.errors", "anchorflow.base._io"} <= c for c in cycles())
 
 
 def test_no_import_cycle():
@@ -173,12 +215,32 @@ def test_dependency_rule():
     assert not found, "imports breaking docs/architecture.md's dependency rule:\n" + "\n".join(found)
 
 
+def test_each_room_imports_only_what_its_rule_allows():
+    found = room_violations()
+    assert not found, "imports breaking the rooms' rule (docs/architecture.md):\n" + "\n".join(found)
+
+
+def test_a_planted_import_between_rooms_fails(monkeypatch):
+    real = graph.edges()
+    planted = real + [graph.Edge("anchorflow.runtime.solving.field", "anchorflow.runtime.bundles.format", 7, True),
+                      graph.Edge("anchorflow.runtime.bundles.format", "anchorflow.runtime.plan", 8, False)]
+    monkeypatch.setattr(graph, "edges", lambda: planted)
+    found = room_violations()
+    assert ("anchorflow.runtime.solving.field:7 (solving) imports anchorflow.runtime.bundles.format (bundles) lazily"
+            in found)
+    assert "anchorflow.runtime.bundles.format:8 (bundles) imports anchorflow.runtime.plan (plan)" in found
+    mods = graph.modules()
+    monkeypatch.setattr(graph, "modules", lambda: {**mods, "anchorflow.runtime.loose": mods["anchorflow.runtime"]})
+    assert "anchorflow.runtime.loose is in no room of the runtime (move it into one: docs/architecture.md)" in \
+        room_violations()
+
+
 def test_the_oracle_may_not_import_the_runtime(monkeypatch):
     # trainers may import the runtime lazily, but not the reference sampler that checks it
     real = graph.edges()
-    planted = real + [graph.Edge("anchorflow.trainers.reference_sampler", "anchorflow.runtime.field", 1, True)]
+    planted = real + [graph.Edge("anchorflow.trainers.reference_sampler", "anchorflow.runtime.solving.field", 1, True)]
     monkeypatch.setattr(graph, "edges", lambda: planted)
-    assert any("reference_sampler:1 imports anchorflow.runtime.field" in v for v in violations())
+    assert any("reference_sampler:1 imports anchorflow.runtime.solving.field" in v for v in violations())
 
 
 PLANTED_TABLE = """

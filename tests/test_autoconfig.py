@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from anchorflow.runtime import solve
-from anchorflow.runtime.analytic import ExactSideNet, GaussianMixture, exact_flow
-from anchorflow.runtime.estimate import spearman
+from anchorflow.runtime.evaluation.analytic import ExactSideNet, GaussianMixture, exact_flow
+from anchorflow.runtime.solving.estimate import spearman
 
 ESTIMATING = ("ba", "ab2", "ipndm", "unipc")
 
@@ -131,7 +131,7 @@ class _Mixture:
 
 def test_autoconfigure_meets_its_bound_and_refuses_the_impossible():
     from anchorflow.autoconfig import autoconfigure
-    from anchorflow.errors import ConfigError
+    from anchorflow.base.errors import ConfigError
 
     m = _Mixture()
     found = autoconfigure(m, 30.0, reference="rk4@64", solvers=("euler", "ab2", "ba"), nfes=(2, 4, 8),
@@ -150,9 +150,9 @@ def test_autoconfigure_meets_its_bound_and_refuses_the_impossible():
 
 
 def test_preset_round_trips_and_is_checked_on_read(tmp_path):
-    from anchorflow.errors import StateFileError
-    from anchorflow.runtime.presets import Preset, presets_from_json
-    from anchorflow.runtime.tuned import Tuning
+    from anchorflow.base.errors import StateFileError
+    from anchorflow.runtime.bundles.presets import Preset, presets_from_json
+    from anchorflow.runtime.bundles.tuned_grids import Tuning
 
     p = Preset("fast", "ba", 5, "backbone", "uniform", (1.0, 0.5, 0.0), 30.0, "euler@50", 0.95, 31.0, 32.0, 0.1,
                29.0, 0.01, 16, "cpu")

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from anchorflow.errors import ConfigError
+from anchorflow.base.errors import ConfigError
 from anchorflow.runtime import solve
-from anchorflow.runtime.analytic import ExactSideNet
-from anchorflow.runtime.solvers.ba import LOBATTO_A, bi_anchor_rule, gauss_legendre
+from anchorflow.runtime.evaluation.analytic import ExactSideNet
+from anchorflow.runtime.solving.solvers.ba import LOBATTO_A, bi_anchor_rule, gauss_legendre
 
 NULL = 2  # the test mixture has classes 0, 1
 

@@ -1,6 +1,6 @@
 """BA-solver on grids ending with a long step and a tiny last one: ``corrector_limit`` (t = 1 noise, t = 0 data).
 
-An interval [t, tn] with ``h > corrector_limit * tn`` keeps its predictor (runtime/solvers/ba.py).
+An interval [t, tn] with ``h > corrector_limit * tn`` keeps its predictor (runtime/solving/solvers/ba.py).
 Truths: the exact flow of a closed-form Gaussian mixture (RK4, 2000 steps, error ~1e-12) and,
 for the bundled digits model, RK4 with 256 calls from the same noise.
 """
@@ -13,11 +13,11 @@ import math
 import numpy as np
 import pytest
 
-from anchorflow.errors import ConfigError
+from anchorflow.base.errors import ConfigError
 from anchorflow.runtime import solve
-from anchorflow.runtime.analytic import ExactSideNet, GaussianMixture, exact_flow
-from anchorflow.runtime.metrics import psnr
-from anchorflow.runtime.solvers.ba import CORRECTOR_LIMIT, LOBATTO_A, corrects
+from anchorflow.runtime.evaluation.analytic import ExactSideNet, GaussianMixture, exact_flow
+from anchorflow.runtime.evaluation.metrics import psnr
+from anchorflow.runtime.solving.solvers.ba import CORRECTOR_LIMIT, LOBATTO_A, corrects
 
 # concentrated data (stds 1e-3..2e-3, like images near their manifold): the field near t = 0 is
 # stiff (Lipschitz ~ 1/t off the data), which is what makes the corrector fail on a tail

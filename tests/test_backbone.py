@@ -15,7 +15,7 @@ pytest.importorskip("safetensors")
 pytest.importorskip("sklearn")
 torch.set_num_threads(1)
 
-from anchorflow.errors import CheckpointError, ConfigError  # noqa: E402
+from anchorflow.base.errors import CheckpointError, ConfigError  # noqa: E402
 from anchorflow.trainers.backbone import DiT, MLPBackbone, build_backbone, param_count  # noqa: E402
 from anchorflow.trainers.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from anchorflow.trainers.train_backbone import BackboneTrainSettings, train_backbone  # noqa: E402

@@ -23,12 +23,13 @@ from test_adapters import _reference  # noqa: E402
 from tiny_diffusers import build, save  # noqa: E402
 
 from anchorflow.cli import cli  # noqa: E402
-from anchorflow.errors import AnchorflowError  # noqa: E402
+from anchorflow.base.errors import AnchorflowError  # noqa: E402
 from anchorflow.runtime import solve  # noqa: E402
-from anchorflow.runtime.bundle import load_bundle  # noqa: E402
-from anchorflow.runtime.bundle_format import read_bundle  # noqa: E402
-from anchorflow.runtime.parity import TOLERANCES  # noqa: E402
-from anchorflow.runtime.parity.verify import E2E_FACTOR, build_cases, open_backend, verify_bundle  # noqa: E402
+from anchorflow.runtime.bundles.load import load_bundle  # noqa: E402
+from anchorflow.runtime.bundles.format import read_bundle  # noqa: E402
+from anchorflow.runtime.evaluation.parity import TOLERANCES  # noqa: E402
+from anchorflow.runtime.evaluation.parity.verify import (  # noqa: E402
+    E2E_FACTOR, build_cases, open_backend, verify_bundle)
 
 FAMILIES = ("sd3", "flux-dev", "flux-schnell", "sana")
 MAX_BATCH = 4
@@ -107,7 +108,7 @@ def test_runtime_velocity_matches_torch_at_new_sizes(exported, family, n, length
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fp16_variant_matches_torch_fp32_with_float32_io(exported, family):
     """The fp16 graph (float32 at its boundary) against the fp32 torch model at a new batch and text length.
-    Tolerance: the exporter's fp16 rule (runtime/parity/stats.py TOLERANCES: mean |err| <= u + 32 u mean |ref|,
+    Tolerance: the exporter's fp16 rule (runtime/evaluation/parity/stats.py TOLERANCES: mean |err| <= u + 32 u mean |ref|,
     u = 2^-11; 2x the worst measured on trained nets, while a wrong cast gives O(1) relative errors)."""
     import onnx
 
@@ -183,7 +184,7 @@ def test_a_guided_batch_beyond_the_exported_rows_runs_in_chunks_equal_to_one_cal
     """6 samples with CFG rows = 12 rows per call on a bundle exported for 8: the runtime calls the graph on
     8 + 4 rows, which equals one onnxruntime call on all 12 (the ONNX batch axis is symbolic, so ORT takes
     12). Rows are independent, so only the kernels' blocking differs: the bound is the fp32 EULER one."""
-    from anchorflow.runtime.backends import make_session
+    from anchorflow.runtime.bundles.backends import make_session
 
     b = load_bundle(exported["sd3"], backend="ort-cpu")
     assert b.format.backbone.batch[2] == 2 * MAX_BATCH == 8
@@ -217,7 +218,7 @@ def test_factory_from_a_test_file_exports_and_samples(tmp_path):
 
 
 def test_external_data_is_written_hashed_and_loaded(tmp_path):
-    from anchorflow.errors import CheckpointError
+    from anchorflow.base.errors import CheckpointError
     from anchorflow.export.adapter_export import export_adapter
     from anchorflow.trainers.adapters import load_source
 

@@ -1,4 +1,4 @@
-"""onnxruntime backends of the runtime (runtime/backends.py), on hand-built ONNX graphs.
+"""onnxruntime backends of the runtime (runtime/bundles/backends.py), on hand-built ONNX graphs.
 
 Truth: closed forms. The graphs compute ``v = t * x + y`` and ``delta = h * t * (x - v) + y``
 (y cast to float, broadcast per sample), so every output is known exactly in numpy; no torch.
@@ -18,8 +18,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper  # noqa: E402
 
-from anchorflow.errors import BackendError, ConfigError  # noqa: E402
-from anchorflow.runtime.backends import (  # noqa: E402
+from anchorflow.base.errors import BackendError, ConfigError  # noqa: E402
+from anchorflow.runtime.bundles.backends import (  # noqa: E402
     CPU, CUDA, TRT, BackendFallbackWarning, OrtSideNet, OrtVelocity, make_session, resolve_backend)
 
 STATE = (1, 2, 2)

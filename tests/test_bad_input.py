@@ -244,7 +244,7 @@ CASES = [
     (["demo", "--cfg", "0"], 1, "--cfg must be finite and > 0"),
     (["demo", "--seed", "-1"], 1, "--seed must be in 0.."),
     (["export", "{root}", "--out", "{cwd}/b", "--max-batch", "0"], 1, "--max-batch must be a positive integer", TORCH),
-    (["export", "{root}", "--out", "{cwd}/b", "--precision", "fp8"], 1, "fp8", TORCH),
+    (["export", "{root}", "--out", "{cwd}/b", "--precision", "fp8"], 1, "fp8", TORCH, pytest.mark.slow),  # quantises first
     (["train", "backbone", "--out", "o", "--steps", "0"], 1, "--steps must be a positive integer"),
     (["train", "backbone", "--out", "o", "--batch", "-1"], 1, "--batch must be a positive integer"),
     (["train", "backbone", "--out", "o", "--seed", "-1"], 1, "--seed must be in 0.."),

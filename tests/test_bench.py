@@ -14,8 +14,8 @@ import pytest
 from anchorflow import bench
 from anchorflow.cli import main
 from anchorflow.runtime import solve
-from anchorflow.runtime.analytic import ExactSideNet, GaussianMixture, exact_flow
-from anchorflow.runtime.metrics import psnr
+from anchorflow.runtime.evaluation.analytic import ExactSideNet, GaussianMixture, exact_flow
+from anchorflow.runtime.evaluation.metrics import psnr
 
 # Tolerances, and why.
 TOL = {

@@ -1,4 +1,4 @@
-"""Opening bundles in the runtime (runtime/bundle.py), `anchorflow inspect`, torch-free sampling.
+"""Opening bundles in the runtime (runtime/bundles/load.py), `anchorflow inspect`, torch-free sampling.
 
 Truths: the torch checkpoints the bundle came from (the runtime's callables must reproduce them),
 sha256 of the files (a changed byte is refused), and sys.modules of a fresh interpreter
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anchorflow.errors import CheckpointError, ConfigError
-from anchorflow.runtime.parity import TOLERANCES
-from anchorflow.runtime.bundle import load_bundle
+from anchorflow.base.errors import CheckpointError, ConfigError
+from anchorflow.runtime.evaluation.parity import TOLERANCES
+from anchorflow.runtime.bundles.load import load_bundle
 
 from test_export import tiny_bundle, tiny_root  # noqa: F401  (session fixtures, exported once)
 

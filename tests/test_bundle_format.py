@@ -1,4 +1,4 @@
-"""The bundle format (runtime/bundle_format.py) and the one condition rule (runtime/networks.py).
+"""The bundle format (runtime/bundles/format.py) and the one condition rule (runtime/bundles/networks.py).
 
 Truths: closed forms of hand-built ONNX graphs (``v = t x + y + sum_L e`` per row, ``delta = h (x - v)``),
 so every output is known in numpy; bundle.json edits a user could make by hand, each refused with a
@@ -19,10 +19,10 @@ pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper  # noqa: E402
 
-from anchorflow.errors import CheckpointError, ConfigError  # noqa: E402
+from anchorflow.base.errors import CheckpointError, ConfigError  # noqa: E402
 from anchorflow.runtime import solve  # noqa: E402
-from anchorflow.runtime.bundle import load_bundle  # noqa: E402
-from anchorflow.runtime.bundle_format import SCHEMA, file_record, read_bundle, write_bundle_json  # noqa: E402
+from anchorflow.runtime.bundles.load import load_bundle  # noqa: E402
+from anchorflow.runtime.bundles.format import SCHEMA, file_record, read_bundle, write_bundle_json  # noqa: E402
 
 STATE, EMB, NULL = (1, 2, 2), 3, 4
 ROWS = {"backbone": (1, 4, 8), "sidenet": (1, 12, 24)}

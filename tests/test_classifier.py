@@ -14,7 +14,7 @@ ort = pytest.importorskip("onnxruntime")
 torch.set_num_threads(1)
 
 import anchorflow  # noqa: E402
-from anchorflow.errors import ConfigError  # noqa: E402
+from anchorflow.base.errors import ConfigError  # noqa: E402
 from anchorflow.trainers.checkpoint import load_checkpoint  # noqa: E402
 from anchorflow.trainers.classifier import ONNX_TOL, accuracy, feature_stats, train_classifier  # noqa: E402
 from anchorflow.trainers.data import load_dataset  # noqa: E402

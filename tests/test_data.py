@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from anchorflow.errors import ConfigError  # noqa: E402
+from anchorflow.base.errors import ConfigError  # noqa: E402
 from anchorflow.trainers.data import (  # noqa: E402
     DATASETS, GAUSSIANS8_RADIUS, GAUSSIANS8_STD, load_dataset, sample_gaussians8,
 )

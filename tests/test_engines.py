@@ -19,13 +19,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from anchorflow._deps import available
+from anchorflow.base._deps import available
 from anchorflow.engines import cache, compat
 from anchorflow.engines.build import BuildOptions, ProgressDisplay
 from anchorflow.engines.profiles import (
     SampleRange, derive_profiles, network_specs, profile_for, read_bundle, row_ranges, sample_range,
 )
-from anchorflow.errors import BackendError, CheckpointError, ConfigError, MissingDependencyError
+from anchorflow.base.errors import BackendError, CheckpointError, ConfigError, MissingDependencyError
 
 STATE = (1, 4, 4)
 CLASSES = 3  # labels 0..2, null label 3

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anchorflow.errors import ConfigError
+from anchorflow.base.errors import ConfigError
 
 
 class _OrtEngine:
@@ -41,9 +41,9 @@ class _OrtEngine:
 @pytest.fixture(scope="module")
 def trt_digits():
     from anchorflow.engines import runner
-    from anchorflow.runtime import bundle as rb
+    from anchorflow.runtime.bundles import load as rb
     from anchorflow.runtime import load_bundle
-    from anchorflow.runtime.models import resolve
+    from anchorflow.runtime.bundles.models import resolve
 
     folder = resolve("default") / "bundle"
     engines = {}

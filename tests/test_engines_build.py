@@ -28,7 +28,7 @@ pytest.importorskip("polygraphy")
 
 from anchorflow.engines import cache, driver  # noqa: E402
 from anchorflow.engines.build import BuildOptions, build_engines  # noqa: E402
-from anchorflow.errors import BackendError  # noqa: E402
+from anchorflow.base.errors import BackendError  # noqa: E402
 from test_engines import write_bundle  # noqa: E402
 
 GPU = cache.EngineEnv(lean.__version__, "Fake GPU", (9, 0))

@@ -38,7 +38,7 @@ from anchorflow.engines import cache  # noqa: E402
 from anchorflow.engines.build import BuildOptions, build_engines  # noqa: E402
 from anchorflow.engines.runner import TrtEngines  # noqa: E402
 from anchorflow.runtime import load_bundle  # noqa: E402
-from anchorflow.errors import AnchorflowError, BackendError, ConfigError  # noqa: E402
+from anchorflow.base.errors import AnchorflowError, BackendError, ConfigError  # noqa: E402
 from test_engines import CLASSES, STATE, write_bundle  # noqa: E402
 
 # Tolerances. fp32: TF32 is off (the build's default), so TensorRT's fp32 kernels differ from

@@ -25,7 +25,7 @@ lean = pytest.importorskip("tensorrt_lean", reason="the TensorRT lean runtime is
 
 from anchorflow.engines import cache, compat, driver  # noqa: E402
 from anchorflow.engines.progress import ProgressDisplay  # noqa: E402
-from anchorflow.errors import BackendError  # noqa: E402
+from anchorflow.base.errors import BackendError  # noqa: E402
 
 NO_DRIVER = driver.driver_cuda_version() is None
 needs_no_driver = pytest.mark.skipif(not NO_DRIVER, reason="an NVIDIA driver is present; this checks the path without one")
@@ -88,7 +88,7 @@ def test_cuda_init_failure_is_one_line_error_not_a_segfault() -> None:
     proc = _python("""
         import sys, tensorrt_lean as trt
         from anchorflow.engines.runner import TrtEngine
-        from anchorflow.errors import AnchorflowError
+        from anchorflow.base.errors import AnchorflowError
         try:
             TrtEngine(trt, b"not an engine" * 8, None, "backbone fp32")
         except AnchorflowError as exc:

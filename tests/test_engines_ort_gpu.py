@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from anchorflow.errors import BackendError
-from anchorflow.runtime import ort_gpu
+from anchorflow.base.errors import BackendError
+from anchorflow.runtime.bundles import ort_gpu
 
 
 def test_two_onnxruntime_wheels_are_refused_with_the_fix() -> None:
@@ -59,7 +59,7 @@ def test_profile_shapes_from_the_declared_ranges() -> None:
     assert ort_gpu.trt_profile_options({}) == {}
 
 
-# -- wired into the backends (runtime/backends.py, runtime/bundle.py) ---------------------------------------
+# -- wired into the backends (runtime/bundles/backends.py, runtime/bundles/load.py) ---------------------------------------
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 
 
@@ -74,7 +74,7 @@ def gpu_build(monkeypatch):
 
 
 def test_auto_prefers_cuda_unless_tensorrt_loads(gpu_build, monkeypatch) -> None:
-    from anchorflow.runtime.backends import resolve_backend
+    from anchorflow.runtime.bundles.backends import resolve_backend
 
     ort_gpu.tensorrt_library.cache_clear()
     assert ort_gpu.tensorrt_library() is None  # no libnvinfer here
@@ -84,7 +84,7 @@ def test_auto_prefers_cuda_unless_tensorrt_loads(gpu_build, monkeypatch) -> None
 
 
 def test_tensorrt_provider_gets_the_profile_shapes(gpu_build, monkeypatch, tmp_path) -> None:
-    from anchorflow.runtime.backends import _providers
+    from anchorflow.runtime.bundles.backends import _providers
 
     monkeypatch.setattr(ort_gpu, "tensorrt_library", lambda: "libnvinfer.so.10")
     profile = {"x": ((1, 1, 8, 8), (32, 1, 8, 8), (128, 1, 8, 8)), "t": ((1,), (32,), (128,))}
@@ -96,7 +96,7 @@ def test_tensorrt_provider_gets_the_profile_shapes(gpu_build, monkeypatch, tmp_p
 
 
 def test_missing_tensorrt_library_drops_the_provider(gpu_build, tmp_path) -> None:
-    from anchorflow.runtime.backends import _providers
+    from anchorflow.runtime.bundles.backends import _providers
 
     ort_gpu.tensorrt_library.cache_clear()
     assert _providers("ort-trt", tmp_path / "cache") == [CUDA, CPU]
@@ -104,7 +104,7 @@ def test_missing_tensorrt_library_drops_the_provider(gpu_build, tmp_path) -> Non
 
 def test_shadowing_wheels_are_refused_for_gpu_backends(gpu_build, monkeypatch) -> None:
     from anchorflow.modelref import locate
-    from anchorflow.runtime.backends import make_session
+    from anchorflow.runtime.bundles.backends import make_session
 
     monkeypatch.setattr(ort_gpu, "installed_wheels", lambda: ["onnxruntime", "onnxruntime-gpu"])
     with pytest.raises(BackendError, match="shadow each other's files"):
@@ -114,7 +114,7 @@ def test_shadowing_wheels_are_refused_for_gpu_backends(gpu_build, monkeypatch) -
 def test_gpu_backend_error_names_the_wheel() -> None:
     """On this CPU-only install: the message says which wheel to swap, not just 'unavailable'."""
     from anchorflow.modelref import locate
-    from anchorflow.runtime.backends import make_session
+    from anchorflow.runtime.bundles.backends import make_session
 
     with pytest.raises(BackendError, match=r"not in this onnxruntime build .*pip uninstall -y onnxruntime && "
                                            r"pip install onnxruntime-gpu"):
@@ -122,7 +122,7 @@ def test_gpu_backend_error_names_the_wheel() -> None:
 
 
 def test_load_bundle_passes_the_declared_rows_as_profile(monkeypatch) -> None:
-    import anchorflow.runtime.backends as backends
+    import anchorflow.runtime.bundles.backends as backends
     from anchorflow.runtime import load_bundle
 
     seen = {}

@@ -17,8 +17,8 @@ from anchorflow.engines.build import BuildOptions
 from anchorflow.engines.profiles import (
     SampleRange, derive_profiles, network_specs, opt_below_max, profile_for, read_bundle,
 )
-from anchorflow.errors import ConfigError
-from anchorflow.runtime.bundle_format import SCHEMA
+from anchorflow.base.errors import ConfigError
+from anchorflow.runtime.bundles.format import SCHEMA
 
 SHA = "0" * 64
 
@@ -91,7 +91,7 @@ def test_batch_options_must_stay_inside_the_exported_rows() -> None:
 
 
 def test_axis_without_a_declared_range_is_refused() -> None:
-    from anchorflow.runtime.bundle_format import parse_meta
+    from anchorflow.runtime.bundles.format import parse_meta
 
     meta = sd3_like()
     spec = network_specs(meta)["backbone"]
@@ -119,7 +119,7 @@ def test_cache_key_changes_with_the_resolution() -> None:
 
 def test_runner_names_the_axis_outside_the_profile() -> None:
     from anchorflow.engines.runner import check_shape
-    from anchorflow.errors import BackendError
+    from anchorflow.base.errors import BackendError
 
     lo, hi = (1, 1, 64), (16, 256, 64)  # encoder_hidden_states: rows 1..16, L 1..256
     check_shape("backbone fp16", "encoder_hidden_states", (16, 256, 64), lo, hi)
@@ -136,7 +136,7 @@ def test_engine_identity_covers_external_weights(tmp_path) -> None:
     import hashlib
     from types import SimpleNamespace
 
-    from anchorflow.errors import CheckpointError
+    from anchorflow.base.errors import CheckpointError
 
     (tmp_path / "backbone.onnx").write_bytes(b"graph")
     (tmp_path / "backbone.onnx.data").write_bytes(b"weights")

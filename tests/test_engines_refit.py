@@ -20,7 +20,7 @@ lean = pytest.importorskip("tensorrt_lean", reason="the TensorRT lean runtime is
 from anchorflow.engines import cache, compat  # noqa: E402
 from anchorflow.engines.build import BuildOptions  # noqa: E402
 from anchorflow.engines.refit import base_entry, fill_weights, refit_key  # noqa: E402
-from anchorflow.errors import BackendError, ConfigError  # noqa: E402
+from anchorflow.base.errors import BackendError, ConfigError  # noqa: E402
 
 ENV = cache.EngineEnv("11.4.0", "NVIDIA H100", (9, 0))
 PROFILE = {"x": [[1, 1, 8, 8], [4, 1, 8, 8], [8, 1, 8, 8]]}

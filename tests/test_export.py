@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anchorflow.errors import CheckpointError, ConfigError
-from anchorflow.runtime.parity import TOLERANCES, Tolerance, compare
+from anchorflow.base.errors import CheckpointError, ConfigError
+from anchorflow.runtime.evaluation.parity import TOLERANCES, Tolerance, compare
 
 MAX_BATCH = 4  # backbone rows up to 8, SideNet rows up to 24
 DATA = {"name": "digits", "state_shape": [1, 8, 8], "num_classes": 10, "data_range": [-1.0, 1.0]}
@@ -100,7 +100,7 @@ def test_torch_onnx_ort_round_trip_within_1e4(tiny_root, tiny_bundle, network, b
     got = _ort(tiny_bundle / spec.file).run([spec.output], feeds)[0]
     assert got.shape == want.shape == (rows, 1, 8, 8)
     assert np.abs(want).mean() > 1e-3  # the nets are not trivially zero
-    # fp32 parity tolerance, justified in anchorflow.runtime.parity.stats.TOLERANCES
+    # fp32 parity tolerance, justified in anchorflow.runtime.evaluation.parity.stats.TOLERANCES
     assert np.abs(got - want).max() <= TOLERANCES["fp32"].atol
 
 
@@ -259,7 +259,7 @@ def test_compare_flags_nan_inf_and_shape():
 def test_relative_error_uses_the_tensor_scale_near_zero():
     # A SideNet delta is exactly 0 at h = 0: relative error there is measured against the tensor's
     # RMS (times REL_FLOOR), not against 0, so it stays finite and meaningful.
-    from anchorflow.runtime.parity.stats import REL_FLOOR
+    from anchorflow.runtime.evaluation.parity.stats import REL_FLOOR
 
     ref = np.array([0.0, 1.0, -1.0, 1.0])
     s = compare(ref + np.array([1e-6, 0, 0, 0]), ref, TOLERANCES["fp32"])

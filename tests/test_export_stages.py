@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from anchorflow.errors import CheckpointError  # noqa: E402
+from anchorflow.base.errors import CheckpointError  # noqa: E402
 from anchorflow.export import stages  # noqa: E402
-from anchorflow.runtime.parity import TOLERANCES, Case  # noqa: E402
+from anchorflow.runtime.evaluation.parity import TOLERANCES, Case  # noqa: E402
 
 
 class Mix(torch.nn.Module):

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from anchorflow.errors import ConfigError, StateFileError
+from anchorflow.base.errors import ConfigError, StateFileError
 from anchorflow.runtime import FastFlowBandit, make_grid, solve
-from anchorflow.runtime import bandit_state
-from anchorflow.runtime.bandit import BanditKey
-from anchorflow.runtime.fastflow import run_with_state
-from anchorflow.runtime.solvers.fastflow import extrapolate
+from anchorflow.runtime.fastflow import state as bandit_state
+from anchorflow.runtime.fastflow.bandit import BanditKey
+from anchorflow.runtime.fastflow.learning import run_with_state
+from anchorflow.runtime.solving.solvers.fastflow_loop import extrapolate
 
 T = 12  # a small grid keeps every test fast; the rules do not depend on T
 HUGE_MU = 1e6  # reward per skipped step far above any mse (< 10 here) and UCB bonus (< 2 sqrt(ln n))
@@ -202,7 +202,7 @@ def test_crash_during_save_keeps_old_file(tmp_path, monkeypatch):
     def crash(fd):  # the new bytes are written to the temporary file, then the "power fails"
         raise OSError("simulated crash")
 
-    monkeypatch.setattr("anchorflow._io.os.fsync", crash)
+    monkeypatch.setattr("anchorflow.base._io.os.fsync", crash)
     with pytest.raises(StateFileError, match="cannot write the bandit state .*simulated"):
         bandit_state.update(path, lambda b: b.observe(2, 4, 1.0))
     monkeypatch.undo()
@@ -251,7 +251,7 @@ def test_run_with_state_calibrates_then_learns(mixture, tmp_path):
 
 
 def _worker(path: str, seed: int, n: int) -> None:
-    from anchorflow.runtime.analytic import GaussianMixture
+    from anchorflow.runtime.evaluation.analytic import GaussianMixture
 
     gm = GaussianMixture.random((2,), 3, classes=2, seed=0, spread=1.5, std=(0.4, 0.7))
 

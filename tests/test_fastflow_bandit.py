@@ -14,9 +14,9 @@ import math
 import numpy as np
 import pytest
 
-from anchorflow.errors import ConfigError
+from anchorflow.base.errors import ConfigError
 from anchorflow.runtime import FastFlowBandit, make_grid, solve
-from anchorflow.runtime.solvers.fastflow import extrapolate
+from anchorflow.runtime.solving.solvers.fastflow_loop import extrapolate
 
 
 def _noise(seed, b: int = 8) -> np.ndarray:

@@ -5,7 +5,7 @@ integrates every polynomial of degree < m exactly on non-uniform nodes and an in
 does not start at the last node, and degree m not (the test can fail); (2) an independent
 solver: a run with any skip pattern (fixed or bandit-chosen) is Adams-Bashforth of order + 1 on
 the sub-grid of computed times, i.e. the registry's ``ab2`` / ``ipndm`` (their own weights,
-:func:`anchorflow.runtime.solvers.multistep.adams_weights`) on that explicit grid.
+:func:`anchorflow.runtime.solving.solvers.multistep.adams_weights`) on that explicit grid.
 Time convention: t = 1 noise, t = 0 data.
 """
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anchorflow.errors import ConfigError
+from anchorflow.base.errors import ConfigError
 from anchorflow.runtime import FastFlowBandit, make_grid, solve
-from anchorflow.runtime.analytic import GaussianMixture
-from anchorflow.runtime.solvers.fastflow import interval_weights
+from anchorflow.runtime.evaluation.analytic import GaussianMixture
+from anchorflow.runtime.solving.solvers.fastflow_loop import interval_weights
 
 T = 24
 
@@ -42,7 +42,7 @@ def test_interval_weights_integrate_degree_below_m_exactly(m):
 
 
 def test_interval_weights_from_the_last_node_are_adams_bashforth():
-    from anchorflow.runtime.solvers.multistep import adams_weights
+    from anchorflow.runtime.solving.solvers.multistep import adams_weights
 
     nodes = np.array([0.9, 0.7, 0.55])
     np.testing.assert_allclose(interval_weights(nodes, 0.55, 0.3), adams_weights(nodes, 0.3), rtol=0, atol=1e-12)

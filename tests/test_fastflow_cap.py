@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anchorflow.errors import ConfigError
+from anchorflow.base.errors import ConfigError
 from anchorflow.runtime import FastFlowBandit, solve
-from anchorflow.runtime.analytic import GaussianMixture
+from anchorflow.runtime.evaluation.analytic import GaussianMixture
 
 
 @pytest.fixture(scope="module")

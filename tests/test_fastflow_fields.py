@@ -1,7 +1,7 @@
 """The benchmark's closed-form fields (benchmarks/fastflow_fields.py): exact flows against RK4.
 
 Time convention: t = 1 noise, t = 0 data. Truth: the closed-form end state of each field
-against :func:`anchorflow.runtime.analytic.exact_flow` (classic RK4, float64).
+against :func:`anchorflow.runtime.evaluation.analytic.exact_flow` (classic RK4, float64).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anchorflow.runtime.analytic import exact_flow
+from anchorflow.runtime.evaluation.analytic import exact_flow
 
 _SPEC = importlib.util.spec_from_file_location(
     "fastflow_fields", Path(__file__).resolve().parents[1] / "benchmarks" / "fastflow_fields.py")
@@ -31,7 +31,7 @@ def test_closed_form_flow_matches_rk4(make):
 
 
 def test_aniso_mixture_isotropic_case_is_the_runtime_mixture():
-    from anchorflow.runtime.analytic import GaussianMixture
+    from anchorflow.runtime.evaluation.analytic import GaussianMixture
 
     f = fields.AnisoMixture(components=4)
     s = np.array([0.3, 0.5, 0.2, 0.6])

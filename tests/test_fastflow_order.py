@@ -15,9 +15,9 @@ import math
 import numpy as np
 import pytest
 
-from anchorflow.errors import ConfigError
+from anchorflow.base.errors import ConfigError
 from anchorflow.runtime import FastFlowBandit, make_grid, solve
-from anchorflow.runtime.solvers.fastflow import extrapolate, extrapolate_order
+from anchorflow.runtime.solving.solvers.fastflow_loop import extrapolate, extrapolate_order
 
 T = 24
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from anchorflow.errors import StateFileError
-from anchorflow.runtime import FastFlowBandit, bandit_state
-from anchorflow.runtime.fastflow import run_with_state, solve_with_state
+from anchorflow.base.errors import StateFileError
+from anchorflow.runtime import FastFlowBandit
+from anchorflow.runtime.fastflow import state as bandit_state
+from anchorflow.runtime.fastflow.learning import run_with_state, solve_with_state
 
 T = 12
 BUNDLE = Path(__file__).resolve().parents[1] / "anchorflow" / "bundled" / "digits" / "bundle"
@@ -172,7 +173,7 @@ def test_lock_held_elsewhere_is_announced_then_times_out(mixture, tmp_path):
 def test_model_identity_is_the_weights_not_the_onnx_bytes():
     """The bundle's identity for FastFlow is the recorded weights hash: a copy of the bundle whose
     backbone.onnx bytes differ (re-exported elsewhere) keeps the same identity."""
-    from anchorflow.runtime.models import model_meta as _bundle_meta
+    from anchorflow.runtime.bundles.models import model_meta as _bundle_meta
 
     meta = json.loads((BUNDLE / "bundle.json").read_text())
     weights = meta["networks"]["backbone"]["checkpoint"]["weights_sha256"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anchorflow.errors import ConfigError
+from anchorflow.base.errors import ConfigError
 from anchorflow.runtime import solve
-from anchorflow.runtime.first_call import CachedStartField, FirstCallTable, measure_first_call
+from anchorflow.runtime.solving.first_call import CachedStartField, FirstCallTable, measure_first_call
 
 
 def class_means(mixture) -> np.ndarray:
@@ -50,7 +50,7 @@ def test_cached_first_call_buys_one_more_interval(method, table, mixture, noise,
     """N calls with the cache = N + 1 intervals; the calls never touch t = 1, and the result equals
     the backbone-first solve on the same N + 1 interval grid (exact table: float32 tolerance 1e-4)."""
     from anchorflow.runtime import get_solver
-    from anchorflow.runtime.analytic import ExactSideNet
+    from anchorflow.runtime.evaluation.analytic import ExactSideNet
 
     field, spec = counting(mixture), get_solver(method)
     side = ExactSideNet(mixture, steps=8) if spec.needs_sidenet else None

@@ -1,4 +1,4 @@
-"""onnxruntime's optimised graphs, cached (runtime/graph_cache.py): the key, its invalidation,
+"""onnxruntime's optimised graphs, cached (runtime/bundles/graph_cache.py): the key, its invalidation,
 atomic entries, and sessions from the cache computing exactly what uncached sessions compute.
 
 Truth: an uncached session on the same graph (``ANCHORFLOW_ORT_GRAPH_CACHE=0``): the cached
@@ -13,7 +13,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from anchorflow.runtime import graph_cache, load_bundle
+from anchorflow.runtime.bundles import graph_cache
+from anchorflow.runtime import load_bundle
 
 FEEDS = dict(x=np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32),
              t=np.array([0.9, 0.5, 0.1], np.float32), cond={"y": np.array([1, 2, 10])})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anchorflow.errors import ConfigError
+from anchorflow.base.errors import ConfigError
 from anchorflow.runtime import solve
 
 X = np.array([[1.0, -2.0], [0.5, 3.0]])

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from anchorflow.runtime import GuidedField, solve
-from anchorflow.runtime.analytic import ExactSideNet
-from anchorflow.runtime.field import in_interval, overlaps
-from anchorflow.runtime.first_call import measure_first_call
+from anchorflow.runtime.evaluation.analytic import ExactSideNet
+from anchorflow.runtime.solving.field import in_interval, overlaps
+from anchorflow.runtime.solving.first_call import measure_first_call
 
 INTERVAL = (0.0, 0.7)  # the BA authors' default guidance interval
 SINGLE_CALL = ["euler", "midpoint", "heun", "ab2", "ipndm", "dpmpp2m"]

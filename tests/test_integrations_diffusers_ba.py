@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 from _tiny_pipelines import CallCount as _Count, build, inputs, pipe  # noqa: E402,F401  (pipe: the shared fixture)
 from diffusers.hooks import HookRegistry  # noqa: E402
 
-from anchorflow.errors import ConfigError  # noqa: E402
+from anchorflow.base.errors import ConfigError  # noqa: E402
 from anchorflow.integrations.diffusers import capture_pipeline, run_ba  # noqa: E402
 from anchorflow.runtime import solve  # noqa: E402
 

@@ -27,7 +27,7 @@ from anchorflow.cli import cli  # noqa: E402
 from anchorflow.integrations.diffusers import capture_pipeline, run_ba  # noqa: E402
 from anchorflow.integrations.diffusers.capture import pack  # noqa: E402
 from anchorflow.runtime import solve  # noqa: E402
-from anchorflow.runtime.bundle import load_bundle  # noqa: E402
+from anchorflow.runtime.bundles.load import load_bundle  # noqa: E402
 
 N = 5
 

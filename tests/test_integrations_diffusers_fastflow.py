@@ -14,10 +14,10 @@ pytest.importorskip("diffusers")
 
 from _tiny_pipelines import build, inputs, pipe  # noqa: E402,F401  (pipe: the shared fixture)
 
-from anchorflow.errors import ConfigError  # noqa: E402
+from anchorflow.base.errors import ConfigError  # noqa: E402
 from anchorflow.integrations.diffusers import apply_fastflow, capture_pipeline  # noqa: E402
-from anchorflow.runtime.bandit_state import load as load_state  # noqa: E402
-from anchorflow.runtime.fastflow import run_with_state  # noqa: E402
+from anchorflow.runtime.fastflow.state import load as load_state  # noqa: E402
+from anchorflow.runtime.fastflow.learning import run_with_state  # noqa: E402
 
 T = 12
 MU = 1e3  # a large reward per skipped step: once arm 0 has been tried everywhere, the bandits skip

@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 
 from _tiny_pipelines import build, inputs, pipe  # noqa: E402,F401  (pipe: the shared fixture)
 
-from anchorflow.errors import ConfigError  # noqa: E402
+from anchorflow.base.errors import ConfigError  # noqa: E402
 from anchorflow.integrations.diffusers import AnchorflowScheduler, capture_pipeline, scheduler_solvers  # noqa: E402
 from anchorflow.runtime import solve  # noqa: E402
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anchorflow.errors import ConfigError
+from anchorflow.base.errors import ConfigError
 from anchorflow.runtime import SOLVERS, solve
-from anchorflow.runtime.analytic import ExactSideNet
-from anchorflow.runtime.field import GuidedField
-from anchorflow.runtime.invert import condition_weight, edit, invert, inverting_solvers, regenerate
+from anchorflow.runtime.evaluation.analytic import ExactSideNet
+from anchorflow.runtime.solving.field import GuidedField
+from anchorflow.runtime.solving.invert import condition_weight, edit, invert, inverting_solvers, regenerate
 
 # method -> (order of the inversion's error, order of the round trip invert(solve(noise))'s, NFE pair in the
 # asymptotic regime of the test mixture). The midpoint family and RK4 gain one order in the round trip: the

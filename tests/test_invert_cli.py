@@ -84,7 +84,7 @@ def _disk(*folders):
 def test_invert_then_regenerate_gives_the_png_back(files, tmp_path, capsys):
     """10 calls up, 10 down (BA): the digit comes back within 30 dB (the benchmark measures ~44 dB)."""
     from anchorflow.runtime import load_bundle
-    from anchorflow.runtime.invert import regenerate
+    from anchorflow.runtime.solving.invert import regenerate
 
     out = tmp_path / "noise.npy"
     code, text, err = _run(["invert", "default", "--image", files["three"], "--labels", "3", "--solver", "ba",
@@ -101,7 +101,7 @@ def test_invert_then_regenerate_gives_the_png_back(files, tmp_path, capsys):
 
 
 def test_edit_turns_real_threes_into_eights(files, tmp_path, capsys):
-    from anchorflow.runtime.classifier import Classifier
+    from anchorflow.runtime.evaluation.classifier import Classifier
 
     out, npy = tmp_path / "eights.png", tmp_path / "eights.npy"
     code, text, err = _run(["edit", "default", "--image", files["threes"], "--source", "3", "--target", "8",

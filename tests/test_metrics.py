@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anchorflow.errors import ConfigError
-from anchorflow.runtime import metrics as M
+from anchorflow.base.errors import ConfigError
+from anchorflow.runtime.evaluation import metrics as M
 
 RNG = np.random.default_rng(0)
 

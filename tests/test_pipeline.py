@@ -70,8 +70,8 @@ def _tolerance(meta: dict, cfg: float) -> float:
 
 
 def test_bundle_declares_every_part_and_reads_as_a_transformer_bundle(sd3_bundle, meta):
-    from anchorflow.runtime.bundle import load_bundle
-    from anchorflow.runtime.pipeline_format import parse_pipeline
+    from anchorflow.runtime.bundles.load import load_bundle
+    from anchorflow.runtime.pipelines.format import parse_pipeline
 
     p = parse_pipeline(meta, sd3_bundle)
     assert p.family == "sd3" and p.section["class"] == "StableDiffusion3Pipeline"
@@ -95,7 +95,7 @@ def test_bundle_declares_every_part_and_reads_as_a_transformer_bundle(sd3_bundle
     shutil.copytree(sd3_bundle, only)
     m2 = {k: v for k, v in meta.items() if k != "pipeline"}
     (only / "bundle.json").write_text(json.dumps(m2))
-    from anchorflow.errors import CheckpointError
+    from anchorflow.base.errors import CheckpointError
     from anchorflow.runtime import load_pipeline
 
     load_bundle(only, backend="ort-cpu")
@@ -106,7 +106,7 @@ def test_bundle_declares_every_part_and_reads_as_a_transformer_bundle(sd3_bundle
 def test_prompt_embeddings_equal_encode_prompt(sd3_bundle, sd3_pipe, capsys):
     """fp32 parity of the whole recipe, negative prompts included; a prompt longer than CLIP's 77
     tokens is truncated exactly as diffusers truncates it, and a warning line says so."""
-    from anchorflow.runtime.pipeline import load_text
+    from anchorflow.runtime.pipelines.pipeline import load_text
 
     text = load_text(sd3_bundle)
     long = " ".join(["red dog"] * 50)  # 102 CLIP tokens (> 77), 201 T5 tokens (< 256)
@@ -215,7 +215,7 @@ def test_bad_input_one_line_nothing_written(sd3_folder, sd3_bundle, tmp_path, mo
                      capsys)
     assert "--out and --npy name the same file" in line
     assert not out.exists()
-    from anchorflow.errors import ConfigError
+    from anchorflow.base.errors import ConfigError
     from anchorflow.runtime import load_pipeline
     from anchorflow.runtime.plan import MAX_CFG_SCALE
 
@@ -271,7 +271,7 @@ def test_load_pipeline_doc_example_runs_as_written_torch_free(sd3_bundle, sd3_pi
 
 def _cond_files(bundle, folder: Path, n: int) -> None:
     """Prompt / empty-prompt embeddings from the bundle's own text stack, as `sample --cond/--null-cond` files."""
-    from anchorflow.runtime.pipeline import load_text
+    from anchorflow.runtime.pipelines.pipeline import load_text
 
     emb = load_text(bundle).encode(["a red cat"] * n, [""])
     np.savez(folder / "cond.npz", **emb.cond)

@@ -40,7 +40,7 @@ def flux_case(request, tmp_path_factory):
 
 
 def test_flux_bundle_and_embeddings(flux_case):
-    from anchorflow.runtime.pipeline import load_text
+    from anchorflow.runtime.pipelines.pipeline import load_text
 
     variant, bundle, pipe, meta = flux_case
     p = meta["pipeline"]

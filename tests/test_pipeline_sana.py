@@ -41,7 +41,7 @@ def sana_case(tmp_path_factory):
 
 
 def test_sana_embeddings_equal_encode_prompt(sana_case):
-    from anchorflow.runtime.pipeline import load_text
+    from anchorflow.runtime.pipelines.pipeline import load_text
 
     bundle, pipe, meta = sana_case
     rec = meta["pipeline"]["recipe"]

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from anchorflow.cli import main
-from anchorflow.errors import ConfigError, NonFiniteError
+from anchorflow.base.errors import ConfigError, NonFiniteError
 from anchorflow.runtime import load_bundle, solve
 from anchorflow.runtime import plan as P
-from anchorflow.runtime.field import GuidedField, in_interval, overlaps
-from anchorflow.runtime.first_call import FirstCallTable
+from anchorflow.runtime.solving.field import GuidedField, in_interval, overlaps
+from anchorflow.runtime.solving.first_call import FirstCallTable
 
 BASE = dict(solver="ba", nfe=7, cfg_scale=1.5, n=8, seed=0)
 BASE_CLI = ["--solver", "ba", "--nfe", "7", "--cfg", "1.5", "--n", "8", "--seed", "0"]

@@ -18,11 +18,11 @@ import pytest
 from click.testing import CliRunner
 
 from anchorflow.cli import cli, main
-from anchorflow.errors import CheckpointError, ConfigError, StateFileError
+from anchorflow.base.errors import CheckpointError, ConfigError, StateFileError
 from anchorflow.modelref import BUNDLED
 from anchorflow.runtime import load_bundle
-from anchorflow.runtime.bundle_format import file_sha256
-from anchorflow.runtime.tuned import check_tuning, read_tuning
+from anchorflow.runtime.bundles.format import file_sha256
+from anchorflow.runtime.bundles.tuned_grids import check_tuning, read_tuning
 from _bundles import snapshot
 
 DIGITS = BUNDLED / "digits" / "bundle"
@@ -202,7 +202,7 @@ def digits_copy(tmp_path):
 @pytest.mark.parametrize("case", list(TAMPERED))
 def test_a_damaged_tuned_json_is_one_line_with_its_hash_updated(digits_copy, tmp_path, capsys, case):
     _tamper_grids(digits_copy, TAMPERED[case])
-    # trust's runtime/grid_check.py names grid faults CheckpointError, the first-call table StateFileError
+    # trust's runtime/bundles/grid_check.py names grid faults CheckpointError, the first-call table StateFileError
     with pytest.raises((StateFileError, CheckpointError)) as exc:
         check_tuning(digits_copy)
     assert "tuned.json" in str(exc.value) and "\n" not in str(exc.value)
@@ -222,7 +222,7 @@ def test_a_damaged_first_call_table_is_one_line(digits_copy, table):
         bad = {"shape": good[:3], "nan": np.full_like(good, np.nan), "ints": good.astype(np.int64)}[table]
         np.save(path, bad)
     _rehash(digits_copy, "first_call", "first_call.npy")
-    # trust's runtime/grid_check.py names grid faults CheckpointError, the first-call table StateFileError
+    # trust's runtime/bundles/grid_check.py names grid faults CheckpointError, the first-call table StateFileError
     with pytest.raises((StateFileError, CheckpointError)) as exc:
         check_tuning(digits_copy)
     assert "first_call.npy" in str(exc.value) and "\n" not in str(exc.value)

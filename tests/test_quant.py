@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # ~6 CPU-minutes: calibrates and quantises real bundles (run by .ci/run)
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime.quantization")
 
-from anchorflow.errors import BackendError, CheckpointError  # noqa: E402
+from anchorflow.base.errors import BackendError, CheckpointError  # noqa: E402
 from anchorflow.export import quantize as Q  # noqa: E402
 from anchorflow.modelref import BUNDLED  # noqa: E402
-from anchorflow.runtime.parity.stats import TOLERANCES, compare  # noqa: E402
+from anchorflow.runtime.evaluation.parity.stats import TOLERANCES, compare  # noqa: E402
 
 BUNDLE = BUNDLED / "digits" / "bundle"
 logging.getLogger("root").setLevel(logging.ERROR)  # onnxruntime.quantization's pre-processing advice
@@ -91,7 +92,7 @@ def test_node_classes_follow_the_digits_dit_architecture(base):
 def test_calibration_rows_are_the_solvers_calls_at_the_tuned_grid_times(nets):
     """The recorder sees exactly the backbone calls of the solves: Euler at the tuned euler@5 grid
     evaluates at every grid time but t = 0, with the labels cycled over all classes."""
-    from anchorflow.runtime.tuned import read_tuning
+    from anchorflow.runtime.bundles.tuned_grids import read_tuning
 
     cfg = Q.config(nets.fmt, "euler", 5)
     grid = np.asarray(read_tuning(BUNDLE).grid_for("euler", 5).times, np.float32)
@@ -285,7 +286,6 @@ def quantised_bundle(tmp_path_factory):
     return dst, meta
 
 
-@pytest.mark.slow
 def test_add_quantized_records_the_rule_and_samples_through_the_cli(quantised_bundle, tmp_path, monkeypatch):
     import sys
 
@@ -317,7 +317,7 @@ def test_add_quantized_records_the_rule_and_samples_through_the_cli(quantised_bu
             assert not exit_.code, exit_
         assert out[p].exists()
     a, b = np.load(out["fp32"]), np.load(out["int8"])
-    from anchorflow.runtime.metrics import psnr
+    from anchorflow.runtime.evaluation.metrics import psnr
 
     assert 30.0 < psnr(b, a, 2.0) < 80.0  # close to fp32, but not the fp32 graph
 

@@ -24,7 +24,7 @@ pytest.importorskip("diffusers")
 from click.testing import CliRunner  # noqa: E402
 
 from anchorflow.cli import cli  # noqa: E402
-from anchorflow.runtime.bundle import load_bundle  # noqa: E402
+from anchorflow.runtime.bundles.load import load_bundle  # noqa: E402
 from tiny_diffusers import save  # noqa: E402
 
 # The export's fp32 parity bound (ORT vs torch, max abs) is 1e-4; the refitted graph is the same graph

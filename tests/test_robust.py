@@ -46,7 +46,7 @@ def one_error_line(err: str) -> str:
 # -- item 3: a trainer stops at the first non-finite loss and keeps the last good checkpoint -----
 def test_sidenet_training_on_a_nan_backbone_stops_and_writes_nothing(tmp_path):
     torch = pytest.importorskip("torch")
-    from anchorflow.errors import NonFiniteError
+    from anchorflow.base.errors import NonFiniteError
     from test_train_sidenet import settings, tiny_backbone, tiny_data
 
     from anchorflow.trainers.train_sidenet import train_sidenet
@@ -61,8 +61,8 @@ def test_sidenet_training_on_a_nan_backbone_stops_and_writes_nothing(tmp_path):
 
 def test_training_that_turns_nan_keeps_the_last_good_checkpoint(tmp_path):
     torch = pytest.importorskip("torch")
-    from anchorflow._io import sha256_file
-    from anchorflow.errors import NonFiniteError
+    from anchorflow.base._io import sha256_file
+    from anchorflow.base.errors import NonFiniteError
     from anchorflow.trainers.sidenet import backbone_identity
     from test_train_sidenet import settings, tiny_backbone, tiny_data
 
@@ -145,7 +145,7 @@ def test_a_nan_weight_stops_sampling_and_writes_nothing(root, tmp_path, capsys, 
 
 
 def test_the_runtime_names_the_network_call_and_time_of_the_first_nan():
-    from anchorflow.errors import NonFiniteError
+    from anchorflow.base.errors import NonFiniteError
     from anchorflow.runtime import solve
 
     def velocity(x, t, cond):  # v = x, except NaN once t drops below 0.5
@@ -175,8 +175,8 @@ def test_sample_png_is_not_written_when_the_npy_cannot_be(root, tmp_path, capsys
 
 
 def test_a_write_failure_after_the_work_is_one_line_and_leaves_every_target(tmp_path):
-    from anchorflow._io import atomic_paths
-    from anchorflow.errors import OutputError
+    from anchorflow.base._io import atomic_paths
+    from anchorflow.base.errors import OutputError
 
     good, blocker = tmp_path / "a.png", tmp_path / "file"
     good.write_bytes(b"old")
@@ -233,7 +233,7 @@ def test_export_default_refuses_the_bundled_folder(capsys):
 CRASH_MID_SWAP = """
 import os, sys
 from pathlib import Path
-from anchorflow import _io
+from anchorflow.base import _io
 real = os.replace
 def replace(a, b):
     real(a, b)
@@ -261,7 +261,7 @@ def test_stale_temporary_folders_of_dead_writers_are_removed(root, capsys):
     live one a dead pid, and the lease decides. A folder with no lease at all goes only after STALE_S."""
     import fcntl
 
-    from anchorflow._io import STALE_S
+    from anchorflow.base._io import STALE_S
 
     dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
     dead_pid.wait()

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anchorflow.errors import ConfigError
+from anchorflow.base.errors import ConfigError
 from anchorflow.runtime import GuidedField, load_bundle, solve
-from anchorflow.runtime.grids import make_grid
-from anchorflow.runtime.solvers.multistep import adams_weights
+from anchorflow.runtime.solving.grids import make_grid
+from anchorflow.runtime.solving.solvers.multistep import adams_weights
 
 
 class Recorder:

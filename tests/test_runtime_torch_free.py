@@ -31,7 +31,7 @@ import json
 import numpy as np
 import anchorflow.cli
 import anchorflow.runtime as rt
-from anchorflow.runtime.analytic import GaussianMixture
+from anchorflow.runtime.evaluation.analytic import GaussianMixture
 
 mix = GaussianMixture.random((1, 2, 2), 4, classes=2)
 noise = np.random.default_rng(0).standard_normal((3, 1, 2, 2)).astype(np.float32)

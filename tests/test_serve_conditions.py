@@ -19,7 +19,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from anchorflow.runtime.bundle_format import SCHEMA, file_sha256  # noqa: E402
+from anchorflow.runtime.bundles.format import SCHEMA, file_sha256  # noqa: E402
 from anchorflow.sampling import start_noise  # noqa: E402
 from anchorflow.serve.request import RequestError  # noqa: E402
 

@@ -54,7 +54,7 @@ def lone(service, r: SampleRequest) -> np.ndarray:
 def test_default_grid_is_the_tuned_one_sample_uses(service):
     """No "grid": the bundle's tuned grid for the solver and NFE (as `anchorflow sample`); "uniform"
     stays uniform, and the two never share a solve."""
-    from anchorflow.runtime.tuned import read_tuning
+    from anchorflow.runtime.bundles.tuned_grids import read_tuning
 
     tuned, plain = req(service, solver="ba", nfe=4, n=2), req(service, solver="ba", nfe=4, n=2, grid="uniform")
     want = read_tuning(service.model.files.bundle).grid_for("ba", 4).times

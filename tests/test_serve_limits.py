@@ -254,7 +254,7 @@ def test_bad_serve_options_are_refused_before_ray_starts(args, words):
 def test_an_address_that_does_not_answer_fails_within_the_stated_time():
     import socket
 
-    from anchorflow.errors import BackendError
+    from anchorflow.base.errors import BackendError
     from anchorflow.serve.app import ADDRESS_TIMEOUT_S, check_address
 
     with pytest.raises(BackendError, match=f"no Ray cluster answers at 127.0.0.1:1 within {ADDRESS_TIMEOUT_S:g} s"):
@@ -310,7 +310,7 @@ class _FakeServe:
 def test_a_replica_failing_under_ray_is_reported_at_once_with_its_own_error():
     """Ray retries a failing constructor for minutes; the CLI reads the deployment status while it
     waits and fails on the first report, with the replica's last traceback line."""
-    from anchorflow.errors import BackendError
+    from anchorflow.base.errors import BackendError
     from anchorflow.serve.app import _deploy
 
     fake = _FakeServe("The deployment failed to start 2 times in a row. Error:\nTraceback (most recent call last):\n"

@@ -144,12 +144,21 @@ def test_service_settings_equal_sample_and_plan_run(service, base, tmp_path, fie
 
     other = SamplerService("default", backend="ort-cpu", bandit_dir=str(tmp_path / "bandits"), **settings)
     body = {**BASE, **http}
+    if field == "mu_factor":  # the same request on a service that differs only in mu_factor
+        from anchorflow.runtime.fastflow import state as bandit_state
+
+        default = SamplerService("default", backend="ort-cpu", bandit_dir=str(tmp_path / "bandits-default"))
+        x_default, key_default = served(default, body)
     x_serve, key = served(other, body)
     assert np.array_equal(x_serve, sampled(tmp_path, body, cli))
     assert np.array_equal(x_serve, planned(other, tmp_path, body, kw))
-    if field == "mu_factor":  # the same request on the default service: only mu_factor differs
-        x_default, key_default = served(service, body)
+    if field == "mu_factor":
+        # FastFlow's first generation computes every step whatever mu is (its calibration), so mu_factor shows in
+        # what it learned: mu = mu_factor x the calibrated mu of the same noise, exactly twice the default's.
+        assert np.array_equal(x_serve, x_default)
+        (mine,), (theirs,) = (list((tmp_path / d).rglob("*.json")) for d in ("bandits", "bandits-default"))
+        assert bandit_state.load(mine).mu == 2.0 * bandit_state.load(theirs).mu > 0, "mu_factor did not reach the bandit"
     else:
         x_default, key_default = base
+        assert not np.array_equal(x_serve, x_default), f"{field} did not reach the solve"
     assert key != key_default, f"the batching key ignores {field}"
-    assert not np.array_equal(x_serve, x_default), f"{field} did not reach the solve"

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from anchorflow.errors import CheckpointError, ConfigError  # noqa: E402
+from anchorflow.base.errors import CheckpointError, ConfigError  # noqa: E402
 from anchorflow.trainers.backbone import DiT, build_backbone  # noqa: E402
 from anchorflow.trainers.checkpoint import read_config, save_checkpoint  # noqa: E402
 from anchorflow.trainers.reference_sampler import (  # noqa: E402

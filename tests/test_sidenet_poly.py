@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anchorflow.errors import ConfigError
+from anchorflow.base.errors import ConfigError
 
 torch = pytest.importorskip("torch")
 
@@ -188,6 +188,7 @@ def test_tensorrt_profile_covers_the_offsets_axis(poly_bundle):
     assert profile.shapes["x"][2] == (rows[2], 1, 8, 8)  # x keeps the anchor rows: no K x tiling
 
 
+@pytest.mark.slow
 def test_diffusers_backbone_poly_sidenet_trains_exports_and_runs_on_anchor_rows(tmp_path, monkeypatch):
     """`train sidenet --offset poly3` on a tiny SD3 transformer (data-free) -> `export --sidenet`:
     h declared (offsets, batch), onnxruntime == torch per call, and a guided BA solve feeds the

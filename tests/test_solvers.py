@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anchorflow.errors import ConfigError
+from anchorflow.base.errors import ConfigError
 from anchorflow.runtime import SOLVERS, solve, solver_names
-from anchorflow.runtime.analytic import GaussianMixture, exact_flow
-from anchorflow.runtime.solvers.multistep import adams_weights
+from anchorflow.runtime.evaluation.analytic import GaussianMixture, exact_flow
+from anchorflow.runtime.solving.solvers.multistep import adams_weights
 
 # method -> (expected global order, NFE values inside the asymptotic regime of the test mixture)
 ORDERS = {
@@ -241,8 +241,8 @@ def test_unipc_matches_diffusers(order, n, mixture, noise):
     Tolerance: diffusers keeps sigmas in float32 and steps in torch float64 here; 1e-6 covers it."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    from anchorflow.runtime.field import GuidedField
-    from anchorflow.runtime.solvers.unipc import unipc
+    from anchorflow.runtime.solving.field import GuidedField
+    from anchorflow.runtime.solving.solvers.unipc import unipc
 
     sched = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                               solver_order=order, final_sigmas_type="zero")

@@ -1,4 +1,4 @@
-"""The onnxruntime thread policy (runtime/threads.py): decided once per process, applied to every session."""
+"""The onnxruntime thread policy (runtime/bundles/threads.py): decided once per process, applied to every session."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from anchorflow.errors import ConfigError
-from anchorflow.runtime import threads
+from anchorflow.base.errors import ConfigError
+from anchorflow.runtime.bundles import threads
 
 
 @pytest.mark.parametrize("load, want", [(0.1, 2), (99.0, 1)])
@@ -57,8 +57,9 @@ def test_bad_thread_counts_are_refused(bad):
 
 CHECK = r"""
 import numpy as np
-from anchorflow.errors import ConfigError
-from anchorflow.runtime import load_bundle, threads
+from anchorflow.base.errors import ConfigError
+from anchorflow.runtime import load_bundle
+from anchorflow.runtime.bundles import threads
 from anchorflow.modelref import BUNDLED, DEFAULT_NAME
 mode = __import__("sys").argv[1]
 pol = threads.configure(1, mode)

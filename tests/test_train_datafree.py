@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from anchorflow.errors import ConfigError  # noqa: E402
+from anchorflow.base.errors import ConfigError  # noqa: E402
 from anchorflow.trainers.cond_rows import as_cond_backbone, drop_to_null  # noqa: E402
 from anchorflow.trainers.datafree import solve_to_data, start_states  # noqa: E402
 from anchorflow.trainers.sidenet import SideNet  # noqa: E402

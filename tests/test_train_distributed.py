@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from anchorflow.errors import ConfigError  # noqa: E402
+from anchorflow.base.errors import ConfigError  # noqa: E402
 from anchorflow.trainers.backbone import MLPBackbone  # noqa: E402
 from anchorflow.trainers.checkpoint import read_config, save_checkpoint  # noqa: E402
 from anchorflow.trainers.data import dataset_info  # noqa: E402
@@ -71,6 +71,7 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if k != "rng")
 
 
+@pytest.mark.slow
 def test_two_process_sidenet_run_equals_one_process_run(tmp_path, monkeypatch):
     _mlp_backbone(tmp_path / "bb")
     monkeypatch.chdir(tmp_path)
@@ -87,6 +88,7 @@ def test_two_process_sidenet_run_equals_one_process_run(tmp_path, monkeypatch):
     assert cfg2["training"]["command"].startswith("torchrun --nnodes=1 --nproc_per_node=2 -m anchorflow train sidenet")
 
 
+@pytest.mark.slow
 def test_two_process_backbone_run_resumes_and_equals_one_process_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _single([*BACKBONE, "--steps", "3", "--out", "one"], monkeypatch)

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from anchorflow.errors import ConfigError  # noqa: E402
+from anchorflow.base.errors import ConfigError  # noqa: E402
 from anchorflow.trainers.backbone import MLPBackbone  # noqa: E402
 from anchorflow.trainers.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from anchorflow.trainers.cond_rows import as_cond_backbone  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from anchorflow.errors import CheckpointError  # noqa: E402
+from anchorflow.base.errors import CheckpointError  # noqa: E402
 from anchorflow.runtime import solve  # noqa: E402
 from anchorflow.trainers.adapters import load_source  # noqa: E402
 from anchorflow.trainers.sidenet import load_sidenet  # noqa: E402
@@ -78,13 +78,13 @@ def _cli_error(args, monkeypatch, capsys) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", pytest.param("flux", marks=pytest.mark.slow)])
 def test_folder_train_export_sample_one_bundle_with_exactly_n_calls(kind, tmp_path, monkeypatch, capsys):
     """diffusers folder -> `train sidenet` (data-free, --cond FILE) -> `export FOLDER --sidenet CKPT`
     -> `sample BUNDLE --solver ba`: N backbone calls, ONNX == torch, other backbones refused."""
     import json
 
-    from anchorflow.runtime.bundle import load_bundle
+    from anchorflow.runtime.bundles.load import load_bundle
 
     _tiny(kind, tmp_path / kind)
     cond = _conds(tmp_path / "cond.npz", 3, 0)

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from anchorflow.commands.train_sidenet import DEFAULT_BUDGET_MINUTES, budget_seconds  # noqa: E402
-from anchorflow.errors import ConfigError  # noqa: E402
+from anchorflow.base.errors import ConfigError  # noqa: E402
 from anchorflow.trainers import train_sidenet as ts  # noqa: E402
 from anchorflow.trainers.backbone import MLPBackbone  # noqa: E402
 from anchorflow.trainers.checkpoint import read_config, save_checkpoint  # noqa: E402

@@ -16,8 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from anchorflow.commands.train_sidenet import read_ba_grids  # noqa: E402
-from anchorflow.errors import ConfigError  # noqa: E402
-from anchorflow.runtime.solvers.ba import LOBATTO_A  # noqa: E402
+from anchorflow.base.errors import ConfigError  # noqa: E402
+from anchorflow.runtime.solving.solvers.ba import LOBATTO_A  # noqa: E402
 from anchorflow.trainers.distributed import Dist  # noqa: E402
 from anchorflow.trainers.train_sidenet import SideNetTrainSettings, sample_h, train_sidenet  # noqa: E402
 from test_train_sidenet import settings, tiny_backbone, tiny_data  # noqa: E402

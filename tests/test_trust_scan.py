@@ -1,4 +1,4 @@
-"""runtime/onnx_scan.py: the numpy-only ONNX reader behind inspect's graph checks and the bundle's
+"""runtime/bundles/onnx_scan.py: the numpy-only ONNX reader behind inspect's graph checks and the bundle's
 external-data guard. A damaged graph is a ScanError (one line for the CLI), never ``BufferError: cannot
 close exported pointers exist`` from the memory map; a real graph reads as onnx itself reads it."""
 
@@ -9,7 +9,7 @@ import gc
 import numpy as np
 import pytest
 
-from anchorflow.runtime import onnx_scan
+from anchorflow.runtime.bundles import onnx_scan
 
 from _bundles import ROOT
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from anchorflow.errors import CheckpointError
-from anchorflow.runtime.tuned import read_tuning
+from anchorflow.base.errors import CheckpointError
+from anchorflow.runtime.bundles.tuned_grids import read_tuning
 
 from _bundles import copy_root
 
@@ -121,7 +121,7 @@ def test_a_tune_keeps_the_grids_it_did_not_tune(tmp_path):
 
 WRITE = '''
 from dataclasses import replace
-from anchorflow.runtime.tuned import read_tuning, write_tuning, Tuning
+from anchorflow.runtime.bundles.tuned_grids import read_tuning, write_tuning, Tuning
 b = sys.argv[2]
 old = read_tuning(b)
 g = old.grids["euler@10"]
@@ -150,7 +150,7 @@ def test_a_kill_at_each_step_of_a_tune_write_recovers_on_the_next_open(tmp_path,
 SWAP = '''
 import shutil
 from pathlib import Path
-from anchorflow._io import atomic_dir
+from anchorflow.base._io import atomic_dir
 out = Path(sys.argv[2])
 with atomic_dir(out) as tmp:
     for f in out.iterdir():
@@ -168,7 +168,7 @@ def test_sample_after_an_export_killed_mid_swap_uses_the_bundle(tmp_path, k):
     assert rc == -signal.SIGKILL
     if k == 2:
         assert not (root / "bundle").exists()  # the state a kill leaves: bundle/ moved aside, new not in
-    from anchorflow.runtime.models import locate
+    from anchorflow.runtime.bundles.models import locate
 
     files = locate(root)
     assert files.bundle == root / "bundle" and (root / "bundle" / "bundle.json").is_file()
@@ -201,7 +201,7 @@ def test_a_reader_in_another_pid_namespace_never_removes_a_live_writers_folder(t
     try:
         assert len(_tmp_of(root, "bundle")) == 1
         # a second container on the shared volume: the writer's pid means nothing there
-        probe = ("from anchorflow._io import recover_dir; from anchorflow.runtime.models import locate; "
+        probe = ("from anchorflow.base._io import recover_dir; from anchorflow.runtime.bundles.models import locate; "
                  f"recover_dir({str(root / 'bundle')!r}); print(locate({str(root)!r}).bundle)")
         proc = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", probe],
                               capture_output=True, text=True, timeout=60)
@@ -227,7 +227,7 @@ def test_a_dead_writers_folder_is_removed_at_once_whatever_its_age(tmp_path):
     w.kill()
     w.wait(timeout=30)
     assert len(_tmp_of(root, "bundle")) == 1  # fresh (seconds old), and its writer is dead
-    from anchorflow.runtime.models import locate
+    from anchorflow.runtime.bundles.models import locate
 
     assert locate(root).bundle == root / "bundle"
     assert not [p for p in root.iterdir() if p.name.startswith(".")]

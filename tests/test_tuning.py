@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from anchorflow.cli import main
-from anchorflow.errors import CheckpointError
+from anchorflow.base.errors import CheckpointError
 from anchorflow.modelref import BUNDLED
-from anchorflow.runtime.grids import make_grid, warped
-from anchorflow.runtime.tuned import read_tuning
+from anchorflow.runtime.solving.grids import make_grid, warped
+from anchorflow.runtime.bundles.tuned_grids import read_tuning
 from anchorflow.tuning import coordinate_descent
 from test_export import tiny_bundle, tiny_root  # noqa: F401  (session fixtures, exported once)
 
@@ -50,7 +50,7 @@ def tuned_bundle(tmp_path_factory):
 
 def test_tuned_grids_are_stored_and_hashed(tuned_bundle):
     entry = json.loads((tuned_bundle / "bundle.json").read_text())["tuned"]
-    from anchorflow.runtime.bundle_format import file_sha256
+    from anchorflow.runtime.bundles.format import file_sha256
 
     for key, name in (("grids", "tuned.json"), ("first_call", "first_call.npy")):
         assert entry[key]["file"] == name and entry[key]["sha256"] == file_sha256(tuned_bundle / name)

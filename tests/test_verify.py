@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from anchorflow.runtime.parity.verify import BACKEND_NAMES, E2E_FACTOR, verify_bundle
-from anchorflow.runtime.parity import TOLERANCES
+from anchorflow.runtime.evaluation.parity.verify import BACKEND_NAMES, E2E_FACTOR, verify_bundle
+from anchorflow.runtime.evaluation.parity import TOLERANCES
 
 from test_export import tiny_bundle, tiny_root  # noqa: F401  (session fixtures, exported once)
 

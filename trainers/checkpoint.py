@@ -16,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from .._deps import require
-from .._io import atomic_dir, read_json, recover_dir, sha256_file, write_json
-from ..errors import AnchorflowError, CheckpointError
+from ..base._deps import require
+from ..base._io import atomic_dir, read_json, recover_dir, sha256_file, write_json
+from ..base.errors import AnchorflowError, CheckpointError
 
 FORMAT = "anchorflow.checkpoint/1"
 WEIGHTS = "model.safetensors"
@@ -55,7 +55,7 @@ def save_checkpoint(out: str | Path, module: Any, config: dict, extra_files: dic
 def read_config(path: str | Path) -> dict:
     """Read and check a checkpoint folder's config.json (no torch needed)."""
     path = Path(path)
-    recover_dir(path)  # undo a replacement that a crash interrupted (see anchorflow._io.atomic_dir)
+    recover_dir(path)  # undo a replacement that a crash interrupted (see anchorflow.base._io.atomic_dir)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     cfg = read_json(path / CONFIG)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._deps import require
-from ..errors import ConfigError
+from ..base._deps import require
+from ..base.errors import ConfigError
 from .checkpoint import register_builder, save_checkpoint
 from .data import dataset_info, load_dataset
 

@@ -48,7 +48,7 @@ class AdapterView(nn.Module):
 
     def __init__(self, adapter: nn.Module) -> None:
         super().__init__()
-        from ..errors import ConfigError
+        from ..base.errors import ConfigError
 
         self.adapter, spec = adapter, adapter.spec
         fixed = [c.name for c in spec.conditions if not c.per_row]
@@ -120,7 +120,7 @@ def drop_to_null(cond: Mapping[str, torch.Tensor], null: Optional[Mapping[str, t
     if p <= 0 or not cond:
         return cond
     if null is None:
-        from ..errors import ConfigError
+        from ..base.errors import ConfigError
 
         raise ConfigError(NULL_NEEDED)
     b = next(iter(cond.values())).shape[0]
@@ -129,7 +129,7 @@ def drop_to_null(cond: Mapping[str, torch.Tensor], null: Optional[Mapping[str, t
     for name, v in cond.items():
         nv = null[name].to(v.device, v.dtype).reshape(1, *v.shape[1:]) if name in null else None
         if nv is None:
-            from ..errors import ConfigError
+            from ..base.errors import ConfigError
 
             raise ConfigError(f"the null condition has no {name!r}; it must name every condition "
                               f"({', '.join(cond)})")

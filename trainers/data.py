@@ -12,8 +12,8 @@ from typing import Callable
 
 import numpy as np
 
-from .._deps import require
-from ..errors import ConfigError
+from ..base._deps import require
+from ..base.errors import ConfigError
 
 SPLITS = ("train", "test", "all")
 TEST_FRACTION = 0.2

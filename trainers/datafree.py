@@ -24,7 +24,7 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 from .distributed import Dist
 
 SOLVER = "midpoint"
@@ -91,7 +91,7 @@ def start_states(velocity: Callable, state_shape: tuple[int, ...], cond: Mapping
     from safetensors.torch import load, save
     from tqdm.auto import tqdm
 
-    from .. import _io
+    from ..base import _io
 
     if n <= 0 or steps <= 0:
         raise ConfigError(f"--start-states and --solve-steps must be positive, got {n} and {steps}")
@@ -105,7 +105,7 @@ def start_states(velocity: Callable, state_shape: tuple[int, ...], cond: Mapping
     writable = True
     if dist.main and not path.is_file():
         # an unwritable cache is found before minutes of solving, not after them
-        from ..errors import AnchorflowError, warn
+        from ..base.errors import AnchorflowError, warn
 
         try:
             _io.check_output(path, "--cache-dir")

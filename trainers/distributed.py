@@ -13,7 +13,7 @@ How a run stays equal to a single-process run with the same global batch and see
 * each rank's loss is the mean over its b rows and DDP averages the gradients over the K ranks,
   which is the mean over the global batch; clipping, AdamW and EMA then see the same gradient
   on every rank, so the weights stay identical across ranks (up to float reduction order);
-* rank 0 alone writes checkpoints (atomically, through ``anchorflow._io``) and shows progress;
+* rank 0 alone writes checkpoints (atomically, through ``anchorflow.base._io``) and shows progress;
   the others wait at a barrier. Resume: every rank reads the same saved state.
 """
 
@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 
 
 @dataclass(frozen=True)

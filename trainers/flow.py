@@ -115,7 +115,7 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
 
 def check_settings(s, positive: tuple[str, ...]) -> None:
     """Refuse non-positive counts (named as their CLI options), and dropout / EMA decay outside [0, 1)."""
-    from ..errors import ConfigError
+    from ..base.errors import ConfigError
 
     for key in positive:
         if getattr(s, key) <= 0:
@@ -132,7 +132,7 @@ def finite_loss(loss: float, step: int, out: Path, saved_step: int) -> float:
     """
     if math.isfinite(loss):
         return loss
-    from ..errors import NonFiniteError
+    from ..base.errors import NonFiniteError
 
     kept = f"{out} keeps its last good checkpoint (step {saved_step})" if saved_step else "nothing was written"
     raise NonFiniteError(f"the training loss is {loss} at step {step}; stopped, {kept}. Check the data, lower --lr, "
@@ -171,7 +171,7 @@ class ResumableRun:
     def restore(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
-        from .._io import read_json
+        from ..base._io import read_json
         from .checkpoint import load_checkpoint
 
         tensors = load_file(str(folder / STATE_TENSORS))

@@ -14,10 +14,10 @@ from typing import Optional
 
 import torch
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 
 # 4-point Gauss-Lobatto node (weights 1/12, 5/12, 5/12, 1/12). Written here on purpose rather than
-# imported from runtime/solvers/ba.py: this torch sampler is the runtime's test oracle and shares no code with it.
+# imported from runtime/solving/solvers/ba.py: this torch sampler is the runtime's test oracle and shares no code with it.
 GAUSS_LOBATTO_A = (1 - 1 / math.sqrt(5)) / 2
 
 

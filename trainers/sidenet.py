@@ -18,8 +18,8 @@ import hashlib
 from pathlib import Path
 from typing import Any, Optional
 
-from .._deps import require
-from ..errors import CheckpointError, ConfigError
+from ..base._deps import require
+from ..base.errors import CheckpointError, ConfigError
 from .checkpoint import load_checkpoint, read_config, register_builder
 from .sidenet_cond import CondEmbed, spec_from_arch
 

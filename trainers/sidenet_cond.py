@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 
 KINDS = ("label", "pooled", "mean", "none")
 POOLED_NAMES = ("pooled_projections", "pooled_prompt_embeds", "text_embeds")

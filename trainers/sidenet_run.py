@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 from .cond_rows import NULL_NEEDED, Cond, as_cond_backbone, uses_null_rows
 from .datafree import load_cond_file, row_count, start_states
 from .distributed import Dist, from_env
@@ -54,7 +54,7 @@ def load_backbone(source: str | Path, out: str | Path) -> SourceBackbone:
     """Open SOURCE as a frozen backbone: our checkpoint or model folder (identity = its weights file's
     hash, as before), or what ``anchorflow export`` accepts besides (a diffusers transformer folder,
     ``pkg.module:factory``) through the same adapter (identity = sha256 of its weights)."""
-    from ..runtime.models import resolve_backbone_checkpoint
+    from ..runtime.bundles.models import resolve_backbone_checkpoint
     from .adapters.diffusers import is_diffusers_folder
     from .adapters.factory import is_factory
     from .checkpoint import load_checkpoint

@@ -1,6 +1,6 @@
 """numpy-in / numpy-out wrappers so ``anchorflow.runtime.solve`` can drive torch modules.
 
-They match the runtime's callables (:mod:`anchorflow.runtime.field`): ``velocity(x, t, cond) -> v``
+They match the runtime's callables (:mod:`anchorflow.runtime.solving.field`): ``velocity(x, t, cond) -> v``
 and ``sidenet(x, v, t, h, cond) -> delta``, float32 numpy arrays, per-sample t (B,) with t = 1
 noise and t = 0 data, cond None or a dict with the labels ``y`` int64 (B,). They run on the CPU
 under ``torch.no_grad``. :func:`bundle_runs` is the runtime's ``torch`` backend.
@@ -94,7 +94,7 @@ def bundle_runs(bundle: Any, precision: str = "fp32", sources: Optional[dict] = 
     Recorded facts are only compared: a checkpoint's weights sha256 must equal the recorded one; a
     given diffusers / factory source that differs from the recorded one is noted with a warning.
     """
-    from ..errors import CheckpointError, ConfigError
+    from ..base.errors import CheckpointError, ConfigError
 
     if precision != "fp32":
         raise ConfigError("the torch backend runs the checkpoints in fp32 only")
@@ -141,7 +141,7 @@ def _is_diffusers(source: str) -> bool:
 
 
 def _load_checked(folder: Path, name: str, record: Optional[dict]) -> tuple:
-    from ..errors import CheckpointError
+    from ..base.errors import CheckpointError
     from .checkpoint import load_checkpoint
 
     module, cfg = load_checkpoint(folder, kind=name)
@@ -156,7 +156,7 @@ def _load_checked(folder: Path, name: str, record: Optional[dict]) -> tuple:
 
 
 def _note_source(name: str, given: str, recorded: dict) -> None:
-    from ..errors import warn
+    from ..base.errors import warn
 
     path = recorded.get("path")
     if path is None:
@@ -170,7 +170,7 @@ def _note_source(name: str, given: str, recorded: dict) -> None:
 def _source_run(path: str, decl: Any) -> Callable[[dict], np.ndarray]:
     """``run(feeds)`` of the adapter of a source the USER named (a diffusers folder or
     ``pkg.module:factory``), in our time like the graph."""
-    from ..errors import AnchorflowError, CheckpointError, ConfigError
+    from ..base.errors import AnchorflowError, CheckpointError, ConfigError
     from .adapters import load_source
     from .adapters.factory import is_factory
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 from .backbone import build_backbone, default_arch, param_count
 from .checkpoint import read_config, save_checkpoint
 from .data import dataset_info, load_dataset
@@ -67,7 +67,7 @@ class _Run(ResumableRun):
 
 def _check_resume(out: Path, s: BackboneTrainSettings) -> dict:
     """The saved config, after checking it is a resumable run of the same data/seed/batch/arch."""
-    from .._io import recover_dir
+    from ..base._io import recover_dir
 
     recover_dir(out)  # a checkpoint swap a kill interrupted is undone before looking
     if not out.is_dir():
@@ -119,7 +119,7 @@ def train_backbone(out: str | Path, settings: BackboneTrainSettings, resume: boo
     """
     from tqdm.auto import tqdm
 
-    from .._io import check_output
+    from ..base._io import check_output
 
     settings.validate()
     dist = dist or from_env()

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 from .checkpoint import read_config, save_checkpoint
 from .cond_rows import NULL_NEEDED, Cond, as_cond_backbone, drop_to_null, take, uses_null_rows
 from .distributed import Dist, from_env, unwrap
@@ -43,9 +43,9 @@ RESUME_KEYS = ("chain", "batch", "rates", "lr", "seed", "label_dropout", "ema_de
 
 
 def grid_probes() -> tuple[float, ...]:
-    """BA's probe offsets in units of the interval length L (runtime/solvers/ba.py): a, 1 - a, 1
+    """BA's probe offsets in units of the interval length L (runtime/solving/solvers/ba.py): a, 1 - a, 1
     toward data and -a toward noise (the backward probe); a grid-mode sample picks one uniformly."""
-    from ..runtime.solvers.ba import LOBATTO_A  # lazily: trainers reach the runtime only at call time
+    from ..runtime.solving.solvers.ba import LOBATTO_A  # lazily: trainers reach the runtime only at call time
 
     return (LOBATTO_A, 1.0 - LOBATTO_A, 1.0, -LOBATTO_A)
 
@@ -310,7 +310,7 @@ def train_sidenet(backbone, x_data: torch.Tensor, cond_data: torch.Tensor | Cond
     """
     from tqdm.auto import tqdm
 
-    from .._io import check_output
+    from ..base._io import check_output
 
     settings.validate()
     dist = dist or from_env()

@@ -21,7 +21,7 @@ results dict), ``report`` (report.md), ``outputs`` (files and figures), ``harnes
 pillow, tqdm (matplotlib only for the figures, skipped with a note when it is missing).
 """
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 from .evaluate import Evaluator
 from .harness import run_bench
 from .plan import DEFAULT_NFES, EULER_LADDER, BenchPlan, Job, check_counts, make_inputs, parse_reference, select_solvers

@@ -7,8 +7,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..runtime import metrics as M
-from ..runtime.classifier import Classifier, check_folder
+from ..runtime.evaluation import metrics as M
+from ..runtime.evaluation.classifier import Classifier, check_folder
 
 
 def data_range(model, ref: Optional[np.ndarray] = None) -> Optional[tuple[float, float]]:

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 from .evaluate import Evaluator, classifier_dir, data_range
 from .outputs import Shown, write_outputs
 from .plan import DEFAULT_NFES, EULER_LADDER, BenchPlan, Job, make_inputs

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .. import _io
+from ..base import _io
 from .report import grid_run, render_report
 from .results import done_runs
 from .runs import Measured
@@ -38,7 +38,7 @@ def _panels(results: dict, measured: Measured, cfg: float) -> dict[str, np.ndarr
 def _sample_figures(out: Path, results: dict, measured: Measured, shown_with: Shown) -> dict:
     """Sample grids (images) or one scatter figure per guidance scale (2-D points); name -> file."""
     from .. import plots
-    from .._deps import available
+    from ..base._deps import available
 
     shape, classes = results["model"]["state_shape"], results["model"]["num_classes"] or 0
     files: dict[str, str] = {}
@@ -63,7 +63,7 @@ def _sample_figures(out: Path, results: dict, measured: Measured, shown_with: Sh
 def _quality_figure(out: Path, results: dict) -> Optional[str]:
     """PSNR vs NFE, one panel per guidance scale, one line per solver (log x); None without matplotlib."""
     from .. import plots
-    from .._deps import available
+    from ..base._deps import available
 
     if not available("matplotlib"):
         return None

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 
 DEFAULT_NFES = (3, 4, 5, 6, 8, 10, 20, 50, 100)
 EULER_LADDER = (*range(1, 11), 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 128, 160, 200)

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..runtime import metrics as M
+from ..runtime.evaluation import metrics as M
 from .plan import parse_reference
 
 
@@ -53,8 +53,8 @@ class Guidance:
 def _solve_once(velocity: Callable, noise: np.ndarray, g: Guidance, method: str, arg: float) -> tuple[np.ndarray, int]:
     """One reference solve: (x at t = 0 (float64), backbone calls)."""
     from ..runtime import GuidedField
-    from ..runtime.grids import uniform
-    from ..runtime.solvers.classic import DOPRI5, RK4, adaptive_solve, fixed_step_solve
+    from ..runtime.solving.grids import uniform
+    from ..runtime.solving.solvers.classic import DOPRI5, RK4, adaptive_solve, fixed_step_solve
 
     vel, x64 = _f64(velocity), noise.astype(np.float64)
     field = GuidedField(vel, x64.shape[0], dtype=np.float64, **g.solve_kwargs())

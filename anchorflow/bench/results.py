@@ -10,8 +10,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..runtime import metrics as M
+from ..base.errors import ConfigError
+from ..runtime.evaluation import metrics as M
 from .plan import BenchPlan, method_of
 from .runs import Measured, RunRecord
 

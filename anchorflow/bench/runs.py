@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 from .evaluate import Evaluator
 from .plan import BenchPlan, Job
 from .reference import reference_solution
@@ -118,7 +118,7 @@ def _fastflow_options(inp: Inputs, job: Job, cfg: float) -> dict:
     """A fresh FastFlow bandit warmed on FASTFLOW_WARMUP generations of other noise (batch <= 16,
     uniform grid). The measured generation is the next one of that stream, still learning, as in
     deployment."""
-    from ..runtime.fastflow import FastFlowBandit
+    from ..runtime.fastflow.learning import FastFlowBandit
 
     seed, noise = inp.plan.seed, inp.noise
     bandit = FastFlowBandit(int(job.nfe), model_id=str(inp.model.meta.get("model_id", "")), seed=seed)

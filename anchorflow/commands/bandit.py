@@ -62,8 +62,8 @@ def plot_state(b: Any, out: str) -> None:
     """PNG: greedy arm per step (top) and a heatmap of Q per step and arm (bottom, untried blank)."""
     import numpy as np
 
-    from .._deps import require
-    from .._io import atomic_path
+    from ..base._deps import require
+    from ..base._io import atomic_path
 
     require("matplotlib")
     import matplotlib
@@ -105,9 +105,10 @@ def show(file: str, plot: Optional[str], as_json: bool, model: Optional[str]) ->
     """
     import json
 
-    from ..runtime import bandit_state
+    from ..runtime.bundles.models import model_identity
+    from ..runtime.fastflow import state as bandit_state
 
-    b = bandit_state.load(file) if model is None else bandit_state.load_for_model(file, model)
+    b = bandit_state.load(file) if model is None else bandit_state.load_for_model(file, model, model_identity(model))
     s = summarize(b)
     click.echo(json.dumps(s, indent=2) if as_json else _text(s))
     if plot:

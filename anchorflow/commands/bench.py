@@ -67,10 +67,10 @@ def bench(model, solvers, nfe, n, cfg, cfg_interval, reference, seed, first_call
     """
     import json
 
-    from .._io import check_output
+    from ..base._io import check_output
     from ..bench import EULER_LADDER, check_counts, parse_reference, run_bench, select_solvers
-    from ..runtime.tuned import read_tuning
-    from ..errors import ConfigError
+    from ..runtime.bundles.tuned_grids import read_tuning
+    from ..base.errors import ConfigError
     from ..modelref import open_model
     from .common import (MAX_REFERENCE_STEPS, apply_threads, check_cfg, check_nfe, parse_float_list,
                          parse_int_list, parse_interval)

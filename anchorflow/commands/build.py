@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..runtime.solvers import rows_note
+from ..runtime.solving.solvers import rows_note
 from .common import PRECISIONS
 
 
@@ -55,7 +55,7 @@ def build(bundle: str, precisions: tuple[str, ...], workspace_mb: int | None, op
     `pip install 'anchorflow[trt-cu12]'` (any CUDA 12 or 13 driver) or `'anchorflow[trt-cu13]'`
     (CUDA 13 drivers); see docs/tensorrt.md.
     """
-    from anchorflow._deps import require
+    from anchorflow.base._deps import require
     from anchorflow.engines.build import BuildOptions, build_engines
 
     batch = {k: v for k, v in (("min", min_batch), ("opt", opt_batch), ("max", max_batch)) if v is not None}
@@ -63,7 +63,7 @@ def build(bundle: str, precisions: tuple[str, ...], workspace_mb: int | None, op
                            batch=batch, force=force, timing_cache=timing_cache, progress=not no_progress,
                            tf32=tf32, refittable=refittable, strip_weights=strip_weights, refit=refit)
     require("tensorrt", extra="trt", purpose="building TensorRT engines")  # after the options' own checks
-    from anchorflow.errors import CheckpointError
+    from anchorflow.base.errors import CheckpointError
     from anchorflow.modelref import locate
 
     folder = locate(bundle).bundle

@@ -12,12 +12,12 @@ from typing import Optional
 import click
 import numpy as np
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 from ..runtime import plan as _plan
-from ..runtime.bundle import BACKENDS as _BACKENDS, PRECISIONS as _PRECISIONS
+from ..runtime.bundles.load import BACKENDS as _BACKENDS, PRECISIONS as _PRECISIONS
 
-BACKENDS = list(_BACKENDS)  # the runtime's registry (runtime/bundle.py), for click.Choice
-PRECISIONS = list(_PRECISIONS)  # the precisions a bundle may hold (runtime/bundle_format.py)
+BACKENDS = list(_BACKENDS)  # the runtime's registry (runtime/bundles/load.py), for click.Choice
+PRECISIONS = list(_PRECISIONS)  # the precisions a bundle may hold (runtime/bundles/format.py)
 # The caps live with the rules, in the sampling plan (runtime/plan.py): the CLI and the service share them.
 MAX_NFE, MAX_N, MAX_SEED = _plan.MAX_NFE, _plan.MAX_N, _plan.MAX_SEED
 # Steps of an RK4 reference (4 calls each): rk4:512 is the default, 4096 already costs 16384 calls.
@@ -122,7 +122,7 @@ def cfg_scale(ctx: click.Context, param: click.Parameter, value):
 
 def thread_options(fn):
     """``--threads N`` and ``--thread-mode auto|shared|session`` (onnxruntime CPU threads; see
-    :mod:`anchorflow.runtime.threads` and the README's thread table)."""
+    :mod:`anchorflow.runtime.bundles.threads` and the README's thread table)."""
     fn = click.option("--thread-mode", type=click.Choice(["auto", "shared", "session"]), default="auto",
                       show_default=True,
                       help="onnxruntime CPU threads: a non-spinning pool per session (auto: one thread per CPU on a "
@@ -136,7 +136,7 @@ def thread_options(fn):
 
 def apply_threads(threads: Optional[int], mode: str) -> None:
     """Fix this process's onnxruntime thread policy before any session is made."""
-    from ..runtime.threads import configure
+    from ..runtime.bundles.threads import configure
 
     configure(threads, mode)
 
@@ -146,7 +146,7 @@ def check_sample_outputs(out: str, npy: Optional[str], extra: tuple[str, ...] = 
 
     Returns the pillow format of ``out``.
     """
-    from .._io import check_image_path, check_output
+    from ..base._io import check_image_path, check_output
 
     fmt = check_image_path(check_output(out, "--out"))
     seen = {_same(out): "--out"}
@@ -169,8 +169,8 @@ def _same(path: str) -> str:
 
 def write_samples(x: np.ndarray, out: str, npy: Optional[str], data_range: tuple[float, float]) -> None:
     """The sample grid image and (optionally) the raw samples, all-or-nothing (both or neither)."""
-    from .. import _io
-    from ..errors import NonFiniteError
+    from ..base import _io
+    from ..base.errors import NonFiniteError
     from ..plots import grid_image
 
     if not np.isfinite(x).all():

@@ -2,7 +2,7 @@
 
 A condition file holds one array per condition name: ``.npz`` (``np.savez``) or ``.safetensors``.
 What they must contain is the bundle's declaration (checked by
-:func:`anchorflow.runtime.networks.check_conditions`, one line listing what is expected).
+:func:`anchorflow.runtime.bundles.networks.check_conditions`, one line listing what is expected).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 
 
 MAX_HEADER = 100 << 20  # a safetensors header is kilobytes; the format itself caps it at 100 MB
@@ -44,7 +44,7 @@ def _read_safetensors(p: Path, what: str) -> dict:
     """A .safetensors file, its header checked first (size, JSON, offsets inside the file)."""
     import json
 
-    from .._deps import require
+    from ..base._deps import require
 
     size = p.stat().st_size
     with open(p, "rb") as fh:

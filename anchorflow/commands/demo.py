@@ -26,7 +26,7 @@ def demo(out, nfe, n, cfg_scale, seed, backend) -> None:
     and writes comparison.png, one grid per method, summary.md and summary.json to --out.
     """
 
-    from .._io import check_output
+    from ..base._io import check_output
     from ..demo import run_demo
 
     path = check_output(out, "--out", folder=True)

@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from ..errors import ConfigError
-from ..runtime.solvers import max_sidenet_offsets
+from ..base.errors import ConfigError
+from ..runtime.solving.solvers import max_sidenet_offsets
 
 from .common import positive
 
@@ -62,7 +62,7 @@ def export(model, out, sidenet, opset, precisions, max_batch, no_validate, axes)
       anchorflow export my_pkg.models:make_backbone --out my-bundle
     """
     command = "anchorflow " + " ".join(sys.argv[1:])
-    from ..runtime.pipeline_format import is_pipeline_folder  # -- pipeline bundles --
+    from ..runtime.pipelines.format import is_pipeline_folder  # -- pipeline bundles --
 
     if is_pipeline_folder(model):
         from .generate import export_pipeline_command
@@ -74,7 +74,7 @@ def export(model, out, sidenet, opset, precisions, max_batch, no_validate, axes)
     else:
         if axes:
             raise ConfigError("--axis applies to diffusers and factory sources only")
-        from .._deps import require_extra
+        from ..base._deps import require_extra
 
         require_extra("export", "anchorflow export")
         from ..export.bundle import export_bundle
@@ -123,13 +123,13 @@ def _parse_axes(values: tuple) -> dict:
 
 
 def _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes, command, sidenet=None):
-    from .._deps import require
+    from ..base._deps import require
 
     for name in ("torch", "onnx", "onnxscript"):
         require(name, extra="diffusers", purpose="exporting diffusers and factory backbones")
     if out is None:
         raise ConfigError(f"give --out: {model} is a diffusers folder or a factory, not a model root")
-    from .._io import check_output
+    from ..base._io import check_output
 
     check_output(out, "--out", folder=True)  # before loading the model
     from ..export.precision import parse_precisions
@@ -157,7 +157,7 @@ def _export_adapter(model, out, opset, precisions, max_batch, no_validate, axes,
 def _load_user_source(model: str, axes: dict):
     """The adapter of the source the user named; a factory (or a model's own code) that raises is
     one error line naming it, not a traceback."""
-    from ..errors import AnchorflowError
+    from ..base.errors import AnchorflowError
     from ..trainers.adapters import load_source
 
     try:
@@ -182,9 +182,9 @@ def inspect(bundle, as_json) -> None:
     """
     import json
 
-    from ..errors import CheckpointError
+    from ..base.errors import CheckpointError
     from ..modelref import resolve
-    from ..runtime.bundle import find_bundle
+    from ..runtime.bundles.load import find_bundle
 
     folder = find_bundle(resolve(bundle))
     meta, problems = integrity(folder)
@@ -196,9 +196,9 @@ def inspect(bundle, as_json) -> None:
 
 def integrity(folder, meta: dict | None = None) -> tuple[dict, dict]:
     """(bundle.json dict, problems): role (``(network, precision)`` or ``"tuned grids"``...) -> why it
-    is not what bundle.json records (empty: all good); see :func:`anchorflow.runtime.audit.audit`."""
-    from ..runtime.audit import audit
-    from ..runtime.bundle_format import read_bundle
+    is not what bundle.json records (empty: all good); see :func:`anchorflow.runtime.bundles.audit.audit`."""
+    from ..runtime.bundles.audit import audit
+    from ..runtime.bundles.format import read_bundle
 
     fmt = read_bundle(folder)
     problems = {}

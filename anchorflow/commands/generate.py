@@ -62,7 +62,7 @@ def generate(bundle, prompt, prompts_file, negative_prompt, height, width, nfe, 
 
 
 def _prompts(prompt: Optional[str], prompts_file: Optional[str]) -> list[str]:
-    from ..errors import ConfigError
+    from ..base.errors import ConfigError
 
     if (prompt is None) == (prompts_file is None):
         raise ConfigError("give exactly one of --prompt TEXT or --prompts FILE")
@@ -82,8 +82,8 @@ def _prompts(prompt: Optional[str], prompts_file: Optional[str]) -> list[str]:
 def run_generate(bundle, prompt, prompts_file, negative_prompt, height, width, nfe, solver, cfg, grid, seed, n,
                  latents_file, backend, threads, out, npy) -> None:
     """The library call behind `generate`: check every input and output, generate, write all or nothing."""
-    from .. import _io
-    from ..errors import ConfigError, NonFiniteError
+    from ..base import _io
+    from ..base.errors import ConfigError, NonFiniteError
     from ..runtime.plan import check_request
     from .common import _same
 
@@ -103,7 +103,7 @@ def run_generate(bundle, prompt, prompts_file, negative_prompt, height, width, n
             latents = np.load(latents_file, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read --latents {latents_file}: {exc}") from None
-    from ..runtime.pipeline import load_pipeline
+    from ..runtime.pipelines.pipeline import load_pipeline
 
     pipe = load_pipeline(bundle, backend=backend, threads=threads)
     click.echo(f"generating {len(prompts) * n} image(s) from {len(prompts)} prompt(s)...", err=True)
@@ -128,10 +128,10 @@ def run_generate(bundle, prompt, prompts_file, negative_prompt, height, width, n
 
 def export_pipeline_command(model, out, opset, precisions, max_batch, no_validate, axes, command, sidenet):
     """`anchorflow export PIPELINE_FOLDER --out B` (called from commands/export.py; ``axes`` parsed there)."""
-    from .._deps import require_extra
-    from .._io import check_output
-    from ..errors import ConfigError
-    from ..runtime.pipeline_format import check_pipeline_folder
+    from ..base._deps import require_extra
+    from ..base._io import check_output
+    from ..base.errors import ConfigError
+    from ..runtime.pipelines.format import check_pipeline_folder
 
     check_pipeline_folder(model)  # unknown class / missing component: one line, before torch loads
     if out is None:
@@ -146,7 +146,7 @@ def export_pipeline_command(model, out, opset, precisions, max_batch, no_validat
                            axes=axes, command=command, sidenet=sidenet, precisions=precisions)
 
 
-# -- `anchorflow sample` on a latent model (issue 23): pictures through the bundle's VAE, never of a channel --
+# -- `anchorflow sample` on a latent model: pictures through the bundle's VAE, never of a channel --
 SAMPLE_OUT = "samples.png"
 
 
@@ -158,13 +158,13 @@ def latent_outputs(m, model: str, out: Optional[str], npy: Optional[str], backen
     samples.png)``, the grid of decoded images. A latent model without one: ``(None, None)`` when only
     ``--npy`` was asked for; an explicit ``--out`` (or no output at all) is refused in one line, since a
     picture of latents would be one of their channels, not an image."""
-    from ..errors import ConfigError
+    from ..base.errors import ConfigError
 
     if m.meta.get("data_range") is not None:
         return None, SAMPLE_OUT if out is None else out
     decoder = None
     if m.files.bundle is not None:
-        from ..runtime.pipeline import load_decoder
+        from ..runtime.pipelines.pipeline import load_decoder
 
         decoder = load_decoder(m.files.bundle, backend=backend if backend in ("ort-cpu", "ort-cuda", "ort-trt", "auto")
                                else "ort-cpu")
@@ -181,8 +181,8 @@ def latent_outputs(m, model: str, out: Optional[str], npy: Optional[str], backen
 def write_latent_outputs(x: np.ndarray, decoder, out: Optional[str], npy: Optional[str]) -> str:
     """Write `sample`'s outputs of a latent model, all or nothing: the grid of ``decoder(x)``'s images
     (when ``out``) and the raw latents ``x`` (when ``npy``). Returns the 'wrote ...' line."""
-    from .. import _io
-    from ..errors import NonFiniteError
+    from ..base import _io
+    from ..base.errors import NonFiniteError
     from ..plots import grid_image
 
     if not np.isfinite(x).all():

@@ -31,7 +31,7 @@ def _model_options(fn):
 
 
 def _open(model: str, backend: str, precision: str, solver: str, out_paths: list, null_file):
-    from .. import _io
+    from ..base import _io
     from ..modelref import open_model
     from ..runtime import get_solver
     from .cond_files import read_arrays
@@ -62,9 +62,9 @@ def invert(model, image, solver, nfe, cfg_scale, cfg_interval, grid, null_file, 
     """
     import numpy as np
 
-    from .. import _io
+    from ..base import _io
     from ..editing import invert_image
-    from ..errors import ConfigError, NonFiniteError
+    from ..base.errors import ConfigError, NonFiniteError
     from .common import parse_interval
     from .cond_files import read_arrays
 
@@ -107,7 +107,7 @@ def edit(model, image, solver, nfe, cfg_scale, cfg_interval, grid, null_file, ba
     Example:
       anchorflow edit default --image three.png --source 3 --target 8 --nfe 10 --out eight.png
     """
-    from .._io import check_image_path
+    from ..base._io import check_image_path
     from ..editing import edit_image, write_image
     from .common import parse_interval
 

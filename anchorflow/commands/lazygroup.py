@@ -10,7 +10,7 @@ import importlib
 
 import click
 
-from ..errors import AnchorflowError
+from ..base.errors import AnchorflowError
 
 
 class LazyGroup(click.Group):

@@ -31,8 +31,8 @@ def refit(bundle, loras, scales, out, unfuse) -> None:
       anchorflow refit sd3-bundle --lora a.safetensors --lora b.safetensors --scale 1 --scale 0.5
       anchorflow refit sd3-style --unfuse --out sd3-base
     """
-    from .._deps import require_extra
-    from ..errors import ConfigError
+    from ..base._deps import require_extra
+    from ..base.errors import ConfigError
 
     require_extra("export", "fusing LoRAs into a bundle", modules=["onnx", "safetensors"])
     from ..export.refit import refit_bundle, unfuse_bundle

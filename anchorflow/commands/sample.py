@@ -82,7 +82,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
 
     m = open_model(model, backend=backend, allow_fallback=allow_fallback, precision=precision,
                    need_sidenet=get_solver(solver).needs_sidenet)
-    # --- latent models (pipeline, issue 23): pictures through the bundle's VAE, or --out refused ---
+    # --- latent models: pictures through the bundle's VAE, or --out refused ---
     from .generate import latent_outputs, write_latent_outputs
 
     decoder, out = latent_outputs(m, model, out, npy, backend)
@@ -96,7 +96,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
         click.echo(f"grid: {p.grid_source} (from the bundle; --grid overrides)", err=True)
     pending = p.begin()
     res = pending.result
-    if latent:  # pipeline, issue 23
+    if latent:  # a pipeline bundle
         wrote = write_latent_outputs(res.x, decoder, out, npy)
     else:
         write_samples(res.x, out, npy, tuple(m.meta.get("data_range") or (-1.0, 1.0)))

@@ -65,7 +65,7 @@ def serve(model, host, port, replicas, replica_cpus, max_batch, max_batch_reques
       anchorflow serve default --port 8000 &
       curl -s localhost:8000/v1/sample -d '{"solver": "ba", "nfe": 6, "n": 4}' -o x.npy
     """
-    from .._deps import require_extra
+    from ..base._deps import require_extra
 
     require_extra("serve", "anchorflow serve", modules=("ray", "starlette"))
     from ..serve.app import ServeOptions, run_forever

@@ -55,8 +55,8 @@ def command_line() -> str:
 
 def _start(out: str, threads, what: str) -> None:
     """Before any work: the [train] extra is there and --out can be written; set torch's threads."""
-    from .._deps import require_extra
-    from .._io import check_output
+    from ..base._deps import require_extra
+    from ..base._io import check_output
 
     require_extra("train", f"anchorflow train {what}")
     check_output(out, "--out", folder=True)

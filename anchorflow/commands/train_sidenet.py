@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 from .common import MAX_BATCH, count, parse_float_list, positive, seed as seed_check
 
 DEFAULT_BUDGET_MINUTES = 10.0  # when neither --iters nor --budget-minutes is given

@@ -65,9 +65,9 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
       anchorflow tune my-bundle --solvers ba,ab2 --nfe 5,7,10
       anchorflow tune my-bundle --first-call backbone --samples 16 --dry-run
     """
-    from ..errors import ConfigError
+    from ..base.errors import ConfigError
     from ..modelref import BUNDLED, DEFAULT_NAME, open_model
-    from ..runtime.tuned import write_tuning
+    from ..runtime.bundles.tuned_grids import write_tuning
     from ..tuning import check_tune, held_out_record, tune as run_tune
     from .common import parse_int_list
     from .cond_files import read_arrays

@@ -1,4 +1,4 @@
-"""`anchorflow verify`: the click layer over :mod:`anchorflow.runtime.parity.verify` (torch-free).
+"""`anchorflow verify`: the click layer over :mod:`anchorflow.runtime.evaluation.parity.verify` (torch-free).
 
 One bundle, the same inputs (built from the inputs bundle.json declares) through every available
 backend, per network and end to end (BA-solver at 7 NFE), one table. With ``--backends ort-cpu``
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import click
 
-from ..runtime.parity.verify import BACKEND_NAMES, E2E_FACTOR, verify_bundle
+from ..runtime.evaluation.parity.verify import BACKEND_NAMES, E2E_FACTOR, verify_bundle
 from .common import PRECISIONS, non_negative, seed as seed_check
 
 
 def _split(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
-    from ..errors import ConfigError
+    from ..base.errors import ConfigError
 
     values = [v.strip() for v in text.split(",") if v.strip()]
     bad = [v for v in values if v not in allowed]
@@ -77,8 +77,8 @@ def verify(ctx, bundle, backends, reference, precisions, atol, rtol, seed, allow
 
     from tqdm import tqdm
 
-    from ..errors import CheckpointError
-    from ..runtime.models import resolve
+    from ..base.errors import CheckpointError
+    from ..runtime.bundles.models import resolve
 
     from click.core import ParameterSource
 
@@ -96,7 +96,7 @@ def verify(ctx, bundle, backends, reference, precisions, atol, rtol, seed, allow
 
 def parse_sources(values: tuple) -> dict:
     """``--source [NETWORK=]SOURCE`` values -> network -> source (backbone when no NETWORK= is given)."""
-    from ..errors import ConfigError
+    from ..base.errors import ConfigError
 
     out: dict = {}
     for value in values:

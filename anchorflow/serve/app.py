@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .._deps import require
-from ..errors import AnchorflowError, BackendError, ConfigError
+from ..base._deps import require
+from ..base.errors import AnchorflowError, BackendError, ConfigError
 
 APP_NAME = "anchorflow"
 # A cluster address (--address) that does not accept a TCP connection within this time is refused.
@@ -96,10 +96,10 @@ def check_options(opts: ServeOptions) -> None:
                           "(--num-cpus); ask for fewer")
     if opts.address is not None:
         _parse_address(opts.address)
-    # trust (issue 31): bounded as the CLI bounds them, before Ray starts (the pre-flight opens the
+    # bounded as the CLI bounds them, before Ray starts (the pre-flight opens the
     # sampler with 1 thread, and --max-n had no upper end: both passed on to Ray and never returned)
     from ..runtime.plan import MAX_N
-    from ..runtime.threads import check_threads
+    from ..runtime.bundles.threads import check_threads
 
     if opts.max_n > MAX_N:
         raise ConfigError(f"--max-n {opts.max_n} is above the cap of {MAX_N} (the most samples one request "
@@ -153,8 +153,8 @@ def check(opts: ServeOptions) -> None:
     """Refuse bad options and models before Ray starts: the sampler is opened here once, exactly as a
     replica opens it, so a bundle a replica could not serve fails now, in one line."""
     check_options(opts)
-    from ..runtime.bundle import network_file, read_meta
-    from ..runtime.models import locate
+    from ..runtime.bundles.load import network_file, read_meta
+    from ..runtime.bundles.models import locate
 
     files = locate(opts.model)
     if files.bundle is None:

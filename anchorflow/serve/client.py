@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import BackendError
+from ..base.errors import BackendError
 
 
 class Client:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 
 
 class RequestError(ConfigError):

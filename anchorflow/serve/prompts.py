@@ -6,7 +6,7 @@ instead of base64 conditions. The service then does what ``anchorflow generate``
 prompt, seed, solver and NFE at the bundle's image size (its exported ``opt``):
 
 - the prompt(s) and, for guidance rows (SD3, Sana) with ``cfg`` > 1, the negative prompt ("" by
-  default, as diffusers) are encoded torch-free in one call per text encoder (:mod:`anchorflow.runtime.text`);
+  default, as diffusers) are encoded torch-free in one call per text encoder (:mod:`anchorflow.runtime.pipelines.text`);
 - FLUX-dev's ``cfg`` is its embedded ``guidance`` input (no CFG rows); FLUX-schnell takes none;
 - without ``"grid"``: the bundle's tuned grid for (solver, NFE) when it has one, else the pipeline
   scheduler's own sigmas (not ``sample``'s uniform grid), as ``generate`` picks.
@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 from .errors import RequestError
 
 # a prompt longer than this many characters is refused before tokenising (the tokenizers cut far sooner)
@@ -34,9 +34,9 @@ class PromptConditions:
 
     def __init__(self, bundle: str | Path, decls: Sequence, backend: str = "ort-cpu",
                  threads: Optional[int] = None) -> None:
-        from ..runtime.bundle_format import read_bundle
-        from ..runtime.pipeline import _text
-        from ..runtime.pipeline_format import parse_pipeline
+        from ..runtime.bundles.format import read_bundle
+        from ..runtime.pipelines.pipeline import _text
+        from ..runtime.pipelines.format import parse_pipeline
 
         fmt = read_bundle(bundle)
         self.decl = parse_pipeline(fmt.meta, fmt.folder)
@@ -76,7 +76,7 @@ class PromptConditions:
 
     def default_grid(self, steps: int) -> tuple:
         """The pipeline scheduler's sigmas for ``steps`` steps at the bundle's latent size (1 -> 0)."""
-        from ..runtime.pipeline_schedule import pipeline_sigmas
+        from ..runtime.pipelines.schedule import pipeline_sigmas
 
         h, w = self.state_shape[-2:]
         return tuple(float(t) for t in pipeline_sigmas(self.decl.family, self.decl.scheduler, steps, (h, w)))

@@ -18,8 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..errors import ConfigError
-from ..runtime.solvers import max_sidenet_offsets
+from ..base.errors import ConfigError
+from ..runtime.solving.solvers import max_sidenet_offsets
 from .errors import BodyTooLarge, RequestError  # noqa: F401  (raised here; their home is below conditions)
 
 FORMATS = ("npy", "png", "json")
@@ -219,7 +219,7 @@ def parse_request(raw: bytes, meta: dict, limits: Limits, has_sidenet: bool, arr
     decls = model_conditions[0] if model_conditions else ()
     conds = nulls = None
     prompted = body["prompt"] is not None or body["negative_prompt"] is not None
-    if prompted:  # --- prompts (pipeline bundles, issue 23) ---
+    if prompted:  # --- prompts (pipeline bundles) ---
         if prompts is None:
             raise _fail("this model has no text encoders (a transformer bundle), so it takes no 'prompt'; send "
                         "'conditions' as base64 .npy, or serve a pipeline bundle ('anchorflow export PIPELINE_FOLDER')")

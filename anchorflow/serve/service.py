@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import AnchorflowError, CheckpointError, ConfigError
+from ..base.errors import AnchorflowError, CheckpointError, ConfigError
 from .batching import Piece, Solve, gather, plan, scatter
 from .encode import HttpReply, Reply, error_reply, json_reply
 from .request import (DEFAULTS, FIELDS, FORMATS, HTTP_NAMES, Limits, RequestError, SampleRequest, image_range, parse_request,
@@ -79,8 +79,8 @@ class SamplerService:
                  mu_factor: Optional[float] = None, threads: Optional[int] = None,
                  max_cost: int = DEFAULT_MAX_COST, max_body: int = DEFAULT_MAX_BODY,
                  time_budget_s: float = DEFAULT_TIME_BUDGET_S) -> None:
-        from ..runtime.bundle import open_bundle, read_bundle
-        from ..runtime.models import locate
+        from ..runtime.bundles.load import open_bundle, read_bundle
+        from ..runtime.bundles.models import locate
 
         files = locate(model)
         if files.bundle is None or backend == "torch":
@@ -96,7 +96,7 @@ class SamplerService:
                                  threads=threads)
         self.meta = self.model.meta
         fmt = read_bundle(files.bundle)
-        from ..runtime.tuned import read_tuning
+        from ..runtime.bundles.tuned_grids import read_tuning
 
         self.tuning = read_tuning(fmt)  # tuned grids: a request without "grid" gets what `sample` would use
         self.batch_max = {k: (fmt.networks[k].batch[2] if k in fmt.networks and fmt.networks[k].batch else None)
@@ -104,10 +104,10 @@ class SamplerService:
         decls = fmt.backbone.conditions
         self.null_cond = dict(fmt.guidance.null)
         self.model_conditions = (decls, fmt.backbone.axis_range, self.null_cond) if decls else None
-        # --- pipeline bundles (issue 23): "prompt" requests and "format": "png" decoded through the VAE ---
+        # --- pipeline bundles: "prompt" requests and "format": "png" decoded through the VAE ---
         self.prompts = self.decoder = None
         if "pipeline" in fmt.meta:
-            from ..runtime.pipeline import load_decoder
+            from ..runtime.pipelines.pipeline import load_decoder
             from .prompts import PromptConditions
 
             ort = backend if backend in ("auto", "ort-cpu", "ort-cuda", "ort-trt") else "auto"
@@ -312,8 +312,8 @@ class SamplerService:
 
     def bandit_path(self, p) -> Path:
         """The bandit state file shared by every FastFlow plan with this grid and guidance."""
-        from ..runtime.bandit import BanditKey
-        from ..runtime.fastflow import guided_model_id
+        from ..runtime.fastflow.bandit import BanditKey
+        from ..runtime.fastflow.learning import guided_model_id
 
         key = BanditKey.of(np.asarray(p.grid, np.float64), guided_model_id(self.meta["model_id"], p.cfg_scale,
                                                                           p.cfg_interval))

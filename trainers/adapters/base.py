@@ -6,7 +6,7 @@ A :class:`BackboneAdapter` is a torch module with ``forward(x, t, cond) -> v``:
 - ``cond`` a dict name -> tensor of the declared conditions (row axis first when ``per_row``);
 - ``v`` (B, C, H, W) = dx/dt in our time.
 
-Its :class:`AdapterSpec` says what bundle.json declares (:mod:`anchorflow.runtime.bundle_format`):
+Its :class:`AdapterSpec` says what bundle.json declares (:mod:`anchorflow.runtime.bundles.format`):
 the conditions with dtype and shape (named axes such as ``"L"`` for text length, ``"H"``/``"W"``
 for latent size), the ranges of every named axis (min, opt, max), the time map the adapter applies
 before calling the model (``scale``: model time = scale * t, e.g. SD3/Sana's timestep = 1000 sigma;
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...errors import ConfigError
+from ...base.errors import ConfigError
 
 BATCH = "batch"
 _TORCH = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}

@@ -32,8 +32,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..._deps import require
-from ...errors import CheckpointError
+from ...base._deps import require
+from ...base.errors import CheckpointError
 from .base import AdapterSpec, BackboneAdapter, Condition
 
 TEXT = (1, 16, 512)  # default text-length range (min, opt, max); override with axes={"L": (...)}

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ...errors import ConfigError
+from ...base.errors import ConfigError
 from .base import AdapterSpec, BackboneAdapter, Condition
 
 _FACTORY = re.compile(r"^(?P<module>[A-Za-z_][\w.]*|.+\.py):(?P<attr>[A-Za-z_]\w*)$")
@@ -102,7 +102,7 @@ def load_source(source: str, axes: Optional[dict] = None) -> BackboneAdapter:
         return from_factory(source)
     if source != "default" and is_diffusers_folder(Path(source).expanduser()):
         return load_diffusers(Path(source).expanduser(), axes)
-    from ...runtime.models import locate
+    from ...runtime.bundles.models import locate
     from ..checkpoint import load_checkpoint
     from .native import NativeAdapter
 

@@ -12,7 +12,7 @@ Importing this package is cheap; diffusers and torch are imported on first use o
 
 from __future__ import annotations
 
-from ..._lazy import lazy_attributes
+from ...base._lazy import lazy_attributes
 
 _LAZY = {
     "AnchorflowScheduler": ".scheduler",

@@ -27,12 +27,12 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..._deps import require
-from ...errors import ConfigError
-from ...runtime.grids import check_grid, make_grid
-from ...runtime.result import Result, Timing
-from ...runtime.solve import solve
-from ...runtime.solvers import get_solver
+from ...base._deps import require
+from ...base.errors import ConfigError
+from ...runtime.solving.grids import check_grid, make_grid
+from ...runtime.solving.result import Result, Timing
+from ...runtime.solving.solve import solve
+from ...runtime.solving.solvers import get_solver
 from .capture import PipelineField, _build, keywords, pack, unpack
 
 

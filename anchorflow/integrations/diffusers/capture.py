@@ -23,8 +23,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..._deps import require
-from ...errors import ConfigError
+from ...base._deps import require
+from ...base.errors import ConfigError
 
 _SHARED = {"txt_ids", "img_ids"}  # FLUX position ids: one table for every row
 _GUIDANCE_ULPS = 8  # the pipeline's CFG sum on small row constants, re-done in float32: a few ulp of its dtype

@@ -4,7 +4,7 @@ Bajpai et al., "FastFlow" (arXiv 2602.11105). The pipeline and its scheduler run
 step the bandit chose to skip, the hook returns the finite-difference extrapolation
 ``v_q + (t - t_q) (v_q - v_p) / (t_q - t_p)`` of the last two computed transformer outputs
 instead of calling the transformer. The per-step bookkeeping (extrapolation, extrapolation
-error, reward, UCB1 choice) is the runtime's own (:mod:`anchorflow.runtime.solvers.fastflow`);
+error, reward, UCB1 choice) is the runtime's own (:mod:`anchorflow.runtime.solving.solvers.fastflow_loop`);
 the bandit state persists in the same file format, loaded and merged under the same lock, as
 ``anchorflow sample --bandit-state``.
 
@@ -26,13 +26,13 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..._deps import require
-from ...errors import ConfigError
-from ...runtime import bandit_state
+from ...base._deps import require
+from ...base.errors import ConfigError
+from ...runtime.fastflow import state as bandit_state
 from .capture import keywords
-from ...runtime.bandit import BanditKey, FastFlowBandit, budget_target, calibrated_mu, check_arms
-from ...runtime.fastflow import AskedSettings
-from ...runtime.solvers.fastflow import FastFlowRun, extrapolate, generation_info
+from ...runtime.fastflow.bandit import BanditKey, FastFlowBandit, budget_target, calibrated_mu, check_arms
+from ...runtime.fastflow.learning import AskedSettings
+from ...runtime.solving.solvers.fastflow_loop import FastFlowRun, extrapolate, generation_info
 
 HOOK_NAME = "anchorflow_fastflow"
 
@@ -225,7 +225,7 @@ def apply_fastflow(pipe: Any, *, state_path: Optional[str | os.PathLike] = None,
     across calls). ``model_id``: the transformer's identity in the state key (default: a fingerprint
     of its class, config and weights; add the guidance setting when it changes). ``arms``, ``gamma``,
     ``calls`` / ``speedup`` (the calls budget; default speed-up 3), ``mu``, ``mu_factor``, ``tol``,
-    ``adapt``, ``seed``: the bandit's settings, as :class:`anchorflow.runtime.bandit.FastFlowBandit`
+    ``adapt``, ``seed``: the bandit's settings, as :class:`anchorflow.runtime.fastflow.bandit.FastFlowBandit`
     takes them (a state file's own are kept; contradicting ones are refused). ``tail``: last steps
     always computed.
     """

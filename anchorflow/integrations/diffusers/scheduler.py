@@ -20,13 +20,13 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from ..._deps import require
-from ...errors import ConfigError
-from ...runtime.field import GuidedField
-from ...runtime.grids import check_grid, make_grid
-from ...runtime.registry import SolverSpec
-from ...runtime.solvers import get_solver, solver_names
-from ...runtime.solve import _check_options
+from ...base._deps import require
+from ...base.errors import ConfigError
+from ...runtime.solving.field import GuidedField
+from ...runtime.solving.grids import check_grid, make_grid
+from ...runtime.solving.registry import SolverSpec
+from ...runtime.solving.solvers import get_solver, solver_names
+from ...runtime.solving.solve import _check_options
 
 torch = require("torch", extra="diffusers", purpose="the diffusers integration")
 _diffusers = require("diffusers", extra="diffusers", purpose="the diffusers integration")

@@ -1,0 +1,2 @@
+"""The base layer: errors, atomic files, optional dependencies, lazy attributes (stdlib only;
+imports nothing above it)."""
