@@ -58,10 +58,17 @@ def slim(model: Any) -> Any:
     return strip_debug_info(onnxslim.slim(model))
 
 
+def memory_session(model: Any) -> Any:
+    """An onnxruntime CPU session (one thread, full graph optimisation) on an in-memory model."""
+    ort = require("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
 def latency_ms(model: Any, feeds: dict[str, np.ndarray], repeats: int = 20) -> float:
     """Median wall time of one onnxruntime CPU run (one thread, full graph optimisation)."""
-    from .stages import memory_session
-
     sess = memory_session(model)
     sess.run(None, feeds)
     times = []

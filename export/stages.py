@@ -40,6 +40,7 @@ import numpy as np
 from .. import __version__
 from ..base._deps import require
 from ..base.errors import CheckpointError, ConfigError
+from .cleanup import clean, memory_session
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the dynamo exporter emits 18+; its down-conversion to 17 breaks Split (measured)
@@ -305,15 +306,6 @@ class RelativeParity:
                 "cases": checks, "passed": True}
 
 
-def memory_session(model: Any) -> Any:
-    """An onnxruntime CPU session (one thread, full graph optimisation) on an in-memory model."""
-    ort = require("onnxruntime")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
 def file_session(path: Path, outputs: Sequence[str]) -> Callable[[dict], list]:
     """onnxruntime CPU (one thread) on the written file, as the runtime opens it (external data too)."""
     from ..runtime.bundles.backends import make_session
@@ -349,7 +341,6 @@ def export_net(net: Net, folder: Path, *, opset: int, precisions: Sequence[str] 
 
     ``precisions``: float ones, fp32 first. Raises CheckpointError / ConfigError when a stage refuses
     (the caller's atomic folder then leaves nothing behind)."""
-    from .cleanup import clean
     from .precision import convert, variant_file
 
     step(f"{net.name}: torch.onnx.export")
