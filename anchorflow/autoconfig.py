@@ -10,9 +10,14 @@ backbone calls, uniform grid) and a target mean PSNR against it, the search:
    scores the per-sample PSNR against the reference;
 3. bounds the mean PSNR from below by a percentile bootstrap over the samples (``confidence``,
    default 95 %: the (1 - confidence) quantile of ``resamples`` resampled means);
-4. times every candidate whose bound meets the target (median of ``repeats`` solves of the same
-   batch, interleaved round-robin so machine load hits all alike; the SideNet and the runtime's
-   own overhead count) and picks the fastest.
+4. times every candidate whose bound meets the target again (``repeats`` solves in all of the same
+   batch, interleaved round-robin so machine load hits all alike) and picks the fastest by its
+   *modelled* latency: backbone calls x the time per backbone call + SideNet calls x the time per
+   SideNet call + steps x the solver's runtime overhead per step, each a median over every solve
+   of the search (the SideNet and the runtime's own overhead count). On a loaded machine one
+   configuration's own median of 3 wall times swings by 2x (measured: benchmarks/results/
+   autoconfig.md), which made the pick close to random among the feasible ones; the pooled
+   per-call times are stable. The candidate's own median wall time is kept as ``measured_s``.
 
 A target no candidate's bound meets is refused in one line naming the best bound reached. The
 result is a :class:`~anchorflow.runtime.bundles.presets.Preset` (``record`` stores it in the bundle's
@@ -51,13 +56,21 @@ class Candidate:
     lower_bound: float
     quantile_psnr: float
     calls: int
-    latency_s: Optional[float] = None
+    latency_s: Optional[float] = None  # modelled from the search's pooled per-call times (module doc, 4.)
     meets: bool = False
+    per_sample: Optional[np.ndarray] = field(default=None, repr=False, compare=False)  # (samples,) PSNR dB
+    first_s: Optional[float] = None  # wall time of its one scoring solve (every candidate; noisier than latency_s)
+    measured_s: Optional[float] = None  # median wall time of its timing solves (met the target), for reference
+
+    @property
+    def seconds(self) -> Optional[float]:
+        """``latency_s`` (modelled, every candidate), else the scoring solve's time."""
+        return self.latency_s if self.latency_s is not None else self.first_s
 
     def to_json(self) -> dict[str, Any]:
         return {"solver": self.solver, "nfe": self.nfe, "grid": self.grid_label, "mean_psnr": self.mean_psnr,
                 "lower_bound": self.lower_bound, "quantile_psnr": self.quantile_psnr, "calls": self.calls,
-                "latency_s": self.latency_s, "meets": self.meets}
+                "latency_s": self.latency_s, "measured_s": self.measured_s, "meets": self.meets}
 
 
 @dataclass
@@ -88,12 +101,23 @@ def parse_reference(text: str) -> tuple[str, int]:
     return spec.name, k
 
 
-def bootstrap_lower(values: np.ndarray, confidence: float, resamples: int, rng: np.random.Generator) -> float:
-    """Percentile-bootstrap lower confidence bound of the mean of ``values`` (n,) at ``confidence``."""
+def bootstrap_lower(values: np.ndarray, confidence: float, resamples: int, rng: np.random.Generator,
+                    future: Optional[int] = None) -> float:
+    """Percentile-bootstrap lower bound at ``confidence`` from the per-sample ``values`` (n,).
+
+    ``future`` None: a bound on the population mean, the (1 - c) quantile of ``resamples`` resampled
+    means. ``future`` = m: a *prediction* bound on the mean of a fresh batch of m samples (what a
+    user's next batch gets): ``mean - q_c(mean*_n - mean*_m)``, the c quantile of the difference of
+    a resampled mean of n (the tuning batch's own error) and one of m (the fresh batch's spread);
+    about ``sqrt(1 + n/m)`` times as far below the mean as the population bound.
+    """
     v = np.asarray(values, np.float64).reshape(-1)
     idx = rng.integers(0, v.size, size=(int(resamples), v.size))
     means = v[idx].mean(axis=1)
-    return float(np.quantile(means, 1.0 - confidence))
+    if future is None:
+        return float(np.quantile(means, 1.0 - confidence))
+    fresh = v[rng.integers(0, v.size, size=(int(resamples), int(future)))].mean(axis=1)
+    return float(v.mean() - np.quantile(means - fresh, confidence))
 
 
 def check_settings(target_psnr: float, confidence: float, samples: int, resamples: int, repeats: int,
@@ -132,21 +156,26 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
                   grids: Sequence[str] = DEFAULT_GRIDS, samples: int = 32, seed: int = 1, cfg: float = 1.0,
                   confidence: float = 0.95, resamples: int = 2000, repeats: int = 3, name: Optional[str] = None,
                   tuning: Any = None, cond: Optional[dict] = None, null_cond: Optional[dict] = None,
-                  backend: str = "", progress: bool = False) -> AutoConfig:
+                  backend: str = "", progress: bool = False, batch: Optional[int] = None,
+                  labels: Any = None) -> AutoConfig:
     """Search solvers x NFE x grids for the fastest configuration whose PSNR lower bound meets ``target_psnr``.
 
     ``model``: a LoadedBundle / OpenModel (anything :func:`anchorflow.runtime.plan.plan` takes);
     ``tuning``: the bundle's :class:`~anchorflow.runtime.bundles.tuned_grids.Tuning` for the ``tuned`` grids (None:
-    none). See the module docstring for the procedure. Raises ConfigError (one line) when no
-    candidate's bound meets the target, naming the best bound reached and where.
+    none). ``batch``: the promise is about the mean PSNR of a fresh batch of this many samples
+    (default ``samples``; 0: about the population mean), see :func:`bootstrap_lower`. ``labels``:
+    the tuning batch's class labels (default 0..C-1 cycled). See the module docstring for the
+    procedure. Raises ConfigError (one line) when no candidate's bound meets the target, naming the
+    best bound reached and where.
     """
     from .bench.evaluate import span_of
     from .runtime import get_solver
     from .runtime.evaluation import metrics as M
     from .runtime.solving.grids import make_grid
-    from .runtime.plan import plan
+    from .runtime.plan import MAX_N, check_int, plan
 
     check_settings(target_psnr, confidence, samples, resamples, repeats, seed)
+    future = samples if batch is None else None if batch == 0 else check_int(batch, "batch", 1, MAX_N)
     name = check_name(name if name is not None else f"psnr{target_psnr:g}")
     ref_solver, ref_nfe = parse_reference(reference)
     names = list(dict.fromkeys(solvers))
@@ -163,14 +192,14 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
 
     def make(solver: str, nfe: int, times) -> Any:
         return plan(model, solver=solver, nfe=nfe, grid=np.asarray(times, np.float64), cfg_scale=cfg, cond=cond,
-                    null_cond=null_cond, noise=noise, tuning=None)
+                    null_cond=null_cond, noise=noise, tuning=None, labels=labels)
 
     ref_times = tuple(float(t) for t in make_grid(get_solver(ref_solver).steps_for_nfe(ref_nfe), "uniform"))
     ref_res = make(ref_solver, ref_nfe, ref_times).run()
+    timings = [(ref_solver, ref_res)]  # every solve of the search: the pooled per-call times
     ref = ref_res.x
     dr = meta.get("data_range", (-1.0, 1.0))
     span = span_of(ref) if dr is None else (float(dr[0]), float(dr[1]))  # null: latents, scored on the reference
-    rng = np.random.default_rng(seed + 1)
     solved: dict = {}  # (solver, nfe, times) -> (plan, Result): no configuration is solved twice
     cands: list[Candidate] = []
     calls = ref_res.nfe
@@ -188,13 +217,18 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
                     p = make(s, k, times)
                     res = p.run()
                     solved[key] = (p, res, [res.timing.total_s])
+                    timings.append((s, res))
                     calls += res.nfe
                 p, res, _ = solved[key]
                 per = (M.psnr_per_sample(res.x, ref, span) if np.all(np.isfinite(res.x))
                        else np.full(samples, -math.inf))
-                lcb = bootstrap_lower(per, confidence, resamples, rng) if np.all(np.isfinite(per)) else -math.inf
+                # every candidate resamples the same sample indices (its own generator, same seed):
+                # common random numbers, and a bound anyone can recompute from the per-sample PSNRs
+                lcb = (bootstrap_lower(per, confidence, resamples, np.random.default_rng(seed + 1), future)
+                       if np.all(np.isfinite(per)) else -math.inf)
                 cands.append(Candidate(s, k, label, times, float(np.mean(per)), lcb,
-                                       float(np.quantile(per, QUANTILE)), res.nfe, meets=lcb >= target_psnr))
+                                       float(np.quantile(per, QUANTILE)), res.nfe, meets=lcb >= target_psnr,
+                                       per_sample=per, first_s=solved[key][2][0]))
     if not cands:
         raise ConfigError(f"no candidate configuration: none of {', '.join(names) or 'the solvers'} can spend "
                           f"{', '.join(map(str, nfes))} backbone calls")
@@ -210,21 +244,72 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
     for _ in range(max(0, repeats - 1)):  # round-robin: load on the machine hits every candidate alike
         for key in timed:
             p, res, times_s = solved[key]
-            times_s.append(p.run().timing.total_s)
+            again = p.run()
+            times_s.append(again.timing.total_s)
+            timings.append((key[0], again))
             calls += res.nfe
     for c in feasible:
-        c.latency_s = float(statistics.median(solved[(c.solver, c.nfe, c.times)][2]))
-    best = min(feasible, key=lambda c: (c.latency_s, c.nfe))
-    preset = Preset(name, best.solver, best.nfe, "backbone", best.grid_label, best.times, float(target_psnr),
-                    f"{ref_solver}@{ref_nfe}", float(confidence), best.lower_bound, best.mean_psnr, QUANTILE,
-                    best.quantile_psnr, best.latency_s, int(samples), str(backend))
+        c.measured_s = float(statistics.median(solved[(c.solver, c.nfe, c.times)][2]))
+    per_call = latency_model(timings)
+    for c in cands:
+        r = solved[(c.solver, c.nfe, c.times)][1]
+        c.latency_s = modelled_latency(per_call, c.solver, r.nfe, r.sidenet_calls, len(r.steps))
+    settings_ = {"reference": f"{ref_solver}@{ref_nfe}", "confidence": float(confidence), "samples": int(samples),
+                 "backend": str(backend)}
+    preset = _choose(cands, float(target_psnr), name, settings_)
     cost = {"solves": len(solved) + 1 + (repeats - 1) * len(timed), "configurations": len(solved),
-            "backbone_calls": int(calls), "seconds": round(time.perf_counter() - started, 3)}
+            "backbone_calls": int(calls), "seconds": round(time.perf_counter() - started, 3),
+            "per_call_ms": {"backbone": round(per_call["backbone_s"] * 1e3, 4),
+                            "sidenet": round(per_call["sidenet_s"] * 1e3, 4),
+                            "overhead_per_step": {k: round(v * 1e3, 4)
+                                                  for k, v in per_call["overhead_s_per_step"].items()}}}
     settings = {"target_psnr": float(target_psnr), "reference": f"{ref_solver}@{ref_nfe}", "solvers": names,
                 "nfes": sorted(set(int(v) for v in nfes)), "grids": list(grids), "samples": int(samples),
                 "seed": int(seed), "cfg": float(cfg), "confidence": float(confidence), "resamples": int(resamples),
-                "repeats": int(repeats), "bootstrap": "percentile, over samples"}
+                "repeats": int(repeats), "bootstrap": "percentile, over samples",
+                "bound": ("the population mean" if future is None
+                          else f"the mean of a fresh batch of {future} samples (prediction bound)")}
     return AutoConfig(preset, cands, cost, settings)
+
+
+def latency_model(timings: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """Per-call times from ``(solver, Result)`` solves of one batch: the median time per backbone call,
+    per SideNet call, and per solver the median runtime overhead (all but the networks) per step."""
+    back = [r.timing.backbone_s / r.nfe for _, r in timings if r.nfe]
+    side = [r.timing.sidenet_s / r.sidenet_calls for _, r in timings if r.sidenet_calls]
+    over: dict[str, list] = {}
+    for s, r in timings:
+        over.setdefault(s, []).append(r.timing.overhead_s / max(len(r.steps), 1))
+    return {"backbone_s": statistics.median(back) if back else 0.0,
+            "sidenet_s": statistics.median(side) if side else 0.0,
+            "overhead_s_per_step": {s: statistics.median(v) for s, v in over.items()}}
+
+
+def modelled_latency(per_call: dict[str, Any], solver: str, nfe: int, sidenet_calls: int, steps: int) -> float:
+    """``nfe`` x time per backbone call + SideNet calls x time per SideNet call + steps x the solver's overhead."""
+    over = per_call["overhead_s_per_step"]
+    o = over.get(solver, statistics.median(over.values()) if over else 0.0)
+    return float(nfe * per_call["backbone_s"] + sidenet_calls * per_call["sidenet_s"] + steps * o)
+
+
+def _choose(cands: Sequence[Candidate], target_psnr: float, name: str, st: dict) -> Preset:
+    """The fastest measured candidate whose bound meets ``target_psnr`` (ties: fewer calls), as a Preset."""
+    ok = [c for c in cands if c.lower_bound >= target_psnr and c.latency_s is not None]
+    if not ok:
+        raise ConfigError(f"no candidate of this search has a {st['confidence']:.0%} lower bound >= {target_psnr:g} dB")
+    best = min(ok, key=lambda c: (c.latency_s, c.nfe))
+    return Preset(name, best.solver, best.nfe, "backbone", best.grid_label, best.times, float(target_psnr),
+                  st["reference"], st["confidence"], best.lower_bound, best.mean_psnr, QUANTILE,
+                  best.quantile_psnr, best.latency_s, st["samples"], st["backend"])
+
+
+def preset_for(found: AutoConfig, target_psnr: float, name: Optional[str] = None) -> Preset:
+    """The preset the same search gives for another target (every candidate's latency is modelled):
+    one search, several presets (e.g. fast / balanced / best). The choice is exactly what
+    :func:`autoconfigure` makes for that target given the same solves and per-call times."""
+    st = {**found.settings, "backend": found.preset.backend}
+    return _choose(found.candidates, float(target_psnr),
+                   check_name(name if name is not None else f"psnr{target_psnr:g}"), st)
 
 
 def record(bundle_dir, found: AutoConfig) -> None:
@@ -238,7 +323,7 @@ def record(bundle_dir, found: AutoConfig) -> None:
 
 def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: str, nfe: Optional[str], grids: str,
                    samples: int, seed: int, cfg: float, confidence: float, name: Optional[str], backend: str,
-                   dry_run: bool) -> list[str]:
+                   dry_run: bool, plot: Optional[str] = None) -> list[str]:
     """``anchorflow tune MODEL --target-psnr Q``: search, record the preset in the bundle, return the lines to print."""
     from .modelref import open_model
     from .runtime.bundles.tuned_grids import read_tuning
@@ -253,6 +338,12 @@ def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: s
     parse_reference(reference)
     if name is not None:
         check_name(name)
+    if plot is not None:
+        from .base._io import check_output
+
+        if not str(plot).lower().endswith(".png"):
+            raise ConfigError(f"--plot {plot}: the Pareto figure is a PNG; give a .png file name")
+        check_output(plot, "--plot")
     if model == "default" and not dry_run:
         raise ConfigError("the bundled model is read-only; pass a copy of its bundle folder or use --dry-run")
     m = open_model(model, backend=backend)
@@ -264,19 +355,237 @@ def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: s
                           samples=samples, seed=seed, cfg=cfg, confidence=confidence, name=name, tuning=tuning,
                           backend=", ".join(m.providers) or backend)
     p = found.preset
-    lines = [f"{'config':<28} {'mean':>7} {'bound':>7} {'p10':>7} {'ms':>8}"]
-    for c in sorted(found.candidates, key=lambda c: (c.latency_s is None, c.latency_s or 0.0, c.nfe)):
-        ms = "" if c.latency_s is None else f"{c.latency_s * 1e3:8.1f}"
+    lines = [f"{'config':<28} {'mean':>7} {'bound':>7} {'p10':>7} {'ms':>8}  (ms: modelled from the per-call times)"]
+    for c in sorted(found.candidates, key=lambda c: (not c.meets, c.latency_s, c.nfe)):
+        ms = f"{c.latency_s * 1e3:8.1f}"
         lines.append(f"{c.solver + '@' + str(c.nfe) + ' ' + c.grid_label:<28} {c.mean_psnr:7.2f} {c.lower_bound:7.2f} "
                      f"{c.quantile_psnr:7.2f} {ms}")
     lines.append(f"quality {p.name}: {p.solver}@{p.nfe} {p.grid_label}: {p.confidence:.0%} lower bound "
                  f"{p.lower_bound:.2f} dB >= {p.target_psnr:g} dB against {p.reference} (mean {p.mean_psnr:.2f}, "
-                 f"10% quantile {p.quantile_psnr:.2f}), {p.latency_s * 1e3:.1f} ms per {p.batch} samples")
+                 f"10% quantile {p.quantile_psnr:.2f}), {p.latency_s * 1e3:.1f} ms per {p.batch} samples (modelled)")
     c = found.cost
     lines.append(f"search cost: {c['configurations']} configurations, {c['solves']} solves, {c['backbone_calls']} "
                  f"backbone calls, {c['seconds']:.1f} s")
+    if plot is not None:
+        plot_pareto(found, plot)
+        lines.append(f"wrote {plot} (quality vs latency and calls, every configuration tried, the chosen one ringed)")
     if not dry_run:
         record(folder, found)
         lines.append(f"stored in {folder}/tuned.json (presets: {p.name}); use it with 'anchorflow sample "
                      f"{model} --quality {p.name}'")
     return lines
+
+
+# -- using a preset: sample --quality NAME|PSNR, and escalation (--max-error) ---------------------------
+def resolve_quality(tuning, quality: Any) -> Preset:
+    """The preset a ``--quality`` asks for: a recorded name, or a number of dB (the fastest recorded
+    preset whose lower bound meets it). One-line ConfigError naming what is recorded otherwise."""
+    from .runtime.bundles.presets import get_preset
+
+    presets = {} if tuning is None else dict(getattr(tuning, "presets", {}) or {})
+    text = str(quality).strip()
+    try:
+        want = float(text)
+    except ValueError:
+        return get_preset(tuning, text)
+    if not math.isfinite(want):
+        raise ConfigError(f"--quality must be a preset name or a finite number of dB, got {quality!r}")
+    ok = [p for p in presets.values() if p.lower_bound >= want]
+    if not ok:
+        best = max(presets.values(), key=lambda p: p.lower_bound, default=None)
+        have = ("no preset is recorded" if best is None else
+                f"the best recorded is {best.name!r} with a {best.confidence:.0%} lower bound of {best.lower_bound:.2f} dB")
+        raise ConfigError(f"--quality {text}: no recorded preset reaches {want:g} dB ({have}); record one with "
+                          f"'anchorflow tune BUNDLE --target-psnr {want:g}'")
+    return min(ok, key=lambda p: (p.latency_s, p.nfe, p.name))
+
+
+def ladder(tuning, chosen: Preset) -> list[Preset]:
+    """The configurations escalation climbs after ``chosen``: the recorded presets measured slower than
+    it with a higher lower bound (fastest first), then its reference (uniform grid) as the last rung."""
+    from .runtime import get_solver
+    from .runtime.solving.grids import make_grid
+
+    presets = {} if tuning is None else dict(getattr(tuning, "presets", {}) or {})
+    up = sorted((p for p in presets.values() if p.name != chosen.name and p.latency_s > chosen.latency_s
+                 and p.lower_bound > chosen.lower_bound), key=lambda p: (p.latency_s, p.nfe, p.name))
+    solver, nfe = parse_reference(chosen.reference)
+    times = tuple(float(t) for t in make_grid(get_solver(solver).steps_for_nfe(nfe), "uniform"))
+    ref = Preset(f"reference {chosen.reference}", solver, nfe, "backbone", "uniform", times, math.inf,
+                 chosen.reference, chosen.confidence, math.inf, math.inf, chosen.quantile, math.inf, math.inf,
+                 chosen.batch, chosen.backend)
+    seen = {(chosen.solver, chosen.nfe, chosen.times), (solver, nfe, times)}
+    out = []
+    for p in up:  # one rung per configuration (two presets may have chosen the same one)
+        if (p.solver, p.nfe, p.times) not in seen:
+            seen.add((p.solver, p.nfe, p.times))
+            out.append(p)
+    return out + [ref]
+
+
+@dataclass
+class Escalated:
+    """What escalation did: the samples and estimates after it, and per rung how many samples it re-solved."""
+
+    x: np.ndarray
+    error_estimate: np.ndarray
+    rungs: list[dict[str, Any]]  # {"config", "samples", "backbone_calls"} per rung used
+    resolved: int  # samples re-solved at least once
+    extra_calls: int  # backbone calls spent by the re-solves (batched: one solve per rung)
+    above: int  # samples whose estimate, still in the first solver's units, exceeds max_error at the end
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rungs": self.rungs, "resolved": self.resolved, "extra_calls": self.extra_calls,
+                "still_above": self.above}
+
+
+def _rows(plan_, idx: np.ndarray) -> dict:
+    """``plan_.solve_kwargs()`` for the rows ``idx`` only (per-row conditions and null rows sliced)."""
+    kw = plan_.solve_kwargs()
+    if kw.get("cond") is not None:
+        kw["cond"] = {k: (np.asarray(v)[idx] if k in plan_.rows else v) for k, v in kw["cond"].items()}
+    if kw.get("null_cond") is not None:
+        kw["null_cond"] = {k: (np.asarray(v)[idx] if np.ndim(v) and np.shape(v)[0] == plan_.n and plan_.n > 1 else v)
+                           for k, v in kw["null_cond"].items()}
+    return kw
+
+
+def escalate(first, result, max_error: float, rungs: Sequence[Any],
+             labels: Optional[Sequence[str]] = None) -> Escalated:
+    """Re-solve only the samples whose ``result.error_estimate`` exceeds ``max_error`` with the next
+    costlier configuration (``rungs``: SamplePlans of the same request, cheapest first), and those
+    still above it with the one after, and so on. A rung whose solver gives no estimate (the
+    reference), or whose solver is not the first one's, ends the climb for the samples it solved:
+    E is in the first solver's units, and the solvers' estimates differ in scale (median estimate /
+    true error measured from about 0.3 for UniPC to about 3 for BA, benchmarks/results/autoconfig.md),
+    so another solver's estimate is not compared with it. Same start noise and conditions per sample.
+    """
+    from .runtime.solving.solve import solve
+
+    if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not max_error >= 0 \
+            or not math.isfinite(max_error):
+        raise ConfigError(f"--max-error must be a finite number >= 0 (state units), got {max_error!r}")
+    if result.error_estimate is None:
+        raise ConfigError(f"--max-error needs a per-sample error estimate and solver {first.solver!r} gives none "
+                          "(ba, ab2, ipndm and unipc do)")
+    noise = first.start_noise()
+    x = np.array(result.x, copy=True)
+    est = np.asarray(result.error_estimate, np.float64).copy()
+    todo = np.flatnonzero(est > max_error)
+    comparable = np.ones(x.shape[0], bool)  # estimate in the first solver's units
+    resolved: set = set()
+    used, calls = [], 0
+    for i, q in enumerate(rungs):
+        if todo.size == 0:
+            break
+        r = solve(q.solver, q.model.velocity, noise[todo], q.nfe, **_rows(q, todo))
+        x[todo] = r.x
+        same = r.error_estimate is not None and q.solver == first.solver
+        e = np.zeros(todo.size) if r.error_estimate is None else np.asarray(r.error_estimate, np.float64)
+        est[todo] = e
+        comparable[todo] = same
+        resolved.update(int(i) for i in todo)
+        used.append({"config": labels[i] if labels else f"{q.solver}@{q.nfe} {q.grid_source}",
+                     "samples": int(todo.size),
+                     "backbone_calls": int(r.nfe)})
+        calls += int(r.nfe)
+        todo = todo[e > max_error] if same else todo[:0]
+    return Escalated(x, est, used, len(resolved), calls, int(np.sum((est > max_error) & comparable)))
+
+
+def quality_plans(model, quality: Any, tuning=None, **request) -> tuple[Preset, Any, list]:
+    """(preset, its SamplePlan, the escalation ladder as (label, SamplePlan)) for ``--quality`` on ``model``;
+    ``request``: the rest of :func:`anchorflow.runtime.plan.plan`'s arguments (conditions, n, seed, ...)."""
+    from .runtime.plan import plan
+
+    if tuning is None:
+        from .runtime.bundles.tuned_grids import read_tuning
+
+        files = getattr(model, "files", None)
+        folder = getattr(files, "bundle", None) if files is not None else getattr(model, "path", None)
+        tuning = None if folder is None else read_tuning(folder)
+    chosen = resolve_quality(tuning, quality)
+
+    def make(p: Preset):
+        return plan(model, solver=p.solver, nfe=p.nfe, grid=np.asarray(p.times, np.float64),
+                    first_call=p.first_call, tuning=tuning, **request)
+
+    return chosen, make(chosen), [(f"{p.name}: {p.solver}@{p.nfe} {p.grid_label}" if math.isfinite(p.lower_bound)
+                                   else p.name, make(p)) for p in ladder(tuning, chosen)]
+
+
+def describe(p: Preset) -> str:
+    """One line: what a preset is and what it promised."""
+    return (f"quality {p.name}: {p.solver}@{p.nfe} {p.grid_label} ({p.confidence:.0%} lower bound {p.lower_bound:.2f} dB "
+            f">= {p.target_psnr:g} dB against {p.reference}, measured {p.latency_s * 1e3:.1f} ms per {p.batch} samples)")
+
+
+def plot_pareto(found: AutoConfig, path) -> Any:
+    """Mean PSNR vs latency (left) and vs backbone calls (right) of every configuration
+    tried: filled where its lower bound met the target, hollow where not; the Pareto front (no
+    configuration both faster and better) drawn; the chosen one ringed. A PNG (matplotlib, lazily).
+    Latency: modelled from the search's pooled per-call times (every candidate alike)."""
+    from .plots import LINE_COLOURS, _figure, _save_figure
+
+    fig, (ax_t, ax_c) = _figure(2, width=5.4, height=4.2)
+    p = found.preset
+    cands = [c for c in found.candidates if math.isfinite(c.mean_psnr) and c.seconds is not None]
+    for i, s in enumerate(dict.fromkeys(c.solver for c in cands)):
+        colour = LINE_COLOURS[i % len(LINE_COLOURS)]
+        for meets in (True, False):
+            mine = [c for c in cands if c.solver == s and c.meets == meets]
+            style = dict(color=colour) if meets else dict(facecolors="none", edgecolors=colour)
+            label = s if meets == any(c.solver == s and c.meets for c in cands) else None  # one entry per solver
+            ax_t.scatter([c.seconds * 1e3 for c in mine], [c.mean_psnr for c in mine], s=16, label=label, **style)
+            ax_c.scatter([c.calls for c in mine], [c.mean_psnr for c in mine], s=16, **style)
+    for ax, xs in ((ax_t, lambda c: c.seconds * 1e3), (ax_c, lambda c: c.calls)):
+        front, best = [], -math.inf
+        for c in sorted(cands, key=lambda c: (xs(c), -c.mean_psnr)):
+            if c.mean_psnr > best:
+                front.append(c)
+                best = c.mean_psnr
+        ax.step([xs(c) for c in front], [c.mean_psnr for c in front], where="post", color="0.4", lw=1,
+                label="Pareto front")
+        ax.axhline(p.target_psnr, ls="--", color="0.5", lw=1, label=f"target {p.target_psnr:g} dB "
+                   f"({p.confidence:.0%} lower bound)")
+        chosen = [c for c in cands if (c.solver, c.nfe, c.times) == (p.solver, p.nfe, p.times)]
+        if chosen:
+            ax.scatter([xs(chosen[0])], [chosen[0].mean_psnr], s=170, facecolors="none", edgecolors="k",
+                       linewidths=1.6, label=f"chosen: {p.solver}@{p.nfe} {p.grid_label}")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=7)
+    from matplotlib.ticker import ScalarFormatter
+
+    ax_t.set_xscale("log")
+    ax_t.xaxis.set_major_formatter(ScalarFormatter())
+    ax_t.xaxis.set_minor_formatter(ScalarFormatter())
+    ax_t.set(xlabel=f"latency per {p.batch} samples (ms, modelled from measured per-call times)",
+             ylabel=f"mean PSNR vs {p.reference} (dB)", title="quality vs latency (filled: bound meets target)")
+    ax_c.set(xlabel="backbone calls", ylabel=f"mean PSNR vs {p.reference} (dB)", title="quality vs calls")
+    return _save_figure(fig, path)
+
+
+def check_quality_request(quality: Any, max_error: Any, explicit: Sequence[str]) -> None:
+    """``sample --quality`` / ``--max-error`` before the model loads: a preset replaces the options
+    in ``explicit`` (those the user gave), and escalation climbs the recorded presets."""
+    if quality is not None and explicit:
+        raise ConfigError(f"--quality {quality} chooses the solver, NFE, grid and first call; drop "
+                          f"{', '.join(explicit)}")
+    if quality is not None and not str(quality).strip():
+        raise ConfigError("--quality is empty; give a preset name or a number of dB")
+    if max_error is not None:
+        if quality is None:
+            raise ConfigError("--max-error needs --quality (it re-solves with the next costlier recorded preset)")
+        if not (isinstance(max_error, (int, float)) and math.isfinite(max_error) and max_error >= 0):
+            raise ConfigError(f"--max-error must be a finite number >= 0 (state units), got {max_error!r}")
+
+
+def run_record(p, result, chosen: Optional[Preset], esc: Optional[Escalated]) -> dict[str, Any]:
+    """What ``sample --json`` writes: the configuration that ran, its calls, the per-sample estimate."""
+    est = None if result.error_estimate is None else [float(v) for v in np.asarray(result.error_estimate)]
+    return {"solver": p.solver, "nfe": int(p.nfe), "grid": p.grid_source, "times": list(p.grid),
+            "first_call": p.first_call, "backbone_calls": int(result.nfe), "n": int(p.n),
+            "quality": None if chosen is None else chosen.to_json(),
+            "error_estimate": est,
+            "escalation": None if esc is None else {**esc.to_json(),
+                                                     "error_estimate_after": [float(v) for v in esc.error_estimate]}}

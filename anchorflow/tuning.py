@@ -98,6 +98,22 @@ _TUNE_NAMES = {"cfg_scale": "--cfg", "cond": "--cond", "null_cond": "--null-cond
                "n": "--samples", "labels": "--labels"}
 
 
+def conditions_besides_labels(problem: Problem) -> list[str]:
+    """The conditions of the tuned model other than the class label ``y`` (declared by its bundle,
+    or given with the held-out batch): the first-call table is per label, so these rule it out
+    (the runtime's CachedStartField refuses them too)."""
+    from .runtime.bundles.format import read_bundle
+
+    names = set(problem.base.cond or {})
+    fmt = getattr(problem.model, "format", None)
+    folder = getattr(getattr(problem.model, "files", None), "bundle", None)
+    if fmt is None and folder is not None:
+        fmt = read_bundle(folder)
+    if fmt is not None:
+        names |= {c.name for c in fmt.backbone.conditions}
+    return sorted(names - {"y"})
+
+
 def tune_one(problem: Problem, method: str, nfe: int, first_call, max_evals: int = 24) -> TunedGrid:
     """Coordinate descent of ``warp:S,P`` for one solver and budget (``first_call``: None or a table)."""
     from .runtime import get_solver
@@ -167,7 +183,11 @@ def tune(model, solvers: Sequence[str], nfes: Sequence[int], first_calls: Sequen
                            "reference": f"rk4:{int(reference_steps)}", "max_evals": int(max_evals),
                            "family": "warp:S,P", **({"held_out": held_out} if held_out else {})})
     problem = make_problem(model, samples, seed, cfg, reference_steps, cond, null_cond)  # conditions checked first
-    if "cached" in first_calls:
+    other = conditions_besides_labels(problem)
+    if "cached" in first_calls and other:  # the table is per class label: not measured, refused with the reason
+        out.first_call_refused = (f"the cached first call is tabulated per class label y; this model also takes "
+                                  f"{', '.join(other)}; use --first-call backbone")
+    elif "cached" in first_calls:
         table = measure_first_call(model.velocity, tuple(meta["state_shape"]), int(meta.get("num_classes") or 0))
         try:
             out.first_call = table.check()
@@ -183,6 +203,8 @@ def tune(model, solvers: Sequence[str], nfes: Sequence[int], first_calls: Sequen
         except ConfigError:
             continue  # a budget this solver cannot spend exactly (e.g. even NFE for heun)
         out.grids[g.key] = g
+    if not out.grids and out.first_call_refused and "backbone" not in first_calls:
+        raise ConfigError(f"{out.first_call_refused}; nothing was stored")
     if not out.grids:
         raise ConfigError(f"no grid could be tuned for solvers {', '.join(solvers)} at nfe {', '.join(map(str, nfes))} "
                           "(no budget any of them can spend exactly); nothing was stored")

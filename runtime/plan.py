@@ -532,7 +532,9 @@ def plan(bundle, *, solver: str = "ba", nfe: int = 7, grid: Any = None, first_ca
     if noise is not None:
         noise = _check_noise(noise, n, state_shape, nm["noise"], fmt)
         n = noise.shape[0]
-    n = DEFAULT_N if n is None else n
+    if n is None:  # -- byo (#24): a request with conditions but no n samples their rows
+        rows = _cond_rows(fmt, cond)
+        n = DEFAULT_N if rows is None else check_int(rows, f"the rows of {nm['cond']}", 1, MAX_N)
     if spec.needs_sidenet and bundle.sidenet is None:
         raise ConfigError(f"solver {spec.name!r} needs a SideNet and this model has none; train one with "
                           "'anchorflow train sidenet' and export it (--sidenet)")
@@ -549,6 +551,23 @@ def plan(bundle, *, solver: str = "ba", nfe: int = 7, grid: Any = None, first_ca
                       table, a["cfg_scale"], a["cfg_interval"], _frozen(rows), _frozen(shared),
                       None if null is None else _frozen(null), a["bandit_state"], a["calls"], a["speedup"],
                       a["mu_factor"], tuple(sorted((options or {}).items())), n, a["seed"], noise)
+
+
+# -- byo (#24): the default row count of a request with --cond and no --n / --samples
+def cond_rows(bundle, cond: Optional[Mapping]) -> Optional[int]:
+    """The rows of ``cond``'s per-row conditions on ``bundle`` when they agree and exceed 1 (what
+    ``sample``, ``tune`` and ``bench`` default their count to); None otherwise (one row is shared
+    by every sample; rows that disagree are refused by the condition checks)."""
+    return _cond_rows(_info(bundle)[1], cond)
+
+
+def _cond_rows(fmt, cond: Optional[Mapping]) -> Optional[int]:
+    if fmt is None or not isinstance(cond, Mapping) or not cond:
+        return None
+    per_row = {c.name for c in fmt.backbone.conditions if c.per_row}
+    rows = {int(np.shape(v)[0]) for k, v in cond.items() if k in per_row and np.ndim(v) >= 1}
+    return rows.pop() if len(rows) == 1 and min(rows) > 1 else None
+# -- end byo
 
 
 def _frozen(d: dict) -> Mapping[str, np.ndarray]:

@@ -161,8 +161,9 @@ def _dcae(seed: int):
 
 
 def sana(folder: Path):
-    """Sana: Gemma2 (hidden 16), DC-AE (4 latent channels, factor 2), Sana transformer (16x16 latents = 32x32 pixels,
-    static), FlowMatchEulerDiscreteScheduler(shift=3) (the Euler counterpart of Sana's flow DPM-Solver)."""
+    """Sana: Gemma2 (hidden 16), DC-AE (4 latent channels, factor 2), Sana transformer (sample_size 16: 16x16 latents
+    = 32x32 pixels at opt; exported H, W dynamic 2..64 latents), FlowMatchEulerDiscreteScheduler(shift=3) (the Euler
+    counterpart of Sana's flow DPM-Solver)."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
 

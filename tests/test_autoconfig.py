@@ -5,8 +5,16 @@ Time convention: t = 1 noise, t = 0 data; NFE = backbone calls.
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+
 import numpy as np
 import pytest
+
+from anchorflow.cli import main
+from anchorflow.base.errors import CheckpointError, ConfigError
+from test_export import tiny_bundle, tiny_root  # noqa: F401  (session fixtures, exported once)
 
 from anchorflow.runtime import solve
 from anchorflow.runtime.evaluation.analytic import ExactSideNet, GaussianMixture, exact_flow
@@ -74,10 +82,11 @@ def test_ab2_estimate_is_the_euler_companion_difference(mixture, noise):
 def test_ba_estimate_is_corrector_minus_predictor(mixture, noise):
     """Independent truth: with a zero SideNet every forward node is v0, so per corrected interval
     predictor = x - h v0 and corrector = x - h (v0 + v1) / 2 (w_out + w_in = 1/2): the difference
-    is h/2 |v1 - v0|; the final interval keeps its predictor and adds nothing."""
+    is h/2 |v1 - v0|, weighted by h / t_end ("stiff", default) or 1 ("plain"); the final interval
+    keeps its predictor and adds nothing."""
     n = 5
     grid = np.linspace(1.0, 0.0, n + 1)
-    x, expect = noise.copy(), np.zeros(noise.shape[0])
+    x, expect, plain = noise.copy(), np.zeros(noise.shape[0]), np.zeros(noise.shape[0])
     v0 = mixture(x, np.full(x.shape[0], 1.0), None)
     for i in range(n):
         h = grid[i] - grid[i + 1]
@@ -87,11 +96,17 @@ def test_ba_estimate_is_corrector_minus_predictor(mixture, noise):
             break
         v1 = mixture(x_pred, np.full(x.shape[0], grid[i + 1]), None)
         x = x - h * (v0 + v1) / 2
-        expect += _rms(h / 2 * (v1 - v0))
+        expect += h / grid[i + 1] * _rms(h / 2 * (v1 - v0))
+        plain += _rms(h / 2 * (v1 - v0))
         v0 = v1
     res = solve("ba", mixture, noise, n, sidenet=zero_sidenet)
     np.testing.assert_allclose(res.x, x, atol=1e-12)
     np.testing.assert_allclose(res.error_estimate, expect, rtol=1e-10)
+    res = solve("ba", mixture, noise, n, sidenet=zero_sidenet, estimate="plain")
+    np.testing.assert_allclose(res.x, x, atol=1e-12)
+    np.testing.assert_allclose(res.error_estimate, plain, rtol=1e-10)
+    with pytest.raises(ConfigError, match="ba option estimate must be one of stiff, plain"):
+        solve("ba", mixture, noise, n, sidenet=zero_sidenet, estimate="flat")
 
 
 @pytest.mark.parametrize("method,nfe", [("ba", 5), ("ab2", 5), ("ipndm", 5), ("unipc", 8)])
@@ -149,6 +164,27 @@ def test_autoconfigure_meets_its_bound_and_refuses_the_impossible():
                       samples=8, resamples=200, repeats=1)
 
 
+def test_latency_model_is_calls_times_pooled_per_call_times():
+    """Independent truth: hand-made timings; the medians per backbone call, per SideNet call and per
+    solver's step overhead, then calls x those (a wall-time outlier moves a median only one rank)."""
+    from types import SimpleNamespace as NS
+
+    from anchorflow.autoconfig import latency_model, modelled_latency
+    from anchorflow.runtime.solving.result import Timing
+
+    def r(nfe, side, steps, back_s, side_s, total_s):
+        return NS(nfe=nfe, sidenet_calls=side, steps=(None,) * steps, timing=Timing(total_s, back_s, side_s))
+
+    timings = [("euler", r(4, 0, 4, 0.040, 0.0, 0.044)), ("euler", r(2, 0, 2, 0.020, 0.0, 0.022)),
+               ("euler", r(8, 0, 8, 4.0, 0.0, 4.008)),  # a load burst: 0.5 s per call, one of five
+               ("ba", r(5, 5, 5, 0.050, 0.025, 0.080)), ("ba", r(3, 3, 3, 0.030, 0.015, 0.048))]
+    pc = latency_model(timings)
+    assert pc["backbone_s"] == pytest.approx(0.010) and pc["sidenet_s"] == pytest.approx(0.005)
+    assert pc["overhead_s_per_step"] == pytest.approx({"euler": 0.001, "ba": 0.001})
+    assert modelled_latency(pc, "ba", 6, 6, 6) == pytest.approx(6 * 0.010 + 6 * 0.005 + 6 * 0.001)
+    assert modelled_latency(pc, "unipc", 4, 0, 4) == pytest.approx(4 * 0.010 + 4 * 0.001)  # unseen: median
+
+
 def test_preset_round_trips_and_is_checked_on_read(tmp_path):
     from anchorflow.base.errors import StateFileError
     from anchorflow.runtime.bundles.presets import Preset, presets_from_json
@@ -161,3 +197,237 @@ def test_preset_round_trips_and_is_checked_on_read(tmp_path):
     bad = {**data["presets"]["fast"], "times": [1.0, 0.7, 0.8, 0.0]}
     with pytest.raises(StateFileError, match="decrease strictly"):
         presets_from_json({"fast": bad}, "tuned.json")
+
+
+# -- the search's promise -------------------------------------------------------------------------
+def test_prediction_bound_matches_the_normal_formula():
+    """Independent truth: for normal values the bound on a fresh batch of m is about
+    mean - z_c s sqrt(1/n + 1/m); on the population mean about mean - z_c s / sqrt(n)."""
+    from anchorflow.autoconfig import bootstrap_lower
+
+    v = np.random.default_rng(5).normal(30.0, 2.0, 400)
+    z, s = 1.6449, v.std()
+    for future, width in ((None, z * s / 20.0), (400, z * s * np.sqrt(2 / 400)), (25, z * s * np.sqrt(1 / 400 + 1 / 25))):
+        got = v.mean() - bootstrap_lower(v, 0.95, 5000, np.random.default_rng(0), future)
+        assert got == pytest.approx(width, rel=0.08)
+
+
+@pytest.fixture(scope="module")
+def mixture_search():
+    """Every candidate of one search on the closed-form mixture (target low enough to be met)."""
+    from anchorflow.autoconfig import autoconfigure
+
+    m = _Mixture()
+    found = autoconfigure(m, 0.0, reference="rk4@64", solvers=("euler", "ab2", "ba"), nfes=(2, 3, 4, 6, 8),
+                          grids=("uniform", "shift:3"), samples=24, seed=4, resamples=400, repeats=1)
+    return m, found
+
+
+def test_search_never_returns_a_configuration_whose_bound_misses_the_target(mixture_search):
+    """For targets placed between each candidate's bound and its mean (where a search on the mean would
+    pick it), the chosen configuration's bound, recomputed here from an independent solve of the same
+    noise against an independent reference, meets the target; an unreachable target is refused."""
+    from anchorflow.autoconfig import autoconfigure, bootstrap_lower
+    from anchorflow.base.errors import ConfigError
+    from anchorflow.runtime.evaluation import metrics as M
+
+    m, everything = mixture_search
+    noise = np.random.default_rng(4).standard_normal((24, 4)).astype(np.float32)
+    ref = solve("rk4", m.velocity, noise, 64).x
+    traps = [c for c in everything.candidates if c.lower_bound < c.mean_psnr - 0.2]
+    assert traps  # the targets below would catch a search that compared the mean, not the bound
+    for c in traps[::3]:
+        target = (c.lower_bound + c.mean_psnr) / 2
+        try:
+            found = autoconfigure(m, target, reference="rk4@64", solvers=("euler", "ab2", "ba"), nfes=(2, 3, 4, 6, 8),
+                                  grids=("uniform", "shift:3"), samples=24, seed=4, resamples=400, repeats=1)
+        except ConfigError as exc:
+            assert max(x.lower_bound for x in everything.candidates) < target and "not reachable" in str(exc)
+            continue
+        p = found.preset
+        x = solve(p.solver, m.velocity, noise, p.nfe, grid=np.asarray(p.times), sidenet=m.sidenet).x
+        per = M.psnr_per_sample(x, ref, (-3.0, 3.0))
+        assert np.mean(per) == pytest.approx(p.mean_psnr, abs=1e-6)
+        bound = bootstrap_lower(per, 0.95, 400, np.random.default_rng(5), future=24)
+        assert bound == pytest.approx(p.lower_bound, abs=1e-6) and bound >= target
+        assert (p.solver, p.nfe, p.times) != (c.solver, c.nfe, c.times)  # the trap itself is never chosen
+
+
+def test_preset_for_a_higher_target_is_the_fastest_timed_candidate_meeting_it(mixture_search):
+    """One search, several presets: for each higher target the choice is the fastest candidate (by
+    the search's modelled latency) whose bound meets it; the search's own target gives its preset;
+    an unmet one is refused."""
+    from anchorflow.autoconfig import preset_for
+    from anchorflow.base.errors import ConfigError
+
+    _, found = mixture_search
+    assert preset_for(found, found.settings["target_psnr"]) == found.preset
+    bounds = sorted(c.lower_bound for c in found.candidates if c.meets)
+    for q in bounds[len(bounds) // 3:]:
+        p = preset_for(found, q, name="hi")
+        ok = [c for c in found.candidates if c.lower_bound >= q]
+        assert p.name == "hi" and p.lower_bound >= q and p.target_psnr == q
+        assert p.latency_s == min(c.latency_s for c in ok)
+        assert (p.solver, p.nfe, p.times) in {(c.solver, c.nfe, c.times) for c in ok}
+    with pytest.raises(ConfigError, match="no candidate of this search has a 95% lower bound >= "):
+        preset_for(found, bounds[-1] + 1.0)
+
+
+def test_an_impossible_target_is_refused_in_one_line_naming_the_best(quality_root, capsys):
+    folder = quality_root / "bundle"
+    before = (folder / "tuned.json").read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", str(folder), "--target-psnr", "300", "--solvers", "euler,ba", "--nfe", "2,3", "--samples",
+              "4", "--grids", "uniform", "--backend", "ort-cpu"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: target PSNR 300 dB")
+    assert re.search(r"the best 95% lower bound is -?[0-9.]+ dB \((euler|ba)@[23] uniform\)", err)
+    assert (folder / "tuned.json").read_bytes() == before  # nothing written
+
+
+# -- presets in the bundle: hashed, used by sample --quality, dropped with other weights ---------------
+@pytest.fixture(scope="module")
+def quality_root(tiny_root, tiny_bundle, tmp_path_factory):  # noqa: F811
+    """A copy of the tiny exported model root with two presets recorded by the CLI."""
+    root = tmp_path_factory.mktemp("quality") / "root"
+    for part in ("backbone", "sidenet", "bundle"):
+        shutil.copytree(tiny_root / part, root / part)
+    for name, target in (("fast", "-100"), ("best", "5")):
+        main(["tune", str(root / "bundle"), "--target-psnr", target, "--name", name, "--solvers", "euler,ab2,ba",
+              "--nfe", "2,3,6", "--samples", "6", "--grids", "uniform", "--reference", "euler@12",
+              "--backend", "ort-cpu", "--plot", str(root / f"{name}.png")])
+    return root
+
+
+def test_presets_are_hashed_with_the_bundle_and_a_changed_one_is_refused(quality_root, tmp_path):
+    from anchorflow.runtime.bundles.format import file_sha256
+    from anchorflow.runtime.bundles.tuned_grids import read_tuning
+
+    folder = quality_root / "bundle"
+    entry = json.loads((folder / "bundle.json").read_text())["tuned"]
+    assert entry["grids"]["sha256"] == file_sha256(folder / "tuned.json")
+    presets = read_tuning(folder).presets
+    assert set(presets) == {"fast", "best"} and presets["best"].lower_bound >= 5.0
+    assert (quality_root / "fast.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    copy = tmp_path / "b"
+    shutil.copytree(folder, copy)
+    data = json.loads((copy / "tuned.json").read_text())
+    data["presets"]["fast"]["lower_bound"] = 99.0  # claim a better bound than measured
+    (copy / "tuned.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="does not match the sha256"):
+        read_tuning(copy)
+
+
+def test_sample_quality_solves_with_the_preset_and_records_it(quality_root, tmp_path, capsys):
+    from anchorflow.runtime import load_bundle
+    from anchorflow.runtime.bundles.tuned_grids import read_tuning
+
+    folder = quality_root / "bundle"
+    p = read_tuning(folder).presets["best"]
+    main(["sample", str(folder), "--quality", "best", "--n", "5", "--seed", "3", "--backend", "ort-cpu",
+          "--out", str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy"), "--json", str(tmp_path / "s.json")])
+    err = capsys.readouterr().err
+    assert f"quality best: {p.solver}@{p.nfe} uniform" in err
+    b = load_bundle(folder, backend="ort-cpu")
+    noise = np.random.default_rng(3).standard_normal((5, *b.meta["model"]["state_shape"])).astype(np.float32)
+    y = np.arange(5) % int(b.meta["model"]["num_classes"])
+    want = solve(p.solver, b.velocity, noise, p.nfe, y=y, grid=np.asarray(p.times), sidenet=b.sidenet)
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), want.x, atol=1e-5)
+    rec = json.loads((tmp_path / "s.json").read_text())
+    assert rec["quality"]["name"] == "best" and rec["solver"] == p.solver and rec["backbone_calls"] == p.nfe
+    if want.error_estimate is not None:
+        np.testing.assert_allclose(rec["error_estimate"], want.error_estimate, rtol=1e-4, atol=1e-7)
+    # a number of dB picks the fastest preset whose bound meets it
+    main(["sample", str(folder), "--quality", f"{p.lower_bound - 1e-3:.6f}", "--n", "2", "--backend", "ort-cpu",
+          "--out", str(tmp_path / "t.png")])
+    assert "quality " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", str(folder), "--quality", "best", "--solver", "euler", "--out", str(tmp_path / "u.png")])
+    assert "drop --solver" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", str(folder), "--quality", "nosuch", "--out", str(tmp_path / "u.png")])
+    assert "quality 'nosuch' is not recorded in this bundle (presets: best, fast)" in capsys.readouterr().err
+    assert not (tmp_path / "u.png").exists()
+
+
+def test_reexport_keeps_presets_of_the_same_weights_and_drops_them_with_other_weights(quality_root, tmp_path,
+                                                                                     capsys):
+    from anchorflow.export.bundle import export_bundle
+    from anchorflow.runtime.bundles.tuned_grids import read_tuning
+    from _bundles import train_further
+
+    root = tmp_path / "root"
+    for part in ("backbone", "sidenet", "bundle"):
+        shutil.copytree(quality_root / part, root / part)
+    before = read_tuning(root / "bundle").presets
+    res = export_bundle(root, tmp_path / "same", precisions=["fp32"], validate=False, progress=False)
+    assert read_tuning(res.path).presets == before  # same weights: kept, hash-checked in the new bundle
+    train_further(root / "sidenet")  # other weights: the presets were measured for the old ones
+    main(["export", str(root), "--precision", "fp32", "--no-validate"])
+    assert "not kept" in capsys.readouterr().err
+    assert read_tuning(root / "bundle") is None
+    with pytest.raises(SystemExit):
+        main(["sample", str(root / "bundle"), "--quality", "best", "--out", str(tmp_path / "u.png")])
+    assert "presets: none recorded" in capsys.readouterr().err
+
+
+# -- escalation ----------------------------------------------------------------------------------
+def test_escalation_resolves_only_the_samples_above_the_threshold():
+    """Samples whose estimate exceeds E are re-solved with the next rung (equal to that rung's own
+    solve of the same rows), the others keep their first solve bit for bit; still-high ones climb."""
+    from anchorflow.autoconfig import escalate
+    from anchorflow.runtime.plan import plan
+
+    m = _Mixture()
+    noise = np.random.default_rng(9).standard_normal((40, 4))
+    first = plan(m, solver="ab2", nfe=3, noise=noise, tuning=None)
+    rungs = [plan(m, solver="ab2", nfe=6, noise=noise, tuning=None), plan(m, solver="euler", nfe=40, noise=noise,
+                                                                           tuning=None)]
+    res = first.run()
+    e = float(np.quantile(res.error_estimate, 0.7))
+    esc = escalate(first, res, e, rungs)
+    above = res.error_estimate > e
+    assert esc.rungs[0]["samples"] == above.sum() == 12 and esc.resolved >= 12
+    np.testing.assert_array_equal(esc.x[~above], res.x[~above])
+    full = [r.run() for r in rungs]
+    second = full[0].error_estimate > e
+    climb = above & second
+    np.testing.assert_allclose(esc.x[above & ~second], full[0].x[above & ~second], atol=1e-12)
+    np.testing.assert_allclose(esc.x[climb], full[1].x[climb], atol=1e-12)
+    assert esc.extra_calls == 6 + (40 if climb.any() else 0) and esc.above == 0
+    assert escalate(first, res, float(res.error_estimate.max()), rungs).resolved == 0
+    other = [plan(m, solver="ipndm", nfe=6, noise=noise, tuning=None), rungs[1]]  # another solver's units
+    esc = escalate(first, res, e, other)
+    assert [u["samples"] for u in esc.rungs] == [12] and esc.extra_calls == 6 and esc.above == 0
+    np.testing.assert_allclose(esc.x[above], other[0].run().x[above], atol=1e-12)
+
+
+def test_the_ladder_has_one_rung_per_configuration():
+    from anchorflow.autoconfig import ladder
+    from anchorflow.runtime.bundles.presets import Preset
+    from anchorflow.runtime.bundles.tuned_grids import Tuning
+
+    def p(name, solver, nfe, lcb, ms):
+        return Preset(name, solver, nfe, "backbone", "uniform", tuple(np.linspace(1, 0, nfe + 1)), 30.0, "euler@50",
+                      0.95, lcb, lcb + 1, 0.1, lcb - 1, ms, 32, "cpu")
+
+    ps = {"a": p("a", "unipc", 5, 31.0, 0.07), "b": p("b", "ba", 6, 40.0, 0.2), "c": p("c", "ba", 6, 40.0, 0.2),
+          "d": p("d", "euler", 3, 20.0, 0.03)}
+    rungs = ladder(Tuning(presets=ps), ps["a"])
+    assert [(r.solver, r.nfe) for r in rungs] == [("ba", 6), ("euler", 50)]
+
+
+def test_escalation_slices_label_rows(quality_root):
+    """On an exported class-conditional bundle: the re-solved rows keep their own labels."""
+    from anchorflow.autoconfig import escalate
+    from anchorflow.runtime import load_bundle
+    from anchorflow.runtime.plan import plan
+
+    b = load_bundle(quality_root / "bundle", backend="ort-cpu")
+    first = plan(b, solver="ab2", nfe=3, n=8, labels=[3, 1, 4, 1, 5, 9, 2, 6], tuning=None)
+    rung = plan(b, solver="ab2", nfe=6, n=8, labels=[3, 1, 4, 1, 5, 9, 2, 6], tuning=None)
+    res = first.run()
+    e = float(np.median(res.error_estimate))
+    esc = escalate(first, res, e, [rung])
+    above = res.error_estimate > e
+    np.testing.assert_allclose(esc.x[above], rung.run().x[above], atol=1e-5)

@@ -244,7 +244,8 @@ CASES = [
     (["demo", "--cfg", "0"], 1, "--cfg must be finite and > 0"),
     (["demo", "--seed", "-1"], 1, "--seed must be in 0.."),
     (["export", "{root}", "--out", "{cwd}/b", "--max-batch", "0"], 1, "--max-batch must be a positive integer", TORCH),
-    (["export", "{root}", "--out", "{cwd}/b", "--precision", "fp8"], 1, "fp8", TORCH, pytest.mark.slow),  # quantises first
+    (["export", "{root}", "--out", "{cwd}/b", "--precision", "fp8"], 1, "fp8", TORCH, pytest.mark.slow,
+     pytest.mark.timeout(400)),  # quantises first: ~60 s of CPU, 2 min on a loaded machine
     (["train", "backbone", "--out", "o", "--steps", "0"], 1, "--steps must be a positive integer"),
     (["train", "backbone", "--out", "o", "--batch", "-1"], 1, "--batch must be a positive integer"),
     (["train", "backbone", "--out", "o", "--seed", "-1"], 1, "--seed must be in 0.."),

@@ -146,6 +146,10 @@ def run_one(inp: Inputs, job: Job, cfg: float) -> RunRecord:
     rec.skipped = skip_reason(job.solver, job.nfe, inp.model.sidenet is not None, int(job.first_call == "cached"))
     if rec.skipped:
         return rec
+    if job.first_call == "cached" and inp.tuning is not None and inp.tuning.first_call is None \
+            and inp.tuning.first_call_refused:
+        raise ConfigError(f"--first-call cached: 'anchorflow tune' refused this model's first-call table "
+                          f"({inp.tuning.first_call_refused})")
     if job.first_call == "cached" and (inp.tuning is None or inp.tuning.first_call is None):
         raise ConfigError("the cached first call needs the model's first-call table; run 'anchorflow tune' first")
     options = PREPARE[job.solver](inp, job, cfg) if job.solver in PREPARE else {}

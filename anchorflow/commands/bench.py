@@ -18,7 +18,7 @@ DEFAULT_NFE = "3,4,5,6,8,10,20,50,100"
               help="Comma-separated backbone-call budgets (fastflow: grid sizes T; its real calls are reported). "
                    "Budgets a solver cannot honour (odd NFE for heun) are skipped with the reason in the report.")
 @click.option("--n", "n", type=int, default=256, show_default=True, callback=count(MAX_N),
-              help="Samples per run (same noise for every solver).")
+              help="Samples per run (same noise for every solver); with --cond and no --n, the rows of --cond.")
 @click.option("--cfg", "cfg", default="1.0", show_default=True,
               help="Comma-separated classifier-free guidance scales, e.g. 1.0,1.5; each gets its own reference.")
 @click.option("--cfg-interval", default="0,1", show_default=True, help="Guidance applies for t in (lo, hi].")
@@ -94,6 +94,10 @@ def bench(model, solvers, nfe, n, cfg, cfg_interval, reference, seed, first_call
     cond = read_arrays(cond_file, "--cond") if cond_file else None
     null_cond = read_arrays(null_file, "--null-cond") if null_file else None
     m = open_model(model, backend=backend, allow_fallback=allow_fallback)
+    from .tune import rows_default
+
+    n = rows_default(n, "n", m, cond)
+    check_counts(n, nfes)
     tuning = read_tuning(m.files.bundle) if m.files.bundle is not None else None
     results = run_bench(m, names, nfes, n, cfgs, seed, out, reference=reference, progress=not quiet,
                         cfg_interval=interval, euler_ladder=ladder, first_calls=modes,

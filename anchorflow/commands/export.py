@@ -208,18 +208,32 @@ def integrity(folder, meta: dict | None = None) -> tuple[dict, dict]:
     return fmt.meta, problems
 
 
+def _model_words(model: dict, meta: dict) -> str:
+    """Labels, conditions and data range in words (a model without labels or a data range, e.g.
+    latents, says so instead of printing None)."""
+    backbone = _obj(_obj(meta.get("networks")).get("backbone"))
+    conds = [str(_obj(i).get("name")) for i in backbone.get("inputs") or () if _obj(i).get("role") == "condition"
+             and _obj(i).get("name") != "y"]
+    classes = model.get("num_classes")
+    words = [f"{classes} classes, null label {model.get('null_label')}" if classes else "no class labels"]
+    if conds:
+        words.append("conditions " + ", ".join(conds))
+    rng = model.get("data_range")
+    words.append(f"data range {list(rng)}" if isinstance(rng, (list, tuple)) else "latents (no data range)")
+    return ", ".join(words)
+
+
 def describe(folder, meta: dict, problems: dict | None = None) -> str:
     """A readable multi-line summary of a bundle; ``problems`` from :func:`integrity` (computed if None)."""
     problems = integrity(folder)[1] if problems is None else problems
     model, exp, ver = (_obj(meta.get(k)) for k in ("model", "export", "versions"))
     lines = [
         f"bundle    {folder}  ({meta['schema']})",
-        f"model     {model.get('name')}: state {tuple(model.get('state_shape', ()))}, {model.get('num_classes')} "
-        f"classes, null label {model.get('null_label')}, data range {model.get('data_range')}",
+        f"model     {model.get('name')}: state {tuple(model.get('state_shape', ()))}, {_model_words(model, meta)}",
         f"time      {meta.get('time_convention')}",
         f"contract  time map {_time_map(meta)}; guidance {_guidance(meta)}",
         f"export    {exp.get('exporter')}, opset {exp.get('opset')}, max batch {exp.get('max_batch')}, "
-        f"{exp.get('created')}, real inputs: {exp.get('real_inputs')}",
+        f"{exp.get('created')}, real inputs: {exp.get('real_inputs') or 'none (random inputs only)'}",
         "versions  " + ", ".join(f"{k} {v}" for k, v in ver.items()),
     ]
     for name, entry in meta["networks"].items():
@@ -235,6 +249,16 @@ def describe(folder, meta: dict, problems: dict | None = None) -> str:
                 continue
             why = problems.get(part)
             lines.append(f"{part:<17} {'ok' if why is None else 'NOT OK: ' + why}")
+        if not any(problems.get(k) for k in ("tuned grids", "first-call table", "tuned")):  # what tune refused
+            from ..base.errors import AnchorflowError
+            from ..runtime.bundles.tuned_grids import read_tuning
+
+            try:
+                tuning = read_tuning(folder)
+            except AnchorflowError:  # reported above as NOT OK
+                tuning = None
+            if tuning is not None and tuning.first_call is None and tuning.first_call_refused:
+                lines.append(f"first-call table  refused by tune: {tuning.first_call_refused}")
     if problems.get("tuned"):
         lines.append(f"tuned     NOT OK: {problems['tuned']}")
     return "\n".join(lines)

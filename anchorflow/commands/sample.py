@@ -49,9 +49,19 @@ from .common import BACKENDS, MAX_N, PRECISIONS, MAX_NFE, cfg_scale as cfg_check
               help="Sample grid image to write (.png, .jpg or .webp) [default: samples.png]. Latents (bundle.json "
                    "data_range null) are decoded through a pipeline bundle's VAE; without one give --npy alone.")
 @click.option("--npy", type=click.Path(dir_okay=False), default=None, help="Also save the raw samples as .npy.")
+# -- auto (issue 26): quality presets, per-sample error estimates, escalation
+@click.option("--quality", default=None,
+              help="Instead of --solver/--nfe/--grid/--first-call: a preset recorded by 'anchorflow tune "
+                   "--target-psnr' (its name, or a number of dB: the fastest preset whose bound meets it).")
+@click.option("--max-error", type=float, default=None,
+              help="With --quality: re-solve the samples whose error estimate exceeds this (state units) with the "
+                   "next costlier recorded preset, then the preset's reference; reports samples and calls spent.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write what ran as JSON: configuration, backbone calls, per-sample error estimate, escalation.")
+# -- end auto
 def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_call, seed, backend, allow_fallback,
            precision, bandit_state, calls, speedup, mu_factor, cond_file, null_file, noise_file, out, npy, threads,
-           thread_mode) -> None:
+           thread_mode, quality=None, max_error=None, json_out=None) -> None:
     """Generate N samples from MODEL with SOLVER in NFE backbone calls and write a PNG grid.
 
     MODEL is `default` (the bundled digits model), a model folder or an exported bundle. On a
@@ -69,7 +79,14 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
     from .common import CLI_NAMES, apply_threads, check_sample_outputs, write_samples
     from .cond_files import read_arrays, read_noise
 
-    check_sample_outputs("samples.png" if out is None else out, npy, (bandit_state,) if bandit_state else ())
+    check_sample_outputs("samples.png" if out is None else out, npy, tuple(p for p in (bandit_state, json_out) if p))
+    if quality is not None or max_error is not None:  # auto (issue 26): checked before the model loads
+        from ..autoconfig import check_quality_request
+
+        ctx = click.get_current_context()
+        check_quality_request(quality, max_error, [f"--{k.replace('_', '-')}" for k in ("solver", "nfe", "grid",
+                              "first_call", "bandit_state", "calls", "speedup", "mu_factor")
+                              if ctx.get_parameter_source(k).name != "DEFAULT"])
     asked = dict(solver=solver, nfe=nfe, grid=grid, first_call=first_call, cfg_scale=cfg_scale,
                  cfg_interval=cfg_interval, labels=labels or None, n=n, seed=seed, bandit_state=bandit_state,
                  calls=calls, speedup=speedup, mu_factor=mu_factor)
@@ -81,7 +98,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
     from ..runtime import get_solver
 
     m = open_model(model, backend=backend, allow_fallback=allow_fallback, precision=precision,
-                   need_sidenet=get_solver(solver).needs_sidenet)
+                   need_sidenet=quality is None and get_solver(solver).needs_sidenet)
     # --- latent models: pictures through the bundle's VAE, or --out refused ---
     from .generate import latent_outputs, write_latent_outputs
 
@@ -89,23 +106,51 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
     latent = m.meta.get("data_range") is None
     # --- end latent models ---
     noise = read_noise(noise_file, m.meta["state_shape"]) if noise_file else None
-    p = plan(m, **asked, noise=noise, names=CLI_NAMES,
-             cond=read_arrays(cond_file, "--cond") if cond_file else None,
-             null_cond=read_arrays(null_file, "--null-cond") if null_file else None)
+    conds = dict(cond=read_arrays(cond_file, "--cond") if cond_file else None,
+                 null_cond=read_arrays(null_file, "--null-cond") if null_file else None)
+    if quality is not None:  # auto (issue 26): the preset's solver, budget, grid and first call
+        from ..autoconfig import describe, quality_plans
+
+        chosen, p, rungs = quality_plans(m, quality, **{k: v for k, v in asked.items() if k in QUALITY_KEEPS},
+                                         noise=noise, names=CLI_NAMES, **conds)
+        solver = chosen.solver
+        click.echo(describe(chosen), err=True)
+    else:
+        chosen, rungs = None, []
+        p = plan(m, **asked, noise=noise, names=CLI_NAMES, **conds)
     if p.tuned_spec is not None:
         click.echo(f"grid: {p.grid_source} (from the bundle; --grid overrides)", err=True)
     pending = p.begin()
     res = pending.result
+    x, esc = res.x, None
+    if max_error is not None:  # auto (issue 26)
+        from ..autoconfig import escalate
+
+        esc = escalate(p, res, max_error, [q for _, q in rungs], [label for label, _ in rungs])
+        x = esc.x
     if latent:  # a pipeline bundle
-        wrote = write_latent_outputs(res.x, decoder, out, npy)
+        wrote = write_latent_outputs(x, decoder, out, npy)
     else:
-        write_samples(res.x, out, npy, tuple(m.meta.get("data_range") or (-1.0, 1.0)))
+        write_samples(x, out, npy, tuple(m.meta.get("data_range") or (-1.0, 1.0)))
         wrote = f"wrote {out}" + (f" and {npy}" if npy else "")
     pending.commit()  # learn only once every output is written (all or nothing)
+    if json_out:  # auto (issue 26)
+        from ..autoconfig import run_record
+        from ..base import _io
+
+        _io.write_json(json_out, run_record(p, res, chosen, esc))
     t = res.timing
     click.echo(
         f"{solver}: {res.nfe} backbone calls, {res.sidenet_calls} SideNet calls, {t.total_s * 1e3:.1f} ms "
         f"(backbone {t.backbone_s * 1e3:.1f}, SideNet {t.sidenet_s * 1e3:.1f}, other {t.overhead_s * 1e3:.1f}) "
         f"on {', '.join(m.providers) or 'unknown backend'}"
     )
-    click.echo(wrote)
+    if esc is not None:  # auto (issue 26)
+        steps = "; ".join(f"{r['samples']} with {r['config']} ({r['backbone_calls']} calls)" for r in esc.rungs)
+        click.echo(f"escalation (--max-error {max_error:g}): {esc.resolved} of {len(x)} samples re-solved, "
+                   f"{esc.extra_calls} extra backbone calls" + (f": {steps}" if steps else "")
+                   + (f"; {esc.above} still above" if esc.above else ""))
+    click.echo(wrote + (f" and {json_out}" if json_out else ""))
+
+
+QUALITY_KEEPS = ("cfg_scale", "cfg_interval", "labels", "n", "seed")  # auto (issue 26): what --quality leaves the user

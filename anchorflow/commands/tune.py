@@ -21,7 +21,8 @@ DEFAULT_SOLVERS = "euler,ab2,unipc,ba"
 @click.option("--cfg", "cfg", type=float, default=1.0, show_default=True, callback=cfg_check,
               help="Guidance scale to tune at (> 0; 1.0 = none).")
 @click.option("--samples", type=int, default=32, show_default=True,
-              help="Held-out samples (noise from --seed, never the benchmark's seed 0).")
+              help="Held-out samples (noise from --seed, never the benchmark's seed 0); with --cond and no "
+                   "--samples, the rows of --cond.")
 @click.option("--seed", type=int, default=1, show_default=True, callback=seed_check, help="Seed of the held-out noise.")
 @click.option("--cond", "cond_file", type=click.Path(dir_okay=False), default=None,
               help="Held-out conditions: .npz or .safetensors, one array per condition name, rows --samples or 1 "
@@ -45,12 +46,15 @@ DEFAULT_SOLVERS = "euler,ab2,unipc,ba"
               help="With --target-psnr: grids to try ('tuned' = the bundle's grid where recorded, shift:S, warp:S,P).")
 @click.option("--name", default=None, help="With --target-psnr: the preset's name for `sample --quality` "
                                            "[default: psnrQ].")
+@click.option("--plot", default=None, type=click.Path(dir_okay=False),
+              help="With --target-psnr: write the Pareto figure (quality vs latency and calls, every configuration "
+                   "tried, the chosen one marked) to this .png.")
 # -- end auto
 @click.option("--dry-run", is_flag=True, help="Print the grids without storing them in the bundle.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_file, reference_steps, max_evals,
          backend, dry_run, quiet, target_psnr=None, reference="euler@50", confidence=0.95, grids="uniform,tuned",
-         name=None) -> None:
+         name=None, plot=None) -> None:
     """Tune the time grid of each solver and budget on MODEL (an exported bundle) and record it.
 
     For every solver and NFE the grid ``warp:S,P`` (the SD3 shift S of u^P; (1, 1) is uniform)
@@ -78,7 +82,8 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
         explicit = click.get_current_context().get_parameter_source("nfe").name != "DEFAULT"
         for line in tune_to_target(model, target_psnr, reference=reference, solvers=solvers,
                                    nfe=nfe if explicit else None, grids=grids, samples=samples, seed=seed, cfg=cfg,
-                                   confidence=confidence, name=name, backend=backend, dry_run=dry_run):
+                                   confidence=confidence, name=name, backend=backend, dry_run=dry_run,
+                                   plot=plot):
             click.echo(line)
         return
     names = [s.strip() for s in solvers.split(",") if s.strip()]
@@ -94,6 +99,7 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
     cond = read_arrays(cond_file, "--cond") if cond_file else None
     null_cond = read_arrays(null_file, "--null-cond") if null_file else None
     m = open_model(model, backend=backend)
+    samples = rows_default(samples, "samples", m, cond)
     folder = m.files.bundle
     if not dry_run and folder is None:
         raise ConfigError(f"{model} is not an exported bundle; export it first ('anchorflow export {model} --out DIR')")
@@ -103,6 +109,8 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
     result = run_tune(m, runnable, nfes, modes, cfg=cfg, samples=samples, seed=seed, reference_steps=reference_steps,
                       max_evals=max_evals, progress=not quiet, cond=cond, null_cond=null_cond,
                       held_out=held_out_record(cond_file, null_file))
+    if result.first_call is None and result.first_call_refused:
+        click.echo(f"first-call table: not measured, refused: {result.first_call_refused}")
     if result.first_call is not None:
         state = "refused: " + result.first_call_refused if result.first_call_refused else "accepted"
         click.echo(f"first-call table: residual {result.first_call.residual:.4f} "
@@ -120,6 +128,22 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
         for line in notes:
             click.echo(f"note: {line}", err=True)
         click.echo(f"stored in {folder}/bundle.json (tuned.json" + (", first_call.npy)" if result.first_call else ")"))
+
+
+def rows_default(value: int, option: str, m, cond) -> int:
+    """``value``, or the rows of ``cond`` when the option was not given (runtime.plan's rule)."""
+    from ..runtime.plan import cond_rows
+    from ..tuning import MAX_TUNE_SAMPLES
+    from .common import MAX_N
+
+    if click.get_current_context().get_parameter_source(option).name != "DEFAULT":
+        return value
+    rows = cond_rows(m, cond)
+    if rows is None:
+        return value
+    from ..runtime.plan import check_int
+
+    return check_int(rows, "the rows of --cond", 1, MAX_TUNE_SAMPLES if option == "samples" else MAX_N)
 
 
 def _needs_sidenet(name: str) -> bool:

@@ -326,6 +326,9 @@ def resolve_sampling(tuning: Optional[Tuning], method: str, nfe: int, grid: Any,
         raise ConfigError(f"first call must be one of {', '.join(FIRST_CALLS)}, got {first_call!r}")
     fc: Any = "backbone"
     if first_call == "cached":
+        if tuning is not None and tuning.first_call is None and tuning.first_call_refused:  # byo (#24)
+            raise ConfigError(f"--first-call cached: 'anchorflow tune' refused this bundle's first-call table "
+                              f"({tuning.first_call_refused})")
         if tuning is None or tuning.first_call is None:
             raise ConfigError("--first-call cached needs the bundle's first-call table; run 'anchorflow tune' on it")
         fc = tuning.first_call

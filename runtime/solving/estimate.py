@@ -9,9 +9,14 @@ and a companion update built from the velocities the solver already has.
   history is the same (a constant field, where every solver here is exact).
 - UniPC (arXiv 2302.04867): per step, UniC's corrected state minus UniP's predicted one.
 
-How the local differences d_i (B, ...) add up, per sample (measured, ``benchmarks/autoconfig_estimate.py``):
-BA and the multistep methods sum their per-step RMS, ``sum_i sqrt(mean(d_i^2))`` (on digits and the
+How the local differences d_i (B, ...) add up, per sample (measured, ``benchmarks/autoconfig_estimate.py``,
+``benchmarks/autoconfig_bench.py``):
+the multistep methods sum their per-step RMS, ``sum_i sqrt(mean(d_i^2))`` (on digits and the
 closed-form mixture this ranked samples better than the RMS of the signed sum, whose terms cancel);
+BA weights each corrected interval [t, t_end] by ``h / t_end`` (``estimate="stiff"``, default;
+``"plain"``: weight 1): its error is dominated by the final interval, which has no corrector (so no
+difference of its own), and near t = 0 a miss is amplified about ``h L / 2`` with ``L ~ 1 / t``
+(the reason for BA's corrector limit), so the intervals nearest the data say most about it;
 UniPC takes the RMS of the signed sum ``sqrt(mean((sum_i d_i)^2))`` (better for it on digits). Either
 way one float per sample in the units of the state, comparable to the per-sample RMSE against a
 reference. It is an *indicator* ranked against the true error, not a bound: steps without a
@@ -39,11 +44,14 @@ class ErrorEstimate:
         self.total: Optional[np.ndarray] = None
         self.steps = 0
 
-    def add(self, diff: np.ndarray) -> None:
+    def add(self, diff: np.ndarray, weight: float = 1.0) -> None:
+        """One step's difference (B, ...), counted ``weight`` times (BA: ``h / t_end``, see the module doc)."""
         d = np.asarray(diff)  # kept in the state's dtype (no float64 copies of large latents per step)
         if not self.signed:
             flat = d.reshape(d.shape[0], -1).astype(np.float64)
             d = np.sqrt(np.mean(flat * flat, axis=1))
+        if weight != 1.0:
+            d = float(weight) * d
         self.total = d.copy() if self.total is None else self.total + d
         self.steps += 1
 

@@ -14,9 +14,12 @@ return_dict=False)[0]`` with the diffusers forward argument names as condition n
   the rotary embedding runs in float32 (diffusers computes it in float64, which TensorRT cannot
   import; the angle error is ~1e-7 relative).
 - ``SanaTransformer2DModel``: ``encoder_hidden_states`` (B, L, caption_channels),
-  ``encoder_attention_mask`` (B, L) int64 (1 = token); timestep = 1000 * timestep_scale * t; the
-  latent size is static (``sample_size``; torch.export cannot relate Sana's Mix-FFN reshape to a
-  dynamic H x W), batch and text length are dynamic; the masked cross-attention runs diffusers'
+  ``encoder_attention_mask`` (B, L) int64 (1 = token); timestep = 1000 * timestep_scale * t; batch,
+  text length and latent H, W dynamic (multiples of the patch; the Mix-FFN's ``unflatten(1, (h, w))``
+  takes the post-patch sizes of x, which torch.export keeps symbolic); a model with a sin-cos position
+  table (``interpolation_scale`` set: Sana 2K/4K) recomputes it in float32 inside the graph for every
+  H x W (:func:`_dynamic_sincos`; diffusers only recomputes it off ``sample_size``, a python branch that
+  would pin the export to one size); the masked cross-attention runs diffusers'
   plain ``AttnProcessor`` (the ONNX exporter's SDPA decomposition breaks a dynamic batch there);
   the linear self-attention runs :class:`SanaLinearAttention` (no ``+ 1e-15`` epsilon: see there).
 
@@ -99,19 +102,21 @@ class SanaAdapter(DiffusersAdapter):
     @classmethod
     def build(cls, transformer: Any, name: str, axes: Optional[dict] = None) -> "SanaAdapter":
         c = transformer.config
-        size = int(c.sample_size)
+        p, size = int(c.patch_size), int(c.sample_size)
         conds = [Condition("encoder_hidden_states", "float32", ("batch", "L", int(c.caption_channels))),
                  Condition("encoder_attention_mask", "int64", ("batch", "L"), low=1, high=2)]
         guidance: dict = {"mode": "rows"}
         if c.guidance_embeds:
             conds.append(Condition("guidance", "float32", ("batch",), low=1.0, high=5.0))
             guidance = {"mode": "embedded", "input": "guidance"}
-        # latent size static (sample_size): torch.export cannot relate Sana's token count to a dynamic H x W
-        # (its Mix-FFN reshapes tokens by python ints), so only the batch and text length are dynamic
-        spec = AdapterSpec(name=name, state=(int(c.in_channels), size, size), conditions=tuple(conds),
-                           axes={"L": TEXT, **{k: v for k, v in (axes or {}).items() if k == "L"}},
+        # latent H, W dynamic from 2 patches to 4x sample_size (no position table bounds them), multiples of p
+        spec = AdapterSpec(name=name, state=(int(c.in_channels), "H", "W"), conditions=tuple(conds),
+                           axes={"H": _latent_range(size, 2 * p, 4 * size), "W": _latent_range(size, 2 * p, 4 * size),
+                                 "L": TEXT, **(axes or {})},
                            time={"map": "scale", "scale": 1000.0 * float(c.timestep_scale)}, guidance=guidance,
-                           family="sana")
+                           family="sana", multiples={"H": p, "W": p})
+        if transformer.patch_embed.pos_embed is not None:
+            _dynamic_sincos(transformer.patch_embed)
         from diffusers.models.attention_processor import AttnProcessor
 
         for block in transformer.transformer_blocks:  # masked cross-attention without SDPA: the ONNX
@@ -122,6 +127,37 @@ class SanaAdapter(DiffusersAdapter):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[dict] = None) -> torch.Tensor:
         v = self._call(x, t, dict(cond or {}))
         return v[:, : x.shape[1]] if v.shape[1] == 2 * x.shape[1] else v  # learned-sigma heads: the mean half
+
+
+def _dynamic_sincos(pe: Any) -> None:
+    """Sana's sin-cos position table (``PatchEmbed`` with ``interpolation_scale``) computed inside the
+    graph at x's post-patch h x w, as diffusers' ``get_2d_sincos_pos_embed(dim, (h, w), base_size,
+    interpolation_scale)`` computes it, but in float32 (diffusers: float64 frequencies, which TensorRT
+    cannot import; angles <= base_size / interpolation_scale, so the error is ~6e-8 x that, absolute).
+    diffusers uses its stored table when h x w is ``sample_size`` and recomputes otherwise: a python
+    branch on the size that torch.export would pin to the traced one."""
+    dim = int(pe.pos_embed.shape[-1])
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))  # built here, stored float32
+    omega = omega.float()
+
+    def axis(n: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # (n,) positions -> (n, dim / 2) sin | cos
+        size = like.new_ones(n).sum()  # n as a float32 tensor (a shape-derived count, no float64 cast)
+        pos = torch.arange(n, dtype=torch.float32) / (size / pe.base_size) / pe.interpolation_scale
+        out = pos[:, None] * omega.to(like.device)[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    def forward(latent: torch.Tensor) -> torch.Tensor:
+        h, w = latent.shape[-2] // pe.patch_size, latent.shape[-1] // pe.patch_size
+        out = pe.proj(latent).flatten(2).transpose(1, 2)
+        if pe.layer_norm:
+            out = pe.norm(out)
+        # token i * w + j (row i, column j) = [emb(column j) | emb(row i)]: diffusers' meshgrid(grid_w, grid_h,
+        # indexing="xy") puts the column coordinate first
+        eh, ew = axis(h, out), axis(w, out)
+        table = torch.cat([ew[None].expand(h, w, -1), eh[:, None].expand(h, w, -1)], dim=-1).reshape(1, h * w, -1)
+        return (out + table).to(out.dtype)
+
+    pe.forward = forward
 
 
 class SanaLinearAttention:

@@ -92,7 +92,7 @@ def corrects(t: float, tn: float, corrector_limit: float) -> bool:
 
 def _interval(field: GuidedField, x: np.ndarray, v_raw: np.ndarray, fwd: list[np.ndarray], grid: np.ndarray,
               i: int, rule: Quadrature, merged: bool, corrector_limit: float = math.inf,
-              est: Optional[ErrorEstimate] = None) -> tuple[np.ndarray, np.ndarray, Optional[list[np.ndarray]]]:
+              est: Optional[ErrorEstimate] = None, est_stiff: bool = True) -> tuple[np.ndarray, np.ndarray, Optional[list[np.ndarray]]]:
     """Interval i = [t, tn]: predictor; unless last, terminal call, backward probe, corrector.
 
     ``fwd``: this interval's forward-probe velocities (va, vb, ve). Returns the new state, the
@@ -122,13 +122,14 @@ def _interval(field: GuidedField, x: np.ndarray, v_raw: np.ndarray, fwd: list[np
         (vb2,) = _probe(field, x_pred, v_end_raw, tn, [-a * h], [tn + a * h])  # lands on node t - (1-a) h
     x = x - h * _weighted(w, [v0, fwd[0], vb2, v1])  # bi-anchor corrector; state reuse
     if est is not None:  # corrector - predictor, from the two nodes they differ in (0 when they agree)
-        est.add(-h * (w[2] * (vb2 - fwd[1]) + w[3] * (v1 - fwd[2])))
+        est.add(-h * (w[2] * (vb2 - fwd[1]) + w[3] * (v1 - fwd[2])), weight=h / tn if est_stiff else 1.0)
     if not merged:
         nxt = _probe(field, x, v_end_raw, tn, offsets, times)  # the paper: from the corrected state
     return x, v_end_raw, nxt
 
 
 PROBES = ("merged", "paper")
+ESTIMATES = ("stiff", "plain")  # auto (issue 26): how BA's per-sample error estimate weights its intervals
 CORRECTOR_LIMIT = 2.5  # h / t_end above which an interval keeps its predictor (see ba's docstring)
 
 
@@ -142,7 +143,7 @@ def _corrector_limit(value: float) -> float:
 @register("ba", calls_per_step=1, order=None, needs_sidenet=True, min_nfe=2, nfe_rule="intervals", sidenet_offsets=4,
           summary="BA-solver: bi-anchor SideNet quadrature, N calls for N intervals")
 def ba(field: GuidedField, x: np.ndarray, grid: np.ndarray, a: float = LOBATTO_A, probes: str = "merged",
-       corrector_limit: float = CORRECTOR_LIMIT) -> SolverOutput:
+       corrector_limit: float = CORRECTOR_LIMIT, estimate: str = "stiff") -> SolverOutput:
     """BA-solver (arXiv 2601.21542, Algorithm 1): exactly N backbone calls for N intervals.
 
     Per interval: forward probe (offsets a h, (1-a) h, h from the start anchor), predictor,
@@ -163,8 +164,13 @@ def ba(field: GuidedField, x: np.ndarray, grid: np.ndarray, a: float = LOBATTO_A
     grows with h / tn. Uniform grids (h / tn <= 1) and the bundle's tuned grids (<= 2.21) are
     unchanged bit for bit; ``math.inf`` corrects everywhere. The measurements behind the limit:
     docs/results.md ("BA's corrector limit", ``benchmarks/ba_tail.py``).
+
+    ``estimate`` (``Result.error_estimate``, see runtime/solving/estimate.py): ``"stiff"`` (default) sums the
+    per-sample RMS of corrector - predictor weighted by ``h / t_end``; ``"plain"`` unweighted.
     """
     rule = bi_anchor_rule(a)
+    if estimate not in ESTIMATES:
+        raise ConfigError(f"ba option estimate must be one of {', '.join(ESTIMATES)}, got {estimate!r}")
     if probes not in PROBES:
         raise ConfigError(f"ba option probes must be one of {', '.join(PROBES)}, got {probes!r}")
     limit = _corrector_limit(corrector_limit)
@@ -177,11 +183,12 @@ def ba(field: GuidedField, x: np.ndarray, grid: np.ndarray, a: float = LOBATTO_A
     fwd = _probe(field, x, v_raw, t0, offsets, times)
     steps, est = [], ErrorEstimate()
     for i in range(n):
-        x, v_raw, fwd = _interval(field, x, v_raw, fwd, grid, i, rule, probes == "merged", limit, est)
+        x, v_raw, fwd = _interval(field, x, v_raw, fwd, grid, i, rule, probes == "merged", limit, est,
+                                  estimate == "stiff")
         corrected = i < n - 1 and corrects(float(grid[i]), float(grid[i + 1]), limit)
         steps.append(field.record(i, float(grid[i]), float(grid[i + 1]), since, corrected=corrected))
         since = field.counts()
-    return SolverOutput(x, steps, {"a": rule.nodes[1], "probes": probes, "corrector_limit": limit},
+    return SolverOutput(x, steps, {"a": rule.nodes[1], "probes": probes, "corrector_limit": limit, "estimate": estimate},
                         error_estimate=est.value(x.shape[0]))
 
 
