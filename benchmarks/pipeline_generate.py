@@ -124,7 +124,7 @@ def export_with_peaks(folder: Path, out: Path) -> tuple[dict, dict]:
     import anchorflow.export.pipeline_export as pe
 
     peaks = PeakByPart()
-    orig_part, orig_adapter = pe.export_part, ae.export_adapter
+    orig_part, orig_adapter = pe.export_part, ae.adapter_meta
 
     def part(p, *a, **k):
         peaks.part = p.name
@@ -140,12 +140,12 @@ def export_with_peaks(folder: Path, out: Path) -> tuple[dict, dict]:
         finally:
             peaks.part = "rest"
 
-    pe.export_part, ae.export_adapter = part, adapter
+    pe.export_part, ae.adapter_meta = part, adapter
     t0 = time.perf_counter()
     try:
         result = pe.export_pipeline(folder, out, max_batch=4)
     finally:
-        pe.export_part, ae.export_adapter = orig_part, orig_adapter
+        pe.export_part, ae.adapter_meta = orig_part, orig_adapter
         peaks.stop()
     total = time.perf_counter() - t0
     meta = result.meta

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..base._lazy import lazy_attributes
 
 _LAZY = {
+    "export_net": ".stages",
     "export_bundle": ".bundle",
     "export_onnx": ".onnx_export",
     "BACKBONE": ".onnx_export",

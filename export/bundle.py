@@ -15,7 +15,6 @@ Time convention: t = 1 noise, t = 0 data (BA-solver, arXiv 2601.21542).
 from __future__ import annotations
 
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,21 +22,19 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .. import __version__
 from ..base._deps import require
-from ..base._io import atomic_dir, check_output, read_json, write_bytes
+from ..base._io import atomic_dir, check_output
 from ..base.errors import AnchorflowError, CheckpointError, ConfigError
-from ..runtime.bundles.format import SCHEMA, TIME_CONVENTION, file_record, write_bundle_json
-from ..runtime.evaluation.parity import Case, NetworkReport, RealData, reference_outputs, run_report
-from .cleanup import CleanupReport, clean
-from .onnx_export import BACKBONE, DEFAULT_OPSET, NetSpec, export_onnx, random_inputs, sidenet_spec
-from .precision import convert, parse_precisions, variant_file
-from .quantize import add_quantized, float_precisions
-from .validate import batches_for, check_graph, make_cases, onnx_reference_runner, ort_runner, torch_runner
+from ..runtime.bundles.format import SCHEMA, TIME_CONVENTION
+from ..runtime.evaluation.parity import RealData
+from .onnx_export import BACKBONE, DEFAULT_OPSET, NetSpec, reference_net, sidenet_spec
+from .precision import parse_precisions
+from .quantize import float_precisions
+from .stages import CaseParity, Net, export_net, export_record, finish, versions  # noqa: F401 - versions re-exported
+from .validate import batches_for, make_cases, torch_runner
 
 DEFAULT_MAX_BATCH = 64
 REAL_POOL = 512  # data samples drawn for the real validation inputs
-REFERENCE_MAX_BATCH = 7  # onnx.reference (pure python) only sees batches up to this size
 
 
 @dataclass
@@ -146,126 +143,52 @@ def _checkpoint_record(job: NetJob, out: Path) -> dict[str, Any]:
     return record
 
 
-def _fp32_model(job: NetJob, opts: Options, info: dict, cases: list[Case], refs: list[np.ndarray],
-                step: Callable[[str], None]) -> tuple[Any, CleanupReport, Optional[NetworkReport]]:
-    """torch.onnx.export + onnx.checker + clean-up kept only if ORT-vs-torch parity holds; refuses a
-    graph whose parity fails either way (CheckpointError)."""
-    spec, shape, classes = job.spec, tuple(info["state_shape"]), info["num_classes"]
-    step(f"{spec.name}: torch.onnx.export")
-    model = export_onnx(job.module, spec, shape, classes, max_batch=opts.max_batch, opset=opts.opset)
-    check_graph(model, spec.name)
-    step(f"{spec.name}: clean-up + parity")
-    if not opts.validate:
-        model, cleanup = clean(model, random_inputs(spec, shape, classes, 1, np.random.default_rng(0)), lambda m: "")
-        return model, cleanup, None
-    reports: dict[int, NetworkReport] = {}
-
-    def parity(candidate: Any) -> str:
-        run = ort_runner(candidate, spec.output)
-        reports[id(candidate)] = run_report(spec.name, "fp32", "ort-cpu", "torch", cases, refs, run)
-        return reports[id(candidate)].failure()
-
-    model, cleanup = clean(model, cases[0].feeds, parity)
-    if id(model) not in reports:  # the clean-up was discarded: check the graph as exported
-        parity(model)
-    report = reports[id(model)]
-    if not report.passed:
-        raise CheckpointError(f"export refused: {report.failure()}; nothing was written")
-    return model, cleanup, report
+def network(job: NetJob, opts: Options, shared: dict, real: Optional[RealData], io: dict) -> Net:
+    """The export declaration of one of our nets: traced by :func:`.onnx_export.reference_net`, cleaned
+    (onnxslim, kept only if parity holds), judged on random and real inputs at batch 1, a prime batch
+    and the maximum, its metadata in every file's ``metadata_props``."""
+    spec, info = job.spec, shared["model"]
+    shape, classes = tuple(info["state_shape"]), info["num_classes"]
+    net = reference_net(job.module, spec, shape, classes, max_batch=opts.max_batch)
+    if opts.validate:
+        cases = make_cases(spec, shape, classes, batches_for(spec, opts.max_batch), real)
+        net.parity = CaseParity(spec.name, spec.output, cases, torch_runner(job.module, spec), ("torch", "torch fp32"))
+    net.props = lambda precision: _props(job, precision, shared, io)
+    net.clean, net.weight_map = True, spec.name == BACKBONE.name  # where each weight lives, for LoRA refits
+    return net
 
 
-def _variant_report(job: NetJob, model: Any, precision: str, cases: list[Case], refs: list[np.ndarray]) -> NetworkReport:
-    """Variant vs torch fp32: on onnxruntime CPU, or onnx.reference where ORT has no kernels (bf16)."""
-    out = job.spec.output
-    try:
-        return run_report(job.spec.name, precision, "ort-cpu", "torch fp32", cases, refs, ort_runner(model, out))
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's NOT_IMPLEMENTED for ops of this type
-        why = str(exc).strip().splitlines()[0][:200]
-    small = [(c, r) for c, r in zip(cases, refs) if c.batch <= REFERENCE_MAX_BATCH]
-    report = run_report(job.spec.name, precision, "onnx.reference", "torch fp32", [c for c, _ in small],
-                        [r for _, r in small], onnx_reference_runner(model, out))
-    report.note = f"ORT CPU cannot run it ({why}); checked with onnx.reference on batches <= {REFERENCE_MAX_BATCH}"
-    return report
-
-
-def _metadata(model: Any, job: NetJob, precision: str, shared: dict, entry: dict) -> Any:
-    """Copy of ``model`` with the bundle metadata as JSON strings in ``metadata_props``."""
+def _props(job: NetJob, precision: str, shared: dict, io: dict) -> dict:
+    """The bundle metadata of one file as JSON strings (a file cannot carry its own sha256: bundle.json does)."""
     import json
 
-    onnx = require("onnx")
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    props = {
+    return {
         "anchorflow.schema": SCHEMA, "anchorflow.network": job.spec.name, "anchorflow.precision": precision,
         "anchorflow.time_convention": TIME_CONVENTION, "anchorflow.model": json.dumps(shared["model"]),
-        "anchorflow.io": json.dumps({k: entry[k] for k in ("inputs", "outputs", "batch")}),
-        "anchorflow.checkpoint": json.dumps(entry["checkpoint"]), "anchorflow.versions": json.dumps(shared["versions"]),
+        "anchorflow.io": json.dumps({k: io[k] for k in ("inputs", "outputs", "batch")}),
+        "anchorflow.checkpoint": json.dumps(io["checkpoint"]), "anchorflow.versions": json.dumps(shared["versions"]),
     }
-    del model.metadata_props[:]
-    onnx.helper.set_model_props(model, props)
-    model.producer_name, model.producer_version = "anchorflow", __version__
-    return model
-
-
-def _save(model: Any, folder: Path, file: str) -> dict[str, Any]:
-    write_bytes(folder / file, model.SerializeToString())
-    return file_record(folder, file)
 
 
 def export_network(job: NetJob, folder: Path, opts: Options, shared: dict, real: Optional[RealData],
                    step: Callable[[str], None]) -> dict[str, Any]:
-    """Export, check, clean, validate and save one network (+ variants); returns its bundle.json entry."""
-    spec, info = job.spec, shared["model"]
-    shape, classes = tuple(info["state_shape"]), info["num_classes"]
-    cases, refs = [], []
-    if opts.validate:
-        cases = make_cases(spec, shape, classes, batches_for(spec, opts.max_batch), real)
-        refs = reference_outputs(spec.name, torch_runner(job.module, spec), cases)
-    model, cleanup, report = _fp32_model(job, opts, info, cases, refs, step)
-    entry = {"file": spec.file, **spec.signature(shape), "batch": spec.batch_range(opts.max_batch),
+    """One network (+ variants) through the export pipeline (:func:`.stages.export_net`); its bundle.json entry."""
+    spec, shape = job.spec, tuple(shared["model"]["state_shape"])
+    io = {**spec.signature(shape), "batch": spec.batch_range(opts.max_batch),
+          "checkpoint": _checkpoint_record(job, shared["out"])}
+    done = export_net(network(job, opts, shared, real, io), folder, opset=opts.opset,
+                      precisions=float_precisions(opts.precisions), step=step)
+    entry = {"file": spec.file, **{k: io[k] for k in ("inputs", "outputs", "batch")},
              **({"axes": spec.axes()} if spec.axes() else {}),
-             "checkpoint": _checkpoint_record(job, shared["out"]), "cleanup": cleanup.as_dict(),
-             "validation": report.as_dict() if report else {"skipped": "--no-validate"}}
-    if spec.name == BACKBONE.name:  # where each weight lives in the graph, for LoRA refits (.refit_map)
-        from .refit_map import map_for_export
-
-        entry["parameters"] = map_for_export(job.module, model)
-    variants = {}
-    for precision in float_precisions(opts.precisions)[1:]:  # int8 / fp8: export/quantize.py, after the bundle
-        step(f"{spec.name}: {precision}")
-        variants[precision] = _variant(job, model, precision, cases, refs, opts)
-    step(f"{spec.name}: write")
-    entry.update(_save(_metadata(model, job, "fp32", shared, entry), folder, spec.file))
-    entry["precisions"] = {}
-    for precision, (vmodel, vreport) in variants.items():
-        saved = _save(_metadata(vmodel, job, precision, shared, entry), folder, variant_file(spec.file, precision))
-        entry["precisions"][precision] = {**saved, "validation": vreport}
+             "checkpoint": io["checkpoint"], "cleanup": done.cleanup.as_dict(), "validation": done.validation}
+    if done.parameters is not None:
+        entry["parameters"] = done.parameters
+    entry.update(done.record)
+    entry["precisions"] = done.variants
     return entry
 
 
-def _variant(job: NetJob, model: Any, precision: str, cases: list[Case], refs: list[np.ndarray],
-             opts: Options) -> tuple[Any, dict]:
-    vmodel = convert(model, precision)
-    check_graph(vmodel, f"{job.spec.name} {precision}")
-    if not opts.validate:
-        return vmodel, {"skipped": "--no-validate"}
-    report = _variant_report(job, vmodel, precision, cases, refs)
-    if not report.passed:
-        raise CheckpointError(f"export refused: {report.failure()}; drop --precision {precision} or retrain; "
-                              "nothing was written")
-    return vmodel, report.as_dict()
-
-
 # -- the bundle ------------------------------------------------------------------------------
-def versions(opset: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"anchorflow": __version__, "python": platform.python_version(), "opset": opset}
-    for name in ("torch", "onnx", "onnxruntime", "onnxscript", "onnxslim"):
-        try:
-            out[name] = require(name).__version__
-        except Exception:  # noqa: BLE001 - a version we cannot read is recorded as missing
-            out[name] = None
-    return out
-
-
 def export_bundle(model: str | os.PathLike, out: Optional[str | os.PathLike] = None, *,
                   sidenet: Optional[str | os.PathLike] = None, opset: int = DEFAULT_OPSET,
                   precisions: Sequence[str] = ("fp32", "fp16"), max_batch: int = DEFAULT_MAX_BATCH,
@@ -303,37 +226,24 @@ def export_bundle(model: str | os.PathLike, out: Optional[str | os.PathLike] = N
 
         with atomic_dir(out) as tmp:
             networks = {job.spec.name: export_network(job, tmp, opts, shared, real, step) for job in jobs}
-            meta = bundle_meta(info, networks, opts, real_note, command, time.perf_counter() - start)
+            meta = bundle_meta(info, networks, opts, real_note, command, start)
             meta["versions"] = shared["versions"]
-            write_bundle_json(tmp, meta)
-            if tuning is not None:
-                from ..runtime.bundles.tuned_grids import write_tuning
-
-                write_tuning(tmp, tuning)
-                meta = read_json(tmp / "bundle.json")
-            meta = add_quantized(tmp, opts.precisions, step=step)  # int8 / fp8 variants, guarded (quant)
+            meta = finish(tmp, meta, opts.precisions, step, tuning)
             bar.update(1)
     return BundleExport(out, meta, (note,) if note else ())
 
 
 def _previous_tuning(jobs: list[NetJob], out: Path, default_out: Optional[Path]):
     """Tuned grids to carry over: those of the bundle being replaced (``out``), else of the model
-    root's own bundle, when made from the same checkpoint weights (see ``runtime.tuned.carried_tuning``)."""
+    root's own bundle, when made from the same checkpoint weights (see ``runtime.bundles.tuned_grids.carried_tuning``)."""
     from ..runtime.bundles.tuned_grids import carried_tuning
 
     candidates = [out] + ([default_out] if default_out is not None and default_out != out else [])
     return carried_tuning(candidates, {job.spec.name: job.config.get("weights_sha256") for job in jobs})
 
 
-def _publishable(folder: Path) -> None:
-    """Ordinary modes for a finished temporary folder (``anchorflow.base._io.atomic_dir`` also does this on rename)."""
-    from ..base._io import _publish
-
-    _publish(folder)
-
-
 def bundle_meta(info: dict, networks: dict, opts: Options, real_note: Optional[str], command: Optional[str],
-                seconds: float) -> dict[str, Any]:
+                start: float) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "model": info,
@@ -343,9 +253,5 @@ def bundle_meta(info: dict, networks: dict, opts: Options, real_note: Optional[s
                      else {"mode": "none"}),
         "networks": networks,
         "precisions": list(opts.precisions),
-        "export": {
-            "exporter": "torch.onnx.export(dynamo=True)", "opset": opts.opset, "max_batch": opts.max_batch,
-            "validated": opts.validate, "real_inputs": real_note, "command": command,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(seconds, 2),
-        },
+        "export": export_record(opts.opset, opts.max_batch, opts.validate, command, start, real_inputs=real_note),
     }

@@ -58,13 +58,18 @@ def slim(model: Any) -> Any:
     return strip_debug_info(onnxslim.slim(model))
 
 
-def latency_ms(model: Any, feeds: dict[str, np.ndarray], repeats: int = 20) -> float:
-    """Median wall time of one onnxruntime CPU run (one thread, full graph optimisation)."""
+def memory_session(model: Any) -> Any:
+    """An onnxruntime CPU session (one thread, full graph optimisation) on an in-memory model."""
     ort = require("onnxruntime")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def latency_ms(model: Any, feeds: dict[str, np.ndarray], repeats: int = 20) -> float:
+    """Median wall time of one onnxruntime CPU run (one thread, full graph optimisation)."""
+    sess = memory_session(model)
     sess.run(None, feeds)
     times = []
     for _ in range(repeats):

@@ -1,4 +1,4 @@
-"""torch -> ONNX for the backbone and the SideNet, with one dynamic batch axis.
+"""The export declarations of our own nets (backbone, SideNet): one dynamic batch axis.
 
 I/O contract (docs/architecture.md): backbone ``x`` (batch, *state) f32, ``t`` (batch,) f32,
 ``y`` (batch,) int64 -> ``v``; SideNet ``x``, ``v``, ``t``, ``h`` (batch,) f32, ``y`` -> ``delta``
@@ -12,16 +12,13 @@ converter cleanly, while the TorchScript graph of the same nets comes out with I
 mismatches that neither the checker nor onnxruntime accept; (3) the batch range is declared once
 as ``torch.export.Dim(min, max)`` and checked by torch.export. It costs ~2-6 s per net instead of
 ~0.1 s. Weights are stored inline (one self-contained file per net; protobuf caps it at 2 GB).
+The trace itself is the one export pipeline's (:func:`.stages.trace`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -29,10 +26,8 @@ from ..base._deps import require
 from ..base.errors import ConfigError
 from ..runtime.evaluation.parity.cases import OFFSETS, Domain, decls, random_feeds
 from ..runtime.solving.solvers import max_sidenet_offsets
+from .stages import DEFAULT_OPSET, EXAMPLE_BATCH, MIN_OPSET, Net, check_opset, trace  # noqa: F401 - re-exported
 
-DEFAULT_OPSET = 18
-MIN_OPSET = 18  # the dynamo exporter emits 18+; its down-conversion to 17 breaks Split (measured)
-EXAMPLE_BATCH = 3  # not 0 or 1, which torch.export would specialise
 EXAMPLE_OFFSETS = 2  # likewise for a shared-body SideNet's offsets axis
 
 
@@ -105,63 +100,24 @@ def random_inputs(
     return random_feeds(decls(spec.signature(state_shape)["inputs"]), batch, rng, dom)
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporter's progress prints, warnings and log lines (errors still raise)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def check_opset(opset: int) -> int:
-    onnx = require("onnx")
-    top = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= int(opset) <= top:
-        raise ConfigError(f"--opset must lie in {MIN_OPSET}..{top} (this onnx), got {opset}")
-    return int(opset)
+def reference_net(module: Any, spec: NetSpec, state_shape: tuple[int, ...], num_classes: int, *,
+                  max_batch: int) -> Net:
+    """The export declaration of one of our nets (:func:`.stages.export_net` does the rest): inputs in
+    ``spec`` order, dynamic ``batch`` 1 .. ``spec.batch_range(max_batch)["max"]`` rows (and a shared-body
+    SideNet's ``offsets`` axis), traced on random inputs of :data:`EXAMPLE_BATCH` rows."""
+    torch = require("torch")
+    feeds = random_inputs(spec, state_shape, num_classes, EXAMPLE_BATCH, np.random.default_rng(0))
+    top = spec.batch_range(max_batch)["max"]
+    dims = {"batch": torch.export.Dim("batch", min=1, max=max(top, EXAMPLE_BATCH))}
+    if spec.offsets:
+        dims[OFFSETS] = torch.export.Dim(OFFSETS, min=1, max=max(spec.offsets, EXAMPLE_OFFSETS))
+    return Net(spec.name, module, spec.signature(state_shape)["inputs"], (spec.output,), dims, feeds, spec.file,
+               what=f"the {spec.name}", hint="; the net must run without data-dependent Python control flow on a "
+               "dynamic batch axis")
 
 
 def export_onnx(module: Any, spec: NetSpec, state_shape: tuple[int, ...], num_classes: int, *,
                 max_batch: int, opset: int = DEFAULT_OPSET) -> Any:
-    """Export ``module`` (eval mode, CPU) to an in-memory ``onnx.ModelProto`` with a dynamic batch.
-
-    The batch axis accepts 1 .. ``spec.batch_range(max_batch)["max"]`` rows.
-    """
-    torch = require("torch")
-    rng = np.random.default_rng(0)
-    feeds = random_inputs(spec, state_shape, num_classes, EXAMPLE_BATCH, rng)
-    args = tuple(torch.from_numpy(feeds[name]) for name in spec.inputs)
-    top = spec.batch_range(max_batch)["max"]
-    batch = torch.export.Dim("batch", min=1, max=max(top, EXAMPLE_BATCH))
-    module = module.eval().to("cpu")
-    try:
-        with _quiet(), torch.no_grad():
-            program = torch.onnx.export(
-                module, args, None, input_names=list(spec.inputs), output_names=[spec.output],
-                dynamo=True, dynamic_shapes=_dynamic(spec, batch, torch),
-                opset_version=check_opset(opset), external_data=False, verbose=False,
-            )
-    except Exception as exc:  # torch.export raises many types; the message is what helps
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"torch.onnx.export failed for the {spec.name}: {first[:400]}; the net must run without "
-            "data-dependent Python control flow on a dynamic batch axis"
-        ) from exc
-    return program.model_proto
-
-
-def _dynamic(spec: NetSpec, batch: Any, torch: Any) -> dict:
-    """torch.export dynamic shapes: axis 0 of every input is ``batch``, except a shared-body
-    SideNet's h (offsets, batch)."""
-    shapes = {name: {0: batch} for name in spec.inputs}
-    if spec.offsets:
-        shapes["h"] = {0: torch.export.Dim(OFFSETS, min=1, max=max(spec.offsets, EXAMPLE_OFFSETS)), 1: batch}
-    return shapes
+    """``module`` (eval mode, CPU) as an in-memory ``onnx.ModelProto`` with a dynamic batch (the
+    pipeline's trace stage alone; the batch axis accepts 1 .. ``spec.batch_range(max_batch)["max"]`` rows)."""
+    return trace(reference_net(module, spec, state_shape, num_classes, max_batch=max_batch), opset)

@@ -5,8 +5,8 @@ transformer bundle), every part checked against torch.
 
 1. reads ``model_index.json`` and refuses an unknown pipeline class or a missing component before
    any torch work (:func:`anchorflow.runtime.pipelines.format.check_pipeline_folder`);
-2. exports the transformer through today's path (:func:`.adapter_export.export_adapter`, with an
-   optional SideNet) into a staging folder inside the new bundle;
+2. exports the transformer as a transformer bundle does (:func:`.adapter_export.adapter_meta`, with
+   an optional SideNet) into the new bundle;
 3. exports each text encoder the pipeline uses (:mod:`.pipeline_parts`: dynamic batch, the outputs
    the pipeline's recipe reads) and the VAE decoder and encoder (dynamic latent H, W where the
    transformer has them), each checked in onnxruntime against torch;
@@ -17,14 +17,14 @@ transformer bundle), every part checked against torch.
    pipeline's own ``encode_prompt`` on probe prompts (empty, short, longer than the maximum);
 6. writes bundle.json with a ``pipeline`` section (:mod:`anchorflow.runtime.pipelines.format`).
 
-The bundle folder appears whole or not at all (``anchorflow.base._io.atomic_dir``).
+Every graph goes through the one export pipeline (:mod:`.stages`). The bundle folder appears whole
+or not at all (``anchorflow.base._io.atomic_dir``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -39,6 +39,7 @@ from ..runtime.bundles.format import file_record, read_bundle, write_bundle_json
 from ..runtime.pipelines.format import FAMILY_OF, PIPELINE_FORMAT, check_pipeline_folder, parse_pipeline
 from .onnx_export import DEFAULT_OPSET
 from .pipeline_parts import export_part, text_part, vae_parts
+from .stages import relative_max
 
 PROBES = ("", "a red cat", "a dog and a cat on a red car, photo, 4k")
 EMBED_TOL = 1e-4  # recipe parity: max |ours - encode_prompt| / max(1, max |encode_prompt|)
@@ -155,7 +156,7 @@ def _check_recipe(bundle_dir: Path, pipe: Any, family: str, max_seq: int) -> dic
         if got.shape != r.shape:
             raise CheckpointError(f"export refused: the recipe's {key} has shape {got.shape}, encode_prompt gives "
                                   f"{r.shape}; nothing was written")
-        err = float(np.max(np.abs(got - r))) / max(1.0, float(np.max(np.abs(r))))
+        err = relative_max(got, r)
         worst = max(worst, err)
         if not err <= EMBED_TOL:
             raise CheckpointError(f"export refused: the torch-free prompt recipe's {key} differs from the pipeline's "
@@ -169,8 +170,9 @@ def export_pipeline(folder: str | os.PathLike, out: str | os.PathLike, *, max_ba
                     command: Optional[str] = None, sidenet: Optional[str] = None,
                     precisions: Sequence[str] = ("fp32",)) -> Any:
     """Export the pipeline in ``folder`` to the bundle ``out`` (see the module docstring)."""
-    from .adapter_export import export_adapter
+    from .adapter_export import adapter_meta
     from .bundle import BundleExport
+    from .stages import finish
     from ..trainers.adapters.diffusers import ADAPTERS
 
     folder = Path(folder)
@@ -212,15 +214,10 @@ def export_pipeline(folder: str | os.PathLike, out: str | os.PathLike, *, max_ba
     out = Path(out)
     with atomic_dir(out) as tmp:
         t0 = time.perf_counter()
-        stage = tmp / ".transformer"
-        export_adapter(adapter, stage, max_batch=max_batch, opset=opset, validate=validate,
-                       source={"kind": "diffusers-pipeline", "path": os.path.abspath(folder), "family": spec.family},
-                       command=command, sidenet=side, sidenet_path=sidenet, precisions=precisions)
-        for f in stage.iterdir():
-            if f.name != "bundle.json":
-                shutil.move(str(f), str(tmp / f.name))
-        meta = json.loads((stage / "bundle.json").read_text())
-        shutil.rmtree(stage)
+        meta = adapter_meta(adapter, tmp, max_batch=max_batch, opset=opset, validate=validate, external_data=None,
+                            source={"kind": "diffusers-pipeline", "path": os.path.abspath(folder), "family": spec.family},
+                            command=command, sidenet=side, sidenet_path=sidenet, precisions=precisions, start=t0)
+        meta = finish(tmp, meta, precisions)  # the transformer bundle (+ int8 / fp8), then the parts beside it
         parts_log["transformer"] = round(time.perf_counter() - t0, 2)
         rows = 2 * int(max_batch)  # prompts and negative prompts in one call
         texts = {}

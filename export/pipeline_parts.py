@@ -4,7 +4,8 @@ Each part is a small torch module with named tensor outputs (:class:`Part`), tra
 ``torch.onnx.export(dynamo=True)`` with a dynamic ``batch`` axis (and dynamic latent / image H, W
 for the VAE), refused when it computes in float64, and run in onnxruntime CPU against torch on
 the cases given (max abs error relative to the output's scale <= :data:`TOL`). The measured error
-is recorded in bundle.json next to the file.
+is recorded in bundle.json next to the file. The stages are the one export pipeline's
+(:mod:`.stages`); this module declares each part's graph (:func:`part_net`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ..base.errors import CheckpointError, ConfigError
-from .onnx_export import _quiet, check_opset
+from .stages import Net, RelativeParity, export_net
 
 TOL = 1e-4  # fp32: max |onnx - torch| / max(1, max |torch|) per output
 
@@ -44,53 +44,22 @@ def _torch_outputs(part: Part, feeds: dict) -> list[np.ndarray]:
     return [o.detach().cpu().float().numpy() for o in out]
 
 
-def export_part(part: Part, folder: Path, opset: int, validate: bool = True) -> dict:
-    """Write ``folder/<part.name>.onnx``; its bundle.json entry (file record, declarations, validation)."""
-    from ..runtime.bundles.backends import make_session
-    from .adapter_export import doubles, save
+def part_net(part: Part, validate: bool = True) -> Net:
+    """The export declaration of a part: its declared inputs and outputs over named axes, every
+    output judged relative to its scale (:class:`.stages.RelativeParity`, :data:`TOL`)."""
+    outputs = [o["name"] for o in part.outputs]
+    parity = RelativeParity(part.name, outputs, part.cases, lambda f: _torch_outputs(part, f), TOL) if validate else None
+    return Net(part.name, part.module, part.inputs, outputs, part.dims, part.example, f"{part.name}.onnx",
+               what=f"the pipeline's {part.name}", parity=parity)
 
+
+def export_part(part: Part, folder: Path, opset: int, validate: bool = True) -> dict:
+    """Write ``folder/<part.name>.onnx`` through the export pipeline (:func:`.stages.export_net`); its
+    bundle.json entry (file record, declarations, validation, seconds)."""
     start = time.perf_counter()
-    args = tuple(torch.from_numpy(part.example[i["name"]]) for i in part.inputs)
-    shapes = tuple({j: part.dims[a] for j, a in enumerate(i["shape"]) if isinstance(a, str)} or None
-                   for i in part.inputs)
-    try:
-        with _quiet(), torch.no_grad():
-            program = torch.onnx.export(part.module.eval(), args, None, input_names=[i["name"] for i in part.inputs],
-                                        output_names=[o["name"] for o in part.outputs], dynamo=True,
-                                        dynamic_shapes=shapes, opset_version=check_opset(opset), external_data=False,
-                                        verbose=False, optimize=True)
-    except Exception as exc:  # torch.export raises many types; the first line is what helps
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
-        raise ConfigError(f"torch.onnx.export failed for the pipeline's {part.name}: {lines[0][:300]}") from exc
-    model = program.model_proto
-    bad = doubles(model)
-    if bad:
-        raise CheckpointError(f"export refused: the {part.name} graph computes in float64 ({', '.join(bad[:3])}...)")
-    file = f"{part.name}.onnx"
-    record = save(model, folder, None, file)
-    seconds = time.perf_counter() - start
-    entry = {**record, "inputs": part.inputs, "outputs": part.outputs, "axes": part.axes, **part.info}
-    if not validate:
-        return {**entry, "validation": {"skipped": "--no-validate"}, "seconds": round(seconds, 2)}
-    session = make_session(folder / file, "ort-cpu", threads=1, graph_cache=False)
-    worst, checks = 0.0, []
-    for feeds in part.cases:
-        ref = _torch_outputs(part, feeds)
-        got = session.run([o["name"] for o in part.outputs], feeds)
-        for o, r, g in zip(part.outputs, ref, got):
-            if r.shape != g.shape:
-                raise CheckpointError(f"export refused: the {part.name} output {o['name']} has shape {g.shape} in "
-                                      f"onnxruntime but {r.shape} in torch; nothing was written")
-            err = float(np.max(np.abs(r - g))) / max(1.0, float(np.max(np.abs(r))))
-            worst = max(worst, err)
-            checks.append({"output": o["name"], "shape": list(r.shape), "max_rel_err": err})
-            if not err <= TOL:
-                raise CheckpointError(f"export refused: the {part.name} output {o['name']} differs from torch by "
-                                      f"{err:.2e} (relative max, allowed {TOL:.0e}) at shape {list(r.shape)}; "
-                                      "nothing was written")
-    return {**entry, "validation": {"against": "torch fp32", "backend": "ort-cpu", "tolerance": TOL,
-                                    "max_rel_err": worst, "cases": checks, "passed": True},
-            "seconds": round(time.perf_counter() - start, 2)}
+    done = export_net(part_net(part, validate), folder, opset=opset)
+    entry = {**done.record, "inputs": part.inputs, "outputs": part.outputs, "axes": part.axes, **part.info}
+    return {**entry, "validation": done.validation, "seconds": round(time.perf_counter() - start, 2)}
 
 
 # -- text encoders ---------------------------------------------------------------------------------
@@ -205,5 +174,3 @@ def vae_parts(vae: Any, factor: int, channels: int, latent: tuple, max_rows: int
              {"image": img(2, ex_h, ex_w)}, enc_cases, axes, info),
     ]
 
-
-Checker = Callable[[], None]

@@ -9,12 +9,13 @@ runtime (:mod:`anchorflow.runtime.bundles.networks`) feeds it from the same ``co
 backbone, and a SideNet conditioned on nothing gets no conditions. Dynamic axes: ``batch``
 (1 .. the rows BA's merged probes need) and the named axes of those conditions (the backbone's
 ranges). Parity: onnxruntime against torch at 3 batch sizes (fp32: max abs error <= 1e-4),
-refused otherwise.
+refused otherwise. The stages are the one export pipeline's (:mod:`.stages`); this module declares
+the SideNet's graph (:func:`sidenet_net`) and writes its bundle.json entry.
 
-Entry points: ``anchorflow export SOURCE --sidenet CKPT --out B``, i.e.
+Entry point: ``anchorflow export SOURCE --sidenet CKPT --out B``, i.e.
 :func:`~.adapter_export.export_adapter` with ``sidenet=`` (one bundle, written atomically, the
-SideNet's backbone identity checked by the caller before any export work), and
-:func:`export_sidenet` (ONNX bytes + entry).
+SideNet's backbone identity checked by the caller before any export work), which calls
+:func:`write_sidenet`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..base._deps import require
 from ..base.errors import CheckpointError, ConfigError
-from ..runtime.evaluation.parity import TOLERANCES, Case, reference_outputs, run_report
+from ..runtime.evaluation.parity import Case
 from ..runtime.evaluation.parity.cases import OFFSETS
 from ..runtime.solving.solvers import max_sidenet_offsets
-from .precision import convert
+from .stages import DEFAULT_OPSET, CaseParity, Net, export_net
 
 FILE = "sidenet.onnx"
 
@@ -84,12 +86,11 @@ def _example(decls: list[dict], rows: int, sizes: dict, rng: np.random.Generator
     return out
 
 
-def trace(side: Any, decls: list[dict], axes: dict, top_rows: int) -> tuple[Any, dict]:
-    """``torch.onnx.export(dynamo=True)`` of the SideNet with the declared inputs -> (ModelProto, traced axis sizes)."""
-    import torch
-
-    from .onnx_export import DEFAULT_OPSET, _quiet, check_opset
-
+def sidenet_net(side: Any, decls: list[dict], axes: dict, top_rows: int, validate: bool = True) -> Net:
+    """The export declaration of the SideNet: the declared inputs, a dynamic ``batch`` (1 .. ``top_rows``)
+    and the named axes of its conditions; judged against torch at 1, 5 and the most rows (a shared-body
+    SideNet: its anchor rows at the most offsets per row)."""
+    torch = require("torch")
     dims = {"batch": torch.export.Dim("batch", min=1, max=max(top_rows, 3))}
     sizes = {}
     for d in decls:
@@ -98,79 +99,23 @@ def trace(side: Any, decls: list[dict], axes: dict, top_rows: int) -> tuple[Any,
                 lo, opt, hi = axes[a]
                 dims[a] = torch.export.Dim(a, min=lo, max=hi)
                 sizes[a] = max(opt, 2) if hi >= 2 else opt  # torch.export specialises a size of 1
-    ex = _example(decls, 3, sizes, np.random.default_rng(0), int(side.num_classes))
-    args = tuple(torch.from_numpy(ex[d["name"]]) for d in decls)
-    shapes = tuple({j: dims[a] for j, a in enumerate(d["shape"]) if isinstance(a, str)} for d in decls)
-    try:
-        with _quiet(), torch.no_grad():
-            program = torch.onnx.export(side.eval(), args, None, input_names=[d["name"] for d in decls],
-                                        output_names=["delta"], dynamo=True, dynamic_shapes=shapes,
-                                        opset_version=check_opset(DEFAULT_OPSET), external_data=False, verbose=False)
-    except Exception as exc:  # torch.export raises many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"torch.onnx.export failed for the SideNet: {first[:400]}") from exc
-    return program.model_proto, sizes
+    classes = int(side.num_classes)
+    net = Net("sidenet", side, decls, ("delta",), dims, _example(decls, 3, sizes, np.random.default_rng(0), classes),
+              FILE, what="the SideNet")
+    if validate:
+        if _shared(side):
+            sizes = {**sizes, OFFSETS: axes[OFFSETS][2]}  # parity at the most offsets per row
+            top_rows = max(1, top_rows // axes[OFFSETS][2])  # anchor rows: the offsets no longer tile them
+        rng = np.random.default_rng(1)
+        todo = [Case("random", b, _example(decls, b, sizes, rng, classes)) for b in sorted({1, min(5, top_rows), top_rows})]
+        net.parity = CaseParity("sidenet", "delta", todo, lambda f: _torch(side, decls, f), ("torch", "torch"))
+    return net
 
 
-def _validate(side: Any, data: bytes, decls: list[dict], sizes: dict, top_rows: int, precision: str = "fp32") -> Any:
-    """onnxruntime vs torch fp32 at 1, 5 and the most rows (``precision``'s tolerance) -> NetworkReport;
-    refused on failure."""
-    import onnxruntime as ort
-    import torch
-
-    rng = np.random.default_rng(1)
-    todo = [Case("random", b, _example(decls, b, sizes, rng, int(side.num_classes)))
-            for b in sorted({1, min(5, top_rows), top_rows})]
-
-    def torch_run(feeds: dict) -> np.ndarray:
-        with torch.no_grad():
-            return side(*(torch.from_numpy(feeds[d["name"]]) for d in decls)).numpy()
-
-    refs = reference_outputs("sidenet", torch_run, todo)
-    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    report = run_report("sidenet", precision, "ort-cpu", "torch", todo, refs, lambda f: sess.run(["delta"], f)[0],
-                        TOLERANCES[precision])
-    if not report.passed:
-        drop = "" if precision == "fp32" else f"; drop --precision {precision}"
-        raise CheckpointError(f"SideNet export refused: {report.failure()}{drop}; nothing was written")
-    return report
-
-
-def export_sidenet(side: Any, backbone_inputs: list[dict], axes: dict, top_rows: int,
-                   validate: bool = True, precisions: tuple = ("fp32",)) -> tuple[bytes, dict, dict]:
-    """The SideNet as ONNX bytes, its network entry (without file / sha256), parity-checked, and
-    precision -> (bytes, validation) of its fp16 variants (:func:`.precision.convert`, checked
-    against torch fp32 at that precision's tolerance), so ``sample --precision fp16`` finds a
-    SideNet of the backbone's precision. int8 / fp8 are not made here (the SideNet
-    stays fp32 next to a quantised backbone, :mod:`.quantize`).
-
-    ``axes``: axis name -> (min, opt, max) of the backbone; ``top_rows``: most rows per call.
-    """
-    decls = declaration(side, backbone_inputs)
-    axes = _with_offsets(side, axes)
-    proto, sizes = trace(side, decls, axes, top_rows)
-    if _shared(side):
-        sizes = {**sizes, OFFSETS: axes[OFFSETS][2]}  # parity at the most offsets per row
-        top_rows = max(1, top_rows // axes[OFFSETS][2])  # anchor rows: the offsets no longer tile them
-    data = proto.SerializeToString()
-    report = _validate(side, data, decls, sizes, top_rows) if validate else None
-    variants = {}
-    for p in [p for p in precisions if p not in ("fp32", "int8", "fp8")]:
-        if p == "bf16":
-            raise ConfigError("the SideNet exports fp32 and fp16 only: onnxruntime CPU has no bf16 kernels to check it")
-        vdata = convert(proto, p).SerializeToString()
-        vreport = _validate(side, vdata, decls, sizes, top_rows, p) if validate else None
-        variants[p] = (vdata, vreport.as_dict() if vreport else {"skipped": "--no-validate"})
-    used = {a for d in decls for a in d["shape"] if isinstance(a, str) and a != "batch"}
-    out_shape = [OFFSETS, *decls[0]["shape"]] if _shared(side) else decls[0]["shape"]
-    entry = {"inputs": decls,
-             "outputs": [{"name": "delta", "dtype": "float32", "shape": out_shape, "role": "velocity",
-                          "per_row": True}],
-             "batch": {"min": 1, "opt": top_rows, "max": top_rows},
-             "axes": {a: dict(zip(("min", "opt", "max"), map(int, axes[a]))) for a in sorted(used)},
-             "precisions": {},
-             "validation": report.as_dict() if report else {"skipped": "--no-validate"}}
-    return data, entry, variants
+def _torch(side: Any, decls: list[dict], feeds: dict) -> np.ndarray:
+    torch = require("torch")
+    with torch.no_grad():
+        return side(*(torch.from_numpy(feeds[d["name"]]) for d in decls)).numpy()
 
 
 def checkpoint_record(side: Any, path: Optional[str | Path]) -> dict:
@@ -183,16 +128,28 @@ def checkpoint_record(side: Any, path: Optional[str | Path]) -> dict:
 
 
 def write_sidenet(side: Any, folder: Path, backbone_inputs: list[dict], axes: dict, top_rows: int,
-                  validate: bool = True, path: Optional[str | Path] = None, precisions: tuple = ("fp32",)) -> dict:
-    """Export the SideNet (and its ``precisions`` variants) into ``folder`` (a bundle being written)
-    -> its bundle.json network entry."""
-    from ..base._io import write_bytes
-    from ..runtime.bundles.format import file_record
-    from .precision import variant_file
+                  validate: bool = True, path: Optional[str | Path] = None, precisions: tuple = ("fp32",),
+                  opset: int = DEFAULT_OPSET) -> dict:
+    """Export the SideNet (and its fp16 variant when in ``precisions``, checked against torch fp32 at
+    that precision's tolerance, so ``sample --precision fp16`` finds a SideNet of the backbone's
+    precision) through the export pipeline into ``folder`` (a bundle being written) -> its bundle.json
+    network entry. int8 / fp8 are not made here (the SideNet stays fp32 next to a quantised backbone,
+    :mod:`.quantize`).
 
-    data, entry, variants = export_sidenet(side, backbone_inputs, axes, top_rows, validate, tuple(precisions))
-    write_bytes(Path(folder) / FILE, data)
-    for p, (vdata, validation) in variants.items():
-        write_bytes(Path(folder) / variant_file(FILE, p), vdata)
-        entry["precisions"][p] = {**file_record(Path(folder), variant_file(FILE, p)), "validation": validation}
-    return {**file_record(Path(folder), FILE), **entry, "checkpoint": checkpoint_record(side, path)}
+    ``axes``: axis name -> (min, opt, max) of the backbone; ``top_rows``: most rows per call.
+    """
+    floats = [p for p in precisions if p not in ("int8", "fp8")]
+    if "bf16" in floats:
+        raise ConfigError("the SideNet exports fp32 and fp16 only: onnxruntime CPU has no bf16 kernels to check it")
+    decls = declaration(side, backbone_inputs)
+    axes = _with_offsets(side, axes)
+    done = export_net(sidenet_net(side, decls, axes, top_rows, validate), Path(folder), opset=opset, precisions=floats)
+    if _shared(side):
+        top_rows = max(1, top_rows // axes[OFFSETS][2])  # anchor rows: the offsets no longer tile them
+    used = {a for d in decls for a in d["shape"] if isinstance(a, str) and a != "batch"}
+    out_shape = [OFFSETS, *decls[0]["shape"]] if _shared(side) else decls[0]["shape"]
+    return {**done.record, "inputs": decls,
+            "outputs": [{"name": "delta", "dtype": "float32", "shape": out_shape, "role": "velocity", "per_row": True}],
+            "batch": {"min": 1, "opt": top_rows, "max": top_rows},
+            "axes": {a: dict(zip(("min", "opt", "max"), map(int, axes[a]))) for a in sorted(used)},
+            "precisions": done.variants, "validation": done.validation, "checkpoint": checkpoint_record(side, path)}

@@ -168,7 +168,8 @@ def test_bf16_variant_keeps_time_embedding_in_fp32_and_matches_torch(tiny_root, 
 
     from anchorflow.export.onnx_export import BACKBONE, random_inputs
     from anchorflow.export.precision import time_embedding_nodes, to_low
-    from anchorflow.export.validate import onnx_reference_runner, torch_runner
+    from anchorflow.export.stages import reference_runner
+    from anchorflow.export.validate import torch_runner
 
     fp32 = onnx.load(str(tiny_bundle / "backbone.onnx"))
     low = to_low(fp32, "bf16")
@@ -180,7 +181,7 @@ def test_bf16_variant_keeps_time_embedding_in_fp32_and_matches_torch(tiny_root, 
     assert any(w.data_type == onnx.TensorProto.BFLOAT16 for w in low.graph.initializer)
     assert [i.type.tensor_type.elem_type for i in low.graph.output] == [onnx.TensorProto.FLOAT]
     feeds = random_inputs(BACKBONE, (1, 8, 8), 10, 3, np.random.default_rng(7))
-    got = onnx_reference_runner(low, "v")(feeds)
+    got = reference_runner(low, ["v"])(feeds)[0]
     stats = compare(got, torch_runner(_torch_modules(tiny_root)["backbone"], BACKBONE)(feeds), TOLERANCES["bf16"])
     assert stats.mean_abs > 0 and stats.passed
 
