@@ -102,13 +102,10 @@ def conditions_besides_labels(problem: Problem) -> list[str]:
     """The conditions of the tuned model other than the class label ``y`` (declared by its bundle,
     or given with the held-out batch): the first-call table is per label, so these rule it out
     (the runtime's CachedStartField refuses them too)."""
-    from .runtime.bundles.format import read_bundle
+    from .runtime.plan import bundle_format
 
     names = set(problem.base.cond or {})
-    fmt = getattr(problem.model, "format", None)
-    folder = getattr(getattr(problem.model, "files", None), "bundle", None)
-    if fmt is None and folder is not None:
-        fmt = read_bundle(folder)
+    fmt = bundle_format(problem.model)
     if fmt is not None:
         names |= {c.name for c in fmt.backbone.conditions}
     return sorted(names - {"y"})

@@ -554,11 +554,17 @@ def plan(bundle, *, solver: str = "ba", nfe: int = 7, grid: Any = None, first_ca
 
 
 # -- byo (#24): the default row count of a request with --cond and no --n / --samples
+def bundle_format(bundle):
+    """The validated bundle declaration (``BundleFormat``) of a LoadedBundle or an OpenModel; None for
+    the torch-checkpoint fallback, which has no bundle."""
+    return _info(bundle)[1]
+
+
 def cond_rows(bundle, cond: Optional[Mapping]) -> Optional[int]:
     """The rows of ``cond``'s per-row conditions on ``bundle`` when they agree and exceed 1 (what
     ``sample``, ``tune`` and ``bench`` default their count to); None otherwise (one row is shared
     by every sample; rows that disagree are refused by the condition checks)."""
-    return _cond_rows(_info(bundle)[1], cond)
+    return _cond_rows(bundle_format(bundle), cond)
 
 
 def _cond_rows(fmt, cond: Optional[Mapping]) -> Optional[int]:

@@ -73,7 +73,7 @@ def bench(model, solvers, nfe, n, cfg, cfg_interval, reference, seed, first_call
     from ..base.errors import ConfigError
     from ..modelref import open_model
     from .common import (MAX_REFERENCE_STEPS, apply_threads, check_cfg, check_nfe, parse_float_list,
-                         parse_int_list, parse_interval)
+                         parse_int_list, parse_interval, rows_default)
 
     check_output(out, "--out", folder=True)
     nfes = check_nfe(parse_int_list(nfe, "--nfe"))
@@ -94,10 +94,7 @@ def bench(model, solvers, nfe, n, cfg, cfg_interval, reference, seed, first_call
     cond = read_arrays(cond_file, "--cond") if cond_file else None
     null_cond = read_arrays(null_file, "--null-cond") if null_file else None
     m = open_model(model, backend=backend, allow_fallback=allow_fallback)
-    from .tune import rows_default
-
     n = rows_default(n, "n", m, cond)
-    check_counts(n, nfes)
     tuning = read_tuning(m.files.bundle) if m.files.bundle is not None else None
     results = run_bench(m, names, nfes, n, cfgs, seed, out, reference=reference, progress=not quiet,
                         cfg_interval=interval, euler_ladder=ladder, first_calls=modes,

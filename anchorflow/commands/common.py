@@ -183,3 +183,12 @@ def write_samples(x: np.ndarray, out: str, npy: Optional[str], data_range: tuple
         if npy:
             with open(tmps[1], "wb") as fh:
                 np.save(fh, x)
+
+
+def rows_default(value: int, option: str, m, cond, high: int = MAX_N) -> int:
+    """``value``, or the rows of ``cond`` on the opened model ``m`` when the click option ``option`` was
+    not given (:func:`anchorflow.runtime.plan.cond_rows`, the rule ``sample`` follows), checked in 1..high."""
+    if click.get_current_context().get_parameter_source(option).name != "DEFAULT":
+        return value
+    rows = _plan.cond_rows(m, cond)
+    return value if rows is None else _plan.check_int(rows, "the rows of --cond", 1, high)

@@ -72,8 +72,8 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
     from ..base.errors import ConfigError
     from ..modelref import BUNDLED, DEFAULT_NAME, open_model
     from ..runtime.bundles.tuned_grids import write_tuning
-    from ..tuning import check_tune, held_out_record, tune as run_tune
-    from .common import parse_int_list
+    from ..tuning import MAX_TUNE_SAMPLES, check_tune, held_out_record, tune as run_tune
+    from .common import parse_int_list, rows_default
     from .cond_files import read_arrays
 
     if target_psnr is not None:  # one library call
@@ -99,7 +99,7 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
     cond = read_arrays(cond_file, "--cond") if cond_file else None
     null_cond = read_arrays(null_file, "--null-cond") if null_file else None
     m = open_model(model, backend=backend)
-    samples = rows_default(samples, "samples", m, cond)
+    samples = rows_default(samples, "samples", m, cond, MAX_TUNE_SAMPLES)
     folder = m.files.bundle
     if not dry_run and folder is None:
         raise ConfigError(f"{model} is not an exported bundle; export it first ('anchorflow export {model} --out DIR')")
@@ -128,22 +128,6 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
         for line in notes:
             click.echo(f"note: {line}", err=True)
         click.echo(f"stored in {folder}/bundle.json (tuned.json" + (", first_call.npy)" if result.first_call else ")"))
-
-
-def rows_default(value: int, option: str, m, cond) -> int:
-    """``value``, or the rows of ``cond`` when the option was not given (runtime.plan's rule)."""
-    from ..runtime.plan import cond_rows
-    from ..tuning import MAX_TUNE_SAMPLES
-    from .common import MAX_N
-
-    if click.get_current_context().get_parameter_source(option).name != "DEFAULT":
-        return value
-    rows = cond_rows(m, cond)
-    if rows is None:
-        return value
-    from ..runtime.plan import check_int
-
-    return check_int(rows, "the rows of --cond", 1, MAX_TUNE_SAMPLES if option == "samples" else MAX_N)
 
 
 def _needs_sidenet(name: str) -> bool:
