@@ -49,7 +49,7 @@ from .common import BACKENDS, MAX_N, PRECISIONS, MAX_NFE, cfg_scale as cfg_check
               help="Sample grid image to write (.png, .jpg or .webp) [default: samples.png]. Latents (bundle.json "
                    "data_range null) are decoded through a pipeline bundle's VAE; without one give --npy alone.")
 @click.option("--npy", type=click.Path(dir_okay=False), default=None, help="Also save the raw samples as .npy.")
-# -- auto (issue 26): quality presets, per-sample error estimates, escalation
+# -- quality presets, per-sample error estimates, escalation
 @click.option("--quality", default=None,
               help="Instead of --solver/--nfe/--grid/--first-call: a preset recorded by 'anchorflow tune "
                    "--target-psnr' (its name, or a number of dB: the fastest preset whose bound meets it).")
@@ -80,7 +80,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
     from .cond_files import read_arrays, read_noise
 
     check_sample_outputs("samples.png" if out is None else out, npy, tuple(p for p in (bandit_state, json_out) if p))
-    if quality is not None or max_error is not None:  # auto (issue 26): checked before the model loads
+    if quality is not None or max_error is not None:  # checked before the model loads
         from ..autoconfig import check_quality_request
 
         ctx = click.get_current_context()
@@ -108,7 +108,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
     noise = read_noise(noise_file, m.meta["state_shape"]) if noise_file else None
     conds = dict(cond=read_arrays(cond_file, "--cond") if cond_file else None,
                  null_cond=read_arrays(null_file, "--null-cond") if null_file else None)
-    if quality is not None:  # auto (issue 26): the preset's solver, budget, grid and first call
+    if quality is not None:  # the preset's solver, budget, grid and first call
         from ..autoconfig import describe, quality_plans
 
         chosen, p, rungs = quality_plans(m, quality, **{k: v for k, v in asked.items() if k in QUALITY_KEEPS},
@@ -123,7 +123,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
     pending = p.begin()
     res = pending.result
     x, esc = res.x, None
-    if max_error is not None:  # auto (issue 26)
+    if max_error is not None:
         from ..autoconfig import escalate
 
         esc = escalate(p, res, max_error, [q for _, q in rungs], [label for label, _ in rungs])
@@ -134,7 +134,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
         write_samples(x, out, npy, tuple(m.meta.get("data_range") or (-1.0, 1.0)))
         wrote = f"wrote {out}" + (f" and {npy}" if npy else "")
     pending.commit()  # learn only once every output is written (all or nothing)
-    if json_out:  # auto (issue 26)
+    if json_out:
         from ..autoconfig import run_record
         from ..base import _io
 
@@ -145,7 +145,7 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
         f"(backbone {t.backbone_s * 1e3:.1f}, SideNet {t.sidenet_s * 1e3:.1f}, other {t.overhead_s * 1e3:.1f}) "
         f"on {', '.join(m.providers) or 'unknown backend'}"
     )
-    if esc is not None:  # auto (issue 26)
+    if esc is not None:
         steps = "; ".join(f"{r['samples']} with {r['config']} ({r['backbone_calls']} calls)" for r in esc.rungs)
         click.echo(f"escalation (--max-error {max_error:g}): {esc.resolved} of {len(x)} samples re-solved, "
                    f"{esc.extra_calls} extra backbone calls" + (f": {steps}" if steps else "")
@@ -153,4 +153,4 @@ def sample(model, solver, nfe, n, labels, cfg_scale, cfg_interval, grid, first_c
     click.echo(wrote + (f" and {json_out}" if json_out else ""))
 
 
-QUALITY_KEEPS = ("cfg_scale", "cfg_interval", "labels", "n", "seed")  # auto (issue 26): what --quality leaves the user
+QUALITY_KEEPS = ("cfg_scale", "cfg_interval", "labels", "n", "seed")  # what --quality leaves the user

@@ -129,7 +129,7 @@ def _interval(field: GuidedField, x: np.ndarray, v_raw: np.ndarray, fwd: list[np
 
 
 PROBES = ("merged", "paper")
-ESTIMATES = ("stiff", "plain")  # auto (issue 26): how BA's per-sample error estimate weights its intervals
+ESTIMATES = ("stiff", "plain")  # how BA's per-sample error estimate weights its intervals
 CORRECTOR_LIMIT = 2.5  # h / t_end above which an interval keeps its predictor (see ba's docstring)
 
 
