@@ -102,7 +102,7 @@ def parse_reference(text: str) -> tuple[str, int]:
 
 
 def bootstrap_lower(values: np.ndarray, confidence: float, resamples: int, rng: np.random.Generator,
-                    future: Optional[int] = None) -> float:
+                    future: Optional[int] = None, groups: Optional[np.ndarray] = None) -> float:
     """Percentile-bootstrap lower bound at ``confidence`` from the per-sample ``values`` (n,).
 
     ``future`` None: a bound on the population mean, the (1 - c) quantile of ``resamples`` resampled
@@ -110,13 +110,47 @@ def bootstrap_lower(values: np.ndarray, confidence: float, resamples: int, rng: 
     user's next batch gets): ``mean - q_c(mean*_n - mean*_m)``, the c quantile of the difference of
     a resampled mean of n (the tuning batch's own error) and one of m (the fresh batch's spread);
     about ``sqrt(1 + n/m)`` times as far below the mean as the population bound.
+
+    ``groups`` (n,) condition ids (class labels, prompt rows): a two-level bootstrap for *fresh
+    conditions*, the tuning conditions taken as a sample of the conditions a user will run. Each
+    resample draws G of the G groups with replacement, then each drawn group's own n_g samples
+    with replacement from it; a fresh batch draws its own G groups the same way and its m samples
+    spread over them. The bound then also pays for how much the conditions differ (with few
+    groups, a lot); one group, or every sample its own group, is the one-level bound.
     """
     v = np.asarray(values, np.float64).reshape(-1)
+    if groups is not None:
+        ids, inverse = np.unique(np.asarray(groups).reshape(-1), return_inverse=True)
+        if inverse.size != v.size:
+            raise ConfigError(f"bootstrap groups must give one id per sample ({v.size}), got {inverse.size}")
+        if 1 < ids.size < v.size:
+            return _grouped_lower(v, inverse, ids.size, confidence, int(resamples), rng, future)
     idx = rng.integers(0, v.size, size=(int(resamples), v.size))
     means = v[idx].mean(axis=1)
     if future is None:
         return float(np.quantile(means, 1.0 - confidence))
     fresh = v[rng.integers(0, v.size, size=(int(resamples), int(future)))].mean(axis=1)
+    return float(v.mean() - np.quantile(means - fresh, confidence))
+
+
+def _grouped_lower(v: np.ndarray, inverse: np.ndarray, g: int, confidence: float, resamples: int,
+                   rng: np.random.Generator, future: Optional[int]) -> float:
+    """:func:`bootstrap_lower` over groups, then samples (vectorised: groups padded to the largest)."""
+    sizes = np.bincount(inverse, minlength=g)
+    pad = np.zeros((g, int(sizes.max())))
+    for k in range(g):
+        pad[k, : sizes[k]] = v[inverse == k]
+    chosen = rng.integers(0, g, size=(resamples, g))  # (R, G) the groups of each resample
+    n_of = sizes[chosen]  # (R, G)
+    j = np.floor(rng.random((resamples, g, pad.shape[1])) * n_of[..., None]).astype(np.int64)
+    live = np.arange(pad.shape[1])[None, None, :] < n_of[..., None]  # each drawn group keeps its own size
+    means = np.where(live, pad[chosen[..., None], j], 0.0).sum(axis=(1, 2)) / n_of.sum(axis=1)
+    if future is None:
+        return float(np.quantile(means, 1.0 - confidence))
+    fresh_groups = rng.integers(0, g, size=(resamples, g))  # the fresh batch's own draw of conditions
+    slot = fresh_groups[np.arange(resamples)[:, None], rng.integers(0, g, size=(resamples, int(future)))]
+    pick = np.floor(rng.random((resamples, int(future))) * sizes[slot]).astype(np.int64)
+    fresh = pad[slot, pick].mean(axis=1)
     return float(v.mean() - np.quantile(means - fresh, confidence))
 
 
@@ -157,14 +191,16 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
                   confidence: float = 0.95, resamples: int = 2000, repeats: int = 3, name: Optional[str] = None,
                   tuning: Any = None, cond: Optional[dict] = None, null_cond: Optional[dict] = None,
                   backend: str = "", progress: bool = False, batch: Optional[int] = None,
-                  labels: Any = None) -> AutoConfig:
+                  labels: Any = None, groups: Any = None) -> AutoConfig:
     """Search solvers x NFE x grids for the fastest configuration whose PSNR lower bound meets ``target_psnr``.
 
     ``model``: a LoadedBundle / OpenModel (anything :func:`anchorflow.runtime.plan.plan` takes);
     ``tuning``: the bundle's :class:`~anchorflow.runtime.bundles.tuned_grids.Tuning` for the ``tuned`` grids (None:
     none). ``batch``: the promise is about the mean PSNR of a fresh batch of this many samples
     (default ``samples``; 0: about the population mean), see :func:`bootstrap_lower`. ``labels``:
-    the tuning batch's class labels (default 0..C-1 cycled). See the module docstring for the
+    the tuning batch's class labels (default 0..C-1 cycled). ``groups``: (samples,) condition ids for a
+    bound over fresh conditions as well as fresh noise (:func:`bootstrap_lower`; ``"labels"``: the
+    labels; None: over samples only). See the module docstring for the
     procedure. Raises ConfigError (one line) when no candidate's bound meets the target, naming the
     best bound reached and where.
     """
@@ -189,6 +225,7 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
     meta = model.meta if "state_shape" in model.meta else {**model.meta, **(model.meta.get("model") or {})}
     shape = tuple(int(v) for v in meta["state_shape"])
     noise = np.random.default_rng(seed).standard_normal((samples, *shape)).astype(np.float32)
+    groups = _groups(groups, labels, samples, meta)
 
     def make(solver: str, nfe: int, times) -> Any:
         return plan(model, solver=solver, nfe=nfe, grid=np.asarray(times, np.float64), cfg_scale=cfg, cond=cond,
@@ -224,7 +261,7 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
                        else np.full(samples, -math.inf))
                 # every candidate resamples the same sample indices (its own generator, same seed):
                 # common random numbers, and a bound anyone can recompute from the per-sample PSNRs
-                lcb = (bootstrap_lower(per, confidence, resamples, np.random.default_rng(seed + 1), future)
+                lcb = (bootstrap_lower(per, confidence, resamples, np.random.default_rng(seed + 1), future, groups)
                        if np.all(np.isfinite(per)) else -math.inf)
                 cands.append(Candidate(s, k, label, times, float(np.mean(per)), lcb,
                                        float(np.quantile(per, QUANTILE)), res.nfe, meets=lcb >= target_psnr,
@@ -266,10 +303,31 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
     settings = {"target_psnr": float(target_psnr), "reference": f"{ref_solver}@{ref_nfe}", "solvers": names,
                 "nfes": sorted(set(int(v) for v in nfes)), "grids": list(grids), "samples": int(samples),
                 "seed": int(seed), "cfg": float(cfg), "confidence": float(confidence), "resamples": int(resamples),
-                "repeats": int(repeats), "bootstrap": "percentile, over samples",
+                "repeats": int(repeats),
+                "bootstrap": ("percentile, over samples" if groups is None else
+                              f"percentile, two-level: over {np.unique(groups).size} condition groups, then samples"),
                 "bound": ("the population mean" if future is None
                           else f"the mean of a fresh batch of {future} samples (prediction bound)")}
     return AutoConfig(preset, cands, cost, settings)
+
+
+def _groups(groups: Any, labels: Any, samples: int, meta: dict) -> Optional[np.ndarray]:
+    """``autoconfigure``'s ``groups``: None, ``"labels"`` (the labels, or 0..C-1 cycled) or (samples,) ids."""
+    if groups is None:
+        return None
+    if isinstance(groups, str):
+        if groups != "labels":
+            raise ConfigError(f"groups must be None, 'labels' or one condition id per sample, got {groups!r}")
+        if labels is not None:
+            return np.asarray(labels).reshape(-1)
+        classes = meta.get("num_classes")
+        if not classes:
+            raise ConfigError("groups='labels' needs a class-conditional model or labels; pass groups= ids instead")
+        return np.arange(samples) % int(classes)
+    g = np.asarray(groups).reshape(-1)
+    if g.size != samples:
+        raise ConfigError(f"groups must give one condition id per sample ({samples}), got {g.size}")
+    return g
 
 
 def latency_model(timings: Sequence[tuple[str, Any]]) -> dict[str, Any]:
@@ -323,7 +381,8 @@ def record(bundle_dir, found: AutoConfig) -> None:
 
 def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: str, nfe: Optional[str], grids: str,
                    samples: int, seed: int, cfg: float, confidence: float, name: Optional[str], backend: str,
-                   dry_run: bool, plot: Optional[str] = None) -> list[str]:
+                   dry_run: bool, plot: Optional[str] = None, batch: Optional[int] = None,
+                   bound: str = "samples") -> list[str]:
     """``anchorflow tune MODEL --target-psnr Q``: search, record the preset in the bundle, return the lines to print."""
     from .modelref import open_model
     from .runtime.bundles.tuned_grids import read_tuning
@@ -353,7 +412,8 @@ def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: s
     tuning = None if folder is None else read_tuning(folder)
     found = autoconfigure(m, target_psnr, reference=reference, solvers=names, nfes=nfes, grids=grid_names,
                           samples=samples, seed=seed, cfg=cfg, confidence=confidence, name=name, tuning=tuning,
-                          backend=", ".join(m.providers) or backend)
+                          backend=", ".join(m.providers) or backend, batch=batch,
+                          groups="labels" if bound == "conditions" else None)
     p = found.preset
     lines = [f"{'config':<28} {'mean':>7} {'bound':>7} {'p10':>7} {'ms':>8}  (ms: modelled from the per-call times)"]
     for c in sorted(found.candidates, key=lambda c: (not c.meets, c.latency_s, c.nfe)):

@@ -10,8 +10,8 @@ Models (``--model``):
   classes) with :class:`ExactSideNet` scaled by 0.8 (a systematically under-trained SideNet).
 
 Per model, with the default search (solvers euler, ab2, ipndm, unipc, ba; NFE 3..16; grids uniform and
-the bundle's tuned ones; reference euler@50; 32 tuning samples, seed 1, classes 0-4 only; 95 %
-prediction bound on a fresh batch of 32):
+the bundle's tuned ones; reference euler@50; 128 tuning samples (``--tune-samples``), seed 1, classes 0-4
+only; 95 % prediction bound on the mean of a fresh batch of 32):
 
 1. Coverage. ONE ``autoconfigure`` search at the lowest of three targets; the presets of the two
    higher targets come from the same solves (``preset_for``, the same choice autoconfigure makes).
@@ -146,6 +146,13 @@ def rmse(x, ref):
     return np.sqrt(np.mean(d * d, axis=1))
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a binomial proportion k / n (the coverage's own uncertainty)."""
+    p = k / n
+    mid, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (mid - half) / (1 + z * z / n), (mid + half) / (1 + z * z / n)
+
+
 def worst_decile(p):
     p = np.sort(p)
     return float(p[: max(1, p.size // 10)].mean())
@@ -154,9 +161,14 @@ def worst_decile(p):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=tuple(TARGETS), required=True)
-    ap.add_argument("--batches", type=int, default=16)
-    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--batches", type=int, default=64, help="held-out batches (coverage resolution 1/batches)")
+    ap.add_argument("--samples", type=int, default=32, help="samples per held-out batch (the promise's batch)")
+    ap.add_argument("--tune-samples", type=int, default=128,
+                    help="samples the search scores each configuration on (its bound is on a fresh batch of --samples)")
     ap.add_argument("--targets", default=None, help="three comma-separated dB targets (default per model)")
+    ap.add_argument("--bound", choices=("samples", "conditions"), default="samples",
+                    help="the search's bootstrap: over samples, or two-level over the tuning classes then samples")
+    ap.add_argument("--tag", default="", help="suffix of the results file (autoconfig_MODEL{tag}.json): a variant run")
     ap.add_argument("--accurate", type=int, default=None, help="RK4 calls of the Spearman reference (default per model)")
     ap.add_argument("--sd3-bundle", default="/tmp/anchorflow_autoconfig_sd3")
     args = ap.parse_args(argv)
@@ -167,11 +179,13 @@ def main(argv=None) -> int:
     model, tuning, conds_for, desc = open_case(args.model, Path(args.sd3_bundle))
     shape, dr = shape_of(model)
     n, K = args.samples, args.batches
-    train_y = np.asarray(TRAIN_CLASSES)[np.arange(n) % len(TRAIN_CLASSES)]
-    res = {"model": args.model, "description": desc, "targets": list(targets), "samples": n, "batches": K}
+    train_y = np.asarray(TRAIN_CLASSES)[np.arange(args.tune_samples) % len(TRAIN_CLASSES)]
+    res = {"model": args.model, "description": desc, "targets": list(targets), "samples": n, "batches": K,
+           "tune_samples": args.tune_samples, "bound": args.bound}
 
     # 1. one search at the lowest target, the higher presets from the same solves
-    found = autoconfigure(model, targets[0], samples=n, seed=1, nfes=NFES, tuning=tuning, repeats=3,
+    found = autoconfigure(model, targets[0], samples=args.tune_samples, batch=n, seed=1, nfes=NFES, tuning=tuning,
+                          repeats=3, groups=train_y if args.bound == "conditions" else None,
                           backend="ort-cpu, 1 thread", **conds_for(train_y))
     presets = [found.preset] + [preset_for(found, q) for q in targets[1:]]
     res["search"] = {"settings": found.settings, "cost": found.cost,
@@ -210,6 +224,7 @@ def main(argv=None) -> int:
                     "tuning_lower_bound": p.lower_bound, "tuning_mean": p.mean_psnr,
                     "held_mean": float(per.mean()), "held_batch_means_min": float(means.min()),
                     "coverage": float(np.mean(means >= p.target_psnr)), "promised": p.confidence,
+                    "coverage_interval": wilson(int(np.sum(means >= p.target_psnr)), K),
                     "coverage_same_classes": cov2, "held_mean_same_classes": float(per2.mean())})
         log("coverage", cov[-1])
     res["coverage"] = cov
@@ -291,7 +306,7 @@ def main(argv=None) -> int:
     named["base"] = type(base)(**{**base.to_json(), "name": "base", "times": base.times})
     tun = Tuning(presets=named)
     tune_noise = np.random.default_rng(1).standard_normal((n, *shape)).astype(np.float32)
-    est_tune = run(model, base.solver, base.nfe, base.times, tune_noise, conds_for(train_y)).error_estimate
+    est_tune = run(model, base.solver, base.nfe, base.times, tune_noise, conds_for(train_y[:n])).error_estimate
     E = float(np.quantile(est_tune, 0.9))
     chosen, first, rungs = quality_plans(model, "base", tuning=tun, noise=noise, **hc)
     r0 = first.run()
@@ -314,7 +329,7 @@ def main(argv=None) -> int:
     log("escalation", res["escalation"])
     res.update({"command": "nice -n 5 python benchmarks/" + " ".join([Path(__file__).name, *sys.argv[1:]]),
                 "loadavg": open("/proc/loadavg").read().strip(), "seconds": round(time.perf_counter() - t_start, 1)})
-    (RESULTS / f"autoconfig_{args.model}.json").write_text(json.dumps(res, indent=1, default=float))
+    (RESULTS / f"autoconfig_{args.model}{args.tag}.json").write_text(json.dumps(res, indent=1, default=float))
     write_summary()
     log("done")
     return 0
@@ -330,17 +345,20 @@ def write_summary() -> None:
     L = ["# Auto-configuration (issue 26): coverage, latency vs exhaustive sweep, estimate ranking, escalation",
          "", "Made by `benchmarks/autoconfig_bench.py` (one run per model; the command and load average of each "
          "below). The machine is a shared 2-core box: timings are loaded.", ""]
+    L += compared()
     for name, r in runs.items():
         L += [f"## {name}: {r['description']}", "", f"Command: `{r['command']}`  ",
               f"Load average at the end: {r['loadavg']}; {r['seconds']} s  ",
-              f"Search cost: {r['search']['cost']}", "",
+              f"Search: {r.get('tune_samples', r['samples'])} tuning samples, bound on a fresh batch of "
+              f"{r['samples']}; cost {r['search']['cost']}", "",
               f"### Coverage: {r['batches']} held-out batches of {r['samples']} (fresh seeds, classes 5-9; "
               "tuned on classes 0-4)", "",
-              "| target dB | chosen | tuning bound | tuning mean | held-out mean | worst batch | coverage | promised | "
-              "fresh seeds, tuning classes: mean | coverage |",
+              "| target dB | chosen | tuning bound | tuning mean | held-out mean | worst batch | coverage (95 % interval) "
+              "| promised | fresh seeds, tuning classes: mean | coverage |",
               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         L += [f"| {c['target']:g} | {c['config']} | {c['tuning_lower_bound']:.2f} | {c['tuning_mean']:.2f} | "
-              f"{c['held_mean']:.2f} | {c['held_batch_means_min']:.2f} | {c['coverage']:.0%} | {c['promised']:.0%} | "
+              f"{c['held_mean']:.2f} | {c['held_batch_means_min']:.2f} | {c['coverage']:.1%} "
+              f"({_interval(c)}) | {c['promised']:.0%} | "
               f"{c['held_mean_same_classes']:.2f} | {c['coverage_same_classes']:.0%} |"
               for c in r["coverage"]]
         sw = r["sweep"]
@@ -378,5 +396,36 @@ def write_summary() -> None:
     (RESULTS / "autoconfig.md").write_text("\n".join(L) + "\n")
 
 
+VARIANTS = {"": "the runs below", "_t32": "32 tuning samples (the earlier setting)",
+            "_cond": "two-level bound over the tuning classes (--bound conditions)"}
+
+
+def _interval(c: dict) -> str:
+    lo_hi = c.get("coverage_interval")
+    return "n/a" if lo_hi is None else f"{lo_hi[0]:.0%}-{lo_hi[1]:.0%}"
+
+
+def compared() -> list[str]:
+    """One table over every variant run on disk (autoconfig_MODEL{tag}.json): the settings' trade-off."""
+    L = ["## Search settings compared (the same held-out sets; each variant's command in its JSON file)", "",
+         "| model | variant | tuning samples | bound | held-out batches | target dB | chosen | coverage | "
+         "chosen/best on held-out | chosen/fastest keeping >= 95 % |", "|---|---|---:|---|---:|---:|---|---:|---:|---:|"]
+    for name in TARGETS:
+        for tag, what in VARIANTS.items():
+            f = RESULTS / f"autoconfig_{name}{tag}.json"
+            if not f.is_file():
+                continue
+            r = json.loads(f.read_text())
+            for c, s in zip(r["coverage"], r["sweep"]["rows"]):
+                L.append(f"| {name} | {what} | {r.get('tune_samples', r['samples'])} | {r.get('bound', 'samples')} | "
+                         f"{r['batches']} | {c['target']:g} | {c['config']} | {c['coverage']:.1%} | "
+                         f"{s.get('ratio', math.nan):.3f} | "
+                         f"{s.get('keeps_ratio', math.nan):.3f} |")
+    return L + [""]
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--summary"]:
+        write_summary()
+        raise SystemExit(0)
     raise SystemExit(main())

@@ -212,6 +212,43 @@ def test_prediction_bound_matches_the_normal_formula():
         assert got == pytest.approx(width, rel=0.08)
 
 
+def test_two_level_bound_pays_for_the_conditions():
+    """Independent truth (random-effects model): with G groups the two-level bound on the population
+    mean sits about z_c sd(group means) / sqrt(G) below the mean; without a group effect it is about
+    the one-level bound; one group, or one sample per group, IS the one-level bound (same draws)."""
+    from anchorflow.autoconfig import bootstrap_lower
+
+    rng = np.random.default_rng(3)
+    g = np.repeat(np.arange(40), 10)
+    v = rng.normal(0.0, 2.0, 40)[g] + rng.normal(0.0, 1.0, g.size)
+    z, sd_means = 1.6449, np.array([v[g == k].mean() for k in range(40)]).std()
+    got = v.mean() - bootstrap_lower(v, 0.95, 4000, np.random.default_rng(0), None, g)
+    assert got == pytest.approx(z * sd_means / np.sqrt(40), rel=0.1)
+    one = v.mean() - bootstrap_lower(v, 0.95, 4000, np.random.default_rng(0), None)
+    assert got > 2.5 * one  # the group effect dominates: the one-level bound is far too optimistic
+    flat = rng.normal(0.0, 1.0, g.size)
+    a = flat.mean() - bootstrap_lower(flat, 0.95, 4000, np.random.default_rng(0), 32, g)
+    b = flat.mean() - bootstrap_lower(flat, 0.95, 4000, np.random.default_rng(0), 32)
+    assert a == pytest.approx(b, rel=0.15)
+    for same in (np.zeros(g.size), np.arange(g.size)):
+        assert (bootstrap_lower(v, 0.95, 500, np.random.default_rng(1), 32, same)
+                == bootstrap_lower(v, 0.95, 500, np.random.default_rng(1), 32))
+
+
+def test_bad_groups_refused_in_one_line():
+    from anchorflow.autoconfig import _groups, bootstrap_lower
+
+    with pytest.raises(ConfigError, match="one id per sample"):
+        bootstrap_lower(np.zeros(8), 0.95, 100, np.random.default_rng(0), None, np.zeros(7))
+    with pytest.raises(ConfigError, match="one condition id per sample"):
+        _groups(np.zeros(3), None, 4, {})
+    with pytest.raises(ConfigError, match="'labels'"):
+        _groups("classes", None, 4, {})
+    with pytest.raises(ConfigError, match="class-conditional"):
+        _groups("labels", None, 4, {})
+    np.testing.assert_array_equal(_groups("labels", None, 5, {"num_classes": 2}), [0, 1, 0, 1, 0])
+
+
 @pytest.fixture(scope="module")
 def mixture_search():
     """Every candidate of one search on the closed-form mixture (target low enough to be met)."""
@@ -431,3 +468,23 @@ def test_escalation_slices_label_rows(quality_root):
     esc = escalate(first, res, e, [rung])
     above = res.error_estimate > e
     np.testing.assert_allclose(esc.x[above], rung.run().x[above], atol=1e-5)
+
+
+def test_bound_over_conditions_is_wired_through_the_search_and_the_cli(quality_root, capsys):
+    """``groups="labels"``: every candidate's bound is the two-level bound of its own per-sample PSNRs over
+    the tuning batch's cycled labels (recomputed here), and the settings say so; the CLI takes
+    ``--bound conditions --batch``."""
+    from anchorflow.autoconfig import autoconfigure, bootstrap_lower
+    from anchorflow.runtime import load_bundle
+
+    b = load_bundle(quality_root / "bundle", backend="ort-cpu")
+    found = autoconfigure(b, -100.0, reference="euler@6", solvers=("euler", "ab2"), nfes=(2, 3), grids=("uniform",),
+                          samples=12, seed=2, resamples=300, repeats=1, groups="labels", batch=4)
+    assert "two-level" in found.settings["bootstrap"]
+    labels = np.arange(12) % int(b.meta["model"]["num_classes"])
+    for c in found.candidates:
+        assert c.lower_bound == bootstrap_lower(c.per_sample, 0.95, 300, np.random.default_rng(3), 4, labels)
+    main(["tune", str(quality_root / "bundle"), "--target-psnr", "-100", "--solvers", "euler", "--nfe", "2",
+          "--samples", "8", "--batch", "4", "--bound", "conditions", "--grids", "uniform", "--reference", "euler@4",
+          "--backend", "ort-cpu", "--dry-run"])
+    assert "quality psnr-100: euler@2 uniform" in capsys.readouterr().out
