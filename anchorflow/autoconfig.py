@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .base.errors import ConfigError
-from .runtime.bundles.presets import Preset, check_name
+from .runtime.bundles.presets import Preset, check_name, resolve_quality  # noqa: F401  (resolve_quality: API)
 
 DEFAULT_SOLVERS = ("euler", "ab2", "ipndm", "unipc", "ba")
 DEFAULT_NFES = (3, 4, 5, 6, 7, 8, 10, 12, 16, 20)
@@ -437,29 +437,6 @@ def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: s
 
 
 # -- using a preset: sample --quality NAME|PSNR, and escalation (--max-error) ---------------------------
-def resolve_quality(tuning, quality: Any) -> Preset:
-    """The preset a ``--quality`` asks for: a recorded name, or a number of dB (the fastest recorded
-    preset whose lower bound meets it). One-line ConfigError naming what is recorded otherwise."""
-    from .runtime.bundles.presets import get_preset
-
-    presets = {} if tuning is None else dict(getattr(tuning, "presets", {}) or {})
-    text = str(quality).strip()
-    try:
-        want = float(text)
-    except ValueError:
-        return get_preset(tuning, text)
-    if not math.isfinite(want):
-        raise ConfigError(f"--quality must be a preset name or a finite number of dB, got {quality!r}")
-    ok = [p for p in presets.values() if p.lower_bound >= want]
-    if not ok:
-        best = max(presets.values(), key=lambda p: p.lower_bound, default=None)
-        have = ("no preset is recorded" if best is None else
-                f"the best recorded is {best.name!r} with a {best.confidence:.0%} lower bound of {best.lower_bound:.2f} dB")
-        raise ConfigError(f"--quality {text}: no recorded preset reaches {want:g} dB ({have}); record one with "
-                          f"'anchorflow tune BUNDLE --target-psnr {want:g}'")
-    return min(ok, key=lambda p: (p.latency_s, p.nfe, p.name))
-
-
 def ladder(tuning, chosen: Preset) -> list[Preset]:
     """The configurations escalation climbs after ``chosen``: the recorded presets measured slower than
     it with a higher lower bound (fastest first), then its reference (uniform grid) as the last rung."""

@@ -488,3 +488,24 @@ def test_bound_over_conditions_is_wired_through_the_search_and_the_cli(quality_r
           "--samples", "8", "--batch", "4", "--bound", "conditions", "--grids", "uniform", "--reference", "euler@4",
           "--backend", "ort-cpu", "--dry-run"])
     assert "quality psnr-100: euler@2 uniform" in capsys.readouterr().out
+
+
+def test_python_api_plan_takes_a_quality(quality_root):
+    """``b.plan(quality=NAME|dB)``: the preset's solver, NFE, grid and first call (the same numbers as
+    solving with them by hand), named on the plan; giving both is refused; an unknown one names the
+    recorded ones."""
+    from anchorflow.runtime import load_bundle
+    from anchorflow.runtime.bundles.tuned_grids import read_tuning
+
+    b = load_bundle(quality_root / "bundle", backend="ort-cpu")
+    p = read_tuning(quality_root / "bundle").presets["best"]
+    pl = b.plan(quality="best", n=3, seed=2)
+    assert (pl.solver, pl.nfe, pl.grid, pl.first_call, pl.quality) == (p.solver, p.nfe, p.times, p.first_call, "best")
+    by_hand = b.plan(solver=p.solver, nfe=p.nfe, grid=np.asarray(p.times), first_call=p.first_call, n=3, seed=2)
+    assert pl.key == by_hand.key  # the name is not part of the numbers
+    np.testing.assert_array_equal(pl.run().x, by_hand.run().x)
+    assert b.plan(quality=f"{p.lower_bound:.6f}", n=1).quality in ("best", "fast")
+    with pytest.raises(ConfigError, match="do not also give solver, nfe"):
+        b.plan(quality="best", solver="euler", nfe=3)
+    with pytest.raises(ConfigError, match=r"not recorded in this bundle \(presets: best, fast\)"):
+        b.plan(quality="nope")
