@@ -626,3 +626,170 @@ def run_record(p, result, chosen: Optional[Preset], esc: Optional[Escalated]) ->
             "error_estimate": est,
             "escalation": None if esc is None else {**esc.to_json(),
                                                      "error_estimate_after": [float(v) for v in esc.error_estimate]}}
+
+
+# -- pipeline bundles: held-out prompts through the bundle's own text encoders ---------------------------
+class _PipelineGrids:
+    """The ``tuned`` grid slot of :func:`autoconfigure` on a pipeline bundle: what ``generate`` runs
+    without ``--grid`` (the bundle's tuned grid for the solver and budget where recorded, else the
+    pipeline scheduler's sigmas for the search's latent size)."""
+
+    SCHEDULER = "scheduler sigmas"
+
+    def __init__(self, tuning, decl, latent_hw: tuple[int, int]) -> None:
+        self.tuning, self.decl, self.latent_hw = tuning, decl, latent_hw
+
+    def grid_for(self, solver: str, nfe: int, first_call: str = "backbone"):
+        from types import SimpleNamespace
+
+        from .runtime import get_solver
+        from .runtime.pipelines.schedule import pipeline_sigmas
+
+        tuned = None if self.tuning is None else self.tuning.grid_for(solver, nfe, first_call)
+        if tuned is not None:
+            return tuned
+        steps = get_solver(solver).steps_for_nfe(nfe)
+        return SimpleNamespace(spec=self.SCHEDULER, times=pipeline_sigmas(self.decl.family, self.decl.scheduler, steps,
+                                                                          self.latent_hw))
+
+
+def pipeline_conditions(bundle, text, decl, prompts: Sequence[str], samples: int, cfg: Optional[float],
+                        negative_prompt: Optional[str] = None) -> tuple[dict, Optional[dict], float, np.ndarray, float]:
+    """(cond, null_cond, cfg_scale for the plan, prompt index per sample, guidance) of ``samples`` rows,
+    prompt i % P for row i, encoded ONCE per prompt with the bundle's own text encoders (as generate
+    encodes them). Guidance ``cfg`` (None: the pipeline's default): CFG rows with the negative prompt's
+    embeddings (SD3, Sana), the embedded guidance input (FLUX-dev), none (FLUX-schnell: 1 only)."""
+    mode = bundle.format.guidance.mode
+    g = float(decl.defaults["guidance_scale"]) if cfg is None else float(cfg)
+    if decl.variant == "flux-schnell":
+        if cfg is not None and g != 1.0:
+            raise ConfigError(f"FLUX-schnell has no guidance; drop --cfg (got {g:g})")
+        g = 1.0
+    if negative_prompt is not None and mode != "rows":
+        raise ConfigError(f"a {decl.variant} bundle has no negative-prompt guidance (its guidance is {mode}); drop "
+                          "--negative-prompt")
+    rows = mode == "rows" and g > 1.0
+    unique = [str(p) for p in prompts]
+    emb = text.encode(unique, [negative_prompt or ""] * len(unique) if rows else None)
+    idx = np.arange(samples) % len(unique)
+
+    def take(arrays: dict) -> dict:
+        return {k: (np.asarray(v)[idx] if np.ndim(v) and np.shape(v)[0] == len(unique) else v)
+                for k, v in arrays.items()}
+
+    cond, null = take(emb.cond), None if emb.null is None else take(emb.null)
+    if mode == "embedded":
+        cond[bundle.format.guidance.input or "guidance"] = np.full((samples,), g, np.float32)
+    return cond, null, (g if rows else 1.0), idx, g
+
+
+def tune_pipeline_to_target(bundle: str, target_psnr: float, *, prompts_file: str, reference: str = "euler@50",
+                            solvers: str = "euler,ab2,unipc,ba", nfe: Optional[str] = None,
+                            grids: str = "uniform,tuned", samples: Optional[int] = None, seed: int = 1,
+                            cfg: Optional[float] = None, negative_prompt: Optional[str] = None,
+                            confidence: float = 0.95, name: Optional[str] = None, backend: str = "ort-cpu",
+                            dry_run: bool = False, plot: Optional[str] = None, batch: Optional[int] = None,
+                            bound: str = "samples", repeats: int = 3) -> list[str]:
+    """``anchorflow tune PIPELINE_BUNDLE --target-psnr Q --prompts FILE``: :func:`autoconfigure` on the
+    pipeline's transformer (and SideNet) with the held-out prompts' embeddings as conditions; the
+    preset is recorded in the bundle's tuned.json (hashed in bundle.json like a plain bundle's), with
+    the guidance it was tuned at under ``settings.pipeline_presets``; returns the lines to print.
+
+    ``samples`` (None: 2 per prompt, at least 8): held-out noise rows, prompt i % P for row i;
+    ``bound="conditions"`` bootstraps over the prompts, then samples. ``grids``: as
+    :func:`autoconfigure`'s, with ``tuned`` (or ``default``) meaning what ``generate`` runs without
+    ``--grid``: the bundle's tuned grid where recorded, else the scheduler's sigmas. The PSNR is that
+    of the denoised latents against the reference's (the span of the reference latents). Torch-free.
+    """
+    import dataclasses
+    import hashlib
+
+    from .runtime.bundles.load import load_bundle
+    from .runtime.bundles.tuned_grids import read_tuning
+    from .runtime.pipelines.format import parse_pipeline
+    from .runtime.pipelines.pipeline import PRESETS_KEY, _text
+    from .runtime.pipelines.text import read_prompts
+    from .runtime.plan import MAX_N, check_int, check_request
+
+    names = [s.strip() for s in solvers.split(",") if s.strip()]
+    try:
+        nfes = DEFAULT_NFES if nfe is None else [int(v) for v in nfe.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--nfe must be comma-separated integers, got {nfe!r}") from None
+    if not nfes:
+        raise ConfigError("--nfe names no budget")
+    grid_names = list(dict.fromkeys("tuned" if g.strip() == "default" else g.strip()
+                                    for g in grids.split(",") if g.strip()))
+    if samples is not None:
+        check_int(samples, "--samples", 2, MAX_N)
+    if cfg is not None:
+        check_request(cfg_scale=cfg, names={"cfg_scale": "--cfg"})
+    if bound not in ("samples", "conditions"):
+        raise ConfigError(f"--bound must be samples or conditions, got {bound!r}")
+    check_settings(target_psnr, confidence, 2 if samples is None else samples, 2000, repeats, seed)
+    parse_reference(reference)
+    name = check_name(name if name is not None else f"psnr{target_psnr:g}")
+    if plot is not None:
+        from .base._io import check_output
+
+        if not str(plot).lower().endswith(".png"):
+            raise ConfigError(f"--plot {plot}: the Pareto figure is a PNG; give a .png file name")
+        check_output(plot, "--plot")
+    prompts = read_prompts(prompts_file, "--prompts")
+    samples = max(8, 2 * len(prompts)) if samples is None else samples
+    if samples < len(prompts):
+        raise ConfigError(f"--samples {samples} is fewer than the {len(prompts)} prompts of {prompts_file}; give "
+                          f"--samples >= {len(prompts)} (each prompt gets samples / prompts noise rows)")
+    m = load_bundle(bundle, backend=backend)
+    decl = parse_pipeline(m.meta, m.path)
+    if decl is None:
+        raise ConfigError(f"{bundle} is a transformer bundle without text encoders; --prompts needs a pipeline bundle "
+                          "(anchorflow export PIPELINE_FOLDER), or give --cond files")
+    text = _text(decl, backend if backend in ("ort-cpu", "ort-cuda", "ort-trt", "auto") else "ort-cpu", None)
+    cond, null, cfg_scale, idx, guidance = pipeline_conditions(m, text, decl, prompts, samples, cfg, negative_prompt)
+    tuning = read_tuning(m.format)
+    shape = tuple(int(v) for v in m.meta["model"]["state_shape"])
+    grids_ = _PipelineGrids(tuning, decl, (shape[-2], shape[-1]))
+    found = autoconfigure(m, target_psnr, reference=reference, solvers=names, nfes=nfes, grids=grid_names,
+                          samples=samples, seed=seed, cfg=cfg_scale, confidence=confidence, name=name, tuning=grids_,
+                          cond=cond, null_cond=null, backend=", ".join(m.providers) or backend, batch=batch,
+                          repeats=repeats, groups=idx if bound == "conditions" else None)
+    sched = "tuned " + _PipelineGrids.SCHEDULER
+    for c in found.candidates:  # "tuned scheduler sigmas" -> "scheduler sigmas" (a real tuned grid keeps its name)
+        if c.grid_label == sched:
+            c.grid_label = _PipelineGrids.SCHEDULER
+    p = found.preset
+    if p.grid_label == sched:
+        p = found.preset = dataclasses.replace(p, grid_label=_PipelineGrids.SCHEDULER)
+    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    how = {"cfg": guidance, "guidance": m.format.guidance.mode, "prompts": len(prompts), "prompts_sha256": digest,
+           "prompts_file": str(prompts_file), "negative_prompt": negative_prompt, "samples": int(samples),
+           "latent_shape": list(shape), "height": shape[-2] * int(decl.vae["spatial_factor"]),
+           "width": shape[-1] * int(decl.vae["spatial_factor"])}
+    found.settings["pipeline"] = how
+    found.settings["cfg"] = guidance
+    lines = [f"{'config':<30} {'mean':>7} {'bound':>7} {'p10':>7} {'ms':>8}  (ms: modelled from the per-call times)"]
+    for c in sorted(found.candidates, key=lambda c: (not c.meets, c.latency_s, c.nfe)):
+        lines.append(f"{c.solver + '@' + str(c.nfe) + ' ' + c.grid_label:<30} {c.mean_psnr:7.2f} {c.lower_bound:7.2f} "
+                     f"{c.quantile_psnr:7.2f} {c.latency_s * 1e3:8.1f}")
+    lines.append(f"quality {p.name}: {p.solver}@{p.nfe} {p.grid_label}: {p.confidence:.0%} lower bound "
+                 f"{p.lower_bound:.2f} dB >= {p.target_psnr:g} dB against {p.reference} on the denoised latents "
+                 f"(mean {p.mean_psnr:.2f}, 10% quantile {p.quantile_psnr:.2f}), {len(prompts)} held-out prompts x "
+                 f"{samples} samples, guidance {guidance:g}, {p.latency_s * 1e3:.1f} ms per {p.batch} samples (modelled)")
+    c = found.cost
+    lines.append(f"search cost: {c['configurations']} configurations, {c['solves']} solves, {c['backbone_calls']} "
+                 f"transformer calls, {c['seconds']:.1f} s")
+    if plot is not None:
+        plot_pareto(found, plot)
+        lines.append(f"wrote {plot} (quality vs latency and calls, every configuration tried, the chosen one ringed)")
+    if not dry_run:
+        from .runtime.bundles.tuned_grids import Tuning, write_tuning
+
+        old = dict(((tuning.settings if tuning is not None else {}) or {}).get(PRESETS_KEY) or {})
+        kept = {k: v for k, v in old.items() if k in (getattr(tuning, "presets", {}) or {})}
+        write_tuning(m.path, Tuning(settings={"autoconfig": {**found.settings, "preset": p.name, "cost": found.cost},
+                                              PRESETS_KEY: {**kept, p.name: how}},
+                                    presets={p.name: p}))
+        lines.append(f"stored in {m.path}/tuned.json (presets: {p.name}); use it with 'anchorflow generate {bundle} "
+                     f"--prompt ... --quality {p.name}'")
+    return lines

@@ -27,13 +27,17 @@ NAMES = {"solver": "--solver", "nfe": "--nfe", "grid": "--grid", "cfg_scale": "-
 @click.option("--width", type=int, default=None, help="Image width in pixels [default: the bundle's].")
 @click.option("--nfe", type=int, default=None, callback=count(MAX_NFE),
               help="Transformer calls [default: the pipeline's num_inference_steps].")
-@click.option("--solver", default="euler", show_default=True, help="Solver name (see `anchorflow solvers`).")
+@click.option("--solver", default=None, help="Solver name (see `anchorflow solvers`) [default: euler].")
 @click.option("--cfg", type=float, default=None, callback=cfg_check,
               help="Guidance scale [default: the pipeline's guidance_scale]: CFG rows for SD3, the embedded "
                    "guidance for FLUX-dev; FLUX-schnell has none.")
 @click.option("--grid", default=None,
               help="'uniform', 'shift:S' or 'warp:S,P' [default: the bundle's tuned grid for this solver and NFE, "
                    "else the pipeline scheduler's sigmas].")
+@click.option("--quality", default=None,
+              help="A preset recorded by 'anchorflow tune B --target-psnr Q --prompts FILE' (its name, or a number "
+                   "of dB: the fastest preset whose bound meets it) instead of --solver / --nfe / --grid; --cfg "
+                   "defaults to the guidance it was tuned at.")
 @click.option("--seed", type=int, default=0, show_default=True, callback=seed_check, help="Seed of the start latents.")
 @click.option("--n", "n", type=int, default=1, show_default=True, callback=count(MAX_N), help="Images per prompt.")
 @click.option("--latents", "latents_file", type=click.Path(dir_okay=False), default=None,
@@ -46,7 +50,7 @@ NAMES = {"solver": "--solver", "nfe": "--nfe", "grid": "--grid", "cfg_scale": "-
 @click.option("--npy", type=click.Path(dir_okay=False), default=None,
               help="Also save the images as float32 (N, H, W, 3) in [0, 1] (diffusers' output_type='np').")
 def generate(bundle, prompt, prompts_file, negative_prompt, height, width, nfe, solver, cfg, grid, seed, n,
-             latents_file, backend, threads, out, npy) -> None:
+             latents_file, backend, threads, out, npy, quality=None) -> None:
     """Generate images from a prompt with a pipeline bundle (`anchorflow export PIPELINE_FOLDER`).
 
     Tokenisers, text encoders, transformer (and SideNet) and VAE decoder all run on onnxruntime;
@@ -56,9 +60,10 @@ def generate(bundle, prompt, prompts_file, negative_prompt, height, width, nfe, 
     Examples:
       anchorflow generate sd3-bundle --prompt "a red cat" --nfe 28 --cfg 7 --out cat.png
       anchorflow generate flux-bundle --prompts prompts.txt --solver ba --nfe 8 --out grid.png
+      anchorflow generate sd3-bundle --prompt "a red cat" --quality fast --out cat.png
     """
     run_generate(bundle, prompt, prompts_file, negative_prompt, height, width, nfe, solver, cfg, grid, seed, n,
-                 latents_file, backend, threads, out, npy)
+                 latents_file, backend, threads, out, npy, quality=quality)
 
 
 def _prompts(prompt: Optional[str], prompts_file: Optional[str]) -> list[str]:
@@ -68,19 +73,13 @@ def _prompts(prompt: Optional[str], prompts_file: Optional[str]) -> list[str]:
         raise ConfigError("give exactly one of --prompt TEXT or --prompts FILE")
     if prompt is not None:
         return [prompt]
-    try:
-        with open(prompts_file, encoding="utf-8") as fh:
-            lines = [ln.rstrip("\r\n") for ln in fh]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read --prompts {prompts_file}: {exc}") from None
-    found = [ln for ln in lines if ln.strip()]
-    if not found:
-        raise ConfigError(f"--prompts {prompts_file} holds no prompt (one a line)")
-    return found
+    from ..runtime.pipelines.text import read_prompts
+
+    return read_prompts(prompts_file, "--prompts")
 
 
 def run_generate(bundle, prompt, prompts_file, negative_prompt, height, width, nfe, solver, cfg, grid, seed, n,
-                 latents_file, backend, threads, out, npy) -> None:
+                 latents_file, backend, threads, out, npy, quality=None) -> None:
     """The library call behind `generate`: check every input and output, generate, write all or nothing."""
     from ..base import _io
     from ..base.errors import ConfigError, NonFiniteError
@@ -93,7 +92,13 @@ def run_generate(bundle, prompt, prompts_file, negative_prompt, height, width, n
         _io.check_output(npy, "--npy")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be a positive integer, got {threads}")
-    check_request(solver=solver, nfe=1 if nfe is None else nfe, grid=grid, cfg_scale=1.0 if cfg is None else cfg, n=n,
+    if quality is not None:  # a preset replaces --solver / --nfe / --grid (refused together, before any model opens)
+        given = [flag for flag, v in (("--solver", solver), ("--nfe", nfe), ("--grid", grid)) if v is not None]
+        if given:
+            raise ConfigError(f"--quality {quality} chooses the solver, NFE and grid; drop {', '.join(given)}")
+        if not str(quality).strip():
+            raise ConfigError("--quality is empty; give a preset name or a number of dB")
+    check_request(solver="euler" if solver is None else solver, nfe=1 if nfe is None else nfe, grid=grid, cfg_scale=1.0 if cfg is None else cfg, n=n,
                   seed=seed, names=NAMES)  # before any model is opened; the pipeline checks again with its defaults
     if npy and _same(npy) == _same(out):
         raise ConfigError(f"--out and --npy name the same file ({out}); give two paths")
@@ -108,7 +113,11 @@ def run_generate(bundle, prompt, prompts_file, negative_prompt, height, width, n
     pipe = load_pipeline(bundle, backend=backend, threads=threads)
     click.echo(f"generating {len(prompts) * n} image(s) from {len(prompts)} prompt(s)...", err=True)
     gen = pipe(prompts, negative_prompt, nfe=nfe, solver=solver, cfg=cfg, height=height, width=width, seed=seed, n=n,
-               latents=latents, grid=grid, names=NAMES)
+               latents=latents, grid=grid, names=NAMES, quality=quality)
+    if gen.quality is not None:
+        from ..autoconfig import describe
+
+        click.echo(f"{describe(gen.quality)}; guidance {gen.cfg:g}")
     if not np.isfinite(gen.pixels).all():
         raise NonFiniteError(f"the decoded images hold NaN or Inf; nothing was written to {out}")
     from PIL import Image
@@ -120,7 +129,7 @@ def run_generate(bundle, prompt, prompts_file, negative_prompt, height, width, n
             with open(tmps[1], "wb") as fh:
                 np.save(fh, gen.pixels)
     t, r = gen.timing, gen.result
-    click.echo(f"{solver}: {r.nfe} transformer calls, {r.sidenet_calls} SideNet calls; tokenise {t['tokenise'] * 1e3:.1f} "
+    click.echo(f"{gen.solver}@{gen.nfe}: {r.nfe} transformer calls, {r.sidenet_calls} SideNet calls; tokenise {t['tokenise'] * 1e3:.1f} "
                f"ms, encode {t['encode'] * 1e3:.1f} ms, denoise {t['denoise'] * 1e3:.1f} ms, decode "
                f"{t['decode'] * 1e3:.1f} ms ({gen.grid})")
     click.echo(f"wrote {out}" + (f" and {npy}" if npy else ""))

@@ -56,11 +56,19 @@ DEFAULT_SOLVERS = "euler,ab2,unipc,ba"
               help="With --target-psnr: write the Pareto figure (quality vs latency and calls, every configuration "
                    "tried, the chosen one marked) to this .png.")
 # -- end auto
+# -- pipeline (#26): --target-psnr on a pipeline bundle, held-out prompts through its own text encoders
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
+              help="With --target-psnr on a pipeline bundle: held-out prompts, one a line (encoded by the bundle's "
+                   "text encoders; --samples rows, prompt i % P for row i [default: 2 per prompt, at least 8]; "
+                   "--cfg default: the pipeline's guidance).")
+@click.option("--negative-prompt", default=None, help="With --prompts: the negative prompt of the guidance rows "
+                                                      "(SD3 / Sana; default: the empty prompt).")
+# -- end pipeline
 @click.option("--dry-run", is_flag=True, help="Print the grids without storing them in the bundle.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_file, reference_steps, max_evals,
          backend, dry_run, quiet, target_psnr=None, reference="euler@50", confidence=0.95, grids="uniform,tuned",
-         name=None, plot=None, promise_batch=None, bound="samples") -> None:
+         name=None, plot=None, promise_batch=None, bound="samples", prompts_file=None, negative_prompt=None) -> None:
     """Tune the time grid of each solver and budget on MODEL (an exported bundle) and record it.
 
     For every solver and NFE the grid ``warp:S,P`` (the SD3 shift S of u^P; (1, 1) is uniform)
@@ -82,6 +90,25 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
     from .common import parse_int_list, rows_default
     from .cond_files import read_arrays
 
+    # -- pipeline (#26): one library call
+    if prompts_file is not None or negative_prompt is not None:
+        from ..autoconfig import tune_pipeline_to_target
+
+        ctx = click.get_current_context()
+        given = {k: ctx.get_parameter_source(k).name != "DEFAULT" for k in ("nfe", "cfg", "samples", "backend")}
+        if target_psnr is None or prompts_file is None or cond_file is not None or null_file is not None:
+            raise ConfigError("--prompts / --negative-prompt go with --target-psnr on a pipeline bundle (and replace "
+                              "--cond / --null-cond); give --target-psnr Q --prompts FILE")
+        for line in tune_pipeline_to_target(model, target_psnr, prompts_file=prompts_file, reference=reference,
+                                            solvers=solvers, nfe=nfe if given["nfe"] else None, grids=grids,
+                                            samples=samples if given["samples"] else None, seed=seed,
+                                            cfg=cfg if given["cfg"] else None, negative_prompt=negative_prompt,
+                                            confidence=confidence, name=name,
+                                            backend=backend if given["backend"] else "ort-cpu", dry_run=dry_run,
+                                            plot=plot, batch=promise_batch, bound=bound):
+            click.echo(line)
+        return
+    # -- end pipeline
     if target_psnr is not None:  # one library call
         from ..autoconfig import tune_to_target
 

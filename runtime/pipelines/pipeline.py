@@ -46,6 +46,10 @@ class Generation:
     calls: dict = field(default_factory=dict)  # part -> calls (transformer = NFE)
     timing: dict = field(default_factory=dict)  # part -> seconds: tokenise, encode, denoise, decode
     grid: str = ""  # where the time grid came from: scheduler sigmas, the bundle's tuned grid, or given
+    solver: str = ""  # the solver that ran and its NFE (chosen by ``quality`` when one was asked for)
+    nfe: int = 0
+    cfg: float = 1.0  # the guidance scale that ran
+    quality: Any = None  # the Preset ``quality=`` chose (anchorflow.runtime.bundles.presets.Preset), or None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -198,10 +202,14 @@ class Pipeline:
 
     # -- generation ------------------------------------------------------------------------------
     def __call__(self, prompt: str | Sequence[str], negative_prompt: Optional[str | Sequence[str]] = None, *,
-                 nfe: Optional[int] = None, solver: str = "euler", cfg: Optional[float] = None,
+                 nfe: Optional[int] = None, solver: Optional[str] = None, cfg: Optional[float] = None,
                  height: Optional[int] = None, width: Optional[int] = None, seed: int = 0, n: int = 1,
                  latents: Optional[np.ndarray] = None, grid: Any = None, sidenet: bool = True,
-                 names: Optional[dict] = None, **options: Any) -> Generation:
+                 names: Optional[dict] = None, quality: Any = None, **options: Any) -> Generation:
+        """``quality``: a preset recorded by ``anchorflow tune B --target-psnr Q --prompts FILE`` (its
+        name, or a number of dB: the fastest preset whose bound meets it) instead of ``solver`` /
+        ``nfe`` / ``grid`` (giving both is refused); ``cfg`` then defaults to the guidance it was
+        tuned at (:func:`preset_guidance`)."""
         import dataclasses
 
         from ..plan import check_request, plan
@@ -211,6 +219,11 @@ class Pipeline:
         if not prompts:
             raise ConfigError("give at least one prompt")
         d = self.decl.defaults
+        chosen = None
+        if quality is not None:
+            chosen, solver, nfe, grid, tuned_cfg = self.resolve_quality(quality, solver, nfe, grid, names)
+            cfg = tuned_cfg if cfg is None else cfg
+        solver = "euler" if solver is None else solver
         # every number through runtime.plan's checks (the same caps and messages as sample / serve);
         # the plan itself is not built: a pipeline's state shape follows --height/--width
         a = check_request(solver=solver, nfe=int(d["num_inference_steps"]) if nfe is None else nfe,
@@ -274,7 +287,41 @@ class Pipeline:
         after = {**self.text.calls, **self.calls}
         calls = {**{k: after[k] - before[k] for k in after}, "transformer": res.nfe, "sidenet": res.sidenet_calls}
         timing = {"tokenise": emb.tokenise_s, "encode": emb.encode_s, "denoise": t1 - t0, "decode": t2 - t1}
-        return Generation(images, pixels, res.x, res, rows, calls, timing, grid_note)
+        if chosen is not None:
+            grid_note = f"quality {chosen.name}: {chosen.grid_label}"
+        return Generation(images, pixels, res.x, res, rows, calls, timing, grid_note, solver, int(nfe), float(cfg),
+                          chosen)
+
+    def resolve_quality(self, quality: Any, solver: Any = None, nfe: Any = None, grid: Any = None,
+                        names: Optional[dict] = None) -> tuple:
+        """(preset, solver, nfe, grid times, guidance it was tuned at or None) for ``quality``;
+        one-line ConfigError when solver / nfe / grid are given too or the preset is not recorded."""
+        from ..bundles.presets import resolve_quality
+
+        nm = {"solver": "solver", "nfe": "nfe", "grid": "grid", **(names or {})}
+        given = [nm[k] for k, v in (("solver", solver), ("nfe", nfe), ("grid", grid)) if v is not None]
+        if given:
+            raise ConfigError(f"quality {quality} chooses the solver, NFE and grid; drop {', '.join(given)}")
+        if not str(quality).strip():
+            raise ConfigError("quality is empty; give a preset name or a number of dB")
+        p = resolve_quality(self.tuning, quality)
+        if p.first_call != "backbone":
+            raise ConfigError(f"quality {p.name} uses the cached first call, which generate does not run; "
+                              "record a preset with 'anchorflow tune B --target-psnr Q --prompts FILE'")
+        return p, p.solver, p.nfe, np.asarray(p.times, np.float64), preset_guidance(self.tuning, p.name)
+
+
+PRESETS_KEY = "pipeline_presets"  # tuned.json settings: preset name -> how a pipeline preset was tuned
+
+
+def preset_guidance(tuning: Any, name: str) -> Optional[float]:
+    """The guidance scale a pipeline preset was tuned at (tuned.json ``settings.pipeline_presets``), or
+    None where it is not recorded (then the pipeline's default guidance applies)."""
+    rec = ((getattr(tuning, "settings", None) or {}).get(PRESETS_KEY) or {}).get(name)
+    v = rec.get("cfg") if isinstance(rec, dict) else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
+        return None
+    return float(v)
 
 
 def load_pipeline(path: str | os.PathLike, backend: str = "ort-cpu", threads: Optional[int] = None,

@@ -154,3 +154,16 @@ class TextStack:
         null = None if negative is None else {"encoder_hidden_states": np.ascontiguousarray(hidden[b:, :m]),
                                               "encoder_attention_mask": np.ascontiguousarray(mask[b:, :m])}
         return Embeddings(cond, null, cut, t1 - t0, t2 - t1)
+
+
+def read_prompts(path, what: str = "--prompts") -> list[str]:
+    """The prompts of a text file, one a line (empty lines skipped); one-line ConfigError otherwise."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = [ln.rstrip("\r\n") for ln in fh]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+    found = [ln for ln in lines if ln.strip()]
+    if not found:
+        raise ConfigError(f"{what} {path} holds no prompt (one a line)")
+    return found
