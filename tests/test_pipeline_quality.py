@@ -93,6 +93,11 @@ def test_generate_quality_is_the_preset_by_hand(tuned, tmp_path, monkeypatch, ca
     run_cli([*base, "--out", str(tmp_path / "d.png"), "--npy", str(tmp_path / "d.npy")], monkeypatch)  # the default
     q, h, d = (np.load(tmp_path / f"{k}.npy") for k in "qhd")
     np.testing.assert_array_equal(q, h)
+    from PIL import Image
+
+    rec = json.loads(Image.open(tmp_path / "q.png").text["anchorflow"])  # the output records what ran
+    assert rec["quality"] == p.to_json() and (rec["solver"], rec["nfe"], rec["cfg"]) == (p.solver, p.nfe, 7.0)
+    assert json.loads(Image.open(tmp_path / "h.png").text["anchorflow"])["quality"] is None
     assert np.abs(q - d).max() > 1e-4  # the preset is not generate's default (euler@28): the test can fail
     # a number of dB: the fastest preset whose bound meets it (here the one recorded)
     run_cli([*base, "--quality", f"{TARGET:g}", "--out", str(tmp_path / "n.png"), "--npy", str(tmp_path / "n.npy")],
@@ -104,6 +109,10 @@ def test_generate_quality_is_the_preset_by_hand(tuned, tmp_path, monkeypatch, ca
     gen = load_pipeline(bundle)("a red cat", seed=3, quality="fast")
     assert gen.quality == p and (gen.solver, gen.nfe, gen.cfg) == (p.solver, p.nfe, 7.0)
     np.testing.assert_array_equal(gen.pixels, q)
+    # another guidance than the one tuned at runs, and says the bound was not measured there
+    capsys.readouterr()
+    run_cli([*base, "--quality", "fast", "--cfg", "2", "--out", str(tmp_path / "c.png")], monkeypatch)
+    assert "note: quality fast's bound was measured at guidance 7, not 2" in capsys.readouterr().err
 
 
 def test_bad_inputs_one_line_nothing_written(tuned, tmp_path, monkeypatch, capsys):
@@ -153,3 +162,28 @@ def test_impossible_target_refused_naming_the_best_bound(tuned, monkeypatch, cap
     best = float(line.split("lower bound is ")[1].split(" dB")[0])
     assert _tuning(bundle).presets["fast"].lower_bound <= best < 150
     assert _snapshot(bundle) == before
+
+
+@pytest.mark.slow
+def test_flux_dev_tunes_at_its_embedded_guidance_and_generate_uses_it(tmp_path_factory, monkeypatch, capsys):
+    """FLUX-dev: the guidance is the transformer's embedded input (the pipeline's default 3.5), not CFG rows."""
+    from _tiny_full_pipelines import flux
+
+    root = tmp_path_factory.mktemp("fluxq")
+    folder = flux(root / "pipe", dev=True)
+    run_cli(["export", str(folder), "--out", str(root / "b"), "--max-batch", "4", "--no-validate"], monkeypatch)
+    bundle = root / "b"
+    (root / "p.txt").write_text("\n".join(PROMPTS[:2]) + "\n")
+    run_cli(["tune", str(bundle), "--target-psnr", "30", "--prompts", str(root / "p.txt"), "--name", "q",
+             "--solvers", "euler,ab2", "--nfe", "2,3", "--samples", "4"], monkeypatch)
+    tuning = _tuning(bundle)
+    p = tuning.presets["q"]
+    assert p.lower_bound >= 30 and tuning.settings["pipeline_presets"]["q"]["cfg"] == 3.5
+    base = ["generate", str(bundle), "--prompt", "a red cat"]
+    by_hand = ["--solver", p.solver, "--nfe", str(p.nfe)] + (["--grid", "uniform"] if p.grid_label == "uniform" else [])
+    run_cli([*base, "--quality", "q", "--out", str(root / "q.png"), "--npy", str(root / "q.npy")], monkeypatch)
+    run_cli([*base, *by_hand, "--cfg", "3.5", "--out", str(root / "h.png"), "--npy", str(root / "h.npy")], monkeypatch)
+    run_cli([*base, *by_hand, "--cfg", "1.5", "--out", str(root / "g.png"), "--npy", str(root / "g.npy")], monkeypatch)
+    q, h, g = (np.load(root / f"{k}.npy") for k in "qhg")
+    np.testing.assert_array_equal(q, h)
+    assert np.abs(q - g).max() > 1e-4  # the guidance matters: the preset's 3.5 is what ran

@@ -116,15 +116,31 @@ def run_generate(bundle, prompt, prompts_file, negative_prompt, height, width, n
                latents=latents, grid=grid, names=NAMES, quality=quality)
     if gen.quality is not None:
         from ..autoconfig import describe
+        from ..runtime.pipelines.pipeline import preset_guidance
 
         click.echo(f"{describe(gen.quality)}; guidance {gen.cfg:g}")
+        tuned_cfg = preset_guidance(pipe.tuning, gen.quality.name)
+        if tuned_cfg is not None and tuned_cfg != gen.cfg:
+            click.echo(f"note: quality {gen.quality.name}'s bound was measured at guidance {tuned_cfg:g}, not "
+                       f"{gen.cfg:g}", err=True)
     if not np.isfinite(gen.pixels).all():
         raise NonFiniteError(f"the decoded images hold NaN or Inf; nothing was written to {out}")
     from PIL import Image
 
     strip = np.concatenate(list(gen.images), axis=1)
+    extra = {}
+    if fmt == "PNG":  # what ran, in the PNG's own text chunk ("anchorflow": JSON)
+        import json
+
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("anchorflow", json.dumps({
+            "solver": gen.solver, "nfe": gen.nfe, "grid": gen.grid, "cfg": gen.cfg, "seed": int(seed),
+            "prompts": prompts, "quality": None if gen.quality is None else gen.quality.to_json()}))
+        extra["pnginfo"] = info
     with _io.atomic_paths([out] + ([npy] if npy else [])) as tmps:
-        Image.fromarray(strip).save(tmps[0], format=fmt)
+        Image.fromarray(strip).save(tmps[0], format=fmt, **extra)
         if npy:
             with open(tmps[1], "wb") as fh:
                 np.save(fh, gen.pixels)
