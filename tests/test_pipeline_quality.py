@@ -187,3 +187,16 @@ def test_flux_dev_tunes_at_its_embedded_guidance_and_generate_uses_it(tmp_path_f
     q, h, g = (np.load(root / f"{k}.npy") for k in "qhg")
     np.testing.assert_array_equal(q, h)
     assert np.abs(q - g).max() > 1e-4  # the guidance matters: the preset's 3.5 is what ran
+
+
+def test_dry_run_and_missing_prompts_write_nothing(tuned, monkeypatch, capsys):
+    bundle, prompts = tuned
+    before = _snapshot(bundle)
+    line = cli_error(["tune", str(bundle), "--target-psnr", "30", "--nfe", "3"], monkeypatch, capsys)
+    assert line == f"error: {bundle} is a pipeline bundle: give its held-out prompts with --prompts FILE (one a line)"
+    capsys.readouterr()
+    run_cli(["tune", str(bundle), "--target-psnr", str(TARGET), "--prompts", str(prompts), "--name", "dry", "--dry-run",
+             *TUNE], monkeypatch)
+    out = capsys.readouterr().out
+    assert "quality dry: " in out and "stored in" not in out
+    assert _snapshot(bundle) == before and "dry" not in _tuning(bundle).presets

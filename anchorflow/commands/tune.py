@@ -108,6 +108,8 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
                                             plot=plot, batch=promise_batch, bound=bound):
             click.echo(line)
         return
+    if target_psnr is not None and _pipeline_bundle(model):
+        raise ConfigError(f"{model} is a pipeline bundle: give its held-out prompts with --prompts FILE (one a line)")
     # -- end pipeline
     if target_psnr is not None:  # one library call
         from ..autoconfig import tune_to_target
@@ -167,3 +169,13 @@ def _needs_sidenet(name: str) -> bool:
     from ..runtime import get_solver
 
     return get_solver(name).needs_sidenet
+
+
+def _pipeline_bundle(model: str) -> bool:  # -- pipeline (#26)
+    import json
+    from pathlib import Path
+
+    try:
+        return "pipeline" in json.loads((Path(model).expanduser() / "bundle.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False  # not a readable bundle folder: the usual path says why
