@@ -90,6 +90,7 @@ def estimates(headers: dict) -> np.ndarray:
 @pytest.mark.parametrize("name", ["est", "plain"])
 def test_a_quality_request_equals_plan_quality_run(service, api, presets, name):
     """Same seed, same n: the service solves exactly what the Python API's plan(quality=NAME) solves."""
+    assert parse(service, quality=name, n=5).plan.quality == name  # planned as plan(quality=NAME): it says so
     rep, h = one(service, quality=name, n=5, seed=3, labels=[2, 7])
     want = api.plan(quality=name, n=5, seed=3, labels=[2, 7]).run()
     np.testing.assert_array_equal(rep.x, want.x)  # one solve of the same rows: bit-identical
