@@ -126,9 +126,12 @@ def shape_of(model) -> tuple:
     return tuple(int(v) for v in meta["state_shape"]), meta.get("data_range", (-1.0, 1.0))
 
 
-def run(model, solver, nfe, times, noise, conds):
-    return plan(model, solver=solver, nfe=nfe, grid=np.asarray(times, np.float64), noise=noise, tuning=None,
-                **conds).run()
+TUNING = None  # the bundle's tuning (its first-call table), set by main(): a cached-first-call plan needs it
+
+
+def run(model, solver, nfe, times, noise, conds, first_call="backbone"):
+    return plan(model, solver=solver, nfe=nfe, grid=np.asarray(times, np.float64), noise=noise,
+                first_call=first_call, tuning=TUNING if first_call == "cached" else None, **conds).run()
 
 
 def per_sample_psnr(x, ref, dr, batch):
@@ -176,7 +179,9 @@ def main(argv=None) -> int:
     log = lambda *a: print(f"[{time.perf_counter() - t_start:6.1f}s]", *a, flush=True)  # noqa: E731
     args.accurate = args.accurate or ACCURATE[args.model]
     targets = TARGETS[args.model] if args.targets is None else tuple(float(v) for v in args.targets.split(","))
+    global TUNING
     model, tuning, conds_for, desc = open_case(args.model, Path(args.sd3_bundle))
+    TUNING = tuning
     shape, dr = shape_of(model)
     n, K = args.samples, args.batches
     train_y = np.asarray(TRAIN_CLASSES)[np.arange(args.tune_samples) % len(TRAIN_CLASSES)]
@@ -202,10 +207,10 @@ def main(argv=None) -> int:
     log("held-out reference done")
     cache = {}
 
-    def held(solver, nfe, times):
-        key = (solver, nfe, tuple(times))
+    def held(solver, nfe, times, first_call="backbone"):
+        key = (solver, nfe, tuple(times), first_call)
         if key not in cache:
-            r = run(model, solver, nfe, times, noise, hc)
+            r = run(model, solver, nfe, times, noise, hc, first_call)
             cache[key] = (r, per_sample_psnr(r.x, ref, dr, n))
         return cache[key]
 
@@ -216,9 +221,10 @@ def main(argv=None) -> int:
     ref2 = run(model, "euler", 50, np.linspace(1.0, 0.0, 51), noise2, conds_for(same_y)).x
     cov = []
     for p in presets:
-        per2 = per_sample_psnr(run(model, p.solver, p.nfe, p.times, noise2, conds_for(same_y)).x, ref2, dr, n)
+        per2 = per_sample_psnr(run(model, p.solver, p.nfe, p.times, noise2, conds_for(same_y), p.first_call).x,
+                               ref2, dr, n)
         cov2 = float(np.mean(per2.reshape(K, n).mean(axis=1) >= p.target_psnr))
-        per = held(p.solver, p.nfe, p.times)[1]
+        per = held(p.solver, p.nfe, p.times, p.first_call)[1]
         means = per.reshape(K, n).mean(axis=1)
         cov.append({"target": p.target_psnr, "config": f"{p.solver}@{p.nfe} {p.grid_label}",
                     "tuning_lower_bound": p.lower_bound, "tuning_mean": p.mean_psnr,
@@ -237,26 +243,26 @@ def main(argv=None) -> int:
         scored, best = 0, None
         for c in space:  # every configuration faster than the first one meeting the target is scored
             scored += 1
-            if float(held(c.solver, c.nfe, c.times)[1].mean()) >= p.target_psnr:
+            if float(held(*c.key)[1].mean()) >= p.target_psnr:
                 best = c
                 break
         keep = None  # the fastest whose held-out batches keep the promise (>= confidence of them meet it)
         for c in space:
-            per = held(c.solver, c.nfe, c.times)[1]
+            per = held(*c.key)[1]
             if np.mean(per.reshape(K, n).mean(axis=1) >= p.target_psnr) >= p.confidence:
                 keep = c
                 break
-        chosen = next(c for c in found.candidates if (c.solver, c.nfe, c.times) == (p.solver, p.nfe, p.times))
-        ck = (chosen.solver, chosen.nfe, chosen.times)
+        chosen = next(c for c in found.candidates if c.key == (p.solver, p.nfe, p.times, p.first_call))
+        ck = chosen.key
         row = {"target": p.target_psnr, "chosen": f"{chosen.solver}@{chosen.nfe} {chosen.grid_label}",
                "chosen_ms": 1e3 * chosen.latency_s, "chosen_held_mean": float(held(*ck)[1].mean()),
                "scored_on_held_out": scored}
         if best is not None:
-            bk = (best.solver, best.nfe, best.times)
+            bk = best.key
             walls = {ck: [], bk: []}
             for _ in range(5):  # wall time too: interleaved, median of 5 solves of a 32-sample batch
                 for k in walls:
-                    walls[k].append(run(model, *k, probe, pc).timing.total_s)
+                    walls[k].append(run(model, *k[:3], probe, pc, k[3]).timing.total_s)
             wall = {k: statistics.median(v) for k, v in walls.items()}
             row.update({"best": f"{best.solver}@{best.nfe} {best.grid_label}", "best_ms": 1e3 * best.latency_s,
                         "best_held_mean": float(held(*bk)[1].mean()), "ratio": chosen.latency_s / best.latency_s,
@@ -298,15 +304,16 @@ def main(argv=None) -> int:
         c = min(ok, key=lambda c: (c.latency_s, c.nfe))
         from anchorflow.runtime.bundles.presets import Preset
 
-        base = Preset("base", c.solver, c.nfe, "backbone", c.grid_label, c.times, targets[0], base.reference,
+        base = Preset("base", c.solver, c.nfe, c.first_call, c.grid_label, c.times, targets[0], base.reference,
                       base.confidence, c.lower_bound, c.mean_psnr, base.quantile, c.quantile_psnr, c.latency_s,
                       base.batch, base.backend)
     named = {f"q{i}": p for i, p in enumerate(presets)}
     named = {k: type(p)(**{**p.to_json(), "name": k, "times": p.times}) for k, p in named.items()}
     named["base"] = type(base)(**{**base.to_json(), "name": "base", "times": base.times})
-    tun = Tuning(presets=named)
+    tun = Tuning(presets=named, first_call=None if tuning is None else tuning.first_call)
     tune_noise = np.random.default_rng(1).standard_normal((n, *shape)).astype(np.float32)
-    est_tune = run(model, base.solver, base.nfe, base.times, tune_noise, conds_for(train_y[:n])).error_estimate
+    est_tune = run(model, base.solver, base.nfe, base.times, tune_noise, conds_for(train_y[:n]),
+                   base.first_call).error_estimate
     E = float(np.quantile(est_tune, 0.9))
     chosen, first, rungs = quality_plans(model, "base", tuning=tun, noise=noise, **hc)
     r0 = first.run()
@@ -316,7 +323,7 @@ def main(argv=None) -> int:
     xr = np.array(r0.x, copy=True)
     if esc.resolved:
         q = rungs[0][1]
-        xr[rnd] = run(model, q.solver, q.nfe, q.grid, noise[rnd], conds_for(held_y[rnd])).x
+        xr[rnd] = run(model, q.solver, q.nfe, q.grid, noise[rnd], conds_for(held_y[rnd]), q.first_call).x
     rand = per_sample_psnr(xr, ref, dr, n)
     res["escalation"] = {"base": f"{base.solver}@{base.nfe} {base.grid_label}", "max_error": E,
                          "samples": n * K, "base_calls": int(r0.nfe), "base_sample_calls": int(r0.nfe) * n * K,
