@@ -237,7 +237,7 @@ def main(argv=None) -> int:
 
     # 2. the sweep: every configuration in order of the search's modelled latency, scored on the held-out set
     probe, pc = noise[:n], conds_for(held_y[:n])
-    space = sorted(found.candidates, key=lambda c: (c.latency_s, c.nfe))
+    space = sorted((c for c in found.candidates if c.recordable), key=lambda c: (c.latency_s, c.nfe))  # FastFlow: no preset
     sweeps = []
     for p in presets:
         scored, best = 0, None
