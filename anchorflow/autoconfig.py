@@ -824,7 +824,8 @@ def tune_pipeline_to_target(bundle: str, target_psnr: float, *, prompts_file: st
     found = autoconfigure(m, target_psnr, reference=reference, solvers=names, nfes=nfes, grids=grid_names,
                           samples=samples, seed=seed, cfg=cfg_scale, confidence=confidence, name=name, tuning=grids_,
                           cond=cond, null_cond=null, backend=", ".join(m.providers) or backend, batch=batch,
-                          repeats=repeats, groups=idx if bound == "conditions" else None)
+                          repeats=repeats, groups=idx if bound == "conditions" else None,
+                          first_calls=("backbone",))  # generate runs no cached first call
     sched = "tuned " + _PipelineGrids.SCHEDULER
     for c in found.candidates:  # "tuned scheduler sigmas" -> "scheduler sigmas" (a real tuned grid keeps its name)
         if c.grid_label == sched:
@@ -839,9 +840,9 @@ def tune_pipeline_to_target(bundle: str, target_psnr: float, *, prompts_file: st
            "width": shape[-1] * int(decl.vae["spatial_factor"])}
     found.settings["pipeline"] = how
     found.settings["cfg"] = guidance
-    lines = [f"{'config':<30} {'mean':>7} {'bound':>7} {'p10':>7} {'ms':>8}  (ms: modelled from the per-call times)"]
+    lines = [f"{'config':<40} {'mean':>7} {'bound':>7} {'p10':>7} {'ms':>8}  (ms: modelled from the per-call times)"]
     for c in sorted(found.candidates, key=lambda c: (not c.meets, c.latency_s, c.nfe)):
-        lines.append(f"{c.solver + '@' + str(c.nfe) + ' ' + c.grid_label:<30} {c.mean_psnr:7.2f} {c.lower_bound:7.2f} "
+        lines.append(f"{c.solver + '@' + str(c.nfe) + ' ' + c.grid_label:<40} {c.mean_psnr:7.2f} {c.lower_bound:7.2f} "
                      f"{c.quantile_psnr:7.2f} {c.latency_s * 1e3:8.1f}")
     lines.append(f"quality {p.name}: {p.solver}@{p.nfe} {p.grid_label}: {p.confidence:.0%} lower bound "
                  f"{p.lower_bound:.2f} dB >= {p.target_psnr:g} dB against {p.reference} on the denoised latents "
