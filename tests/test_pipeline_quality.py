@@ -57,7 +57,7 @@ def test_tune_records_a_preset_whose_bound_meets_the_target_recomputed_through_g
     from anchorflow.runtime import load_pipeline
     from anchorflow.runtime.evaluation.metrics import psnr_per_sample
 
-    bundle, _ = tuned
+    bundle, prompts = tuned
     tuning = _tuning(bundle)  # hash-checked against bundle.json
     p = tuning.presets["fast"]
     assert p.lower_bound >= TARGET and p.target_psnr == TARGET and p.reference == "euler@50" and p.batch == SAMPLES
@@ -76,6 +76,16 @@ def test_tune_records_a_preset_whose_bound_meets_the_target_recomputed_through_g
     assert float(np.mean(per)) == pytest.approx(p.mean_psnr, abs=0.02)  # float32 batch-size noise in the encoders only
     bound = bootstrap_lower(per, p.confidence, 2000, np.random.default_rng(SEED + 1), SAMPLES)
     assert bound == pytest.approx(p.lower_bound, abs=0.05) and bound >= TARGET - 0.05
+    # --bound conditions: two-level bootstrap over the prompts (row i has prompt i % P), then the samples
+    from anchorflow.autoconfig import tune_pipeline_to_target
+
+    lines = tune_pipeline_to_target(str(bundle), TARGET, prompts_file=str(prompts), solvers="euler,ab2,ba", nfe="3,4,6",
+                                    samples=SAMPLES, seed=SEED, dry_run=True, bound="conditions", name="cond")
+    row = next(ln for ln in lines if ln.startswith(f"{p.solver}@{p.nfe} {p.grid_label} "))
+    printed = float(row.split()[-3])
+    groups = np.arange(SAMPLES) % len(PROMPTS)
+    two_level = bootstrap_lower(per, p.confidence, 2000, np.random.default_rng(SEED + 1), SAMPLES, groups)
+    assert printed == pytest.approx(two_level, abs=0.05) and abs(printed - p.lower_bound) > 0.1
 
 
 def test_generate_quality_is_the_preset_by_hand(tuned, tmp_path, monkeypatch, capsys):
