@@ -157,21 +157,24 @@ def run_field(name: str, args, budgets) -> dict[str, Any]:
 def markdown(out: dict) -> str:
     lines = ["# FastFlow: context bandits and the predictor-corrector reward", "",
              "Commands (machine load at each run's start in the field list; 2 shared cores):", ""]
-    lines += [f"    {f['command']}" for f in out["fields"]] + [f"    {out['command']}", ""]
+    lines += [f"    {c}" for f in out["fields"] for c in f["commands"]] + [f"    {out['command']}", ""]
     lines += [
         "Cells: held-out PSNR (dB) against the accurate reference (RK4-2048 on gm, RK4-512 on digits), "
-        "mean backbone calls per sample in brackets, then backbone invocations per held-out batch of "
-        f"{out['args']['eval_batch']} after the slash (a contextual batch runs one sub-run per context). "
+        "mean backbone calls per sample in brackets, then backbone invocations per held-out batch "
+        "after the slash (a contextual batch runs one sub-run per context). "
         f"Bandit: calls budget C and hard cap C on a {MULT}C-step fine grid warped like its multistep twin's tuned "
-        f"grid (AB2 for euler-o1, iPNDM for adams-o2), learned over one stream of {out['args']['generations']} "
-        f"batches of {out['args']['batch']} (same streams for every cell), then frozen; mean ± std over "
-        f"{out['args']['seeds']} seeds (seed s: learning stream and bandit seed s; the held-out noise is the same). "
+        "grid (AB2 for euler-o1, iPNDM for adams-o2), learned over a stream of batches (same streams for every "
+        "cell; stream length, batch and seeds per field below), then frozen; mean ± std over the seeds (seed s: "
+        "learning stream and bandit seed s; the held-out noise is the same for every seed and cell). "
         "PSNR of a cell that spent fewer calls is not at equal calls: read the calls. digits: the stream alternates "
         "guidance 1 and 1.5; scores are the mean over both guidances.", ""]
     for f in out["fields"]:
         ctxs = CONTEXTS[f["field"]]
         cols = [f"{c} / {r}" for c in ctxs for r in REWARDS]
+        a = f["run_args"][0]
         lines += [f"## {f['field']}: {f['label']}", "",
+                  f"Stream {a['generations']} batches of {a['batch']}, {a['seeds']} seeds; held-out "
+                  f"{a['eval_batches']} x {a['eval_batch']} samples per guidance; warp tuning on {a['tune_batch']}.", "",
                   "| C | variant | AB2 | iPNDM | " + " | ".join(cols)
                   + " | estimate - residual (no context) | best context - none (residual) | "
                     "best context - none (estimate) |",
@@ -206,6 +209,20 @@ def markdown(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_field(dest: Path, name: str) -> dict:
+    """One field's results from its run files (all budgets in one, or one run per budget: a slow
+    field's runs are split to stay under 5 minutes each); each run keeps its command and load."""
+    files = sorted(dest.glob(f"fastflow_context_{name}.json")) + sorted(dest.glob(f"fastflow_context_{name}_*.json"))
+    runs = [json.loads(f.read_text()) for f in files]
+    if not runs:
+        raise SystemExit(f"no results for field {name!r} in {dest}")
+    budgets = {k: v for r in runs for k, v in r["budgets"].items()}
+    return {"field": name, "label": runs[0]["label"], "args": runs[0]["args"],
+            "budgets": {k: budgets[k] for k in sorted(budgets, key=int)}, "commands": [r["command"] for r in runs],
+            "load": "; ".join(r["load"] for r in runs), "seconds": sum(r["seconds"] for r in runs),
+            "run_args": [r["args"] for r in runs]}
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fields", default="gm", help="comma list of gm, digits")
@@ -223,14 +240,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     command = "python benchmarks/fastflow_context.py " + " ".join(argv if argv is not None else sys.argv[1:])
     names = args.fields.split(",")
     if not args.combine:
+        budgets = [int(c) for c in args.budgets.split(",")]
+        tag = "" if budgets == list(BUDGETS) else "_" + "_".join(map(str, budgets))
         for n in names:
             load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-            out = {**run_field(n, args, [int(c) for c in args.budgets.split(",")]), "command": command, "load": load,
-                   "args": vars(args)}
-            write_json(dest / f"fastflow_context_{n}.json", out)
+            out = {**run_field(n, args, budgets), "command": command, "load": load, "args": vars(args)}
+            write_json(dest / f"fastflow_context_{n}{tag}.json", out)
         return out
-    fields = [json.loads((dest / f"fastflow_context_{n}.json").read_text()) for n in names]
-    out = {"command": command, "args": fields[0]["args"], "fields": fields}
+    fields = [load_field(dest, n) for n in names]
+    out = {"command": command, "args": fields[0]["args"], "fields": fields}  # per-field settings: fields[i]["run_args"]
     write_json(dest / "fastflow_context.json", out)
     write_text(dest / "fastflow_context.md", markdown(out))
     print(markdown(out))
