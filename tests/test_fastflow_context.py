@@ -267,6 +267,9 @@ def test_context_state_round_trip_and_spec_check(gm, tmp_path):
     noise, y = _stream(1)[0]  # the loaded tables go on exactly as the live ones
     a, b = solve_contextual(gm, noise, T, cb, y=y), solve_contextual(gm, noise, T, back, y=y)
     np.testing.assert_array_equal(a.x, b.x)
+    with pytest.raises(StateFileError, match="holds context bandits") as e:  # a one-table reader
+        bandit_state.load(path)
+    assert "\n" not in str(e.value) and bandit_state.load(path, contexts=True).spec() == cb.spec()
     with pytest.raises(StateFileError, match="not {'by': 'guidance'"):
         bandit_state.load(path, context={"by": "guidance", "groups": None})
     bandit_state.write(FastFlowBandit(T, model_id="m"), tmp_path / "plain.json")
@@ -308,7 +311,7 @@ def test_bad_context_file_refused_in_one_line(gm, tmp_path, edit, match):
     edit(d)
     path.write_text(json.dumps(d))
     with pytest.raises(StateFileError, match=match) as e:
-        bandit_state.load(path)
+        bandit_state.load(path, contexts=True)
     assert "\n" not in str(e.value)
 
 
@@ -321,3 +324,15 @@ def test_a_bad_update_leaves_the_file_as_it_was(gm, tmp_path):
     with pytest.raises(StateFileError, match="not written"):
         bandit_state.write(cb, path)
     assert path.read_bytes() == before
+
+
+def test_cli_bandit_show_refuses_a_context_file_in_one_line(gm, tmp_path):
+    from click.testing import CliRunner
+
+    from anchorflow.cli import cli
+
+    path = tmp_path / "s.json"
+    bandit_state.write(_learned(gm), path)
+    res = CliRunner().invoke(cli, ["bandit", "show", str(path)])
+    assert res.exit_code == 1 and "holds context bandits" in str(res.exception)
+    assert "\n" not in str(res.exception)

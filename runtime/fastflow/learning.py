@@ -149,9 +149,6 @@ def solve_with_state(
 
     with bandit_state.state_lock(path, lock_timeout):
         b = bandit_state.load(path, key=key) if Path(path).exists() else create()
-    if not isinstance(b, FastFlowBandit):  # a ContextBandits file: solve_contextual's, not this loop's
-        raise StateFileError(f"{path} holds context bandits ({b.spec()}); this run uses one table: "
-                             "give another state file")
     asked.apply(b, path)
     result = solve("fastflow", velocity, noise, T, grid=t_grid, bandit=b, learn=learn, **solve_kwargs)
     rng_state = b.rng.bit_generator.state if learn else None

@@ -187,18 +187,22 @@ def read(path: str | os.PathLike) -> Any:
         raise _bad(str(path), f"corrupt or truncated JSON: {str(exc).replace(f'{path} ', '', 1)}") from None
 
 
-def load(path: str | os.PathLike, key: Optional[BanditKey] = None,
-         context: Optional[dict] = None) -> FastFlowBandit | ContextBandits:
+def load(path: str | os.PathLike, key: Optional[BanditKey] = None, context: Optional[dict] = None,
+         contexts: bool = False) -> FastFlowBandit | ContextBandits:
     """Read a state file; refuse a corrupt or foreign one, or one whose key differs from ``key``.
 
     ``context``: the :meth:`ContextBandits.spec` a run asks for; a file of another spec (or of one
-    table, no context) is refused. None: whatever the file holds."""
+    table, no context) is refused. Without it, a file of context bandits is refused unless
+    ``contexts`` (callers that drive one table: the CLI, ``solve_with_state``, the diffusers hook)."""
     b = from_dict(read(path), str(path))
     if context is not None:
         have = b.spec() if isinstance(b, ContextBandits) else None
         if have != context:
             raise StateFileError(f"{path} holds bandits for context {have!r}, not {context!r}; use another "
                                  "state file for this context, or delete it to learn afresh")
+    elif isinstance(b, ContextBandits) and not contexts:
+        raise StateFileError(f"{path} holds context bandits ({b.spec()}, {len(b.tables)} tables), which this "
+                             "command does not use; give a state file of one bandit table")
     if key is not None:
         diffs = b.key.differences(key)
         if diffs:
