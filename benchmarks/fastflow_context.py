@@ -169,7 +169,8 @@ def markdown(out: dict) -> str:
         "PSNR of a cell that spent fewer calls is not at equal calls: read the calls. digits: the stream alternates "
         "guidance 1 and 1.5; scores are the mean over both guidances.", ""]
     for f in out["fields"]:
-        ctxs = CONTEXTS[f["field"]]
+        kind = f["field"].split("-")[0]
+        ctxs = CONTEXTS[kind]
         cols = [f"{c} / {r}" for c in ctxs for r in REWARDS]
         a = f["run_args"][0]
         lines += [f"## {f['field']}: {f['label']}", "",
@@ -194,7 +195,17 @@ def markdown(out: dict) -> str:
                                           for c in ctxs for r in REWARDS)
                              + f" | {d[0]:+.2f} | {d[1]} | {d[2]} |")
         lines.append("")
-        if f["field"] == "digits":
+        est, ctx = [], []
+        for row in f["budgets"].values():
+            for base, order in VARIANTS:
+                cell = lambda c, r: row["fastflow"][f"{base}-o{order}|{c}|{r}"]["psnr"]  # noqa: E731
+                est.append(cell("none", "estimate") - cell("none", "residual"))
+                ctx += [cell(c, r) - cell("none", r) for c in ctxs[1:] for r in REWARDS]
+        lines += [f"Summary over the {len(est)} (C, variant) cells: estimate - residual (no context) mean "
+                  f"{np.mean(est):+.2f} dB, range {min(est):+.2f} to {max(est):+.2f}, ahead in {sum(e > 0 for e in est)}; "
+                  f"context - none (every context and reward) mean {np.mean(ctx):+.2f} dB, range {min(ctx):+.2f} to "
+                  f"{max(ctx):+.2f}, ahead in {sum(c > 0 for c in ctx)} of {len(ctx)}.", ""]
+        if kind == "digits":
             lines += ["Per guidance (1 / 1.5), PSNR dB (mean over seeds):", ""]
             for C, row in f["budgets"].items():
                 for k, r in row["fastflow"].items():
@@ -234,6 +245,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--tune-batch", type=int, default=16)
     p.add_argument("--eval-batch", type=int, default=16)
     p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--tag", default="", help="a variant of a field's run (e.g. a longer stream): results under "
+                   "FIELD-TAG, combined with --fields FIELD-TAG")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     dest = Path(args.out)
@@ -245,7 +258,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for n in names:
             load = " ".join(f"{v:.2f}" for v in os.getloadavg())
             out = {**run_field(n, args, budgets), "command": command, "load": load, "args": vars(args)}
-            write_json(dest / f"fastflow_context_{n}{tag}.json", out)
+            name = f"{n}-{args.tag}" if args.tag else n
+            out["field"] = name
+            write_json(dest / f"fastflow_context_{name}{tag}.json", out)
         return out
     fields = [load_field(dest, n) for n in names]
     out = {"command": command, "args": fields[0]["args"], "fields": fields}  # per-field settings: fields[i]["run_args"]
