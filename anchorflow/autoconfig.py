@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .base.errors import ConfigError
-from .runtime.bundles.presets import Preset, check_name
+from .runtime.bundles.presets import Preset, check_name, resolve_quality  # noqa: F401  (resolve_quality: API)
 
 DEFAULT_SOLVERS = ("euler", "ab2", "ipndm", "unipc", "ba")
 DEFAULT_NFES = (3, 4, 5, 6, 7, 8, 10, 12, 16, 20)
@@ -61,6 +61,12 @@ class Candidate:
     per_sample: Optional[np.ndarray] = field(default=None, repr=False, compare=False)  # (samples,) PSNR dB
     first_s: Optional[float] = None  # wall time of its one scoring solve (every candidate; noisier than latency_s)
     measured_s: Optional[float] = None  # median wall time of its timing solves (met the target), for reference
+    first_call: str = "backbone"  # "cached": the t = 1 velocity from the bundle's table (one interval more)
+
+    @property
+    def key(self) -> tuple:
+        """(solver, nfe, times, first_call): one configuration, solved once."""
+        return (self.solver, self.nfe, self.times, self.first_call)
 
     @property
     def seconds(self) -> Optional[float]:
@@ -69,6 +75,7 @@ class Candidate:
 
     def to_json(self) -> dict[str, Any]:
         return {"solver": self.solver, "nfe": self.nfe, "grid": self.grid_label, "mean_psnr": self.mean_psnr,
+                "first_call": self.first_call,
                 "lower_bound": self.lower_bound, "quantile_psnr": self.quantile_psnr, "calls": self.calls,
                 "latency_s": self.latency_s, "measured_s": self.measured_s, "meets": self.meets}
 
@@ -102,7 +109,7 @@ def parse_reference(text: str) -> tuple[str, int]:
 
 
 def bootstrap_lower(values: np.ndarray, confidence: float, resamples: int, rng: np.random.Generator,
-                    future: Optional[int] = None) -> float:
+                    future: Optional[int] = None, groups: Optional[np.ndarray] = None) -> float:
     """Percentile-bootstrap lower bound at ``confidence`` from the per-sample ``values`` (n,).
 
     ``future`` None: a bound on the population mean, the (1 - c) quantile of ``resamples`` resampled
@@ -110,13 +117,47 @@ def bootstrap_lower(values: np.ndarray, confidence: float, resamples: int, rng: 
     user's next batch gets): ``mean - q_c(mean*_n - mean*_m)``, the c quantile of the difference of
     a resampled mean of n (the tuning batch's own error) and one of m (the fresh batch's spread);
     about ``sqrt(1 + n/m)`` times as far below the mean as the population bound.
+
+    ``groups`` (n,) condition ids (class labels, prompt rows): a two-level bootstrap for *fresh
+    conditions*, the tuning conditions taken as a sample of the conditions a user will run. Each
+    resample draws G of the G groups with replacement, then each drawn group's own n_g samples
+    with replacement from it; a fresh batch draws its own G groups the same way and its m samples
+    spread over them. The bound then also pays for how much the conditions differ (with few
+    groups, a lot); one group, or every sample its own group, is the one-level bound.
     """
     v = np.asarray(values, np.float64).reshape(-1)
+    if groups is not None:
+        ids, inverse = np.unique(np.asarray(groups).reshape(-1), return_inverse=True)
+        if inverse.size != v.size:
+            raise ConfigError(f"bootstrap groups must give one id per sample ({v.size}), got {inverse.size}")
+        if 1 < ids.size < v.size:
+            return _grouped_lower(v, inverse, ids.size, confidence, int(resamples), rng, future)
     idx = rng.integers(0, v.size, size=(int(resamples), v.size))
     means = v[idx].mean(axis=1)
     if future is None:
         return float(np.quantile(means, 1.0 - confidence))
     fresh = v[rng.integers(0, v.size, size=(int(resamples), int(future)))].mean(axis=1)
+    return float(v.mean() - np.quantile(means - fresh, confidence))
+
+
+def _grouped_lower(v: np.ndarray, inverse: np.ndarray, g: int, confidence: float, resamples: int,
+                   rng: np.random.Generator, future: Optional[int]) -> float:
+    """:func:`bootstrap_lower` over groups, then samples (vectorised: groups padded to the largest)."""
+    sizes = np.bincount(inverse, minlength=g)
+    pad = np.zeros((g, int(sizes.max())))
+    for k in range(g):
+        pad[k, : sizes[k]] = v[inverse == k]
+    chosen = rng.integers(0, g, size=(resamples, g))  # (R, G) the groups of each resample
+    n_of = sizes[chosen]  # (R, G)
+    j = np.floor(rng.random((resamples, g, pad.shape[1])) * n_of[..., None]).astype(np.int64)
+    live = np.arange(pad.shape[1])[None, None, :] < n_of[..., None]  # each drawn group keeps its own size
+    means = np.where(live, pad[chosen[..., None], j], 0.0).sum(axis=(1, 2)) / n_of.sum(axis=1)
+    if future is None:
+        return float(np.quantile(means, 1.0 - confidence))
+    fresh_groups = rng.integers(0, g, size=(resamples, g))  # the fresh batch's own draw of conditions
+    slot = fresh_groups[np.arange(resamples)[:, None], rng.integers(0, g, size=(resamples, int(future)))]
+    pick = np.floor(rng.random((resamples, int(future))) * sizes[slot]).astype(np.int64)
+    fresh = pad[slot, pick].mean(axis=1)
     return float(v.mean() - np.quantile(means - fresh, confidence))
 
 
@@ -134,20 +175,24 @@ def check_settings(target_psnr: float, confidence: float, samples: int, resample
     check_int(seed, "--seed", 0, MAX_SEED)
 
 
-def _grid_choices(model, tuning, solver: str, nfe: int, grids: Sequence[str]) -> list[tuple[str, tuple]]:
-    """(label, times) for each grid name that applies to (solver, nfe); "tuned" only where recorded."""
+def _grid_choices(model, tuning, solver: str, nfe: int, grids: Sequence[str],
+                  first_call: str = "backbone") -> list[tuple[str, tuple]]:
+    """(label, times) for each grid name that applies to (solver, nfe, first call); "tuned" only where
+    recorded. A cached first call buys one more step for the same backbone calls (label "... +cached")."""
     from .runtime import get_solver
     from .runtime.solving.grids import make_grid
 
-    steps = get_solver(solver).steps_for_nfe(nfe)
+    cached = first_call == "cached"
+    steps = get_solver(solver).steps_for_nfe(nfe, 1 if cached else 0)
+    tag = " +cached" if cached else ""
     out = []
     for g in grids:
         if g == "tuned":
-            tg = None if tuning is None else tuning.grid_for(solver, nfe)
+            tg = None if tuning is None else tuning.grid_for(solver, nfe, first_call)
             if tg is not None:
-                out.append((f"tuned {tg.spec}", tuple(float(t) for t in tg.times)))
+                out.append((f"tuned {tg.spec}{tag}", tuple(float(t) for t in tg.times)))
             continue
-        out.append((g, tuple(float(t) for t in make_grid(steps, g))))
+        out.append((g + tag, tuple(float(t) for t in make_grid(steps, g))))
     return out
 
 
@@ -157,14 +202,19 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
                   confidence: float = 0.95, resamples: int = 2000, repeats: int = 3, name: Optional[str] = None,
                   tuning: Any = None, cond: Optional[dict] = None, null_cond: Optional[dict] = None,
                   backend: str = "", progress: bool = False, batch: Optional[int] = None,
-                  labels: Any = None) -> AutoConfig:
+                  labels: Any = None, groups: Any = None,
+                  first_calls: Sequence[str] = ("backbone", "cached")) -> AutoConfig:
     """Search solvers x NFE x grids for the fastest configuration whose PSNR lower bound meets ``target_psnr``.
 
     ``model``: a LoadedBundle / OpenModel (anything :func:`anchorflow.runtime.plan.plan` takes);
     ``tuning``: the bundle's :class:`~anchorflow.runtime.bundles.tuned_grids.Tuning` for the ``tuned`` grids (None:
     none). ``batch``: the promise is about the mean PSNR of a fresh batch of this many samples
     (default ``samples``; 0: about the population mean), see :func:`bootstrap_lower`. ``labels``:
-    the tuning batch's class labels (default 0..C-1 cycled). See the module docstring for the
+    the tuning batch's class labels (default 0..C-1 cycled). ``groups``: (samples,) condition ids for a
+    bound over fresh conditions as well as fresh noise (:func:`bootstrap_lower`; ``"labels"``: the
+    labels; None: over samples only). ``first_calls``: "backbone" and/or "cached" (the t = 1 velocity
+    from the bundle's measured table, one more interval for the same calls; skipped where the bundle
+    has no table, as the settings say). See the module docstring for the
     procedure. Raises ConfigError (one line) when no candidate's bound meets the target, naming the
     best bound reached and where.
     """
@@ -189,10 +239,18 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
     meta = model.meta if "state_shape" in model.meta else {**model.meta, **(model.meta.get("model") or {})}
     shape = tuple(int(v) for v in meta["state_shape"])
     noise = np.random.default_rng(seed).standard_normal((samples, *shape)).astype(np.float32)
+    groups = _groups(groups, labels, samples, meta)
 
-    def make(solver: str, nfe: int, times) -> Any:
+    bad = [f for f in first_calls if f not in ("backbone", "cached")]
+    if bad or not first_calls:
+        raise ConfigError(f"first calls must be among backbone, cached, got {list(first_calls)!r}")
+    table = None if tuning is None else getattr(tuning, "first_call", None)
+    modes = [f for f in dict.fromkeys(first_calls) if f == "backbone" or table is not None]
+
+    def make(solver: str, nfe: int, times, first_call: str = "backbone") -> Any:
         return plan(model, solver=solver, nfe=nfe, grid=np.asarray(times, np.float64), cfg_scale=cfg, cond=cond,
-                    null_cond=null_cond, noise=noise, tuning=None, labels=labels)
+                    null_cond=null_cond, noise=noise, first_call=first_call,
+                    tuning=tuning if first_call == "cached" else None, labels=labels)
 
     ref_times = tuple(float(t) for t in make_grid(get_solver(ref_solver).steps_for_nfe(ref_nfe), "uniform"))
     ref_res = make(ref_solver, ref_nfe, ref_times).run()
@@ -200,35 +258,34 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
     ref = ref_res.x
     dr = meta.get("data_range", (-1.0, 1.0))
     span = span_of(ref) if dr is None else (float(dr[0]), float(dr[1]))  # null: latents, scored on the reference
-    solved: dict = {}  # (solver, nfe, times) -> (plan, Result): no configuration is solved twice
+    solved: dict = {}  # Candidate.key -> (plan, Result, wall times): no configuration is solved twice
     cands: list[Candidate] = []
     calls = ref_res.nfe
-    for s in names:
-        for k in sorted(set(int(v) for v in nfes)):
-            try:
-                choices = _grid_choices(model, tuning, s, k, grids)
-            except ConfigError:
-                continue  # a budget this solver cannot spend exactly
-            for label, times in choices:
-                key = (s, k, times)
-                if (s, k, times) == (ref_solver, ref_nfe, ref_times):
-                    continue  # the reference itself is not a candidate: it is what the user runs today
-                if key not in solved:
-                    p = make(s, k, times)
-                    res = p.run()
-                    solved[key] = (p, res, [res.timing.total_s])
-                    timings.append((s, res))
-                    calls += res.nfe
-                p, res, _ = solved[key]
-                per = (M.psnr_per_sample(res.x, ref, span) if np.all(np.isfinite(res.x))
-                       else np.full(samples, -math.inf))
-                # every candidate resamples the same sample indices (its own generator, same seed):
-                # common random numbers, and a bound anyone can recompute from the per-sample PSNRs
-                lcb = (bootstrap_lower(per, confidence, resamples, np.random.default_rng(seed + 1), future)
-                       if np.all(np.isfinite(per)) else -math.inf)
-                cands.append(Candidate(s, k, label, times, float(np.mean(per)), lcb,
-                                       float(np.quantile(per, QUANTILE)), res.nfe, meets=lcb >= target_psnr,
-                                       per_sample=per, first_s=solved[key][2][0]))
+    for s, k, fc in ((s, k, fc) for s in names for k in sorted(set(int(v) for v in nfes)) for fc in modes):
+        try:
+            choices = _grid_choices(model, tuning, s, k, grids, fc)
+        except ConfigError:
+            continue  # a budget this solver cannot spend exactly
+        for label, times in choices:
+            key = (s, k, times, fc)
+            if (s, k, times, fc) == (ref_solver, ref_nfe, ref_times, "backbone"):
+                continue  # the reference itself is not a candidate: it is what the user runs today
+            if key not in solved:
+                p = make(s, k, times, fc)
+                res = p.run()
+                solved[key] = (p, res, [res.timing.total_s])
+                timings.append((s, res))
+                calls += res.nfe
+            p, res, _ = solved[key]
+            per = (M.psnr_per_sample(res.x, ref, span) if np.all(np.isfinite(res.x))
+                   else np.full(samples, -math.inf))
+            # every candidate resamples the same sample indices (its own generator, same seed):
+            # common random numbers, and a bound anyone can recompute from the per-sample PSNRs
+            lcb = (bootstrap_lower(per, confidence, resamples, np.random.default_rng(seed + 1), future, groups)
+                   if np.all(np.isfinite(per)) else -math.inf)
+            cands.append(Candidate(s, k, label, times, float(np.mean(per)), lcb,
+                                   float(np.quantile(per, QUANTILE)), res.nfe, meets=lcb >= target_psnr,
+                                   per_sample=per, first_s=solved[key][2][0], first_call=fc))
     if not cands:
         raise ConfigError(f"no candidate configuration: none of {', '.join(names) or 'the solvers'} can spend "
                           f"{', '.join(map(str, nfes))} backbone calls")
@@ -240,7 +297,7 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
             f"NFE {min(c.nfe for c in cands)}..{max(c.nfe for c in cands)}: the best {confidence:.0%} lower bound "
             f"is {best.lower_bound:.2f} dB ({best.solver}@{best.nfe} {best.grid_label}); lower the target or "
             "allow more calls (--nfe)")
-    timed = {(c.solver, c.nfe, c.times) for c in feasible}
+    timed = {c.key for c in feasible}
     for _ in range(max(0, repeats - 1)):  # round-robin: load on the machine hits every candidate alike
         for key in timed:
             p, res, times_s = solved[key]
@@ -249,10 +306,10 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
             timings.append((key[0], again))
             calls += res.nfe
     for c in feasible:
-        c.measured_s = float(statistics.median(solved[(c.solver, c.nfe, c.times)][2]))
+        c.measured_s = float(statistics.median(solved[c.key][2]))
     per_call = latency_model(timings)
     for c in cands:
-        r = solved[(c.solver, c.nfe, c.times)][1]
+        r = solved[c.key][1]
         c.latency_s = modelled_latency(per_call, c.solver, r.nfe, r.sidenet_calls, len(r.steps))
     settings_ = {"reference": f"{ref_solver}@{ref_nfe}", "confidence": float(confidence), "samples": int(samples),
                  "backend": str(backend)}
@@ -265,11 +322,34 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
                                                   for k, v in per_call["overhead_s_per_step"].items()}}}
     settings = {"target_psnr": float(target_psnr), "reference": f"{ref_solver}@{ref_nfe}", "solvers": names,
                 "nfes": sorted(set(int(v) for v in nfes)), "grids": list(grids), "samples": int(samples),
+                "first_calls": modes + [f"{f} (skipped: the bundle has no first-call table; run 'anchorflow tune')"
+                                        for f in dict.fromkeys(first_calls) if f not in modes],
                 "seed": int(seed), "cfg": float(cfg), "confidence": float(confidence), "resamples": int(resamples),
-                "repeats": int(repeats), "bootstrap": "percentile, over samples",
+                "repeats": int(repeats),
+                "bootstrap": ("percentile, over samples" if groups is None else
+                              f"percentile, two-level: over {np.unique(groups).size} condition groups, then samples"),
                 "bound": ("the population mean" if future is None
                           else f"the mean of a fresh batch of {future} samples (prediction bound)")}
     return AutoConfig(preset, cands, cost, settings)
+
+
+def _groups(groups: Any, labels: Any, samples: int, meta: dict) -> Optional[np.ndarray]:
+    """``autoconfigure``'s ``groups``: None, ``"labels"`` (the labels, or 0..C-1 cycled) or (samples,) ids."""
+    if groups is None:
+        return None
+    if isinstance(groups, str):
+        if groups != "labels":
+            raise ConfigError(f"groups must be None, 'labels' or one condition id per sample, got {groups!r}")
+        if labels is not None:
+            return np.asarray(labels).reshape(-1)
+        classes = meta.get("num_classes")
+        if not classes:
+            raise ConfigError("groups='labels' needs a class-conditional model or labels; pass groups= ids instead")
+        return np.arange(samples) % int(classes)
+    g = np.asarray(groups).reshape(-1)
+    if g.size != samples:
+        raise ConfigError(f"groups must give one condition id per sample ({samples}), got {g.size}")
+    return g
 
 
 def latency_model(timings: Sequence[tuple[str, Any]]) -> dict[str, Any]:
@@ -298,7 +378,7 @@ def _choose(cands: Sequence[Candidate], target_psnr: float, name: str, st: dict)
     if not ok:
         raise ConfigError(f"no candidate of this search has a {st['confidence']:.0%} lower bound >= {target_psnr:g} dB")
     best = min(ok, key=lambda c: (c.latency_s, c.nfe))
-    return Preset(name, best.solver, best.nfe, "backbone", best.grid_label, best.times, float(target_psnr),
+    return Preset(name, best.solver, best.nfe, best.first_call, best.grid_label, best.times, float(target_psnr),
                   st["reference"], st["confidence"], best.lower_bound, best.mean_psnr, QUANTILE,
                   best.quantile_psnr, best.latency_s, st["samples"], st["backend"])
 
@@ -323,7 +403,8 @@ def record(bundle_dir, found: AutoConfig) -> None:
 
 def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: str, nfe: Optional[str], grids: str,
                    samples: int, seed: int, cfg: float, confidence: float, name: Optional[str], backend: str,
-                   dry_run: bool, plot: Optional[str] = None) -> list[str]:
+                   dry_run: bool, plot: Optional[str] = None, batch: Optional[int] = None,
+                   bound: str = "samples", first_calls: Sequence[str] = ("backbone", "cached")) -> list[str]:
     """``anchorflow tune MODEL --target-psnr Q``: search, record the preset in the bundle, return the lines to print."""
     from .modelref import open_model
     from .runtime.bundles.tuned_grids import read_tuning
@@ -353,7 +434,8 @@ def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: s
     tuning = None if folder is None else read_tuning(folder)
     found = autoconfigure(m, target_psnr, reference=reference, solvers=names, nfes=nfes, grids=grid_names,
                           samples=samples, seed=seed, cfg=cfg, confidence=confidence, name=name, tuning=tuning,
-                          backend=", ".join(m.providers) or backend)
+                          backend=", ".join(m.providers) or backend, batch=batch,
+                          groups="labels" if bound == "conditions" else None, first_calls=first_calls)
     p = found.preset
     lines = [f"{'config':<28} {'mean':>7} {'bound':>7} {'p10':>7} {'ms':>8}  (ms: modelled from the per-call times)"]
     for c in sorted(found.candidates, key=lambda c: (not c.meets, c.latency_s, c.nfe)):
@@ -377,29 +459,6 @@ def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: s
 
 
 # -- using a preset: sample --quality NAME|PSNR, and escalation (--max-error) ---------------------------
-def resolve_quality(tuning, quality: Any) -> Preset:
-    """The preset a ``--quality`` asks for: a recorded name, or a number of dB (the fastest recorded
-    preset whose lower bound meets it). One-line ConfigError naming what is recorded otherwise."""
-    from .runtime.bundles.presets import get_preset
-
-    presets = {} if tuning is None else dict(getattr(tuning, "presets", {}) or {})
-    text = str(quality).strip()
-    try:
-        want = float(text)
-    except ValueError:
-        return get_preset(tuning, text)
-    if not math.isfinite(want):
-        raise ConfigError(f"--quality must be a preset name or a finite number of dB, got {quality!r}")
-    ok = [p for p in presets.values() if p.lower_bound >= want]
-    if not ok:
-        best = max(presets.values(), key=lambda p: p.lower_bound, default=None)
-        have = ("no preset is recorded" if best is None else
-                f"the best recorded is {best.name!r} with a {best.confidence:.0%} lower bound of {best.lower_bound:.2f} dB")
-        raise ConfigError(f"--quality {text}: no recorded preset reaches {want:g} dB ({have}); record one with "
-                          f"'anchorflow tune BUNDLE --target-psnr {want:g}'")
-    return min(ok, key=lambda p: (p.latency_s, p.nfe, p.name))
-
-
 def ladder(tuning, chosen: Preset) -> list[Preset]:
     """The configurations escalation climbs after ``chosen``: the recorded presets measured slower than
     it with a higher lower bound (fastest first), then its reference (uniform grid) as the last rung."""
@@ -548,7 +607,7 @@ def plot_pareto(found: AutoConfig, path) -> Any:
                 label="Pareto front")
         ax.axhline(p.target_psnr, ls="--", color="0.5", lw=1, label=f"target {p.target_psnr:g} dB "
                    f"({p.confidence:.0%} lower bound)")
-        chosen = [c for c in cands if (c.solver, c.nfe, c.times) == (p.solver, p.nfe, p.times)]
+        chosen = [c for c in cands if c.key == (p.solver, p.nfe, p.times, p.first_call)]
         if chosen:
             ax.scatter([xs(chosen[0])], [chosen[0].mean_psnr], s=170, facecolors="none", edgecolors="k",
                        linewidths=1.6, label=f"chosen: {p.solver}@{p.nfe} {p.grid_label}")

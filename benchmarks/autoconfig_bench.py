@@ -10,8 +10,8 @@ Models (``--model``):
   classes) with :class:`ExactSideNet` scaled by 0.8 (a systematically under-trained SideNet).
 
 Per model, with the default search (solvers euler, ab2, ipndm, unipc, ba; NFE 3..16; grids uniform and
-the bundle's tuned ones; reference euler@50; 32 tuning samples, seed 1, classes 0-4 only; 95 %
-prediction bound on a fresh batch of 32):
+the bundle's tuned ones; reference euler@50; 128 tuning samples (``--tune-samples``), seed 1, classes 0-4
+only; 95 % prediction bound on the mean of a fresh batch of 32):
 
 1. Coverage. ONE ``autoconfigure`` search at the lowest of three targets; the presets of the two
    higher targets come from the same solves (``preset_for``, the same choice autoconfigure makes).
@@ -126,9 +126,12 @@ def shape_of(model) -> tuple:
     return tuple(int(v) for v in meta["state_shape"]), meta.get("data_range", (-1.0, 1.0))
 
 
-def run(model, solver, nfe, times, noise, conds):
-    return plan(model, solver=solver, nfe=nfe, grid=np.asarray(times, np.float64), noise=noise, tuning=None,
-                **conds).run()
+TUNING = None  # the bundle's tuning (its first-call table), set by main(): a cached-first-call plan needs it
+
+
+def run(model, solver, nfe, times, noise, conds, first_call="backbone"):
+    return plan(model, solver=solver, nfe=nfe, grid=np.asarray(times, np.float64), noise=noise,
+                first_call=first_call, tuning=TUNING if first_call == "cached" else None, **conds).run()
 
 
 def per_sample_psnr(x, ref, dr, batch):
@@ -146,6 +149,13 @@ def rmse(x, ref):
     return np.sqrt(np.mean(d * d, axis=1))
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a binomial proportion k / n (the coverage's own uncertainty)."""
+    p = k / n
+    mid, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (mid - half) / (1 + z * z / n), (mid + half) / (1 + z * z / n)
+
+
 def worst_decile(p):
     p = np.sort(p)
     return float(p[: max(1, p.size // 10)].mean())
@@ -154,9 +164,14 @@ def worst_decile(p):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=tuple(TARGETS), required=True)
-    ap.add_argument("--batches", type=int, default=16)
-    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--batches", type=int, default=64, help="held-out batches (coverage resolution 1/batches)")
+    ap.add_argument("--samples", type=int, default=32, help="samples per held-out batch (the promise's batch)")
+    ap.add_argument("--tune-samples", type=int, default=128,
+                    help="samples the search scores each configuration on (its bound is on a fresh batch of --samples)")
     ap.add_argument("--targets", default=None, help="three comma-separated dB targets (default per model)")
+    ap.add_argument("--bound", choices=("samples", "conditions"), default="samples",
+                    help="the search's bootstrap: over samples, or two-level over the tuning classes then samples")
+    ap.add_argument("--tag", default="", help="suffix of the results file (autoconfig_MODEL{tag}.json): a variant run")
     ap.add_argument("--accurate", type=int, default=None, help="RK4 calls of the Spearman reference (default per model)")
     ap.add_argument("--sd3-bundle", default="/tmp/anchorflow_autoconfig_sd3")
     args = ap.parse_args(argv)
@@ -164,14 +179,18 @@ def main(argv=None) -> int:
     log = lambda *a: print(f"[{time.perf_counter() - t_start:6.1f}s]", *a, flush=True)  # noqa: E731
     args.accurate = args.accurate or ACCURATE[args.model]
     targets = TARGETS[args.model] if args.targets is None else tuple(float(v) for v in args.targets.split(","))
+    global TUNING
     model, tuning, conds_for, desc = open_case(args.model, Path(args.sd3_bundle))
+    TUNING = tuning
     shape, dr = shape_of(model)
     n, K = args.samples, args.batches
-    train_y = np.asarray(TRAIN_CLASSES)[np.arange(n) % len(TRAIN_CLASSES)]
-    res = {"model": args.model, "description": desc, "targets": list(targets), "samples": n, "batches": K}
+    train_y = np.asarray(TRAIN_CLASSES)[np.arange(args.tune_samples) % len(TRAIN_CLASSES)]
+    res = {"model": args.model, "description": desc, "targets": list(targets), "samples": n, "batches": K,
+           "tune_samples": args.tune_samples, "bound": args.bound}
 
     # 1. one search at the lowest target, the higher presets from the same solves
-    found = autoconfigure(model, targets[0], samples=n, seed=1, nfes=NFES, tuning=tuning, repeats=3,
+    found = autoconfigure(model, targets[0], samples=args.tune_samples, batch=n, seed=1, nfes=NFES, tuning=tuning,
+                          repeats=3, groups=train_y if args.bound == "conditions" else None,
                           backend="ort-cpu, 1 thread", **conds_for(train_y))
     presets = [found.preset] + [preset_for(found, q) for q in targets[1:]]
     res["search"] = {"settings": found.settings, "cost": found.cost,
@@ -188,10 +207,10 @@ def main(argv=None) -> int:
     log("held-out reference done")
     cache = {}
 
-    def held(solver, nfe, times):
-        key = (solver, nfe, tuple(times))
+    def held(solver, nfe, times, first_call="backbone"):
+        key = (solver, nfe, tuple(times), first_call)
         if key not in cache:
-            r = run(model, solver, nfe, times, noise, hc)
+            r = run(model, solver, nfe, times, noise, hc, first_call)
             cache[key] = (r, per_sample_psnr(r.x, ref, dr, n))
         return cache[key]
 
@@ -202,14 +221,16 @@ def main(argv=None) -> int:
     ref2 = run(model, "euler", 50, np.linspace(1.0, 0.0, 51), noise2, conds_for(same_y)).x
     cov = []
     for p in presets:
-        per2 = per_sample_psnr(run(model, p.solver, p.nfe, p.times, noise2, conds_for(same_y)).x, ref2, dr, n)
+        per2 = per_sample_psnr(run(model, p.solver, p.nfe, p.times, noise2, conds_for(same_y), p.first_call).x,
+                               ref2, dr, n)
         cov2 = float(np.mean(per2.reshape(K, n).mean(axis=1) >= p.target_psnr))
-        per = held(p.solver, p.nfe, p.times)[1]
+        per = held(p.solver, p.nfe, p.times, p.first_call)[1]
         means = per.reshape(K, n).mean(axis=1)
         cov.append({"target": p.target_psnr, "config": f"{p.solver}@{p.nfe} {p.grid_label}",
                     "tuning_lower_bound": p.lower_bound, "tuning_mean": p.mean_psnr,
                     "held_mean": float(per.mean()), "held_batch_means_min": float(means.min()),
                     "coverage": float(np.mean(means >= p.target_psnr)), "promised": p.confidence,
+                    "coverage_interval": wilson(int(np.sum(means >= p.target_psnr)), K),
                     "coverage_same_classes": cov2, "held_mean_same_classes": float(per2.mean())})
         log("coverage", cov[-1])
     res["coverage"] = cov
@@ -222,26 +243,26 @@ def main(argv=None) -> int:
         scored, best = 0, None
         for c in space:  # every configuration faster than the first one meeting the target is scored
             scored += 1
-            if float(held(c.solver, c.nfe, c.times)[1].mean()) >= p.target_psnr:
+            if float(held(*c.key)[1].mean()) >= p.target_psnr:
                 best = c
                 break
         keep = None  # the fastest whose held-out batches keep the promise (>= confidence of them meet it)
         for c in space:
-            per = held(c.solver, c.nfe, c.times)[1]
+            per = held(*c.key)[1]
             if np.mean(per.reshape(K, n).mean(axis=1) >= p.target_psnr) >= p.confidence:
                 keep = c
                 break
-        chosen = next(c for c in found.candidates if (c.solver, c.nfe, c.times) == (p.solver, p.nfe, p.times))
-        ck = (chosen.solver, chosen.nfe, chosen.times)
+        chosen = next(c for c in found.candidates if c.key == (p.solver, p.nfe, p.times, p.first_call))
+        ck = chosen.key
         row = {"target": p.target_psnr, "chosen": f"{chosen.solver}@{chosen.nfe} {chosen.grid_label}",
                "chosen_ms": 1e3 * chosen.latency_s, "chosen_held_mean": float(held(*ck)[1].mean()),
                "scored_on_held_out": scored}
         if best is not None:
-            bk = (best.solver, best.nfe, best.times)
+            bk = best.key
             walls = {ck: [], bk: []}
             for _ in range(5):  # wall time too: interleaved, median of 5 solves of a 32-sample batch
                 for k in walls:
-                    walls[k].append(run(model, *k, probe, pc).timing.total_s)
+                    walls[k].append(run(model, *k[:3], probe, pc, k[3]).timing.total_s)
             wall = {k: statistics.median(v) for k, v in walls.items()}
             row.update({"best": f"{best.solver}@{best.nfe} {best.grid_label}", "best_ms": 1e3 * best.latency_s,
                         "best_held_mean": float(held(*bk)[1].mean()), "ratio": chosen.latency_s / best.latency_s,
@@ -283,15 +304,16 @@ def main(argv=None) -> int:
         c = min(ok, key=lambda c: (c.latency_s, c.nfe))
         from anchorflow.runtime.bundles.presets import Preset
 
-        base = Preset("base", c.solver, c.nfe, "backbone", c.grid_label, c.times, targets[0], base.reference,
+        base = Preset("base", c.solver, c.nfe, c.first_call, c.grid_label, c.times, targets[0], base.reference,
                       base.confidence, c.lower_bound, c.mean_psnr, base.quantile, c.quantile_psnr, c.latency_s,
                       base.batch, base.backend)
     named = {f"q{i}": p for i, p in enumerate(presets)}
     named = {k: type(p)(**{**p.to_json(), "name": k, "times": p.times}) for k, p in named.items()}
     named["base"] = type(base)(**{**base.to_json(), "name": "base", "times": base.times})
-    tun = Tuning(presets=named)
+    tun = Tuning(presets=named, first_call=None if tuning is None else tuning.first_call)
     tune_noise = np.random.default_rng(1).standard_normal((n, *shape)).astype(np.float32)
-    est_tune = run(model, base.solver, base.nfe, base.times, tune_noise, conds_for(train_y)).error_estimate
+    est_tune = run(model, base.solver, base.nfe, base.times, tune_noise, conds_for(train_y[:n]),
+                   base.first_call).error_estimate
     E = float(np.quantile(est_tune, 0.9))
     chosen, first, rungs = quality_plans(model, "base", tuning=tun, noise=noise, **hc)
     r0 = first.run()
@@ -301,7 +323,7 @@ def main(argv=None) -> int:
     xr = np.array(r0.x, copy=True)
     if esc.resolved:
         q = rungs[0][1]
-        xr[rnd] = run(model, q.solver, q.nfe, q.grid, noise[rnd], conds_for(held_y[rnd])).x
+        xr[rnd] = run(model, q.solver, q.nfe, q.grid, noise[rnd], conds_for(held_y[rnd]), q.first_call).x
     rand = per_sample_psnr(xr, ref, dr, n)
     res["escalation"] = {"base": f"{base.solver}@{base.nfe} {base.grid_label}", "max_error": E,
                          "samples": n * K, "base_calls": int(r0.nfe), "base_sample_calls": int(r0.nfe) * n * K,
@@ -314,7 +336,7 @@ def main(argv=None) -> int:
     log("escalation", res["escalation"])
     res.update({"command": "nice -n 5 python benchmarks/" + " ".join([Path(__file__).name, *sys.argv[1:]]),
                 "loadavg": open("/proc/loadavg").read().strip(), "seconds": round(time.perf_counter() - t_start, 1)})
-    (RESULTS / f"autoconfig_{args.model}.json").write_text(json.dumps(res, indent=1, default=float))
+    (RESULTS / f"autoconfig_{args.model}{args.tag}.json").write_text(json.dumps(res, indent=1, default=float))
     write_summary()
     log("done")
     return 0
@@ -330,17 +352,20 @@ def write_summary() -> None:
     L = ["# Auto-configuration (issue 26): coverage, latency vs exhaustive sweep, estimate ranking, escalation",
          "", "Made by `benchmarks/autoconfig_bench.py` (one run per model; the command and load average of each "
          "below). The machine is a shared 2-core box: timings are loaded.", ""]
+    L += compared()
     for name, r in runs.items():
         L += [f"## {name}: {r['description']}", "", f"Command: `{r['command']}`  ",
               f"Load average at the end: {r['loadavg']}; {r['seconds']} s  ",
-              f"Search cost: {r['search']['cost']}", "",
+              f"Search: {r.get('tune_samples', r['samples'])} tuning samples, bound on a fresh batch of "
+              f"{r['samples']}; cost {r['search']['cost']}", "",
               f"### Coverage: {r['batches']} held-out batches of {r['samples']} (fresh seeds, classes 5-9; "
               "tuned on classes 0-4)", "",
-              "| target dB | chosen | tuning bound | tuning mean | held-out mean | worst batch | coverage | promised | "
-              "fresh seeds, tuning classes: mean | coverage |",
+              "| target dB | chosen | tuning bound | tuning mean | held-out mean | worst batch | coverage (95 % interval) "
+              "| promised | fresh seeds, tuning classes: mean | coverage |",
               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         L += [f"| {c['target']:g} | {c['config']} | {c['tuning_lower_bound']:.2f} | {c['tuning_mean']:.2f} | "
-              f"{c['held_mean']:.2f} | {c['held_batch_means_min']:.2f} | {c['coverage']:.0%} | {c['promised']:.0%} | "
+              f"{c['held_mean']:.2f} | {c['held_batch_means_min']:.2f} | {c['coverage']:.1%} "
+              f"({_interval(c)}) | {c['promised']:.0%} | "
               f"{c['held_mean_same_classes']:.2f} | {c['coverage_same_classes']:.0%} |"
               for c in r["coverage"]]
         sw = r["sweep"]
@@ -378,5 +403,36 @@ def write_summary() -> None:
     (RESULTS / "autoconfig.md").write_text("\n".join(L) + "\n")
 
 
+VARIANTS = {"": "the runs below", "_t32": "32 tuning samples (the earlier setting)",
+            "_cond": "two-level bound over the tuning classes (--bound conditions)"}
+
+
+def _interval(c: dict) -> str:
+    lo_hi = c.get("coverage_interval")
+    return "n/a" if lo_hi is None else f"{lo_hi[0]:.0%}-{lo_hi[1]:.0%}"
+
+
+def compared() -> list[str]:
+    """One table over every variant run on disk (autoconfig_MODEL{tag}.json): the settings' trade-off."""
+    L = ["## Search settings compared (the same held-out sets; each variant's command in its JSON file)", "",
+         "| model | variant | tuning samples | bound | held-out batches | target dB | chosen | coverage | "
+         "chosen/best on held-out | chosen/fastest keeping >= 95 % |", "|---|---|---:|---|---:|---:|---|---:|---:|---:|"]
+    for name in TARGETS:
+        for tag, what in VARIANTS.items():
+            f = RESULTS / f"autoconfig_{name}{tag}.json"
+            if not f.is_file():
+                continue
+            r = json.loads(f.read_text())
+            for c, s in zip(r["coverage"], r["sweep"]["rows"]):
+                L.append(f"| {name} | {what} | {r.get('tune_samples', r['samples'])} | {r.get('bound', 'samples')} | "
+                         f"{r['batches']} | {c['target']:g} | {c['config']} | {c['coverage']:.1%} | "
+                         f"{s.get('ratio', math.nan):.3f} | "
+                         f"{s.get('keeps_ratio', math.nan):.3f} |")
+    return L + [""]
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--summary"]:
+        write_summary()
+        raise SystemExit(0)
     raise SystemExit(main())

@@ -25,12 +25,12 @@ no search of its own: it is ``uniform`` or borrows the warp tuned for its multis
 Defaults are chosen on the dev fields (``--phase dev``: gm, relax, digits) by the mean margin
 over the best multistep solver, written to ``fastflow_calls_dev.json``; ``--phase held`` runs
 the chosen default (and its siblings of every base and order, for the record) on fields none
-of it was chosen on (aniso, swirl, sd3digits). Each run writes one file per field and budget
+of it was chosen on (aniso, swirl, sd3digits, and digits-cfg1.5: the digits model at guidance 1.5). Each run writes one file per field and budget
 (``--budgets`` splits a slow field into runs under 5 minutes), then ``--combine`` writes the tables:
 
     python benchmarks/fastflow_calls.py --phase dev --fields gm     # and relax, digits
     python benchmarks/fastflow_calls.py --phase dev --combine
-    python benchmarks/fastflow_calls.py --phase held --fields aniso  # and swirl, sd3digits
+    python benchmarks/fastflow_calls.py --phase held --fields aniso  # and swirl, sd3digits, digits-cfg1.5
     python benchmarks/fastflow_calls.py --phase held --combine
 
 Writes benchmarks/results/fastflow_calls_{phase}_{field}_{C}.json per run, and
@@ -70,7 +70,7 @@ PATTERN_ORDERS = (1, 2, 3)
 VARIANTS = (("euler", 1), ("euler", 2), ("adams", 1), ("adams", 2), ("adams", 3))
 MULTS = (2, 3)
 FINE_GRIDS = ("uniform", "twinwarp")
-PHASES = {"dev": ("gm", "relax", "digits"), "held": ("aniso", "swirl", "sd3digits")}
+PHASES = {"dev": ("gm", "relax", "digits"), "held": ("aniso", "swirl", "sd3digits", "digits-cfg1.5")}
 SD3 = ROOT / "benchmarks" / "results" / "sd3_digits" / "model"
 
 

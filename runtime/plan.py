@@ -77,6 +77,7 @@ KEY_EXCLUDED = {
     "n": "the row count: requests of any size merge",
     "seed": "start noise (row data)",
     "noise": "start noise (row data)",
+    "quality": "the preset's name: its solver, nfe, grid and first call are fields of their own",
 }
 
 
@@ -199,6 +200,7 @@ class SamplePlan:
     n: int = DEFAULT_N
     seed: int = 0
     noise: Optional[np.ndarray] = field(default=None, repr=False)
+    quality: Optional[str] = None  # the recorded preset this plan came from (plan(..., quality=)), if any
 
     @property
     def key(self) -> str:
@@ -514,14 +516,33 @@ def plan(bundle, *, solver: str = "ba", nfe: int = 7, grid: Any = None, first_ca
          seed: int = 0, noise: Optional[np.ndarray] = None, bandit_state: Optional[str] = None,
          calls: Optional[float] = None, speedup: Optional[float] = None, mu_factor: Optional[float] = None,
          options: Optional[Mapping[str, Any]] = None, tuning: Any = USE_BUNDLE,
-         names: Optional[Mapping[str, str]] = None) -> SamplePlan:
+         names: Optional[Mapping[str, str]] = None, quality: Any = None) -> SamplePlan:
     """Check every argument against ``bundle`` and resolve it into a :class:`SamplePlan` (module doc).
 
     ``names``: how the caller names the arguments in messages (e.g. ``{"cfg_scale": "--cfg"}``).
+    ``quality``: a preset recorded by ``anchorflow tune --target-psnr`` (its name, or a number of dB:
+    the fastest preset whose bound meets it) instead of ``solver`` / ``nfe`` / ``grid`` / ``first_call``
+    (giving both is refused); the plan's ``quality`` field names the preset.
     """
     from .solving.solvers import get_solver
 
     nm = {**NAMES, **(names or {})}
+    preset_name = None
+    if quality is not None:
+        from .bundles.presets import resolve_quality
+
+        given = [k for k, v, d in (("solver", solver, "ba"), ("nfe", nfe, 7), ("grid", grid, None),
+                                   ("first_call", first_call, "backbone")) if (v is not None if d is None else v != d)]
+        if given:
+            raise ConfigError(f"quality {quality!r} sets the solver, nfe, grid and first call; do not also give "
+                              f"{', '.join(nm.get(k, k) for k in given)}")
+        if tuning is USE_BUNDLE:
+            from .bundles.tuned_grids import read_tuning
+
+            fmt0 = _info(bundle)[1]
+            tuning = None if fmt0 is None else read_tuning(fmt0)
+        p = resolve_quality(tuning, quality)
+        solver, nfe, grid, first_call, preset_name = p.solver, p.nfe, np.asarray(p.times, np.float64), p.first_call, p.name
     a = check_request(solver=solver, nfe=nfe, grid=grid, first_call=first_call, cfg_scale=cfg_scale,
                       cfg_interval=cfg_interval, labels=labels, n=n, seed=seed, bandit_state=bandit_state,
                       calls=calls, speedup=speedup, mu_factor=mu_factor, names=nm)
@@ -550,7 +571,7 @@ def plan(bundle, *, solver: str = "ba", nfe: int = 7, grid: Any = None, first_ca
     return SamplePlan(bundle, str(meta.get("model_id")), engine, spec.name, a["nfe"], times, source, a["first_call"],
                       table, a["cfg_scale"], a["cfg_interval"], _frozen(rows), _frozen(shared),
                       None if null is None else _frozen(null), a["bandit_state"], a["calls"], a["speedup"],
-                      a["mu_factor"], tuple(sorted((options or {}).items())), n, a["seed"], noise)
+                      a["mu_factor"], tuple(sorted((options or {}).items())), n, a["seed"], noise, preset_name)
 
 
 # -- byo (#24): the default row count of a request with --cond and no --n / --samples

@@ -212,6 +212,43 @@ def test_prediction_bound_matches_the_normal_formula():
         assert got == pytest.approx(width, rel=0.08)
 
 
+def test_two_level_bound_pays_for_the_conditions():
+    """Independent truth (random-effects model): with G groups the two-level bound on the population
+    mean sits about z_c sd(group means) / sqrt(G) below the mean; without a group effect it is about
+    the one-level bound; one group, or one sample per group, IS the one-level bound (same draws)."""
+    from anchorflow.autoconfig import bootstrap_lower
+
+    rng = np.random.default_rng(3)
+    g = np.repeat(np.arange(40), 10)
+    v = rng.normal(0.0, 2.0, 40)[g] + rng.normal(0.0, 1.0, g.size)
+    z, sd_means = 1.6449, np.array([v[g == k].mean() for k in range(40)]).std()
+    got = v.mean() - bootstrap_lower(v, 0.95, 4000, np.random.default_rng(0), None, g)
+    assert got == pytest.approx(z * sd_means / np.sqrt(40), rel=0.1)
+    one = v.mean() - bootstrap_lower(v, 0.95, 4000, np.random.default_rng(0), None)
+    assert got > 2.5 * one  # the group effect dominates: the one-level bound is far too optimistic
+    flat = rng.normal(0.0, 1.0, g.size)
+    a = flat.mean() - bootstrap_lower(flat, 0.95, 4000, np.random.default_rng(0), 32, g)
+    b = flat.mean() - bootstrap_lower(flat, 0.95, 4000, np.random.default_rng(0), 32)
+    assert a == pytest.approx(b, rel=0.15)
+    for same in (np.zeros(g.size), np.arange(g.size)):
+        assert (bootstrap_lower(v, 0.95, 500, np.random.default_rng(1), 32, same)
+                == bootstrap_lower(v, 0.95, 500, np.random.default_rng(1), 32))
+
+
+def test_bad_groups_refused_in_one_line():
+    from anchorflow.autoconfig import _groups, bootstrap_lower
+
+    with pytest.raises(ConfigError, match="one id per sample"):
+        bootstrap_lower(np.zeros(8), 0.95, 100, np.random.default_rng(0), None, np.zeros(7))
+    with pytest.raises(ConfigError, match="one condition id per sample"):
+        _groups(np.zeros(3), None, 4, {})
+    with pytest.raises(ConfigError, match="'labels'"):
+        _groups("classes", None, 4, {})
+    with pytest.raises(ConfigError, match="class-conditional"):
+        _groups("labels", None, 4, {})
+    np.testing.assert_array_equal(_groups("labels", None, 5, {"num_classes": 2}), [0, 1, 0, 1, 0])
+
+
 @pytest.fixture(scope="module")
 def mixture_search():
     """Every candidate of one search on the closed-form mixture (target low enough to be met)."""
@@ -431,3 +468,78 @@ def test_escalation_slices_label_rows(quality_root):
     esc = escalate(first, res, e, [rung])
     above = res.error_estimate > e
     np.testing.assert_allclose(esc.x[above], rung.run().x[above], atol=1e-5)
+
+
+def test_bound_over_conditions_is_wired_through_the_search_and_the_cli(quality_root, capsys):
+    """``groups="labels"``: every candidate's bound is the two-level bound of its own per-sample PSNRs over
+    the tuning batch's cycled labels (recomputed here), and the settings say so; the CLI takes
+    ``--bound conditions --batch``."""
+    from anchorflow.autoconfig import autoconfigure, bootstrap_lower
+    from anchorflow.runtime import load_bundle
+
+    b = load_bundle(quality_root / "bundle", backend="ort-cpu")
+    found = autoconfigure(b, -100.0, reference="euler@6", solvers=("euler", "ab2"), nfes=(2, 3), grids=("uniform",),
+                          samples=12, seed=2, resamples=300, repeats=1, groups="labels", batch=4)
+    assert "two-level" in found.settings["bootstrap"]
+    labels = np.arange(12) % int(b.meta["model"]["num_classes"])
+    for c in found.candidates:
+        assert c.lower_bound == bootstrap_lower(c.per_sample, 0.95, 300, np.random.default_rng(3), 4, labels)
+    main(["tune", str(quality_root / "bundle"), "--target-psnr", "-100", "--solvers", "euler", "--nfe", "2",
+          "--samples", "8", "--batch", "4", "--bound", "conditions", "--grids", "uniform", "--reference", "euler@4",
+          "--backend", "ort-cpu", "--dry-run"])
+    assert "quality psnr-100: euler@2 uniform" in capsys.readouterr().out
+
+
+def test_python_api_plan_takes_a_quality(quality_root):
+    """``b.plan(quality=NAME|dB)``: the preset's solver, NFE, grid and first call (the same numbers as
+    solving with them by hand), named on the plan; giving both is refused; an unknown one names the
+    recorded ones."""
+    from anchorflow.runtime import load_bundle
+    from anchorflow.runtime.bundles.tuned_grids import read_tuning
+
+    b = load_bundle(quality_root / "bundle", backend="ort-cpu")
+    p = read_tuning(quality_root / "bundle").presets["best"]
+    pl = b.plan(quality="best", n=3, seed=2)
+    assert (pl.solver, pl.nfe, pl.grid, pl.first_call, pl.quality) == (p.solver, p.nfe, p.times, p.first_call, "best")
+    by_hand = b.plan(solver=p.solver, nfe=p.nfe, grid=np.asarray(p.times), first_call=p.first_call, n=3, seed=2)
+    assert pl.key == by_hand.key  # the name is not part of the numbers
+    np.testing.assert_array_equal(pl.run().x, by_hand.run().x)
+    assert b.plan(quality=f"{p.lower_bound:.6f}", n=1).quality in ("best", "fast")
+    with pytest.raises(ConfigError, match="do not also give solver, nfe"):
+        b.plan(quality="best", solver="euler", nfe=3)
+    with pytest.raises(ConfigError, match=r"not recorded in this bundle \(presets: best, fast\)"):
+        b.plan(quality="nope")
+
+
+def test_search_tries_the_cached_first_call_where_the_bundle_has_a_table():
+    """On the bundled digits bundle (its t = 1 table measured by `anchorflow tune`): every solver x NFE is
+    also tried with the cached first call, one more interval for the same backbone calls; its score is
+    the same as the plan asked for by hand; a preset chosen from it carries first_call "cached" and
+    `quality_plans` solves it that way. A bundle without a table skips the mode, and says so."""
+    from anchorflow.autoconfig import _choose, autoconfigure, quality_plans
+    from anchorflow.runtime import load_bundle
+    from anchorflow.runtime.bundles.tuned_grids import Tuning, read_tuning
+    from anchorflow.runtime.evaluation import metrics as M
+
+    from anchorflow.modelref import BUNDLED
+
+    b = load_bundle("default", backend="ort-cpu")
+    tuning = read_tuning(BUNDLED / "digits" / "bundle")
+    found = autoconfigure(b, -100.0, reference="euler@8", solvers=("ab2",), nfes=(3,), grids=("uniform",),
+                          samples=6, seed=3, resamples=200, repeats=1, tuning=tuning)
+    by_mode = {c.first_call: c for c in found.candidates}
+    assert set(by_mode) == {"backbone", "cached"} and found.settings["first_calls"] == ["backbone", "cached"]
+    c = by_mode["cached"]
+    assert c.grid_label == "uniform +cached" and len(c.times) == 5 and c.calls == 3  # 4 intervals, 3 calls
+    noise = np.random.default_rng(3).standard_normal((6, *b.meta["model"]["state_shape"])).astype(np.float32)
+    ref = b.plan(solver="euler", nfe=8, grid="uniform", noise=noise, tuning=None).run().x
+    x = b.plan(solver="ab2", nfe=3, grid="uniform", first_call="cached", noise=noise, tuning=tuning).run().x
+    assert np.mean(M.psnr_per_sample(x, ref, (-1.0, 1.0))) == pytest.approx(c.mean_psnr, abs=1e-9)
+    p = _choose([c], -100.0, "fc", {"reference": "euler@8", "confidence": 0.95, "samples": 6, "backend": ""})
+    assert p.first_call == "cached"
+    _, pl, _ = quality_plans(b, "fc", tuning=Tuning(presets={"fc": p}, first_call=tuning.first_call))
+    assert pl.first_call == "cached" and pl.grid == c.times
+    bare = autoconfigure(b, -100.0, reference="euler@8", solvers=("ab2",), nfes=(3,), grids=("uniform",),
+                         samples=6, seed=3, resamples=200, repeats=1, tuning=None)
+    assert {c.first_call for c in bare.candidates} == {"backbone"}
+    assert "skipped" in bare.settings["first_calls"][-1]

@@ -43,7 +43,7 @@ def base(digits):
 
 def test_the_key_exclusions_are_pinned():
     """Dropping a field from the key means adding it here: this set is the whole list, with reasons."""
-    assert set(P.KEY_EXCLUDED) == {"model", "grid_source", "rows", "n", "seed", "noise"}
+    assert set(P.KEY_EXCLUDED) == {"model", "grid_source", "rows", "n", "seed", "noise", "quality"}
     assert {f.name for f in dataclasses.fields(P.SamplePlan)} >= set(P.KEY_EXCLUDED)
 
 
@@ -70,7 +70,7 @@ def _perturb(name: str, value):
     if isinstance(value, tuple):
         return tuple(v * 0.5 for v in value)
     if value is None:
-        return {"bandit_state": "b.json", "calls": 4.0, "speedup": 2.0, "mu_factor": 2.0}[name]
+        return {"bandit_state": "b.json", "calls": 4.0, "speedup": 2.0, "mu_factor": 2.0, "quality": "fast"}[name]
     raise AssertionError(f"no perturbation for field {name!r} ({type(value).__name__}); add one")
 
 

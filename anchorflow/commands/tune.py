@@ -42,6 +42,12 @@ DEFAULT_SOLVERS = "euler,ab2,unipc,ba"
 @click.option("--reference", default="euler@50", show_default=True,
               help="With --target-psnr: what the PSNR is measured against, SOLVER@NFE on a uniform grid.")
 @click.option("--confidence", type=float, default=0.95, show_default=True, help="With --target-psnr: bound level.")
+@click.option("--batch", "promise_batch", type=int, default=None,
+              help="With --target-psnr: the promise is about the mean PSNR of a fresh batch of this many samples "
+                   "[default: --samples]; more --samples than --batch tightens the bound (e.g. --samples 128 --batch 32).")
+@click.option("--bound", "bound", type=click.Choice(("samples", "conditions")), default="samples", show_default=True,
+              help="With --target-psnr: bootstrap over samples, or two-level over the class labels, then samples "
+                   "(pays for how much the classes differ: a promise for classes the search did not see).")
 @click.option("--grids", default="uniform,tuned", show_default=True,
               help="With --target-psnr: grids to try ('tuned' = the bundle's grid where recorded, shift:S, warp:S,P).")
 @click.option("--name", default=None, help="With --target-psnr: the preset's name for `sample --quality` "
@@ -54,7 +60,7 @@ DEFAULT_SOLVERS = "euler,ab2,unipc,ba"
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_file, reference_steps, max_evals,
          backend, dry_run, quiet, target_psnr=None, reference="euler@50", confidence=0.95, grids="uniform,tuned",
-         name=None, plot=None) -> None:
+         name=None, plot=None, promise_batch=None, bound="samples") -> None:
     """Tune the time grid of each solver and budget on MODEL (an exported bundle) and record it.
 
     For every solver and NFE the grid ``warp:S,P`` (the SD3 shift S of u^P; (1, 1) is uniform)
@@ -83,7 +89,8 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
         for line in tune_to_target(model, target_psnr, reference=reference, solvers=solvers,
                                    nfe=nfe if explicit else None, grids=grids, samples=samples, seed=seed, cfg=cfg,
                                    confidence=confidence, name=name, backend=backend, dry_run=dry_run,
-                                   plot=plot):
+                                   plot=plot, batch=promise_batch, bound=bound,
+                                   first_calls=[f.strip() for f in first_calls.split(",") if f.strip()]):
             click.echo(line)
         return
     names = [s.strip() for s in solvers.split(",") if s.strip()]

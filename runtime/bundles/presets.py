@@ -111,3 +111,24 @@ def get_preset(tuning, name: str) -> Preset:
         raise ConfigError(f"quality {name!r} is not recorded in this bundle (presets: {known}); "
                           "record one with 'anchorflow tune BUNDLE --target-psnr Q --name NAME'")
     return presets[name]
+
+
+def resolve_quality(tuning, quality: Any) -> Preset:
+    """The preset a ``--quality`` asks for: a recorded name, or a number of dB (the fastest recorded
+    preset whose lower bound meets it). One-line ConfigError naming what is recorded otherwise."""
+    presets = {} if tuning is None else dict(getattr(tuning, "presets", {}) or {})
+    text = str(quality).strip()
+    try:
+        want = float(text)
+    except ValueError:
+        return get_preset(tuning, text)
+    if not math.isfinite(want):
+        raise ConfigError(f"--quality must be a preset name or a finite number of dB, got {quality!r}")
+    ok = [p for p in presets.values() if p.lower_bound >= want]
+    if not ok:
+        best = max(presets.values(), key=lambda p: p.lower_bound, default=None)
+        have = ("no preset is recorded" if best is None else
+                f"the best recorded is {best.name!r} with a {best.confidence:.0%} lower bound of {best.lower_bound:.2f} dB")
+        raise ConfigError(f"--quality {text}: no recorded preset reaches {want:g} dB ({have}); record one with "
+                          f"'anchorflow tune BUNDLE --target-psnr {want:g}'")
+    return min(ok, key=lambda p: (p.latency_s, p.nfe, p.name))
