@@ -172,10 +172,10 @@ def markdown(out: dict) -> str:
         kind = f["field"].split("-")[0]
         ctxs = CONTEXTS[kind]
         cols = [f"{c} / {r}" for c in ctxs for r in REWARDS]
-        a = f["run_args"][0]
-        lines += [f"## {f['field']}: {f['label']}", "",
-                  f"Stream {a['generations']} batches of {a['batch']}, {a['seeds']} seeds; held-out "
-                  f"{a['eval_batches']} x {a['eval_batch']} samples per guidance; warp tuning on {a['tune_batch']}.", "",
+        runs = "; ".join(f"C = {a['budgets']}: stream {a['generations']} batches of {a['batch']}, {a['seeds']} seed(s), "
+                         f"held-out {a['eval_batches']} x {a['eval_batch']} samples per guidance, warp tuning on "
+                         f"{a['tune_batch']}" for a in f["run_args"])
+        lines += [f"## {f['field']}: {f['label']}", "", runs + ".", "",
                   "| C | variant | AB2 | iPNDM | " + " | ".join(cols)
                   + " | estimate - residual (no context) | best context - none (residual) | "
                     "best context - none (estimate) |",
