@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastflow_calls import BUDGETS, Bench, make_field, twin  # noqa: E402
 
 from anchorflow.base._io import write_json, write_text  # noqa: E402
-from anchorflow.runtime import FastFlowBandit, solve  # noqa: E402
+from anchorflow.runtime import FastFlowBandit  # noqa: E402
 from anchorflow.runtime.evaluation.metrics import psnr  # noqa: E402
 from anchorflow.runtime.fastflow.context import ContextBandits, solve_contextual  # noqa: E402
 from anchorflow.runtime.solving.grids import warped  # noqa: E402
