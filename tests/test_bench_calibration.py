@@ -206,3 +206,6 @@ def test_summarize_edge_cases():
     flat = calibration.summarize(np.zeros(4), np.zeros(4))
     assert flat["spearman"] is None and flat["median_ratio"] is None
     json.dumps(flat, allow_nan=False)
+    nan = calibration.summarize(np.array([np.nan, 0.1, 0.2, 0.3]), np.array([0.5, 0.1, 0.3, 0.2]))
+    assert nan["nonfinite"] == 1 and nan["samples"] == 3 and nan["spearman"] == pytest.approx(0.5)
+    json.dumps(nan, allow_nan=False)

@@ -46,11 +46,16 @@ def _finite(v: float) -> Optional[float]:
 def summarize(estimate: np.ndarray, true: np.ndarray) -> dict[str, Any]:
     """The per-run calibration numbers (JSON-ready; see the module docstring)."""
     est, tru = np.asarray(estimate, np.float64), np.asarray(true, np.float64)
+    ok = np.isfinite(est) & np.isfinite(tru)  # a diverged sample is counted, not ranked
+    bad = int(est.size - ok.sum())
+    est, tru = est[ok], tru[ok]
     rho = spearman(est, tru) if est.size >= 2 else float("nan")
     pos = tru > 0
     ratio = float(np.median(est[pos] / tru[pos])) if pos.any() else float("nan")
-    return {"spearman": _finite(rho), "median_ratio": _finite(ratio), "mean_estimate": float(est.mean()),
-            "mean_true_error": float(tru.mean()), "samples": int(est.size)}
+    out = {"spearman": _finite(rho), "median_ratio": _finite(ratio),
+           "mean_estimate": _finite(float(est.mean())) if est.size else None,
+           "mean_true_error": _finite(float(tru.mean())) if tru.size else None, "samples": int(est.size)}
+    return out | ({"nonfinite": bad} if bad else {})
 
 
 def summary(runs: Sequence, labels: Sequence[str], cfgs: Sequence[float]) -> dict[str, Any]:
@@ -139,15 +144,18 @@ def plot(runs: Sequence, path: str | os.PathLike, labels: Sequence[str], nfes: S
             if ok.any():
                 lo = min(lo, float(tru[ok].min()), float(est[ok].min()))
                 hi = max(hi, float(tru[ok].max()), float(est[ok].max()))
-        if hi > 0:
+        if hi > 0:  # the same range on both axes, so that y = x is the diagonal
             ax.plot([lo, hi], [lo, hi], ls="--", color="0.45", lw=1, label="y = x")
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.set_xlim(lo / 1.25, hi * 1.25)
+            ax.set_ylim(lo / 1.25, hi * 1.25)
+            ax.tick_params(which="minor", labelsize=6)
         rho_all = summarize(np.concatenate([r.estimate for r in mine]),
                             np.concatenate([r.true_error for r in mine]))["spearman"]
-        title = f"{name} (all NFE: Spearman {_rho(rho_all)})"
+        title = f"{name} (all runs together: Spearman {_rho(rho_all)})"
         if hidden:
-            title += f"\n{hidden} points <= 0 not shown"
+            title += f"\n{hidden} points <= 0 or not finite: not shown"
         ax.set(title=title, xlabel="true error (per-sample RMSE vs reference)", ylabel="error estimate")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
