@@ -41,6 +41,8 @@ from .runtime.bundles.presets import Preset, check_name, resolve_quality  # noqa
 DEFAULT_SOLVERS = ("euler", "ab2", "ipndm", "unipc", "ba")
 DEFAULT_NFES = (3, 4, 5, 6, 7, 8, 10, 12, 16, 20)
 DEFAULT_GRIDS = ("uniform", "tuned")
+FASTFLOW_SPEEDUPS = (2.0, 3.0)  # FastFlow candidates: T = speedup x k Euler steps for a budget of k calls
+FASTFLOW_LEARN = 6  # learning generations of each FastFlow bandit (on their own noise) before it is frozen
 QUANTILE = 0.1  # the per-sample PSNR quantile a preset also reports (its worst decile starts there)
 
 
@@ -61,6 +63,14 @@ class Candidate:
     per_sample: Optional[np.ndarray] = field(default=None, repr=False, compare=False)  # (samples,) PSNR dB
     first_s: Optional[float] = None  # wall time of its one scoring solve (every candidate; noisier than latency_s)
     measured_s: Optional[float] = None  # median wall time of its timing solves (met the target), for reference
+    first_call: str = "backbone"  # "cached": the t = 1 velocity from the bundle's table (one interval more)
+    recordable: bool = True  # False: a learned FastFlow bandit (scored for the record; a preset cannot hold it)
+
+    @property
+    def key(self) -> tuple:
+        """(solver, nfe, times, first_call): one configuration, solved once (a FastFlow candidate adds
+        its calls budget: two budgets on the same T steps are two bandits)."""
+        return (self.solver, self.nfe, self.times, self.first_call) + (() if self.recordable else (self.calls,))
 
     @property
     def seconds(self) -> Optional[float]:
@@ -69,6 +79,7 @@ class Candidate:
 
     def to_json(self) -> dict[str, Any]:
         return {"solver": self.solver, "nfe": self.nfe, "grid": self.grid_label, "mean_psnr": self.mean_psnr,
+                "first_call": self.first_call, "recordable": self.recordable,
                 "lower_bound": self.lower_bound, "quantile_psnr": self.quantile_psnr, "calls": self.calls,
                 "latency_s": self.latency_s, "measured_s": self.measured_s, "meets": self.meets}
 
@@ -168,20 +179,24 @@ def check_settings(target_psnr: float, confidence: float, samples: int, resample
     check_int(seed, "--seed", 0, MAX_SEED)
 
 
-def _grid_choices(model, tuning, solver: str, nfe: int, grids: Sequence[str]) -> list[tuple[str, tuple]]:
-    """(label, times) for each grid name that applies to (solver, nfe); "tuned" only where recorded."""
+def _grid_choices(model, tuning, solver: str, nfe: int, grids: Sequence[str],
+                  first_call: str = "backbone") -> list[tuple[str, tuple]]:
+    """(label, times) for each grid name that applies to (solver, nfe, first call); "tuned" only where
+    recorded. A cached first call buys one more step for the same backbone calls (label "... +cached")."""
     from .runtime import get_solver
     from .runtime.solving.grids import make_grid
 
-    steps = get_solver(solver).steps_for_nfe(nfe)
+    cached = first_call == "cached"
+    steps = get_solver(solver).steps_for_nfe(nfe, 1 if cached else 0)
+    tag = " +cached" if cached else ""
     out = []
     for g in grids:
         if g == "tuned":
-            tg = None if tuning is None else tuning.grid_for(solver, nfe)
+            tg = None if tuning is None else tuning.grid_for(solver, nfe, first_call)
             if tg is not None:
-                out.append((f"tuned {tg.spec}", tuple(float(t) for t in tg.times)))
+                out.append((f"tuned {tg.spec}{tag}", tuple(float(t) for t in tg.times)))
             continue
-        out.append((g, tuple(float(t) for t in make_grid(steps, g))))
+        out.append((g + tag, tuple(float(t) for t in make_grid(steps, g))))
     return out
 
 
@@ -191,7 +206,9 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
                   confidence: float = 0.95, resamples: int = 2000, repeats: int = 3, name: Optional[str] = None,
                   tuning: Any = None, cond: Optional[dict] = None, null_cond: Optional[dict] = None,
                   backend: str = "", progress: bool = False, batch: Optional[int] = None,
-                  labels: Any = None, groups: Any = None) -> AutoConfig:
+                  labels: Any = None, groups: Any = None,
+                  first_calls: Sequence[str] = ("backbone", "cached"),
+                  speedups: Sequence[float] = FASTFLOW_SPEEDUPS) -> AutoConfig:
     """Search solvers x NFE x grids for the fastest configuration whose PSNR lower bound meets ``target_psnr``.
 
     ``model``: a LoadedBundle / OpenModel (anything :func:`anchorflow.runtime.plan.plan` takes);
@@ -200,7 +217,10 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
     (default ``samples``; 0: about the population mean), see :func:`bootstrap_lower`. ``labels``:
     the tuning batch's class labels (default 0..C-1 cycled). ``groups``: (samples,) condition ids for a
     bound over fresh conditions as well as fresh noise (:func:`bootstrap_lower`; ``"labels"``: the
-    labels; None: over samples only). See the module docstring for the
+    labels; None: over samples only). ``first_calls``: "backbone" and/or "cached" (the t = 1 velocity
+    from the bundle's measured table, one more interval for the same calls; skipped where the bundle
+    has no table, as the settings say). ``speedups``: FastFlow candidates at each budget k of ``nfes``
+    (:func:`_fastflow_candidates`); () for none. See the module docstring for the
     procedure. Raises ConfigError (one line) when no candidate's bound meets the target, naming the
     best bound reached and where.
     """
@@ -227,9 +247,16 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
     noise = np.random.default_rng(seed).standard_normal((samples, *shape)).astype(np.float32)
     groups = _groups(groups, labels, samples, meta)
 
-    def make(solver: str, nfe: int, times) -> Any:
+    bad = [f for f in first_calls if f not in ("backbone", "cached")]
+    if bad or not first_calls:
+        raise ConfigError(f"first calls must be among backbone, cached, got {list(first_calls)!r}")
+    table = None if tuning is None else getattr(tuning, "first_call", None)
+    modes = [f for f in dict.fromkeys(first_calls) if f == "backbone" or table is not None]
+
+    def make(solver: str, nfe: int, times, first_call: str = "backbone") -> Any:
         return plan(model, solver=solver, nfe=nfe, grid=np.asarray(times, np.float64), cfg_scale=cfg, cond=cond,
-                    null_cond=null_cond, noise=noise, tuning=None, labels=labels)
+                    null_cond=null_cond, noise=noise, first_call=first_call,
+                    tuning=tuning if first_call == "cached" else None, labels=labels)
 
     ref_times = tuple(float(t) for t in make_grid(get_solver(ref_solver).steps_for_nfe(ref_nfe), "uniform"))
     ref_res = make(ref_solver, ref_nfe, ref_times).run()
@@ -237,47 +264,61 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
     ref = ref_res.x
     dr = meta.get("data_range", (-1.0, 1.0))
     span = span_of(ref) if dr is None else (float(dr[0]), float(dr[1]))  # null: latents, scored on the reference
-    solved: dict = {}  # (solver, nfe, times) -> (plan, Result): no configuration is solved twice
+    solved: dict = {}  # Candidate.key -> (plan, Result, wall times): no configuration is solved twice
     cands: list[Candidate] = []
     calls = ref_res.nfe
-    for s in names:
-        for k in sorted(set(int(v) for v in nfes)):
-            try:
-                choices = _grid_choices(model, tuning, s, k, grids)
-            except ConfigError:
-                continue  # a budget this solver cannot spend exactly
-            for label, times in choices:
-                key = (s, k, times)
-                if (s, k, times) == (ref_solver, ref_nfe, ref_times):
-                    continue  # the reference itself is not a candidate: it is what the user runs today
-                if key not in solved:
-                    p = make(s, k, times)
-                    res = p.run()
-                    solved[key] = (p, res, [res.timing.total_s])
-                    timings.append((s, res))
-                    calls += res.nfe
-                p, res, _ = solved[key]
-                per = (M.psnr_per_sample(res.x, ref, span) if np.all(np.isfinite(res.x))
-                       else np.full(samples, -math.inf))
-                # every candidate resamples the same sample indices (its own generator, same seed):
-                # common random numbers, and a bound anyone can recompute from the per-sample PSNRs
-                lcb = (bootstrap_lower(per, confidence, resamples, np.random.default_rng(seed + 1), future, groups)
-                       if np.all(np.isfinite(per)) else -math.inf)
-                cands.append(Candidate(s, k, label, times, float(np.mean(per)), lcb,
-                                       float(np.quantile(per, QUANTILE)), res.nfe, meets=lcb >= target_psnr,
-                                       per_sample=per, first_s=solved[key][2][0]))
+    for s, k, fc in ((s, k, fc) for s in names for k in sorted(set(int(v) for v in nfes)) for fc in modes):
+        try:
+            choices = _grid_choices(model, tuning, s, k, grids, fc)
+        except ConfigError:
+            continue  # a budget this solver cannot spend exactly
+        for label, times in choices:
+            key = (s, k, times, fc)
+            if (s, k, times, fc) == (ref_solver, ref_nfe, ref_times, "backbone"):
+                continue  # the reference itself is not a candidate: it is what the user runs today
+            if key not in solved:
+                p = make(s, k, times, fc)
+                res = p.run()
+                solved[key] = (p, res, [res.timing.total_s])
+                timings.append((s, res))
+                calls += res.nfe
+            p, res, _ = solved[key]
+            per = (M.psnr_per_sample(res.x, ref, span) if np.all(np.isfinite(res.x))
+                   else np.full(samples, -math.inf))
+            # every candidate resamples the same sample indices (its own generator, same seed):
+            # common random numbers, and a bound anyone can recompute from the per-sample PSNRs
+            lcb = (bootstrap_lower(per, confidence, resamples, np.random.default_rng(seed + 1), future, groups)
+                   if np.all(np.isfinite(per)) else -math.inf)
+            cands.append(Candidate(s, k, label, times, float(np.mean(per)), lcb,
+                                   float(np.quantile(per, QUANTILE)), res.nfe, meets=lcb >= target_psnr,
+                                   per_sample=per, first_s=solved[key][2][0], first_call=fc))
+    def make_ff(T: int, options: dict, x: np.ndarray) -> Any:
+        return plan(model, solver="fastflow", nfe=T, grid="uniform", cfg_scale=cfg, cond=cond, null_cond=null_cond,
+                    noise=x, tuning=None, labels=labels, options=options)
+
+    learn_noise = np.random.default_rng(seed + 7).standard_normal(noise.shape).astype(np.float32)
+    for c, p, res, spent in _fastflow_candidates(make_ff, nfes, speedups, noise, learn_noise):
+        per = (M.psnr_per_sample(res.x, ref, span) if np.all(np.isfinite(res.x)) else np.full(samples, -math.inf))
+        c.per_sample, c.mean_psnr, c.quantile_psnr = per, float(np.mean(per)), float(np.quantile(per, QUANTILE))
+        c.lower_bound = (bootstrap_lower(per, confidence, resamples, np.random.default_rng(seed + 1), future, groups)
+                         if np.all(np.isfinite(per)) else -math.inf)
+        c.meets, c.first_s = c.lower_bound >= target_psnr, res.timing.total_s
+        solved[c.key] = (p, res, [res.timing.total_s])
+        timings.append(("fastflow", res))
+        calls += spent
+        cands.append(c)
     if not cands:
         raise ConfigError(f"no candidate configuration: none of {', '.join(names) or 'the solvers'} can spend "
                           f"{', '.join(map(str, nfes))} backbone calls")
     feasible = [c for c in cands if c.meets]
-    if not feasible:
-        best = max(cands, key=lambda c: c.lower_bound)
+    if not any(c.recordable for c in feasible):
+        best = max((c for c in cands if c.recordable), key=lambda c: c.lower_bound)
         raise ConfigError(
             f"target PSNR {target_psnr:g} dB against {reference} is not reachable with {', '.join(names)} at "
             f"NFE {min(c.nfe for c in cands)}..{max(c.nfe for c in cands)}: the best {confidence:.0%} lower bound "
             f"is {best.lower_bound:.2f} dB ({best.solver}@{best.nfe} {best.grid_label}); lower the target or "
             "allow more calls (--nfe)")
-    timed = {(c.solver, c.nfe, c.times) for c in feasible}
+    timed = {c.key for c in feasible}
     for _ in range(max(0, repeats - 1)):  # round-robin: load on the machine hits every candidate alike
         for key in timed:
             p, res, times_s = solved[key]
@@ -286,10 +327,10 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
             timings.append((key[0], again))
             calls += res.nfe
     for c in feasible:
-        c.measured_s = float(statistics.median(solved[(c.solver, c.nfe, c.times)][2]))
+        c.measured_s = float(statistics.median(solved[c.key][2]))
     per_call = latency_model(timings)
     for c in cands:
-        r = solved[(c.solver, c.nfe, c.times)][1]
+        r = solved[c.key][1]
         c.latency_s = modelled_latency(per_call, c.solver, r.nfe, r.sidenet_calls, len(r.steps))
     settings_ = {"reference": f"{ref_solver}@{ref_nfe}", "confidence": float(confidence), "samples": int(samples),
                  "backend": str(backend)}
@@ -302,6 +343,8 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
                                                   for k, v in per_call["overhead_s_per_step"].items()}}}
     settings = {"target_psnr": float(target_psnr), "reference": f"{ref_solver}@{ref_nfe}", "solvers": names,
                 "nfes": sorted(set(int(v) for v in nfes)), "grids": list(grids), "samples": int(samples),
+                "first_calls": modes + [f"{f} (skipped: the bundle has no first-call table; run 'anchorflow tune')"
+                                        for f in dict.fromkeys(first_calls) if f not in modes],
                 "seed": int(seed), "cfg": float(cfg), "confidence": float(confidence), "resamples": int(resamples),
                 "repeats": int(repeats),
                 "bootstrap": ("percentile, over samples" if groups is None else
@@ -330,6 +373,34 @@ def _groups(groups: Any, labels: Any, samples: int, meta: dict) -> Optional[np.n
     return g
 
 
+def _fastflow_candidates(make_ff, nfes: Sequence[int], speedups: Sequence[float], noise: np.ndarray,
+                         learn_noise: np.ndarray) -> list[tuple["Candidate", Any, Any, int]]:
+    """FastFlow at each budget k: a bandit on T = round(speedup k) uniform Euler steps with the budget k
+    calls (``speedup`` = T / k), learned over :data:`FASTFLOW_LEARN` generations on ``learn_noise``
+    (never the scoring batch), then frozen and solved on ``noise``. Returns (candidate without its
+    scores, plan, frozen Result, backbone calls spent learning and scoring). A frozen bandit is one fixed
+    schedule, but a preset cannot hold the learned state: the candidates are scored for the record
+    and never chosen (``recordable=False``)."""
+    from .runtime import FastFlowBandit
+
+    out = []
+    for k in sorted(set(int(v) for v in nfes)):
+        for sp in dict.fromkeys(float(v) for v in speedups):
+            T = int(round(sp * k))
+            if k < 3 or T <= k:  # the bandit takes budgets of >= 3 calls
+                continue
+            bandit = FastFlowBandit(T, "uniform", calls=float(k), seed=0)
+            spent = 0
+            for _ in range(FASTFLOW_LEARN):
+                spent += make_ff(T, {"bandit": bandit}, learn_noise).run().nfe
+            p = make_ff(T, {"bandit": bandit, "learn": False, "max_calls": k}, noise)
+            res = p.run()
+            spent += res.nfe
+            out.append((Candidate("fastflow", T, f"uniform, bandit x{T / k:.3g} ({k} calls)", p.grid, math.nan,
+                                  -math.inf, math.nan, res.nfe, recordable=False), p, res, spent))
+    return out
+
+
 def latency_model(timings: Sequence[tuple[str, Any]]) -> dict[str, Any]:
     """Per-call times from ``(solver, Result)`` solves of one batch: the median time per backbone call,
     per SideNet call, and per solver the median runtime overhead (all but the networks) per step."""
@@ -352,11 +423,11 @@ def modelled_latency(per_call: dict[str, Any], solver: str, nfe: int, sidenet_ca
 
 def _choose(cands: Sequence[Candidate], target_psnr: float, name: str, st: dict) -> Preset:
     """The fastest measured candidate whose bound meets ``target_psnr`` (ties: fewer calls), as a Preset."""
-    ok = [c for c in cands if c.lower_bound >= target_psnr and c.latency_s is not None]
+    ok = [c for c in cands if c.lower_bound >= target_psnr and c.latency_s is not None and c.recordable]
     if not ok:
         raise ConfigError(f"no candidate of this search has a {st['confidence']:.0%} lower bound >= {target_psnr:g} dB")
     best = min(ok, key=lambda c: (c.latency_s, c.nfe))
-    return Preset(name, best.solver, best.nfe, "backbone", best.grid_label, best.times, float(target_psnr),
+    return Preset(name, best.solver, best.nfe, best.first_call, best.grid_label, best.times, float(target_psnr),
                   st["reference"], st["confidence"], best.lower_bound, best.mean_psnr, QUANTILE,
                   best.quantile_psnr, best.latency_s, st["samples"], st["backend"])
 
@@ -382,7 +453,7 @@ def record(bundle_dir, found: AutoConfig) -> None:
 def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: str, nfe: Optional[str], grids: str,
                    samples: int, seed: int, cfg: float, confidence: float, name: Optional[str], backend: str,
                    dry_run: bool, plot: Optional[str] = None, batch: Optional[int] = None,
-                   bound: str = "samples") -> list[str]:
+                   bound: str = "samples", first_calls: Sequence[str] = ("backbone", "cached")) -> list[str]:
     """``anchorflow tune MODEL --target-psnr Q``: search, record the preset in the bundle, return the lines to print."""
     from .modelref import open_model
     from .runtime.bundles.tuned_grids import read_tuning
@@ -413,7 +484,7 @@ def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: s
     found = autoconfigure(m, target_psnr, reference=reference, solvers=names, nfes=nfes, grids=grid_names,
                           samples=samples, seed=seed, cfg=cfg, confidence=confidence, name=name, tuning=tuning,
                           backend=", ".join(m.providers) or backend, batch=batch,
-                          groups="labels" if bound == "conditions" else None)
+                          groups="labels" if bound == "conditions" else None, first_calls=first_calls)
     p = found.preset
     lines = [f"{'config':<28} {'mean':>7} {'bound':>7} {'p10':>7} {'ms':>8}  (ms: modelled from the per-call times)"]
     for c in sorted(found.candidates, key=lambda c: (not c.meets, c.latency_s, c.nfe)):
@@ -585,7 +656,7 @@ def plot_pareto(found: AutoConfig, path) -> Any:
                 label="Pareto front")
         ax.axhline(p.target_psnr, ls="--", color="0.5", lw=1, label=f"target {p.target_psnr:g} dB "
                    f"({p.confidence:.0%} lower bound)")
-        chosen = [c for c in cands if (c.solver, c.nfe, c.times) == (p.solver, p.nfe, p.times)]
+        chosen = [c for c in cands if c.key == (p.solver, p.nfe, p.times, p.first_call)]
         if chosen:
             ax.scatter([xs(chosen[0])], [chosen[0].mean_psnr], s=170, facecolors="none", edgecolors="k",
                        linewidths=1.6, label=f"chosen: {p.solver}@{p.nfe} {p.grid_label}")

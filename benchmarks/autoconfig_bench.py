@@ -9,17 +9,20 @@ Models (``--model``):
 - ``mixture``: the closed-form Gaussian mixture (runtime/evaluation/analytic.py, 8 dims, 20 components, 10
   classes) with :class:`ExactSideNet` scaled by 0.8 (a systematically under-trained SideNet).
 
-Per model, with the default search (solvers euler, ab2, ipndm, unipc, ba; NFE 3..16; grids uniform and
-the bundle's tuned ones; reference euler@50; 128 tuning samples (``--tune-samples``), seed 1, classes 0-4
-only; 95 % prediction bound on the mean of a fresh batch of 32):
+Per model, with the default search (solvers euler, ab2, ipndm, unipc, ba; NFE 3..12; grids uniform and
+the bundle's tuned ones; first call from the backbone and, where the bundle has a measured t = 1 table
+(digits), cached; FastFlow at speedups 2 and 3 over each budget, scored but never chosen (a preset
+cannot hold a learned bandit); reference euler@50; 128 tuning samples (``--tune-samples``), seed 1,
+classes 0-4 only; 95 % prediction bound on the mean of a fresh batch of 32; ``--bound conditions``: the
+two-level bootstrap over the tuning classes; ``--tag``: a variant's results file):
 
 1. Coverage. ONE ``autoconfigure`` search at the lowest of three targets; the presets of the two
    higher targets come from the same solves (``preset_for``, the same choice autoconfigure makes).
-   Held-out: ``--batches`` batches of 32 with fresh seeds (1000 + j) AND fresh conditions (classes
+   Held-out: ``--batches`` (64) batches of 32 with fresh seeds (1000 + j) AND fresh conditions (classes
    5-9, which the tuning never saw); per preset the fraction of batches whose mean PSNR against the
-   reference meets the target, against the promised 95 %; also on a second held-out set with fresh
+   reference meets the target (with its 95 % Wilson interval), against the promised 95 %; also on a second held-out set with fresh
    seeds (2000 + j) and the tuning's own classes, to tell the two shifts apart.
-2. Latency against an exhaustive sweep on the held-out set: every configuration of the search's
+2. Latency against an exhaustive sweep on the held-out set: every recordable configuration of the search's
    space, in increasing order of latency (the search's model: backbone calls x time per call +
    SideNet calls x time per SideNet call + steps x the solver's overhead per step, medians over the
    search's solves), is scored on the pooled held-out set until the first one whose mean PSNR meets
@@ -126,9 +129,12 @@ def shape_of(model) -> tuple:
     return tuple(int(v) for v in meta["state_shape"]), meta.get("data_range", (-1.0, 1.0))
 
 
-def run(model, solver, nfe, times, noise, conds):
-    return plan(model, solver=solver, nfe=nfe, grid=np.asarray(times, np.float64), noise=noise, tuning=None,
-                **conds).run()
+TUNING = None  # the bundle's tuning (its first-call table), set by main(): a cached-first-call plan needs it
+
+
+def run(model, solver, nfe, times, noise, conds, first_call="backbone"):
+    return plan(model, solver=solver, nfe=nfe, grid=np.asarray(times, np.float64), noise=noise,
+                first_call=first_call, tuning=TUNING if first_call == "cached" else None, **conds).run()
 
 
 def per_sample_psnr(x, ref, dr, batch):
@@ -176,7 +182,9 @@ def main(argv=None) -> int:
     log = lambda *a: print(f"[{time.perf_counter() - t_start:6.1f}s]", *a, flush=True)  # noqa: E731
     args.accurate = args.accurate or ACCURATE[args.model]
     targets = TARGETS[args.model] if args.targets is None else tuple(float(v) for v in args.targets.split(","))
+    global TUNING
     model, tuning, conds_for, desc = open_case(args.model, Path(args.sd3_bundle))
+    TUNING = tuning
     shape, dr = shape_of(model)
     n, K = args.samples, args.batches
     train_y = np.asarray(TRAIN_CLASSES)[np.arange(args.tune_samples) % len(TRAIN_CLASSES)]
@@ -202,10 +210,10 @@ def main(argv=None) -> int:
     log("held-out reference done")
     cache = {}
 
-    def held(solver, nfe, times):
-        key = (solver, nfe, tuple(times))
+    def held(solver, nfe, times, first_call="backbone"):
+        key = (solver, nfe, tuple(times), first_call)
         if key not in cache:
-            r = run(model, solver, nfe, times, noise, hc)
+            r = run(model, solver, nfe, times, noise, hc, first_call)
             cache[key] = (r, per_sample_psnr(r.x, ref, dr, n))
         return cache[key]
 
@@ -216,9 +224,10 @@ def main(argv=None) -> int:
     ref2 = run(model, "euler", 50, np.linspace(1.0, 0.0, 51), noise2, conds_for(same_y)).x
     cov = []
     for p in presets:
-        per2 = per_sample_psnr(run(model, p.solver, p.nfe, p.times, noise2, conds_for(same_y)).x, ref2, dr, n)
+        per2 = per_sample_psnr(run(model, p.solver, p.nfe, p.times, noise2, conds_for(same_y), p.first_call).x,
+                               ref2, dr, n)
         cov2 = float(np.mean(per2.reshape(K, n).mean(axis=1) >= p.target_psnr))
-        per = held(p.solver, p.nfe, p.times)[1]
+        per = held(p.solver, p.nfe, p.times, p.first_call)[1]
         means = per.reshape(K, n).mean(axis=1)
         cov.append({"target": p.target_psnr, "config": f"{p.solver}@{p.nfe} {p.grid_label}",
                     "tuning_lower_bound": p.lower_bound, "tuning_mean": p.mean_psnr,
@@ -231,32 +240,32 @@ def main(argv=None) -> int:
 
     # 2. the sweep: every configuration in order of the search's modelled latency, scored on the held-out set
     probe, pc = noise[:n], conds_for(held_y[:n])
-    space = sorted(found.candidates, key=lambda c: (c.latency_s, c.nfe))
+    space = sorted((c for c in found.candidates if c.recordable), key=lambda c: (c.latency_s, c.nfe))  # FastFlow: no preset
     sweeps = []
     for p in presets:
         scored, best = 0, None
         for c in space:  # every configuration faster than the first one meeting the target is scored
             scored += 1
-            if float(held(c.solver, c.nfe, c.times)[1].mean()) >= p.target_psnr:
+            if float(held(*c.key)[1].mean()) >= p.target_psnr:
                 best = c
                 break
         keep = None  # the fastest whose held-out batches keep the promise (>= confidence of them meet it)
         for c in space:
-            per = held(c.solver, c.nfe, c.times)[1]
+            per = held(*c.key)[1]
             if np.mean(per.reshape(K, n).mean(axis=1) >= p.target_psnr) >= p.confidence:
                 keep = c
                 break
-        chosen = next(c for c in found.candidates if (c.solver, c.nfe, c.times) == (p.solver, p.nfe, p.times))
-        ck = (chosen.solver, chosen.nfe, chosen.times)
+        chosen = next(c for c in found.candidates if c.key == (p.solver, p.nfe, p.times, p.first_call))
+        ck = chosen.key
         row = {"target": p.target_psnr, "chosen": f"{chosen.solver}@{chosen.nfe} {chosen.grid_label}",
                "chosen_ms": 1e3 * chosen.latency_s, "chosen_held_mean": float(held(*ck)[1].mean()),
                "scored_on_held_out": scored}
         if best is not None:
-            bk = (best.solver, best.nfe, best.times)
+            bk = best.key
             walls = {ck: [], bk: []}
             for _ in range(5):  # wall time too: interleaved, median of 5 solves of a 32-sample batch
                 for k in walls:
-                    walls[k].append(run(model, *k, probe, pc).timing.total_s)
+                    walls[k].append(run(model, *k[:3], probe, pc, k[3]).timing.total_s)
             wall = {k: statistics.median(v) for k, v in walls.items()}
             row.update({"best": f"{best.solver}@{best.nfe} {best.grid_label}", "best_ms": 1e3 * best.latency_s,
                         "best_held_mean": float(held(*bk)[1].mean()), "ratio": chosen.latency_s / best.latency_s,
@@ -298,15 +307,16 @@ def main(argv=None) -> int:
         c = min(ok, key=lambda c: (c.latency_s, c.nfe))
         from anchorflow.runtime.bundles.presets import Preset
 
-        base = Preset("base", c.solver, c.nfe, "backbone", c.grid_label, c.times, targets[0], base.reference,
+        base = Preset("base", c.solver, c.nfe, c.first_call, c.grid_label, c.times, targets[0], base.reference,
                       base.confidence, c.lower_bound, c.mean_psnr, base.quantile, c.quantile_psnr, c.latency_s,
                       base.batch, base.backend)
     named = {f"q{i}": p for i, p in enumerate(presets)}
     named = {k: type(p)(**{**p.to_json(), "name": k, "times": p.times}) for k, p in named.items()}
     named["base"] = type(base)(**{**base.to_json(), "name": "base", "times": base.times})
-    tun = Tuning(presets=named)
+    tun = Tuning(presets=named, first_call=None if tuning is None else tuning.first_call)
     tune_noise = np.random.default_rng(1).standard_normal((n, *shape)).astype(np.float32)
-    est_tune = run(model, base.solver, base.nfe, base.times, tune_noise, conds_for(train_y[:n])).error_estimate
+    est_tune = run(model, base.solver, base.nfe, base.times, tune_noise, conds_for(train_y[:n]),
+                   base.first_call).error_estimate
     E = float(np.quantile(est_tune, 0.9))
     chosen, first, rungs = quality_plans(model, "base", tuning=tun, noise=noise, **hc)
     r0 = first.run()
@@ -316,7 +326,7 @@ def main(argv=None) -> int:
     xr = np.array(r0.x, copy=True)
     if esc.resolved:
         q = rungs[0][1]
-        xr[rnd] = run(model, q.solver, q.nfe, q.grid, noise[rnd], conds_for(held_y[rnd])).x
+        xr[rnd] = run(model, q.solver, q.nfe, q.grid, noise[rnd], conds_for(held_y[rnd]), q.first_call).x
     rand = per_sample_psnr(xr, ref, dr, n)
     res["escalation"] = {"base": f"{base.solver}@{base.nfe} {base.grid_label}", "max_error": E,
                          "samples": n * K, "base_calls": int(r0.nfe), "base_sample_calls": int(r0.nfe) * n * K,

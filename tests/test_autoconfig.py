@@ -509,3 +509,59 @@ def test_python_api_plan_takes_a_quality(quality_root):
         b.plan(quality="best", solver="euler", nfe=3)
     with pytest.raises(ConfigError, match=r"not recorded in this bundle \(presets: best, fast\)"):
         b.plan(quality="nope")
+
+
+def test_search_tries_the_cached_first_call_where_the_bundle_has_a_table():
+    """On the bundled digits bundle (its t = 1 table measured by `anchorflow tune`): every solver x NFE is
+    also tried with the cached first call, one more interval for the same backbone calls; its score is
+    the same as the plan asked for by hand; a preset chosen from it carries first_call "cached" and
+    `quality_plans` solves it that way. A bundle without a table skips the mode, and says so."""
+    from anchorflow.autoconfig import _choose, autoconfigure, quality_plans
+    from anchorflow.runtime import load_bundle
+    from anchorflow.runtime.bundles.tuned_grids import Tuning, read_tuning
+    from anchorflow.runtime.evaluation import metrics as M
+
+    from anchorflow.modelref import BUNDLED
+
+    b = load_bundle("default", backend="ort-cpu")
+    tuning = read_tuning(BUNDLED / "digits" / "bundle")
+    found = autoconfigure(b, -100.0, reference="euler@8", solvers=("ab2",), nfes=(3,), grids=("uniform",),
+                          samples=6, seed=3, resamples=200, repeats=1, tuning=tuning)
+    by_mode = {c.first_call: c for c in found.candidates}
+    assert set(by_mode) == {"backbone", "cached"} and found.settings["first_calls"] == ["backbone", "cached"]
+    c = by_mode["cached"]
+    assert c.grid_label == "uniform +cached" and len(c.times) == 5 and c.calls == 3  # 4 intervals, 3 calls
+    noise = np.random.default_rng(3).standard_normal((6, *b.meta["model"]["state_shape"])).astype(np.float32)
+    ref = b.plan(solver="euler", nfe=8, grid="uniform", noise=noise, tuning=None).run().x
+    x = b.plan(solver="ab2", nfe=3, grid="uniform", first_call="cached", noise=noise, tuning=tuning).run().x
+    assert np.mean(M.psnr_per_sample(x, ref, (-1.0, 1.0))) == pytest.approx(c.mean_psnr, abs=1e-9)
+    p = _choose([c], -100.0, "fc", {"reference": "euler@8", "confidence": 0.95, "samples": 6, "backend": ""})
+    assert p.first_call == "cached"
+    _, pl, _ = quality_plans(b, "fc", tuning=Tuning(presets={"fc": p}, first_call=tuning.first_call))
+    assert pl.first_call == "cached" and pl.grid == c.times
+    bare = autoconfigure(b, -100.0, reference="euler@8", solvers=("ab2",), nfes=(3,), grids=("uniform",),
+                         samples=6, seed=3, resamples=200, repeats=1, tuning=None)
+    assert {c.first_call for c in bare.candidates} == {"backbone"}
+    assert "skipped" in bare.settings["first_calls"][-1]
+
+
+def test_fastflow_candidates_are_scored_within_their_budget_and_never_chosen():
+    """FastFlow at each budget k (T = speedup x k steps, the hard cap k): its bandit learns on its own
+    noise, then is frozen and scored with the others; a preset cannot hold a learned bandit, so it is
+    never chosen, even where it is the fastest meeting the target; ``speedups=()`` tries none."""
+    from anchorflow.autoconfig import _choose, autoconfigure
+
+    m = _Mixture()
+    kw = dict(reference="rk4@64", solvers=("euler",), nfes=(4, 6), grids=("uniform",), samples=12, seed=4,
+              resamples=200, repeats=1)
+    found = autoconfigure(m, -100.0, speedups=(2.0, 3.0), **kw)
+    ff = [c for c in found.candidates if c.solver == "fastflow"]
+    assert sorted((c.nfe, c.calls <= c.nfe // 2 or c.calls <= c.nfe // 3) for c in ff) == [(8, True), (12, True),
+                                                                                           (12, True), (18, True)]
+    assert all(not c.recordable and np.isfinite(c.mean_psnr) and c.latency_s is not None for c in ff)
+    assert len({c.key for c in found.candidates}) == len(found.candidates)  # two budgets on T = 12: two keys
+    assert found.preset.solver == "euler"
+    for c in ff:  # even alone and meeting the target, a FastFlow candidate is not a preset
+        with pytest.raises(ConfigError, match="no candidate"):
+            _choose([c], -100.0, "x", {"reference": "rk4@64", "confidence": 0.95, "samples": 12, "backend": ""})
+    assert not [c for c in autoconfigure(m, -100.0, speedups=(), **kw).candidates if c.solver == "fastflow"]

@@ -89,7 +89,8 @@ def tune(model, solvers, nfe, first_calls, cfg, samples, seed, cond_file, null_f
         for line in tune_to_target(model, target_psnr, reference=reference, solvers=solvers,
                                    nfe=nfe if explicit else None, grids=grids, samples=samples, seed=seed, cfg=cfg,
                                    confidence=confidence, name=name, backend=backend, dry_run=dry_run,
-                                   plot=plot, batch=promise_batch, bound=bound):
+                                   plot=plot, batch=promise_batch, bound=bound,
+                                   first_calls=[f.strip() for f in first_calls.split(",") if f.strip()]):
             click.echo(line)
         return
     names = [s.strip() for s in solvers.split(",") if s.strip()]
