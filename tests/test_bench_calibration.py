@@ -214,3 +214,15 @@ def test_summarize_edge_cases():
     nan = calibration.summarize(np.array([np.nan, 0.1, 0.2, 0.3]), np.array([0.5, 0.1, 0.3, 0.2]))
     assert nan["nonfinite"] == 1 and nan["samples"] == 3 and nan["spearman"] == pytest.approx(0.5)
     json.dumps(nan, allow_nan=False)
+
+
+def test_a_coarse_reference_is_flagged(digits, tmp_path):
+    """rk4:4 (its own error, by Richardson, ~7e-3 on digits) is too coarse to judge an NFE-12 solve
+    (true error ~5e-2, under 10x that) but fine for NFE 2 (~0.26): only the first is flagged."""
+    res = bench.run_bench(digits, ["ipndm"], [2, 12], 4, [1.0], out=tmp_path, reference="rk4:4", progress=False,
+                          euler_ladder=[1], seed=SEED)
+    floor = res["references"][0]["reference_error"]["rmse_estimate"]
+    mean = {r["nfe_requested"]: r["error_estimate"]["mean_true_error"] for r in res["runs"]}
+    assert mean[12] < calibration.FLOOR_FACTOR * floor < mean[2]
+    caution = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("Caution")]
+    assert len(caution) == 1 and caution[0].startswith("Caution: the true error of ipndm@12 is under 10x")

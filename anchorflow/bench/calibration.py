@@ -30,6 +30,9 @@ import numpy as np
 from ..runtime.solving.estimate import spearman
 
 TRUE_ERROR = "per-sample RMSE of the solve against the bench's reference from the same noise (state units)"
+# A run whose mean true error is under this many times the reference's own (Richardson) error is flagged
+# in report.md: its "true" error is then partly the reference's.
+FLOOR_FACTOR = 10.0
 CSV_HEADER = ("solver", "nfe_requested", "nfe", "cfg", "sample", "estimate", "true_error")
 
 

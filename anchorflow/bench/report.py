@@ -76,6 +76,15 @@ def _calibration_lines(results: dict, cfg: float) -> list[str]:
         lines += _grid_table(results, cfg, lambda r: calibration.cell(r) if "error_estimate" in r else "n/a", rows)
         lines += ["Spearman over every NFE together: " + ", ".join(
             f"{s} {'n/a' if pooled[s] is None else f'{pooled[s]:.2f}'}" for s in rows) + ".", ""]
+    ref = next((r for r in results["references"] if r["cfg"] == cfg), {})
+    floor = (ref.get("reference_error") or {}).get("rmse_estimate")
+    near = [f"{r['solver']}@{r['nfe_requested']}" for r in results["runs"] if r["cfg"] == cfg
+            and "error_estimate" in r and floor is not None and r["error_estimate"]["mean_true_error"] is not None
+            and r["error_estimate"]["mean_true_error"] < calibration.FLOOR_FACTOR * floor]
+    if near:
+        lines += [f"Caution: the true error of {', '.join(near)} is under {calibration.FLOOR_FACTOR:g}x the "
+                  f"reference's own error (RMSE {floor:.1e}); their Spearman partly ranks the reference's error "
+                  "(use a finer --reference).", ""]
     if cal["without_estimate"]:
         lines += [f"No error estimate (not in the table or the figure): {', '.join(cal['without_estimate'])}.", ""]
     return lines
