@@ -41,6 +41,8 @@ from .runtime.bundles.presets import Preset, check_name, resolve_quality  # noqa
 DEFAULT_SOLVERS = ("euler", "ab2", "ipndm", "unipc", "ba")
 DEFAULT_NFES = (3, 4, 5, 6, 7, 8, 10, 12, 16, 20)
 DEFAULT_GRIDS = ("uniform", "tuned")
+FASTFLOW_SPEEDUPS = (2.0, 3.0)  # FastFlow candidates: T = speedup x k Euler steps for a budget of k calls
+FASTFLOW_LEARN = 6  # learning generations of each FastFlow bandit (on their own noise) before it is frozen
 QUANTILE = 0.1  # the per-sample PSNR quantile a preset also reports (its worst decile starts there)
 
 
@@ -62,11 +64,13 @@ class Candidate:
     first_s: Optional[float] = None  # wall time of its one scoring solve (every candidate; noisier than latency_s)
     measured_s: Optional[float] = None  # median wall time of its timing solves (met the target), for reference
     first_call: str = "backbone"  # "cached": the t = 1 velocity from the bundle's table (one interval more)
+    recordable: bool = True  # False: a learned FastFlow bandit (scored for the record; a preset cannot hold it)
 
     @property
     def key(self) -> tuple:
-        """(solver, nfe, times, first_call): one configuration, solved once."""
-        return (self.solver, self.nfe, self.times, self.first_call)
+        """(solver, nfe, times, first_call): one configuration, solved once (a FastFlow candidate adds
+        its calls budget: two budgets on the same T steps are two bandits)."""
+        return (self.solver, self.nfe, self.times, self.first_call) + (() if self.recordable else (self.calls,))
 
     @property
     def seconds(self) -> Optional[float]:
@@ -75,7 +79,7 @@ class Candidate:
 
     def to_json(self) -> dict[str, Any]:
         return {"solver": self.solver, "nfe": self.nfe, "grid": self.grid_label, "mean_psnr": self.mean_psnr,
-                "first_call": self.first_call,
+                "first_call": self.first_call, "recordable": self.recordable,
                 "lower_bound": self.lower_bound, "quantile_psnr": self.quantile_psnr, "calls": self.calls,
                 "latency_s": self.latency_s, "measured_s": self.measured_s, "meets": self.meets}
 
@@ -203,7 +207,8 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
                   tuning: Any = None, cond: Optional[dict] = None, null_cond: Optional[dict] = None,
                   backend: str = "", progress: bool = False, batch: Optional[int] = None,
                   labels: Any = None, groups: Any = None,
-                  first_calls: Sequence[str] = ("backbone", "cached")) -> AutoConfig:
+                  first_calls: Sequence[str] = ("backbone", "cached"),
+                  speedups: Sequence[float] = FASTFLOW_SPEEDUPS) -> AutoConfig:
     """Search solvers x NFE x grids for the fastest configuration whose PSNR lower bound meets ``target_psnr``.
 
     ``model``: a LoadedBundle / OpenModel (anything :func:`anchorflow.runtime.plan.plan` takes);
@@ -214,7 +219,8 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
     bound over fresh conditions as well as fresh noise (:func:`bootstrap_lower`; ``"labels"``: the
     labels; None: over samples only). ``first_calls``: "backbone" and/or "cached" (the t = 1 velocity
     from the bundle's measured table, one more interval for the same calls; skipped where the bundle
-    has no table, as the settings say). See the module docstring for the
+    has no table, as the settings say). ``speedups``: FastFlow candidates at each budget k of ``nfes``
+    (:func:`_fastflow_candidates`); () for none. See the module docstring for the
     procedure. Raises ConfigError (one line) when no candidate's bound meets the target, naming the
     best bound reached and where.
     """
@@ -286,12 +292,27 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
             cands.append(Candidate(s, k, label, times, float(np.mean(per)), lcb,
                                    float(np.quantile(per, QUANTILE)), res.nfe, meets=lcb >= target_psnr,
                                    per_sample=per, first_s=solved[key][2][0], first_call=fc))
+    def make_ff(T: int, options: dict, x: np.ndarray) -> Any:
+        return plan(model, solver="fastflow", nfe=T, grid="uniform", cfg_scale=cfg, cond=cond, null_cond=null_cond,
+                    noise=x, tuning=None, labels=labels, options=options)
+
+    learn_noise = np.random.default_rng(seed + 7).standard_normal(noise.shape).astype(np.float32)
+    for c, p, res, spent in _fastflow_candidates(make_ff, nfes, speedups, noise, learn_noise):
+        per = (M.psnr_per_sample(res.x, ref, span) if np.all(np.isfinite(res.x)) else np.full(samples, -math.inf))
+        c.per_sample, c.mean_psnr, c.quantile_psnr = per, float(np.mean(per)), float(np.quantile(per, QUANTILE))
+        c.lower_bound = (bootstrap_lower(per, confidence, resamples, np.random.default_rng(seed + 1), future, groups)
+                         if np.all(np.isfinite(per)) else -math.inf)
+        c.meets, c.first_s = c.lower_bound >= target_psnr, res.timing.total_s
+        solved[c.key] = (p, res, [res.timing.total_s])
+        timings.append(("fastflow", res))
+        calls += spent
+        cands.append(c)
     if not cands:
         raise ConfigError(f"no candidate configuration: none of {', '.join(names) or 'the solvers'} can spend "
                           f"{', '.join(map(str, nfes))} backbone calls")
     feasible = [c for c in cands if c.meets]
-    if not feasible:
-        best = max(cands, key=lambda c: c.lower_bound)
+    if not any(c.recordable for c in feasible):
+        best = max((c for c in cands if c.recordable), key=lambda c: c.lower_bound)
         raise ConfigError(
             f"target PSNR {target_psnr:g} dB against {reference} is not reachable with {', '.join(names)} at "
             f"NFE {min(c.nfe for c in cands)}..{max(c.nfe for c in cands)}: the best {confidence:.0%} lower bound "
@@ -352,6 +373,34 @@ def _groups(groups: Any, labels: Any, samples: int, meta: dict) -> Optional[np.n
     return g
 
 
+def _fastflow_candidates(make_ff, nfes: Sequence[int], speedups: Sequence[float], noise: np.ndarray,
+                         learn_noise: np.ndarray) -> list[tuple["Candidate", Any, Any, int]]:
+    """FastFlow at each budget k: a bandit on T = round(speedup k) uniform Euler steps with the budget k
+    calls (``speedup`` = T / k), learned over :data:`FASTFLOW_LEARN` generations on ``learn_noise``
+    (never the scoring batch), then frozen and solved on ``noise``. Returns (candidate without its
+    scores, plan, frozen Result, backbone calls spent learning and scoring). A frozen bandit is one fixed
+    schedule, but a preset cannot hold the learned state: the candidates are scored for the record
+    and never chosen (``recordable=False``)."""
+    from .runtime import FastFlowBandit
+
+    out = []
+    for k in sorted(set(int(v) for v in nfes)):
+        for sp in dict.fromkeys(float(v) for v in speedups):
+            T = int(round(sp * k))
+            if k < 3 or T <= k:  # the bandit takes budgets of >= 3 calls
+                continue
+            bandit = FastFlowBandit(T, "uniform", calls=float(k), seed=0)
+            spent = 0
+            for _ in range(FASTFLOW_LEARN):
+                spent += make_ff(T, {"bandit": bandit}, learn_noise).run().nfe
+            p = make_ff(T, {"bandit": bandit, "learn": False, "max_calls": k}, noise)
+            res = p.run()
+            spent += res.nfe
+            out.append((Candidate("fastflow", T, f"uniform, bandit x{T / k:.3g} ({k} calls)", p.grid, math.nan,
+                                  -math.inf, math.nan, res.nfe, recordable=False), p, res, spent))
+    return out
+
+
 def latency_model(timings: Sequence[tuple[str, Any]]) -> dict[str, Any]:
     """Per-call times from ``(solver, Result)`` solves of one batch: the median time per backbone call,
     per SideNet call, and per solver the median runtime overhead (all but the networks) per step."""
@@ -374,7 +423,7 @@ def modelled_latency(per_call: dict[str, Any], solver: str, nfe: int, sidenet_ca
 
 def _choose(cands: Sequence[Candidate], target_psnr: float, name: str, st: dict) -> Preset:
     """The fastest measured candidate whose bound meets ``target_psnr`` (ties: fewer calls), as a Preset."""
-    ok = [c for c in cands if c.lower_bound >= target_psnr and c.latency_s is not None]
+    ok = [c for c in cands if c.lower_bound >= target_psnr and c.latency_s is not None and c.recordable]
     if not ok:
         raise ConfigError(f"no candidate of this search has a {st['confidence']:.0%} lower bound >= {target_psnr:g} dB")
     best = min(ok, key=lambda c: (c.latency_s, c.nfe))

@@ -543,3 +543,25 @@ def test_search_tries_the_cached_first_call_where_the_bundle_has_a_table():
                          samples=6, seed=3, resamples=200, repeats=1, tuning=None)
     assert {c.first_call for c in bare.candidates} == {"backbone"}
     assert "skipped" in bare.settings["first_calls"][-1]
+
+
+def test_fastflow_candidates_are_scored_within_their_budget_and_never_chosen():
+    """FastFlow at each budget k (T = speedup x k steps, the hard cap k): its bandit learns on its own
+    noise, then is frozen and scored with the others; a preset cannot hold a learned bandit, so it is
+    never chosen, even where it is the fastest meeting the target; ``speedups=()`` tries none."""
+    from anchorflow.autoconfig import _choose, autoconfigure
+
+    m = _Mixture()
+    kw = dict(reference="rk4@64", solvers=("euler",), nfes=(4, 6), grids=("uniform",), samples=12, seed=4,
+              resamples=200, repeats=1)
+    found = autoconfigure(m, -100.0, speedups=(2.0, 3.0), **kw)
+    ff = [c for c in found.candidates if c.solver == "fastflow"]
+    assert sorted((c.nfe, c.calls <= c.nfe // 2 or c.calls <= c.nfe // 3) for c in ff) == [(8, True), (12, True),
+                                                                                           (12, True), (18, True)]
+    assert all(not c.recordable and np.isfinite(c.mean_psnr) and c.latency_s is not None for c in ff)
+    assert len({c.key for c in found.candidates}) == len(found.candidates)  # two budgets on T = 12: two keys
+    assert found.preset.solver == "euler"
+    for c in ff:  # even alone and meeting the target, a FastFlow candidate is not a preset
+        with pytest.raises(ConfigError, match="no candidate"):
+            _choose([c], -100.0, "x", {"reference": "rk4@64", "confidence": 0.95, "samples": 12, "backend": ""})
+    assert not [c for c in autoconfigure(m, -100.0, speedups=(), **kw).candidates if c.solver == "fastflow"]

@@ -43,9 +43,13 @@ from .common import BACKENDS, PRECISIONS, positive
               help="Wall time a request may take from arrival; past it its remaining solves are dropped (HTTP 504).")
 @click.option("--start-timeout-s", type=float, default=180.0, show_default=True,
               help="Fail if the replicas are not running within this time (e.g. not enough CPUs in the cluster).")
+@click.option("--quality", default=None,
+              help="Default configuration of requests that name no solver, nfe, grid, first_call or quality: a preset "
+                   "recorded by 'anchorflow tune --target-psnr' (its name, or a number of dB: the fastest preset "
+                   "whose bound meets it) [default: ba at NFE 7].")
 def serve(model, host, port, replicas, replica_cpus, max_batch, max_batch_requests, batch_wait_ms, max_n,
           max_queue, address, num_cpus, backend, precision, bandit_dir, mu_factor, threads, max_cost, max_body_mb,
-          time_budget_s, start_timeout_s) -> None:
+          time_budget_s, start_timeout_s, quality) -> None:
     """Serve MODEL (an exported bundle; `default` = the bundled digits model) over HTTP on Ray Serve.
 
     Runs in the foreground until Ctrl-C or SIGTERM, then lets the requests in flight finish and
@@ -57,6 +61,7 @@ def serve(model, host, port, replicas, replica_cpus, max_batch, max_batch_reques
     Endpoints:
       POST /v1/sample  {"solver": "ba", "nfe": 6, "n": 4, "labels": [0, 1], "cfg": 1.5, "seed": 0,
                         "format": "npy" | "png" | "json"}
+                       or {"quality": "balanced", "n": 4} (a preset recorded by `anchorflow tune`)
       GET  /healthz, /v1/model, /v1/stats  (HEAD too)
     Status codes: 400 bad request, 405 wrong method, 413 body over --max-body-mb,
     503 queue full (Retry-After), 504 over --time-budget-s; errors are {"error": "..."}.
@@ -75,6 +80,9 @@ def serve(model, host, port, replicas, replica_cpus, max_batch, max_batch_reques
                         max_n=max_n, max_queue=max_queue, address=address, num_cpus=num_cpus, backend=backend,
                         precision=precision, bandit_dir=bandit_dir, mu_factor=mu_factor, threads=threads,
                         max_cost=max_cost, max_body_mb=max_body_mb, time_budget_s=time_budget_s,
-                        start_timeout_s=start_timeout_s)
-    run_forever(opts, announce=lambda url: click.echo(f"anchorflow serve: {model} at {url} (Ctrl-C to stop)"))
+                        start_timeout_s=start_timeout_s, quality=quality)
+    from ..autoconfig import describe
+
+    run_forever(opts, announce=lambda url: click.echo(f"anchorflow serve: {model} at {url} (Ctrl-C to stop)"),
+                chosen=lambda p: click.echo(f"anchorflow serve: default {describe(p)}", err=True))
     click.echo("anchorflow serve: stopped")

@@ -58,12 +58,14 @@ class ServeOptions:
     max_body_mb: float = 16.0
     time_budget_s: float = 60.0
     start_timeout_s: float = 180.0
+    quality: Optional[str] = None  # the requests' default configuration: a preset recorded by `tune --target-psnr`
 
     def service_kwargs(self) -> dict:
         return dict(model=self.model, backend=self.backend, precision=self.precision, max_batch=self.max_batch,
                     max_n=self.max_n, max_queue=self.max_queue, bandit_dir=self.bandit_dir, mu_factor=self.mu_factor,
                     threads=self.threads or max(1, int(self.replica_cpus)), max_cost=self.max_cost,
-                    max_body=int(self.max_body_mb * 1024**2), time_budget_s=self.time_budget_s)
+                    max_body=int(self.max_body_mb * 1024**2), time_budget_s=self.time_budget_s,
+                    quality=self.quality)
 
 
 def _finite(name: str, value, lo: float, hi: float, lo_open: bool = False) -> None:
@@ -96,6 +98,8 @@ def check_options(opts: ServeOptions) -> None:
                           "(--num-cpus); ask for fewer")
     if opts.address is not None:
         _parse_address(opts.address)
+    if opts.quality is not None and not str(opts.quality).strip():
+        raise ConfigError("--quality is empty; give a preset name or a number of dB")
     # bounded as the CLI bounds them, before Ray starts (the pre-flight opens the
     # sampler with 1 thread, and --max-n had no upper end: both passed on to Ray and never returned)
     from ..runtime.plan import MAX_N
@@ -149,9 +153,10 @@ def check_address(address: str, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
                            "not as Ray's gRPC server); check --address, or leave it out to start Ray locally")
 
 
-def check(opts: ServeOptions) -> None:
+def check(opts: ServeOptions):
     """Refuse bad options and models before Ray starts: the sampler is opened here once, exactly as a
-    replica opens it, so a bundle a replica could not serve fails now, in one line."""
+    replica opens it, so a bundle a replica could not serve (or a ``--quality`` it has not recorded)
+    fails now, in one line. Returns the ``--quality`` preset the replicas will use (None without one)."""
     check_options(opts)
     from ..runtime.bundles.load import network_file, read_meta
     from ..runtime.bundles.models import locate
@@ -161,7 +166,7 @@ def check(opts: ServeOptions) -> None:
         raise ConfigError(f"{opts.model} has no exported bundle; the service is torch-free and serves bundles "
                           f"only: run 'anchorflow export {opts.model} --out BUNDLE' and serve BUNDLE")
     network_file(files.bundle, read_meta(files.bundle), "backbone", opts.precision)
-    open_sampler(opts, threads=1)
+    return open_sampler(opts, threads=1)[0].preset
 
 
 def open_sampler(opts: ServeOptions, threads: Optional[int] = None):
@@ -307,9 +312,13 @@ def stop(local: bool, drain_s: Optional[float] = None) -> None:
         ray.shutdown()
 
 
-def run_forever(opts: ServeOptions, announce: Callable[[str], None] = print) -> None:
-    """Check, start, announce the URL, wait for Ctrl-C / SIGTERM, drain and stop cleanly."""
-    check(opts)
+def run_forever(opts: ServeOptions, announce: Callable[[str], None] = print,
+                chosen: Optional[Callable] = None) -> None:
+    """Check, start, announce the URL, wait for Ctrl-C / SIGTERM, drain and stop cleanly. ``chosen``
+    is told the ``--quality`` preset (:class:`~anchorflow.runtime.bundles.presets.Preset`) before Ray starts."""
+    preset = check(opts)
+    if preset is not None and chosen is not None:
+        chosen(preset)
     from .watchdog import Watchdog
 
     stop_event = threading.Event()

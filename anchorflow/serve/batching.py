@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -77,9 +77,11 @@ def gather(solve: Solve, arrays: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([arrays[p.index][p.start : p.stop] for p in solve.pieces], axis=0)
 
 
-def scatter(solve: Solve, x: np.ndarray, out: list[list[tuple[int, np.ndarray]]]) -> None:
-    """Hand each piece's rows of the solved batch ``x`` back to its request (``out[index]``)."""
+def scatter(solve: Solve, x: np.ndarray, out: list[list[tuple]], estimate: Optional[np.ndarray] = None) -> None:
+    """Hand each piece's rows of the solved batch ``x`` back to its request: ``out[index]`` gets
+    (start, rows of x, the same rows of the per-sample ``estimate`` or None)."""
     row = 0
     for p in solve.pieces:
-        out[p.index].append((p.start, x[row : row + p.rows]))
+        est = None if estimate is None else estimate[row : row + p.rows]
+        out[p.index].append((p.start, x[row : row + p.rows], est))
         row += p.rows

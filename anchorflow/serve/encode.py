@@ -1,6 +1,8 @@
 """Encoding a served result: ``.npy`` bytes, a PNG grid (as ``anchorflow sample --out``) or JSON.
 
-Every sample response carries headers with the backbone calls, SideNet calls and time (Ray-free).
+Every sample response carries headers with the backbone calls, SideNet calls and time, the quality
+preset that chose the configuration (if any) and the solver's per-sample error estimate (if it gives
+one) (Ray-free).
 """
 
 from __future__ import annotations
@@ -30,6 +32,19 @@ class Reply:
     status: int = 200
     error: Optional[str] = None
     images: Optional[np.ndarray] = None  # (n, H, W, 3) uint8: x decoded by a pipeline bundle's VAE (format png)
+    quality: Optional[str] = None  # the quality preset whose configuration was solved, if any
+    error_estimate: Optional[np.ndarray] = None  # (n,) float64, state units: Result.error_estimate of these rows
+
+
+# Longest X-Anchorflow-Error-Estimate value sent (~2700 samples at %.6g); a longer one is left out (the
+# JSON format's "error_estimate" has every value): HTTP clients cap a header line (Python's at 64 KiB).
+MAX_ESTIMATE_HEADER = 32 * 1024
+
+
+def estimate_header(estimate: np.ndarray) -> Optional[str]:
+    """The per-sample estimates, comma-separated, ``%.6g`` each; None when over MAX_ESTIMATE_HEADER."""
+    text = ",".join(f"{float(v):.6g}" for v in np.asarray(estimate).reshape(-1))
+    return text if len(text) <= MAX_ESTIMATE_HEADER else None
 
 
 @dataclass(frozen=True)
@@ -70,7 +85,8 @@ def png_bytes(x: np.ndarray, data_range: Sequence[float], nrow: int) -> bytes:
 
 
 def headers_of(reply: Reply, solver: str) -> dict:
-    """Backbone calls, SideNet calls, solve time and how the request was batched."""
+    """Backbone calls, SideNet calls, solve time, how the request was batched, its quality preset and
+    the per-sample error estimate (the last two only when there is one)."""
     h = {
         "X-Anchorflow-Solver": solver,
         "X-Anchorflow-Backbone-Calls": str(reply.nfe),
@@ -84,6 +100,15 @@ def headers_of(reply: Reply, solver: str) -> dict:
     }
     if reply.bandit_state:
         h["X-Anchorflow-Bandit-State"] = reply.bandit_state
+    if reply.quality:
+        h["X-Anchorflow-Quality"] = reply.quality
+    if reply.error_estimate is not None:
+        est = estimate_header(reply.error_estimate)
+        if est is None:
+            h["X-Anchorflow-Error-Estimate-Omitted"] = (f"{len(reply.error_estimate)} values, over "
+                                                        f"{MAX_ESTIMATE_HEADER} bytes; 'format': 'json' has them")
+        else:
+            h["X-Anchorflow-Error-Estimate"] = est
     return h
 
 
@@ -100,6 +125,8 @@ def encode(reply: Reply, solver: str, fmt: str, data_range: Sequence[float]) -> 
         body = {"shape": list(x.shape), "dtype": str(x.dtype), "byte_order": "little",
                 "data": base64.b64encode(np.ascontiguousarray(x, x.dtype.newbyteorder("<")).tobytes()).decode("ascii"),
                 "backbone_calls": reply.nfe, "sidenet_calls": reply.sidenet_calls,
-                "time_ms": round(reply.solve_s * 1e3, 3), "batch_requests": reply.batch_requests}
+                "time_ms": round(reply.solve_s * 1e3, 3), "batch_requests": reply.batch_requests,
+                "quality": reply.quality, "error_estimate": None if reply.error_estimate is None
+                else [float(v) for v in reply.error_estimate]}
         return json_reply(200, body, headers)
     return HttpReply(200, npy_bytes(x), "application/x-npy", headers)

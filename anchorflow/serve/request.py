@@ -9,6 +9,10 @@ Every problem raises :class:`RequestError` (an AnchorflowError, answered as HTTP
 ``grid`` is null (what ``anchorflow sample`` uses by default: the bundle's tuned grid for the solver
 and NFE where it has one, else uniform), "uniform", "shift:S" or an explicit list of times from 1
 (noise) to 0 (data).
+
+``quality`` names a preset recorded by ``anchorflow tune --target-psnr`` (or a number of dB: the
+fastest preset whose bound meets it) instead of solver / nfe / grid / first_call (giving both is
+refused); a request naming none of the five gets the service's ``--quality``, if it has one.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ from .errors import BodyTooLarge, RequestError  # noqa: F401  (raised here; thei
 
 FORMATS = ("npy", "png", "json")
 FIELDS = ("solver", "nfe", "n", "labels", "cfg", "cfg_interval", "seed", "grid", "first_call", "format",
-          "conditions", "null_conditions", "prompt", "negative_prompt")
+          "conditions", "null_conditions", "prompt", "negative_prompt", "quality")
+# What a quality preset chooses (a request gives either "quality" or these).
+CONFIG_FIELDS = ("solver", "nfe", "grid", "first_call")
 DEFAULTS: dict[str, Any] = {"solver": "ba", "nfe": 7, "n": 16, "labels": None, "cfg": 1.0,
                             "cfg_interval": [0.0, 1.0], "seed": 0, "grid": None, "first_call": "backbone",
                             "format": "npy", "conditions": None, "null_conditions": None,
-                            "prompt": None, "negative_prompt": None}  # prompts: pipeline bundles (.prompts)
+                            "prompt": None, "negative_prompt": None,  # prompts: pipeline bundles (.prompts)
+                            "quality": None}  # None: the service's --quality, else the defaults above
 # How runtime.plan's messages name each argument over HTTP (the CLI says --cfg, the API says 'cfg').
 HTTP_NAMES = {"solver": "'solver'", "nfe": "'nfe'", "grid": "'grid'", "first_call": "'first_call'",
               "cfg_scale": "'cfg'", "cfg_interval": "'cfg_interval'", "labels": "'labels'", "cond": "'conditions'",
@@ -96,6 +103,7 @@ class SampleRequest:
     first_call: str = "backbone"
     plan: Any = field(default=None, compare=False, repr=False)
     prompt: Any = field(default=None, compare=False)  # the request's "prompt" (pipeline bundles), else None
+    quality: Optional[str] = field(default=None, compare=False)  # the preset's name (its fields set the above)
 
     @property
     def key(self) -> tuple:
@@ -151,7 +159,14 @@ def check_body_size(size: int, limit: int) -> None:
 
 
 def decode_body(raw: bytes, max_body: Optional[int] = None) -> dict:
-    """The JSON object of a request body (RequestError for anything else, BodyTooLarge over ``max_body``)."""
+    """The JSON object of a request body (RequestError for anything else, BodyTooLarge over ``max_body``),
+    with :data:`DEFAULTS` for the fields it leaves out or sets to null (``grid``: null is kept)."""
+    body = _json_object(raw, max_body)
+    return {**DEFAULTS, **{k: v for k, v in body.items() if v is not None or k == "grid"}}
+
+
+def _json_object(raw: bytes, max_body: Optional[int]) -> dict:
+    """The body's JSON object as sent (its known fields only, nothing filled in)."""
     if max_body is not None:
         check_body_size(len(raw), max_body)
     try:
@@ -167,12 +182,35 @@ def decode_body(raw: bytes, max_body: Optional[int] = None) -> dict:
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
         raise _fail(f"unknown field(s) {', '.join(_show(k) for k in unknown[:5])}; known: {', '.join(FIELDS)}")
-    return {**DEFAULTS, **{k: v for k, v in body.items() if v is not None or k == "grid"}}
+    return body
+
+
+def _quality(sent: dict, tuning: Any, default: Optional[str]):
+    """The preset a request asks for (its "quality", else the service's ``default`` when it names none of
+    :data:`CONFIG_FIELDS`), or None; RequestError for a bad or unknown one, or one given with those fields."""
+    quality = sent.get("quality")
+    given = [k for k in CONFIG_FIELDS if sent.get(k) is not None]
+    if quality is None:
+        if given or default is None:
+            return None
+        quality = default
+    elif given:
+        raise _fail(f"'quality' chooses the solver, nfe, grid and first call; drop {', '.join(map(repr, given))} "
+                    f"or 'quality'")
+    if isinstance(quality, bool) or not isinstance(quality, (str, int, float)) or not str(quality).strip() \
+            or len(str(quality)) > 64:
+        raise _fail(f"'quality' must be a preset name (1-64 characters) or a number of dB, got {_show(quality)}")
+    from ..runtime.bundles.presets import resolve_quality
+
+    try:
+        return resolve_quality(tuning, quality)
+    except ConfigError as exc:  # its words are the CLI's; over HTTP the field is 'quality'
+        raise _fail(str(exc).replace("--quality", "'quality'")) from None
 
 
 def parse_request(raw: bytes, meta: dict, limits: Limits, has_sidenet: bool, arrived: float = 0.0,
                   model_conditions: Optional[tuple] = None, prompts: Any = None,
-                  decodes: bool = False) -> SampleRequest:
+                  decodes: bool = False, tuning: Any = None, quality: Optional[str] = None) -> SampleRequest:
     """Validate a request body against the model (``meta``: state_shape, num_classes, data_range) and
     the limits, alone: nothing of it reaches a solve shared with other requests unless it passed.
 
@@ -180,10 +218,16 @@ def parse_request(raw: bytes, meta: dict, limits: Limits, has_sidenet: bool, arr
     bundle's null values) of a bundle whose backbone declares conditions; None: labels only.
     ``prompts``: a pipeline bundle's :class:`~.prompts.PromptConditions` ("prompt" requests), else None;
     ``decodes``: the service decodes latents through the bundle's VAE ("format": "png" on latents).
+    ``tuning``: the bundle's :class:`~anchorflow.runtime.bundles.tuned_grids.Tuning` (its presets answer
+    "quality"); ``quality``: the service's default preset name (``anchorflow serve --quality``), or None.
     """
     from ..runtime import get_solver, make_grid, solver_names
 
-    body = decode_body(raw, limits.max_body)
+    sent = _json_object(raw, limits.max_body)
+    body = {**DEFAULTS, **{k: v for k, v in sent.items() if v is not None or k == "grid"}}
+    preset = _quality(sent, tuning, quality)
+    if preset is not None:  # the preset's configuration, checked below like a request's own
+        body.update(solver=preset.solver, nfe=preset.nfe, grid=list(preset.times), first_call=preset.first_call)
     solver = body["solver"]
     if not isinstance(solver, str) or solver not in solver_names():
         raise _fail(f"unknown solver {_show(solver)}; choose from {', '.join(solver_names())}")
@@ -252,7 +296,7 @@ def parse_request(raw: bytes, meta: dict, limits: Limits, has_sidenet: bool, arr
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     return SampleRequest(solver, nfe, n, labels, cfg, (lo, hi), seed, grid, fmt, arrived, conds, nulls, first_call,
-                         prompt=body["prompt"] if prompted else None)
+                         prompt=body["prompt"] if prompted else None, quality=None if preset is None else preset.name)
 
 
 def image_range(meta: dict) -> Optional[tuple[float, float]]:

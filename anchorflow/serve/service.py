@@ -71,6 +71,9 @@ class SamplerService:
         bandit_dir: folder of FastFlow bandit state files (one per model, grid and guidance).
         mu_factor: FastFlow's mu factor for new bandit states (as ``anchorflow sample --mu-factor``).
         threads: onnxruntime intra-op threads (None: one per physical core).
+        quality: the default of requests that name no solver, nfe, grid, first call or quality: a preset
+            recorded by ``anchorflow tune --target-psnr`` (its name, or a number of dB: the fastest preset
+            whose bound meets it), resolved once here (:attr:`preset`); None: ``ba`` at NFE 7.
     """
 
     def __init__(self, model: str = "default", *, backend: str = "auto", precision: str = "fp32",
@@ -78,7 +81,7 @@ class SamplerService:
                  max_queue: int = DEFAULT_MAX_QUEUE, bandit_dir: Optional[str] = None,
                  mu_factor: Optional[float] = None, threads: Optional[int] = None,
                  max_cost: int = DEFAULT_MAX_COST, max_body: int = DEFAULT_MAX_BODY,
-                 time_budget_s: float = DEFAULT_TIME_BUDGET_S) -> None:
+                 time_budget_s: float = DEFAULT_TIME_BUDGET_S, quality: Optional[str] = None) -> None:
         from ..runtime.bundles.load import open_bundle, read_bundle
         from ..runtime.bundles.models import locate
 
@@ -99,6 +102,11 @@ class SamplerService:
         from ..runtime.bundles.tuned_grids import read_tuning
 
         self.tuning = read_tuning(fmt)  # tuned grids: a request without "grid" gets what `sample` would use
+        self.preset = None  # the service's default quality preset (anchorflow serve --quality)
+        if quality is not None:
+            from ..runtime.bundles.presets import resolve_quality
+
+            self.preset = resolve_quality(self.tuning, quality)
         self.batch_max = {k: (fmt.networks[k].batch[2] if k in fmt.networks and fmt.networks[k].batch else None)
                           for k in ("backbone", "sidenet")}
         decls = fmt.backbone.conditions
@@ -140,7 +148,8 @@ class SamplerService:
         row limit for FastFlow. Nothing of a request reaches a shared solve unless it passed."""
         try:
             req = parse_request(raw, self.meta, self.limits, self.model.sidenet is not None, time.perf_counter(),
-                                self.model_conditions, self.prompts, self.decoder is not None)
+                                self.model_conditions, self.prompts, self.decoder is not None, self.tuning,
+                                None if self.preset is None else self.preset.name)
             req = self._prompt_grid(req)
             req = dataclasses.replace(req, plan=self.plan_for(req))
             if req.solver == "fastflow" and req.n > self.rows_for(req):
@@ -169,9 +178,10 @@ class SamplerService:
         service's shared bandit state for its grid and guidance, with the service's mu factor)."""
         from ..runtime.plan import plan
 
-        kw = dict(solver=req.solver, nfe=req.nfe, grid=None if req.grid is None else
-                  (req.grid if isinstance(req.grid, str) else list(req.grid)), first_call=req.first_call,
-                  cfg_scale=req.cfg, cfg_interval=req.cfg_interval, labels=None if req.labels is None else
+        config = dict(quality=req.quality) if req.quality is not None else dict(  # a preset: plan(quality=) as the API
+            solver=req.solver, nfe=req.nfe, grid=None if req.grid is None else
+            (req.grid if isinstance(req.grid, str) else list(req.grid)), first_call=req.first_call)
+        kw = dict(**config, cfg_scale=req.cfg, cfg_interval=req.cfg_interval, labels=None if req.labels is None else
                   list(req.labels), n=req.n, seed=req.seed, tuning=self.tuning, names=HTTP_NAMES)
         if req.conditions:
             kw["cond"] = {k: v for k, v, _ in req.conditions}
@@ -234,7 +244,11 @@ class SamplerService:
                 self._solving -= len(requests)
         for reply, got, req in zip(replies, parts, requests):
             if reply.error is None:
-                reply.x = np.concatenate([x for _, x in sorted(got, key=lambda p: p[0])], axis=0)
+                got = sorted(got, key=lambda p: p[0])
+                reply.x = np.concatenate([x for _, x, _ in got], axis=0)
+                if all(e is not None for _, _, e in got):  # the solver's per-sample estimate, this request's rows
+                    reply.error_estimate = np.concatenate([e for _, _, e in got], axis=0)
+                reply.quality = req.quality
                 if req.format == "png" and self.decoder is not None:  # pipeline bundles: latents -> images
                     self._decode(reply)
         with self._lock:
@@ -282,7 +296,7 @@ class SamplerService:
             raise NonFinite("the solve returned NaN or infinite samples")
         pending.commit()
         state = None if first.bandit_state is None else Path(first.bandit_state).name
-        scatter(solve, res.x, parts)
+        scatter(solve, res.x, parts, res.error_estimate)
         with self._lock:
             self.stats["rows"] += solve.rows
             self._solve_s = 0.8 * self._solve_s + 0.2 * res.timing.total_s
@@ -338,10 +352,19 @@ class SamplerService:
                                                              "guidance": self.prompts.mode},
                 "conditions": [{"name": d.name, "dtype": d.dtype, "shape": list(d.shape), "per_row": d.per_row,
                                 "null": self.null_cond.get(d.name)} for d in (self.model_conditions or [()])[0]],
-                "request": {k: DEFAULTS[k] for k in FIELDS},
+                "request": {**{k: DEFAULTS[k] for k in FIELDS},
+                            "quality": None if self.preset is None else self.preset.name},
+                "quality": self._presets(),
                 "limits": {"max_n": self.limits.max_n, "max_nfe": self.limits.max_nfe, "max_queue": self.max_queue,
                            "max_rows_per_solve": self.limits.max_rows, "network_batch_max": self.batch_max},
                 "torch_imported": "torch" in sys.modules}
+
+    def _presets(self) -> list:
+        """The bundle's recorded quality presets (what "quality" may name), fastest first."""
+        presets = {} if self.tuning is None else dict(getattr(self.tuning, "presets", {}) or {})
+        keep = ("name", "solver", "nfe", "first_call", "grid_label", "target_psnr", "reference", "confidence",
+                "lower_bound", "latency_s", "batch", "backend")
+        return [{k: getattr(p, k) for k in keep} for p in sorted(presets.values(), key=lambda p: (p.latency_s, p.name))]
 
     def stats_snapshot(self) -> dict:
         with self._lock:
