@@ -61,7 +61,7 @@ def test_version_1_file_migrates_and_keeps_learning(mixture, tmp_path):
         run_with_state(mixture, _noise(10), T, path, "m", y=_labels(), speedup=3)
 
 
-@pytest.mark.parametrize("version,match", [(3, "newer anchorflow"), (0, "schema version"), ("2", "schema version")])
+@pytest.mark.parametrize("version,match", [(4, "newer anchorflow"), (0, "schema version"), ("2", "schema version")])
 def test_unknown_versions_refused(tmp_path, version, match):
     path = tmp_path / "s.json"
     bandit_state.write(FastFlowBandit(T, model_id="m"), path)

@@ -10,14 +10,17 @@ Every solver is judged on the same backbone, noise, labels and guidance in one r
   and the wall-clock split (backbone / SideNet / overhead);
 - per solver: the empirical order (slope of log RMSE against log NFE) and the Euler NFE that
   reaches the same PSNR (an Euler ladder of NFE 1..200, interpolated in log NFE);
+- per run of a solver with a free per-sample error estimate (``Result.error_estimate``): the
+  true per-sample error (RMSE against the reference, state units), Spearman of estimate vs true
+  error and the median ratio estimate / true (``calibration``: calibration.csv, calibration.png);
 - with the model's classifier: Frechet distance of classifier features to the real-data
   statistics ("FD") and class accuracy; with a data sampler in ``meta["sampler"]``: sliced
   Wasserstein distance to held-out data.
 
 Modules: ``plan`` (the frozen, checked :class:`BenchPlan`), ``reference`` (the reference
 solve), ``evaluate`` (scores), ``runs`` (typed :class:`RunRecord` per job), ``results`` (the
-results dict), ``report`` (report.md), ``outputs`` (files and figures), ``harness``
-(:func:`run_bench`). Time convention: t = 1 noise, t = 0 data. Torch-free: numpy, onnxruntime,
+results dict), ``report`` (report.md), ``calibration`` (the error estimate against the true
+error), ``outputs`` (files and figures), ``harness`` (:func:`run_bench`). Time convention: t = 1 noise, t = 0 data. Torch-free: numpy, onnxruntime,
 pillow, tqdm (matplotlib only for the figures, skipped with a note when it is missing).
 """
 

@@ -1,4 +1,5 @@
-"""Files of ``anchorflow bench``: results.json, report.md, quality_vs_nfe.png and the sample figures."""
+"""Files of ``anchorflow bench``: results.json, report.md, quality_vs_nfe.png, calibration.png and .csv,
+and the sample figures."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..base import _io
+from . import calibration
 from .report import grid_run, render_report
 from .results import done_runs
 from .runs import Measured
@@ -82,12 +84,30 @@ def _quality_figure(out: Path, results: dict) -> Optional[str]:
     return "quality_vs_nfe.png"
 
 
+def _calibration_files(out: Path, results: dict, measured: Measured, no_mpl: str) -> dict[str, str]:
+    """calibration.csv and calibration.png (estimate vs true error), or why they were not written."""
+    from ..base._deps import available
+
+    if not results["calibration"]["with_estimate"]:
+        why = "skipped: no solver of this run gives an error estimate"
+        return {"calibration": why, "calibration_csv": why}
+    _io.write_text(out / "calibration.csv", calibration.csv_text(measured.runs))
+    files = {"calibration_csv": "calibration.csv", "calibration": no_mpl}
+    if available("matplotlib"):
+        s = results["settings"]
+        calibration.plot(measured.runs, out / "calibration.png", s["solvers"], s["nfes"], s["cfg_scales"])
+        files["calibration"] = "calibration.png"
+    return files
+
+
 def write_outputs(out: Path, results: dict, measured: Measured, shown_with: Shown) -> dict:
-    """Write results.json, report.md, quality_vs_nfe.png and the sample figures (each atomically)."""
+    """Write results.json, report.md, quality_vs_nfe.png, calibration.png / .csv and the sample
+    figures (each atomically)."""
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {"results": "results.json", "report": "report.md"}
     no_mpl = "skipped: matplotlib is not installed (pip install 'anchorflow[plot]')"
     files["quality_vs_nfe"] = _quality_figure(out, results) or no_mpl
+    files.update(_calibration_files(out, results, measured, no_mpl))
     files["samples"] = _sample_figures(out, results, measured, shown_with)
     results["files"] = files
     _io.write_json(out / "results.json", results)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Optional, Sequence
 
+from . import calibration
 from .results import done_runs
 
 GRID_NFE = 8  # sample grids and timing tables show each solver at the requested NFE closest to this
@@ -22,12 +23,13 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
             *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
 
 
-def _grid_table(results: dict, cfg: float, cell: Callable[[dict], str]) -> list[str]:
-    """Solver x NFE table of ``cell(run)`` ("-" when skipped)."""
+def _grid_table(results: dict, cfg: float, cell: Callable[[dict], str],
+                names: Optional[Sequence[str]] = None) -> list[str]:
+    """Solver x NFE table of ``cell(run)`` ("-" when skipped); rows ``names`` (default: every solver)."""
     nfes = results["settings"]["nfes"]
     by = {(r["solver"], r["nfe_requested"]): r for r in results["runs"] if r["cfg"] == cfg}
     rows = [[name, *("-" if "skipped" in by[(name, k)] else cell(by[(name, k)]) for k in nfes)]
-            for name in results["settings"]["solvers"]]
+            for name in (results["settings"]["solvers"] if names is None else names)]
     return _table(["solver \\ NFE", *map(str, nfes)], rows)
 
 
@@ -59,6 +61,35 @@ def _timing_rows(results: dict, cfg: float) -> list[list[Any]]:
     return rows
 
 
+def _calibration_lines(results: dict, cfg: float) -> list[str]:
+    """The error estimate's Spearman / median ratio per solver x NFE (solvers with an estimate only)."""
+    cal = results.get("calibration")
+    if not cal:
+        return []
+    lines = ["### Error estimate vs true error (Spearman / median estimate over true)", "",
+             f"True error: {cal['true_error']}. Spearman 1 = the estimate ranks the samples exactly as their "
+             "true error; median ratio 1 = calibrated scale. Per-sample values: `calibration.csv`; figure: "
+             "`calibration.png`.", ""]
+    if cal["with_estimate"]:
+        pooled = {p["solver"]: p["spearman"] for p in cal["pooled"] if p["cfg"] == cfg}
+        rows = [s for s in cal["with_estimate"] if s in pooled]
+        lines += _grid_table(results, cfg, lambda r: calibration.cell(r) if "error_estimate" in r else "n/a", rows)
+        lines += ["Spearman over every NFE together: " + ", ".join(
+            f"{s} {'n/a' if pooled[s] is None else f'{pooled[s]:.2f}'}" for s in rows) + ".", ""]
+    ref = next((r for r in results["references"] if r["cfg"] == cfg), {})
+    floor = (ref.get("reference_error") or {}).get("rmse_estimate")
+    near = [f"{r['solver']}@{r['nfe_requested']}" for r in results["runs"] if r["cfg"] == cfg
+            and "error_estimate" in r and floor is not None and r["error_estimate"]["mean_true_error"] is not None
+            and r["error_estimate"]["mean_true_error"] < calibration.FLOOR_FACTOR * floor]
+    if near:
+        lines += [f"Caution: the true error of {', '.join(near)} is under {calibration.FLOOR_FACTOR:g}x the "
+                  f"reference's own error (RMSE {floor:.1e}); their Spearman partly ranks the reference's error "
+                  "(use a finer --reference).", ""]
+    if cal["without_estimate"]:
+        lines += [f"No error estimate (not in the table or the figure): {', '.join(cal['without_estimate'])}.", ""]
+    return lines
+
+
 def _section(results: dict, cfg: float) -> list[str]:
     ref = next(r for r in results["references"] if r["cfg"] == cfg)
     chk, dist = ref["self_check"], _dist_cell(ref)
@@ -77,6 +108,7 @@ def _section(results: dict, cfg: float) -> list[str]:
              "### Euler NFE needed to match that PSNR", "", *_grid_table(results, cfg, _match_cell)]
     if any(k in r for r in results["runs"] for k in ("fd", "accuracy", "swd")):
         lines += ["### Distribution quality", "", *_grid_table(results, cfg, _dist_cell)]
+    lines += _calibration_lines(results, cfg)
     if results["settings"].get("grids") == "tuned":
         lines += ["### Time grid of each run (`warp:S,P` from `anchorflow tune`; uniform where none was tuned)", "",
                   *_grid_table(results, cfg, lambda r: r.get("grid", "uniform"))]

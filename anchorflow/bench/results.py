@@ -12,6 +12,7 @@ import numpy as np
 
 from ..base.errors import ConfigError
 from ..runtime.evaluation import metrics as M
+from . import calibration
 from .plan import BenchPlan, method_of
 from .runs import Measured, RunRecord
 
@@ -87,7 +88,8 @@ def _with_match(runs: list[RunRecord], ladder: Sequence[int]) -> list[dict]:
 
 
 def assemble(model, plan: BenchPlan, measured: Measured) -> dict:
-    """The results dict (JSON-ready): schema, model, machine, settings, references, runs, ladder, orders."""
+    """The results dict (JSON-ready): schema, model, machine, settings, references, runs, ladder, orders,
+    and the error estimate's calibration (which solvers give one; pooled Spearman per solver)."""
     runs = _with_match(measured.runs, plan.euler_ladder)
     meta = model.meta
     ladder = [d for r, d in zip(measured.runs, runs) if r.ladder_rung and r.nfe_requested in plan.euler_ladder
@@ -103,4 +105,5 @@ def assemble(model, plan: BenchPlan, measured: Measured) -> dict:
         "runs": main,
         "euler_ladder": [{k: r[k] for k in ("cfg", "nfe", "psnr", "rmse")} for r in ladder],
         "orders": orders(main, plan),
+        "calibration": calibration.summary(measured.runs, plan.labels, plan.cfg_scales),
     }

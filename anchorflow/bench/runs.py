@@ -83,6 +83,10 @@ class RunRecord:
     timing: dict[str, float] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)
     x: Optional[np.ndarray] = field(default=None, repr=False)
+    # Result.error_estimate (n,) and the true per-sample error against the reference (n,), both in
+    # state units; None for a solver without an estimate (anchorflow/bench/calibration.py)
+    estimate: Optional[np.ndarray] = field(default=None, repr=False)
+    true_error: Optional[np.ndarray] = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """The results.json form (keys in the order the schema has always had them)."""
@@ -91,8 +95,13 @@ class RunRecord:
             head.update(method=self.method, first_call=self.first_call, grid=self.grid)
         if self.skipped is not None:
             return {**head, "skipped": self.skipped}
-        return {**head, "nfe": self.nfe, "sidenet_calls": self.sidenet_calls, "timing": dict(self.timing),
-                **self.scores}
+        out = {**head, "nfe": self.nfe, "sidenet_calls": self.sidenet_calls, "timing": dict(self.timing),
+               **self.scores}
+        if self.estimate is not None:
+            from .calibration import summarize
+
+            out["error_estimate"] = summarize(self.estimate, self.true_error)
+        return out
 
     @property
     def ladder_rung(self) -> bool:
@@ -159,6 +168,11 @@ def run_one(inp: Inputs, job: Job, cfg: float) -> RunRecord:
     rec.nfe, rec.sidenet_calls, rec.timing = int(res.nfe), int(res.sidenet_calls), _timing(res.timing)
     rec.scores = inp.evaluate(res.x)
     rec.x = None if job.ladder_only else res.x  # ladder-only runs feed the Euler-to-match table, not the grids
+    if res.error_estimate is not None and not job.ladder_only:
+        from .calibration import per_sample_rmse
+
+        rec.estimate = np.asarray(res.error_estimate, np.float64).copy()
+        rec.true_error = per_sample_rmse(res.x, inp.evaluate.ref)
     return rec
 
 

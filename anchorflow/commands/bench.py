@@ -41,7 +41,8 @@ DEFAULT_NFE = "3,4,5,6,8,10,20,50,100"
               help="Execution backend; 'auto' takes the best available and reports it.")
 @click.option("--allow-fallback", is_flag=True, help="Fall back to CPU when a GPU provider fails to load.")
 @click.option("--out", type=click.Path(file_okay=False), default="bench", show_default=True,
-              help="Folder for results.json, report.md, quality_vs_nfe.png and sample grids.")
+              help="Folder for results.json, report.md, quality_vs_nfe.png, calibration.png / .csv (error "
+                   "estimate vs true per-sample error) and sample grids.")
 @click.option("--cond", "cond_file", type=click.Path(dir_okay=False), default=None,
               help="Conditions for every run: .npz or .safetensors, one array per condition name, rows --n or 1 "
                    "(`anchorflow inspect` lists what the bundle declares). Default: balanced class labels.")
@@ -57,7 +58,9 @@ def bench(model, solvers, nfe, n, cfg, cfg_interval, reference, seed, first_call
     each (solver, NFE, guidance) the report gives PSNR and RMSE against the reference, the
     Euler NFE needed to match that PSNR, FD and class accuracy with the model's classifier,
     and the wall-clock split into backbone, SideNet and runtime overhead; per solver the
-    empirical order (slope of log RMSE against log NFE). MODEL is `default`, a model folder
+    empirical order (slope of log RMSE against log NFE); for the solvers with a free per-sample
+    error estimate (ba, ab2, ipndm, unipc) its Spearman and median ratio against the true
+    per-sample error (calibration.png, calibration.csv). MODEL is `default`, a model folder
     or an exported bundle; on a bundle this runs without torch.
 
     \b

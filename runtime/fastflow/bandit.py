@@ -41,6 +41,7 @@ DEFAULT_GAMMA = 2.0
 DEFAULT_SPEEDUP = 3.0
 DEFAULT_ETA = 0.3  # mu's step per generation: log mu moves by eta * relative calls error
 BONUS_UNITS = ("mu", "raw")
+REWARDS = ("residual", "estimate")  # what a skip is charged: velocity residual, or the state-unit estimate
 HISTORY = 200  # generations of (calls, mu) kept for reports
 
 
@@ -143,6 +144,11 @@ class FastFlowBandit:
             "raw": u = 1, the formula taken literally.
         mu_factor: scales the calibrated mu (1 = the paper's rule).
         seed: seeds the tie-breaking generator.
+        reward: what a skip is charged (stored as ``reward_mode``). "residual" (default, the
+            paper): ``mse(v_hat_m, v_m)``, squared velocity units. "estimate": the solver's own
+            predictor-corrector difference over the skipped span, in squared *state* units
+            (:func:`anchorflow.runtime.solving.solvers.fastflow_loop.pc_weight`); mu is then a
+            price in state units too (its calibration weights each residual by the squared step).
 
     Arrays (T, A), A = len(arms): ``Q`` float64 mean rewards, ``N`` int64 pulls, ``R`` int64
     pulls paid ``+mu * a`` (the others were refused by the quality guard and charged ``-mu * a``).
@@ -151,7 +157,11 @@ class FastFlowBandit:
     def __init__(self, T: int, grid: GridSpec = None, *, model_id: str = "", arms: Sequence[int] = DEFAULT_ARMS,
                  gamma: float = DEFAULT_GAMMA, calls: Optional[float] = None, speedup: Optional[float] = None,
                  mu: Optional[float] = None, adapt: Optional[bool] = None, eta: float = DEFAULT_ETA,
-                 tol: Optional[float] = None, bonus: str = "mu", mu_factor: float = 1.0, seed: int = 0) -> None:
+                 tol: Optional[float] = None, bonus: str = "mu", mu_factor: float = 1.0, seed: int = 0,
+                 reward: str = "residual") -> None:
+        if reward not in REWARDS:
+            raise ConfigError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
+        self.reward_mode = reward
         if bonus not in BONUS_UNITS:
             raise ConfigError(f"bonus must be one of {BONUS_UNITS}, got {bonus!r}")
         if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 3:
@@ -268,4 +278,4 @@ class FastFlowBandit:
         """What a state file learned with (compared when a run asks for other settings)."""
         return {"arms": list(self.arms), "gamma": self.gamma, "target": self.target, "tol": self.tol,
                 "bonus": self.bonus, "mu_factor": self.mu_factor, "eta": self.eta,
-                "mu": None if self.adaptive else self.mu}
+                "mu": None if self.adaptive else self.mu, "reward": self.reward_mode}

@@ -2,8 +2,13 @@
 
 One JSON document per (grid, model identity): schema ``anchorflow.fastflow-bandit``, version
 :data:`VERSION`. Version 1 files (fixed mu, no budget, no guard) are migrated on read: their
-bandit keeps its fixed mu (``adapt=False``) and every reward counts as paid (``R = N``); the
-next save writes version 2. A newer version, another schema or a malformed table is refused
+bandit keeps its fixed mu (``adapt=False``) and every reward counts as paid (``R = N``).
+Version 2 files (one table, the skip residual as the reward) read as version 3 with
+``reward="residual"`` and no context; the next save writes version 3. Version 3 adds
+``reward`` and ``context``: None (one table, a :class:`FastFlowBandit`) or ``{"by", "groups"}``
+with ``tables`` {context name: its mu, counts, history and generator} (a
+:class:`~.context.ContextBandits`); an unknown context kind or a table name that spec cannot
+make is refused. A newer version, another schema or a malformed table is refused
 with a message that says what to do. Writers hold ``<path>.lock`` (filelock) for the whole
 read-modify-write and replace the file atomically (:mod:`anchorflow.base._io`), so concurrent
 processes never lose an update and a crash never leaves half a file.
@@ -22,15 +27,29 @@ import numpy as np
 from ...base._io import write_json
 from ...base.errors import ConfigError, StateFileError
 from .bandit import HISTORY, BanditKey, FastFlowBandit
+from .context import CONTEXT_KINDS, ContextBandits
 
 SCHEMA = "anchorflow.fastflow-bandit"
-VERSION = 2
+VERSION = 3
 LOCK_TIMEOUT_S = 120.0
 LOCK_NOTICE_S = 1.0  # wait this long in silence before saying that another process holds the lock
 
 
-def to_dict(b: FastFlowBandit) -> dict[str, Any]:
-    """The version-2 document of a bandit."""
+def _table(b: FastFlowBandit) -> dict[str, Any]:
+    """What one context's table learned (the settings are the document's)."""
+    return {"mu": b.mu, "generations": b.generations, "history": b.history,
+            "Q": b.Q.tolist(), "N": b.N.tolist(), "R": b.R.tolist(), "rng": b.rng.bit_generator.state}
+
+
+def to_dict(b: FastFlowBandit | ContextBandits) -> dict[str, Any]:
+    """The version-3 document of a bandit (or of context bandits: the template's settings, the
+    context spec and every context's table)."""
+    if isinstance(b, ContextBandits):
+        return {**_plain(b.template), "context": b.spec(), "tables": {c: _table(t) for c, t in b.tables.items()}}
+    return _plain(b)
+
+
+def _plain(b: FastFlowBandit) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "version": VERSION,
@@ -41,6 +60,7 @@ def to_dict(b: FastFlowBandit) -> dict[str, Any]:
         "generations": b.generations, "history": b.history,
         "Q": b.Q.tolist(), "N": b.N.tolist(), "R": b.R.tolist(),
         "rng": b.rng.bit_generator.state,
+        "reward": b.reward_mode, "context": None,
     }
 
 
@@ -57,9 +77,11 @@ def migrate(d: dict, source: str) -> dict:
     if version == VERSION:
         return d
     if version == 1:
-        out = dict(d, version=VERSION, budget={"target_calls": None, "eta": None}, tol=None, history=[])
-        out["R"] = d.get("N")
-        return out
+        d = dict(d, version=2, budget={"target_calls": None, "eta": None}, tol=None, history=[])
+        d["R"] = d.get("N")
+        version = 2
+    if version == 2:  # one table, charged the skip residual
+        return dict(d, version=3, reward="residual", context=None)
     if isinstance(version, int) and version > VERSION:
         raise StateFileError(f"{source} was written by a newer anchorflow (bandit state version {version}); "
                              f"this one reads versions 1..{VERSION}: upgrade anchorflow or use another state file")
@@ -76,12 +98,40 @@ def _matrix(d: dict, name: str, shape: tuple[int, int], dtype: type, source: str
     return m
 
 
-def from_dict(d: Any, source: str = "bandit state") -> FastFlowBandit:
-    """Rebuild a bandit from a (possibly older) document; anything malformed -> StateFileError."""
+def from_dict(d: Any, source: str = "bandit state") -> FastFlowBandit | ContextBandits:
+    """Rebuild a bandit (or context bandits) from a (possibly older) document; anything malformed
+    -> StateFileError."""
     if not isinstance(d, dict) or d.get("schema") != SCHEMA:
         found = d.get("schema") if isinstance(d, dict) else type(d).__name__
         raise _bad(source, f"schema {found!r}, expected {SCHEMA!r}")
     d = migrate(d, source)
+    b = _bandit(d, source)
+    spec = d.get("context", "missing")
+    if spec is None:
+        return b
+    if not isinstance(spec, dict) or spec.get("by") not in CONTEXT_KINDS:
+        found = spec.get("by") if isinstance(spec, dict) else spec
+        raise _bad(source, f"unknown context {found!r}; this anchorflow knows {', '.join(CONTEXT_KINDS)}")
+    tables = d.get("tables")
+    if not isinstance(tables, dict):
+        raise _bad(source, "context bandits without a tables mapping")
+    try:  # the spec is checked as a new ContextBandits' would be, every table name against it
+        cb = ContextBandits(b.T, b.grid, model_id=b.key.model_id, by=spec["by"], groups=spec.get("groups"))
+        for name in tables:
+            cb.check_name(name)
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise _bad(source, f"unknown context: {exc}") from None
+    cb.template = b
+    for name, t in tables.items():
+        if not isinstance(t, dict):
+            raise _bad(source, f"table {name!r} is not a mapping")
+        table = b.copy()
+        _fill(table, t, f"{source}, table {name!r}")
+        cb.tables[name] = table
+    return cb
+
+
+def _bandit(d: dict, source: str) -> FastFlowBandit:
     try:
         key, budget = d["key"], d["budget"]
         adapt = budget["target_calls"] is not None
@@ -89,23 +139,34 @@ def from_dict(d: Any, source: str = "bandit state") -> FastFlowBandit:
                            gamma=d["gamma"], mu=d["mu"], seed=int(d["seed"]), bonus=d["bonus"],
                            mu_factor=d["mu_factor"], tol=d["tol"], adapt=adapt,
                            calls=budget["target_calls"] if adapt else None,
-                           eta=budget["eta"] if adapt else 0.3)
-        b.generations = int(d["generations"])
-        b.history = [[float(c), None if m is None else float(m)] for c, m in d["history"]][-HISTORY:]
-        b.rng.bit_generator.state = d["rng"]
+                           eta=budget["eta"] if adapt else 0.3, reward=d["reward"])
     except (KeyError, TypeError, ValueError, OverflowError, ConfigError) as exc:
         raise _bad(source, f"bad or missing field: {exc}") from None
     if adapt and not 0 < b.eta <= MAX_ETA:  # a huge eta drove mu to inf on the next update
         raise _bad(source, f"budget.eta must be in (0, {MAX_ETA:g}], got {b.eta!r}")
     if b.key.grid_sha256 != key.get("grid_sha256"):
         raise _bad(source, "grid hash does not match its grid values")
+    _fill(b, d, source)
+    return b
+
+
+def _fill(b: FastFlowBandit, d: dict, source: str) -> None:
+    """What ``b`` learned, from ``d``: mu, generations, history, generator, Q / N / R."""
+    try:
+        b.mu = None if d["mu"] is None else float(d["mu"])
+        b.generations = int(d["generations"])
+        b.history = [[float(c), None if m is None else float(m)] for c, m in d["history"]][-HISTORY:]
+        b.rng.bit_generator.state = d["rng"]
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise _bad(source, f"bad or missing field: {exc}") from None
+    if b.mu is not None and not (np.isfinite(b.mu) and b.mu >= 0):
+        raise _bad(source, f"mu must be a finite number >= 0, got {b.mu!r}")
     shape = (b.T, len(b.arms))
     b.Q = _matrix(d, "Q", shape, np.float64, source)
     b.N = _matrix(d, "N", shape, np.int64, source)
     b.R = _matrix(d, "R", shape, np.int64, source)
     if b.N.min() < 0 or b.generations < 0 or np.any(b.R < 0) or np.any(b.R > b.N):
         raise _bad(source, "negative counts, or more paid rewards R than pulls N")
-    return b
 
 
 def read(path: str | os.PathLike) -> Any:
@@ -126,9 +187,22 @@ def read(path: str | os.PathLike) -> Any:
         raise _bad(str(path), f"corrupt or truncated JSON: {str(exc).replace(f'{path} ', '', 1)}") from None
 
 
-def load(path: str | os.PathLike, key: Optional[BanditKey] = None) -> FastFlowBandit:
-    """Read a state file; refuse a corrupt or foreign one, or one whose key differs from ``key``."""
+def load(path: str | os.PathLike, key: Optional[BanditKey] = None, context: Optional[dict] = None,
+         contexts: bool = False) -> FastFlowBandit | ContextBandits:
+    """Read a state file; refuse a corrupt or foreign one, or one whose key differs from ``key``.
+
+    ``context``: the :meth:`ContextBandits.spec` a run asks for; a file of another spec (or of one
+    table, no context) is refused. Without it, a file of context bandits is refused unless
+    ``contexts`` (callers that drive one table: the CLI, ``solve_with_state``, the diffusers hook)."""
     b = from_dict(read(path), str(path))
+    if context is not None:
+        have = b.spec() if isinstance(b, ContextBandits) else None
+        if have != context:
+            raise StateFileError(f"{path} holds bandits for context {have!r}, not {context!r}; use another "
+                                 "state file for this context, or delete it to learn afresh")
+    elif isinstance(b, ContextBandits) and not contexts:
+        raise StateFileError(f"{path} holds context bandits ({b.spec()}, {len(b.tables)} tables), which this "
+                             "command does not use; give a state file of one bandit table")
     if key is not None:
         diffs = b.key.differences(key)
         if diffs:
@@ -159,7 +233,7 @@ MAX_ETA = 10.0  # log mu moves by at most eta x the relative calls error per gen
 
 
 def write(b: FastFlowBandit, path: str | os.PathLike) -> None:
-    """Replace ``path`` atomically with the version-2 document (caller holds the lock)."""
+    """Replace ``path`` atomically with the version-3 document (caller holds the lock)."""
     from_dict(json.loads(json.dumps(to_dict(b))), f"{path} (the updated state, not written)")
     try:
         write_json(path, to_dict(b))

@@ -89,18 +89,49 @@ def interval_weights(times: Sequence[float], t_from: float, t_to: float) -> np.n
     return np.linalg.solve(np.vander(u, ts.size, increasing=True).T, (ub ** p - ua ** p) / p)
 
 
+def pc_weight(anchor_times: Sequence[float], t_m: float, span: Sequence[float], base: str = "euler") -> float:
+    """W with ``corrector - predictor = W * (v_m - P(t_m))`` over a skipped span, in state units.
+
+    P is the polynomial of degree <= k through the k + 1 anchors (t_i, v_i) a skip extrapolated
+    from (the predictor); Q, of degree k + 1, also passes through (t_m, v_m), the velocity of the
+    next computed step (the corrector). By Newton's form ``Q - P = e * w(s)`` with the residual
+    ``e = v_m - P(t_m)`` and ``w(s) = prod_i (s - t_i) / prod_i (t_m - t_i)``, so re-integrating the
+    span with Q instead of P moves the state by ``W e``: ``base="euler"`` (each skipped step j
+    advances ``(t_{j+1} - t_j) * P(t_j)``; ``span`` = t_{k0+1}, ..., t_m, empty for a = 0):
+    ``W = sum_j (t_{j+1} - t_j) w(t_j)``; ``base="adams"`` (every step integrates P, the computed
+    step k0 too; ``span`` = t_k0, ..., t_m): ``W = int_{t_k0}^{t_m} w(s) ds``. Non-uniform times
+    are exact; W = 0 when the skipped span is empty. A velocity polynomial of degree <= k has
+    e = 0, hence no charge.
+    """
+    ts = np.asarray(anchor_times, np.float64)
+    sp = np.asarray(span, np.float64)
+    denom = float(np.prod(float(t_m) - ts))
+    if sp.size < 2:
+        return 0.0
+    if base == "adams":
+        prim = np.polynomial.Polynomial.fromroots(ts).integ()
+        return float((prim(sp[-1]) - prim(sp[0])) / denom)
+    nodes = sp[:-1]
+    return float(np.sum(np.diff(sp) * np.prod(nodes[:, None] - ts[None, :], axis=1)) / denom)
+
+
 def _mse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.square(np.asarray(a, np.float64) - b)))
 
 
-def _bandit_for(grid: np.ndarray, bandit: Optional[FastFlowBandit], mu, arms, gamma, seed) -> FastFlowBandit:
+def _bandit_for(grid: np.ndarray, bandit: Optional[FastFlowBandit], mu, arms, gamma, seed,
+                reward: Optional[str] = None) -> FastFlowBandit:
     """The caller's bandit (checked against the grid), or a fresh one from the options."""
     T = len(grid) - 1
     if bandit is None:
         return FastFlowBandit(T, grid, arms=DEFAULT_ARMS if arms is None else arms,
-                              gamma=DEFAULT_GAMMA if gamma is None else gamma, mu=mu, seed=seed)
+                              gamma=DEFAULT_GAMMA if gamma is None else gamma, mu=mu, seed=seed,
+                              reward="residual" if reward is None else reward)
     if not isinstance(bandit, FastFlowBandit):
         raise ConfigError(f"bandit must be a FastFlowBandit, got {type(bandit).__name__}")
+    if reward is not None and reward != bandit.reward_mode:
+        raise ConfigError(f"this bandit learns with reward={bandit.reward_mode!r}, not {reward!r}: the reward "
+                          "belongs to the bandit (FastFlowBandit(..., reward=...))")
     if any(v is not None for v in (mu, arms, gamma)):
         raise ConfigError("mu, arms and gamma belong to the bandit; set them when creating it, not per solve")
     diffs = bandit.key.differences(BanditKey.of(grid, bandit.key.model_id))
@@ -120,8 +151,12 @@ class FastFlowRun:
     """
 
     def __init__(self, T: int, tail: int, forced_zero: bool, fixed_skip: Optional[int], order: int = 1,
-                 max_calls: Optional[int] = None, max_arm: int = max(DEFAULT_ARMS)) -> None:
+                 max_calls: Optional[int] = None, max_arm: int = max(DEFAULT_ARMS), reward: str = "residual",
+                 grid: Optional[np.ndarray] = None, base: str = "euler") -> None:
         self.T, self.tail, self.forced_zero, self.fixed_skip = T, tail, forced_zero, fixed_skip
+        if reward == "estimate" and grid is None:
+            raise ConfigError("reward='estimate' needs the run's grid (FastFlowRun(..., grid=...))")
+        self.reward_mode, self.grid, self.base = reward, grid, base
         self.order = order
         self.max_calls = max_calls
         self.cap_skip = None if max_calls is None else cap_skip_length(T, tail, order, max_calls, max_arm)
@@ -143,11 +178,21 @@ class FastFlowRun:
             if self.pending is not None:
                 k0, a = self.pending
                 paid = a == 0 or bandit.guard_ok(self.mse[k], _mse(v, 0.0))
-                self.reward[k0] = bandit.reward(a, self.mse[k], paid)
-                self.losses.append((k0, a, self.mse[k], paid))
+                loss = self.mse[k] if self.reward_mode == "residual" else self.estimate_loss(k0, k, t)
+                self.reward[k0] = bandit.reward(a, loss, paid)
+                self.losses.append((k0, a, loss, paid))
                 self.pending = None
         self.anchors = [*self.anchors[-1:], (t, v)]
         self.history = [*self.history[-self.order:], (t, v)]
+
+    def estimate_loss(self, k0: int, m: int, t_m: float) -> float:
+        """``reward="estimate"``: mean square of the predictor-corrector difference over the span
+        skipped after k0, ``W^2 mse_m`` (:func:`pc_weight`; mse_m the residual at t_m, the anchors
+        those the skip extrapolated from)."""
+        start = k0 if self.base == "adams" else k0 + 1
+        times = [a[0] for a in (self.history if self.order > 1 else self.anchors)]
+        w = pc_weight(times, t_m, self.grid[start:m + 1], self.base)
+        return w * w * float(self.mse[m])
 
     def predict(self, t: float) -> np.ndarray:
         """A skipped step's velocity at t: order-``order`` extrapolation of the computed ones."""
@@ -292,6 +337,7 @@ def fastflow(
     order: int = 1,
     base: str = "euler",
     max_calls: Optional[int] = None,
+    reward: Optional[str] = None,
 ) -> SolverOutput:
     """FastFlow on ``grid`` (T + 1 times, 1 -> 0); x (B, ...) is the noise at t = 1.
 
@@ -307,7 +353,8 @@ def fastflow(
     mu, calibration or ``fixed_skip`` would do; when the calls left only just cover the steps
     left, the skip is forced longer, see :meth:`FastFlowRun.min_skip`; None: no cap). The
     budget adapts mu on the calls the run would have made uncapped (``calls_demand``), so a
-    budget at the cap still steers mu).
+    budget at the cap still steers mu), ``reward`` (None: the bandit's; a fresh bandit's
+    "residual" or "estimate", see :class:`FastFlowBandit` and :func:`pc_weight`).
     A bandit without mu runs this generation fully computed and calibrates
     ``mu = mu_factor * max_k mse_k / T`` (stored only when ``learn``). mu = 0 never skips.
 
@@ -328,12 +375,13 @@ def fastflow(
         if bandit is not None:
             raise ConfigError("fixed_skip replaces the bandit; pass one or the other")
         bandit = FastFlowBandit(T, grid, mu=0.0)
-    bandit = _bandit_for(grid, bandit, mu, arms, gamma, seed)
+    bandit = _bandit_for(grid, bandit, mu, arms, gamma, seed, reward)
     mu = bandit.mu
     if max_calls is not None:
         max_calls = _check_int("max_calls (the most backbone calls per generation)", max_calls, 1, T)
     run = FastFlowRun(T, tail, forced_zero=mu is None or mu == 0.0, fixed_skip=fixed_skip, order=order,
-                      max_calls=max_calls, max_arm=max(max(bandit.arms), fixed_skip or 0))
+                      max_calls=max_calls, max_arm=max(max(bandit.arms), fixed_skip or 0),
+                      reward=bandit.reward_mode, grid=np.asarray(grid, np.float64), base=base)
     skip = 0
     for k in range(T):
         t, t_next = float(grid[k]), float(grid[k + 1])
@@ -346,9 +394,17 @@ def fastflow(
         if base == "adams":
             v = run.mean_velocity(t, t_next)
         x = x + (t_next - t) * v
-    calibrated = calibrated_mu(run.mse, T) if mu is None else None
+    calibrated = None
+    if mu is None:
+        # "estimate": the same rule in state units, each residual times its step's squared length
+        # (the state error of step k advanced with the extrapolated velocity instead of v_k)
+        mses = run.mse if bandit.reward_mode == "residual" else [
+            None if e is None else e * float(grid[k + 1] - grid[k]) ** 2 for k, e in enumerate(run.mse)]
+        calibrated = calibrated_mu(mses, T)
     info = generation_info(run, mu, calibrated, learn and fixed_skip is None)
     info.update(base=base, order=order, max_calls=max_calls)
+    if bandit.reward_mode != "residual":
+        info["reward"] = bandit.reward_mode
     if info["learned"]:
         bandit.merge(info)
     return SolverOutput(x, _records(grid, run), info)
