@@ -450,6 +450,23 @@ def record(bundle_dir, found: AutoConfig) -> None:
                                     presets={found.preset.name: found.preset}))
 
 
+def search_report(found: AutoConfig, width: int, where: str = "", what: str = "", calls: str = "backbone") -> list[str]:
+    """The lines ``tune --target-psnr`` prints: every candidate (met first, then by latency), the chosen
+    preset and what the search cost (``where`` / ``what``: words about the scores and the batch)."""
+    p = found.preset
+    lines = [f"{'config':<{width}} {'mean':>7} {'bound':>7} {'p10':>7} {'ms':>8}  (ms: modelled from the per-call times)"]
+    for c in sorted(found.candidates, key=lambda c: (not c.meets, c.latency_s, c.nfe)):
+        lines.append(f"{c.solver + '@' + str(c.nfe) + ' ' + c.grid_label:<{width}} {c.mean_psnr:7.2f} "
+                     f"{c.lower_bound:7.2f} {c.quantile_psnr:7.2f} {c.latency_s * 1e3:8.1f}")
+    lines.append(f"quality {p.name}: {p.solver}@{p.nfe} {p.grid_label}: {p.confidence:.0%} lower bound "
+                 f"{p.lower_bound:.2f} dB >= {p.target_psnr:g} dB against {p.reference}{where} (mean {p.mean_psnr:.2f}, "
+                 f"10% quantile {p.quantile_psnr:.2f}), {what}{p.latency_s * 1e3:.1f} ms per {p.batch} samples (modelled)")
+    c = found.cost
+    lines.append(f"search cost: {c['configurations']} configurations, {c['solves']} solves, {c['backbone_calls']} "
+                 f"{calls} calls, {c['seconds']:.1f} s")
+    return lines
+
+
 def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: str, nfe: Optional[str], grids: str,
                    samples: int, seed: int, cfg: float, confidence: float, name: Optional[str], backend: str,
                    dry_run: bool, plot: Optional[str] = None, batch: Optional[int] = None,
@@ -486,17 +503,7 @@ def tune_to_target(model: str, target_psnr: float, *, reference: str, solvers: s
                           backend=", ".join(m.providers) or backend, batch=batch,
                           groups="labels" if bound == "conditions" else None, first_calls=first_calls)
     p = found.preset
-    lines = [f"{'config':<28} {'mean':>7} {'bound':>7} {'p10':>7} {'ms':>8}  (ms: modelled from the per-call times)"]
-    for c in sorted(found.candidates, key=lambda c: (not c.meets, c.latency_s, c.nfe)):
-        ms = f"{c.latency_s * 1e3:8.1f}"
-        lines.append(f"{c.solver + '@' + str(c.nfe) + ' ' + c.grid_label:<28} {c.mean_psnr:7.2f} {c.lower_bound:7.2f} "
-                     f"{c.quantile_psnr:7.2f} {ms}")
-    lines.append(f"quality {p.name}: {p.solver}@{p.nfe} {p.grid_label}: {p.confidence:.0%} lower bound "
-                 f"{p.lower_bound:.2f} dB >= {p.target_psnr:g} dB against {p.reference} (mean {p.mean_psnr:.2f}, "
-                 f"10% quantile {p.quantile_psnr:.2f}), {p.latency_s * 1e3:.1f} ms per {p.batch} samples (modelled)")
-    c = found.cost
-    lines.append(f"search cost: {c['configurations']} configurations, {c['solves']} solves, {c['backbone_calls']} "
-                 f"backbone calls, {c['seconds']:.1f} s")
+    lines = search_report(found, 28)
     if plot is not None:
         plot_pareto(found, plot)
         lines.append(f"wrote {plot} (quality vs latency and calls, every configuration tried, the chosen one ringed)")
@@ -840,17 +847,9 @@ def tune_pipeline_to_target(bundle: str, target_psnr: float, *, prompts_file: st
            "width": shape[-1] * int(decl.vae["spatial_factor"])}
     found.settings["pipeline"] = how
     found.settings["cfg"] = guidance
-    lines = [f"{'config':<40} {'mean':>7} {'bound':>7} {'p10':>7} {'ms':>8}  (ms: modelled from the per-call times)"]
-    for c in sorted(found.candidates, key=lambda c: (not c.meets, c.latency_s, c.nfe)):
-        lines.append(f"{c.solver + '@' + str(c.nfe) + ' ' + c.grid_label:<40} {c.mean_psnr:7.2f} {c.lower_bound:7.2f} "
-                     f"{c.quantile_psnr:7.2f} {c.latency_s * 1e3:8.1f}")
-    lines.append(f"quality {p.name}: {p.solver}@{p.nfe} {p.grid_label}: {p.confidence:.0%} lower bound "
-                 f"{p.lower_bound:.2f} dB >= {p.target_psnr:g} dB against {p.reference} on the denoised latents "
-                 f"(mean {p.mean_psnr:.2f}, 10% quantile {p.quantile_psnr:.2f}), {len(prompts)} held-out prompts x "
-                 f"{samples} samples, guidance {guidance:g}, {p.latency_s * 1e3:.1f} ms per {p.batch} samples (modelled)")
-    c = found.cost
-    lines.append(f"search cost: {c['configurations']} configurations, {c['solves']} solves, {c['backbone_calls']} "
-                 f"transformer calls, {c['seconds']:.1f} s")
+    lines = search_report(found, 40, where=" on the denoised latents",
+                          what=f"{len(prompts)} held-out prompts x {samples} samples, guidance {guidance:g}, ",
+                          calls="transformer")
     if plot is not None:
         plot_pareto(found, plot)
         lines.append(f"wrote {plot} (quality vs latency and calls, every configuration tried, the chosen one ringed)")
