@@ -13,8 +13,9 @@ once). At each budget C (10, 15, 20 calls) and per field:
   update (``base="euler"``, order 1 or 2) or the Adams update (``base="adams"``:
   Adams-Bashforth of order + 1 on the bandit-chosen sub-grid, order 1, 2 or 3); it learns over
   ``--generations`` batches, then runs frozen on the held-out set;
-- at C = 10 on a field with a SideNet: FastFlow over BA, BA on the sub-grid each variant's
-  frozen bandit computes, against BA-10 on its tuned grid.
+- at C = 10: FastFlow over another solver of the registry (BA where the field has a SideNet, UniPC,
+  iPNDM): that solver on the sub-grid each variant's frozen bandit computes, against the same solver
+  at 10 calls on its tuned grid.
 
 Same grid-search budget for every baseline: ``anchorflow.tuning.coordinate_descent`` of the
 ``warp:S,P`` family (24 scores at most, the budget of ``anchorflow tune``), scored on a tuning
@@ -70,6 +71,7 @@ PATTERN_ORDERS = (1, 2, 3)
 VARIANTS = (("euler", 1), ("euler", 2), ("adams", 1), ("adams", 2), ("adams", 3))
 MULTS = (2, 3)
 FINE_GRIDS = ("uniform", "twinwarp")
+OVER_BASES = ("unipc", "ipndm")  # FastFlow over these (and BA where there is a SideNet) at 10 calls
 PHASES = {"dev": ("gm", "relax", "digits"), "held": ("aniso", "swirl", "sd3digits", "digits-cfg1.5")}
 SD3 = ROOT / "benchmarks" / "results" / "sd3_digits" / "model"
 
@@ -198,25 +200,31 @@ class Bench:
         settled = float(np.mean(curve[-20:]))
         out = {"psnr": p, "calls": calls, "max_calls": max(curve), "T": T, "fine": fine, "base": base,
                "order": order, "mult": mult, "settled_calls": settled, "mu": bandit.mu}
-        if self.field.sidenet is not None and C == 10:
-            out["over_ba"] = self.over_ba(T, grid, bandit, base, order)
+        if C == 10:
+            over = (("ba",) if self.field.sidenet is not None else ()) + OVER_BASES
+            out["over"] = {m: self.over(T, grid, bandit, base, order, m) for m in over}
+            if "ba" in out["over"]:
+                out["over_ba"] = out["over"]["ba"]
         return out
 
-    def over_ba(self, T: int, grid: np.ndarray, bandit: FastFlowBandit, base: str, order: int) -> dict[str, Any]:
-        """FastFlow over BA: BA (its SideNet between anchors) on the sub-grid the frozen bandit computes.
+    def over(self, T: int, grid: np.ndarray, bandit: FastFlowBandit, base: str, order: int,
+             method: str) -> dict[str, Any]:
+        """FastFlow over ``method`` (a registry solver: BA with its SideNet between anchors, UniPC,
+        iPNDM): ``method`` on the sub-grid the frozen bandit computes, so the bandit decides which
+        grid points get a backbone call and the computed steps use ``method``'s updates.
 
         A frozen bandit's choices depend on its statistics and on the calls spent so far only,
         not on the batch, so its computed sub-grid is one fixed schedule (checked: ``distinct``
-        counts the sub-grids seen over the held-out batches); BA on it costs its own calls only.
+        counts the sub-grids seen over the held-out batches); ``method`` on it costs its own calls only.
         """
         subs, ps, calls = [], [], []
         for (n, e), ref in zip(self.eval_set, self.eval_ref):
             r = self.field.solve("fastflow", n, e, T, grid=grid, bandit=bandit, learn=False, base=base,
                                  order=order, max_calls=int(round(bandit.target)))
             sub = np.r_[grid[:-1][np.array(r.info["computed"])], 0.0]
-            b = self.field.solve("ba", n, e, len(sub) - 1, grid=sub)
+            b = self.field.solve(method, n, e, len(sub) - 1, grid=sub)
             subs.append(tuple(np.round(sub, 12)))
-            ps.append(psnr(b.x, ref, self.range))
+            ps.append(psnr(b.x, ref, self.range) if np.all(np.isfinite(b.x)) else -math.inf)
             calls.append(b.nfe)
         return {"psnr": float(np.mean(ps)), "calls": float(np.mean(calls)), "distinct": len(set(subs)),
                 "sub_grid": [float(t) for t in subs[0]]}
@@ -315,17 +323,19 @@ def markdown(out: dict) -> str:
             lines.append(f"- {f['field']} C={C}: " + "; ".join(cells))
     for f in out["fields"]:
         row = f["budgets"].get("10", {})
-        if "ba" not in row.get("multistep", {}):
-            continue
-        own = row["multistep"]["ba"]
-        over = {k: r["over_ba"] for k, r in row["fastflow"].items() if "over_ba" in r}
-        bk = max(over, key=lambda k: over[k]["psnr"])
-        lines += ["", f"FastFlow over BA at 10 calls on {f['field']}: BA-10 on its tuned grid {_c(own)} "
-                  f"(uniform grid {own['uniform_psnr']:.2f}); BA on the sub-grid the frozen bandit computes:", ""]
-        for k, r in over.items():
-            mark = " (default)" if k == default else (" (best)" if k == bk else "")
-            lines.append(f"- {k}{mark}: {_c(r)}, {r['psnr'] - own['psnr']:+.2f} dB vs BA-10 tuned; "
-                         f"{r['distinct']} distinct sub-grid(s) over the held-out batches")
+        for m in ("ba",) + OVER_BASES:
+            over = {k: (r.get("over") or {"ba": r.get("over_ba")}).get(m) for k, r in row.get("fastflow", {}).items()}
+            over = {k: r for k, r in over.items() if r is not None}
+            if not over or m not in row["multistep"]:
+                continue
+            own, name = row["multistep"][m], {"ba": "BA", "unipc": "UniPC", "ipndm": "iPNDM"}[m]
+            bk = max(over, key=lambda k: over[k]["psnr"])
+            lines += ["", f"FastFlow over {name} at 10 calls on {f['field']}: {name}-10 on its tuned grid {_c(own)} "
+                      f"(uniform grid {own['uniform_psnr']:.2f}); {name} on the sub-grid the frozen bandit computes:", ""]
+            for k, r in over.items():
+                mark = " (default)" if k == default else (" (best)" if k == bk else "")
+                lines.append(f"- {k}{mark}: {_c(r)}, {r['psnr'] - own['psnr']:+.2f} dB vs {name}-10 tuned; "
+                             f"{r['distinct']} distinct sub-grid(s) over the held-out batches")
     lines += ["", "Fields:", ""] + [f"- `{f['field']}`: {f['label']}; load at start {f['load']}; {f['seconds']:.0f} s"
                                     for f in out["fields"]]
     return "\n".join(lines) + "\n"
