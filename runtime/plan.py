@@ -11,7 +11,7 @@ API (stable; the service builds on it)::
     p = plan(bundle, *, solver="ba", nfe=7, grid=None, first_call="backbone", cfg_scale=1.0,
              cfg_interval=(0.0, 1.0), labels=None, cond=None, null_cond=None, n=None, seed=0,
              noise=None, bandit_state=None, calls=None, speedup=None, mu_factor=None,
-             options=None, tuning=USE_BUNDLE)
+             options=None, tuning=USE_BUNDLE, quality=None)
     p.key                  # sha256 of every field that changes the numbers (see KEY_EXCLUDED)
     p.run(noise=None)      # -> Result (FastFlow with a state file: learns and commits)
     p.begin(noise=None)    # -> Pending: .result now, .commit() once the caller's outputs are written
@@ -36,6 +36,8 @@ declaration, so only class labels apply there). Arguments:
 - ``options``: other solver options (e.g. ``{"bandit": FastFlowBandit(...)}``), passed to ``solve``.
 - ``tuning``: the bundle's :class:`~anchorflow.runtime.bundles.tuned_grids.Tuning` read once by a caller that
   plans many requests (the service); default: read from the bundle.
+- ``quality``: a preset recorded by ``anchorflow tune --target-psnr`` (a name, or a number of dB: the
+  fastest preset whose bound meets it) in place of solver / nfe / grid / first_call (not with them).
 
 Every refusal is a :class:`~anchorflow.base.errors.ConfigError` with one line. Time convention:
 t = 1 noise, t = 0 data; NFE = backbone calls.
