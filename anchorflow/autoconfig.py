@@ -267,6 +267,18 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
     solved: dict = {}  # Candidate.key -> (plan, Result, wall times): no configuration is solved twice
     cands: list[Candidate] = []
     calls = ref_res.nfe
+
+    def scored(res) -> tuple[np.ndarray, float]:
+        """(per-sample PSNR, lower bound) of one solve. Every candidate resamples the same sample
+        indices (its own generator, same seed): common random numbers, and a bound anyone can
+        recompute from the per-sample PSNRs."""
+        if not np.all(np.isfinite(res.x)):
+            return np.full(samples, -math.inf), -math.inf
+        per = M.psnr_per_sample(res.x, ref, span)
+        lcb = (bootstrap_lower(per, confidence, resamples, np.random.default_rng(seed + 1), future, groups)
+               if np.all(np.isfinite(per)) else -math.inf)
+        return per, lcb
+
     for s, k, fc in ((s, k, fc) for s in names for k in sorted(set(int(v) for v in nfes)) for fc in modes):
         try:
             choices = _grid_choices(model, tuning, s, k, grids, fc)
@@ -274,7 +286,7 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
             continue  # a budget this solver cannot spend exactly
         for label, times in choices:
             key = (s, k, times, fc)
-            if (s, k, times, fc) == (ref_solver, ref_nfe, ref_times, "backbone"):
+            if key == (ref_solver, ref_nfe, ref_times, "backbone"):
                 continue  # the reference itself is not a candidate: it is what the user runs today
             if key not in solved:
                 p = make(s, k, times, fc)
@@ -283,26 +295,20 @@ def autoconfigure(model, target_psnr: float, *, reference: str = "euler@50",
                 timings.append((s, res))
                 calls += res.nfe
             p, res, _ = solved[key]
-            per = (M.psnr_per_sample(res.x, ref, span) if np.all(np.isfinite(res.x))
-                   else np.full(samples, -math.inf))
-            # every candidate resamples the same sample indices (its own generator, same seed):
-            # common random numbers, and a bound anyone can recompute from the per-sample PSNRs
-            lcb = (bootstrap_lower(per, confidence, resamples, np.random.default_rng(seed + 1), future, groups)
-                   if np.all(np.isfinite(per)) else -math.inf)
+            per, lcb = scored(res)
             cands.append(Candidate(s, k, label, times, float(np.mean(per)), lcb,
                                    float(np.quantile(per, QUANTILE)), res.nfe, meets=lcb >= target_psnr,
                                    per_sample=per, first_s=solved[key][2][0], first_call=fc))
+
     def make_ff(T: int, options: dict, x: np.ndarray) -> Any:
         return plan(model, solver="fastflow", nfe=T, grid="uniform", cfg_scale=cfg, cond=cond, null_cond=null_cond,
                     noise=x, tuning=None, labels=labels, options=options)
 
     learn_noise = np.random.default_rng(seed + 7).standard_normal(noise.shape).astype(np.float32)
-    for c, p, res, spent in _fastflow_candidates(make_ff, nfes, speedups, noise, learn_noise):
-        per = (M.psnr_per_sample(res.x, ref, span) if np.all(np.isfinite(res.x)) else np.full(samples, -math.inf))
-        c.per_sample, c.mean_psnr, c.quantile_psnr = per, float(np.mean(per)), float(np.quantile(per, QUANTILE))
-        c.lower_bound = (bootstrap_lower(per, confidence, resamples, np.random.default_rng(seed + 1), future, groups)
-                         if np.all(np.isfinite(per)) else -math.inf)
-        c.meets, c.first_s = c.lower_bound >= target_psnr, res.timing.total_s
+    for label, p, res, spent in _fastflow_candidates(make_ff, nfes, speedups, noise, learn_noise):
+        per, lcb = scored(res)
+        c = Candidate("fastflow", p.nfe, label, p.grid, float(np.mean(per)), lcb, float(np.quantile(per, QUANTILE)),
+                      res.nfe, meets=lcb >= target_psnr, per_sample=per, first_s=res.timing.total_s, recordable=False)
         solved[c.key] = (p, res, [res.timing.total_s])
         timings.append(("fastflow", res))
         calls += spent
@@ -374,11 +380,11 @@ def _groups(groups: Any, labels: Any, samples: int, meta: dict) -> Optional[np.n
 
 
 def _fastflow_candidates(make_ff, nfes: Sequence[int], speedups: Sequence[float], noise: np.ndarray,
-                         learn_noise: np.ndarray) -> list[tuple["Candidate", Any, Any, int]]:
+                         learn_noise: np.ndarray) -> list[tuple[str, Any, Any, int]]:
     """FastFlow at each budget k: a bandit on T = round(speedup k) uniform Euler steps with the budget k
     calls (``speedup`` = T / k), learned over :data:`FASTFLOW_LEARN` generations on ``learn_noise``
-    (never the scoring batch), then frozen and solved on ``noise``. Returns (candidate without its
-    scores, plan, frozen Result, backbone calls spent learning and scoring). A frozen bandit is one fixed
+    (never the scoring batch), then frozen and solved on ``noise``. Returns (grid label, plan, frozen
+    Result, backbone calls spent learning and scoring) per candidate. A frozen bandit is one fixed
     schedule, but a preset cannot hold the learned state: the candidates are scored for the record
     and never chosen (``recordable=False``)."""
     from .runtime import FastFlowBandit
@@ -396,8 +402,7 @@ def _fastflow_candidates(make_ff, nfes: Sequence[int], speedups: Sequence[float]
             p = make_ff(T, {"bandit": bandit, "learn": False, "max_calls": k}, noise)
             res = p.run()
             spent += res.nfe
-            out.append((Candidate("fastflow", T, f"uniform, bandit x{T / k:.3g} ({k} calls)", p.grid, math.nan,
-                                  -math.inf, math.nan, res.nfe, recordable=False), p, res, spent))
+            out.append((f"uniform, bandit x{T / k:.3g} ({k} calls)", p, res, spent))
     return out
 
 
